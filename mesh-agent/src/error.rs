@@ -1,0 +1,67 @@
+//! Errors of the library. Each says what failed and what to do about it, on one line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("must run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON): {what}")]
+    NotRoot { what: &'static str },
+
+    #[error(
+        "bpffs is not mounted at {path}: run `mount -t bpf bpf {path}` (or `cargo xtask setup`)"
+    )]
+    BpffsNotMounted { path: PathBuf },
+
+    #[error("interface {name:?} does not exist in this network namespace: check `ip link`")]
+    NoSuchInterface { name: String },
+
+    #[error("eBPF object not found (looked in: {tried}); run `cargo xtask build` or set MESH_BPF_OBJECT")]
+    ObjectNotFound { tried: String },
+
+    #[error("loading eBPF object {path}: {source}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: aya::EbpfError,
+    },
+
+    #[error("program {program} in the eBPF object: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+
+    #[error("pinning {what} at {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+
+    #[error("no mesh is pinned at {path}: is mesh-agent running? (start it, or pass --bpffs)")]
+    NotPinned { path: PathBuf },
+
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,10 @@
+//! The mesh's user-space library: loading and attaching the kernel programs, reading
+//! their counters, and the checks that turn a missing prerequisite into one line a user
+//! can act on. The `mesh-agent` daemon and the `meshctl` CLI are thin layers over it.
+
+pub mod error;
+pub mod loader;
+pub mod preflight;
+pub mod stats;
+
+pub use error::MeshError;

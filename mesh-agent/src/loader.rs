@@ -1,0 +1,201 @@
+//! Finding, loading and attaching the kernel programs.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use mesh_common::{
+    config::{programs, MeshConfig, CONFIG_GLOBAL},
+    stats::{Counter, STATS_MAP},
+};
+
+use crate::{preflight, MeshError};
+
+/// Environment variable that names the eBPF object explicitly.
+pub const OBJECT_ENV: &str = "MESH_BPF_OBJECT";
+/// File name `cargo xtask build` gives the object, next to the release binaries.
+pub const OBJECT_NAME: &str = "mesh.bpf.o";
+/// Where an installed agent looks last.
+pub const INSTALLED_OBJECT: &str = "/usr/local/lib/mesh/mesh.bpf.o";
+
+/// Finds the eBPF object: `$MESH_BPF_OBJECT`, then next to the running executable (and
+/// its parent, for test binaries under `target/*/deps`), then the installed location.
+pub fn find_object() -> Result<PathBuf, MeshError> {
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os(OBJECT_ENV) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(format!("${OBJECT_ENV}={}", p.display()));
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            candidates.push(dir.join(OBJECT_NAME));
+        }
+    }
+    candidates.push(PathBuf::from(INSTALLED_OBJECT));
+    for c in candidates {
+        if c.is_file() {
+            return Ok(c);
+        }
+        tried.push(c.display().to_string());
+    }
+    Err(MeshError::ObjectNotFound {
+        tried: tried.join(", "),
+    })
+}
+
+/// The loaded (not necessarily attached) programs and maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    object: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the object with `cfg` baked into its read-only config, and loads every
+    /// program into the kernel (which runs the verifier on each).
+    pub fn load(object: &Path, cfg: &MeshConfig) -> Result<Self, MeshError> {
+        let ebpf = EbpfLoader::new()
+            .override_global(CONFIG_GLOBAL, cfg, true)
+            .load_file(object)
+            .map_err(|source| MeshError::Load {
+                path: object.to_path_buf(),
+                source,
+            })?;
+        let mut dp = Datapath {
+            ebpf,
+            object: object.to_path_buf(),
+        };
+        dp.xdp_mut()?
+            .load()
+            .map_err(|source| MeshError::Program {
+                program: programs::XDP_UNDERLAY,
+                source,
+            })?;
+        dp.tc_ingress_mut()?
+            .load()
+            .map_err(|source| MeshError::Program {
+                program: programs::TC_UNDERLAY_INGRESS,
+                source,
+            })?;
+        Ok(dp)
+    }
+
+    pub fn object(&self) -> &Path {
+        &self.object
+    }
+
+    fn program_mut<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, MeshError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(MeshError::Program {
+                program: name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+        prog.try_into().map_err(|source| MeshError::Program {
+            program: name,
+            source,
+        })
+    }
+
+    fn program<'a, T>(&'a self, name: &'static str) -> Result<&'a T, MeshError>
+    where
+        &'a T: TryFrom<&'a aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let prog = self.ebpf.program(name).ok_or(MeshError::Program {
+            program: name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+        prog.try_into().map_err(|source| MeshError::Program {
+            program: name,
+            source,
+        })
+    }
+
+    pub fn xdp(&self) -> Result<&Xdp, MeshError> {
+        self.program(programs::XDP_UNDERLAY)
+    }
+
+    pub fn tc_ingress(&self) -> Result<&SchedClassifier, MeshError> {
+        self.program(programs::TC_UNDERLAY_INGRESS)
+    }
+
+    fn xdp_mut(&mut self) -> Result<&mut Xdp, MeshError> {
+        self.program_mut(programs::XDP_UNDERLAY)
+    }
+
+    fn tc_ingress_mut(&mut self) -> Result<&mut SchedClassifier, MeshError> {
+        self.program_mut(programs::TC_UNDERLAY_INGRESS)
+    }
+
+    /// Attaches the TC program to `interface`'s ingress (tcx on kernels >= 6.6, where
+    /// it coexists with other programs; netlink clsact before). The attachment lives as
+    /// long as this `Datapath`.
+    pub fn attach_tc_ingress(&mut self, interface: &str) -> Result<(), MeshError> {
+        preflight::ifindex(interface)?;
+        self.tc_ingress_mut()?
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(|source| MeshError::Attach {
+                program: programs::TC_UNDERLAY_INGRESS,
+                interface: interface.into(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Attaches the XDP program to `interface` in `mode`.
+    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), MeshError> {
+        preflight::ifindex(interface)?;
+        self.xdp_mut()?
+            .attach(interface, mode)
+            .map_err(|source| MeshError::Attach {
+                program: programs::XDP_UNDERLAY,
+                interface: interface.into(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// The per-CPU counters.
+    pub fn stats(&self) -> Result<PerCpuArray<&MapData, Counter>, MeshError> {
+        let map = self.ebpf.map(STATS_MAP).ok_or(MeshError::Map {
+            map: STATS_MAP,
+            source: aya::maps::MapError::InvalidName {
+                name: STATS_MAP.into(),
+            },
+        })?;
+        PerCpuArray::try_from(map).map_err(|source| MeshError::Map {
+            map: STATS_MAP,
+            source,
+        })
+    }
+
+    /// Pins the counters map as `<dir>/MESH_STATS_V1`, replacing a stale pin.
+    pub fn pin_stats(&self, dir: &Path) -> Result<PathBuf, MeshError> {
+        let path = dir.join(STATS_MAP);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| MeshError::Io {
+                what: format!("removing stale pin {}", path.display()),
+                source,
+            })?;
+        }
+        let map = self.ebpf.map(STATS_MAP).ok_or(MeshError::NotPinned {
+            path: path.clone(),
+        })?;
+        map.pin(&path).map_err(|source| MeshError::Pin {
+            what: STATS_MAP,
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+}

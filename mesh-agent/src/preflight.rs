@@ -1,0 +1,88 @@
+//! Prerequisite checks, each failing with one actionable line.
+
+use std::{ffi::CString, path::Path};
+
+use crate::MeshError;
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn require_root(what: &'static str) -> Result<(), MeshError> {
+    if is_root() {
+        Ok(())
+    } else {
+        Err(MeshError::NotRoot { what })
+    }
+}
+
+/// True if `path` (or, if it does not exist yet, its parent) is on a bpffs.
+pub fn on_bpffs(path: &Path) -> bool {
+    let probe = if path.exists() {
+        path
+    } else {
+        match path.parent() {
+            Some(p) => p,
+            None => return false,
+        }
+    };
+    let Ok(c) = CString::new(probe.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// The pin directory must live on a mounted bpffs; it is created if missing.
+pub fn require_bpffs(dir: &Path) -> Result<(), MeshError> {
+    if !on_bpffs(dir) {
+        let mount = dir
+            .ancestors()
+            .find(|a| a.file_name().is_some_and(|n| n == "bpf"))
+            .unwrap_or(dir);
+        return Err(MeshError::BpffsNotMounted {
+            path: mount.to_path_buf(),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|source| MeshError::Io {
+        what: format!("creating pin directory {}", dir.display()),
+        source,
+    })
+}
+
+/// The interface's index in the current network namespace.
+pub fn ifindex(name: &str) -> Result<u32, MeshError> {
+    let c = CString::new(name).map_err(|_| MeshError::NoSuchInterface { name: name.into() })?;
+    // SAFETY: valid C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(MeshError::NoSuchInterface { name: name.into() }),
+        i => Ok(i),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_interface_is_one_clear_line() {
+        let e = ifindex("mesh-nope0").unwrap_err().to_string();
+        assert!(e.contains("\"mesh-nope0\" does not exist"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn tmp_is_not_bpffs() {
+        assert!(!on_bpffs(Path::new("/tmp")));
+        let e = require_bpffs(Path::new("/tmp/mesh-not-bpffs/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bpffs is not mounted"), "{e}");
+    }
+}

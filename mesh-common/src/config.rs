@@ -1,0 +1,39 @@
+//! Static configuration handed to the programs by the loader (a read-only global).
+
+/// Symbol name of the global the loader overrides.
+pub const CONFIG_GLOBAL: &str = "MESH_CONFIG";
+
+/// Load-time configuration of the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// VXLAN data-path port, host byte order (Docker's `--data-path-port`).
+    pub vxlan_port: u16,
+    pub _pad: u16,
+    /// Reserved for feature flags; zero today.
+    pub flags: u32,
+}
+crate::assert_size!(MeshConfig, 8);
+
+impl MeshConfig {
+    pub const DEFAULT: MeshConfig = MeshConfig {
+        vxlan_port: crate::proto::VXLAN_PORT_DEFAULT,
+        _pad: 0,
+        flags: 0,
+    };
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for MeshConfig {}
+
+/// Names of the programs in the eBPF object (the entry points' function names).
+pub mod programs {
+    pub const XDP_UNDERLAY: &str = "mesh_xdp";
+    pub const TC_UNDERLAY_INGRESS: &str = "mesh_tc_ingress";
+}

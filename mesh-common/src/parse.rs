@@ -1,0 +1,330 @@
+//! The packet parser shared by every entry point (XDP and TC), and by the host tests.
+//!
+//! It is generic over [`Packet`], a bounds-checked reader: in the kernel the reader
+//! compares against `data_end` (which is what the verifier wants to see), on the host it
+//! is a byte slice. Every offset stays small and bounded (at most two VLAN tags, IHL <= 15,
+//! TCP doff <= 15), which keeps the verifier's range tracking simple.
+
+use crate::proto::*;
+use crate::reason::Reason;
+
+/// A bounds-checked view of a packet.
+pub trait Packet {
+    /// Length of the whole frame (for TC, `skb->len`: possibly more than `load` reaches
+    /// until the program pulls the headers into the linear area).
+    fn frame_len(&self) -> usize;
+    /// Reads a `T` at `off`, or `None` if `off + size_of::<T>()` is past the end.
+    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+}
+
+/// A packet in a byte slice (host tests, meshctl's simulator).
+#[derive(Clone, Copy, Debug)]
+pub struct Bytes<'a>(pub &'a [u8]);
+
+impl Packet for Bytes<'_> {
+    fn frame_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        let end = off.checked_add(core::mem::size_of::<T>())?;
+        if end > self.0.len() {
+            return None;
+        }
+        // SAFETY: in bounds (checked above); read_unaligned copes with any alignment.
+        Some(unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(off) as *const T) })
+    }
+}
+
+/// IPv4 fragmentation state.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Frag {
+    #[default]
+    None = 0,
+    /// Offset 0 with More Fragments: the L4 header is here.
+    First = 1,
+    /// Offset > 0: no L4 header.
+    NonFirst = 2,
+}
+
+/// What the parser found. Addresses are kept in network byte order exactly as on the
+/// wire (IPv4 in `saddr[0]`); ports and the VNI are in host order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Parsed {
+    /// EtherType after any VLAN tags.
+    pub eth_type: u16,
+    pub vlan_tags: u8,
+    /// More VLAN tags than we follow; nothing past L2 was parsed.
+    pub vlan_too_deep: bool,
+    /// 0 (not IP), 4 or 6.
+    pub ip_version: u8,
+    pub l3_off: u16,
+    /// End of the IP datagram (l3_off + IP total length); less than the frame if padded.
+    pub l3_end: u16,
+    /// 0 when no L4 header was parsed (non-IP, non-first fragment, IPv6 extension headers).
+    pub l4_off: u16,
+    pub l4_proto: u8,
+    pub frag: Frag,
+    pub ipv4_options: bool,
+    pub ipv6_ext: bool,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// VXLAN on the data-path port: its VNI and where the inner Ethernet header starts.
+    pub vxlan: bool,
+    pub vni: u32,
+    pub inner_off: u16,
+}
+
+/// Observation bits, see [`Parsed::observations`].
+const OBSERVATIONS: [Reason; 5] = [
+    Reason::ObsVlan,
+    Reason::ObsIpv4Options,
+    Reason::ObsFragmentFirst,
+    Reason::ObsFragmentNonFirst,
+    Reason::ObsIpv6ExtHeaders,
+];
+
+impl Parsed {
+    /// The verdict class of a well-formed packet.
+    pub const fn verdict(&self) -> Reason {
+        if self.vlan_too_deep {
+            return Reason::PassVlanTooDeep;
+        }
+        if self.ip_version == 0 {
+            return Reason::PassNonIp;
+        }
+        if matches!(self.frag, Frag::NonFirst) {
+            return Reason::PassFragment;
+        }
+        if self.ipv6_ext {
+            return Reason::PassIpv6Ext;
+        }
+        match self.l4_proto {
+            IPPROTO_TCP => Reason::PassTcp,
+            IPPROTO_UDP if self.vxlan => Reason::PassVxlan,
+            IPPROTO_UDP => Reason::PassUdp,
+            IPPROTO_ICMP if self.ip_version == 4 => Reason::PassIcmp,
+            IPPROTO_ICMPV6 if self.ip_version == 6 => Reason::PassIcmpv6,
+            _ => Reason::PassOtherL4,
+        }
+    }
+
+    /// Observations for this packet, as a fixed array of optional reasons (no allocation,
+    /// a bounded loop for the verifier).
+    pub const fn observations(&self) -> [Option<Reason>; 5] {
+        let flags = [
+            self.vlan_tags > 0,
+            self.ipv4_options,
+            matches!(self.frag, Frag::First),
+            matches!(self.frag, Frag::NonFirst),
+            self.ipv6_ext,
+        ];
+        let mut out = [None; 5];
+        let mut i = 0;
+        while i < 5 {
+            if flags[i] {
+                out[i] = Some(OBSERVATIONS[i]);
+            }
+            i += 1;
+        }
+        out
+    }
+}
+
+#[inline(always)]
+const fn be16(hi: u8, lo: u8) -> u16 {
+    ((hi as u16) << 8) | lo as u16
+}
+
+#[inline(always)]
+const fn is_vlan(eth_type: u16) -> bool {
+    eth_type == ETH_P_8021Q || eth_type == ETH_P_8021AD
+}
+
+#[inline(always)]
+fn word(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Parses Ethernet, up to two VLAN tags, IPv4/IPv6, TCP/UDP/ICMP/ICMPv6 and VXLAN on
+/// `vxlan_port`. A malformed packet yields the drop reason that names what is wrong.
+#[inline(always)]
+pub fn parse<P: Packet>(p: &P, vxlan_port: u16) -> Result<Parsed, Reason> {
+    let mut out = Parsed::default();
+    let eth: [u8; ETH_HLEN] = p.load(0).ok_or(Reason::DropTruncatedEth)?;
+    let mut eth_type = be16(eth[12], eth[13]);
+    let mut off = ETH_HLEN;
+    // Two tags, unrolled: 802.1ad outer + 802.1Q inner is the deepest we follow.
+    if is_vlan(eth_type) {
+        let tag: [u8; VLAN_HLEN] = p.load(off).ok_or(Reason::DropTruncatedVlan)?;
+        eth_type = be16(tag[2], tag[3]);
+        off += VLAN_HLEN;
+        out.vlan_tags = 1;
+        if is_vlan(eth_type) {
+            let tag: [u8; VLAN_HLEN] = p.load(off).ok_or(Reason::DropTruncatedVlan)?;
+            eth_type = be16(tag[2], tag[3]);
+            off += VLAN_HLEN;
+            out.vlan_tags = 2;
+            if is_vlan(eth_type) {
+                out.vlan_too_deep = true;
+                out.eth_type = eth_type;
+                return Ok(out);
+            }
+        }
+    }
+    out.eth_type = eth_type;
+    match eth_type {
+        ETH_P_IP => parse_ipv4(p, off, &mut out, vxlan_port)?,
+        ETH_P_IPV6 => parse_ipv6(p, off, &mut out, vxlan_port)?,
+        _ => {}
+    }
+    Ok(out)
+}
+
+#[inline(always)]
+fn parse_ipv4<P: Packet>(
+    p: &P,
+    off: usize,
+    out: &mut Parsed,
+    vxlan_port: u16,
+) -> Result<(), Reason> {
+    let h: [u8; IPV4_MIN_HLEN] = p.load(off).ok_or(Reason::DropTruncatedIpv4)?;
+    if h[0] >> 4 != 4 {
+        return Err(Reason::DropIpv4BadVersion);
+    }
+    let hlen = ((h[0] & 0x0f) as usize) * 4;
+    if hlen < IPV4_MIN_HLEN {
+        return Err(Reason::DropIpv4BadIhl);
+    }
+    if off + hlen > p.frame_len() {
+        return Err(Reason::DropTruncatedIpv4);
+    }
+    let total = be16(h[2], h[3]) as usize;
+    if total < hlen || off + total > p.frame_len() {
+        return Err(Reason::DropIpv4BadTotalLen);
+    }
+    out.ip_version = 4;
+    out.l3_off = off as u16;
+    out.l3_end = (off + total) as u16;
+    out.l4_proto = h[9];
+    out.saddr[0] = word(&h, 12);
+    out.daddr[0] = word(&h, 16);
+    out.ipv4_options = hlen > IPV4_MIN_HLEN;
+    let frag = be16(h[6], h[7]);
+    if frag & IP_OFFSET_MASK != 0 {
+        out.frag = Frag::NonFirst;
+        return Ok(());
+    }
+    if frag & IP_MF != 0 {
+        out.frag = Frag::First;
+    }
+    parse_l4(p, off + hlen, off + total, out, vxlan_port)
+}
+
+#[inline(always)]
+fn parse_ipv6<P: Packet>(
+    p: &P,
+    off: usize,
+    out: &mut Parsed,
+    vxlan_port: u16,
+) -> Result<(), Reason> {
+    let h: [u8; IPV6_HLEN] = p.load(off).ok_or(Reason::DropTruncatedIpv6)?;
+    if h[0] >> 4 != 6 {
+        return Err(Reason::DropIpv6BadVersion);
+    }
+    let end = off + IPV6_HLEN + be16(h[4], h[5]) as usize;
+    if end > p.frame_len() {
+        return Err(Reason::DropIpv6BadPayloadLen);
+    }
+    out.ip_version = 6;
+    out.l3_off = off as u16;
+    out.l3_end = end as u16;
+    out.l4_proto = h[6];
+    let mut i = 0;
+    while i < 4 {
+        out.saddr[i] = word(&h, 8 + 4 * i);
+        out.daddr[i] = word(&h, 24 + 4 * i);
+        i += 1;
+    }
+    if is_ipv6_ext_header(h[6]) {
+        out.ipv6_ext = true;
+        return Ok(());
+    }
+    parse_l4(p, off + IPV6_HLEN, end, out, vxlan_port)
+}
+
+/// `l3_end` is where the IP datagram (or this fragment of it) ends.
+#[inline(always)]
+fn parse_l4<P: Packet>(
+    p: &P,
+    off: usize,
+    l3_end: usize,
+    out: &mut Parsed,
+    vxlan_port: u16,
+) -> Result<(), Reason> {
+    match out.l4_proto {
+        IPPROTO_TCP => {
+            let h: [u8; TCP_MIN_HLEN] = p.load(off).ok_or(Reason::DropTruncatedTcp)?;
+            if off + TCP_MIN_HLEN > l3_end {
+                return Err(Reason::DropTruncatedTcp);
+            }
+            let doff = ((h[12] >> 4) as usize) * 4;
+            if doff < TCP_MIN_HLEN || off + doff > l3_end {
+                return Err(Reason::DropTcpBadDataOffset);
+            }
+            out.sport = be16(h[0], h[1]);
+            out.dport = be16(h[2], h[3]);
+            out.tcp_flags = h[13];
+        }
+        IPPROTO_UDP => {
+            let h: [u8; UDP_HLEN] = p.load(off).ok_or(Reason::DropTruncatedUdp)?;
+            if off + UDP_HLEN > l3_end {
+                return Err(Reason::DropTruncatedUdp);
+            }
+            let ulen = be16(h[4], h[5]) as usize;
+            // A first fragment carries only part of the datagram the UDP length covers.
+            let whole = !matches!(out.frag, Frag::First);
+            if ulen < UDP_HLEN || (whole && off + ulen > l3_end) {
+                return Err(Reason::DropUdpBadLength);
+            }
+            out.sport = be16(h[0], h[1]);
+            out.dport = be16(h[2], h[3]);
+            if whole && out.dport == vxlan_port {
+                parse_vxlan(p, off + UDP_HLEN, off + ulen, out)?;
+            }
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let h: [u8; ICMP_HLEN] = p.load(off).ok_or(Reason::DropTruncatedIcmp)?;
+            if off + ICMP_HLEN > l3_end {
+                return Err(Reason::DropTruncatedIcmp);
+            }
+            out.icmp_type = h[0];
+            out.icmp_code = h[1];
+        }
+        _ => return Ok(()),
+    }
+    out.l4_off = off as u16;
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_vxlan<P: Packet>(p: &P, off: usize, udp_end: usize, out: &mut Parsed) -> Result<(), Reason> {
+    let h: [u8; VXLAN_HLEN] = p.load(off).ok_or(Reason::DropVxlanTruncated)?;
+    if off + VXLAN_HLEN + ETH_HLEN > udp_end {
+        return Err(Reason::DropVxlanTruncated);
+    }
+    // Linux's vxlan_rcv drops anything but exactly the I flag with zero reserved fields.
+    if h[0] != VXLAN_FLAG_I || h[1] | h[2] | h[3] | h[7] != 0 {
+        return Err(Reason::DropVxlanBadFlags);
+    }
+    out.vxlan = true;
+    out.vni = u32::from_be_bytes([0, h[4], h[5], h[6]]);
+    out.inner_off = (off + VXLAN_HLEN) as u16;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Verdicts, drop reasons and observations: the indices of the per-CPU counters.
+//!
+//! Every packet a program sees is counted under exactly one *verdict* (a `pass_*` class
+//! or a `drop_*` reason) and under zero or more *observations* (things worth knowing that
+//! do not decide its fate, such as IPv4 options). The numbering is part of the pinned
+//! layout: append new reasons, never renumber.
+
+/// What a reason means for the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Passed on (to the stack, or later to a rewrite).
+    Pass,
+    /// Dropped by the mesh.
+    Drop,
+    /// Counted in addition to the verdict.
+    Observation,
+}
+
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident = $val:literal, $name:literal, $kind:ident; )+) => {
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Reason {
+            $( $(#[$doc])* $variant = $val, )+
+        }
+
+        impl Reason {
+            /// Every reason, in index order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant),+];
+
+            /// Stable snake_case name used by meshctl, metrics and JSON.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$variant => $name,)+ }
+            }
+
+            pub const fn kind(self) -> Kind {
+                match self { $(Reason::$variant => Kind::$kind,)+ }
+            }
+
+            pub const fn from_u32(v: u32) -> Option<Reason> {
+                match v { $($val => Some(Reason::$variant),)+ _ => None }
+            }
+
+            pub fn from_name(name: &str) -> Option<Reason> {
+                match name { $($name => Some(Reason::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): not ours.
+    PassNonIp = 0, "pass_non_ip", Pass;
+    PassTcp = 1, "pass_tcp", Pass;
+    PassUdp = 2, "pass_udp", Pass;
+    PassIcmp = 3, "pass_icmp", Pass;
+    PassIcmpv6 = 4, "pass_icmpv6", Pass;
+    /// Well-formed VXLAN on the data-path port.
+    PassVxlan = 5, "pass_vxlan", Pass;
+    /// A non-first IPv4 fragment: no L4 header, left to the stack's reassembly.
+    PassFragment = 6, "pass_fragment", Pass;
+    /// IPv6 with extension headers: passed through untouched.
+    PassIpv6Ext = 7, "pass_ipv6_ext", Pass;
+    /// IP with another L4 protocol (GRE, SCTP, ...).
+    PassOtherL4 = 8, "pass_other_l4", Pass;
+    /// More VLAN tags than the parser follows: not ours, passed untouched.
+    PassVlanTooDeep = 9, "pass_vlan_too_deep", Pass;
+
+    DropTruncatedEth = 16, "drop_truncated_eth", Drop;
+    DropTruncatedVlan = 17, "drop_truncated_vlan", Drop;
+    DropTruncatedIpv4 = 18, "drop_truncated_ipv4", Drop;
+    DropIpv4BadVersion = 19, "drop_ipv4_bad_version", Drop;
+    /// IHL < 5.
+    DropIpv4BadIhl = 20, "drop_ipv4_bad_ihl", Drop;
+    /// Total length shorter than the header or longer than the frame.
+    DropIpv4BadTotalLen = 21, "drop_ipv4_bad_total_len", Drop;
+    DropTruncatedIpv6 = 22, "drop_truncated_ipv6", Drop;
+    DropIpv6BadVersion = 23, "drop_ipv6_bad_version", Drop;
+    /// Payload length longer than the frame.
+    DropIpv6BadPayloadLen = 24, "drop_ipv6_bad_payload_len", Drop;
+    DropTruncatedTcp = 25, "drop_truncated_tcp", Drop;
+    /// TCP data offset < 5 or beyond the IP payload.
+    DropTcpBadDataOffset = 26, "drop_tcp_bad_data_offset", Drop;
+    DropTruncatedUdp = 27, "drop_truncated_udp", Drop;
+    /// UDP length < 8 (e.g. zero) or beyond the IP payload.
+    DropUdpBadLength = 28, "drop_udp_bad_length", Drop;
+    DropTruncatedIcmp = 29, "drop_truncated_icmp", Drop;
+    /// UDP to the data-path port too short for a VXLAN header and an inner Ethernet header.
+    DropVxlanTruncated = 30, "drop_vxlan_truncated", Drop;
+    /// VXLAN flags other than exactly I, or reserved bits set (as Linux's vxlan driver).
+    DropVxlanBadFlags = 31, "drop_vxlan_bad_flags", Drop;
+
+    /// One or two 802.1Q/802.1ad tags were followed.
+    ObsVlan = 48, "obs_vlan", Observation;
+    /// IPv4 header with options (IHL > 5).
+    ObsIpv4Options = 49, "obs_ipv4_options", Observation;
+    /// First fragment of a fragmented IPv4 datagram (L4 header present).
+    ObsFragmentFirst = 50, "obs_fragment_first", Observation;
+    /// A non-first IPv4 fragment.
+    ObsFragmentNonFirst = 51, "obs_fragment_non_first", Observation;
+    /// IPv6 packet carrying extension headers.
+    ObsIpv6ExtHeaders = 52, "obs_ipv6_ext_headers", Observation;
+}
+
+/// Size of the reason index space per hook (room to append reasons without a relayout).
+pub const REASON_SLOTS: u32 = 64;
+
+const _: () = {
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        assert!((Reason::ALL[i] as u32) < REASON_SLOTS);
+        i += 1;
+    }
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbering_round_trips_and_names_are_unique() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_u32(*r as u32), Some(*r));
+            assert_eq!(Reason::from_name(r.name()), Some(*r));
+            let prefix = match r.kind() {
+                Kind::Pass => "pass_",
+                Kind::Drop => "drop_",
+                Kind::Observation => "obs_",
+            };
+            assert!(r.name().starts_with(prefix), "{} is not {:?}", r.name(), r.kind());
+        }
+        let mut names: Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len());
+        assert_eq!(Reason::from_u32(10), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! Per-CPU counters: one [`Counter`] per (hook, reason), in a `PERCPU_ARRAY`.
+
+use crate::reason::{Reason, REASON_SLOTS};
+
+/// Name of the counters map (versioned: see [`crate::LAYOUT_VERSION`]).
+pub const STATS_MAP: &str = "MESH_STATS_V1";
+
+/// Where a program runs. Part of the counters' index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// XDP on the underlay interface.
+    XdpUnderlay = 0,
+    /// TC ingress on the underlay interface.
+    TcUnderlayIngress = 1,
+}
+
+impl Hook {
+    pub const ALL: &'static [Hook] = &[Hook::XdpUnderlay, Hook::TcUnderlayIngress];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::XdpUnderlay => "xdp_underlay",
+            Hook::TcUnderlayIngress => "tc_underlay_ingress",
+        }
+    }
+}
+
+/// Hook slots reserved in the counters map (room for the task-side hooks to come).
+pub const HOOK_SLOTS: u32 = 8;
+/// Entries in the counters map.
+pub const STATS_ENTRIES: u32 = HOOK_SLOTS * REASON_SLOTS;
+
+/// Index of (hook, reason) in the counters map.
+#[inline(always)]
+pub const fn stats_index(hook: Hook, reason: Reason) -> u32 {
+    hook as u32 * REASON_SLOTS + reason as u32
+}
+
+/// One counter cell (per CPU in the kernel; summed in user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    /// Bytes of the whole frame as the hook saw it.
+    pub bytes: u64,
+}
+crate::assert_size!(Counter, 16);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Counter {}
+
+impl Counter {
+    /// Sums per-CPU cells (user space reads one value per possible CPU).
+    pub fn sum<'a>(cells: impl IntoIterator<Item = &'a Counter>) -> Counter {
+        cells.into_iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets.wrapping_add(c.packets),
+            bytes: acc.bytes.wrapping_add(c.bytes),
+        })
+    }
+}
+
+const _: () = assert!((Hook::TcUnderlayIngress as u32) < HOOK_SLOTS);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_disjoint_per_hook() {
+        let mut seen = std::collections::HashSet::new();
+        for h in Hook::ALL {
+            for r in Reason::ALL {
+                let i = stats_index(*h, *r);
+                assert!(i < STATS_ENTRIES);
+                assert!(seen.insert(i), "index {i} reused");
+            }
+        }
+    }
+
+    #[test]
+    fn sum_adds_cells() {
+        let cells = [
+            Counter { packets: 1, bytes: 60 },
+            Counter { packets: 2, bytes: 100 },
+        ];
+        assert_eq!(Counter::sum(&cells), Counter { packets: 3, bytes: 160 });
+    }
+}

@@ -1,0 +1,64 @@
+//! The mesh's kernel programs. Entry points are thin: they adapt their context to a
+//! [`pkt::DirectPacket`] and hand it to [`datapath`], which owns the logic.
+#![no_std]
+#![no_main]
+
+mod datapath;
+mod pkt;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+    Global,
+};
+use mesh_common::{config::MeshConfig, stats::Hook};
+
+use crate::{datapath::Action, pkt::DirectPacket};
+
+/// Set by the loader (`mesh_common::config::CONFIG_GLOBAL`).
+#[no_mangle]
+static MESH_CONFIG: Global<MeshConfig> = Global::new(MeshConfig::DEFAULT);
+
+/// How much of the frame TC pulls into the linear area before parsing: enough for
+/// Ethernet, two VLAN tags, IPv4 with options, UDP, VXLAN and the inner headers.
+const TC_PULL_LEN: u32 = 256;
+
+/// XDP on the underlay interface.
+#[xdp]
+pub fn mesh_xdp(ctx: XdpContext) -> u32 {
+    let pkt = DirectPacket::new(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data());
+    match datapath::process(&pkt, Hook::XdpUnderlay, &MESH_CONFIG.load()) {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// TC ingress on the underlay interface.
+#[classifier]
+pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let want = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
+    if ctx.data_end() - ctx.data() < want as usize {
+        // Failure leaves the skb as it was; the parser then reports what it cannot reach.
+        let _ = ctx.pull_data(want);
+    }
+    let pkt = DirectPacket::new(ctx.data(), ctx.data_end(), len as usize);
+    match datapath::process(&pkt, Hook::TcUnderlayIngress, &MESH_CONFIG.load()) {
+        // TCX_NEXT: traffic that is not ours goes on to whatever else is attached.
+        Action::Pass => TC_ACT_UNSPEC,
+        Action::Drop => TC_ACT_SHOT,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // A reachable panic makes the verifier reject the program; this is never called.
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -71,12 +71,10 @@ impl Datapath {
             ebpf,
             object: object.to_path_buf(),
         };
-        dp.xdp_mut()?
-            .load()
-            .map_err(|source| MeshError::Program {
-                program: programs::XDP_UNDERLAY,
-                source,
-            })?;
+        dp.xdp_mut()?.load().map_err(|source| MeshError::Program {
+            program: programs::XDP_UNDERLAY,
+            source,
+        })?;
         dp.tc_ingress_mut()?
             .load()
             .map_err(|source| MeshError::Program {
@@ -94,13 +92,10 @@ impl Datapath {
     where
         &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
     {
-        let prog = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(MeshError::Program {
-                program: name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?;
+        let prog = self.ebpf.program_mut(name).ok_or(MeshError::Program {
+            program: name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
         prog.try_into().map_err(|source| MeshError::Program {
             program: name,
             source,
@@ -188,9 +183,10 @@ impl Datapath {
                 source,
             })?;
         }
-        let map = self.ebpf.map(STATS_MAP).ok_or(MeshError::NotPinned {
-            path: path.clone(),
-        })?;
+        let map = self
+            .ebpf
+            .map(STATS_MAP)
+            .ok_or(MeshError::NotPinned { path: path.clone() })?;
         map.pin(&path).map_err(|source| MeshError::Pin {
             what: STATS_MAP,
             path: path.clone(),

@@ -26,12 +26,12 @@ impl Snapshot {
         let mut cells = BTreeMap::new();
         for hook in Hook::ALL {
             for reason in Reason::ALL {
-                let per_cpu = map
-                    .get(&stats_index(*hook, *reason), 0)
-                    .map_err(|source| MeshError::Map {
-                        map: STATS_MAP,
-                        source,
-                    })?;
+                let per_cpu =
+                    map.get(&stats_index(*hook, *reason), 0)
+                        .map_err(|source| MeshError::Map {
+                            map: STATS_MAP,
+                            source,
+                        })?;
                 let total = Counter::sum(per_cpu.iter());
                 if total != Counter::default() {
                     cells.insert((*hook as u32, *reason as u32), total);
@@ -53,12 +53,11 @@ impl Snapshot {
             map: STATS_MAP,
             source,
         })?;
-        let map = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| {
-            MeshError::Map {
+        let map =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| MeshError::Map {
                 map: STATS_MAP,
                 source,
-            }
-        })?;
+            })?;
         Snapshot::read(&map)
     }
 
@@ -102,17 +101,53 @@ mod tests {
     #[test]
     fn since_subtracts_and_drops_unchanged() {
         let mut a = Snapshot::default();
-        a.cells.insert((0, 1), Counter { packets: 5, bytes: 500 });
-        a.cells.insert((0, 2), Counter { packets: 1, bytes: 60 });
+        a.cells.insert(
+            (0, 1),
+            Counter {
+                packets: 5,
+                bytes: 500,
+            },
+        );
+        a.cells.insert(
+            (0, 2),
+            Counter {
+                packets: 1,
+                bytes: 60,
+            },
+        );
         let mut b = a.clone();
-        b.cells.insert((0, 1), Counter { packets: 7, bytes: 640 });
-        b.cells.insert((1, 16), Counter { packets: 1, bytes: 20 });
+        b.cells.insert(
+            (0, 1),
+            Counter {
+                packets: 7,
+                bytes: 640,
+            },
+        );
+        b.cells.insert(
+            (1, 16),
+            Counter {
+                packets: 1,
+                bytes: 20,
+            },
+        );
         let d = b.since(&a);
-        assert_eq!(d.get(Hook::XdpUnderlay, Reason::PassTcp), Counter { packets: 2, bytes: 140 });
-        assert_eq!(d.get(Hook::XdpUnderlay, Reason::PassUdp), Counter::default());
+        assert_eq!(
+            d.get(Hook::XdpUnderlay, Reason::PassTcp),
+            Counter {
+                packets: 2,
+                bytes: 140
+            }
+        );
+        assert_eq!(
+            d.get(Hook::XdpUnderlay, Reason::PassUdp),
+            Counter::default()
+        );
         assert_eq!(
             d.get(Hook::TcUnderlayIngress, Reason::DropTruncatedEth),
-            Counter { packets: 1, bytes: 20 }
+            Counter {
+                packets: 1,
+                bytes: 20
+            }
         );
         assert_eq!(d.iter().count(), 2);
     }

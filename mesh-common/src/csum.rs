@@ -153,7 +153,11 @@ mod tests {
             hdr[0..2].copy_from_slice(&newp.to_be_bytes());
             hdr[10] = 0;
             hdr[11] = 0;
-            assert_eq!(inc16, checksum(&hdr), "round {round}: port {oldp:#x}->{newp:#x}");
+            assert_eq!(
+                inc16,
+                checksum(&hdr),
+                "round {round}: port {oldp:#x}->{newp:#x}"
+            );
         }
     }
 

@@ -314,7 +314,12 @@ fn parse_l4<P: Packet>(
 }
 
 #[inline(always)]
-fn parse_vxlan<P: Packet>(p: &P, off: usize, udp_end: usize, out: &mut Parsed) -> Result<(), Reason> {
+fn parse_vxlan<P: Packet>(
+    p: &P,
+    off: usize,
+    udp_end: usize,
+    out: &mut Parsed,
+) -> Result<(), Reason> {
     let h: [u8; VXLAN_HLEN] = p.load(off).ok_or(Reason::DropVxlanTruncated)?;
     if off + VXLAN_HLEN + ETH_HLEN > udp_end {
         return Err(Reason::DropVxlanTruncated);

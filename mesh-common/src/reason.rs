@@ -127,7 +127,12 @@ mod tests {
                 Kind::Drop => "drop_",
                 Kind::Observation => "obs_",
             };
-            assert!(r.name().starts_with(prefix), "{} is not {:?}", r.name(), r.kind());
+            assert!(
+                r.name().starts_with(prefix),
+                "{} is not {:?}",
+                r.name(),
+                r.kind()
+            );
         }
         let mut names: Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
         names.sort();

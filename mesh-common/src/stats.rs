@@ -53,10 +53,12 @@ unsafe impl aya::Pod for Counter {}
 impl Counter {
     /// Sums per-CPU cells (user space reads one value per possible CPU).
     pub fn sum<'a>(cells: impl IntoIterator<Item = &'a Counter>) -> Counter {
-        cells.into_iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets.wrapping_add(c.packets),
-            bytes: acc.bytes.wrapping_add(c.bytes),
-        })
+        cells
+            .into_iter()
+            .fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets.wrapping_add(c.packets),
+                bytes: acc.bytes.wrapping_add(c.bytes),
+            })
     }
 }
 
@@ -81,9 +83,21 @@ mod tests {
     #[test]
     fn sum_adds_cells() {
         let cells = [
-            Counter { packets: 1, bytes: 60 },
-            Counter { packets: 2, bytes: 100 },
+            Counter {
+                packets: 1,
+                bytes: 60,
+            },
+            Counter {
+                packets: 2,
+                bytes: 100,
+            },
         ];
-        assert_eq!(Counter::sum(&cells), Counter { packets: 3, bytes: 160 });
+        assert_eq!(
+            Counter::sum(&cells),
+            Counter {
+                packets: 3,
+                bytes: 160
+            }
+        );
     }
 }

@@ -1,1 +1,6 @@
+//! Helpers for the mesh's privileged integration tests (tier 2: fixture tables through
+//! BPF_PROG_TEST_RUN; tier 3: real traffic across network namespaces). The tests
+//! themselves live in `tests/tests/`; `cargo xtask test` runs them.
 
+pub mod fixtures;
+pub mod packets;

@@ -54,7 +54,10 @@ fn stats(args: &Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<22} {:<28} {:>12} {:>14}", "HOOK", "REASON", "PACKETS", "BYTES");
+    println!(
+        "{:<22} {:<28} {:>12} {:>14}",
+        "HOOK", "REASON", "PACKETS", "BYTES"
+    );
     for (h, r, c) in snap.iter() {
         let mark = if r.kind() == Kind::Drop { "!" } else { " " };
         println!(

@@ -3,4 +3,6 @@
 //! themselves live in `tests/tests/`; `cargo xtask test` runs them.
 
 pub mod fixtures;
+pub mod netns;
 pub mod packets;
+pub mod prereq;

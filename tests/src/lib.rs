@@ -6,3 +6,4 @@ pub mod fixtures;
 pub mod netns;
 pub mod packets;
 pub mod prereq;
+pub mod topology;

@@ -4,10 +4,12 @@
 use etherparse::{PacketBuilder, PacketBuilderStep, TcpOptionElement, VlanId};
 use mesh_common::csum;
 
-pub const MAC_A: [u8; 6] = [0x02, 0x42, 0x0a, 0x00, 0x00, 0x01];
-pub const MAC_B: [u8; 6] = [0x02, 0x42, 0x0a, 0x00, 0x00, 0x02];
-pub const IP_A: [u8; 4] = [10, 0, 0, 1];
-pub const IP_B: [u8; 4] = [10, 0, 0, 2];
+pub const MAC_A: [u8; 6] = [0x02, 0x42, 0x0a, 0xcb, 0x00, 0x01];
+pub const MAC_B: [u8; 6] = [0x02, 0x42, 0x0a, 0xcb, 0x00, 0x02];
+// The addresses of the real-traffic test's namespaces: fixtures put on a wire there are
+// addressed to a namespace the test created, never anywhere else.
+pub const IP_A: [u8; 4] = [10, 203, 0, 1];
+pub const IP_B: [u8; 4] = [10, 203, 0, 2];
 pub const IP6_A: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 pub const IP6_B: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 

@@ -133,7 +133,7 @@ fn fixture_table_through_xdp_and_tc() {
         .map(|f| f.verdict)
         .collect();
     println!(
-        "fixtures: {} packets ({malformed} malformed, {} distinct drop reasons), {runs} runs \
+        "\nfixtures: {} packets ({malformed} malformed, {} distinct drop reasons), {runs} runs \
          through BPF_PROG_TEST_RUN on the xdp and tc entry points: verdicts, outputs and \
          counter deltas all as expected",
         table.len(),

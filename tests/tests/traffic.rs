@@ -159,7 +159,7 @@ fn tcp_and_udp_through_a_veth_with_xdp_and_tc_attached() {
     // XDP sees every frame before the stack, GRO included: at least as many.
     assert!(d.get(Hook::XdpUnderlay, Reason::PassTcp).packets >= tcp_segs);
     println!(
-        "traffic (xdp+tc on vb): {tcp_segs} tcp segments / {} tcp frames at xdp, \
+        "\ntraffic (xdp+tc on vb): {tcp_segs} tcp segments / {} tcp frames at xdp, \
          {UDP_DATAGRAMS} udp datagrams, counters match the kernel's",
         d.get(Hook::XdpUnderlay, Reason::PassTcp).packets
     );

@@ -1,1 +1,39 @@
-fn main() {}
+//! `cargo xtask`: setup, build and test for the mesh. Everything a fresh machine needs
+//! goes through here, so README's commands are the whole story.
+
+mod build;
+mod cmd;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, set up and test the mesh")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, bpf-linker) and mount bpffs. Root only.
+    Setup,
+    /// Build the eBPF object (Debian's rustc for bpfel) and the user side, in release.
+    Build,
+    /// Set up, build, then run the three test tiers.
+    Test,
+}
+
+fn main() {
+    let args = Args::parse();
+    let r = match args.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => build::run(),
+        Cmd::Test => test::run(),
+    };
+    if let Err(e) = r {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}

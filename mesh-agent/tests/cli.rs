@@ -1,0 +1,78 @@
+//! The binaries' failure modes: one line on stderr that says what to do, exit code 1.
+//! (Run as root, the root check passes and the next prerequisite is what fails.)
+
+use std::process::Command;
+
+fn one_line_error(bin: &str, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().expect("run binary");
+    assert_eq!(out.status.code(), Some(1), "{bin} {args:?} should exit 1");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "one line, got: {err}");
+    err
+}
+
+fn root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn agent_names_the_missing_interface() {
+    let err = one_line_error(
+        env!("CARGO_BIN_EXE_mesh-agent"),
+        &[
+            "--interface",
+            "mesh-nope0",
+            "--bpffs",
+            "/sys/fs/bpf/mesh-cli-test",
+        ],
+    );
+    if root() && mesh_agent::preflight::on_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+        assert!(
+            err.contains("interface \"mesh-nope0\" does not exist"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir("/sys/fs/bpf/mesh-cli-test");
+    } else if root() {
+        assert!(err.contains("bpffs is not mounted"), "{err}");
+    } else {
+        assert!(err.contains("must run as root"), "{err}");
+    }
+}
+
+#[test]
+fn agent_refuses_a_pin_dir_off_bpffs() {
+    let err = one_line_error(
+        env!("CARGO_BIN_EXE_mesh-agent"),
+        &["--interface", "lo", "--bpffs", "/tmp/mesh-not-bpffs"],
+    );
+    let want = if root() {
+        "bpffs is not mounted"
+    } else {
+        "must run as root"
+    };
+    assert!(err.contains(want), "{err}");
+}
+
+#[test]
+fn agent_rejects_port_zero() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(["--interface", "lo", "--data-path-port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("data-path-port"));
+}
+
+#[test]
+fn meshctl_says_when_no_mesh_is_pinned() {
+    let err = one_line_error(
+        env!("CARGO_BIN_EXE_meshctl"),
+        &["stats", "--bpffs", "/sys/fs/bpf/mesh-none-here"],
+    );
+    let want = if root() {
+        "no mesh is pinned"
+    } else {
+        "must run as root"
+    };
+    assert!(err.contains(want), "{err}");
+}

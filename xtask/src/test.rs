@@ -1,0 +1,156 @@
+//! `cargo xtask test`: setup, build, then the three tiers.
+//!
+//! 1. host unit tests (no root): layouts, parser, checksums, fixture table vs the parser;
+//! 2. the fixture table through BPF_PROG_TEST_RUN on the XDP and TC entry points;
+//! 3. real traffic across network namespaces with the programs attached.
+//!
+//! Without root, tiers 2 and 3 skip with a printed reason; under `CI=true` a missing
+//! privileged prerequisite fails the run instead.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context};
+
+use crate::{
+    build,
+    cmd::{self, exec, root},
+    setup,
+};
+
+pub fn run() -> anyhow::Result<()> {
+    let privileged = cmd::is_root();
+    if privileged {
+        setup::run()?;
+    } else if cmd::in_ci() {
+        bail!("CI=true and not root: tiers 2 and 3 need root (BPF, network namespaces); run `cargo xtask test` as root");
+    } else {
+        println!("test: not root: skipping setup; tiers 2 and 3 will report themselves skipped");
+    }
+
+    let object = match build::build_ebpf() {
+        Ok(o) => Some(o),
+        Err(e) if !privileged && !cmd::in_ci() => {
+            println!("test: eBPF build skipped: {e:#}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let (Some(obj), true) = (&object, privileged) {
+        verify_with_bpftool(obj)?;
+    }
+
+    let mut summary = Vec::new();
+    println!("\n== tier 1: host unit tests ==");
+    cargo_test(
+        &["--workspace", "--exclude", "mesh-tests"],
+        &[],
+        object.as_deref(),
+        &mut summary,
+    )?;
+    cargo_test(
+        &["-p", "mesh-tests", "--lib"],
+        &[],
+        object.as_deref(),
+        &mut summary,
+    )?;
+    println!("\n== tier 2: fixture tables through BPF_PROG_TEST_RUN ==");
+    cargo_test(
+        &["-p", "mesh-tests", "--test", "fixtures"],
+        &["--nocapture", "--test-threads", "1"],
+        object.as_deref(),
+        &mut summary,
+    )?;
+    println!("\n== tier 3: real traffic across network namespaces ==");
+    cargo_test(
+        &["-p", "mesh-tests", "--test", "traffic"],
+        &["--nocapture"],
+        object.as_deref(),
+        &mut summary,
+    )?;
+
+    println!("\n== summary ==");
+    for l in &summary {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test ARGS -- TEST_ARGS`, streaming its output and keeping the lines
+/// worth repeating in the summary (results, skips, fixture and traffic reports).
+fn cargo_test(
+    args: &[&str],
+    test_args: &[&str],
+    object: Option<&std::path::Path>,
+    summary: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let mut c = Command::new("cargo");
+    c.current_dir(root())
+        .args(["test", "--locked"])
+        .args(args)
+        .arg("--")
+        .args(test_args)
+        .stdout(Stdio::piped());
+    if let Some(o) = object {
+        c.env("MESH_BPF_OBJECT", o);
+    }
+    let what = format!("cargo test {}", args.join(" "));
+    let mut child = c.spawn().with_context(|| format!("starting `{what}`"))?;
+    let out = child.stdout.take().expect("piped");
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if line.starts_with("fixtures:") || line.starts_with("traffic") || line.starts_with("SKIP")
+        {
+            summary.push(format!("  {line}"));
+        }
+        if line.starts_with("test result:") && !line.contains(" 0 passed") {
+            summary.push(format!("{what}: {line}"));
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`{what}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Loads every program of the object with libbpf's loader (bpftool), which runs the
+/// verifier on each, independently of aya; reports instruction counts, then unpins.
+fn verify_with_bpftool(obj: &std::path::Path) -> anyhow::Result<()> {
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/mesh-verify-{}", std::process::id()));
+    let result = (|| {
+        exec(
+            Command::new("bpftool")
+                .arg("prog")
+                .arg("loadall")
+                .arg(obj)
+                .arg(&dir),
+        )?;
+        for entry in std::fs::read_dir(&dir)? {
+            let p = entry?.path();
+            let show = cmd::output(
+                Command::new("bpftool")
+                    .arg("prog")
+                    .arg("show")
+                    .arg("pinned")
+                    .arg(&p),
+            )?;
+            let insns = show
+                .split_whitespace()
+                .skip_while(|w| *w != "xlated")
+                .take(4)
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!(
+                "verifier: {} loads with bpftool ({insns})",
+                p.file_name().unwrap().to_string_lossy()
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

@@ -188,7 +188,7 @@ fn tcp_and_udp_through_a_veth_with_xdp_and_tc_attached() {
     }
     assert_eq!(d, want, "malformed frames on the wire, counted at xdp only");
     println!(
-        "traffic: {} malformed frames dropped at xdp under their reasons",
+        "\ntraffic: {} malformed frames dropped at xdp under their reasons",
         bad.len()
     );
 }

@@ -115,3 +115,23 @@ pub fn send_raw(ifname: &str, frames: &[&[u8]]) {
         libc::close(fd);
     }
 }
+
+/// Sends `n` UDP datagrams of `payload` bytes from `a` to `b`'s port `port`, one in
+/// flight at a time, and asserts each one arrives.
+pub fn udp_ping(pair: &VethPair, port: u16, n: u64, payload: usize) {
+    use std::{net::UdpSocket, time::Duration};
+    let srv = pair
+        .b
+        .enter(|| UdpSocket::bind((ADDR_B, port)).expect("bind udp in b"));
+    let cli = pair
+        .a
+        .enter(|| UdpSocket::bind((ADDR_A, 0)).expect("bind udp in a"));
+    srv.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; payload + 1];
+    for i in 0..n {
+        cli.send_to(&vec![i as u8; payload], (ADDR_B, port))
+            .expect("udp send");
+        let (got, _) = srv.recv_from(&mut buf).expect("udp datagram lost");
+        assert_eq!(got, payload);
+    }
+}

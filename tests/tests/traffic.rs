@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream, UdpSocket},
+    net::{Shutdown, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use mesh_tests::{
     fixtures,
     netns::snmp,
     prereq,
-    topology::{send_raw, VethPair, ADDR_A, ADDR_B},
+    topology::{send_raw, udp_ping, VethPair, ADDR_B},
 };
 
 const UDP_DATAGRAMS: u64 = 200;
@@ -58,12 +58,9 @@ fn exchange(pair: &VethPair) -> (u64, u64) {
     let (in_segs0, in_dgrams0) = pair
         .b
         .enter(|| (snmp("Tcp", "InSegs"), snmp("Udp", "InDatagrams")));
-    let (listener, udp_srv) = pair.b.enter(|| {
-        (
-            TcpListener::bind((ADDR_B, 8080)).expect("bind tcp in b"),
-            UdpSocket::bind((ADDR_B, 9090)).expect("bind udp in b"),
-        )
-    });
+    let listener = pair
+        .b
+        .enter(|| TcpListener::bind((ADDR_B, 8080)).expect("bind tcp in b"));
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept");
         let mut got = Vec::new();
@@ -89,21 +86,7 @@ fn exchange(pair: &VethPair) -> (u64, u64) {
     assert_eq!(server.join().expect("server thread"), TCP_BYTES);
     assert_eq!(reply, (TCP_BYTES as u64).to_be_bytes());
 
-    let udp_cli = pair
-        .a
-        .enter(|| UdpSocket::bind((ADDR_A, 0)).expect("bind udp in a"));
-    udp_srv
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut buf = [0u8; 2048];
-    for i in 0..UDP_DATAGRAMS {
-        udp_cli
-            .send_to(&[i as u8; UDP_PAYLOAD], (ADDR_B, 9090))
-            .expect("udp send");
-        // One in flight at a time: nothing is lost to a full socket buffer.
-        let (n, _) = udp_srv.recv_from(&mut buf).expect("udp datagram lost");
-        assert_eq!(n, UDP_PAYLOAD);
-    }
+    udp_ping(pair, 9090, UDP_DATAGRAMS, UDP_PAYLOAD);
     let (in_segs, in_dgrams) = settled(|| {
         pair.b
             .enter(|| (snmp("Tcp", "InSegs"), snmp("Udp", "InDatagrams")))

@@ -64,8 +64,16 @@ pub fn run() -> anyhow::Result<()> {
         &mut summary,
     )?;
     println!("\n== tier 3: real traffic across network namespaces ==");
+    // The agent test runs the real binaries.
+    exec(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--locked",
+        "-p",
+        "mesh-agent",
+        "--bins",
+    ]))?;
     cargo_test(
-        &["-p", "mesh-tests", "--test", "traffic"],
+        &["-p", "mesh-tests", "--test", "traffic", "--test", "agent"],
         &["--nocapture"],
         object.as_deref(),
         &mut summary,
@@ -96,6 +104,7 @@ fn cargo_test(
     if let Some(o) = object {
         c.env("MESH_BPF_OBJECT", o);
     }
+    c.env("MESH_AGENT_BIN_DIR", root().join("target/debug"));
     let what = format!("cargo test {}", args.join(" "));
     let mut child = c.spawn().with_context(|| format!("starting `{what}`"))?;
     let out = child.stdout.take().expect("piped");

@@ -94,6 +94,30 @@ fn exchange(pair: &VethPair) -> (u64, u64) {
     (in_segs - in_segs0, in_dgrams - in_dgrams0)
 }
 
+/// Puts every fixture in `bad` on the wire from `a` and checks that `hook` counted each
+/// under its drop reason, with its bytes, and that nothing else was counted anywhere.
+fn wire_drops(pair: &VethPair, dp: &Datapath, bad: &[fixtures::Fixture], hook: Hook) {
+    let before = snapshot(dp);
+    let frames: Vec<&[u8]> = bad.iter().map(|f| f.packet.as_slice()).collect();
+    pair.a.enter(|| send_raw("va", &frames));
+    let d = settled(|| snapshot(dp)).since(&before);
+    let mut want = Snapshot::default();
+    for f in bad {
+        let c = want
+            .cells
+            .entry((hook as u32, f.verdict as u32))
+            .or_default();
+        c.packets += 1;
+        c.bytes += f.packet.len() as u64;
+    }
+    assert_eq!(
+        d,
+        want,
+        "malformed frames on the wire, counted at {} only",
+        hook.name()
+    );
+}
+
 #[test]
 fn tcp_and_udp_through_a_veth_with_xdp_and_tc_attached() {
     let Some(object) = prereq::privileged("tcp_and_udp_through_a_veth_with_xdp_and_tc_attached")
@@ -152,24 +176,7 @@ fn tcp_and_udp_through_a_veth_with_xdp_and_tc_attached() {
         .into_iter()
         .filter(|f| f.malformed())
         .collect();
-    let before = snapshot(&dp);
-    pair.a.enter(|| {
-        send_raw(
-            "va",
-            &bad.iter().map(|f| f.packet.as_slice()).collect::<Vec<_>>(),
-        )
-    });
-    let d = settled(|| snapshot(&dp)).since(&before);
-    let mut want = Snapshot::default();
-    for f in &bad {
-        let c = want
-            .cells
-            .entry((Hook::XdpUnderlay as u32, f.verdict as u32))
-            .or_default();
-        c.packets += 1;
-        c.bytes += f.packet.len() as u64;
-    }
-    assert_eq!(d, want, "malformed frames on the wire, counted at xdp only");
+    wire_drops(&pair, &dp, &bad, Hook::XdpUnderlay);
     println!(
         "\ntraffic: {} malformed frames dropped at xdp under their reasons",
         bad.len()
@@ -196,24 +203,7 @@ fn malformed_frames_on_the_wire_are_dropped_at_tc() {
                 )
         })
         .collect();
-    let before = snapshot(&dp);
-    pair.a.enter(|| {
-        send_raw(
-            "va",
-            &bad.iter().map(|f| f.packet.as_slice()).collect::<Vec<_>>(),
-        )
-    });
-    let d = settled(|| snapshot(&dp)).since(&before);
-    let mut want = Snapshot::default();
-    for f in &bad {
-        let c = want
-            .cells
-            .entry((Hook::TcUnderlayIngress as u32, f.verdict as u32))
-            .or_default();
-        c.packets += 1;
-        c.bytes += f.packet.len() as u64;
-    }
-    assert_eq!(d, want, "malformed frames on the wire, counted at tc");
+    wire_drops(&pair, &dp, &bad, Hook::TcUnderlayIngress);
     // And the path still carries good traffic afterwards.
     let (_, udp) = exchange(&pair);
     assert_eq!(udp, UDP_DATAGRAMS);

@@ -75,12 +75,14 @@ impl Datapath {
             program: programs::XDP_UNDERLAY,
             source,
         })?;
-        dp.tc_ingress_mut()?
-            .load()
-            .map_err(|source| MeshError::Program {
-                program: programs::TC_UNDERLAY_INGRESS,
-                source,
-            })?;
+        for name in [programs::TC_UNDERLAY_INGRESS, programs::TC_TASK] {
+            dp.program_mut::<SchedClassifier>(name)?
+                .load()
+                .map_err(|source| MeshError::Program {
+                    program: name,
+                    source,
+                })?;
+        }
         Ok(dp)
     }
 
@@ -124,23 +126,33 @@ impl Datapath {
         self.program(programs::TC_UNDERLAY_INGRESS)
     }
 
+    pub fn tc_task(&self) -> Result<&SchedClassifier, MeshError> {
+        self.program(programs::TC_TASK)
+    }
+
     fn xdp_mut(&mut self) -> Result<&mut Xdp, MeshError> {
         self.program_mut(programs::XDP_UNDERLAY)
     }
 
-    fn tc_ingress_mut(&mut self) -> Result<&mut SchedClassifier, MeshError> {
-        self.program_mut(programs::TC_UNDERLAY_INGRESS)
+    /// Attaches the underlay program to `interface`'s TC ingress (tcx on kernels >= 6.6,
+    /// where it coexists with other programs; netlink clsact before). The attachment
+    /// lives as long as this `Datapath`.
+    pub fn attach_tc_ingress(&mut self, interface: &str) -> Result<(), MeshError> {
+        self.attach_tc(programs::TC_UNDERLAY_INGRESS, interface)
     }
 
-    /// Attaches the TC program to `interface`'s ingress (tcx on kernels >= 6.6, where
-    /// it coexists with other programs; netlink clsact before). The attachment lives as
-    /// long as this `Datapath`.
-    pub fn attach_tc_ingress(&mut self, interface: &str) -> Result<(), MeshError> {
+    /// Attaches the task program to the TC ingress of a task's veth (host side): what
+    /// the task sends.
+    pub fn attach_tc_task(&mut self, interface: &str) -> Result<(), MeshError> {
+        self.attach_tc(programs::TC_TASK, interface)
+    }
+
+    fn attach_tc(&mut self, program: &'static str, interface: &str) -> Result<(), MeshError> {
         preflight::ifindex(interface)?;
-        self.tc_ingress_mut()?
+        self.program_mut::<SchedClassifier>(program)?
             .attach(interface, TcAttachType::Ingress)
             .map_err(|source| MeshError::Attach {
-                program: programs::TC_UNDERLAY_INGRESS,
+                program,
                 interface: interface.into(),
                 source,
             })?;

@@ -3,6 +3,9 @@
 /// Symbol name of the global the loader overrides.
 pub const CONFIG_GLOBAL: &str = "MESH_CONFIG";
 
+/// Default hairpin SNAT address: link-local, never routed, as Cilium's 169.254.42.1.
+pub const HAIRPIN_ADDR_DEFAULT: [u8; 4] = [169, 254, 42, 1];
+
 /// Load-time configuration of the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,14 +15,20 @@ pub struct MeshConfig {
     pub _pad: u16,
     /// Reserved for feature flags; zero today.
     pub flags: u32,
+    /// Address (network order) a task is SNATed to when it reaches its own service and
+    /// lands on itself: a packet from its own address would be dropped as martian.
+    pub hairpin_addr: u32,
+    pub _pad2: u32,
 }
-crate::assert_size!(MeshConfig, 8);
+crate::assert_size!(MeshConfig, 16);
 
 impl MeshConfig {
     pub const DEFAULT: MeshConfig = MeshConfig {
         vxlan_port: crate::proto::VXLAN_PORT_DEFAULT,
         _pad: 0,
         flags: 0,
+        hairpin_addr: u32::from_ne_bytes(HAIRPIN_ADDR_DEFAULT),
+        _pad2: 0,
     };
 }
 
@@ -36,4 +45,5 @@ unsafe impl aya::Pod for MeshConfig {}
 pub mod programs {
     pub const XDP_UNDERLAY: &str = "mesh_xdp";
     pub const TC_UNDERLAY_INGRESS: &str = "mesh_tc_ingress";
+    pub const TC_TASK: &str = "mesh_tc_task";
 }

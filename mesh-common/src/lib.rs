@@ -7,9 +7,13 @@
 
 pub mod config;
 pub mod csum;
+pub mod ct;
+pub mod hash;
+pub mod lb;
 pub mod parse;
 pub mod proto;
 pub mod reason;
+pub mod reply;
 pub mod stats;
 
 /// Version of every pinned map layout. Map names carry it as a suffix (`_v1`), so an

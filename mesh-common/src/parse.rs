@@ -157,6 +157,14 @@ fn word(b: &[u8], i: usize) -> u32 {
 #[inline(always)]
 pub fn parse<P: Packet>(p: &P, vxlan_port: u16) -> Result<Parsed, Reason> {
     let mut out = Parsed::default();
+    parse_into(p, vxlan_port, &mut out)?;
+    Ok(out)
+}
+
+/// As [`parse`], into `out` (the kernel keeps it in per-CPU scratch memory rather than
+/// on its 512-byte stack). `out` must start as `Parsed::default()`.
+#[inline(always)]
+pub fn parse_into<P: Packet>(p: &P, vxlan_port: u16, out: &mut Parsed) -> Result<(), Reason> {
     let eth: [u8; ETH_HLEN] = p.load(0).ok_or(Reason::DropTruncatedEth)?;
     let mut eth_type = be16(eth[12], eth[13]);
     let mut off = ETH_HLEN;
@@ -174,17 +182,17 @@ pub fn parse<P: Packet>(p: &P, vxlan_port: u16) -> Result<Parsed, Reason> {
             if is_vlan(eth_type) {
                 out.vlan_too_deep = true;
                 out.eth_type = eth_type;
-                return Ok(out);
+                return Ok(());
             }
         }
     }
     out.eth_type = eth_type;
     match eth_type {
-        ETH_P_IP => parse_ipv4(p, off, &mut out, vxlan_port)?,
-        ETH_P_IPV6 => parse_ipv6(p, off, &mut out, vxlan_port)?,
+        ETH_P_IP => parse_ipv4(p, off, out, vxlan_port)?,
+        ETH_P_IPV6 => parse_ipv6(p, off, out, vxlan_port)?,
         _ => {}
     }
-    Ok(out)
+    Ok(())
 }
 
 #[inline(always)]

@@ -10,6 +10,10 @@
 pub enum Kind {
     /// Passed on (to the stack, or later to a rewrite).
     Pass,
+    /// Rewritten by the mesh and redirected to where it belongs (a task, a client).
+    Forward,
+    /// Answered by the mesh (TCP RST, ICMP unreachable) instead of being black-holed.
+    Reply,
     /// Dropped by the mesh.
     Drop,
     /// Counted in addition to the verdict.
@@ -66,6 +70,20 @@ reasons! {
     /// More VLAN tags than the parser follows: not ours, passed untouched.
     PassVlanTooDeep = 9, "pass_vlan_too_deep", Pass;
 
+    /// DNATed to a backend and redirected into its task's veth.
+    FwdToTask = 10, "fwd_to_task", Forward;
+    /// A reply reverse-NATed (source back to the frontend) and redirected to the client.
+    FwdReplyToClient = 11, "fwd_reply_to_client", Forward;
+    /// An ICMP error about a NATed flow, translated and redirected.
+    FwdIcmpError = 12, "fwd_icmp_error", Forward;
+    /// New TCP flow to a service with no active backend: answered with RST.
+    ReplyRstNoBackend = 13, "reply_rst_no_backend", Reply;
+    /// TCP packet of a flow whose backend is gone: answered with RST.
+    ReplyRstBackendGone = 14, "reply_rst_backend_gone", Reply;
+    /// UDP to a service with no active backend, or whose backend is gone: answered
+    /// with ICMP port unreachable.
+    ReplyIcmpUnreachable = 15, "reply_icmp_unreachable", Reply;
+
     DropTruncatedEth = 16, "drop_truncated_eth", Drop;
     DropTruncatedVlan = 17, "drop_truncated_vlan", Drop;
     DropTruncatedIpv4 = 18, "drop_truncated_ipv4", Drop;
@@ -89,6 +107,18 @@ reasons! {
     DropVxlanTruncated = 30, "drop_vxlan_truncated", Drop;
     /// VXLAN flags other than exactly I, or reserved bits set (as Linux's vxlan driver).
     DropVxlanBadFlags = 31, "drop_vxlan_bad_flags", Drop;
+    /// The chosen backend runs on another node (the overlay is not attached).
+    DropBackendNotLocal = 32, "drop_backend_not_local", Drop;
+    /// The backend is local but its endpoint (veth) is unknown.
+    DropNoEndpoint = 33, "drop_no_endpoint", Drop;
+    /// A rewrite helper failed (packet not writable, checksum helper error).
+    DropRewriteFailed = 34, "drop_rewrite_failed", Drop;
+    /// Connection tracking could not store the flow.
+    DropCtFull = 35, "drop_ct_full", Drop;
+    /// A Maglev slot pointed at no backend (table being rewritten or corrupt).
+    DropNoBackendSlot = 36, "drop_no_backend_slot", Drop;
+    /// A reply could not be built (IP options or a frame too short to answer).
+    DropCannotReply = 37, "drop_cannot_reply", Drop;
 
     /// One or two 802.1Q/802.1ad tags were followed.
     ObsVlan = 48, "obs_vlan", Observation;
@@ -100,6 +130,16 @@ reasons! {
     ObsFragmentNonFirst = 51, "obs_fragment_non_first", Observation;
     /// IPv6 packet carrying extension headers.
     ObsIpv6ExtHeaders = 52, "obs_ipv6_ext_headers", Observation;
+    /// A new flow was given a backend.
+    ObsCtNew = 53, "obs_ct_new", Observation;
+    /// A packet of a tracked flow.
+    ObsCtHit = 54, "obs_ct_hit", Observation;
+    /// A tracked flow had expired and was given a backend afresh.
+    ObsCtExpired = 55, "obs_ct_expired", Observation;
+    /// A SYN reused the tuple of a closed flow: new backend choice.
+    ObsCtReopened = 56, "obs_ct_reopened", Observation;
+    /// A task reached its own service and landed on itself.
+    ObsHairpin = 57, "obs_hairpin", Observation;
 }
 
 /// Size of the reason index space per hook (room to append reasons without a relayout).
@@ -124,6 +164,8 @@ mod tests {
             assert_eq!(Reason::from_name(r.name()), Some(*r));
             let prefix = match r.kind() {
                 Kind::Pass => "pass_",
+                Kind::Forward => "fwd_",
+                Kind::Reply => "reply_",
                 Kind::Drop => "drop_",
                 Kind::Observation => "obs_",
             };
@@ -138,6 +180,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), Reason::ALL.len());
-        assert_eq!(Reason::from_u32(10), None);
+        assert_eq!(Reason::from_u32(63), None);
     }
 }

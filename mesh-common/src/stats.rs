@@ -13,15 +13,18 @@ pub enum Hook {
     XdpUnderlay = 0,
     /// TC ingress on the underlay interface.
     TcUnderlayIngress = 1,
+    /// TC ingress on a task's delivery veth (host side): what the task sends.
+    TcTask = 2,
 }
 
 impl Hook {
-    pub const ALL: &'static [Hook] = &[Hook::XdpUnderlay, Hook::TcUnderlayIngress];
+    pub const ALL: &'static [Hook] = &[Hook::XdpUnderlay, Hook::TcUnderlayIngress, Hook::TcTask];
 
     pub const fn name(self) -> &'static str {
         match self {
             Hook::XdpUnderlay => "xdp_underlay",
             Hook::TcUnderlayIngress => "tc_underlay_ingress",
+            Hook::TcTask => "tc_task",
         }
     }
 }
@@ -62,7 +65,7 @@ impl Counter {
     }
 }
 
-const _: () = assert!((Hook::TcUnderlayIngress as u32) < HOOK_SLOTS);
+const _: () = assert!((Hook::TcTask as u32) < HOOK_SLOTS);
 
 #[cfg(test)]
 mod tests {

@@ -1,28 +1,110 @@
-//! What every entry point does with a packet: parse it, count it, decide.
+//! What every entry point does with a packet: parse it, count it, decide; at TC also
+//! load-balance it.
 
-use mesh_common::{config::MeshConfig, parse, parse::Packet, stats::Hook};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    programs::TcContext,
+};
+use mesh_common::{
+    config::MeshConfig,
+    parse::{self, Frag, Packet, Parsed},
+    proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    stats::Hook,
+};
 
-use crate::stats;
+use crate::{
+    icmp,
+    lb::{self, Outcome},
+    maps, stats,
+};
 
 pub enum Action {
     Pass,
     Drop,
 }
 
+/// Parses and counts observations; a malformed packet is counted under its reason.
 #[inline(always)]
-pub fn process<P: Packet>(pkt: &P, hook: Hook, cfg: &MeshConfig) -> Action {
+fn parse_counted<P: Packet>(pkt: &P, hook: Hook, cfg: &MeshConfig) -> Result<Parsed, ()> {
     let bytes = pkt.frame_len();
     match parse::parse(pkt, cfg.vxlan_port) {
         Ok(parsed) => {
             for obs in parsed.observations().into_iter().flatten() {
                 stats::count(hook, obs, bytes);
             }
-            stats::count(hook, parsed.verdict(), bytes);
-            Action::Pass
+            Ok(parsed)
         }
         Err(reason) => {
             stats::count(hook, reason, bytes);
-            Action::Drop
+            Err(())
         }
     }
+}
+
+/// XDP: validate and count (the XDP load balancer arrives with the overlay).
+#[inline(always)]
+pub fn process<P: Packet>(pkt: &P, hook: Hook, cfg: &MeshConfig) -> Action {
+    match parse_counted(pkt, hook, cfg) {
+        Ok(parsed) => {
+            stats::count(hook, parsed.verdict(), pkt.frame_len());
+            Action::Pass
+        }
+        Err(()) => Action::Drop,
+    }
+}
+
+/// TC (underlay ingress and task veths): validate, count, load-balance. The parsed
+/// headers live in per-CPU scratch memory; parsing and dispatch are separate BPF
+/// functions so that their stack frames never add up.
+#[inline(always)]
+pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshConfig) -> i32 {
+    let Some(s) = maps::scratch() else {
+        return TC_ACT_UNSPEC;
+    };
+    if parse_into_scratch(pkt, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
+        return TC_ACT_SHOT;
+    }
+    dispatch(ctx, &s.parsed, hook, cfg, pkt.frame_len())
+}
+
+#[inline(never)]
+fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut Parsed) -> Result<(), ()> {
+    let bytes = pkt.frame_len();
+    *out = Parsed::default();
+    match parse::parse_into(pkt, vxlan_port, out) {
+        Ok(()) => {
+            for obs in out.observations().into_iter().flatten() {
+                stats::count(hook, obs, bytes);
+            }
+            Ok(())
+        }
+        Err(reason) => {
+            stats::count(hook, reason, bytes);
+            Err(())
+        }
+    }
+}
+
+#[inline(never)]
+fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, bytes: usize) -> i32 {
+    if p.ip_version == 4 && !matches!(p.frag, Frag::NonFirst) && p.l4_off != 0 && !p.vxlan {
+        let pk = lb::Pkt {
+            ctx,
+            p,
+            f: lb::Flow::of(p),
+            hook,
+            bytes,
+        };
+        let outcome = match p.l4_proto {
+            IPPROTO_TCP | IPPROTO_UDP => lb::process(&pk, cfg),
+            IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk),
+            _ => Outcome::NotOurs,
+        };
+        if let Outcome::Done(action) = outcome {
+            return action;
+        }
+    }
+    stats::count(hook, p.verdict(), bytes);
+    // TCX_NEXT: traffic that is not ours goes on to whatever else is attached.
+    TC_ACT_UNSPEC
 }

@@ -4,11 +4,16 @@
 #![no_main]
 
 mod datapath;
+mod icmp;
+mod lb;
+mod maps;
 mod pkt;
+mod reply;
+mod skb;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
     Global,
@@ -35,9 +40,21 @@ pub fn mesh_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-/// TC ingress on the underlay interface.
+/// TC ingress on the underlay interface: clients reaching published ports.
 #[classifier]
 pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
+    tc(ctx, Hook::TcUnderlayIngress)
+}
+
+/// TC ingress on a task's veth (host side): the task's replies, and its own requests to
+/// VIPs and published ports.
+#[classifier]
+pub fn mesh_tc_task(ctx: TcContext) -> i32 {
+    tc(ctx, Hook::TcTask)
+}
+
+#[inline(always)]
+fn tc(ctx: TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
     let want = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
     if ctx.data_end() - ctx.data() < want as usize {
@@ -45,11 +62,7 @@ pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(want);
     }
     let pkt = DirectPacket::new(ctx.data(), ctx.data_end(), len as usize);
-    match datapath::process(&pkt, Hook::TcUnderlayIngress, &MESH_CONFIG.load()) {
-        // TCX_NEXT: traffic that is not ours goes on to whatever else is attached.
-        Action::Pass => TC_ACT_UNSPEC,
-        Action::Drop => TC_ACT_SHOT,
-    }
+    datapath::process_tc(&ctx, &pkt, hook, &MESH_CONFIG.load())
 }
 
 #[cfg(not(test))]

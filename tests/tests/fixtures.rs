@@ -32,6 +32,7 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
     let res = match hook {
         Hook::XdpUnderlay => dp.xdp().unwrap().test_run(opts),
         Hook::TcUnderlayIngress => dp.tc_ingress().unwrap().test_run(opts),
+        Hook::TcTask => dp.tc_task().unwrap().test_run(opts),
     }
     .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN on {}: {e:?}", fx.name, hook.name()));
 
@@ -39,8 +40,8 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
     let want = match (hook, pass) {
         (Hook::XdpUnderlay, true) => XDP_PASS,
         (Hook::XdpUnderlay, false) => XDP_DROP,
-        (Hook::TcUnderlayIngress, true) => TC_ACT_UNSPEC,
-        (Hook::TcUnderlayIngress, false) => TC_ACT_SHOT,
+        (Hook::TcUnderlayIngress | Hook::TcTask, true) => TC_ACT_UNSPEC,
+        (Hook::TcUnderlayIngress | Hook::TcTask, false) => TC_ACT_SHOT,
     };
     if res.return_value != want {
         errs.push(format!(
@@ -85,7 +86,7 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
 /// real-traffic test puts such frames on a wire.
 fn runnable(fx: &Fixture, hook: Hook) -> bool {
     use mesh_common::proto::*;
-    if hook != Hook::TcUnderlayIngress {
+    if hook == Hook::XdpUnderlay {
         return true;
     }
     let p = &fx.packet;
@@ -151,5 +152,5 @@ fn data_path_port_is_load_time_configuration() {
         ..MeshConfig::DEFAULT
     };
     let dp = Datapath::load(&object, &cfg).expect("load datapath");
-    assert_eq!(run_table(&dp, &fixtures::alt_port()), 6);
+    assert_eq!(run_table(&dp, &fixtures::alt_port()), 3 * Hook::ALL.len());
 }

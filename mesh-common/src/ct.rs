@@ -1,0 +1,254 @@
+//! Connection tracking: the entry layout and the pure state machine the kernel runs.
+//!
+//! A load-balanced flow has two entries in an LRU hash: the *forward* one, keyed by the
+//! tuple as the client sent it (client -> frontend), holding the backend and the DNAT
+//! target; and the *reverse* one, keyed by the reply's tuple (task -> client), holding
+//! what to restore (the frontend) and where the client is (interface and MACs).
+
+use crate::proto::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+pub const CT_MAP: &str = "MESH_CT_V1";
+/// Default capacity; each flow takes two entries.
+pub const CT_ENTRIES: u32 = 1 << 20;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+crate::assert_size!(CtKey, 16);
+
+impl CtKey {
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Entry flags.
+pub const CT_REVERSE: u8 = 1 << 0;
+/// The client was SNATed to the hairpin address (a task reaching itself).
+pub const CT_HAIRPIN: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` of the last packet (monotonic, boot-relative).
+    pub last_seen_ns: u64,
+    pub created_ns: u64,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// Forward: the DNAT target (delivery address, backend port).
+    /// Reverse: the frontend to restore as the reply's source.
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    /// [`CtState`].
+    pub state: u8,
+    /// `CT_*`.
+    pub flags: u8,
+    /// Hairpin only. Forward: the address the client is SNATed to. Reverse: the client's
+    /// real address, restored as the reply's destination.
+    pub hairpin_addr: u32,
+    /// Reverse: interface the client is behind (replies are redirected out of it).
+    pub ifindex: u32,
+    /// Idle timeout once established, seconds (from the service at creation).
+    pub idle_s: u32,
+    /// Reverse: MACs for the reply (destination, source) toward the client.
+    pub mac_dst: [u8; 6],
+    pub mac_src: [u8; 6],
+    pub _pad: u32,
+}
+crate::assert_size!(CtEntry, 64);
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+}
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// A SYN seen, nothing back yet.
+    SynSent = 1,
+    Established = 2,
+    /// A FIN seen in this entry's direction: the flow is closing.
+    FinSeen = 3,
+    /// RST seen.
+    Closed = 4,
+    Udp = 5,
+}
+
+impl CtState {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::SynSent),
+            2 => Some(Self::Established),
+            3 => Some(Self::FinSeen),
+            4 => Some(Self::Closed),
+            5 => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SynSent => "syn_sent",
+            Self::Established => "established",
+            Self::FinSeen => "fin_seen",
+            Self::Closed => "closed",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// Seconds a half-open flow may stay idle (as Linux's nf_conntrack SYN_SENT, 120 s,
+/// halved: the client retries well within it).
+pub const SYN_TIMEOUT_S: u32 = 60;
+/// Closing flows (FIN seen) live this long after their last packet.
+pub const FIN_TIMEOUT_S: u32 = 30;
+/// Reset flows: long enough for a retransmitted RST to be translated.
+pub const CLOSED_TIMEOUT_S: u32 = 10;
+
+/// The state of a new entry for a first packet with `tcp_flags` (`proto` TCP or UDP).
+#[inline(always)]
+pub const fn initial(proto: u8, tcp_flags: u8) -> CtState {
+    if proto != crate::proto::IPPROTO_TCP {
+        return CtState::Udp;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        CtState::Closed
+    } else if tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0 {
+        CtState::SynSent
+    } else {
+        // Mid-flow packet without an entry (entry evicted, agent restarted with a
+        // flushed table): Maglev picked the same backend, carry on as established.
+        CtState::Established
+    }
+}
+
+/// The state after a packet with `tcp_flags` in this entry's direction.
+#[inline(always)]
+pub const fn advance(state: CtState, tcp_flags: u8) -> CtState {
+    if matches!(state, CtState::Udp) {
+        return CtState::Udp;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        return CtState::Closed;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        return CtState::FinSeen;
+    }
+    match state {
+        CtState::SynSent if tcp_flags & TCP_ACK != 0 => CtState::Established,
+        s => s,
+    }
+}
+
+/// Idle timeout of an entry in `state`, seconds.
+#[inline(always)]
+pub const fn timeout_s(state: CtState, idle_s: u32) -> u32 {
+    match state {
+        CtState::SynSent => SYN_TIMEOUT_S,
+        CtState::Established | CtState::Udp => idle_s,
+        CtState::FinSeen => FIN_TIMEOUT_S,
+        CtState::Closed => CLOSED_TIMEOUT_S,
+    }
+}
+
+/// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
+#[inline(always)]
+pub const fn expired(state: CtState, idle_s: u32, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) > timeout_s(state, idle_s) as u64 * 1_000_000_000
+}
+
+/// A SYN on an entry of a closed or closing flow starts a new flow (the client reused
+/// its port): pick a backend afresh.
+#[inline(always)]
+pub const fn reopens(state: CtState, tcp_flags: u8) -> bool {
+    tcp_flags & TCP_SYN != 0
+        && tcp_flags & TCP_ACK == 0
+        && matches!(state, CtState::FinSeen | CtState::Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_PSH};
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn tcp_lifecycle() {
+        let mut s = initial(IPPROTO_TCP, TCP_SYN);
+        assert_eq!(s, CtState::SynSent);
+        assert_eq!(timeout_s(s, 8000), SYN_TIMEOUT_S);
+        s = advance(s, TCP_ACK);
+        assert_eq!(s, CtState::Established);
+        s = advance(s, TCP_ACK | TCP_PSH);
+        assert_eq!(s, CtState::Established);
+        assert_eq!(timeout_s(s, 8000), 8000);
+        s = advance(s, TCP_FIN | TCP_ACK);
+        assert_eq!(s, CtState::FinSeen);
+        assert_eq!(timeout_s(s, 8000), FIN_TIMEOUT_S);
+        // Closing stays closing on ACKs.
+        assert_eq!(advance(s, TCP_ACK), CtState::FinSeen);
+        assert_eq!(advance(s, TCP_RST), CtState::Closed);
+    }
+
+    #[test]
+    fn rst_closes_from_any_state() {
+        for s in [CtState::SynSent, CtState::Established, CtState::FinSeen] {
+            assert_eq!(advance(s, TCP_RST | TCP_ACK), CtState::Closed);
+        }
+        assert_eq!(initial(IPPROTO_TCP, TCP_RST), CtState::Closed);
+    }
+
+    #[test]
+    fn midflow_packet_without_entry_is_established() {
+        assert_eq!(initial(IPPROTO_TCP, TCP_ACK), CtState::Established);
+        assert_eq!(initial(IPPROTO_TCP, TCP_ACK | TCP_PSH), CtState::Established);
+        assert_eq!(initial(IPPROTO_TCP, TCP_SYN | TCP_ACK), CtState::Established);
+    }
+
+    #[test]
+    fn udp_is_udp() {
+        let s = initial(IPPROTO_UDP, 0);
+        assert_eq!(s, CtState::Udp);
+        assert_eq!(advance(s, TCP_FIN), CtState::Udp);
+        assert_eq!(timeout_s(s, 300), 300);
+    }
+
+    #[test]
+    fn expiry_uses_the_state_timeout() {
+        let t0 = 1000 * S;
+        assert!(!expired(CtState::Established, 8000, t0, t0 + 7999 * S));
+        assert!(expired(CtState::Established, 8000, t0, t0 + 8001 * S));
+        // Far beyond IPVS's 900 s.
+        assert!(!expired(CtState::Established, 8000, t0, t0 + 901 * S));
+        assert!(expired(CtState::FinSeen, 8000, t0, t0 + 31 * S));
+        assert!(expired(CtState::Closed, 8000, t0, t0 + 11 * S));
+        assert!(!expired(CtState::SynSent, 8000, t0, t0 + 59 * S));
+        // A clock that reads earlier than last_seen (another CPU) is not expiry.
+        assert!(!expired(CtState::Closed, 8000, t0, t0 - S));
+    }
+
+    #[test]
+    fn syn_reopens_only_closed_or_closing_flows() {
+        assert!(reopens(CtState::FinSeen, TCP_SYN));
+        assert!(reopens(CtState::Closed, TCP_SYN));
+        assert!(!reopens(CtState::Established, TCP_SYN));
+        assert!(!reopens(CtState::Closed, TCP_SYN | TCP_ACK));
+    }
+}

@@ -1,0 +1,142 @@
+//! Load-balancing maps: frontends, services, Maglev slots, backends, local endpoints,
+//! node addresses. Addresses and ports are stored in network byte order, exactly as
+//! they appear in packets, so the kernel compares and copies them without swapping.
+
+/// Map names (versioned, see [`crate::LAYOUT_VERSION`]).
+pub const FRONTENDS_MAP: &str = "MESH_FE_V1";
+pub const SERVICES_MAP: &str = "MESH_SVC_V1";
+pub const MAGLEV_MAP: &str = "MESH_MAGLEV_V1";
+pub const BACKENDS_MAP: &str = "MESH_BE_V1";
+pub const ENDPOINTS_MAP: &str = "MESH_EP_V1";
+pub const NODE_ADDRS_MAP: &str = "MESH_NODE_V1";
+
+/// Default capacities (overridable at load time).
+pub const MAX_FRONTENDS: u32 = 65536;
+pub const MAX_SERVICES: u32 = 65536;
+pub const MAX_BACKENDS: u32 = 262144;
+pub const MAX_ENDPOINTS: u32 = 65536;
+pub const MAX_NODE_ADDRS: u32 = 256;
+/// Slots of the shared Maglev array: regions of it are handed to services by user space.
+/// 2^22 x 4 B = 16 MiB: 10,000 services of 3 backends (509 slots each) use 5.1 M... see
+/// `maglev_size`; the agent sizes this map from its model at load.
+pub const MAGLEV_SLOTS: u32 = 1 << 22;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// (frontend address, port, protocol). `addr == 0` means "any address of this node"
+/// (an ingress- or host-mode published port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+crate::assert_size!(FrontendKey, 8);
+
+pub const FE_INGRESS: u32 = 1 << 0;
+pub const FE_HOST: u32 = 1 << 1;
+pub const FE_VIP: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    /// Index into the services map (never 0).
+    pub svc_id: u32,
+    /// `FE_*`.
+    pub flags: u32,
+}
+crate::assert_size!(Frontend, 8);
+
+pub const SVC_AFFINITY: u32 = 1 << 0;
+
+/// A load-balancing group: its Maglev region and its flow timeouts. A host-mode port
+/// gets its own group whose table holds only this node's tasks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// First slot of this service's region in the Maglev array.
+    pub maglev_off: u32,
+    /// Region size (a prime > 100 x backends), 0 when there is no active backend.
+    pub maglev_size: u32,
+    pub active: u32,
+    /// `SVC_*`.
+    pub flags: u32,
+    /// Idle timeout of an established TCP flow, seconds.
+    pub tcp_idle_s: u32,
+    /// Idle timeout of a UDP flow, seconds.
+    pub udp_idle_s: u32,
+    /// Client-IP affinity window, seconds (with `SVC_AFFINITY`).
+    pub affinity_s: u32,
+    pub _pad: u32,
+}
+crate::assert_size!(Service, 32);
+
+pub const TCP_IDLE_DEFAULT_S: u32 = 8000;
+pub const UDP_IDLE_DEFAULT_S: u32 = 300;
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendState {
+    /// Takes new flows (is in the Maglev table).
+    Active = 1,
+    /// Keeps its flows, takes no new ones (not in the table).
+    Draining = 2,
+    /// Its flows are answered with RST / ICMP unreachable.
+    Gone = 3,
+}
+
+impl BackendState {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Active),
+            2 => Some(Self::Draining),
+            3 => Some(Self::Gone),
+            _ => None,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// The task's address (the key of its endpoint when it runs on this node).
+    pub addr: u32,
+    /// Port the task listens on.
+    pub port: u16,
+    /// `BackendState`.
+    pub state: u8,
+    pub _pad: u8,
+    pub svc_id: u32,
+}
+crate::assert_size!(Backend, 12);
+
+/// A task on this node: how to hand it a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host-side interface of the task's veth.
+    pub ifindex: u32,
+    /// Address the task is reached at on that veth (DNAT target).
+    pub delivery_addr: u32,
+    /// The task's MAC on the veth.
+    pub mac: [u8; 6],
+    /// The host side's MAC (source of what we hand the task).
+    pub host_mac: [u8; 6],
+}
+crate::assert_size!(Endpoint, 20);
+
+/// Value of the node-address map: flags (reserved).
+pub type NodeAddrFlags = u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Endpoint {}
+}

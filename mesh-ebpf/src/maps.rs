@@ -1,0 +1,56 @@
+//! The load-balancing maps (types and names from `mesh_common`). Capacities here are the
+//! object's defaults; the loader may resize them (`EbpfLoader::map_max_entries`).
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap},
+    macros::btf_map,
+};
+use mesh_common::{
+    ct::{CtEntry, CtKey},
+    lb::{Backend, Endpoint, Frontend, FrontendKey, NodeAddrFlags, Service},
+};
+
+#[btf_map]
+pub static MESH_FE_V1: HashMap<FrontendKey, Frontend, 65536> = HashMap::new();
+
+#[btf_map]
+pub static MESH_SVC_V1: HashMap<u32, Service, 65536> = HashMap::new();
+
+/// Backend ids; services own regions of it (`Service::maglev_off/size`).
+#[btf_map]
+pub static MESH_MAGLEV_V1: Array<u32, { 1 << 20 }> = Array::new();
+
+#[btf_map]
+pub static MESH_BE_V1: HashMap<u32, Backend, 262144> = HashMap::new();
+
+#[btf_map]
+pub static MESH_EP_V1: HashMap<u32, Endpoint, 65536> = HashMap::new();
+
+/// Addresses of this node: a frontend with address 0 answers on each of them.
+#[btf_map]
+pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, 256> = HashMap::new();
+
+#[btf_map]
+pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, 131072> = LruHashMap::new();
+
+/// Per-CPU working memory for what does not fit the 512-byte stack: the parsed headers,
+/// a conntrack entry being built, the answer being built. Only programs attached at
+/// ingress (softirq, never nested on one CPU) use it.
+pub struct Scratch {
+    pub parsed: mesh_common::parse::Parsed,
+    pub ct: CtEntry,
+    pub quote: [u8; mesh_common::reply::QUOTE_LEN],
+    pub rst: [u8; mesh_common::reply::RST_LEN],
+    pub unreach: [u8; mesh_common::reply::UNREACH_LEN],
+}
+
+#[btf_map]
+pub static MESH_SCRATCH: aya_ebpf::btf_maps::PerCpuArray<Scratch, 1> =
+    aya_ebpf::btf_maps::PerCpuArray::new();
+
+/// This CPU's scratch memory.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: a per-CPU slot; see `Scratch` for why nothing else uses it concurrently.
+    MESH_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}

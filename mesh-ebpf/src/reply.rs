@@ -1,0 +1,67 @@
+//! Turning the packet in hand into the answer (a RST, an ICMP port unreachable): the
+//! headers are built by `mesh_common::reply`, the frame resized and overwritten here.
+
+use aya_ebpf::{
+    helpers::{bpf_skb_change_tail, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use mesh_common::{parse::Parsed, reply as build};
+
+use crate::{lb::Flow, maps::scratch};
+
+/// Swaps the MACs, resizes the frame to `l3 + N` and writes `hdr` at `l3`.
+#[inline(always)]
+fn rewrite<const N: usize>(ctx: &TcContext, l3: usize, hdr: &[u8; N]) -> Result<(), ()> {
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    // SAFETY: resizing the skb this program owns.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (l3 + N) as u32, 0) } != 0 {
+        return Err(());
+    }
+    ctx.store(0, &swapped, 0).map_err(|_| ())?;
+    ctx.store(l3, hdr, 0).map_err(|_| ())
+}
+
+/// The TCP segment in `ctx` becomes the RST that answers it.
+#[inline(never)]
+pub fn tcp_rst(ctx: &TcContext, p: &Parsed, f: &Flow) -> Result<(), ()> {
+    let l3 = p.l3_off as usize;
+    let l4 = p.l4_off as usize;
+    let t: [u8; 13] = ctx.load(l4).map_err(|_| ())?;
+    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+    let doff = ((t[12] >> 4) as u32) * 4;
+    let payload = (p.l3_end as u32).saturating_sub(l4 as u32 + doff);
+    let s = scratch().ok_or(())?;
+    build::tcp_rst_into(&mut s.rst, f.saddr, f.daddr, f.sport, f.dport, seq, ack, f.tcp_flags, payload);
+    rewrite(ctx, l3, &s.rst)
+}
+
+/// The UDP datagram in `ctx` becomes the ICMP port unreachable that answers it.
+#[inline(never)]
+pub fn port_unreachable(ctx: &TcContext, p: &Parsed) -> Result<(), ()> {
+    let l3 = p.l3_off as usize;
+    if p.ipv4_options {
+        // The quote would need the options; such datagrams are rare enough to drop.
+        return Err(());
+    }
+    let s = scratch().ok_or(())?;
+    // The helper directly, with a constant length (aya's wrapper clamps the length to
+    // what is left of the skb, which the verifier sees as possibly zero).
+    // SAFETY: writes exactly QUOTE_LEN bytes into scratch memory of that size.
+    let r = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            l3 as u32,
+            s.quote.as_mut_ptr().cast(),
+            s.quote.len() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(());
+    }
+    build::icmp_port_unreachable_into(&mut s.unreach, &s.quote);
+    rewrite(ctx, l3, &s.unreach)
+}

@@ -58,6 +58,9 @@ pub enum MeshError {
     #[error("no mesh is pinned at {path}: is mesh-agent running? (start it, or pass --bpffs)")]
     NotPinned { path: PathBuf },
 
+    #[error("model: {0}")]
+    Model(#[from] crate::model::ModelError),
+
     #[error("{what}: {source}")]
     Io {
         what: String,

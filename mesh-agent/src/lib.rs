@@ -4,7 +4,11 @@
 
 pub mod error;
 pub mod loader;
+pub mod maglev;
+pub mod maps;
+pub mod model;
 pub mod preflight;
+pub mod reconcile;
 pub mod stats;
 
 pub use error::MeshError;

@@ -86,6 +86,10 @@ impl Datapath {
         Ok(dp)
     }
 
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     pub fn object(&self) -> &Path {
         &self.object
     }

@@ -218,8 +218,14 @@ mod tests {
     #[test]
     fn midflow_packet_without_entry_is_established() {
         assert_eq!(initial(IPPROTO_TCP, TCP_ACK), CtState::Established);
-        assert_eq!(initial(IPPROTO_TCP, TCP_ACK | TCP_PSH), CtState::Established);
-        assert_eq!(initial(IPPROTO_TCP, TCP_SYN | TCP_ACK), CtState::Established);
+        assert_eq!(
+            initial(IPPROTO_TCP, TCP_ACK | TCP_PSH),
+            CtState::Established
+        );
+        assert_eq!(
+            initial(IPPROTO_TCP, TCP_SYN | TCP_ACK),
+            CtState::Established
+        );
     }
 
     #[test]

@@ -14,8 +14,14 @@ pub const fn fmix32(mut h: u32) -> u32 {
 
 #[inline(always)]
 const fn mix(h: u32, w: u32) -> u32 {
-    let k = w.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = w
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 /// Hash of a flow (addresses and ports as on the wire). Services with client affinity

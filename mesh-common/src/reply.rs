@@ -47,7 +47,17 @@ pub fn tcp_rst(
     payload_len: u32,
 ) -> [u8; RST_LEN] {
     let mut out = [0u8; RST_LEN];
-    tcp_rst_into(&mut out, saddr, daddr, sport, dport, seq, ack, flags, payload_len);
+    tcp_rst_into(
+        &mut out,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        seq,
+        ack,
+        flags,
+        payload_len,
+    );
     out
 }
 
@@ -71,9 +81,7 @@ pub fn tcp_rst_into(
     let (rseq, rack, rflags) = if flags & TCP_ACK != 0 {
         (ack, 0, TCP_RST)
     } else {
-        let len = payload_len
-            + (flags & TCP_SYN != 0) as u32
-            + (flags & TCP_FIN != 0) as u32;
+        let len = payload_len + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
         (0, seq.wrapping_add(len), TCP_RST | TCP_ACK)
     };
     let t = &mut out[20..];
@@ -144,11 +152,17 @@ mod tests {
         let ip4 = etherparse::Ipv4HeaderSlice::from_slice(&r).unwrap();
         assert_eq!(ip4.source(), [10, 1, 0, 1]);
         assert_eq!(ip4.destination(), [10, 1, 0, 2]);
-        assert_eq!(ip4.header_checksum(), ip4.to_header().calc_header_checksum());
+        assert_eq!(
+            ip4.header_checksum(),
+            ip4.to_header().calc_header_checksum()
+        );
         let tcp = etherparse::TcpHeaderSlice::from_slice(&r[20..]).unwrap();
         assert!(tcp.rst() && tcp.ack() && !tcp.syn());
         assert_eq!((tcp.source_port(), tcp.destination_port()), (8080, 40000));
-        assert_eq!((tcp.sequence_number(), tcp.acknowledgment_number()), (0, 1001));
+        assert_eq!(
+            (tcp.sequence_number(), tcp.acknowledgment_number()),
+            (0, 1001)
+        );
         let want = tcp
             .to_header()
             .calc_checksum_ipv4_raw([10, 1, 0, 1], [10, 1, 0, 2], &[])
@@ -177,7 +191,10 @@ mod tests {
         assert_eq!(ip4.source(), [10, 1, 0, 1]);
         assert_eq!(ip4.destination(), [10, 1, 0, 2]);
         assert_eq!(ip4.total_len(), 56);
-        assert_eq!(ip4.header_checksum(), ip4.to_header().calc_header_checksum());
+        assert_eq!(
+            ip4.header_checksum(),
+            ip4.to_header().calc_header_checksum()
+        );
         assert_eq!(&r[20..22], &[3, 3]);
         assert_eq!(csum::fold(csum::sum(&r[20..], 0)), 0xffff, "icmp checksum");
         assert_eq!(&r[28..], &quote);

@@ -1,0 +1,277 @@
+//! Carrying out a plan: [`MapWriter`] over the loaded maps, and [`MemMaps`], an
+//! in-memory stand-in with the kernel's lookup logic in miniature, for unit tests of
+//! the planner.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{Array, HashMap, MapData};
+use mesh_common::{
+    hash::flow_hash,
+    lb::{
+        Backend, BackendState, Endpoint, Frontend, FrontendKey, NodeAddrFlags, Service,
+        BACKENDS_MAP, ENDPOINTS_MAP, FRONTENDS_MAP, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICES_MAP,
+        SVC_AFFINITY,
+    },
+};
+
+use crate::{loader::Datapath, reconcile::Op, MeshError};
+
+/// Something that can carry out one [`Op`].
+pub trait MapWriter {
+    fn write(&mut self, op: &Op) -> Result<(), MeshError>;
+
+    fn write_all(&mut self, ops: &[Op]) -> Result<usize, MeshError> {
+        let mut n = 0;
+        for op in ops {
+            self.write(op)?;
+            n += op.writes();
+        }
+        Ok(n)
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> MeshError {
+    move |source| MeshError::Map { map, source }
+}
+
+impl Datapath {
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, MeshError> {
+        let map = self.ebpf_mut().map_mut(name).ok_or(MeshError::Map {
+            map: name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })?;
+        HashMap::try_from(map).map_err(map_err(name))
+    }
+
+    fn remove<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        k: &K,
+    ) -> Result<(), MeshError> {
+        match self.hash_map::<K, V>(name)?.remove(k) {
+            // Already gone is what we wanted.
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            r => r.map_err(map_err(name)),
+        }
+    }
+}
+
+impl MapWriter for Datapath {
+    fn write(&mut self, op: &Op) -> Result<(), MeshError> {
+        match op {
+            Op::PutNodeAddr(a) => self
+                .hash_map::<u32, NodeAddrFlags>(NODE_ADDRS_MAP)?
+                .insert(a, 0, 0)
+                .map_err(map_err(NODE_ADDRS_MAP)),
+            Op::PutEndpoint(a, e) => self
+                .hash_map::<u32, Endpoint>(ENDPOINTS_MAP)?
+                .insert(a, e, 0)
+                .map_err(map_err(ENDPOINTS_MAP)),
+            Op::PutBackend(id, b) => self
+                .hash_map::<u32, Backend>(BACKENDS_MAP)?
+                .insert(id, b, 0)
+                .map_err(map_err(BACKENDS_MAP)),
+            Op::PutSlots(slots) => {
+                let map = self.ebpf_mut().map_mut(MAGLEV_MAP).ok_or(MeshError::Map {
+                    map: MAGLEV_MAP,
+                    source: aya::maps::MapError::InvalidName {
+                        name: MAGLEV_MAP.into(),
+                    },
+                })?;
+                let mut arr: Array<&mut MapData, u32> =
+                    Array::try_from(map).map_err(map_err(MAGLEV_MAP))?;
+                for (i, id) in slots {
+                    arr.set(*i, id, 0).map_err(map_err(MAGLEV_MAP))?;
+                }
+                Ok(())
+            }
+            Op::PutService(id, s) => self
+                .hash_map::<u32, Service>(SERVICES_MAP)?
+                .insert(id, s, 0)
+                .map_err(map_err(SERVICES_MAP)),
+            Op::PutFrontend(k, f) => self
+                .hash_map::<FrontendKey, Frontend>(FRONTENDS_MAP)?
+                .insert(k, f, 0)
+                .map_err(map_err(FRONTENDS_MAP)),
+            Op::DelFrontend(k) => self.remove::<FrontendKey, Frontend>(FRONTENDS_MAP, k),
+            Op::DelService(id) => self.remove::<u32, Service>(SERVICES_MAP, id),
+            Op::DelBackend(id) => self.remove::<u32, Backend>(BACKENDS_MAP, id),
+            Op::DelEndpoint(a) => self.remove::<u32, Endpoint>(ENDPOINTS_MAP, a),
+            Op::DelNodeAddr(a) => self.remove::<u32, NodeAddrFlags>(NODE_ADDRS_MAP, a),
+        }
+    }
+}
+
+/// The maps in memory, for tests.
+#[derive(Debug, Default)]
+pub struct MemMaps {
+    node: BTreeSet<u32>,
+    ep: BTreeMap<u32, Endpoint>,
+    be: BTreeMap<u32, Backend>,
+    maglev: Vec<u32>,
+    svc: BTreeMap<u32, Service>,
+    fe: BTreeMap<FrontendKey, Frontend>,
+}
+
+fn show(addr: u32, port: u16) -> String {
+    let a = addr.to_ne_bytes();
+    format!("{}.{}.{}.{}:{}", a[0], a[1], a[2], a[3], u16::from_be(port))
+}
+
+impl MemMaps {
+    pub fn new(slots: u32) -> Self {
+        MemMaps {
+            maglev: vec![0; slots as usize],
+            ..Default::default()
+        }
+    }
+
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutNodeAddr(a) => {
+                self.node.insert(*a);
+            }
+            Op::PutEndpoint(a, e) => {
+                self.ep.insert(*a, *e);
+            }
+            Op::PutBackend(id, b) => {
+                self.be.insert(*id, *b);
+            }
+            Op::PutSlots(s) => s.iter().for_each(|(i, id)| self.maglev[*i as usize] = *id),
+            Op::PutService(id, s) => {
+                self.svc.insert(*id, *s);
+            }
+            Op::PutFrontend(k, f) => {
+                self.fe.insert(*k, *f);
+            }
+            Op::DelFrontend(k) => {
+                self.fe.remove(k);
+            }
+            Op::DelService(id) => {
+                self.svc.remove(id);
+            }
+            Op::DelBackend(id) => {
+                self.be.remove(id);
+            }
+            Op::DelEndpoint(a) => {
+                self.ep.remove(a);
+            }
+            Op::DelNodeAddr(a) => {
+                self.node.remove(a);
+            }
+        }
+    }
+
+    fn frontend(&self, daddr: u32, dport: u16, proto: u8) -> Option<Frontend> {
+        let mut k = FrontendKey {
+            addr: daddr,
+            port: dport.to_be(),
+            proto,
+            _pad: 0,
+        };
+        if let Some(f) = self.fe.get(&k) {
+            return Some(*f);
+        }
+        if !self.node.contains(&daddr) {
+            return None;
+        }
+        k.addr = 0;
+        self.fe.get(&k).copied()
+    }
+
+    /// The backend ("a.b.c.d:port") a new flow gets, as the kernel would choose it.
+    pub fn lookup(
+        &self,
+        daddr: [u8; 4],
+        dport: u16,
+        proto: u8,
+        saddr: [u8; 4],
+        sport: u16,
+    ) -> Option<String> {
+        let (d, s) = (u32::from_ne_bytes(daddr), u32::from_ne_bytes(saddr));
+        let fe = self.frontend(d, dport, proto)?;
+        let svc = self.svc.get(&fe.svc_id)?;
+        if svc.active == 0 || svc.maglev_size == 0 {
+            return None;
+        }
+        let h = if svc.flags & SVC_AFFINITY != 0 {
+            flow_hash(s, 0, 0, 0, proto)
+        } else {
+            flow_hash(s, d, sport.to_be(), dport.to_be(), proto)
+        };
+        let id = self.maglev[(svc.maglev_off + h % svc.maglev_size) as usize];
+        let be = self.be.get(&id)?;
+        Some(show(be.addr, be.port))
+    }
+
+    /// Backends in the table behind the "any node address" frontend on `port`/tcp.
+    pub fn table_backends(&self, port: u16) -> BTreeSet<String> {
+        let k = FrontendKey {
+            addr: 0,
+            port: port.to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        let Some(svc) = self.fe.get(&k).and_then(|f| self.svc.get(&f.svc_id)) else {
+            return BTreeSet::new();
+        };
+        let r = svc.maglev_off as usize..(svc.maglev_off + svc.maglev_size) as usize;
+        self.maglev[r]
+            .iter()
+            .filter_map(|id| self.be.get(id))
+            .map(|b| show(b.addr, b.port))
+            .collect()
+    }
+
+    pub fn backend_state(&self, addr: &str) -> Option<BackendState> {
+        let a: std::net::Ipv4Addr = addr.parse().ok()?;
+        let a = u32::from_ne_bytes(a.octets());
+        self.be
+            .values()
+            .find(|b| b.addr == a)
+            .and_then(|b| BackendState::from_u8(b.state))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.node.is_empty()
+            && self.ep.is_empty()
+            && self.be.is_empty()
+            && self.svc.is_empty()
+            && self.fe.is_empty()
+    }
+
+    /// What the kernel relies on at every instant: every frontend's service exists, and
+    /// every slot of a live table names an existing, active backend of that service
+    /// whose task has an endpoint.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        for (k, f) in &self.fe {
+            let svc = self
+                .svc
+                .get(&f.svc_id)
+                .ok_or(format!("frontend {k:?} -> missing service {}", f.svc_id))?;
+            if svc.maglev_size == 0 {
+                continue;
+            }
+            for i in svc.maglev_off..svc.maglev_off + svc.maglev_size {
+                let id = self.maglev[i as usize];
+                let be = self
+                    .be
+                    .get(&id)
+                    .ok_or(format!("slot {i} -> missing backend {id}"))?;
+                if be.state != BackendState::Active as u8 {
+                    return Err(format!("slot {i} -> backend {id} in state {}", be.state));
+                }
+                if be.svc_id != f.svc_id {
+                    return Err(format!("slot {i} -> backend {id} of service {}", be.svc_id));
+                }
+                if !self.ep.contains_key(&be.addr) {
+                    return Err(format!("slot {i} -> backend {id} without endpoint"));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,478 @@
+//! The desired state of this node's datapath, as a user writes it (`mesh-agent --config
+//! FILE`, YAML) or as the Docker source will derive it, and its translation into the
+//! kernel's terms ([`Desired`]): frontends, load-balancing groups, endpoints. Pure.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use mesh_common::lb::{
+    BackendState, FrontendKey, FE_HOST, FE_INGRESS, FE_VIP, PROTO_TCP, PROTO_UDP,
+    TCP_IDLE_DEFAULT_S, UDP_IDLE_DEFAULT_S,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// Interface the published ports arrive on (the swarm's advertise address).
+    #[serde(default)]
+    pub underlay: Option<String>,
+    /// This node's addresses: published ports answer on each.
+    #[serde(default)]
+    pub node_addrs: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Tasks running on this node.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    /// Virtual IPs (one per network); each answers on every port's target port.
+    #[serde(default)]
+    pub vips: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    /// Idle timeout of established TCP flows, seconds (default 8000).
+    #[serde(default)]
+    pub tcp_idle: Option<u32>,
+    /// Idle timeout of UDP flows, seconds (default 300).
+    #[serde(default)]
+    pub udp_idle: Option<u32>,
+    /// Client-IP affinity: every connection from one client address goes to one backend.
+    #[serde(default)]
+    pub affinity: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// Every node answers; any healthy task serves.
+    #[default]
+    Ingress,
+    /// Only nodes with a task answer, and only their own tasks serve.
+    Host,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// Published port; none for a port reachable only through the VIPs.
+    #[serde(default)]
+    pub published: Option<u16>,
+    /// Port the tasks listen on.
+    pub target: u16,
+    #[serde(default = "tcp")]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: PublishMode,
+}
+
+fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Takes new flows.
+    #[default]
+    Active,
+    /// Keeps its flows, takes no new ones (the task is stopping).
+    Draining,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// The task's address.
+    pub addr: Ipv4Addr,
+    #[serde(default)]
+    pub state: Health,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// The task's address (as in its service's backends).
+    pub addr: Ipv4Addr,
+    /// Host side of the task's veth.
+    pub interface: String,
+    /// The task's MAC on that veth.
+    pub mac: MacAddr,
+    /// Address to DNAT to (default: `addr`).
+    #[serde(default)]
+    pub delivery_addr: Option<Ipv4Addr>,
+}
+
+/// A MAC address, written `02:42:0a:00:00:04`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!(
+                "{s:?} is not a MAC address (want six hex bytes like 02:42:0a:00:00:04)"
+            ));
+        }
+        let mut m = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            m[i] = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("{s:?} is not a MAC address: {p:?} is not a hex byte"))?;
+        }
+        Ok(MacAddr(m))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Errors in a model: each names the service or endpoint and what to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    #[error("service {0:?} is defined twice")]
+    DuplicateService(String),
+    #[error("service {service:?}: backend {addr} is listed twice")]
+    DuplicateBackend { service: String, addr: Ipv4Addr },
+    #[error("{what} {port}/{proto:?} is claimed by both {a:?} and {b:?}")]
+    PortClash {
+        what: &'static str,
+        port: u16,
+        proto: Protocol,
+        a: String,
+        b: String,
+    },
+    #[error("endpoint {0} is listed twice")]
+    DuplicateEndpoint(Ipv4Addr),
+    #[error("service {0:?}: port 0 is not a port")]
+    PortZero(String),
+}
+
+/// Identity of a load-balancing group: a service's target port, or one host-mode port
+/// (whose group has only this node's tasks).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupName(pub String);
+
+/// A load-balancing group: the backends (task address, port, state) and the knobs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub backends: BTreeMap<(Ipv4Addr, u16), BackendState>,
+    pub tcp_idle_s: u32,
+    pub udp_idle_s: u32,
+    pub affinity: bool,
+}
+
+/// A local endpoint, with its interface resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolvedEndpoint {
+    pub ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub mac: [u8; 6],
+    pub delivery_addr: Ipv4Addr,
+}
+
+/// The kernel's view of a model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub node_addrs: BTreeSet<Ipv4Addr>,
+    /// Frontend -> (group, FE_* flags).
+    pub frontends: BTreeMap<FrontendKey, (GroupName, u32)>,
+    pub groups: BTreeMap<GroupName, Group>,
+    pub endpoints: BTreeMap<Ipv4Addr, ResolvedEndpoint>,
+}
+
+/// Turns `model` into kernel terms; `resolve` gives an endpoint interface's (ifindex,
+/// host-side MAC).
+pub fn desired(
+    model: &Model,
+    mut resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
+) -> Result<Desired, crate::MeshError> {
+    validate(model).map_err(crate::MeshError::Model)?;
+    let mut d = Desired {
+        node_addrs: model.node_addrs.iter().copied().collect(),
+        ..Default::default()
+    };
+    for ep in &model.endpoints {
+        let (ifindex, host_mac) = resolve(&ep.interface)?;
+        d.endpoints.insert(
+            ep.addr,
+            ResolvedEndpoint {
+                ifindex,
+                host_mac,
+                mac: ep.mac.0,
+                delivery_addr: ep.delivery_addr.unwrap_or(ep.addr),
+            },
+        );
+    }
+    for svc in &model.services {
+        let backends = |port: u16, local_only: bool| -> BTreeMap<(Ipv4Addr, u16), BackendState> {
+            svc.backends
+                .iter()
+                .filter(|b| !local_only || d.endpoints.contains_key(&b.addr))
+                .map(|b| {
+                    let st = match b.state {
+                        Health::Active => BackendState::Active,
+                        Health::Draining => BackendState::Draining,
+                    };
+                    ((b.addr, port), st)
+                })
+                .collect()
+        };
+        let group = |backends| Group {
+            backends,
+            tcp_idle_s: svc.tcp_idle.unwrap_or(TCP_IDLE_DEFAULT_S),
+            udp_idle_s: svc.udp_idle.unwrap_or(UDP_IDLE_DEFAULT_S),
+            affinity: svc.affinity,
+        };
+        for p in &svc.ports {
+            let proto = p.protocol.number();
+            let shared =
+                GroupName(format!("{}/{:?}/{}", svc.name, p.protocol, p.target).to_lowercase());
+            if !svc.vips.is_empty() || p.mode == PublishMode::Ingress {
+                d.groups
+                    .entry(shared.clone())
+                    .or_insert_with(|| group(backends(p.target, false)));
+            }
+            for vip in &svc.vips {
+                d.frontends.insert(
+                    fe_key(u32::from_ne_bytes(vip.octets()), p.target, proto),
+                    (shared.clone(), FE_VIP),
+                );
+            }
+            let Some(published) = p.published else {
+                continue;
+            };
+            match p.mode {
+                PublishMode::Ingress => {
+                    d.frontends
+                        .insert(fe_key(0, published, proto), (shared.clone(), FE_INGRESS));
+                }
+                PublishMode::Host => {
+                    let local = backends(p.target, true);
+                    // A node without a task of the service does not claim the port.
+                    if local.is_empty() {
+                        continue;
+                    }
+                    let name = GroupName(
+                        format!("{}/host/{:?}/{}", svc.name, p.protocol, published).to_lowercase(),
+                    );
+                    d.groups.insert(name.clone(), group(local));
+                    d.frontends
+                        .insert(fe_key(0, published, proto), (name, FE_HOST));
+                }
+            }
+        }
+    }
+    Ok(d)
+}
+
+fn fe_key(addr: u32, port: u16, proto: u8) -> FrontendKey {
+    FrontendKey {
+        addr,
+        port: port.to_be(),
+        proto,
+        _pad: 0,
+    }
+}
+
+fn validate(model: &Model) -> Result<(), ModelError> {
+    let mut names = BTreeSet::new();
+    let mut published: BTreeMap<(u16, Protocol), &str> = BTreeMap::new();
+    let mut vip_ports: BTreeMap<(Ipv4Addr, u16, Protocol), &str> = BTreeMap::new();
+    for svc in &model.services {
+        if !names.insert(svc.name.as_str()) {
+            return Err(ModelError::DuplicateService(svc.name.clone()));
+        }
+        let mut seen = BTreeSet::new();
+        for b in &svc.backends {
+            if !seen.insert(b.addr) {
+                return Err(ModelError::DuplicateBackend {
+                    service: svc.name.clone(),
+                    addr: b.addr,
+                });
+            }
+        }
+        for p in &svc.ports {
+            if p.target == 0 || p.published == Some(0) {
+                return Err(ModelError::PortZero(svc.name.clone()));
+            }
+            if let Some(pp) = p.published {
+                if let Some(other) = published.insert((pp, p.protocol), &svc.name) {
+                    return Err(ModelError::PortClash {
+                        what: "published port",
+                        port: pp,
+                        proto: p.protocol,
+                        a: other.into(),
+                        b: svc.name.clone(),
+                    });
+                }
+            }
+            for vip in &svc.vips {
+                if let Some(other) = vip_ports.insert((*vip, p.target, p.protocol), &svc.name) {
+                    if other != svc.name {
+                        return Err(ModelError::PortClash {
+                            what: "VIP port",
+                            port: p.target,
+                            proto: p.protocol,
+                            a: other.into(),
+                            b: svc.name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let mut eps = BTreeSet::new();
+    for ep in &model.endpoints {
+        if !eps.insert(ep.addr) {
+            return Err(ModelError::DuplicateEndpoint(ep.addr));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a model from YAML.
+pub fn from_yaml(text: &str) -> Result<Model, String> {
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+underlay: eth0
+node_addrs: [192.168.1.10]
+services:
+  - name: web
+    ports:
+      - {published: 8080, target: 80}
+      - {published: 8081, target: 80, mode: host}
+      - {published: 5353, target: 53, protocol: udp}
+    vips: [10.0.1.2]
+    backends:
+      - {addr: 10.0.1.4}
+      - {addr: 10.0.1.5, state: draining}
+      - {addr: 10.0.1.6}
+    tcp_idle: 86400
+    affinity: true
+endpoints:
+  - {addr: 10.0.1.4, interface: veth4, mac: "02:42:0a:00:01:04"}
+"#;
+
+    fn resolve(name: &str) -> Result<(u32, [u8; 6]), crate::MeshError> {
+        Ok((name.len() as u32, [2, 0, 0, 0, 0, 1]))
+    }
+
+    #[test]
+    fn yaml_to_desired() {
+        let m = from_yaml(YAML).unwrap();
+        let d = desired(&m, resolve).unwrap();
+        assert_eq!(d.node_addrs.len(), 1);
+        // 8080 (ingress), 8081 (host), 5353/udp, VIP:80/tcp, VIP:53/udp.
+        assert_eq!(d.frontends.len(), 5);
+        let (g, flags) = &d.frontends[&fe_key(0, 8081, PROTO_TCP)];
+        assert_eq!(*flags, FE_HOST);
+        // Host mode: only the local task.
+        assert_eq!(d.groups[g].backends.len(), 1);
+        let (g, flags) = &d.frontends[&fe_key(0, 8080, PROTO_TCP)];
+        assert_eq!(*flags, FE_INGRESS);
+        let grp = &d.groups[g];
+        assert_eq!(grp.backends.len(), 3);
+        assert_eq!(
+            grp.backends[&("10.0.1.5".parse().unwrap(), 80)],
+            BackendState::Draining
+        );
+        assert_eq!(grp.tcp_idle_s, 86400);
+        assert_eq!(grp.udp_idle_s, UDP_IDLE_DEFAULT_S);
+        assert!(grp.affinity);
+        let vip = u32::from_ne_bytes([10, 0, 1, 2]);
+        assert_eq!(
+            d.frontends[&fe_key(vip, 80, PROTO_TCP)].0,
+            *g,
+            "VIP shares the ingress group"
+        );
+        assert_eq!(d.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn host_mode_port_without_local_task_is_not_claimed() {
+        let mut m = from_yaml(YAML).unwrap();
+        m.endpoints.clear();
+        let d = desired(&m, resolve).unwrap();
+        assert!(!d.frontends.contains_key(&fe_key(0, 8081, PROTO_TCP)));
+        assert!(d.frontends.contains_key(&fe_key(0, 8080, PROTO_TCP)));
+    }
+
+    #[test]
+    fn errors_name_what_to_fix() {
+        let mut m = from_yaml(YAML).unwrap();
+        m.services.push(m.services[0].clone());
+        let e = desired(&m, resolve).unwrap_err().to_string();
+        assert!(e.contains("\"web\" is defined twice"), "{e}");
+
+        let mut m = from_yaml(YAML).unwrap();
+        let mut other = m.services[0].clone();
+        other.name = "api".into();
+        other.vips.clear();
+        m.services.push(other);
+        let e = desired(&m, resolve).unwrap_err().to_string();
+        assert!(
+            e.contains("published port 8080") && e.contains("\"api\""),
+            "{e}"
+        );
+
+        let e = from_yaml("services: [{name: x, portz: []}]").unwrap_err();
+        assert!(e.contains("unknown field `portz`"), "{e}");
+        let e = from_yaml("endpoints: [{addr: 10.0.0.1, interface: v, mac: zz}]").unwrap_err();
+        assert!(e.contains("not a MAC address"), "{e}");
+    }
+}

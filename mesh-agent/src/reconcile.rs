@@ -1,0 +1,593 @@
+//! From the desired state to map writes: the minimal, ordered list of operations that
+//! takes the maps from what was applied last to what is desired. Pure: it plans against
+//! its own record of what it applied; [`crate::maps::MapWriter`] carries the plan out.
+//!
+//! Make-before-break, so that no packet ever sees a half-written service: endpoints and
+//! backends are written before the Maglev slots that point at them; slots before the
+//! service entry that makes them live (a resized table goes to a fresh region and the
+//! service flips to it in one hash-map update); frontends last. Removals run in reverse,
+//! and a freed region is reused only by a later plan.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use mesh_common::lb::{
+    Backend, BackendState, Endpoint, Frontend, FrontendKey, Service, SVC_AFFINITY,
+};
+
+use crate::{
+    maglev,
+    model::{Desired, GroupName},
+};
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutNodeAddr(u32),
+    PutEndpoint(u32, Endpoint),
+    PutBackend(u32, Backend),
+    /// Maglev slots: (absolute index, backend id).
+    PutSlots(Vec<(u32, u32)>),
+    PutService(u32, Service),
+    PutFrontend(FrontendKey, Frontend),
+    DelFrontend(FrontendKey),
+    DelService(u32),
+    DelBackend(u32),
+    DelEndpoint(u32),
+    DelNodeAddr(u32),
+}
+
+impl Op {
+    /// Map entries this operation writes (slots count one each).
+    pub fn writes(&self) -> usize {
+        match self {
+            Op::PutSlots(s) => s.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// Regions of the shared Maglev array.
+#[derive(Clone, Debug)]
+struct Regions {
+    /// offset -> length of free space.
+    free: BTreeMap<u32, u32>,
+    /// Freed by the last plan; free for the next one (a packet may still be reading).
+    quarantine: Vec<(u32, u32)>,
+}
+
+impl Regions {
+    fn new(capacity: u32) -> Self {
+        Regions {
+            free: BTreeMap::from([(0, capacity)]),
+            quarantine: Vec::new(),
+        }
+    }
+
+    fn alloc(&mut self, len: u32) -> Option<u32> {
+        let (&off, &flen) = self.free.iter().find(|(_, l)| **l >= len)?;
+        self.free.remove(&off);
+        if flen > len {
+            self.free.insert(off + len, flen - len);
+        }
+        Some(off)
+    }
+
+    fn release(&mut self, off: u32, len: u32) {
+        self.quarantine.push((off, len));
+    }
+
+    /// Returns quarantined regions to the free list, merging neighbours.
+    fn settle(&mut self) {
+        for (off, len) in std::mem::take(&mut self.quarantine) {
+            self.free.insert(off, len);
+        }
+        let mut merged: BTreeMap<u32, u32> = BTreeMap::new();
+        for (off, len) in std::mem::take(&mut self.free) {
+            if let Some((&poff, plen)) = merged.iter_mut().next_back() {
+                if poff + *plen == off {
+                    *plen += len;
+                    continue;
+                }
+            }
+            merged.insert(off, len);
+        }
+        self.free = merged;
+    }
+}
+
+#[derive(Clone, Debug)]
+struct AppliedGroup {
+    id: u32,
+    service: Service,
+    backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
+    /// Backend id per slot of the current region.
+    table: Vec<u32>,
+}
+
+/// Errors of planning.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("the Maglev map is full: {need} more slots needed (raise --maglev-slots)")]
+    MaglevFull { need: u32 },
+    #[error("out of {0} ids")]
+    IdsExhausted(&'static str),
+}
+
+/// What has been applied, and the planner.
+#[derive(Clone, Debug)]
+pub struct Reconciler {
+    node_addrs: BTreeSet<Ipv4Addr>,
+    endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    frontends: BTreeMap<FrontendKey, Frontend>,
+    groups: BTreeMap<GroupName, AppliedGroup>,
+    backends: BTreeMap<u32, Backend>,
+    regions: Regions,
+    next_svc: u32,
+    next_backend: u32,
+    free_svc: Vec<u32>,
+    free_backend: Vec<u32>,
+}
+
+fn addr(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+impl Reconciler {
+    /// A reconciler for empty maps with `maglev_slots` slots in the Maglev array.
+    pub fn new(maglev_slots: u32) -> Self {
+        Reconciler {
+            node_addrs: BTreeSet::new(),
+            endpoints: BTreeMap::new(),
+            frontends: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            regions: Regions::new(maglev_slots),
+            // 0 means "none" in every map.
+            next_svc: 1,
+            next_backend: 1,
+            free_svc: Vec::new(),
+            free_backend: Vec::new(),
+        }
+    }
+
+    fn new_id(next: &mut u32, free: &mut Vec<u32>, what: &'static str) -> Result<u32, PlanError> {
+        if let Some(id) = free.pop() {
+            return Ok(id);
+        }
+        let id = *next;
+        *next = next.checked_add(1).ok_or(PlanError::IdsExhausted(what))?;
+        Ok(id)
+    }
+
+    /// Plans the writes from the applied state to `d`, and records `d` as applied. On
+    /// error nothing is recorded.
+    pub fn plan(&mut self, d: &Desired) -> Result<Vec<Op>, PlanError> {
+        let mut next = self.clone();
+        let ops = next.plan_into(d)?;
+        *self = next;
+        Ok(ops)
+    }
+
+    fn plan_into(&mut self, d: &Desired) -> Result<Vec<Op>, PlanError> {
+        self.regions.settle();
+        let mut puts_ep = Vec::new();
+        let mut puts_be = Vec::new();
+        let mut puts_slots = Vec::new();
+        let mut puts_svc = Vec::new();
+        let mut puts_fe = Vec::new();
+        let mut demotions = Vec::new();
+        let mut dels_fe = Vec::new();
+        let mut dels_svc = Vec::new();
+        let mut dels_be = Vec::new();
+        let mut dels_ep = Vec::new();
+        let mut node_puts = Vec::new();
+        let mut node_dels = Vec::new();
+
+        for a in d.node_addrs.difference(&self.node_addrs) {
+            node_puts.push(Op::PutNodeAddr(addr(*a)));
+        }
+        for a in self.node_addrs.difference(&d.node_addrs) {
+            node_dels.push(Op::DelNodeAddr(addr(*a)));
+        }
+        self.node_addrs = d.node_addrs.clone();
+
+        let want_eps: BTreeMap<Ipv4Addr, Endpoint> = d
+            .endpoints
+            .iter()
+            .map(|(a, e)| {
+                (
+                    *a,
+                    Endpoint {
+                        ifindex: e.ifindex,
+                        delivery_addr: addr(e.delivery_addr),
+                        mac: e.mac,
+                        host_mac: e.host_mac,
+                    },
+                )
+            })
+            .collect();
+        for (a, e) in &want_eps {
+            if self.endpoints.get(a) != Some(e) {
+                puts_ep.push(Op::PutEndpoint(addr(*a), *e));
+            }
+        }
+        for a in self.endpoints.keys().filter(|a| !want_eps.contains_key(a)) {
+            dels_ep.push(Op::DelEndpoint(addr(*a)));
+        }
+        self.endpoints = want_eps;
+
+        // Groups.
+        let gone: Vec<GroupName> = self
+            .groups
+            .keys()
+            .filter(|g| !d.groups.contains_key(*g))
+            .cloned()
+            .collect();
+        for (name, want) in &d.groups {
+            let mut g = match self.groups.remove(name) {
+                Some(g) => g,
+                None => AppliedGroup {
+                    id: Self::new_id(&mut self.next_svc, &mut self.free_svc, "service")?,
+                    service: Service::default(),
+                    backend_ids: BTreeMap::new(),
+                    table: Vec::new(),
+                },
+            };
+            // Backends: stable ids per (address, port).
+            let mut ids = BTreeMap::new();
+            for (key, state) in &want.backends {
+                let id = match g.backend_ids.get(key) {
+                    Some(id) => *id,
+                    None => {
+                        Self::new_id(&mut self.next_backend, &mut self.free_backend, "backend")?
+                    }
+                };
+                ids.insert(*key, id);
+                let be = Backend {
+                    addr: addr(key.0),
+                    port: key.1.to_be(),
+                    state: *state as u8,
+                    _pad: 0,
+                    svc_id: g.id,
+                };
+                if self.backends.get(&id) != Some(&be) {
+                    // New or (re)activated: before the slots that point at it. Demoted
+                    // (draining): after the slots stop pointing at it.
+                    if *state == BackendState::Active || !self.backends.contains_key(&id) {
+                        puts_be.push(Op::PutBackend(id, be));
+                    } else {
+                        demotions.push(Op::PutBackend(id, be));
+                    }
+                    self.backends.insert(id, be);
+                }
+            }
+            for (key, id) in &g.backend_ids {
+                if !ids.contains_key(key) {
+                    dels_be.push(Op::DelBackend(*id));
+                    self.backends.remove(id);
+                    self.free_backend.push(*id);
+                }
+            }
+            g.backend_ids = ids;
+
+            // The Maglev table over the active backends, by name.
+            let active: Vec<(String, u32)> = want
+                .backends
+                .iter()
+                .filter(|(_, s)| **s == BackendState::Active)
+                .map(|((a, p), _)| (format!("{a}:{p}"), g.backend_ids[&(*a, *p)]))
+                .collect();
+            let size = maglev::size_for(active.len());
+            let names: Vec<String> = active.iter().map(|(n, _)| n.clone()).collect();
+            let table: Vec<u32> = maglev::build(&names, size)
+                .into_iter()
+                .map(|i| active[i as usize].1)
+                .collect();
+            let mut svc = Service {
+                maglev_off: g.service.maglev_off,
+                maglev_size: size,
+                active: active.len() as u32,
+                flags: if want.affinity { SVC_AFFINITY } else { 0 },
+                tcp_idle_s: want.tcp_idle_s,
+                udp_idle_s: want.udp_idle_s,
+                affinity_s: 0,
+                _pad: 0,
+            };
+            if size != g.service.maglev_size {
+                if g.service.maglev_size > 0 {
+                    self.regions
+                        .release(g.service.maglev_off, g.service.maglev_size);
+                }
+                svc.maglev_off = 0;
+                if size > 0 {
+                    svc.maglev_off = self
+                        .regions
+                        .alloc(size)
+                        .ok_or(PlanError::MaglevFull { need: size })?;
+                    puts_slots.push(Op::PutSlots(
+                        table
+                            .iter()
+                            .enumerate()
+                            .map(|(i, id)| (svc.maglev_off + i as u32, *id))
+                            .collect(),
+                    ));
+                }
+            } else if size > 0 {
+                let changed: Vec<(u32, u32)> = table
+                    .iter()
+                    .zip(&g.table)
+                    .enumerate()
+                    .filter(|(_, (new, old))| new != old)
+                    .map(|(i, (new, _))| (svc.maglev_off + i as u32, *new))
+                    .collect();
+                if !changed.is_empty() {
+                    puts_slots.push(Op::PutSlots(changed));
+                }
+            }
+            g.table = table;
+            if svc != g.service {
+                puts_svc.push(Op::PutService(g.id, svc));
+                g.service = svc;
+            }
+            self.groups.insert(name.clone(), g);
+        }
+        for name in gone {
+            let g = self.groups.remove(&name).expect("listed above");
+            dels_svc.push(Op::DelService(g.id));
+            self.free_svc.push(g.id);
+            if g.service.maglev_size > 0 {
+                self.regions
+                    .release(g.service.maglev_off, g.service.maglev_size);
+            }
+            for id in g.backend_ids.values() {
+                dels_be.push(Op::DelBackend(*id));
+                self.backends.remove(id);
+                self.free_backend.push(*id);
+            }
+        }
+
+        // Frontends.
+        let want_fe: BTreeMap<FrontendKey, Frontend> = d
+            .frontends
+            .iter()
+            .map(|(k, (g, flags))| {
+                (
+                    *k,
+                    Frontend {
+                        svc_id: self.groups[g].id,
+                        flags: *flags,
+                    },
+                )
+            })
+            .collect();
+        for (k, fe) in &want_fe {
+            if self.frontends.get(k) != Some(fe) {
+                puts_fe.push(Op::PutFrontend(*k, *fe));
+            }
+        }
+        for k in self.frontends.keys().filter(|k| !want_fe.contains_key(k)) {
+            dels_fe.push(Op::DelFrontend(*k));
+        }
+        self.frontends = want_fe;
+
+        let mut ops = node_puts;
+        for part in [
+            puts_ep, puts_be, puts_slots, puts_svc, puts_fe, demotions, dels_fe, dels_svc, dels_be,
+            dels_ep, node_dels,
+        ] {
+            ops.extend(part);
+        }
+        Ok(ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        maps::MemMaps,
+        model::{desired, from_yaml, Model},
+    };
+
+    fn resolve(name: &str) -> Result<(u32, [u8; 6]), crate::MeshError> {
+        Ok((name.len() as u32 + 10, [2, 0, 0, 0, 0, 1]))
+    }
+
+    fn model(backends: &[(&str, &str)]) -> Model {
+        let mut y = String::from(
+            "node_addrs: [192.168.1.10]\nservices:\n  - name: web\n    ports: [{published: 8080, target: 80}]\n    vips: [10.0.1.2]\n    backends:\n",
+        );
+        for (a, s) in backends {
+            y.push_str(&format!("      - {{addr: {a}, state: {s}}}\n"));
+        }
+        y.push_str("endpoints:\n");
+        for (a, _) in backends {
+            y.push_str(&format!(
+                "  - {{addr: {a}, interface: v{a}, mac: \"02:42:00:00:00:01\"}}\n"
+            ));
+        }
+        from_yaml(&y).unwrap()
+    }
+
+    const ACTIVE: &str = "active";
+
+    /// Applies op by op and checks, after every single write, that every frontend
+    /// resolves a spread of flows to live, active backends or to "no backend" (never to
+    /// a dangling id): no packet can see a half-written service.
+    fn apply_checked(maps: &mut MemMaps, ops: &[Op]) {
+        for (i, op) in ops.iter().enumerate() {
+            maps.apply(op);
+            if let Err(e) = maps.check_consistent() {
+                panic!("after op {i} ({op:?}): {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn first_apply_then_nothing_to_do() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        let d = desired(
+            &model(&[
+                ("10.0.1.4", ACTIVE),
+                ("10.0.1.5", ACTIVE),
+                ("10.0.1.6", ACTIVE),
+            ]),
+            resolve,
+        )
+        .unwrap();
+        let ops = r.plan(&d).unwrap();
+        apply_checked(&mut maps, &ops);
+        // 1 node addr, 3 endpoints, 3 backends, 2039 slots, 1 service, 2 frontends.
+        assert_eq!(
+            ops.iter().map(Op::writes).sum::<usize>(),
+            1 + 3 + 3 + 2039 + 1 + 2
+        );
+        assert!(
+            r.plan(&d).unwrap().is_empty(),
+            "a second apply writes nothing"
+        );
+        // Flows spread over the three.
+        let mut seen = BTreeSet::new();
+        for port in 0..300u16 {
+            seen.insert(
+                maps.lookup([192, 168, 1, 10], 8080, 6, [10, 9, 9, 9], 1000 + port)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn adding_a_backend_writes_only_the_slots_that_move() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        let three = [
+            ("10.0.1.4", ACTIVE),
+            ("10.0.1.5", ACTIVE),
+            ("10.0.1.6", ACTIVE),
+        ];
+        apply_checked(
+            &mut maps,
+            &r.plan(&desired(&model(&three), resolve).unwrap()).unwrap(),
+        );
+        let four = [three[0], three[1], three[2], ("10.0.1.7", ACTIVE)];
+        let ops = r.plan(&desired(&model(&four), resolve).unwrap()).unwrap();
+        apply_checked(&mut maps, &ops);
+        let slots: usize = ops
+            .iter()
+            .filter(|o| matches!(o, Op::PutSlots(_)))
+            .map(Op::writes)
+            .sum();
+        // Same size class (2039): about a quarter of the slots move to the newcomer.
+        assert!(slots > 400 && slots < 650, "{slots} slots rewritten");
+        assert!(
+            matches!(ops[0], Op::PutEndpoint(..)),
+            "endpoint before anything points at it"
+        );
+        let kinds: Vec<_> = ops.iter().map(std::mem::discriminant).collect();
+        let pos = |o: &Op| {
+            kinds
+                .iter()
+                .position(|k| *k == std::mem::discriminant(o))
+                .unwrap()
+        };
+        assert!(pos(&Op::PutBackend(0, Backend::default())) < pos(&Op::PutSlots(vec![])));
+        assert!(pos(&Op::PutSlots(vec![])) < pos(&Op::PutService(0, Service::default())));
+    }
+
+    #[test]
+    fn draining_leaves_the_table_and_removal_deletes_last() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        let all = [
+            ("10.0.1.4", ACTIVE),
+            ("10.0.1.5", ACTIVE),
+            ("10.0.1.6", ACTIVE),
+        ];
+        apply_checked(
+            &mut maps,
+            &r.plan(&desired(&model(&all), resolve).unwrap()).unwrap(),
+        );
+        let drain = [all[0], ("10.0.1.5", "draining"), all[2]];
+        let ops = r.plan(&desired(&model(&drain), resolve).unwrap()).unwrap();
+        apply_checked(&mut maps, &ops);
+        assert!(!maps.table_backends(8080).is_empty());
+        assert!(maps.table_backends(8080).iter().all(|a| a != "10.0.1.5:80"));
+        assert!(maps.backend_state("10.0.1.5") == Some(BackendState::Draining));
+        // Resized table (2 active -> 1021 slots): a fresh region, then the service flips.
+        let removed = [all[0], all[2]];
+        let ops = r
+            .plan(&desired(&model(&removed), resolve).unwrap())
+            .unwrap();
+        apply_checked(&mut maps, &ops);
+        assert!(maps.backend_state("10.0.1.5").is_none());
+        assert!(matches!(ops.last(), Some(Op::DelEndpoint(_))));
+    }
+
+    #[test]
+    fn no_backends_and_back() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        apply_checked(
+            &mut maps,
+            &r.plan(&desired(&model(&[("10.0.1.4", ACTIVE)]), resolve).unwrap())
+                .unwrap(),
+        );
+        apply_checked(
+            &mut maps,
+            &r.plan(&desired(&model(&[]), resolve).unwrap()).unwrap(),
+        );
+        assert_eq!(
+            maps.lookup([192, 168, 1, 10], 8080, 6, [1, 2, 3, 4], 5),
+            None
+        );
+        apply_checked(
+            &mut maps,
+            &r.plan(&desired(&model(&[("10.0.1.9", ACTIVE)]), resolve).unwrap())
+                .unwrap(),
+        );
+        assert_eq!(
+            maps.lookup([192, 168, 1, 10], 8080, 6, [1, 2, 3, 4], 5)
+                .as_deref(),
+            Some("10.0.1.9:80")
+        );
+    }
+
+    #[test]
+    fn removing_the_service_cleans_every_map() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        apply_checked(
+            &mut maps,
+            &r.plan(&desired(&model(&[("10.0.1.4", ACTIVE)]), resolve).unwrap())
+                .unwrap(),
+        );
+        let empty = Desired::default();
+        apply_checked(&mut maps, &r.plan(&empty).unwrap());
+        assert!(maps.is_empty(), "{maps:?}");
+    }
+
+    #[test]
+    fn regions_are_reused_only_after_a_plan() {
+        let mut reg = Regions::new(100);
+        let a = reg.alloc(60).unwrap();
+        reg.release(a, 60);
+        assert_eq!(reg.alloc(60), None, "quarantined");
+        reg.settle();
+        assert_eq!(reg.alloc(100), Some(0), "merged back");
+    }
+
+    #[test]
+    fn maglev_full_is_an_error_that_records_nothing() {
+        let mut r = Reconciler::new(100);
+        let e = r
+            .plan(&desired(&model(&[("10.0.1.4", ACTIVE)]), resolve).unwrap())
+            .unwrap_err();
+        assert!(matches!(e, PlanError::MaglevFull { .. }));
+        assert!(r.frontends.is_empty());
+    }
+}

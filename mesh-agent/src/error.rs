@@ -49,7 +49,7 @@ pub enum MeshError {
 
     #[error("pinning {what} at {path}: {source}")]
     Pin {
-        what: &'static str,
+        what: String,
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
@@ -57,6 +57,9 @@ pub enum MeshError {
 
     #[error("no mesh is pinned at {path}: is mesh-agent running? (start it, or pass --bpffs)")]
     NotPinned { path: PathBuf },
+
+    #[error("{0}")]
+    Plan(#[from] crate::reconcile::PlanError),
 
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),

@@ -192,7 +192,12 @@ impl Datapath {
 
     /// Pins the counters map as `<dir>/MESH_STATS_V1`, replacing a stale pin.
     pub fn pin_stats(&self, dir: &Path) -> Result<PathBuf, MeshError> {
-        let path = dir.join(STATS_MAP);
+        self.pin_map(STATS_MAP, dir)
+    }
+
+    /// Pins map `name` as `<dir>/<name>`, replacing a stale pin.
+    pub fn pin_map(&self, name: &str, dir: &Path) -> Result<PathBuf, MeshError> {
+        let path = dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|source| MeshError::Io {
                 what: format!("removing stale pin {}", path.display()),
@@ -201,10 +206,10 @@ impl Datapath {
         }
         let map = self
             .ebpf
-            .map(STATS_MAP)
+            .map(name)
             .ok_or(MeshError::NotPinned { path: path.clone() })?;
         map.pin(&path).map_err(|source| MeshError::Pin {
-            what: STATS_MAP,
+            what: name.to_string(),
             path: path.clone(),
             source,
         })?;

@@ -182,6 +182,13 @@ pub const fn reopens(state: CtState, tcp_flags: u8) -> bool {
         && matches!(state, CtState::FinSeen | CtState::Closed)
 }
 
+/// A SYN-ACK on a reply entry whose flow is past its handshake: the tuple was reused by a
+/// connection that did not go through the load balancer.
+#[inline(always)]
+pub const fn stale_reply(state: CtState, tcp_flags: u8) -> bool {
+    tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK != 0 && !matches!(state, CtState::SynSent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +255,17 @@ mod tests {
         assert!(!expired(CtState::SynSent, 8000, t0, t0 + 59 * S));
         // A clock that reads earlier than last_seen (another CPU) is not expiry.
         assert!(!expired(CtState::Closed, 8000, t0, t0 - S));
+    }
+
+    #[test]
+    fn syn_ack_on_a_finished_reply_entry_is_stale() {
+        assert!(stale_reply(CtState::FinSeen, TCP_SYN | TCP_ACK));
+        assert!(stale_reply(CtState::Established, TCP_SYN | TCP_ACK));
+        assert!(
+            !stale_reply(CtState::SynSent, TCP_SYN | TCP_ACK),
+            "the legit handshake"
+        );
+        assert!(!stale_reply(CtState::FinSeen, TCP_ACK));
     }
 
     #[test]

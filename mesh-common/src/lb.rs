@@ -16,10 +16,9 @@ pub const MAX_SERVICES: u32 = 65536;
 pub const MAX_BACKENDS: u32 = 262144;
 pub const MAX_ENDPOINTS: u32 = 65536;
 pub const MAX_NODE_ADDRS: u32 = 256;
-/// Slots of the shared Maglev array: regions of it are handed to services by user space.
-/// 2^22 x 4 B = 16 MiB: 10,000 services of 3 backends (509 slots each) use 5.1 M... see
-/// `maglev_size`; the agent sizes this map from its model at load.
-pub const MAGLEV_SLOTS: u32 = 1 << 22;
+/// Slots of the shared Maglev array (the object's default: 2^20 x 4 B = 4 MiB, 514
+/// services of 3 backends at 2039 slots each); user space hands out regions of it.
+pub const MAGLEV_SLOTS: u32 = 1 << 20;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;

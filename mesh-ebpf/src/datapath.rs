@@ -100,7 +100,7 @@ fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, bytes: us
             IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk),
             _ => Outcome::NotOurs,
         };
-        if let Outcome::Done(action) = outcome {
+        if let Some(action) = outcome.action() {
             return action;
         }
     }

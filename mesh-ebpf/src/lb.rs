@@ -26,12 +26,27 @@ use crate::{
     stats::count,
 };
 
-/// What the load balancer did with a packet.
-pub enum Outcome {
+/// What the load balancer did with a packet: a TC return code, or "not ours". A plain
+/// integer on purpose: an enum with an empty variant leaves a payload register
+/// uninitialised on some paths, which the verifier rejects.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Outcome(i32);
+
+impl Outcome {
     /// Not a service packet: the caller passes it on.
-    NotOurs,
+    #[allow(non_upper_case_globals)]
+    pub const NotOurs: Outcome = Outcome(i32::MIN);
+
     /// Handled and counted; the TC return code.
-    Done(i32),
+    #[allow(non_snake_case)]
+    pub const fn Done(action: i32) -> Outcome {
+        Outcome(action)
+    }
+
+    /// The TC return code, if handled.
+    pub fn action(self) -> Option<i32> {
+        (self != Outcome::NotOurs).then_some(self.0)
+    }
 }
 
 /// Everything a step needs about the packet in hand, passed by reference (BPF functions
@@ -128,10 +143,18 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
         // SAFETY: a map value pointer valid for this program run; plain data.
         let e = unsafe { &mut *e };
         let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
+        let reverse = e.flags & CT_REVERSE != 0;
         if ct::expired(state, e.idle_s, e.last_seen_ns, now) {
             count(pk.hook, Reason::ObsCtExpired, pk.bytes);
-        } else if e.flags & CT_REVERSE == 0 && ct::reopens(state, pk.f.tcp_flags) {
+        } else if !reverse && ct::reopens(state, pk.f.tcp_flags) {
             count(pk.hook, Reason::ObsCtReopened, pk.bytes);
+        } else if reverse && ct::stale_reply(state, pk.f.tcp_flags) {
+            // A SYN-ACK on the reply entry of a finished flow: the client reused its
+            // port for a connection that is not ours. Forget the old flow; never
+            // translate the new one.
+            count(pk.hook, Reason::ObsCtReopened, pk.bytes);
+            let _ = MESH_CT_V1.remove(&key);
+            return Step::Done(Outcome::NotOurs);
         } else {
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
             e.state = ct::advance(state, pk.f.tcp_flags) as u8;

@@ -3,6 +3,7 @@
 //! themselves live in `tests/tests/`; `cargo xtask test` runs them.
 
 pub mod fixtures;
+pub mod lbtopo;
 pub mod netns;
 pub mod packets;
 pub mod prereq;

@@ -1,13 +1,14 @@
-//! mesh-agent: loads the datapath, attaches it to the underlay interface and keeps it
-//! there until SIGINT/SIGTERM. (The Docker-driven control loop arrives with the agent
-//! issue; today the agent is the loader.)
+//! mesh-agent: loads the datapath, attaches it to the underlay interface (and to each
+//! local task's veth), makes the maps match the model of `--config FILE`, and keeps them
+//! so until SIGINT/SIGTERM; SIGHUP re-reads the file. (The Docker source arrives with the
+//! agent issue.)
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use aya::programs::XdpMode;
 use clap::{Parser, ValueEnum};
-use mesh_agent::{loader, preflight};
+use mesh_agent::{loader, mesh::Mesh, model, preflight};
 use mesh_common::config::MeshConfig;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -23,9 +24,13 @@ enum Xdp {
 #[derive(Parser, Debug)]
 #[command(version, about = "The mesh's node agent")]
 struct Args {
-    /// Underlay interface (the one carrying the swarm's advertise address).
+    /// Underlay interface (the one carrying the swarm's advertise address); default: the
+    /// config file's `underlay`.
     #[arg(long)]
-    interface: String,
+    interface: Option<String>,
+    /// Static model of services, backends and local endpoints (YAML; see README).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Also attach the XDP program to the underlay interface.
     #[arg(long, value_enum, default_value = "off")]
     xdp: Xdp,
@@ -56,12 +61,25 @@ fn main() {
     }
 }
 
+fn read_model(path: &std::path::Path) -> anyhow::Result<model::Model> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    model::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     preflight::require_root("mesh-agent loads eBPF programs")?;
+    let model = match &args.config {
+        Some(p) => read_model(p)?,
+        None => model::Model::default(),
+    };
+    let Some(underlay) = args.interface.clone().or_else(|| model.underlay.clone()) else {
+        anyhow::bail!("no underlay interface: pass --interface or set `underlay:` in the config");
+    };
     preflight::require_bpffs(&args.bpffs)?;
-    preflight::ifindex(&args.interface)?;
-    let object = match args.object {
-        Some(p) => p,
+    preflight::ifindex(&underlay)?;
+    let object = match &args.object {
+        Some(p) => p.clone(),
         None => loader::find_object()?,
     };
     let cfg = MeshConfig {
@@ -69,38 +87,81 @@ fn run(args: Args) -> anyhow::Result<()> {
         ..MeshConfig::DEFAULT
     };
     // Block the signals before any thread exists so sigwait below receives them.
-    let set = termination_signals();
+    let set = signals();
     let mut dp = loader::Datapath::load(&object, &cfg)?;
-    dp.attach_tc_ingress(&args.interface)?;
+    dp.attach_tc_ingress(&underlay)?;
     match args.xdp {
         Xdp::Off => {}
-        Xdp::Native => dp.attach_xdp(&args.interface, XdpMode::Driver)?,
-        Xdp::Generic => dp.attach_xdp(&args.interface, XdpMode::Skb)?,
+        Xdp::Native => dp.attach_xdp(&underlay, XdpMode::Driver)?,
+        Xdp::Generic => dp.attach_xdp(&underlay, XdpMode::Skb)?,
     }
-    let pin = dp.pin_stats(&args.bpffs)?;
+    let mut mesh = Mesh::new(dp);
+    let mut attached = std::collections::BTreeSet::new();
+    apply(&mut mesh, &model, &mut attached)?;
+    let pins = mesh.pin(&args.bpffs)?;
     tracing::info!(
         object = %object.display(),
-        interface = %args.interface,
+        interface = %underlay,
         xdp = ?args.xdp,
         data_path_port = args.data_path_port,
-        counters = %pin.display(),
+        pinned = %args.bpffs.display(),
         "datapath attached"
     );
-    let mut sig: libc::c_int = 0;
-    // SAFETY: `set` is an initialised sigset; `sig` is a valid out-pointer.
-    unsafe { libc::sigwait(&set, &mut sig) };
-    tracing::info!(signal = sig, "detaching and exiting");
-    std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset; `sig` is a valid out-pointer.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        if sig != libc::SIGHUP {
+            tracing::info!(signal = sig, "detaching and exiting");
+            break;
+        }
+        let Some(path) = &args.config else { continue };
+        // A bad file is reported and the running state kept.
+        match read_model(path).and_then(|m| apply(&mut mesh, &m, &mut attached)) {
+            Ok(()) => {}
+            Err(e) => tracing::error!(
+                "reload of {} failed, keeping the previous state: {e:#}",
+                path.display()
+            ),
+        }
+    }
+    for p in pins {
+        std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
+    }
     Ok(())
 }
 
-fn termination_signals() -> libc::sigset_t {
+/// Attaches the task program to new endpoints' interfaces, then applies the model.
+fn apply(
+    mesh: &mut Mesh,
+    model: &model::Model,
+    attached: &mut std::collections::BTreeSet<String>,
+) -> anyhow::Result<()> {
+    for ep in &model.endpoints {
+        if !attached.contains(&ep.interface) {
+            mesh.dp.attach_tc_task(&ep.interface)?;
+            attached.insert(ep.interface.clone());
+        }
+    }
+    let a = mesh.apply(model)?;
+    tracing::info!(
+        services = model.services.len(),
+        endpoints = model.endpoints.len(),
+        ops = a.ops,
+        writes = a.writes,
+        "model applied"
+    );
+    Ok(())
+}
+
+fn signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

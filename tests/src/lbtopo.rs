@@ -1,0 +1,311 @@
+//! One node namespace with a client namespace on its "underlay" and three task
+//! namespaces on veths, as DATAPATH.md's single-node paths need:
+//!
+//! ```text
+//!  c (10.210.0.2) --uc/un-- n (10.210.0.1) --h1/eth0-- t1 (10.211.0.11)
+//!                                          --h2/eth0-- t2 (10.211.0.12)
+//!                                          --h3/eth0-- t3 (10.211.0.13)
+//! ```
+//!
+//! Tasks have a /32 and a default route via 10.211.0.1 (which every host-side veth
+//! holds), so everything they send crosses their veth's TC hook. The node routes between
+//! client and tasks (for the "direct" baseline). Every task runs small servers on
+//! threads of this process: HTTP on :80 (answers `<task> <peer address>`), a line echo
+//! on :7000 that keeps its connections (answers each line with the task's name), and a
+//! UDP responder on :53 (answers `<task> <peer address>`).
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use mesh_agent::model::{
+    BackendSpec, EndpointSpec, Health, MacAddr, Model, PortSpec, Protocol, PublishMode, ServiceSpec,
+};
+
+use crate::netns::Netns;
+
+pub const NODE: &str = "10.210.0.1";
+pub const CLIENT: &str = "10.210.0.2";
+pub const GATEWAY: &str = "10.211.0.1";
+pub const TASKS: [&str; 3] = ["10.211.0.11", "10.211.0.12", "10.211.0.13"];
+pub const VIP: &str = "10.212.0.10";
+/// Tasks also serve HTTP here, outside any service: the "direct" baseline uses it, so its
+/// connections never share a tuple (and a server-side TIME_WAIT) with the mesh's.
+pub const DIRECT_PORT: u16 = 8000;
+/// A VIP whose only backend is t1: t1 reaching it lands on itself.
+pub const SOLO_VIP: &str = "10.212.0.20";
+
+pub fn task_mac(i: usize) -> [u8; 6] {
+    [0x02, 0x42, 10, 211, 0, 11 + i as u8]
+}
+
+fn mac_str(m: [u8; 6]) -> String {
+    MacAddr(m).to_string()
+}
+
+pub struct LbTopo {
+    stop: Arc<AtomicBool>,
+    pub c: Netns,
+    pub n: Netns,
+    pub t: Vec<Netns>,
+}
+
+impl Drop for LbTopo {
+    fn drop(&mut self) {
+        // Server threads notice on their next accept timeout; the namespaces go with the
+        // fields (sockets in them close when the process or the threads let go).
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl LbTopo {
+    pub fn new(tag: &str) -> LbTopo {
+        let c = Netns::new(&format!("{tag}c"));
+        let n = Netns::new(&format!("{tag}n"));
+        let t: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("{tag}t{i}"))).collect();
+        for ns in std::iter::once(&c).chain([&n]).chain(&t) {
+            ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+            ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        }
+        n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        c.ip(&[
+            "link",
+            "add",
+            "uc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "un",
+            "netns",
+            n.name(),
+        ]);
+        c.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "uc"]);
+        c.ip(&["link", "set", "uc", "up"]);
+        c.ip(&["route", "add", "10.211.0.0/16", "via", NODE]);
+        c.ip(&["route", "add", "10.212.0.0/16", "via", NODE]);
+        n.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "un"]);
+        n.ip(&["link", "set", "un", "up"]);
+        for (i, ts) in t.iter().enumerate() {
+            let h = format!("h{}", i + 1);
+            ts.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "address",
+                &mac_str(task_mac(i)),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &h,
+                "netns",
+                n.name(),
+            ]);
+            ts.ip(&["addr", "add", &format!("{}/32", TASKS[i]), "dev", "eth0"]);
+            ts.ip(&["link", "set", "eth0", "up"]);
+            ts.ip(&["route", "add", GATEWAY, "dev", "eth0"]);
+            ts.ip(&["route", "add", "default", "via", GATEWAY]);
+            n.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &h]);
+            n.ip(&["link", "set", &h, "up"]);
+            n.ip(&["route", "add", &format!("{}/32", TASKS[i]), "dev", &h]);
+        }
+        let topo = LbTopo {
+            stop: Arc::new(AtomicBool::new(false)),
+            c,
+            n,
+            t,
+        };
+        for i in 0..3 {
+            topo.serve(i);
+        }
+        topo
+    }
+
+    fn serve(&self, i: usize) {
+        let name = format!("t{}", i + 1);
+        let (http, direct, echo, udp) = self.t[i].enter(|| {
+            (
+                TcpListener::bind(("0.0.0.0", 80)).expect("bind :80"),
+                TcpListener::bind(("0.0.0.0", DIRECT_PORT)).expect("bind direct port"),
+                TcpListener::bind(("0.0.0.0", 7000)).expect("bind :7000"),
+                UdpSocket::bind(("0.0.0.0", 53)).expect("bind :53"),
+            )
+        });
+        for http in [http, direct] {
+            self.serve_http(http, name.clone());
+        }
+        let stop = self.stop.clone();
+        let n = name.clone();
+        std::thread::spawn(move || {
+            for s in echo.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(s) = s else { continue };
+                let n = n.clone();
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().expect("clone");
+                    for line in BufReader::new(s).lines() {
+                        if line.is_err() || writeln!(w, "{n}").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let stop = self.stop.clone();
+        std::thread::spawn(move || {
+            let _ = udp.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{name} {}", peer.ip()).as_bytes(), peer);
+                }
+            }
+        });
+    }
+
+    fn serve_http(&self, http: TcpListener, n: String) {
+        let stop = self.stop.clone();
+        std::thread::spawn(move || {
+            for s in http.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut s) = s else { continue };
+                let n = n.clone();
+                std::thread::spawn(move || {
+                    let peer = s
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    let mut buf = [0u8; 1024];
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = s.read(&mut buf);
+                    let _ = write!(
+                        s,
+                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{n} {peer}\n"
+                    );
+                });
+            }
+        });
+    }
+
+    /// The model of the tests' services over `backends` (task index, health).
+    pub fn model(&self, backends: &[(usize, Health)]) -> Model {
+        let be = |list: &[(usize, Health)]| -> Vec<BackendSpec> {
+            list.iter()
+                .map(|(i, h)| BackendSpec {
+                    addr: TASKS[*i].parse().unwrap(),
+                    state: *h,
+                })
+                .collect()
+        };
+        let port =
+            |published: Option<u16>, target: u16, protocol: Protocol, mode: PublishMode| PortSpec {
+                published,
+                target,
+                protocol,
+                mode,
+            };
+        let svc = |name: &str,
+                   ports: Vec<PortSpec>,
+                   vips: Vec<Ipv4Addr>,
+                   backends: Vec<BackendSpec>| ServiceSpec {
+            name: name.into(),
+            ports,
+            vips,
+            backends,
+            tcp_idle: None,
+            udp_idle: None,
+            affinity: false,
+        };
+        use Protocol::*;
+        use PublishMode::*;
+        Model {
+            underlay: Some("un".into()),
+            node_addrs: vec![NODE.parse().unwrap()],
+            services: vec![
+                svc(
+                    "web",
+                    vec![port(Some(8080), 80, Tcp, Ingress)],
+                    vec![VIP.parse().unwrap()],
+                    be(backends),
+                ),
+                svc(
+                    "webhost",
+                    vec![port(Some(8081), 80, Tcp, Host)],
+                    vec![],
+                    be(backends),
+                ),
+                svc(
+                    "echo",
+                    vec![port(Some(7000), 7000, Tcp, Ingress)],
+                    vec![],
+                    be(backends),
+                ),
+                svc(
+                    "dns",
+                    vec![port(Some(5353), 53, Udp, Ingress)],
+                    vec![],
+                    be(backends),
+                ),
+                svc(
+                    "solo",
+                    vec![port(Some(8082), 80, Tcp, Ingress)],
+                    vec![SOLO_VIP.parse().unwrap()],
+                    be(&[(0, Health::Active)]),
+                ),
+                svc(
+                    "empty",
+                    vec![
+                        port(Some(8090), 80, Tcp, Ingress),
+                        port(Some(5354), 53, Udp, Ingress),
+                    ],
+                    vec![],
+                    vec![],
+                ),
+            ],
+            endpoints: (0..3)
+                .map(|i| EndpointSpec {
+                    addr: TASKS[i].parse().unwrap(),
+                    interface: format!("h{}", i + 1),
+                    mac: MacAddr(task_mac(i)),
+                    delivery_addr: None,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One HTTP/1.0 request from the current namespace; returns the body.
+pub fn http_get(addr: &str, port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(
+        &(addr.parse::<Ipv4Addr>().unwrap(), port).into(),
+        Duration::from_secs(3),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string())
+}
+
+/// All three tasks healthy.
+pub const ALL_ACTIVE: [(usize, Health); 3] = [
+    (0, Health::Active),
+    (1, Health::Active),
+    (2, Health::Active),
+];

@@ -125,10 +125,10 @@ pub struct Reconciler {
     groups: BTreeMap<GroupName, AppliedGroup>,
     backends: BTreeMap<u32, Backend>,
     regions: Regions,
+    /// Ids are never reused: a conntrack entry that outlives its backend must find no
+    /// backend (and answer RST), never a newer one that took its number.
     next_svc: u32,
     next_backend: u32,
-    free_svc: Vec<u32>,
-    free_backend: Vec<u32>,
 }
 
 fn addr(a: Ipv4Addr) -> u32 {
@@ -148,15 +148,10 @@ impl Reconciler {
             // 0 means "none" in every map.
             next_svc: 1,
             next_backend: 1,
-            free_svc: Vec::new(),
-            free_backend: Vec::new(),
         }
     }
 
-    fn new_id(next: &mut u32, free: &mut Vec<u32>, what: &'static str) -> Result<u32, PlanError> {
-        if let Some(id) = free.pop() {
-            return Ok(id);
-        }
+    fn new_id(next: &mut u32, what: &'static str) -> Result<u32, PlanError> {
         let id = *next;
         *next = next.checked_add(1).ok_or(PlanError::IdsExhausted(what))?;
         Ok(id)
@@ -230,7 +225,7 @@ impl Reconciler {
             let mut g = match self.groups.remove(name) {
                 Some(g) => g,
                 None => AppliedGroup {
-                    id: Self::new_id(&mut self.next_svc, &mut self.free_svc, "service")?,
+                    id: Self::new_id(&mut self.next_svc, "service")?,
                     service: Service::default(),
                     backend_ids: BTreeMap::new(),
                     table: Vec::new(),
@@ -241,9 +236,7 @@ impl Reconciler {
             for (key, state) in &want.backends {
                 let id = match g.backend_ids.get(key) {
                     Some(id) => *id,
-                    None => {
-                        Self::new_id(&mut self.next_backend, &mut self.free_backend, "backend")?
-                    }
+                    None => Self::new_id(&mut self.next_backend, "backend")?,
                 };
                 ids.insert(*key, id);
                 let be = Backend {
@@ -268,7 +261,6 @@ impl Reconciler {
                 if !ids.contains_key(key) {
                     dels_be.push(Op::DelBackend(*id));
                     self.backends.remove(id);
-                    self.free_backend.push(*id);
                 }
             }
             g.backend_ids = ids;
@@ -337,7 +329,6 @@ impl Reconciler {
         for name in gone {
             let g = self.groups.remove(&name).expect("listed above");
             dels_svc.push(Op::DelService(g.id));
-            self.free_svc.push(g.id);
             if g.service.maglev_size > 0 {
                 self.regions
                     .release(g.service.maglev_off, g.service.maglev_size);
@@ -345,7 +336,6 @@ impl Reconciler {
             for id in g.backend_ids.values() {
                 dels_be.push(Op::DelBackend(*id));
                 self.backends.remove(id);
-                self.free_backend.push(*id);
             }
         }
 
@@ -569,6 +559,42 @@ mod tests {
         let empty = Desired::default();
         apply_checked(&mut maps, &r.plan(&empty).unwrap());
         assert!(maps.is_empty(), "{maps:?}");
+    }
+
+    /// A backend leaving one service while another gains one, in one plan: the newcomer
+    /// must not take the leaver's id (its delete would run after the put, and the
+    /// leaver's tracked flows would find the newcomer).
+    #[test]
+    fn ids_are_never_reused() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        let mut m = model(&[("10.0.1.4", ACTIVE)]);
+        let mut other = m.services[0].clone();
+        other.name = "api".into();
+        other.vips = vec!["10.0.1.3".parse().unwrap()];
+        other.ports[0].published = Some(9090);
+        other.backends.clear();
+        m.services.push(other);
+        apply_checked(&mut maps, &r.plan(&desired(&m, resolve).unwrap()).unwrap());
+        let first: BTreeSet<u32> = r.backends.keys().copied().collect();
+        m.services[1].backends = vec![crate::model::BackendSpec {
+            addr: "10.0.1.4".parse().unwrap(),
+            state: crate::model::Health::Active,
+        }];
+        m.services[0].backends.clear();
+        apply_checked(&mut maps, &r.plan(&desired(&m, resolve).unwrap()).unwrap());
+        assert_eq!(
+            maps.lookup([192, 168, 1, 10], 9090, 6, [1, 2, 3, 4], 5)
+                .as_deref(),
+            Some("10.0.1.4:80")
+        );
+        assert_eq!(first.len(), 1);
+        assert_eq!(r.backends.len(), 1);
+        assert!(
+            r.backends.keys().all(|id| !first.contains(id)),
+            "id reused: {first:?} -> {:?}",
+            r.backends.keys()
+        );
     }
 
     #[test]

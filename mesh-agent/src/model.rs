@@ -379,6 +379,11 @@ fn validate(model: &Model) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// Writes a model as YAML (the `--config` format).
+pub fn to_yaml(model: &Model) -> String {
+    serde_yaml_ng::to_string(model).expect("a model always serialises")
+}
+
 /// Reads a model from YAML.
 pub fn from_yaml(text: &str) -> Result<Model, String> {
     serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
@@ -441,6 +446,12 @@ endpoints:
             "VIP shares the ingress group"
         );
         assert_eq!(d.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn yaml_round_trips() {
+        let m = from_yaml(YAML).unwrap();
+        assert_eq!(from_yaml(&to_yaml(&m)).unwrap(), m);
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     println!("\n== tier 2: fixture tables through BPF_PROG_TEST_RUN ==");
     cargo_test(
-        &["-p", "mesh-tests", "--test", "fixtures"],
+        &["-p", "mesh-tests", "--test", "fixtures", "--test", "lb_fixtures"],
         &["--nocapture", "--test-threads", "1"],
         object.as_deref(),
         &mut summary,
@@ -73,8 +73,9 @@ pub fn run() -> anyhow::Result<()> {
         "--bins",
     ]))?;
     cargo_test(
-        &["-p", "mesh-tests", "--test", "traffic", "--test", "agent"],
-        &["--nocapture"],
+        &["-p", "mesh-tests", "--test", "traffic", "--test", "agent", "--test", "lb"],
+        // One at a time: the load-balancing test measures connection rates.
+        &["--nocapture", "--test-threads", "1"],
         object.as_deref(),
         &mut summary,
     )?;

@@ -202,8 +202,14 @@ fn agent_config_file_and_reload() {
     let pin = pin_dir.join(mesh_common::lb::FRONTENDS_MAP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pin.exists() {
-        assert!(guard.child.try_wait().unwrap().is_none(), "mesh-agent exited early");
-        assert!(Instant::now() < deadline, "mesh-agent did not pin its maps in 10 s");
+        assert!(
+            guard.child.try_wait().unwrap().is_none(),
+            "mesh-agent exited early"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "mesh-agent did not pin its maps in 10 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let served = |n: usize| -> std::collections::BTreeSet<String> {
@@ -219,29 +225,48 @@ fn agent_config_file_and_reload() {
     assert_eq!(served(60).len(), 3, "all three tasks serve");
 
     // t3 leaves the file; SIGHUP; new connections avoid it.
-    std::fs::write(&config, to_yaml(&topo.model(&[(0, Health::Active), (1, Health::Active)]))).unwrap();
+    std::fs::write(
+        &config,
+        to_yaml(&topo.model(&[(0, Health::Active), (1, Health::Active)])),
+    )
+    .unwrap();
     // SAFETY: signalling the child we spawned.
-    assert_eq!(unsafe { libc::kill(guard.child.id() as i32, libc::SIGHUP) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(guard.child.id() as i32, libc::SIGHUP) },
+        0
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = served(30);
         if !s.contains("t3") {
             break;
         }
-        assert!(Instant::now() < deadline, "reload did not take t3 out: {s:?}");
+        assert!(
+            Instant::now() < deadline,
+            "reload did not take t3 out: {s:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // A broken file is refused and the running state kept.
     std::fs::write(&config, "services: [{name: x, bogus: 1}]").unwrap();
-    assert_eq!(unsafe { libc::kill(guard.child.id() as i32, libc::SIGHUP) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(guard.child.id() as i32, libc::SIGHUP) },
+        0
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert!(guard.child.try_wait().unwrap().is_none(), "agent survives a bad reload");
+    assert!(
+        guard.child.try_wait().unwrap().is_none(),
+        "agent survives a bad reload"
+    );
     assert_eq!(served(30).len(), 2);
 
     let stats = meshctl_stats(&meshctl, &pin_dir);
     assert!(packets(&stats, "tc_underlay_ingress", "fwd_to_task") >= 120 * 3);
     assert!(packets(&stats, "tc_task", "fwd_reply_to_client") >= 120 * 2);
-    assert_eq!(unsafe { libc::kill(guard.child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(guard.child.id() as i32, libc::SIGTERM) },
+        0
+    );
     assert!(guard.child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }

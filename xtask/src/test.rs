@@ -58,7 +58,14 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     println!("\n== tier 2: fixture tables through BPF_PROG_TEST_RUN ==");
     cargo_test(
-        &["-p", "mesh-tests", "--test", "fixtures", "--test", "lb_fixtures"],
+        &[
+            "-p",
+            "mesh-tests",
+            "--test",
+            "fixtures",
+            "--test",
+            "lb_fixtures",
+        ],
         &["--nocapture", "--test-threads", "1"],
         object.as_deref(),
         &mut summary,
@@ -73,7 +80,16 @@ pub fn run() -> anyhow::Result<()> {
         "--bins",
     ]))?;
     cargo_test(
-        &["-p", "mesh-tests", "--test", "traffic", "--test", "agent", "--test", "lb"],
+        &[
+            "-p",
+            "mesh-tests",
+            "--test",
+            "traffic",
+            "--test",
+            "agent",
+            "--test",
+            "lb",
+        ],
         // One at a time: the load-balancing test measures connection rates.
         &["--nocapture", "--test-threads", "1"],
         object.as_deref(),
@@ -112,7 +128,16 @@ fn cargo_test(
     for line in BufReader::new(out).lines() {
         let line = line?;
         println!("{line}");
-        if line.starts_with("fixtures:") || line.starts_with("traffic") || line.starts_with("SKIP")
+        if [
+            "fixtures:",
+            "traffic",
+            "SKIP",
+            "lb:",
+            "lb fixtures:",
+            "bench:",
+        ]
+        .iter()
+        .any(|p| line.starts_with(p))
         {
             summary.push(format!("  {line}"));
         }

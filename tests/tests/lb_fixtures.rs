@@ -111,7 +111,7 @@ fn frag_needed(macs: ([u8; 6], [u8; 6]), src: [u8; 4], dst: [u8; 4], quoted: &[u
     v
 }
 
-fn model(backends: &[([u8; 4], Health)]) -> Model {
+fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
     let be: Vec<BackendSpec> = backends
         .iter()
         .map(|(a, s)| BackendSpec {
@@ -133,7 +133,7 @@ fn model(backends: &[([u8; 4], Health)]) -> Model {
         backends,
         tcp_idle: None,
         udp_idle: Some(60),
-        affinity: false,
+        affinity,
     };
     Model {
         underlay: None,
@@ -183,6 +183,7 @@ fn model(backends: &[([u8; 4], Health)]) -> Model {
 struct Rig {
     mesh: Mesh,
     steps: usize,
+    affinity: bool,
 }
 
 impl Rig {
@@ -191,6 +192,7 @@ impl Rig {
         let mut rig = Rig {
             mesh: Mesh::new(dp),
             steps: 0,
+            affinity: false,
         };
         rig.apply(backends);
         rig
@@ -198,7 +200,7 @@ impl Rig {
 
     fn apply(&mut self, backends: &[([u8; 4], Health)]) {
         // Endpoints resolve to made-up interfaces: BPF_PROG_TEST_RUN does not redirect.
-        let d = desired(&model(backends), |name| {
+        let d = desired(&model(backends, self.affinity), |name| {
             Ok((name[1..].parse::<u32>().unwrap() + 100, HOST_MAC))
         })
         .unwrap();
@@ -684,4 +686,49 @@ fn draining_keeps_flows_and_takes_no_new_ones() {
         &[FwdToTask, ObsCtNew],
     );
     println!("\nlb fixtures: draining, {} steps", rig.steps);
+}
+
+#[test]
+fn client_ip_affinity_sends_every_connection_of_a_client_to_one_task() {
+    let Some(object) =
+        prereq::privileged("client_ip_affinity_sends_every_connection_of_a_client_to_one_task")
+    else {
+        return;
+    };
+    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
+    // Without affinity, 40 connections of one client use both tasks.
+    let dst = |rig: &mut Rig, client: [u8; 4], port: u16| -> [u8; 4] {
+        let syn = tcp(C2N, client, NODE, port, 8080, Tcp::Syn, 1, 0, &[]);
+        let mut buf = vec![0u8; syn.len() + 64];
+        let r = rig
+            .mesh
+            .dp
+            .tc_ingress()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(&syn),
+                data_out: Some(&mut buf),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(r.return_value, REDIRECT);
+        rig.steps += 1;
+        [buf[30], buf[31], buf[32], buf[33]]
+    };
+    let spread: std::collections::BTreeSet<_> =
+        (0..40).map(|i| dst(&mut rig, CLIENT, 43000 + i)).collect();
+    assert_eq!(spread.len(), 2);
+    rig.affinity = true;
+    rig.apply(&[(T1, Health::Active), (T2, Health::Active)]);
+    for client in [
+        [10, 220, 0, 2],
+        [10, 220, 0, 3],
+        [10, 220, 0, 4],
+        [10, 220, 0, 5],
+    ] {
+        let tasks: std::collections::BTreeSet<_> =
+            (0..40).map(|i| dst(&mut rig, client, 44000 + i)).collect();
+        assert_eq!(tasks.len(), 1, "client {client:?} spread over {tasks:?}");
+    }
+    println!("\nlb fixtures: affinity, {} steps", rig.steps);
 }

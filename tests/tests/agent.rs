@@ -70,6 +70,45 @@ fn packets(stats: &serde_json::Value, hook: &str, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts `mesh-agent ARGS --bpffs <unique dir>` inside `ns` (with nsenter, not `ip netns
+/// exec`, which remounts /sys and hides bpffs) and waits until every map is pinned.
+fn start_agent(
+    ns: &mesh_tests::netns::Netns,
+    agent: &Path,
+    object: &Path,
+    args: &[&std::ffi::OsStr],
+    tag: &str,
+) -> AgentGuard {
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-{tag}-{}", std::process::id()));
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(agent)
+        .args(args)
+        .arg("--bpffs")
+        .arg(&pin_dir)
+        .env("MESH_BPF_OBJECT", object)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mesh-agent");
+    let mut guard = AgentGuard { child, pin_dir };
+    let last = guard
+        .pin_dir
+        .join(mesh_agent::mesh::PINNED_MAPS.last().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !last.exists() {
+        if let Some(st) = guard.child.try_wait().unwrap() {
+            let out = guard.child.wait_with_output_ref();
+            panic!("mesh-agent exited early ({st}): {out}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mesh-agent did not pin its maps in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    guard
+}
+
 #[test]
 fn agent_attaches_meshctl_reads_sigterm_detaches() {
     let Some(object) = prereq::privileged("agent_attaches_meshctl_reads_sigterm_detaches") else {
@@ -82,35 +121,15 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
         return;
     };
     let pair = VethPair::new("g");
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-test-{}", std::process::id()));
-    // nsenter, not `ip netns exec`: the latter remounts /sys and hides bpffs.
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", pair.b.name()))
-        .arg(&agent)
-        .args(["--interface", "vb", "--bpffs"])
-        .arg(&pin_dir)
-        .env("MESH_BPF_OBJECT", &object)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mesh-agent");
-    let mut guard = AgentGuard {
-        child,
-        pin_dir: pin_dir.clone(),
-    };
-
+    let mut guard = start_agent(
+        &pair.b,
+        &agent,
+        &object,
+        &["--interface".as_ref(), "vb".as_ref()],
+        "test",
+    );
+    let pin_dir = guard.pin_dir.clone();
     let pin = pin_dir.join(mesh_common::stats::STATS_MAP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pin.exists() {
-        if let Some(st) = guard.child.try_wait().unwrap() {
-            let out = guard.child.wait_with_output_ref();
-            panic!("mesh-agent exited early ({st}): {out}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mesh-agent did not pin its counters in 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     udp_ping(&pair, 7070, 50, 64);
     let stats = meshctl_stats(&meshctl, &pin_dir);
@@ -183,35 +202,14 @@ fn agent_config_file_and_reload() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("mesh.yaml");
     std::fs::write(&config, to_yaml(&topo.model(&ALL_ACTIVE))).unwrap();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-cfg-{}", std::process::id()));
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", topo.n.name()))
-        .arg(&agent)
-        .arg("--config")
-        .arg(&config)
-        .arg("--bpffs")
-        .arg(&pin_dir)
-        .env("MESH_BPF_OBJECT", &object)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mesh-agent");
-    let mut guard = AgentGuard {
-        child,
-        pin_dir: pin_dir.clone(),
-    };
-    let pin = pin_dir.join(mesh_common::lb::FRONTENDS_MAP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pin.exists() {
-        assert!(
-            guard.child.try_wait().unwrap().is_none(),
-            "mesh-agent exited early"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "mesh-agent did not pin its maps in 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut guard = start_agent(
+        &topo.n,
+        &agent,
+        &object,
+        &["--config".as_ref(), config.as_os_str()],
+        "cfg",
+    );
+    let pin_dir = guard.pin_dir.clone();
     let served = |n: usize| -> std::collections::BTreeSet<String> {
         topo.c.enter(|| {
             (0..n)

@@ -38,8 +38,12 @@ impl CtKey {
 
 /// Entry flags.
 pub const CT_REVERSE: u8 = 1 << 0;
-/// The client was SNATed to the hairpin address (a task reaching itself).
+/// The client was SNATed (to the hairpin address when a task reaches itself; to this
+/// node's overlay address when the backend is on a stock Docker node).
 pub const CT_HAIRPIN: u8 = 1 << 1;
+/// Reverse entry on a backend's node for a flow that arrived through the tunnel: replies
+/// go back through the tunnel to `peer` on `vni`.
+pub const CT_TUNNEL: u8 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,9 +71,12 @@ pub struct CtEntry {
     /// Reverse: MACs for the reply (destination, source) toward the client.
     pub mac_dst: [u8; 6],
     pub mac_src: [u8; 6],
+    /// `CT_TUNNEL`: the node the flow came from (outer source), and its VNI.
+    pub peer: u32,
+    pub vni: u32,
     pub _pad: u32,
 }
-crate::assert_size!(CtEntry, 64);
+crate::assert_size!(CtEntry, 72);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -139,3 +139,73 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Endpoint {}
 }
+
+// ---- the overlay ----------------------------------------------------------------------
+
+pub const TUNNELS_MAP: &str = "MESH_TUN_V1";
+pub const PEERS_MAP: &str = "MESH_PEER_V1";
+pub const NETWORKS_MAP: &str = "MESH_NET_V1";
+pub const LOCAL_MAP: &str = "MESH_LOCAL_V1";
+
+pub const MAX_TUNNELS: u32 = 262144;
+pub const MAX_PEERS: u32 = 4096;
+pub const MAX_NETWORKS: u32 = 4096;
+
+/// The remote node runs stock Docker (the kernel's vxlan device): it cannot return a
+/// reply to a client address outside the overlay, so flows to it are SNATed to this
+/// node's address on the network (DATAPATH path 3).
+pub const TUN_STOCK: u32 = 1 << 0;
+
+/// A task on another node: where to tunnel to reach it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The node's underlay address (outer destination).
+    pub node: u32,
+    /// VNI of the network the task is reached on.
+    pub vni: u32,
+    /// `TUN_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+crate::assert_size!(Tunnel, 16);
+
+pub const PEER_MESH: u32 = 1 << 0;
+pub const PEER_STOCK: u32 = 1 << 1;
+
+/// An overlay network this node is on, by VNI.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Network {
+    /// This node's own address on the network (Docker's per-node ingress endpoint): the
+    /// source of SNATed flows to stock nodes, and of the inner MAC (02:42 + address).
+    pub local_addr: u32,
+    pub flags: u32,
+}
+crate::assert_size!(Network, 8);
+
+/// This node on the underlay (a one-entry array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Local {
+    /// The underlay interface: encapsulated packets leave through it.
+    pub ifindex: u32,
+    /// This node's underlay address: outer source of what it encapsulates.
+    pub addr: u32,
+}
+crate::assert_size!(Local, 8);
+
+/// Docker's MAC convention for an overlay endpoint: 02:42 followed by its IPv4 address.
+#[inline(always)]
+pub const fn docker_mac(addr: u32) -> [u8; 6] {
+    let a = addr.to_ne_bytes();
+    [0x02, 0x42, a[0], a[1], a[2], a[3]]
+}
+
+#[cfg(feature = "user")]
+mod pod_overlay {
+    use super::*;
+    unsafe impl aya::Pod for Tunnel {}
+    unsafe impl aya::Pod for Network {}
+    unsafe impl aya::Pod for Local {}
+}

@@ -15,6 +15,7 @@ pub mod proto;
 pub mod reason;
 pub mod reply;
 pub mod stats;
+pub mod vxlan;
 
 /// Version of every pinned map layout. Map names carry it as a suffix (`_v1`), so an
 /// agent of another version never misreads a pinned map.

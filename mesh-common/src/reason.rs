@@ -74,6 +74,8 @@ reasons! {
     FwdToTask = 10, "fwd_to_task", Forward;
     /// A reply reverse-NATed (source back to the frontend) and redirected to the client.
     FwdReplyToClient = 11, "fwd_reply_to_client", Forward;
+    /// Encapsulated in VXLAN toward the node that runs the backend (or the client's node).
+    FwdToTunnel = 58, "fwd_to_tunnel", Forward;
     /// An ICMP error about a NATed flow, translated and redirected.
     FwdIcmpError = 12, "fwd_icmp_error", Forward;
     /// New TCP flow to a service with no active backend: answered with RST.
@@ -119,6 +121,17 @@ reasons! {
     DropNoBackendSlot = 36, "drop_no_backend_slot", Drop;
     /// A reply could not be built (IP options or a frame too short to answer).
     DropCannotReply = 37, "drop_cannot_reply", Drop;
+    /// VXLAN from an address that is not a known swarm node.
+    DropVxlanUnknownPeer = 38, "drop_vxlan_unknown_peer", Drop;
+    /// VXLAN for a VNI this node is not on.
+    DropVxlanUnknownVni = 39, "drop_vxlan_unknown_vni", Drop;
+    /// Decapsulated frame for an address that is not a task on this node (nor a flow we
+    /// track).
+    DropVxlanNoTarget = 40, "drop_vxlan_no_target", Drop;
+    /// The inner frame of a VXLAN packet is malformed (or not IPv4).
+    DropVxlanBadInner = 41, "drop_vxlan_bad_inner", Drop;
+    /// Encapsulation or decapsulation failed (no room, no underlay configured).
+    DropTunnelFailed = 42, "drop_tunnel_failed", Drop;
 
     /// One or two 802.1Q/802.1ad tags were followed.
     ObsVlan = 48, "obs_vlan", Observation;
@@ -140,6 +153,10 @@ reasons! {
     ObsCtReopened = 56, "obs_ct_reopened", Observation;
     /// A task reached its own service and landed on itself.
     ObsHairpin = 57, "obs_hairpin", Observation;
+    /// A VXLAN packet from a known peer was decapsulated.
+    ObsDecap = 59, "obs_decap", Observation;
+    /// A flow to a backend on a stock Docker node was SNATed to this node's overlay address.
+    ObsStockSnat = 60, "obs_stock_snat", Observation;
 }
 
 /// Size of the reason index space per hook (room to append reasons without a relayout).

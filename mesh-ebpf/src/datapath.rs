@@ -15,7 +15,9 @@ use mesh_common::{
 use crate::{
     icmp,
     lb::{self, Outcome},
-    maps, stats,
+    maps,
+    pkt::DirectPacket,
+    stats, vxlan,
 };
 
 pub enum Action {
@@ -64,7 +66,24 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshCon
     if parse_into_scratch(pkt, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
-    dispatch(ctx, &s.parsed, hook, cfg, pkt.frame_len())
+    let p = &s.parsed;
+    if !(p.vxlan && hook == Hook::TcUnderlayIngress && p.ip_version == 4) {
+        return dispatch(ctx, p, hook, cfg, pkt.frame_len());
+    }
+    // The overlay: validate and take apart, then parse the inner packet in its place.
+    let from = vxlan::From {
+        peer: p.saddr[0],
+        vni: p.vni,
+        bytes: pkt.frame_len(),
+    };
+    if let Err(action) = vxlan::decap(ctx, p, hook, from.bytes) {
+        return action;
+    }
+    let inner = DirectPacket::new(ctx.data(), ctx.data_end(), ctx.len() as usize);
+    if parse_into_scratch(&inner, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
+        return TC_ACT_SHOT;
+    }
+    lb::from_tunnel_parsed(ctx, &s.parsed, hook, cfg, &from)
 }
 
 #[inline(never)]

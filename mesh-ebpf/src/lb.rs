@@ -8,21 +8,24 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
 use mesh_common::{
     config::MeshConfig,
-    ct::{self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_REVERSE},
+    ct::{self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_REVERSE, CT_TUNNEL},
     hash::flow_hash,
-    lb::{BackendState, Endpoint, Frontend, FrontendKey, FE_VIP, SVC_AFFINITY},
+    lb::{
+        BackendState, Endpoint, Frontend, FrontendKey, Tunnel, FE_VIP, SVC_AFFINITY,
+        TCP_IDLE_DEFAULT_S, TUN_STOCK, UDP_IDLE_DEFAULT_S,
+    },
     parse::Parsed,
-    proto::{IPPROTO_TCP, TCP_RST},
+    proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_RST, TCP_SYN},
     reason::Reason,
     stats::Hook,
 };
 
 use crate::{
     maps::{
-        scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_FE_V1, MESH_MAGLEV_V1, MESH_NODE_V1,
-        MESH_SVC_V1,
+        scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_FE_V1, MESH_MAGLEV_V1, MESH_NET_V1,
+        MESH_NODE_V1, MESH_SVC_V1, MESH_TUN_V1,
     },
-    reply, skb,
+    reply, skb, vxlan,
     stats::count,
 };
 
@@ -113,6 +116,8 @@ impl Flow {
 enum Step {
     Done(Outcome),
     Deliver(Endpoint, Nat),
+    /// The backend (or the destination task) is on another node.
+    Tunnel(Tunnel, Nat),
     Refuse(Reason),
 }
 
@@ -127,9 +132,15 @@ struct Nat {
 #[inline(never)]
 pub fn process(pk: &Pkt, cfg: &MeshConfig) -> Outcome {
     let step = lookup(pk, cfg);
+    act(pk, step, cfg)
+}
+
+#[inline(always)]
+fn act(pk: &Pkt, step: Step, cfg: &MeshConfig) -> Outcome {
     match step {
         Step::Done(o) => o,
         Step::Deliver(ep, nat) => deliver(pk, &ep, &nat),
+        Step::Tunnel(t, nat) => tunnel_out(pk, &t, &nat, cfg),
         Step::Refuse(reason) => refuse(pk, reason),
     }
 }
@@ -159,7 +170,9 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
             e.state = ct::advance(state, pk.f.tcp_flags) as u8;
             e.last_seen_ns = now;
-            return if e.flags & CT_REVERSE != 0 {
+            return if e.flags & CT_TUNNEL != 0 {
+                Step::Done(tunnel_reply(pk, e, cfg))
+            } else if e.flags & CT_REVERSE != 0 {
                 Step::Done(to_client(pk, e))
             } else {
                 tracked_to_task(pk, e)
@@ -179,16 +192,20 @@ fn tracked_to_task(pk: &Pkt, e: &mut CtEntry) -> Step {
         e.state = CtState::Closed as u8;
         return Step::Refuse(Reason::ReplyRstBackendGone);
     };
-    // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { MESH_EP_V1.get(&be.addr) }).copied() else {
-        return Step::Done(pk.drop(Reason::DropBackendNotLocal));
-    };
     let nat = Nat {
         addr: e.nat_addr,
         port: e.nat_port,
         hairpin: if e.flags & CT_HAIRPIN != 0 { e.hairpin_addr } else { 0 },
     };
-    Step::Deliver(ep, nat)
+    // SAFETY: copied out at once.
+    if let Some(ep) = (unsafe { MESH_EP_V1.get(&be.addr) }).copied() {
+        return Step::Deliver(ep, nat);
+    }
+    // SAFETY: copied out at once.
+    match unsafe { MESH_TUN_V1.get(&be.addr) }.copied() {
+        Some(t) => Step::Tunnel(t, nat),
+        None => Step::Done(pk.drop(Reason::DropBackendNotLocal)),
+    }
 }
 
 /// Frontend for (daddr, dport, proto): an exact entry, else, when `daddr` is one of this
@@ -225,7 +242,7 @@ fn frontend(pk: &Pkt) -> Option<Frontend> {
 fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
     let f = &pk.f;
     let Some(fe) = frontend(pk) else {
-        return Step::Done(Outcome::NotOurs);
+        return overlay_route(pk);
     };
     // SAFETY: copied out at once.
     let svc = unsafe { MESH_SVC_V1.get(&fe.svc_id) }.copied();
@@ -246,17 +263,33 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
     let Some(be) = (unsafe { MESH_BE_V1.get(&be_id) }).copied() else {
         return Step::Done(pk.drop(Reason::DropNoBackendSlot));
     };
+    // Local task (an endpoint), or a task on another node (a tunnel).
     // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { MESH_EP_V1.get(&be.addr) }).copied() else {
-        return Step::Done(pk.drop(Reason::DropBackendNotLocal));
+    let ep = unsafe { MESH_EP_V1.get(&be.addr) }.copied();
+    // SAFETY: copied out at once.
+    let tun = if ep.is_none() { unsafe { MESH_TUN_V1.get(&be.addr) }.copied() } else { None };
+    let (target, ifindex) = match (&ep, &tun) {
+        (Some(ep), _) => (ep.delivery_addr, ep.ifindex),
+        (None, Some(_)) => (be.addr, 0),
+        (None, None) => return Step::Done(pk.drop(Reason::DropBackendNotLocal)),
     };
     // A task that lands on itself would see its own address as the source and drop the
-    // packet as martian: it sees the hairpin address instead.
-    let hairpin = f.saddr == be.addr || f.saddr == ep.delivery_addr;
-    let client = if hairpin { cfg.hairpin_addr } else { f.saddr };
+    // packet as martian: it sees the hairpin address instead. A stock Docker node can
+    // only answer overlay addresses: the client becomes this node's address there.
+    let hairpin = f.saddr == be.addr || f.saddr == target;
+    let mut client = f.saddr;
     if hairpin {
+        client = cfg.hairpin_addr;
         count(pk.hook, Reason::ObsHairpin, pk.bytes);
+    } else if let Some(t) = tun.filter(|t| t.flags & TUN_STOCK != 0) {
+        // SAFETY: copied out at once.
+        let Some(net) = (unsafe { MESH_NET_V1.get(&t.vni) }).copied() else {
+            return Step::Done(pk.drop(Reason::DropTunnelFailed));
+        };
+        client = net.local_addr;
+        count(pk.hook, Reason::ObsStockSnat, pk.bytes);
     }
+    let snat = client != f.saddr;
     let Ok(macs) = pk.ctx.load::<[u8; 12]>(0) else {
         return Step::Done(pk.drop(Reason::DropRewriteFailed));
     };
@@ -275,37 +308,210 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
         nat_addr: f.daddr,
         nat_port: f.dport,
         state: if f.proto == IPPROTO_TCP { CtState::SynSent as u8 } else { CtState::Udp as u8 },
-        flags: CT_REVERSE | if hairpin { CT_HAIRPIN } else { 0 },
-        hairpin_addr: if hairpin { f.saddr } else { 0 },
+        flags: CT_REVERSE | if snat { CT_HAIRPIN } else { 0 },
+        hairpin_addr: if snat { f.saddr } else { 0 },
         ifindex: pk.ifindex(),
         idle_s: if f.proto == IPPROTO_TCP { svc.tcp_idle_s } else { svc.udp_idle_s },
         mac_dst: [0; 6],
         mac_src: [0; 6],
+        peer: 0,
+        vni: 0,
         _pad: 0,
     };
     // The reply goes back to where this came from: to its source MAC, from our MAC.
     e.mac_dst.copy_from_slice(&macs[6..12]);
     e.mac_src.copy_from_slice(&macs[0..6]);
-    let rev_key = CtKey::new(ep.delivery_addr, client, be.port, f.sport, f.proto);
+    let rev_key = CtKey::new(target, client, be.port, f.sport, f.proto);
     if MESH_CT_V1.insert(&rev_key, &*e, 0).is_err() {
         return Step::Done(pk.drop(Reason::DropCtFull));
     }
-    e.nat_addr = ep.delivery_addr;
+    e.nat_addr = target;
     e.nat_port = be.port;
     e.state = ct::initial(f.proto, f.tcp_flags) as u8;
-    e.flags = if hairpin { CT_HAIRPIN } else { 0 };
-    e.hairpin_addr = if hairpin { client } else { 0 };
-    e.ifindex = ep.ifindex;
+    e.flags = if snat { CT_HAIRPIN } else { 0 };
+    e.hairpin_addr = if snat { client } else { 0 };
+    e.ifindex = ifindex;
     if MESH_CT_V1.insert(&f.key(), &*e, 0).is_err() {
         return Step::Done(pk.drop(Reason::DropCtFull));
     }
     count(pk.hook, Reason::ObsCtNew, pk.bytes);
     let nat = Nat {
-        addr: ep.delivery_addr,
+        addr: target,
         port: be.port,
-        hairpin: if hairpin { client } else { 0 },
+        hairpin: if snat { client } else { 0 },
     };
-    Step::Deliver(ep, nat)
+    match (ep, tun) {
+        (Some(ep), _) => Step::Deliver(ep, nat),
+        (None, Some(t)) => Step::Tunnel(t, nat),
+        (None, None) => Step::Done(pk.drop(Reason::DropBackendNotLocal)),
+    }
+}
+
+/// No frontend: a task sending to a task on another node is tunnelled there as it is
+/// (the overlay's plain routing); anything else is not ours.
+#[inline(always)]
+fn overlay_route(pk: &Pkt) -> Step {
+    if pk.hook != Hook::TcTask {
+        return Step::Done(Outcome::NotOurs);
+    }
+    // SAFETY: copied out at once.
+    match unsafe { MESH_TUN_V1.get(&pk.f.daddr) }.copied() {
+        Some(t) => Step::Tunnel(
+            t,
+            Nat {
+                addr: pk.f.daddr,
+                port: pk.f.dport,
+                hairpin: 0,
+            },
+        ),
+        None => Step::Done(Outcome::NotOurs),
+    }
+}
+
+/// NAT as for a local delivery, then into the tunnel toward the backend's node.
+#[inline(never)]
+fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat, cfg: &MeshConfig) -> Outcome {
+    let (ctx, f) = (pk.ctx, &pk.f);
+    let l3 = pk.p.l3_off as usize;
+    let l4 = pk.p.l4_off as usize;
+    let rewrite = || -> skb::Res {
+        skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, nat.addr)?;
+        skb::set_port(ctx, l4, 2, f.proto, f.dport, nat.port)?;
+        if nat.hairpin != 0 {
+            skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, nat.hairpin)?;
+        }
+        Ok(())
+    };
+    if l3 != 14 || rewrite().is_err() {
+        return pk.drop(Reason::DropRewriteFailed);
+    }
+    match vxlan::encap(ctx, f, t, cfg) {
+        TC_ACT_SHOT => pk.drop(Reason::DropTunnelFailed),
+        action => pk.done(Reason::FwdToTunnel, action),
+    }
+}
+
+/// A task's reply to a flow that reached it through the tunnel: back through the tunnel
+/// to the node the flow came from (which reverse-NATs it for the client).
+#[inline(never)]
+fn tunnel_reply(pk: &Pkt, e: &CtEntry, cfg: &MeshConfig) -> Outcome {
+    let (ctx, f) = (pk.ctx, &pk.f);
+    let l3 = pk.p.l3_off as usize;
+    let l4 = pk.p.l4_off as usize;
+    let rewrite = || -> skb::Res {
+        skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, e.nat_addr)?;
+        skb::set_port(ctx, l4, 0, f.proto, f.sport, e.nat_port)
+    };
+    if l3 != 14 || rewrite().is_err() {
+        return pk.drop(Reason::DropRewriteFailed);
+    }
+    let to = Tunnel {
+        node: e.peer,
+        vni: e.vni,
+        flags: 0,
+        _pad: 0,
+    };
+    match vxlan::encap(ctx, f, &to, cfg) {
+        TC_ACT_SHOT => pk.drop(Reason::DropTunnelFailed),
+        action => pk.done(Reason::FwdToTunnel, action),
+    }
+}
+
+/// The parsed inner packet of VXLAN `from` a peer.
+#[inline(never)]
+pub fn from_tunnel_parsed(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, from: &vxlan::From) -> i32 {
+    let pk = Pkt {
+        ctx,
+        p,
+        f: Flow::of(p),
+        hook,
+        bytes: from.bytes,
+    };
+    if p.ip_version != 4 || p.l4_off == 0 || !matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) {
+        return pk.drop(Reason::DropVxlanBadInner).action().unwrap_or(TC_ACT_SHOT);
+    }
+    from_tunnel(&pk, from.peer, from.vni, cfg)
+}
+
+/// The inner packet of VXLAN from `peer`: a reply to a flow this node balanced (back to
+/// its client), or a packet for a task on this node (delivered; its replies will go
+/// back through the tunnel to `peer`).
+#[inline(always)]
+fn from_tunnel(pk: &Pkt, peer: u32, vni: u32, cfg: &MeshConfig) -> i32 {
+    let f = &pk.f;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(e) = MESH_CT_V1.get_ptr_mut(&f.key()) {
+        // SAFETY: a map value pointer for this run.
+        let e = unsafe { &mut *e };
+        let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
+        if e.flags & CT_REVERSE != 0
+            && e.flags & CT_TUNNEL == 0
+            && !ct::expired(state, e.idle_s, e.last_seen_ns, now)
+        {
+            count(pk.hook, Reason::ObsCtHit, pk.bytes);
+            e.state = ct::advance(state, f.tcp_flags) as u8;
+            e.last_seen_ns = now;
+            return to_client(pk, e).action().unwrap_or(TC_ACT_SHOT);
+        }
+    }
+    // SAFETY: copied out at once.
+    let Some(ep) = (unsafe { MESH_EP_V1.get(&f.daddr) }).copied() else {
+        return pk.drop(Reason::DropVxlanNoTarget).action().unwrap_or(TC_ACT_SHOT);
+    };
+    let rkey = CtKey::new(ep.delivery_addr, f.saddr, f.dport, f.sport, f.proto);
+    let fresh = match MESH_CT_V1.get_ptr_mut(&rkey) {
+        // SAFETY: a map value pointer for this run.
+        Some(e) => unsafe {
+            let e = &mut *e;
+            let same = e.flags & CT_TUNNEL != 0 && e.peer == peer && e.vni == vni;
+            if same {
+                e.last_seen_ns = now;
+            }
+            !same
+        },
+        None => true,
+    };
+    if fresh {
+        let Some(s) = scratch() else {
+            return TC_ACT_SHOT;
+        };
+        let tcp = f.proto == IPPROTO_TCP;
+        s.ct = CtEntry {
+            last_seen_ns: now,
+            created_ns: now,
+            backend_id: 0,
+            svc_id: 0,
+            nat_addr: f.daddr,
+            nat_port: f.dport,
+            state: if !tcp {
+                CtState::Udp as u8
+            } else if f.tcp_flags & TCP_SYN != 0 {
+                CtState::SynSent as u8
+            } else {
+                CtState::Established as u8
+            },
+            flags: CT_REVERSE | CT_TUNNEL,
+            hairpin_addr: 0,
+            ifindex: 0,
+            idle_s: if tcp { TCP_IDLE_DEFAULT_S } else { UDP_IDLE_DEFAULT_S },
+            mac_dst: [0; 6],
+            mac_src: [0; 6],
+            peer,
+            vni,
+            _pad: 0,
+        };
+        if MESH_CT_V1.insert(&rkey, &s.ct, 0).is_err() {
+            return pk.drop(Reason::DropCtFull).action().unwrap_or(TC_ACT_SHOT);
+        }
+    }
+    let _ = cfg;
+    let nat = Nat {
+        addr: ep.delivery_addr,
+        port: f.dport,
+        hairpin: 0,
+    };
+    deliver(pk, &ep, &nat).action().unwrap_or(TC_ACT_SHOT)
 }
 
 /// DNAT to the backend (and SNAT a hairpinned client), then hand the packet to the task

@@ -11,6 +11,7 @@ mod pkt;
 mod reply;
 mod skb;
 mod stats;
+mod vxlan;
 
 use aya_ebpf::{
     bindings::xdp_action,

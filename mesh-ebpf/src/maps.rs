@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ct::{CtEntry, CtKey},
-    lb::{Backend, Endpoint, Frontend, FrontendKey, NodeAddrFlags, Service},
+    lb::{Backend, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags, Service, Tunnel},
 };
 
 #[btf_map]
@@ -33,6 +33,22 @@ pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, 256> = HashMap::new();
 #[btf_map]
 pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, 131072> = LruHashMap::new();
 
+/// Tasks on other nodes: task address -> where to tunnel.
+#[btf_map]
+pub static MESH_TUN_V1: HashMap<u32, Tunnel, 262144> = HashMap::new();
+
+/// Known swarm nodes (underlay address -> PEER_* flags): VXLAN from anyone else is dropped.
+#[btf_map]
+pub static MESH_PEER_V1: HashMap<u32, u32, 4096> = HashMap::new();
+
+/// Overlay networks this node is on, by VNI.
+#[btf_map]
+pub static MESH_NET_V1: HashMap<u32, Network, 4096> = HashMap::new();
+
+/// This node on the underlay.
+#[btf_map]
+pub static MESH_LOCAL_V1: Array<Local, 1> = Array::new();
+
 /// Per-CPU working memory for what does not fit the 512-byte stack: the parsed headers,
 /// a conntrack entry being built, the answer being built. Only programs attached at
 /// ingress (softirq, never nested on one CPU) use it.
@@ -42,6 +58,7 @@ pub struct Scratch {
     pub quote: [u8; mesh_common::reply::QUOTE_LEN],
     pub rst: [u8; mesh_common::reply::RST_LEN],
     pub unreach: [u8; mesh_common::reply::UNREACH_LEN],
+    pub encap: [u8; mesh_common::vxlan::ENCAP_LEN],
 }
 
 #[btf_map]

@@ -36,7 +36,15 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
     }
     .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN on {}: {e:?}", fx.name, hook.name()));
 
-    let pass = fx.verdict.kind() == Kind::Pass;
+    // With no peers configured, the underlay's TC program (which takes IPv4 VXLAN apart)
+    // refuses well-formed VXLAN from an unknown sender; XDP only validates it so far.
+    let ipv4 = fx.packet[12..14] == [0x08, 0x00];
+    let verdict = if hook == Hook::TcUnderlayIngress && fx.verdict == Reason::PassVxlan && ipv4 {
+        Reason::DropVxlanUnknownPeer
+    } else {
+        fx.verdict
+    };
+    let pass = verdict.kind() == Kind::Pass;
     let want = match (hook, pass) {
         (Hook::XdpUnderlay, true) => XDP_PASS,
         (Hook::XdpUnderlay, false) => XDP_DROP,
@@ -61,7 +69,7 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
         bytes: fx.packet.len() as u64,
     };
     let mut expected = Snapshot::default();
-    for r in std::iter::once(&fx.verdict).chain(&fx.observations) {
+    for r in std::iter::once(&verdict).chain(&fx.observations) {
         expected.cells.insert((hook as u32, *r as u32), cell);
     }
     if delta != expected {

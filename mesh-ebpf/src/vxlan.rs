@@ -1,0 +1,124 @@
+//! The overlay: VXLAN encapsulation toward other nodes and decapsulation of what they
+//! send. Only VXLAN from known nodes, for known VNIs, is taken apart.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_redirect_neigh, bpf_skb_adjust_room},
+    programs::TcContext,
+};
+use mesh_common::{
+    config::MeshConfig,
+    hash::flow_hash,
+    parse::Parsed,
+    reason::Reason,
+    stats::Hook,
+    lb::Tunnel,
+    vxlan::{self, OVERHEAD},
+};
+
+use crate::{
+    lb::Flow,
+    maps::{scratch, MESH_LOCAL_V1, MESH_NET_V1, MESH_PEER_V1},
+    stats::count,
+};
+
+// uapi/linux/bpf.h: bpf_skb_adjust_room flags.
+const BPF_ADJ_ROOM_MAC: u32 = 1;
+const ENCAP_L3_IPV4: u64 = 1 << 1;
+const ENCAP_L4_UDP: u64 = 1 << 3;
+const ENCAP_L2_ETH: u64 = 1 << 6;
+const fn encap_l2(len: u64) -> u64 {
+    (len & 0xff) << 56
+}
+
+/// Encapsulates the (already rewritten) IPv4 packet in `ctx` toward `to.node` on
+/// `to.vni` and sends it out of the underlay: `TC_ACT_REDIRECT`, or `TC_ACT_SHOT` on
+/// failure. `f` is the flow, for the outer source port. (Four arguments and a scalar
+/// result: a BPF function takes at most five, and returns in a register.)
+#[inline(never)]
+pub fn encap(ctx: &TcContext, f: &Flow, to: &Tunnel, cfg: &MeshConfig) -> i32 {
+    match try_encap(ctx, f, to.node, to.vni, cfg) {
+        Ok(()) => TC_ACT_REDIRECT,
+        Err(()) => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -> Result<(), ()> {
+    let local = MESH_LOCAL_V1.get(0).copied().ok_or(())?;
+    if local.ifindex == 0 {
+        return Err(());
+    }
+    let inner_len = ctx.len().checked_sub(14).ok_or(())?;
+    let inner_src: u32 = ctx.load(14 + 12).map_err(|_| ())?;
+    let inner_dst: u32 = ctx.load(14 + 16).map_err(|_| ())?;
+    let h = flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto);
+    let flags = ENCAP_L3_IPV4 | ENCAP_L4_UDP | ENCAP_L2_ETH | encap_l2(14);
+    // SAFETY: the skb this program owns; room is inserted after the MAC header.
+    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags) } != 0 {
+        return Err(());
+    }
+    let s = scratch().ok_or(())?;
+    vxlan::header(
+        &mut s.encap,
+        local.addr,
+        node,
+        vxlan::source_port(h),
+        cfg.vxlan_port,
+        vni,
+        inner_src,
+        inner_dst,
+        inner_len as u16,
+        h as u16,
+    );
+    ctx.store(0, &s.encap, 0).map_err(|_| ())?;
+    // The kernel picks the route and fills the outer MACs from its neighbour table.
+    // SAFETY: no parameters struct: the helper does the FIB lookup itself.
+    let r = unsafe { bpf_redirect_neigh(local.ifindex, core::ptr::null_mut(), 0, 0) };
+    if r as i32 == TC_ACT_REDIRECT {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Where a decapsulated packet came from.
+pub struct From {
+    pub peer: u32,
+    pub vni: u32,
+    /// Size of the frame as it arrived (for the counters).
+    pub bytes: usize,
+}
+
+/// A VXLAN packet on the underlay: validate the sender and the VNI and take it apart.
+/// `Err` carries the TC action for a packet that was dropped (and counted).
+#[inline(never)]
+pub fn decap(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> Result<(), i32> {
+    let peer = p.saddr[0];
+    let vni = p.vni;
+    let fail = |r: Reason| {
+        count(hook, r, bytes);
+        Err(TC_ACT_SHOT)
+    };
+    // SAFETY: values copied out.
+    if unsafe { MESH_PEER_V1.get(&peer) }.is_none() {
+        return fail(Reason::DropVxlanUnknownPeer);
+    }
+    // SAFETY: as above.
+    if unsafe { MESH_NET_V1.get(&vni) }.is_none() {
+        return fail(Reason::DropVxlanUnknownVni);
+    }
+    if p.l3_off != 14 || p.inner_off < 14 {
+        return fail(Reason::DropTunnelFailed);
+    }
+    count(hook, Reason::ObsDecap, bytes);
+    // Remove outer IP, UDP, VXLAN and the inner Ethernet header; the outer Ethernet
+    // header stays (delivery rewrites its MACs).
+    // SAFETY: the skb this program owns.
+    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(p.inner_off as i32), BPF_ADJ_ROOM_MAC, 0) } != 0 {
+        return fail(Reason::DropTunnelFailed);
+    }
+    let len = ctx.len();
+    let _ = ctx.pull_data(if len < 128 { len } else { 128 });
+    Ok(())
+}

@@ -8,9 +8,9 @@ use aya::maps::{Array, HashMap, MapData};
 use mesh_common::{
     hash::flow_hash,
     lb::{
-        Backend, BackendState, Endpoint, Frontend, FrontendKey, NodeAddrFlags, Service,
-        BACKENDS_MAP, ENDPOINTS_MAP, FRONTENDS_MAP, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICES_MAP,
-        SVC_AFFINITY,
+        Backend, BackendState, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags,
+        Service, Tunnel, BACKENDS_MAP, ENDPOINTS_MAP, FRONTENDS_MAP, LOCAL_MAP, MAGLEV_MAP,
+        NETWORKS_MAP, NODE_ADDRS_MAP, PEERS_MAP, SERVICES_MAP, SVC_AFFINITY, TUNNELS_MAP,
     },
 };
 
@@ -101,6 +101,32 @@ impl MapWriter for Datapath {
             Op::DelBackend(id) => self.remove::<u32, Backend>(BACKENDS_MAP, id),
             Op::DelEndpoint(a) => self.remove::<u32, Endpoint>(ENDPOINTS_MAP, a),
             Op::DelNodeAddr(a) => self.remove::<u32, NodeAddrFlags>(NODE_ADDRS_MAP, a),
+            Op::PutLocal(l) => {
+                let map = self.ebpf_mut().map_mut(LOCAL_MAP).ok_or(MeshError::Map {
+                    map: LOCAL_MAP,
+                    source: aya::maps::MapError::InvalidName {
+                        name: LOCAL_MAP.into(),
+                    },
+                })?;
+                let mut arr: Array<&mut MapData, Local> =
+                    Array::try_from(map).map_err(map_err(LOCAL_MAP))?;
+                arr.set(0, l, 0).map_err(map_err(LOCAL_MAP))
+            }
+            Op::PutPeer(a, f) => self
+                .hash_map::<u32, u32>(PEERS_MAP)?
+                .insert(a, f, 0)
+                .map_err(map_err(PEERS_MAP)),
+            Op::PutNetwork(vni, n) => self
+                .hash_map::<u32, Network>(NETWORKS_MAP)?
+                .insert(vni, n, 0)
+                .map_err(map_err(NETWORKS_MAP)),
+            Op::PutTunnel(a, t) => self
+                .hash_map::<u32, Tunnel>(TUNNELS_MAP)?
+                .insert(a, t, 0)
+                .map_err(map_err(TUNNELS_MAP)),
+            Op::DelTunnel(a) => self.remove::<u32, Tunnel>(TUNNELS_MAP, a),
+            Op::DelNetwork(vni) => self.remove::<u32, Network>(NETWORKS_MAP, vni),
+            Op::DelPeer(a) => self.remove::<u32, u32>(PEERS_MAP, a),
         }
     }
 }
@@ -108,6 +134,10 @@ impl MapWriter for Datapath {
 /// The maps in memory, for tests.
 #[derive(Debug, Default)]
 pub struct MemMaps {
+    local: Option<Local>,
+    peers: BTreeMap<u32, u32>,
+    nets: BTreeMap<u32, Network>,
+    tun: BTreeMap<u32, Tunnel>,
     node: BTreeSet<u32>,
     ep: BTreeMap<u32, Endpoint>,
     be: BTreeMap<u32, Backend>,
@@ -161,6 +191,25 @@ impl MemMaps {
             }
             Op::DelNodeAddr(a) => {
                 self.node.remove(a);
+            }
+            Op::PutLocal(l) => self.local = Some(*l),
+            Op::PutPeer(a, f) => {
+                self.peers.insert(*a, *f);
+            }
+            Op::PutNetwork(v, n) => {
+                self.nets.insert(*v, *n);
+            }
+            Op::PutTunnel(a, t) => {
+                self.tun.insert(*a, *t);
+            }
+            Op::DelTunnel(a) => {
+                self.tun.remove(a);
+            }
+            Op::DelNetwork(v) => {
+                self.nets.remove(v);
+            }
+            Op::DelPeer(a) => {
+                self.peers.remove(a);
             }
         }
     }
@@ -268,7 +317,18 @@ impl MemMaps {
                     return Err(format!("slot {i} -> backend {id} of service {}", be.svc_id));
                 }
                 if !self.ep.contains_key(&be.addr) {
-                    return Err(format!("slot {i} -> backend {id} without endpoint"));
+                    // On another node: its tunnel, peer and network must all be there.
+                    let t = self.tun.get(&be.addr).ok_or(format!(
+                        "slot {i} -> backend {id} with neither endpoint nor tunnel"
+                    ))?;
+                    if !self.peers.contains_key(&t.node)
+                        || !self.nets.contains_key(&t.vni)
+                        || self.local.is_none()
+                    {
+                        return Err(format!(
+                            "slot {i} -> backend {id} tunnel to an unknown peer/network"
+                        ));
+                    }
                 }
             }
         }

@@ -24,6 +24,10 @@ pub const PINNED_MAPS: &[&str] = &[
     lb::BACKENDS_MAP,
     lb::ENDPOINTS_MAP,
     lb::NODE_ADDRS_MAP,
+    lb::TUNNELS_MAP,
+    lb::PEERS_MAP,
+    lb::NETWORKS_MAP,
+    lb::LOCAL_MAP,
 ];
 
 /// What one apply did.

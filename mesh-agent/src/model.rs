@@ -27,6 +27,57 @@ pub struct Model {
     /// Tasks running on this node.
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+    /// This node on the underlay (needed as soon as anything is on another node).
+    #[serde(default)]
+    pub node: Option<NodeSpec>,
+    /// The other swarm nodes: VXLAN from anyone else is dropped.
+    #[serde(default)]
+    pub peers: Vec<PeerSpec>,
+    /// Overlay networks this node is on.
+    #[serde(default)]
+    pub networks: Vec<NetworkSpec>,
+    /// Tasks on other nodes that tasks here may reach directly (backends on other nodes
+    /// are reachable without being listed here).
+    #[serde(default)]
+    pub remote_tasks: Vec<RemoteTaskSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// This node's underlay address (the swarm advertise address): outer source of VXLAN.
+    pub addr: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSpec {
+    pub addr: Ipv4Addr,
+    /// Runs stock Docker (kernel VXLAN), not the mesh: flows to its tasks are SNATed.
+    #[serde(default)]
+    pub stock: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub name: String,
+    /// Docker's `com.docker.network.driver.overlay.vxlanid_list`.
+    pub vni: u32,
+    /// This node's own address on the network (Docker's per-node endpoint, e.g. the
+    /// ingress sandbox's): the source of flows SNATed toward stock nodes.
+    pub local_addr: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteTaskSpec {
+    pub addr: Ipv4Addr,
+    /// Underlay address of its node (one of `peers`).
+    pub node: Ipv4Addr,
+    /// Network it is reached on (default: the first of `networks`).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +163,12 @@ pub struct BackendSpec {
     pub addr: Ipv4Addr,
     #[serde(default)]
     pub state: Health,
+    /// Underlay address of the node it runs on, when that is not this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Ipv4Addr>,
+    /// Network it is reached on (default: the first of `networks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +251,22 @@ pub enum ModelError {
     DuplicateEndpoint(Ipv4Addr),
     #[error("service {0:?}: port 0 is not a port")]
     PortZero(String),
+    #[error("{what} {addr} is on node {node}, which is not in `peers`")]
+    UnknownPeer {
+        what: &'static str,
+        addr: Ipv4Addr,
+        node: Ipv4Addr,
+    },
+    #[error("{what} {addr}: no network {network:?} in `networks`")]
+    UnknownNetwork {
+        what: &'static str,
+        addr: Ipv4Addr,
+        network: String,
+    },
+    #[error("tasks on other nodes need `node:` (this node's underlay address) and `underlay:`")]
+    NoNode,
+    #[error("backend {0} is on this node but has no endpoint")]
+    NoEndpoint(Ipv4Addr),
 }
 
 /// Identity of a load-balancing group: a service's target port, or one host-mode port
@@ -227,6 +300,12 @@ pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, (GroupName, u32)>,
     pub groups: BTreeMap<GroupName, Group>,
     pub endpoints: BTreeMap<Ipv4Addr, ResolvedEndpoint>,
+    /// This node on the underlay.
+    pub local: Option<mesh_common::lb::Local>,
+    pub peers: BTreeMap<Ipv4Addr, u32>,
+    pub networks: BTreeMap<u32, mesh_common::lb::Network>,
+    /// Tasks on other nodes.
+    pub tunnels: BTreeMap<Ipv4Addr, mesh_common::lb::Tunnel>,
 }
 
 /// Turns `model` into kernel terms; `resolve` gives an endpoint interface's (ifindex,
@@ -252,11 +331,12 @@ pub fn desired(
             },
         );
     }
+    overlay(model, &mut d, &mut resolve)?;
     for svc in &model.services {
         let backends = |port: u16, local_only: bool| -> BTreeMap<(Ipv4Addr, u16), BackendState> {
             svc.backends
                 .iter()
-                .filter(|b| !local_only || d.endpoints.contains_key(&b.addr))
+                .filter(|b| !local_only || (b.node.is_none() && d.endpoints.contains_key(&b.addr)))
                 .map(|b| {
                     let st = match b.state {
                         Health::Active => BackendState::Active,
@@ -312,6 +392,91 @@ pub fn desired(
         }
     }
     Ok(d)
+}
+
+/// Peers, networks, this node, and a tunnel for every task on another node.
+fn overlay(
+    model: &Model,
+    d: &mut Desired,
+    resolve: &mut impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
+) -> Result<(), crate::MeshError> {
+    use mesh_common::lb::{Local, Network, Tunnel, PEER_MESH, PEER_STOCK, TUN_STOCK};
+    let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+    for p in &model.peers {
+        d.peers
+            .insert(p.addr, if p.stock { PEER_STOCK } else { PEER_MESH });
+    }
+    for n in &model.networks {
+        d.networks.insert(
+            n.vni,
+            Network {
+                local_addr: ne(n.local_addr),
+                flags: 0,
+            },
+        );
+    }
+    let remote = model
+        .services
+        .iter()
+        .flat_map(|s| &s.backends)
+        .filter_map(|b| {
+            b.node
+                .map(|node| ("backend", b.addr, node, b.network.clone()))
+        })
+        .chain(
+            model
+                .remote_tasks
+                .iter()
+                .map(|t| ("remote task", t.addr, t.node, t.network.clone())),
+        );
+    for (what, addr, node, network) in remote {
+        let Some(flags) = d.peers.get(&node).copied() else {
+            return Err(ModelError::UnknownPeer { what, addr, node }.into());
+        };
+        let net = match &network {
+            Some(name) => model.networks.iter().find(|n| &n.name == name),
+            None => model.networks.first(),
+        };
+        let Some(net) = net else {
+            return Err(ModelError::UnknownNetwork {
+                what,
+                addr,
+                network: network.unwrap_or_default(),
+            }
+            .into());
+        };
+        d.tunnels.insert(
+            addr,
+            Tunnel {
+                node: ne(node),
+                vni: net.vni,
+                flags: if flags & PEER_STOCK != 0 {
+                    TUN_STOCK
+                } else {
+                    0
+                },
+                _pad: 0,
+            },
+        );
+    }
+    if let Some(node) = &model.node {
+        let Some(underlay) = &model.underlay else {
+            return Err(ModelError::NoNode.into());
+        };
+        let (ifindex, _) = resolve(underlay)?;
+        d.local = Some(Local {
+            ifindex,
+            addr: ne(node.addr),
+        });
+    } else if !d.tunnels.is_empty() {
+        return Err(ModelError::NoNode.into());
+    }
+    for b in model.services.iter().flat_map(|s| &s.backends) {
+        if b.node.is_none() && !d.endpoints.contains_key(&b.addr) {
+            return Err(ModelError::NoEndpoint(b.addr).into());
+        }
+    }
+    Ok(())
 }
 
 fn fe_key(addr: u32, port: u16, proto: u8) -> FrontendKey {
@@ -405,12 +570,15 @@ services:
     vips: [10.0.1.2]
     backends:
       - {addr: 10.0.1.4}
-      - {addr: 10.0.1.5, state: draining}
-      - {addr: 10.0.1.6}
+      - {addr: 10.0.1.5, state: draining, node: 192.168.1.11}
+      - {addr: 10.0.1.6, node: 192.168.1.12}
     tcp_idle: 86400
     affinity: true
 endpoints:
   - {addr: 10.0.1.4, interface: veth4, mac: "02:42:0a:00:01:04"}
+node: {addr: 192.168.1.10}
+peers: [{addr: 192.168.1.11}, {addr: 192.168.1.12, stock: true}]
+networks: [{name: ingress, vni: 4096, local_addr: 10.0.1.2}]
 "#;
 
     fn resolve(name: &str) -> Result<(u32, [u8; 6]), crate::MeshError> {
@@ -428,6 +596,9 @@ endpoints:
         assert_eq!(*flags, FE_HOST);
         // Host mode: only the local task.
         assert_eq!(d.groups[g].backends.len(), 1);
+        assert!(d.groups[g]
+            .backends
+            .contains_key(&("10.0.1.4".parse().unwrap(), 80)));
         let (g, flags) = &d.frontends[&fe_key(0, 8080, PROTO_TCP)];
         assert_eq!(*flags, FE_INGRESS);
         let grp = &d.groups[g];
@@ -439,6 +610,17 @@ endpoints:
         assert_eq!(grp.tcp_idle_s, 86400);
         assert_eq!(grp.udp_idle_s, UDP_IDLE_DEFAULT_S);
         assert!(grp.affinity);
+        // The overlay: two tunnels, the stock node's flagged; this node's underlay.
+        assert_eq!(d.tunnels.len(), 2);
+        let stock = d.tunnels[&"10.0.1.6".parse().unwrap()];
+        assert_eq!(stock.flags, mesh_common::lb::TUN_STOCK);
+        assert_eq!(stock.vni, 4096);
+        assert_eq!(d.local.unwrap().addr, u32::from_ne_bytes([192, 168, 1, 10]));
+        assert_eq!(
+            d.local.unwrap().ifindex,
+            4,
+            "resolved from `underlay: eth0`"
+        );
         let vip = u32::from_ne_bytes([10, 0, 1, 2]);
         assert_eq!(
             d.frontends[&fe_key(vip, 80, PROTO_TCP)].0,
@@ -458,6 +640,7 @@ endpoints:
     fn host_mode_port_without_local_task_is_not_claimed() {
         let mut m = from_yaml(YAML).unwrap();
         m.endpoints.clear();
+        m.services[0].backends[0].node = Some("192.168.1.11".parse().unwrap());
         let d = desired(&m, resolve).unwrap();
         assert!(!d.frontends.contains_key(&fe_key(0, 8081, PROTO_TCP)));
         assert!(d.frontends.contains_key(&fe_key(0, 8080, PROTO_TCP)));
@@ -478,6 +661,22 @@ endpoints:
         let e = desired(&m, resolve).unwrap_err().to_string();
         assert!(
             e.contains("published port 8080") && e.contains("\"api\""),
+            "{e}"
+        );
+
+        let mut m = from_yaml(YAML).unwrap();
+        m.services[0].backends[1].node = Some("192.168.1.99".parse().unwrap());
+        let e = desired(&m, resolve).unwrap_err().to_string();
+        assert!(
+            e.contains("node 192.168.1.99, which is not in `peers`"),
+            "{e}"
+        );
+
+        let mut m = from_yaml(YAML).unwrap();
+        m.services[0].backends[0].addr = "10.0.1.40".parse().unwrap();
+        let e = desired(&m, resolve).unwrap_err().to_string();
+        assert!(
+            e.contains("10.0.1.40 is on this node but has no endpoint"),
             "{e}"
         );
 

@@ -14,7 +14,8 @@ use std::{
 };
 
 use mesh_common::lb::{
-    Backend, BackendState, Endpoint, Frontend, FrontendKey, Service, SVC_AFFINITY,
+    Backend, BackendState, Endpoint, Frontend, FrontendKey, Local, Network, Service, Tunnel,
+    SVC_AFFINITY,
 };
 
 use crate::{
@@ -25,6 +26,13 @@ use crate::{
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
+    PutLocal(Local),
+    PutPeer(u32, u32),
+    PutNetwork(u32, Network),
+    PutTunnel(u32, Tunnel),
+    DelTunnel(u32),
+    DelNetwork(u32),
+    DelPeer(u32),
     PutNodeAddr(u32),
     PutEndpoint(u32, Endpoint),
     PutBackend(u32, Backend),
@@ -119,6 +127,10 @@ pub enum PlanError {
 /// What has been applied, and the planner.
 #[derive(Clone, Debug)]
 pub struct Reconciler {
+    local: Option<Local>,
+    peers: BTreeMap<Ipv4Addr, u32>,
+    networks: BTreeMap<u32, Network>,
+    tunnels: BTreeMap<Ipv4Addr, Tunnel>,
     node_addrs: BTreeSet<Ipv4Addr>,
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     frontends: BTreeMap<FrontendKey, Frontend>,
@@ -139,6 +151,10 @@ impl Reconciler {
     /// A reconciler for empty maps with `maglev_slots` slots in the Maglev array.
     pub fn new(maglev_slots: u32) -> Self {
         Reconciler {
+            local: None,
+            peers: BTreeMap::new(),
+            networks: BTreeMap::new(),
+            tunnels: BTreeMap::new(),
             node_addrs: BTreeSet::new(),
             endpoints: BTreeMap::new(),
             frontends: BTreeMap::new(),
@@ -184,6 +200,41 @@ impl Reconciler {
         for a in d.node_addrs.difference(&self.node_addrs) {
             node_puts.push(Op::PutNodeAddr(addr(*a)));
         }
+        // The overlay's maps: written with the endpoints (before anything points at a
+        // tunnel), removed with them.
+        let mut overlay_puts = Vec::new();
+        let mut overlay_dels = Vec::new();
+        if let Some(l) = d.local.filter(|l| Some(*l) != self.local) {
+            overlay_puts.push(Op::PutLocal(l));
+        }
+        self.local = d.local;
+        diff(
+            &self.peers,
+            &d.peers,
+            |k, v| Op::PutPeer(addr(*k), *v),
+            |k| Op::DelPeer(addr(*k)),
+            &mut overlay_puts,
+            &mut overlay_dels,
+        );
+        diff(
+            &self.networks,
+            &d.networks,
+            |k, v| Op::PutNetwork(*k, *v),
+            |k| Op::DelNetwork(*k),
+            &mut overlay_puts,
+            &mut overlay_dels,
+        );
+        diff(
+            &self.tunnels,
+            &d.tunnels,
+            |k, v| Op::PutTunnel(addr(*k), *v),
+            |k| Op::DelTunnel(addr(*k)),
+            &mut overlay_puts,
+            &mut overlay_dels,
+        );
+        self.peers = d.peers.clone();
+        self.networks = d.networks.clone();
+        self.tunnels = d.tunnels.clone();
         for a in self.node_addrs.difference(&d.node_addrs) {
             node_dels.push(Op::DelNodeAddr(addr(*a)));
         }
@@ -365,12 +416,42 @@ impl Reconciler {
 
         let mut ops = node_puts;
         for part in [
-            puts_ep, puts_be, puts_slots, puts_svc, puts_fe, demotions, dels_fe, dels_svc, dels_be,
-            dels_ep, node_dels,
+            overlay_puts,
+            puts_ep,
+            puts_be,
+            puts_slots,
+            puts_svc,
+            puts_fe,
+            demotions,
+            dels_fe,
+            dels_svc,
+            dels_be,
+            dels_ep,
+            overlay_dels,
+            node_dels,
         ] {
             ops.extend(part);
         }
         Ok(ops)
+    }
+}
+
+/// Puts for what is new or changed, deletes for what is gone.
+fn diff<K: Ord, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    put: impl Fn(&K, &V) -> Op,
+    del: impl Fn(&K) -> Op,
+    puts: &mut Vec<Op>,
+    dels: &mut Vec<Op>,
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            puts.push(put(k, v));
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(k)) {
+        dels.push(del(k));
     }
 }
 
@@ -580,6 +661,8 @@ mod tests {
         m.services[1].backends = vec![crate::model::BackendSpec {
             addr: "10.0.1.4".parse().unwrap(),
             state: crate::model::Health::Active,
+            node: None,
+            network: None,
         }];
         m.services[0].backends.clear();
         apply_checked(&mut maps, &r.plan(&desired(&m, resolve).unwrap()).unwrap());
@@ -595,6 +678,40 @@ mod tests {
             "id reused: {first:?} -> {:?}",
             r.backends.keys()
         );
+    }
+
+    /// Backends on other nodes: tunnels, peers, networks and this node are written before
+    /// any slot points at them; a node that disappears takes its tasks out of the table
+    /// before its tunnels go.
+    #[test]
+    fn remote_backends_and_a_node_leaving() {
+        let yaml = |with_n2: bool| {
+            let mut y = String::from(
+                "underlay: eth0\nnode: {addr: 192.168.1.10}\nnode_addrs: [192.168.1.10]\n\
+                 networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]\n\
+                 peers: [{addr: 192.168.1.11}, {addr: 192.168.1.12, stock: true}]\n\
+                 services:\n  - name: web\n    ports: [{published: 8080, target: 80}]\n    backends:\n\
+                       - {addr: 10.0.0.11}\n\
+                       - {addr: 10.0.0.13, node: 192.168.1.12}\n",
+            );
+            if with_n2 {
+                y.push_str("      - {addr: 10.0.0.12, node: 192.168.1.11}\n");
+            }
+            y.push_str("endpoints: [{addr: 10.0.0.11, interface: v1, mac: \"02:42:0a:00:00:0b\"}]\n");
+            from_yaml(&y).unwrap()
+        };
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        let ops = r.plan(&desired(&yaml(true), resolve).unwrap()).unwrap();
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps.table_backends(8080).len(), 3);
+        let ops = r.plan(&desired(&yaml(false), resolve).unwrap()).unwrap();
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps.table_backends(8080).len(), 2);
+        assert!(ops.iter().any(|o| matches!(o, Op::DelTunnel(_))));
+        let kinds: Vec<_> = ops.iter().map(std::mem::discriminant).collect();
+        let pos = |o: &Op| kinds.iter().position(|k| *k == std::mem::discriminant(o)).unwrap();
+        assert!(pos(&Op::PutSlots(vec![])) < pos(&Op::DelTunnel(0)));
     }
 
     #[test]

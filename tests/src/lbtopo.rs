@@ -205,6 +205,8 @@ impl LbTopo {
                 .map(|(i, h)| BackendSpec {
                     addr: TASKS[*i].parse().unwrap(),
                     state: *h,
+                    node: None,
+                    network: None,
                 })
                 .collect()
         };

@@ -117,6 +117,8 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
         .map(|(a, s)| BackendSpec {
             addr: Ipv4Addr::from(*a),
             state: *s,
+            node: None,
+            network: None,
         })
         .collect();
     let port =

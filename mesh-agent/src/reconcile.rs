@@ -686,19 +686,27 @@ mod tests {
     #[test]
     fn remote_backends_and_a_node_leaving() {
         let yaml = |with_n2: bool| {
-            let mut y = String::from(
-                "underlay: eth0\nnode: {addr: 192.168.1.10}\nnode_addrs: [192.168.1.10]\n\
-                 networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]\n\
-                 peers: [{addr: 192.168.1.11}, {addr: 192.168.1.12, stock: true}]\n\
-                 services:\n  - name: web\n    ports: [{published: 8080, target: 80}]\n    backends:\n\
-                       - {addr: 10.0.0.11}\n\
-                       - {addr: 10.0.0.13, node: 192.168.1.12}\n",
-            );
-            if with_n2 {
-                y.push_str("      - {addr: 10.0.0.12, node: 192.168.1.11}\n");
-            }
-            y.push_str("endpoints: [{addr: 10.0.0.11, interface: v1, mac: \"02:42:0a:00:00:0b\"}]\n");
-            from_yaml(&y).unwrap()
+            let n2 = if with_n2 {
+                "      - {addr: 10.0.0.12, node: 192.168.1.11}\n"
+            } else {
+                ""
+            };
+            from_yaml(&format!(
+                r#"underlay: eth0
+node: {{addr: 192.168.1.10}}
+node_addrs: [192.168.1.10]
+networks: [{{name: ingress, vni: 4096, local_addr: 10.0.0.2}}]
+peers: [{{addr: 192.168.1.11}}, {{addr: 192.168.1.12, stock: true}}]
+services:
+  - name: web
+    ports: [{{published: 8080, target: 80}}]
+    backends:
+      - {{addr: 10.0.0.11}}
+      - {{addr: 10.0.0.13, node: 192.168.1.12}}
+{n2}endpoints: [{{addr: 10.0.0.11, interface: v1, mac: "02:42:0a:00:00:0b"}}]
+"#
+            ))
+            .unwrap()
         };
         let mut r = Reconciler::new(1 << 16);
         let mut maps = MemMaps::new(1 << 16);
@@ -710,7 +718,12 @@ mod tests {
         assert_eq!(maps.table_backends(8080).len(), 2);
         assert!(ops.iter().any(|o| matches!(o, Op::DelTunnel(_))));
         let kinds: Vec<_> = ops.iter().map(std::mem::discriminant).collect();
-        let pos = |o: &Op| kinds.iter().position(|k| *k == std::mem::discriminant(o)).unwrap();
+        let pos = |o: &Op| {
+            kinds
+                .iter()
+                .position(|k| *k == std::mem::discriminant(o))
+                .unwrap()
+        };
         assert!(pos(&Op::PutSlots(vec![])) < pos(&Op::DelTunnel(0)));
     }
 

@@ -50,17 +50,28 @@ fn mac_str(m: [u8; 6]) -> String {
 }
 
 pub struct LbTopo {
-    stop: Arc<AtomicBool>,
+    pub servers: Servers,
     pub c: Netns,
     pub n: Netns,
     pub t: Vec<Netns>,
 }
 
-impl Drop for LbTopo {
+/// The tasks' servers (threads of this process with sockets in the task namespaces).
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Servers {
     fn drop(&mut self) {
-        // Server threads notice on their next accept timeout; the namespaces go with the
-        // fields (sockets in them close when the process or the threads let go).
+        // Server threads notice on their next wake-up; the namespaces go with their
+        // owners (sockets in them close when the threads let go).
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Default for Servers {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -116,21 +127,25 @@ impl LbTopo {
             n.ip(&["link", "set", &h, "up"]);
             n.ip(&["route", "add", &format!("{}/32", TASKS[i]), "dev", &h]);
         }
-        let topo = LbTopo {
-            stop: Arc::new(AtomicBool::new(false)),
-            c,
-            n,
-            t,
-        };
-        for i in 0..3 {
-            topo.serve(i);
+        let servers = Servers::new();
+        for (i, ts) in t.iter().enumerate() {
+            servers.serve(ts, &format!("t{}", i + 1));
         }
-        topo
+        LbTopo { servers, c, n, t }
+    }
+}
+
+impl Servers {
+    pub fn new() -> Self {
+        Servers {
+            stop: Arc::new(AtomicBool::new(false)),
+        }
     }
 
-    fn serve(&self, i: usize) {
-        let name = format!("t{}", i + 1);
-        let (http, direct, echo, udp) = self.t[i].enter(|| {
+    /// Starts, in `ns`, HTTP on :80 and on [`DIRECT_PORT`], the line echo on :7000 and the
+    /// UDP responder on :53, all answering as `name`.
+    pub fn serve(&self, ns: &Netns, name: &str) {
+        let (http, direct, echo, udp) = ns.enter(|| {
             (
                 TcpListener::bind(("0.0.0.0", 80)).expect("bind :80"),
                 TcpListener::bind(("0.0.0.0", DIRECT_PORT)).expect("bind direct port"),
@@ -139,10 +154,10 @@ impl LbTopo {
             )
         });
         for http in [http, direct] {
-            self.serve_http(http, name.clone());
+            self.serve_http(http, name.to_string());
         }
         let stop = self.stop.clone();
-        let n = name.clone();
+        let n = name.to_string();
         std::thread::spawn(move || {
             for s in echo.incoming() {
                 if stop.load(Ordering::Relaxed) {
@@ -161,6 +176,7 @@ impl LbTopo {
             }
         });
         let stop = self.stop.clone();
+        let name = name.to_string();
         std::thread::spawn(move || {
             let _ = udp.set_read_timeout(Some(Duration::from_millis(500)));
             let mut buf = [0u8; 2048];
@@ -198,6 +214,9 @@ impl LbTopo {
         });
     }
 
+}
+
+impl LbTopo {
     /// The model of the tests' services over `backends` (task index, health).
     pub fn model(&self, backends: &[(usize, Health)]) -> Model {
         let be = |list: &[(usize, Health)]| -> Vec<BackendSpec> {
@@ -283,6 +302,7 @@ impl LbTopo {
                     delivery_addr: None,
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 }

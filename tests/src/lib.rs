@@ -8,3 +8,4 @@ pub mod netns;
 pub mod packets;
 pub mod prereq;
 pub mod topology;
+pub mod cluster;

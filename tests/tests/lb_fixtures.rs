@@ -179,6 +179,7 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
                 delivery_addr: None,
             })
             .collect(),
+        ..Default::default()
     }
 }
 

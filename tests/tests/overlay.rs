@@ -1,0 +1,133 @@
+//! Tier 3, the overlay: three mesh nodes and a stock-Docker node (Linux's vxlan device)
+//! on an underlay bridge, a client, a task per node. Real traffic only between these
+//! namespaces.
+
+use std::{collections::BTreeSet, net::UdpSocket};
+
+use mesh_agent::{loader::Datapath, mesh::Mesh, stats::Snapshot};
+use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
+use mesh_tests::{
+    cluster::{Cluster, CLIENT, NODES, NODE_OVERLAY, TASKS, VIP, VNI},
+    lbtopo::http_get,
+    prereq,
+};
+
+fn setup(test: &str, tag: &str) -> Option<(Cluster, Vec<Mesh>)> {
+    let object = prereq::privileged(test)?;
+    let cluster = Cluster::new(tag);
+    let mut meshes = Vec::new();
+    for i in 0..3 {
+        let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load datapath");
+        let mut mesh = Mesh::new(dp);
+        let model = cluster.model(i, &[true; 3]);
+        cluster.nodes[i].enter(|| {
+            mesh.dp.attach_tc_ingress("u").expect("attach underlay");
+            mesh.dp.attach_tc_task(&format!("h{}", i + 1)).expect("attach task veth");
+            mesh.apply(&model).expect("apply model");
+        });
+        meshes.push(mesh);
+    }
+    Some((cluster, meshes))
+}
+
+fn counters(m: &Mesh) -> Snapshot {
+    Snapshot::read(&m.dp.stats().unwrap()).unwrap()
+}
+
+fn split(body: &str) -> (String, String) {
+    let (t, p) = body.split_once(' ').unwrap_or_else(|| panic!("unexpected answer {body:?}"));
+    (t.to_string(), p.to_string())
+}
+
+#[test]
+fn every_node_serves_tasks_on_every_node_with_the_client_ip() {
+    let Some((cl, meshes)) = setup("every_node_serves_tasks_on_every_node_with_the_client_ip", "o") else {
+        return;
+    };
+    for (i, node) in NODES.iter().take(3).enumerate() {
+        let mut tasks = BTreeSet::new();
+        cl.c.enter(|| {
+            for _ in 0..60 {
+                let (t, peer) = split(&http_get(node, 8080).unwrap_or_else(|e| panic!("{node}:8080: {e}")));
+                assert_eq!(peer, CLIENT, "mesh-to-mesh keeps the client IP (via node {})", i + 1);
+                tasks.insert(t);
+            }
+        });
+        assert_eq!(tasks.len(), 3, "node {} reaches {tasks:?}", i + 1);
+    }
+    // Through node 1, the backends on nodes 2 and 3 were reached through the tunnel.
+    let d = counters(&meshes[0]);
+    assert!(d.get(Hook::TcUnderlayIngress, Reason::FwdToTunnel).packets > 0);
+    assert!(d.get(Hook::TcUnderlayIngress, Reason::ObsDecap).packets > 0);
+    let d2 = counters(&meshes[1]);
+    assert!(d2.get(Hook::TcTask, Reason::FwdToTunnel).packets > 0, "replies tunnelled back");
+    println!("\noverlay: published port on each of 3 nodes reached tasks on all 3, client IP intact");
+}
+
+#[test]
+fn vip_from_a_task_reaches_other_nodes() {
+    let Some((cl, _meshes)) = setup("vip_from_a_task_reaches_other_nodes", "v") else {
+        return;
+    };
+    let mut tasks = BTreeSet::new();
+    cl.tasks[0].enter(|| {
+        for _ in 0..60 {
+            let (t, peer) = split(&http_get(VIP, 80).expect("VIP from t1"));
+            if t != "t1" {
+                assert_eq!(peer, TASKS[0], "the remote task sees t1's address");
+            }
+            tasks.insert(t);
+        }
+    });
+    assert!(tasks.contains("t2") && tasks.contains("t3"), "{tasks:?}");
+}
+
+#[test]
+fn stock_docker_node_interoperates_both_ways() {
+    let Some((cl, meshes)) = setup("stock_docker_node_interoperates_both_ways", "s") else {
+        return;
+    };
+    // Mesh -> stock: the published port of a service whose task runs on the stock node.
+    // The stock node's bridge only knows overlay addresses: the task sees node 1's.
+    let (t, peer) = split(&cl.c.enter(|| http_get(NODES[0], 8085)).expect("mesh to stock"));
+    assert_eq!((t.as_str(), peer.as_str()), ("t4", NODE_OVERLAY[0]));
+    assert!(counters(&meshes[0]).get(Hook::TcUnderlayIngress, Reason::ObsStockSnat).packets > 0);
+    // Stock -> mesh: the stock task talks to a mesh task directly; the kernel's vxlan
+    // device encapsulates, the mesh node takes it apart and delivers, the reply goes
+    // back through the tunnel.
+    let (t, peer) = split(&cl.tasks[3].enter(|| http_get(TASKS[0], 80)).expect("stock to mesh"));
+    assert_eq!((t.as_str(), peer.as_str()), ("t1", TASKS[3]));
+    println!("\noverlay: stock Docker node interoperates both ways");
+}
+
+#[test]
+fn vxlan_from_unknown_senders_and_vnis_is_dropped() {
+    let Some((cl, meshes)) = setup("vxlan_from_unknown_senders_and_vnis_is_dropped", "x") else {
+        return;
+    };
+    let before = counters(&meshes[0]);
+    let frame = |vni: u32| {
+        let mut v = vec![0x08, 0, 0, 0];
+        v.extend_from_slice(&(vni << 8).to_be_bytes());
+        // An inner frame for t1.
+        let inner = mesh_tests::packets::udp4(1, 2, b"smuggled");
+        v.extend_from_slice(&inner);
+        v
+    };
+    // The client is not a swarm node.
+    cl.c.enter(|| {
+        let s = UdpSocket::bind((CLIENT, 0)).unwrap();
+        s.send_to(&frame(VNI), (NODES[0], 4789)).unwrap();
+    });
+    // The stock node is, but VNI 5000 is not a network of node 1.
+    cl.nodes[3].enter(|| {
+        let s = UdpSocket::bind((NODES[3], 0)).unwrap();
+        s.send_to(&frame(5000), (NODES[0], 4789)).unwrap();
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let d = counters(&meshes[0]).since(&before);
+    let u = Hook::TcUnderlayIngress;
+    assert_eq!(d.get(u, Reason::DropVxlanUnknownPeer).packets, 1, "{d:?}");
+    assert_eq!(d.get(u, Reason::DropVxlanUnknownVni).packets, 1, "{d:?}");
+    assert_eq!(d.get(u, Reason::ObsDecap).packets, 0);
+}

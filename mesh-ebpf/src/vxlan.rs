@@ -22,13 +22,22 @@ use crate::{
     stats::count,
 };
 
-// uapi/linux/bpf.h: bpf_skb_adjust_room flags.
-const BPF_ADJ_ROOM_MAC: u32 = 1;
-const ENCAP_L3_IPV4: u64 = 1 << 1;
-const ENCAP_L4_UDP: u64 = 1 << 3;
-const ENCAP_L2_ETH: u64 = 1 << 6;
+use aya_ebpf::bindings::{
+    bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_ENCAP_L2_MASK, BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
+    BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+    BPF_F_ADJ_ROOM_FIXED_GSO,
+};
+
+const ENCAP_L3_IPV4: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64;
+/// Marks a GSO packet as a UDP tunnel, so that segmentation repeats the outer headers.
+const ENCAP_L4_UDP: u64 = BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64;
+const ENCAP_L2_ETH: u64 = BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64;
+/// Keep the GSO segment size: the inner MTU (1450 on Docker's overlay) already leaves
+/// room for the encapsulation, and a changed size makes the kernel drop GRO'd packets
+/// whose length falls at or below it (tcp_gso_segment's `skb->len <= mss` check).
+const FIXED_GSO: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
 const fn encap_l2(len: u64) -> u64 {
-    (len & 0xff) << 56
+    (len & BPF_ADJ_ROOM_ENCAP_L2_MASK as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT
 }
 
 /// Encapsulates the (already rewritten) IPv4 packet in `ctx` toward `to.node` on
@@ -53,7 +62,7 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -
     let inner_src: u32 = ctx.load(14 + 12).map_err(|_| ())?;
     let inner_dst: u32 = ctx.load(14 + 16).map_err(|_| ())?;
     let h = flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto);
-    let flags = ENCAP_L3_IPV4 | ENCAP_L4_UDP | ENCAP_L2_ETH | encap_l2(14);
+    let flags = ENCAP_L3_IPV4 | ENCAP_L4_UDP | ENCAP_L2_ETH | encap_l2(14) | FIXED_GSO;
     // SAFETY: the skb this program owns; room is inserted after the MAC header.
     if unsafe { bpf_skb_adjust_room(ctx.skb.skb, OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags) } != 0 {
         return Err(());
@@ -115,7 +124,7 @@ pub fn decap(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> Result<()
     // Remove outer IP, UDP, VXLAN and the inner Ethernet header; the outer Ethernet
     // header stays (delivery rewrites its MACs).
     // SAFETY: the skb this program owns.
-    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(p.inner_off as i32), BPF_ADJ_ROOM_MAC, 0) } != 0 {
+    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(p.inner_off as i32), BPF_ADJ_ROOM_MAC, FIXED_GSO) } != 0 {
         return fail(Reason::DropTunnelFailed);
     }
     let len = ctx.len();

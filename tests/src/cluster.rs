@@ -63,7 +63,18 @@ impl Cluster {
             ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
         }
         let plug = |ns: &Netns, port: &str, addr: &str| {
-            ns.ip(&["link", "add", "u", "type", "veth", "peer", "name", port, "netns", ul.name()]);
+            ns.ip(&[
+                "link",
+                "add",
+                "u",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                ul.name(),
+            ]);
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "u"]);
             ns.ip(&["link", "set", "u", "up"]);
             ul.ip(&["link", "set", port, "master", "br0"]);
@@ -78,7 +89,22 @@ impl Cluster {
         for i in 0..3 {
             let (n, t) = (&nodes[i], &tasks[i]);
             let h = format!("h{}", i + 1);
-            t.ip(&["link", "add", "eth0", "address", &mac_str(docker_mac(TASKS[i])), "mtu", "1450", "type", "veth", "peer", "name", &h, "netns", n.name()]);
+            t.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "address",
+                &mac_str(docker_mac(TASKS[i])),
+                "mtu",
+                "1450",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &h,
+                "netns",
+                n.name(),
+            ]);
             t.ip(&["addr", "add", &format!("{}/32", TASKS[i]), "dev", "eth0"]);
             t.ip(&["link", "set", "eth0", "up"]);
             t.ip(&["route", "add", GATEWAY, "dev", "eth0"]);
@@ -93,9 +119,41 @@ impl Cluster {
         // FDB and neighbour entries for every remote endpoint.
         let (s, t4) = (&nodes[3], &tasks[3]);
         s.ip(&["link", "add", "br0", "type", "bridge"]);
-        s.ip(&["link", "add", "vx0", "mtu", "1450", "type", "vxlan", "id", &VNI.to_string(), "dstport", "4789", "local", NODES[3], "dev", "u", "nolearning"]);
+        s.ip(&[
+            "link",
+            "add",
+            "vx0",
+            "mtu",
+            "1450",
+            "type",
+            "vxlan",
+            "id",
+            &VNI.to_string(),
+            "dstport",
+            "4789",
+            "local",
+            NODES[3],
+            "dev",
+            "u",
+            "nolearning",
+        ]);
         s.ip(&["link", "set", "vx0", "master", "br0"]);
-        t4.ip(&["link", "add", "eth0", "address", &mac_str(docker_mac(TASKS[3])), "mtu", "1450", "type", "veth", "peer", "name", "h4", "netns", s.name()]);
+        t4.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "address",
+            &mac_str(docker_mac(TASKS[3])),
+            "mtu",
+            "1450",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "h4",
+            "netns",
+            s.name(),
+        ]);
         t4.ip(&["addr", "add", &format!("{}/24", TASKS[3]), "dev", "eth0"]);
         t4.ip(&["link", "set", "eth0", "up"]);
         s.ip(&["link", "set", "h4", "master", "br0"]);
@@ -105,8 +163,29 @@ impl Cluster {
         for i in 0..3 {
             for addr in [TASKS[i], NODE_OVERLAY[i]] {
                 let mac = mac_str(docker_mac(addr));
-                s.exec(&["bridge", "fdb", "add", &mac, "dev", "vx0", "dst", NODES[i], "self", "permanent"]);
-                t4.ip(&["neigh", "add", addr, "lladdr", &mac, "dev", "eth0", "nud", "permanent"]);
+                s.exec(&[
+                    "bridge",
+                    "fdb",
+                    "add",
+                    &mac,
+                    "dev",
+                    "vx0",
+                    "dst",
+                    NODES[i],
+                    "self",
+                    "permanent",
+                ]);
+                t4.ip(&[
+                    "neigh",
+                    "add",
+                    addr,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ]);
             }
         }
         let servers = Servers::new();
@@ -114,12 +193,19 @@ impl Cluster {
             let i = tasks.iter().position(|x| std::ptr::eq(x, t)).unwrap();
             servers.serve(t, &format!("t{}", i + 1));
         }
-        Cluster { servers, c, nodes, tasks, ul }
+        Cluster {
+            servers,
+            c,
+            nodes,
+            tasks,
+            ul,
+        }
     }
 
     /// The model mesh node `i` (0..3) applies: `web` (8080 -> 80) over t1..t3 and VIP
     /// 10.0.1.10, `stock` (8085 -> 80) over t4 on the stock node, `remote` (8086 -> 80)
-    /// over t2 only.
+    /// and `iperf` (5201) over t2 only, `echo` (7000) over t1..t3. `present[t]` says
+    /// whether task t is still listed.
     pub fn model(&self, i: usize, present: &[bool; 3]) -> Model {
         let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
         let backend = |t: usize| BackendSpec {
@@ -128,15 +214,22 @@ impl Cluster {
             node: (t != i).then(|| ip(NODES[t])),
             network: None,
         };
-        let port = |published: u16| PortSpec { published: Some(published), target: 80, protocol: Protocol::Tcp, mode: PublishMode::Ingress };
-        let svc = |name: &str, published: u16, vips: Vec<Ipv4Addr>, backends: Vec<BackendSpec>| ServiceSpec {
-            name: name.into(),
-            ports: vec![port(published)],
-            vips,
-            backends,
-            tcp_idle: None,
-            udp_idle: None,
-            affinity: false,
+        let port = |published: u16| PortSpec {
+            published: Some(published),
+            target: 80,
+            protocol: Protocol::Tcp,
+            mode: PublishMode::Ingress,
+        };
+        let svc = |name: &str, published: u16, vips: Vec<Ipv4Addr>, backends: Vec<BackendSpec>| {
+            ServiceSpec {
+                name: name.into(),
+                ports: vec![port(published)],
+                vips,
+                backends,
+                tcp_idle: None,
+                udp_idle: None,
+                affinity: false,
+            }
         };
         let web: Vec<BackendSpec> = (0..3).filter(|t| present[*t]).map(backend).collect();
         Model {
@@ -145,7 +238,40 @@ impl Cluster {
             services: vec![
                 svc("web", 8080, vec![ip(VIP)], web),
                 svc("stock", 8085, vec![], vec![backend(3)]),
-                svc("remote", 8086, vec![], if present[1] { vec![backend(1)] } else { vec![] }),
+                svc(
+                    "remote",
+                    8086,
+                    vec![],
+                    if present[1] { vec![backend(1)] } else { vec![] },
+                ),
+                ServiceSpec {
+                    ports: vec![PortSpec {
+                        published: Some(5201),
+                        target: 5201,
+                        protocol: Protocol::Tcp,
+                        mode: PublishMode::Ingress,
+                    }],
+                    ..svc(
+                        "iperf",
+                        0,
+                        vec![],
+                        if present[1] { vec![backend(1)] } else { vec![] },
+                    )
+                },
+                ServiceSpec {
+                    ports: vec![PortSpec {
+                        published: Some(7000),
+                        target: 7000,
+                        protocol: Protocol::Tcp,
+                        mode: PublishMode::Ingress,
+                    }],
+                    ..svc(
+                        "echo",
+                        0,
+                        vec![],
+                        (0..3).filter(|t| present[*t]).map(backend).collect(),
+                    )
+                },
             ],
             endpoints: vec![EndpointSpec {
                 addr: ip(TASKS[i]),
@@ -156,10 +282,87 @@ impl Cluster {
             node: Some(NodeSpec { addr: ip(NODES[i]) }),
             peers: (0..4)
                 .filter(|p| *p != i)
-                .map(|p| PeerSpec { addr: ip(NODES[p]), stock: p == 3 })
+                .map(|p| PeerSpec {
+                    addr: ip(NODES[p]),
+                    stock: p == 3,
+                })
                 .collect(),
-            networks: vec![NetworkSpec { name: "ingress".into(), vni: VNI, local_addr: ip(NODE_OVERLAY[i]) }],
-            remote_tasks: vec![RemoteTaskSpec { addr: ip(TASKS[3]), node: ip(NODES[3]), network: None }],
+            networks: vec![NetworkSpec {
+                name: "ingress".into(),
+                vni: VNI,
+                local_addr: ip(NODE_OVERLAY[i]),
+            }],
+            remote_tasks: vec![RemoteTaskSpec {
+                addr: ip(TASKS[3]),
+                node: ip(NODES[3]),
+                network: None,
+            }],
         }
+    }
+}
+
+impl Cluster {
+    /// Linux's own VXLAN between nodes 1 and 2 (VNI 5000, port 4790, so the mesh's
+    /// programs see it as plain UDP), and routes that send the client's traffic for t2
+    /// through it both ways: the baseline the mesh's overlay is measured against.
+    pub fn kernel_vxlan_path(&self) {
+        for (i, (me, other, addr)) in [(0, 1, "10.99.0.1"), (1, 0, "10.99.0.2")]
+            .into_iter()
+            .enumerate()
+        {
+            let n = &self.nodes[me];
+            n.ip(&[
+                "link",
+                "add",
+                "vxk",
+                "mtu",
+                "1450",
+                "type",
+                "vxlan",
+                "id",
+                "5000",
+                "dstport",
+                "4790",
+                "local",
+                NODES[me],
+                "dev",
+                "u",
+                "nolearning",
+            ]);
+            n.ip(&["addr", "add", &format!("{addr}/24"), "dev", "vxk"]);
+            n.ip(&["link", "set", "vxk", "up"]);
+            n.exec(&[
+                "bridge",
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                "vxk",
+                "dst",
+                NODES[other],
+            ]);
+            n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            let _ = i;
+        }
+        self.c
+            .ip(&["route", "add", &format!("{}/32", TASKS[1]), "via", NODES[0]]);
+        self.nodes[0].ip(&[
+            "route",
+            "add",
+            &format!("{}/32", TASKS[1]),
+            "via",
+            "10.99.0.2",
+            "dev",
+            "vxk",
+        ]);
+        self.nodes[1].ip(&[
+            "route",
+            "add",
+            &format!("{CLIENT}/32"),
+            "via",
+            "10.99.0.1",
+            "dev",
+            "vxk",
+        ]);
     }
 }

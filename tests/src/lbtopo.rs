@@ -213,7 +213,6 @@ impl Servers {
             }
         });
     }
-
 }
 
 impl LbTopo {

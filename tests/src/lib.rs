@@ -2,10 +2,10 @@
 //! BPF_PROG_TEST_RUN; tier 3: real traffic across network namespaces). The tests
 //! themselves live in `tests/tests/`; `cargo xtask test` runs them.
 
+pub mod cluster;
 pub mod fixtures;
 pub mod lbtopo;
 pub mod netns;
 pub mod packets;
 pub mod prereq;
 pub mod topology;
-pub mod cluster;

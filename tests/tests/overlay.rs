@@ -22,7 +22,9 @@ fn setup(test: &str, tag: &str) -> Option<(Cluster, Vec<Mesh>)> {
         let model = cluster.model(i, &[true; 3]);
         cluster.nodes[i].enter(|| {
             mesh.dp.attach_tc_ingress("u").expect("attach underlay");
-            mesh.dp.attach_tc_task(&format!("h{}", i + 1)).expect("attach task veth");
+            mesh.dp
+                .attach_tc_task(&format!("h{}", i + 1))
+                .expect("attach task veth");
             mesh.apply(&model).expect("apply model");
         });
         meshes.push(mesh);
@@ -35,21 +37,32 @@ fn counters(m: &Mesh) -> Snapshot {
 }
 
 fn split(body: &str) -> (String, String) {
-    let (t, p) = body.split_once(' ').unwrap_or_else(|| panic!("unexpected answer {body:?}"));
+    let (t, p) = body
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("unexpected answer {body:?}"));
     (t.to_string(), p.to_string())
 }
 
 #[test]
 fn every_node_serves_tasks_on_every_node_with_the_client_ip() {
-    let Some((cl, meshes)) = setup("every_node_serves_tasks_on_every_node_with_the_client_ip", "o") else {
+    let Some((cl, meshes)) = setup(
+        "every_node_serves_tasks_on_every_node_with_the_client_ip",
+        "o",
+    ) else {
         return;
     };
     for (i, node) in NODES.iter().take(3).enumerate() {
         let mut tasks = BTreeSet::new();
         cl.c.enter(|| {
             for _ in 0..60 {
-                let (t, peer) = split(&http_get(node, 8080).unwrap_or_else(|e| panic!("{node}:8080: {e}")));
-                assert_eq!(peer, CLIENT, "mesh-to-mesh keeps the client IP (via node {})", i + 1);
+                let (t, peer) =
+                    split(&http_get(node, 8080).unwrap_or_else(|e| panic!("{node}:8080: {e}")));
+                assert_eq!(
+                    peer,
+                    CLIENT,
+                    "mesh-to-mesh keeps the client IP (via node {})",
+                    i + 1
+                );
                 tasks.insert(t);
             }
         });
@@ -60,8 +73,13 @@ fn every_node_serves_tasks_on_every_node_with_the_client_ip() {
     assert!(d.get(Hook::TcUnderlayIngress, Reason::FwdToTunnel).packets > 0);
     assert!(d.get(Hook::TcUnderlayIngress, Reason::ObsDecap).packets > 0);
     let d2 = counters(&meshes[1]);
-    assert!(d2.get(Hook::TcTask, Reason::FwdToTunnel).packets > 0, "replies tunnelled back");
-    println!("\noverlay: published port on each of 3 nodes reached tasks on all 3, client IP intact");
+    assert!(
+        d2.get(Hook::TcTask, Reason::FwdToTunnel).packets > 0,
+        "replies tunnelled back"
+    );
+    println!(
+        "\noverlay: published port on each of 3 nodes reached tasks on all 3, client IP intact"
+    );
 }
 
 #[test]
@@ -89,13 +107,26 @@ fn stock_docker_node_interoperates_both_ways() {
     };
     // Mesh -> stock: the published port of a service whose task runs on the stock node.
     // The stock node's bridge only knows overlay addresses: the task sees node 1's.
-    let (t, peer) = split(&cl.c.enter(|| http_get(NODES[0], 8085)).expect("mesh to stock"));
+    let (t, peer) = split(
+        &cl.c
+            .enter(|| http_get(NODES[0], 8085))
+            .expect("mesh to stock"),
+    );
     assert_eq!((t.as_str(), peer.as_str()), ("t4", NODE_OVERLAY[0]));
-    assert!(counters(&meshes[0]).get(Hook::TcUnderlayIngress, Reason::ObsStockSnat).packets > 0);
+    assert!(
+        counters(&meshes[0])
+            .get(Hook::TcUnderlayIngress, Reason::ObsStockSnat)
+            .packets
+            > 0
+    );
     // Stock -> mesh: the stock task talks to a mesh task directly; the kernel's vxlan
     // device encapsulates, the mesh node takes it apart and delivers, the reply goes
     // back through the tunnel.
-    let (t, peer) = split(&cl.tasks[3].enter(|| http_get(TASKS[0], 80)).expect("stock to mesh"));
+    let (t, peer) = split(
+        &cl.tasks[3]
+            .enter(|| http_get(TASKS[0], 80))
+            .expect("stock to mesh"),
+    );
     assert_eq!((t.as_str(), peer.as_str()), ("t1", TASKS[3]));
     println!("\noverlay: stock Docker node interoperates both ways");
 }
@@ -130,4 +161,121 @@ fn vxlan_from_unknown_senders_and_vnis_is_dropped() {
     assert_eq!(d.get(u, Reason::DropVxlanUnknownPeer).packets, 1, "{d:?}");
     assert_eq!(d.get(u, Reason::DropVxlanUnknownVni).packets, 1, "{d:?}");
     assert_eq!(d.get(u, Reason::ObsDecap).packets, 0);
+}
+
+/// A child process killed (by its PID) when the guard drops.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One iperf3 run from the client to `addr:5201`: (Gbit/s, retransmits, slowest 1-s
+/// interval in Gbit/s).
+fn iperf(cl: &Cluster, addr: &str, secs: u32) -> (f64, u64, f64) {
+    let out = cl.c.exec(&[
+        "iperf3",
+        "-c",
+        addr,
+        "-p",
+        "5201",
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
+    let gbps = |v: &serde_json::Value| v["bits_per_second"].as_f64().unwrap() / 1e9;
+    let rate = gbps(&j["end"]["sum_received"]);
+    let retr = j["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    let slowest = j["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| gbps(&i["sum"]))
+        .fold(f64::INFINITY, f64::min);
+    (rate, retr, slowest)
+}
+
+/// Sequential HTTP connections: connections per second and p99.
+fn conn_rate(cl: &Cluster, addr: &str, port: u16, n: usize) -> (f64, std::time::Duration) {
+    let mut lat = cl.c.enter(|| {
+        (0..n)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let (task, peer) = split(&http_get(addr, port).expect("request"));
+                assert_eq!((task.as_str(), peer.as_str()), ("t2", CLIENT));
+                t.elapsed()
+            })
+            .collect::<Vec<_>>()
+    });
+    lat.sort();
+    let total: std::time::Duration = lat.iter().sum();
+    (n as f64 / total.as_secs_f64(), lat[n * 99 / 100])
+}
+
+/// Across nodes, through the mesh (client -> node 1's published port -> tunnel -> t2 on
+/// node 2) and through Linux's vxlan device (client -> node 1 -> vxlan -> node 2 -> t2):
+/// a 30-second iperf3 each without stalls, and interleaved connection-rate rounds.
+#[test]
+fn throughput_and_connection_rate_mesh_vs_kernel_vxlan() {
+    let Some((cl, _meshes)) = setup("throughput_and_connection_rate_mesh_vs_kernel_vxlan", "p")
+    else {
+        return;
+    };
+    cl.kernel_vxlan_path();
+    // The kernel path works before we measure it.
+    let (t, _) = split(
+        &cl.c
+            .enter(|| http_get(TASKS[1], 80))
+            .expect("kernel vxlan path"),
+    );
+    assert_eq!(t, "t2");
+    let _server = Child(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                cl.tasks[1].name(),
+                "iperf3",
+                "-s",
+                "-p",
+                "5201",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 server in t2"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let secs = 30;
+    let mesh = iperf(&cl, NODES[0], secs);
+    let kernel = iperf(&cl, TASKS[1], secs);
+    println!(
+        "\nbench: overlay iperf3 {secs} s: mesh {:.2} Gbit/s ({} retransmits, slowest second {:.2}), \
+         kernel vxlan {:.2} Gbit/s ({} retransmits, slowest second {:.2}), ratio {:.2}",
+        mesh.0, mesh.1, mesh.2, kernel.0, kernel.1, kernel.2, mesh.0 / kernel.0
+    );
+    // No stall: every second of the transfer moved data at a tenth of the average or more.
+    assert!(
+        mesh.2 > mesh.0 / 10.0,
+        "a stalled second through the mesh: {mesh:?}"
+    );
+    assert!(kernel.2 > 0.0, "the baseline itself stalled: {kernel:?}");
+
+    let (mut m, mut k) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        m.push(conn_rate(&cl, NODES[0], 8086, 300));
+        k.push(conn_rate(&cl, TASKS[1], 80, 300));
+    }
+    let med = |v: &mut Vec<(f64, std::time::Duration)>| {
+        v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+        v[v.len() / 2]
+    };
+    let (mr, kr) = (med(&mut m), med(&mut k));
+    println!(
+        "\nbench: overlay new connections (median of 3 rounds of 300): mesh {:.0}/s p99 {:?}, kernel vxlan {:.0}/s p99 {:?}, ratio {:.2}",
+        mr.0, mr.1, kr.0, kr.1, mr.0 / kr.0
+    );
 }

@@ -282,3 +282,63 @@ fn throughput_and_connection_rate_mesh_vs_kernel_vxlan() {
         mr.0, mr.1, kr.0, kr.1, mr.0 / kr.0
     );
 }
+
+/// A node disappears: as soon as the model says so, its task leaves the other nodes'
+/// backends; flows to the surviving tasks are untouched, its own are reset, and new
+/// flows avoid it.
+#[test]
+fn a_node_that_disappears_leaves_the_backends() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some((cl, mut meshes)) = setup("a_node_that_disappears_leaves_the_backends", "g") else {
+        return;
+    };
+    struct Conn {
+        w: std::net::TcpStream,
+        r: BufReader<std::net::TcpStream>,
+        task: String,
+    }
+    let ask = |c: &mut Conn| -> std::io::Result<String> {
+        c.w.write_all(b"ping\n")?;
+        let mut l = String::new();
+        if c.r.read_line(&mut l)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(l.trim().to_string())
+    };
+    let open = |n: usize| -> Vec<Conn> {
+        cl.c.enter(|| {
+            (0..n)
+                .map(|_| {
+                    let w = std::net::TcpStream::connect((NODES[0], 7000)).expect("connect echo via node 1");
+                    w.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+                    let r = BufReader::new(w.try_clone().unwrap());
+                    Conn { w, r, task: String::new() }
+                })
+                .collect()
+        })
+    };
+    let mut conns = open(24);
+    for c in &mut conns {
+        c.task = ask(c).expect("first echo");
+    }
+    let on: BTreeSet<_> = conns.iter().map(|c| c.task.clone()).collect();
+    assert_eq!(on.len(), 3, "{on:?}");
+    // Node 2 goes: off the underlay, and out of every other node's model.
+    cl.nodes[1].ip(&["link", "set", "u", "down"]);
+    for i in [0, 2] {
+        let model = cl.model(i, &[true, false, true]);
+        let mesh = &mut meshes[i];
+        cl.nodes[i].enter(|| mesh.apply(&model).expect("apply"));
+    }
+    for c in &mut conns {
+        let r = ask(c);
+        if c.task == "t2" {
+            assert!(r.is_err(), "flow to the vanished node is reset, got {r:?}");
+        } else {
+            assert_eq!(r.expect("surviving flow"), c.task, "flow kept its task");
+        }
+    }
+    let mut fresh = open(60);
+    let now: BTreeSet<_> = fresh.iter_mut().map(|c| ask(c).expect("new flow")).collect();
+    assert!(!now.contains("t2") && now.len() == 2, "{now:?}");
+}

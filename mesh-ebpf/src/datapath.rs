@@ -20,41 +20,6 @@ use crate::{
     stats, vxlan,
 };
 
-pub enum Action {
-    Pass,
-    Drop,
-}
-
-/// Parses and counts observations; a malformed packet is counted under its reason.
-#[inline(always)]
-fn parse_counted<P: Packet>(pkt: &P, hook: Hook, cfg: &MeshConfig) -> Result<Parsed, ()> {
-    let bytes = pkt.frame_len();
-    match parse::parse(pkt, cfg.vxlan_port) {
-        Ok(parsed) => {
-            for obs in parsed.observations().into_iter().flatten() {
-                stats::count(hook, obs, bytes);
-            }
-            Ok(parsed)
-        }
-        Err(reason) => {
-            stats::count(hook, reason, bytes);
-            Err(())
-        }
-    }
-}
-
-/// XDP: validate and count (the XDP load balancer arrives with the overlay).
-#[inline(always)]
-pub fn process<P: Packet>(pkt: &P, hook: Hook, cfg: &MeshConfig) -> Action {
-    match parse_counted(pkt, hook, cfg) {
-        Ok(parsed) => {
-            stats::count(hook, parsed.verdict(), pkt.frame_len());
-            Action::Pass
-        }
-        Err(()) => Action::Drop,
-    }
-}
-
 /// TC (underlay ingress and task veths): validate, count, load-balance. The parsed
 /// headers live in per-CPU scratch memory; parsing and dispatch are separate BPF
 /// functions so that their stack frames never add up.
@@ -67,6 +32,12 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshCon
         return TC_ACT_SHOT;
     }
     let p = &s.parsed;
+    if hook == Hook::TcUnderlayIngress {
+        if let Some(from) = xdp_decapsulated(ctx, pkt.frame_len()) {
+            // XDP took the VXLAN apart already; what it learnt is in the metadata.
+            return lb::from_tunnel_parsed(ctx, p, hook, cfg, &from);
+        }
+    }
     if !(p.vxlan && hook == Hook::TcUnderlayIngress && p.ip_version == 4) {
         return dispatch(ctx, p, hook, cfg, pkt.frame_len());
     }
@@ -86,8 +57,25 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshCon
     lb::from_tunnel_parsed(ctx, &s.parsed, hook, cfg, &from)
 }
 
+/// (peer, VNI) left by the XDP program in front of a frame it decapsulated.
+#[inline(always)]
+fn xdp_decapsulated(ctx: &TcContext, bytes: usize) -> Option<vxlan::From> {
+    // SAFETY: reading fields of the context.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    if meta + core::mem::size_of::<crate::xdp::TunnelMeta>() > data {
+        return None;
+    }
+    // SAFETY: bounds checked against data just above.
+    let m = unsafe { core::ptr::read_unaligned(meta as *const crate::xdp::TunnelMeta) };
+    (m.magic == crate::xdp::META_MAGIC).then_some(vxlan::From {
+        peer: m.peer,
+        vni: m.vni,
+        bytes,
+    })
+}
+
 #[inline(never)]
-fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut Parsed) -> Result<(), ()> {
+pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut Parsed) -> Result<(), ()> {
     let bytes = pkt.frame_len();
     *out = Parsed::default();
     match parse::parse_into(pkt, vxlan_port, out) {

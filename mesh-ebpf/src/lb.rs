@@ -212,7 +212,12 @@ fn tracked_to_task(pk: &Pkt, e: &mut CtEntry) -> Step {
 /// node's addresses, the "any node address" entry (published ports).
 #[inline(always)]
 fn frontend(pk: &Pkt) -> Option<Frontend> {
-    let f = &pk.f;
+    frontend_for(&pk.f, pk.hook)
+}
+
+/// As [`frontend`], for any hook (XDP shares it).
+#[inline(always)]
+pub fn frontend_for(f: &Flow, hook: Hook) -> Option<Frontend> {
     let mut key = FrontendKey {
         addr: f.daddr,
         port: f.dport,
@@ -230,7 +235,7 @@ fn frontend(pk: &Pkt) -> Option<Frontend> {
         }
     };
     // A VIP is for tasks (east-west), not for the outside world.
-    if fe.flags & FE_VIP != 0 && pk.hook != Hook::TcTask {
+    if fe.flags & FE_VIP != 0 && hook != Hook::TcTask {
         return None;
     }
     Some(fe)
@@ -249,15 +254,8 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
     let Some(svc) = svc.filter(|s| s.active > 0 && s.maglev_size > 0) else {
         return Step::Refuse(Reason::ReplyRstNoBackend);
     };
-    let h = if svc.flags & SVC_AFFINITY != 0 {
-        flow_hash(f.saddr, 0, 0, 0, f.proto)
-    } else {
-        flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)
-    };
-    let slot = svc.maglev_off.wrapping_add(h % svc.maglev_size);
-    let be_id = match MESH_MAGLEV_V1.get(slot) {
-        Some(id) if *id != 0 => *id,
-        _ => return Step::Done(pk.drop(Reason::DropNoBackendSlot)),
+    let Some(be_id) = maglev_pick(&svc, f) else {
+        return Step::Done(pk.drop(Reason::DropNoBackendSlot));
     };
     // SAFETY: copied out at once.
     let Some(be) = (unsafe { MESH_BE_V1.get(&be_id) }).copied() else {
@@ -344,6 +342,22 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
         (Some(ep), _) => Step::Deliver(ep, nat),
         (None, Some(t)) => Step::Tunnel(t, nat),
         (None, None) => Step::Done(pk.drop(Reason::DropBackendNotLocal)),
+    }
+}
+
+/// The backend id the Maglev table of `svc` gives flow `f` (client IP only with
+/// affinity).
+#[inline(always)]
+pub fn maglev_pick(svc: &mesh_common::lb::Service, f: &Flow) -> Option<u32> {
+    let h = if svc.flags & SVC_AFFINITY != 0 {
+        flow_hash(f.saddr, 0, 0, 0, f.proto)
+    } else {
+        flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)
+    };
+    let slot = svc.maglev_off.wrapping_add(h % svc.maglev_size);
+    match MESH_MAGLEV_V1.get(slot) {
+        Some(id) if *id != 0 => Some(*id),
+        _ => None,
     }
 }
 

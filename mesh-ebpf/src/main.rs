@@ -12,16 +12,16 @@ mod reply;
 mod skb;
 mod stats;
 mod vxlan;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
     Global,
 };
 use mesh_common::{config::MeshConfig, stats::Hook};
 
-use crate::{datapath::Action, pkt::DirectPacket};
+use crate::pkt::DirectPacket;
 
 /// Set by the loader (`mesh_common::config::CONFIG_GLOBAL`).
 #[no_mangle]
@@ -34,11 +34,7 @@ const TC_PULL_LEN: u32 = 256;
 /// XDP on the underlay interface.
 #[xdp]
 pub fn mesh_xdp(ctx: XdpContext) -> u32 {
-    let pkt = DirectPacket::new(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data());
-    match datapath::process(&pkt, Hook::XdpUnderlay, &MESH_CONFIG.load()) {
-        Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
-    }
+    xdp::process(&ctx, &MESH_CONFIG.load())
 }
 
 /// TC ingress on the underlay interface: clients reaching published ports.

@@ -36,10 +36,10 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
     }
     .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN on {}: {e:?}", fx.name, hook.name()));
 
-    // With no peers configured, the underlay's TC program (which takes IPv4 VXLAN apart)
-    // refuses well-formed VXLAN from an unknown sender; XDP only validates it so far.
+    // With no peers configured, the underlay's programs (which take IPv4 VXLAN apart)
+    // refuse well-formed VXLAN from an unknown sender.
     let ipv4 = fx.packet[12..14] == [0x08, 0x00];
-    let verdict = if hook == Hook::TcUnderlayIngress && fx.verdict == Reason::PassVxlan && ipv4 {
+    let verdict = if hook != Hook::TcTask && fx.verdict == Reason::PassVxlan && ipv4 {
         Reason::DropVxlanUnknownPeer
     } else {
         fx.verdict

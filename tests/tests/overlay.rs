@@ -309,10 +309,16 @@ fn a_node_that_disappears_leaves_the_backends() {
         cl.c.enter(|| {
             (0..n)
                 .map(|_| {
-                    let w = std::net::TcpStream::connect((NODES[0], 7000)).expect("connect echo via node 1");
-                    w.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+                    let w = std::net::TcpStream::connect((NODES[0], 7000))
+                        .expect("connect echo via node 1");
+                    w.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                        .unwrap();
                     let r = BufReader::new(w.try_clone().unwrap());
-                    Conn { w, r, task: String::new() }
+                    Conn {
+                        w,
+                        r,
+                        task: String::new(),
+                    }
                 })
                 .collect()
         })
@@ -339,6 +345,9 @@ fn a_node_that_disappears_leaves_the_backends() {
         }
     }
     let mut fresh = open(60);
-    let now: BTreeSet<_> = fresh.iter_mut().map(|c| ask(c).expect("new flow")).collect();
+    let now: BTreeSet<_> = fresh
+        .iter_mut()
+        .map(|c| ask(c).expect("new flow"))
+        .collect();
     assert!(!now.contains("t2") && now.len() == 2, "{now:?}");
 }

@@ -27,7 +27,10 @@ services:
 
 /// Our encapsulation of a SYN to the published port (backend on the other node).
 fn ours(object: &std::path::Path, port: u16) -> Vec<u8> {
-    let cfg = MeshConfig { vxlan_port: port, ..MeshConfig::DEFAULT };
+    let cfg = MeshConfig {
+        vxlan_port: port,
+        ..MeshConfig::DEFAULT
+    };
     let mut mesh = Mesh::new(Datapath::load(object, &cfg).expect("load"));
     let d = desired(&from_yaml(MODEL).unwrap(), |_| Ok((1, [0; 6]))).unwrap();
     mesh.apply_desired(&d).unwrap();
@@ -46,9 +49,16 @@ fn ours(object: &std::path::Path, port: u16) -> Vec<u8> {
         .dp
         .tc_ingress()
         .unwrap()
-        .test_run(TestRunOptions { data_in: Some(&syn), data_out: Some(&mut out), ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(&syn),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
         .unwrap();
-    assert_eq!(r.return_value, 7, "TC_ACT_REDIRECT (to the underlay, by the neighbour table)");
+    assert_eq!(
+        r.return_value, 7,
+        "TC_ACT_REDIRECT (to the underlay, by the neighbour table)"
+    );
     out.truncate(r.data_size_out as usize);
     assert_eq!(out.len(), syn.len() + vxlan::OVERHEAD);
     out
@@ -58,29 +68,96 @@ fn ours(object: &std::path::Path, port: u16) -> Vec<u8> {
 fn kernel(inner: &[u8]) -> Vec<u8> {
     let a = Netns::new("wa");
     let b = Netns::new("wb");
-    a.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b.name()]);
+    a.ip(&[
+        "link",
+        "add",
+        "va",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vb",
+        "netns",
+        b.name(),
+    ]);
     a.ip(&["addr", "add", "10.240.0.1/24", "dev", "va"]);
     b.ip(&["addr", "add", "10.240.0.2/24", "dev", "vb"]);
     a.ip(&["link", "set", "va", "up"]);
     b.ip(&["link", "set", "vb", "up"]);
-    a.ip(&["link", "add", "vx0", "type", "vxlan", "id", "4096", "dstport", "4789", "local", "10.240.0.1", "dev", "va", "nolearning"]);
+    a.ip(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "4096",
+        "dstport",
+        "4789",
+        "local",
+        "10.240.0.1",
+        "dev",
+        "va",
+        "nolearning",
+    ]);
     a.ip(&["link", "set", "vx0", "up"]);
     let dst_mac = mesh_agent::model::MacAddr(inner[..6].try_into().unwrap()).to_string();
-    a.exec(&["bridge", "fdb", "add", &dst_mac, "dev", "vx0", "dst", "10.240.0.2", "self", "permanent"]);
+    a.exec(&[
+        "bridge",
+        "fdb",
+        "add",
+        &dst_mac,
+        "dev",
+        "vx0",
+        "dst",
+        "10.240.0.2",
+        "self",
+        "permanent",
+    ]);
     // Static neighbour on the underlay: no ARP in the capture.
     let vb_mac = String::from_utf8(b.exec(&["cat", "/sys/class/net/vb/address"]).stdout).unwrap();
-    a.ip(&["neigh", "add", "10.240.0.2", "lladdr", vb_mac.trim(), "dev", "va", "nud", "permanent"]);
+    a.ip(&[
+        "neigh",
+        "add",
+        "10.240.0.2",
+        "lladdr",
+        vb_mac.trim(),
+        "dev",
+        "va",
+        "nud",
+        "permanent",
+    ]);
     // Capture in b: an AF_PACKET socket on vb, opened before the frame is sent.
     let fd = b.enter(|| unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        );
         assert!(fd >= 0);
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = mesh_agent::preflight::ifindex("vb").unwrap() as i32;
-        assert_eq!(libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32), 0);
-        let tv = libc::timeval { tv_sec: 3, tv_usec: 0 };
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+        assert_eq!(
+            libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32
+            ),
+            0
+        );
+        let tv = libc::timeval {
+            tv_sec: 3,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
         fd
     });
     a.enter(|| send_raw("vx0", &[inner]));
@@ -89,27 +166,42 @@ fn kernel(inner: &[u8]) -> Vec<u8> {
     loop {
         // SAFETY: reading into our buffer from our socket.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        assert!(n > 0, "no VXLAN frame captured: {}", std::io::Error::last_os_error());
+        assert!(
+            n > 0,
+            "no VXLAN frame captured: {}",
+            std::io::Error::last_os_error()
+        );
         let f = &buf[..n as usize];
         // IPv4, UDP, to 4789.
-        if f.len() > 42 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == 4789u16.to_be_bytes() {
+        if f.len() > 42 && f[12..14] == [8, 0] && f[23] == 17 && f[36..38] == 4789u16.to_be_bytes()
+        {
             unsafe { libc::close(fd) };
             return f.to_vec();
         }
-        assert!(std::time::Instant::now() < deadline, "no VXLAN frame captured");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no VXLAN frame captured"
+        );
     }
 }
 
 #[test]
 fn our_encapsulation_matches_linux_vxlan_field_by_field() {
-    let Some(object) = prereq::privileged("our_encapsulation_matches_linux_vxlan_field_by_field") else {
+    let Some(object) = prereq::privileged("our_encapsulation_matches_linux_vxlan_field_by_field")
+    else {
         return;
     };
     let o = ours(&object, 4789);
     let k = kernel(&o[vxlan::ENCAP_LEN - 14..]);
     assert_eq!(o.len(), k.len(), "frame length");
     let field = |name: &str, r: std::ops::Range<usize>| {
-        assert_eq!(o[r.clone()], k[r.clone()], "{name} (bytes {r:?}): ours {:02x?}, Linux {:02x?}", &o[r.clone()], &k[r.clone()]);
+        assert_eq!(
+            o[r.clone()],
+            k[r.clone()],
+            "{name} (bytes {r:?}): ours {:02x?}, Linux {:02x?}",
+            &o[r.clone()],
+            &k[r.clone()]
+        );
     };
     field("ethertype", 12..14);
     field("IP version/IHL and TOS", 14..16);
@@ -132,8 +224,15 @@ fn our_encapsulation_matches_linux_vxlan_field_by_field() {
     // both take the source port from the same range.
     for f in [&o, &k] {
         let sport = u16::from_be_bytes([f[34], f[35]]);
-        assert!((vxlan::SPORT_MIN..=vxlan::SPORT_MAX).contains(&sport), "source port {sport}");
-        assert_eq!(mesh_common::csum::fold(mesh_common::csum::sum(&f[14..34], 0)), 0xffff, "IP checksum");
+        assert!(
+            (vxlan::SPORT_MIN..=vxlan::SPORT_MAX).contains(&sport),
+            "source port {sport}"
+        );
+        assert_eq!(
+            mesh_common::csum::fold(mesh_common::csum::sum(&f[14..34], 0)),
+            0xffff,
+            "IP checksum"
+        );
     }
     println!(
         "\nvxlan wire: our encapsulation equals Linux's vxlan device's in every field but IP id/checksum, \

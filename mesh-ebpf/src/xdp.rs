@@ -1,0 +1,290 @@
+//! The underlay's ingress path at XDP, over the same maps as TC: VXLAN from known peers
+//! is validated and taken apart here (what TC then needs, the peer and VNI, travels in
+//! the packet's metadata), and published-port flows to tasks on this node are NATed and
+//! redirected into the task's veth without an skb. Everything else (backends on other
+//! nodes, refusals) is passed to the TC program, which handles it as usual.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    helpers::{
+        bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
+    programs::XdpContext,
+};
+use mesh_common::{
+    config::MeshConfig,
+    csum,
+    ct::{self, CtEntry, CtKey, CtState, CT_REVERSE},
+    lb::BackendState,
+    parse::{Frag, Parsed},
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
+    reason::Reason,
+    stats::Hook,
+};
+
+use crate::{
+    lb::{self, Flow},
+    maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_NET_V1, MESH_PEER_V1, MESH_SVC_V1},
+    pkt::DirectPacket,
+    stats::count,
+};
+
+const HOOK: Hook = Hook::XdpUnderlay;
+
+/// Metadata XDP leaves in front of a decapsulated packet for TC.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TunnelMeta {
+    pub magic: u32,
+    pub peer: u32,
+    pub vni: u32,
+    pub _pad: u32,
+}
+
+/// "mesh": marks metadata that this program wrote.
+pub const META_MAGIC: u32 = 0x6d65_7368;
+
+#[inline(always)]
+pub fn process(ctx: &XdpContext, cfg: &MeshConfig) -> u32 {
+    let bytes = ctx.data_end() - ctx.data();
+    let pkt = DirectPacket::new(ctx.data(), ctx.data_end(), bytes);
+    let Some(s) = scratch() else {
+        return XDP_PASS;
+    };
+    if crate::datapath::parse_into_scratch(&pkt, HOOK, cfg.vxlan_port, &mut s.parsed).is_err() {
+        return XDP_DROP;
+    }
+    step(ctx, &s.parsed, bytes)
+}
+
+#[inline(never)]
+fn step(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
+    if p.ip_version == 4 {
+        if p.vxlan {
+            return decap(ctx, p, bytes);
+        }
+        if matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) && p.l4_off != 0 && !matches!(p.frag, Frag::NonFirst) {
+            if let Some(action) = to_local_task(ctx, p, bytes) {
+                return action;
+            }
+        }
+    }
+    count(HOOK, p.verdict(), bytes);
+    XDP_PASS
+}
+
+/// VXLAN: drop what does not come from a known peer for a known VNI, else strip the
+/// outer headers and pass the inner frame on with (peer, VNI) in the metadata.
+#[inline(always)]
+fn decap(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
+    let (peer, vni) = (p.saddr[0], p.vni);
+    // SAFETY: values copied out.
+    if unsafe { MESH_PEER_V1.get(&peer) }.is_none() {
+        count(HOOK, Reason::DropVxlanUnknownPeer, bytes);
+        return XDP_DROP;
+    }
+    // SAFETY: as above.
+    if unsafe { MESH_NET_V1.get(&vni) }.is_none() {
+        count(HOOK, Reason::DropVxlanUnknownVni, bytes);
+        return XDP_DROP;
+    }
+    count(HOOK, Reason::ObsDecap, bytes);
+    // SAFETY: moving the start of this program's own frame.
+    let ok = unsafe {
+        bpf_xdp_adjust_head(ctx.ctx, p.inner_off as i32) == 0
+            && bpf_xdp_adjust_meta(ctx.ctx, -(core::mem::size_of::<TunnelMeta>() as i32)) == 0
+    };
+    if !ok {
+        count(HOOK, Reason::DropTunnelFailed, bytes);
+        return XDP_DROP;
+    }
+    let meta = ctx.metadata();
+    if meta + core::mem::size_of::<TunnelMeta>() > ctx.data() {
+        count(HOOK, Reason::DropTunnelFailed, bytes);
+        return XDP_DROP;
+    }
+    // SAFETY: bounds checked against data just above.
+    unsafe {
+        core::ptr::write_unaligned(
+            meta as *mut TunnelMeta,
+            TunnelMeta {
+                magic: META_MAGIC,
+                peer,
+                vni,
+                _pad: 0,
+            },
+        )
+    };
+    count(HOOK, Reason::PassVxlan, bytes);
+    XDP_PASS
+}
+
+/// A published-port flow whose backend is a task on this node: NAT and redirect here.
+/// `None`: not a flow XDP finishes (passed to TC).
+#[inline(always)]
+fn to_local_task(ctx: &XdpContext, p: &Parsed, bytes: usize) -> Option<u32> {
+    let f = Flow::of(p);
+    let key = CtKey::new(f.saddr, f.daddr, f.sport, f.dport, f.proto);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (be_id, be) = match MESH_CT_V1.get_ptr_mut(&key) {
+        Some(e) => {
+            // SAFETY: a map value pointer for this run.
+            let e = unsafe { &mut *e };
+            let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
+            if e.flags != 0
+                || ct::expired(state, e.idle_s, e.last_seen_ns, now)
+                || ct::reopens(state, f.tcp_flags)
+            {
+                return None;
+            }
+            // SAFETY: copied out.
+            let be = unsafe { MESH_BE_V1.get(&e.backend_id) }.copied()?;
+            if be.state == BackendState::Gone as u8 {
+                return None;
+            }
+            e.state = ct::advance(state, f.tcp_flags) as u8;
+            e.last_seen_ns = now;
+            count(HOOK, Reason::ObsCtHit, bytes);
+            (e.backend_id, be)
+        }
+        None => {
+            let fe = lb::frontend_for(&f, HOOK)?;
+            // SAFETY: copied out.
+            let svc = unsafe { MESH_SVC_V1.get(&fe.svc_id) }.copied()?;
+            if svc.active == 0 || svc.maglev_size == 0 {
+                return None;
+            }
+            let id = lb::maglev_pick(&svc, &f)?;
+            // SAFETY: copied out.
+            let be = unsafe { MESH_BE_V1.get(&id) }.copied()?;
+            // SAFETY: copied out.
+            let ep = unsafe { MESH_EP_V1.get(&be.addr) }.copied()?;
+            if f.saddr == be.addr || f.saddr == ep.delivery_addr {
+                return None;
+            }
+            let nf = NewFlow {
+                svc_id: fe.svc_id,
+                be_id: id,
+                target: ep.delivery_addr,
+                port: be.port,
+                ifindex: ep.ifindex,
+                idle_s: if f.proto == IPPROTO_TCP { svc.tcp_idle_s } else { svc.udp_idle_s },
+                now,
+            };
+            track(ctx, &f, &key, &nf)?;
+            count(HOOK, Reason::ObsCtNew, bytes);
+            (id, be)
+        }
+    };
+    let _ = be_id;
+    // SAFETY: copied out.
+    let ep = unsafe { MESH_EP_V1.get(&be.addr) }.copied()?;
+    if dnat(ctx, p, &f, ep.delivery_addr, be.port).is_err()
+        || xstore(ctx, 0, &ep.mac).is_err()
+        || xstore(ctx, 6, &ep.host_mac).is_err()
+    {
+        count(HOOK, Reason::DropRewriteFailed, bytes);
+        return Some(XDP_DROP);
+    }
+    // SAFETY: a helper call with plain integer arguments.
+    let r = unsafe { bpf_redirect(ep.ifindex, 0) } as u32;
+    count(HOOK, Reason::FwdToTask, bytes);
+    Some(if r == XDP_REDIRECT { XDP_REDIRECT } else { XDP_DROP })
+}
+
+/// What a new flow was given.
+#[derive(Clone, Copy)]
+struct NewFlow {
+    svc_id: u32,
+    be_id: u32,
+    target: u32,
+    port: u16,
+    ifindex: u32,
+    idle_s: u32,
+    now: u64,
+}
+
+/// Both conntrack entries of a new flow (reverse first), as TC's `new_flow` writes them.
+#[inline(never)]
+fn track(ctx: &XdpContext, f: &Flow, key: &CtKey, nf: &NewFlow) -> Option<()> {
+    let NewFlow { svc_id, be_id, target, port, ifindex, idle_s, now } = *nf;
+    let s = scratch()?;
+    let macs: [u8; 12] = xload(ctx, 0).ok()?;
+    let tcp = f.proto == IPPROTO_TCP;
+    let e = &mut s.ct;
+    *e = CtEntry {
+        last_seen_ns: now,
+        created_ns: now,
+        backend_id: be_id,
+        svc_id,
+        nat_addr: f.daddr,
+        nat_port: f.dport,
+        state: if tcp { CtState::SynSent as u8 } else { CtState::Udp as u8 },
+        flags: CT_REVERSE,
+        hairpin_addr: 0,
+        // SAFETY: reading a field of the XDP context.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        idle_s,
+        mac_dst: [0; 6],
+        mac_src: [0; 6],
+        peer: 0,
+        vni: 0,
+        _pad: 0,
+    };
+    e.mac_dst.copy_from_slice(&macs[6..12]);
+    e.mac_src.copy_from_slice(&macs[0..6]);
+    MESH_CT_V1
+        .insert(&CtKey::new(target, f.saddr, port, f.sport, f.proto), &*e, 0)
+        .ok()?;
+    e.nat_addr = target;
+    e.nat_port = port;
+    e.state = ct::initial(f.proto, f.tcp_flags) as u8;
+    e.flags = 0;
+    e.ifindex = ifindex;
+    MESH_CT_V1.insert(key, &*e, 0).ok()
+}
+
+/// Reads through the kernel's bounds-checked helper (offsets vary with IP options and
+/// VLAN tags; the helper spares the verifier the range proofs).
+#[inline(always)]
+fn xload<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, ()> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes exactly size_of::<T>() bytes into `v`, or fails.
+    let r = unsafe {
+        bpf_xdp_load_bytes(ctx.ctx, off as u32, v.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32)
+    };
+    // SAFETY: initialised by the helper when it returns 0.
+    (r == 0).then(|| unsafe { v.assume_init() }).ok_or(())
+}
+
+#[inline(always)]
+fn xstore<T: Copy>(ctx: &XdpContext, off: usize, v: &T) -> Result<(), ()> {
+    // SAFETY: the helper reads size_of::<T>() bytes from `v`.
+    let r = unsafe {
+        bpf_xdp_store_bytes(ctx.ctx, off as u32, v as *const T as *mut _, core::mem::size_of::<T>() as u32)
+    };
+    (r == 0).then_some(()).ok_or(())
+}
+
+/// DNAT in place with incremental checksums (XDP has no checksum helpers).
+#[inline(never)]
+fn dnat(ctx: &XdpContext, p: &Parsed, f: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+    let l3 = p.l3_off as usize;
+    let l4 = p.l4_off as usize;
+    let (old_a, new_a) = (u32::from_be(f.daddr), u32::from_be(addr));
+    let (old_p, new_p) = (u16::from_be(f.dport), u16::from_be(port));
+    let ip_ck = u16::from_be(xload::<u16>(ctx, l3 + 10)?);
+    xstore(ctx, l3 + 10, &csum::replace32(ip_ck, old_a, new_a).to_be())?;
+    xstore(ctx, l3 + 16, &addr)?;
+    let (off, udp) = if f.proto == IPPROTO_TCP { (l4 + 16, false) } else { (l4 + 6, true) };
+    let ck = u16::from_be(xload::<u16>(ctx, off)?);
+    let ck = if udp {
+        csum::udp_replace16(csum::udp_replace32(ck, old_a, new_a), old_p, new_p)
+    } else {
+        csum::replace16(csum::replace32(ck, old_a, new_a), old_p, new_p)
+    };
+    xstore(ctx, off, &ck.to_be())?;
+    xstore(ctx, l4 + 2, &port)
+}

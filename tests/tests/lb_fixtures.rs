@@ -233,7 +233,7 @@ impl Rig {
         let r = match hook {
             Hook::TcUnderlayIngress => self.mesh.dp.tc_ingress().unwrap().test_run(opts),
             Hook::TcTask => self.mesh.dp.tc_task().unwrap().test_run(opts),
-            Hook::XdpUnderlay => unreachable!(),
+            Hook::XdpUnderlay => self.mesh.dp.xdp().unwrap().test_run(opts),
         }
         .unwrap_or_else(|e| panic!("{what}: test run: {e:?}"));
         if r.return_value != ret {
@@ -734,4 +734,75 @@ fn client_ip_affinity_sends_every_connection_of_a_client_to_one_task() {
         assert_eq!(tasks.len(), 1, "client {client:?} spread over {tasks:?}");
     }
     println!("\nlb fixtures: affinity, {} steps", rig.steps);
+}
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+/// The XDP program over the same maps: a published-port flow to a local task is NATed
+/// and redirected by XDP, its reply (at TC on the task's veth) finds the entries XDP
+/// wrote; a backend on another node is left to TC; VXLAN from a peer is taken apart with
+/// (peer, VNI) in the metadata.
+#[test]
+fn xdp_published_port_and_vxlan_decap() {
+    let Some(object) = prereq::privileged("xdp_published_port_and_vxlan_decap") else { return };
+    let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
+    let x = Hook::XdpUnderlay;
+    let syn = tcp(C2N, CLIENT, NODE, 45000, 8080, Tcp::Syn, 100, 0, &[]);
+    let syn_out = tcp(to_task(T1), CLIENT, T1, 45000, 80, Tcp::Syn, 100, 0, &[]);
+    rig.step("xdp: syn to published port", x, &syn, XDP_REDIRECT, Some(&syn_out), &[FwdToTask, ObsCtNew]);
+    let synack = tcp(from_task(T1), T1, CLIENT, 80, 45000, Tcp::SynAck, 900, 101, &[]);
+    let synack_out = tcp(N2C, NODE, CLIENT, 8080, 45000, Tcp::SynAck, 900, 101, &[]);
+    rig.step("reply to an xdp flow at tc", Hook::TcTask, &synack, REDIRECT, Some(&synack_out), &[FwdReplyToClient, ObsCtHit]);
+    let udp_q = udp(C2N, CLIENT, NODE, 5005, 5353, b"q", false);
+    let udp_out = udp(to_task(T1), CLIENT, T1, 5005, 53, b"q", false);
+    rig.step("xdp: udp to published port", x, &udp_q, XDP_REDIRECT, Some(&udp_out), &[FwdToTask, ObsCtNew]);
+    // No backend: left to TC (which answers with a RST).
+    let e = tcp(C2N, CLIENT, NODE, 45001, 8090, Tcp::Syn, 1, 0, &[]);
+    rig.step("xdp: no backend, passed to tc", x, &e, XDP_PASS, Some(&e), &[PassTcp]);
+    println!("\nlb fixtures: xdp, {} steps", rig.steps);
+}
+
+#[test]
+fn xdp_vxlan_decap_leaves_peer_and_vni_for_tc() {
+    let Some(object) = prereq::privileged("xdp_vxlan_decap_leaves_peer_and_vni_for_tc") else { return };
+    let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load");
+    let mut mesh = Mesh::new(dp);
+    let m = mesh_agent::model::from_yaml(
+        r#"
+underlay: u
+node: {addr: 10.240.0.1}
+node_addrs: [10.240.0.1]
+peers: [{addr: 10.240.0.2}]
+networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]
+"#,
+    )
+    .unwrap();
+    mesh.apply_desired(&desired(&m, |_| Ok((1, [0; 6]))).unwrap()).unwrap();
+    let inner = tcp((task_mac(T2), task_mac(T1)), [10, 0, 0, 12], T1, 80, 45000, Tcp::Ack, 1, 1, b"reply");
+    let mut payload = vec![0x08, 0, 0, 0];
+    payload.extend_from_slice(&(4096u32 << 8).to_be_bytes());
+    payload.extend_from_slice(&inner);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4([10, 240, 0, 2], [10, 240, 0, 1], 64)
+        .udp(50000, 4789)
+        .write(&mut frame, &payload)
+        .unwrap();
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = mesh
+        .dp
+        .xdp()
+        .unwrap()
+        .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() })
+        .unwrap();
+    assert_eq!(r.return_value, XDP_PASS);
+    let out = &out[..r.data_size_out as usize];
+    // The kernel's XDP test runner returns the metadata in front of the frame.
+    assert_eq!(out.len(), 16 + inner.len(), "metadata + inner frame");
+    assert_eq!(&out[16..], &inner[..], "the inner frame, untouched");
+    let word = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
+    assert_eq!(word(0), 0x6d65_7368, "magic");
+    assert_eq!(word(4), u32::from_ne_bytes([10, 240, 0, 2]), "peer");
+    assert_eq!(word(8), 4096, "vni");
 }

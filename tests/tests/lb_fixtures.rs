@@ -745,27 +745,69 @@ const XDP_REDIRECT: u32 = 4;
 /// (peer, VNI) in the metadata.
 #[test]
 fn xdp_published_port_and_vxlan_decap() {
-    let Some(object) = prereq::privileged("xdp_published_port_and_vxlan_decap") else { return };
+    let Some(object) = prereq::privileged("xdp_published_port_and_vxlan_decap") else {
+        return;
+    };
     let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
     let x = Hook::XdpUnderlay;
     let syn = tcp(C2N, CLIENT, NODE, 45000, 8080, Tcp::Syn, 100, 0, &[]);
     let syn_out = tcp(to_task(T1), CLIENT, T1, 45000, 80, Tcp::Syn, 100, 0, &[]);
-    rig.step("xdp: syn to published port", x, &syn, XDP_REDIRECT, Some(&syn_out), &[FwdToTask, ObsCtNew]);
-    let synack = tcp(from_task(T1), T1, CLIENT, 80, 45000, Tcp::SynAck, 900, 101, &[]);
+    rig.step(
+        "xdp: syn to published port",
+        x,
+        &syn,
+        XDP_REDIRECT,
+        Some(&syn_out),
+        &[FwdToTask, ObsCtNew],
+    );
+    let synack = tcp(
+        from_task(T1),
+        T1,
+        CLIENT,
+        80,
+        45000,
+        Tcp::SynAck,
+        900,
+        101,
+        &[],
+    );
     let synack_out = tcp(N2C, NODE, CLIENT, 8080, 45000, Tcp::SynAck, 900, 101, &[]);
-    rig.step("reply to an xdp flow at tc", Hook::TcTask, &synack, REDIRECT, Some(&synack_out), &[FwdReplyToClient, ObsCtHit]);
+    rig.step(
+        "reply to an xdp flow at tc",
+        Hook::TcTask,
+        &synack,
+        REDIRECT,
+        Some(&synack_out),
+        &[FwdReplyToClient, ObsCtHit],
+    );
     let udp_q = udp(C2N, CLIENT, NODE, 5005, 5353, b"q", false);
     let udp_out = udp(to_task(T1), CLIENT, T1, 5005, 53, b"q", false);
-    rig.step("xdp: udp to published port", x, &udp_q, XDP_REDIRECT, Some(&udp_out), &[FwdToTask, ObsCtNew]);
+    rig.step(
+        "xdp: udp to published port",
+        x,
+        &udp_q,
+        XDP_REDIRECT,
+        Some(&udp_out),
+        &[FwdToTask, ObsCtNew],
+    );
     // No backend: left to TC (which answers with a RST).
     let e = tcp(C2N, CLIENT, NODE, 45001, 8090, Tcp::Syn, 1, 0, &[]);
-    rig.step("xdp: no backend, passed to tc", x, &e, XDP_PASS, Some(&e), &[PassTcp]);
+    rig.step(
+        "xdp: no backend, passed to tc",
+        x,
+        &e,
+        XDP_PASS,
+        Some(&e),
+        &[PassTcp],
+    );
     println!("\nlb fixtures: xdp, {} steps", rig.steps);
 }
 
 #[test]
 fn xdp_vxlan_decap_leaves_peer_and_vni_for_tc() {
-    let Some(object) = prereq::privileged("xdp_vxlan_decap_leaves_peer_and_vni_for_tc") else { return };
+    let Some(object) = prereq::privileged("xdp_vxlan_decap_leaves_peer_and_vni_for_tc") else {
+        return;
+    };
     let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load");
     let mut mesh = Mesh::new(dp);
     let m = mesh_agent::model::from_yaml(
@@ -778,8 +820,19 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]
 "#,
     )
     .unwrap();
-    mesh.apply_desired(&desired(&m, |_| Ok((1, [0; 6]))).unwrap()).unwrap();
-    let inner = tcp((task_mac(T2), task_mac(T1)), [10, 0, 0, 12], T1, 80, 45000, Tcp::Ack, 1, 1, b"reply");
+    mesh.apply_desired(&desired(&m, |_| Ok((1, [0; 6]))).unwrap())
+        .unwrap();
+    let inner = tcp(
+        (task_mac(T2), task_mac(T1)),
+        [10, 0, 0, 12],
+        T1,
+        80,
+        45000,
+        Tcp::Ack,
+        1,
+        1,
+        b"reply",
+    );
     let mut payload = vec![0x08, 0, 0, 0];
     payload.extend_from_slice(&(4096u32 << 8).to_be_bytes());
     payload.extend_from_slice(&inner);
@@ -794,7 +847,11 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]
         .dp
         .xdp()
         .unwrap()
-        .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
         .unwrap();
     assert_eq!(r.return_value, XDP_PASS);
     let out = &out[..r.data_size_out as usize];

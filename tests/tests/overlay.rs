@@ -351,3 +351,79 @@ fn a_node_that_disappears_leaves_the_backends() {
         .collect();
     assert!(!now.contains("t2") && now.len() == 2, "{now:?}");
 }
+
+/// The same paths with XDP on node 1's underlay (native mode on the veth): published
+/// ports, mesh-to-mesh flows arriving through the tunnel, and unknown VXLAN dropped at
+/// XDP.
+#[test]
+fn xdp_on_the_underlay_serves_the_same_paths() {
+    let Some((cl, mut meshes)) = setup("xdp_on_the_underlay_serves_the_same_paths", "q") else {
+        return;
+    };
+    // A veth delivers XDP-redirected frames only when its peer runs NAPI (GRO on).
+    cl.tasks[0].exec(&["ethtool", "-K", "eth0", "gro", "on"]);
+    // Frames a namespace sends over a veth carry partial checksums (CHECKSUM_PARTIAL)
+    // that only an skb remembers; XDP sees the bytes. A real NIC's frames are complete:
+    // so are the client's here, with TX checksum offload off.
+    cl.c.exec(&["ethtool", "-K", "u", "tx", "off"]);
+    let mesh = &mut meshes[0];
+    cl.nodes[0].enter(|| {
+        mesh.dp
+            .attach_xdp("u", aya::programs::XdpMode::Driver)
+            .expect("attach xdp")
+    });
+    let before = counters(&meshes[0]);
+    for node in [NODES[0], NODES[1]] {
+        let mut tasks = BTreeSet::new();
+        cl.c.enter(|| {
+            for _ in 0..60 {
+                let body = match http_get(node, 8080) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let d = counters(&meshes[0]).since(&before);
+                        panic!(
+                            "request via {node} with xdp on node 1: {e}; node 1 counters: {:?}",
+                            d.iter()
+                                .map(|(h, r, c)| format!("{}/{}={}", h.name(), r.name(), c.packets))
+                                .collect::<Vec<_>>()
+                        );
+                    }
+                };
+                let (t, peer) = split(&body);
+                assert_eq!(peer, CLIENT);
+                tasks.insert(t);
+            }
+        });
+        assert_eq!(tasks.len(), 3, "via {node}: {tasks:?}");
+    }
+    cl.c.enter(|| {
+        let s = UdpSocket::bind((CLIENT, 0)).unwrap();
+        s.send_to(&[0x08, 0, 0, 0, 0, 0x10, 0, 0], (NODES[0], 4789))
+            .unwrap();
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let d = counters(&meshes[0]).since(&before);
+    let x = Hook::XdpUnderlay;
+    assert!(
+        d.get(x, Reason::FwdToTask).packets > 0,
+        "xdp delivered to t1: {d:?}"
+    );
+    assert!(
+        d.get(x, Reason::ObsDecap).packets > 0,
+        "xdp took vxlan apart"
+    );
+    assert!(
+        d.get(Hook::TcUnderlayIngress, Reason::FwdToTask).packets > 0,
+        "tc delivered what xdp decapsulated"
+    );
+    assert!(
+        d.get(x, Reason::DropVxlanUnknownPeer).packets
+            + d.get(x, Reason::DropVxlanTruncated).packets
+            >= 1
+    );
+    println!(
+        "\nxdp: node 1 with XDP: {} packets NATed and redirected at XDP, {} VXLAN packets taken apart at XDP",
+        d.get(x, Reason::FwdToTask).packets,
+        d.get(x, Reason::ObsDecap).packets
+    );
+}

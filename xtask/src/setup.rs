@@ -16,6 +16,7 @@ const TOOL_PKGS: &[&str] = &[
     "libzstd-dev",
     "bpftool",
     "iproute2",
+    "ethtool",
     "iperf3",
     "wrk",
     "tcpdump",

@@ -89,8 +89,12 @@ pub fn run() -> anyhow::Result<()> {
             "agent",
             "--test",
             "lb",
+            "--test",
+            "overlay",
+            "--test",
+            "vxlan_wire",
         ],
-        // One at a time: the load-balancing test measures connection rates.
+        // One at a time: the load-balancing and overlay tests measure rates.
         &["--nocapture", "--test-threads", "1"],
         object.as_deref(),
         &mut summary,
@@ -135,6 +139,9 @@ fn cargo_test(
             "lb:",
             "lb fixtures:",
             "bench:",
+            "overlay:",
+            "vxlan wire:",
+            "xdp:",
         ]
         .iter()
         .any(|p| line.starts_with(p))

@@ -157,6 +157,9 @@ reasons! {
     ObsDecap = 59, "obs_decap", Observation;
     /// A flow to a backend on a stock Docker node was SNATed to this node's overlay address.
     ObsStockSnat = 60, "obs_stock_snat", Observation;
+    /// A packet too big for the underlay once encapsulated: answered with ICMP
+    /// fragmentation needed (the overlay MTU), so the sender's path MTU discovery works.
+    ReplyIcmpFragNeeded = 61, "reply_icmp_frag_needed", Reply;
 }
 
 /// Size of the reason index space per hook (room to append reasons without a relayout).

@@ -112,6 +112,18 @@ pub fn icmp_port_unreachable(quote: &[u8; QUOTE_LEN]) -> [u8; UNREACH_LEN] {
 /// As [`icmp_port_unreachable`], into `out`.
 #[inline(always)]
 pub fn icmp_port_unreachable_into(out: &mut [u8; UNREACH_LEN], quote: &[u8; QUOTE_LEN]) {
+    icmp_unreachable_into(out, quote, 3, 0)
+}
+
+/// ICMP fragmentation needed (type 3, code 4) with the next-hop `mtu`, quoting the
+/// packet that did not fit (RFC 1191), from the address it was sent to.
+#[inline(always)]
+pub fn icmp_frag_needed_into(out: &mut [u8; UNREACH_LEN], quote: &[u8; QUOTE_LEN], mtu: u16) {
+    icmp_unreachable_into(out, quote, 4, mtu)
+}
+
+#[inline(always)]
+fn icmp_unreachable_into(out: &mut [u8; UNREACH_LEN], quote: &[u8; QUOTE_LEN], code: u8, mtu: u16) {
     out.fill(0);
     let src = u32::from_ne_bytes([quote[16], quote[17], quote[18], quote[19]]);
     let dst = u32::from_ne_bytes([quote[12], quote[13], quote[14], quote[15]]);
@@ -123,7 +135,8 @@ pub fn icmp_port_unreachable_into(out: &mut [u8; UNREACH_LEN], quote: &[u8; QUOT
         dst,
     );
     out[20] = 3;
-    out[21] = 3;
+    out[21] = code;
+    out[26..28].copy_from_slice(&mtu.to_be_bytes());
     out[28..].copy_from_slice(quote);
     let c = !csum::fold(csum::sum(&out[20..], 0));
     out[22..24].copy_from_slice(&c.to_be_bytes());
@@ -176,6 +189,19 @@ mod tests {
         let tcp = etherparse::TcpHeaderSlice::from_slice(&r[20..]).unwrap();
         assert!(tcp.rst() && !tcp.ack());
         assert_eq!(tcp.sequence_number(), 777);
+    }
+
+    #[test]
+    fn frag_needed_carries_the_mtu() {
+        let mut quote = [0u8; QUOTE_LEN];
+        quote[0] = 0x45;
+        quote[12..16].copy_from_slice(&[10, 1, 0, 2]);
+        quote[16..20].copy_from_slice(&[10, 1, 0, 1]);
+        let mut out = [0u8; UNREACH_LEN];
+        icmp_frag_needed_into(&mut out, &quote, 1450);
+        assert_eq!(&out[20..22], &[3, 4]);
+        assert_eq!(u16::from_be_bytes([out[26], out[27]]), 1450);
+        assert_eq!(csum::fold(csum::sum(&out[20..], 0)), 0xffff);
     }
 
     #[test]

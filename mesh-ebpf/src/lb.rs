@@ -382,10 +382,23 @@ fn overlay_route(pk: &Pkt) -> Step {
     }
 }
 
+/// The packet will not fit the underlay once encapsulated: tell its sender the overlay
+/// MTU (ICMP fragmentation needed, built from the packet as the sender sent it).
+#[inline(never)]
+fn too_big(pk: &Pkt, mtu: u32) -> Outcome {
+    if reply::frag_needed(pk.ctx, pk.p, mtu).is_err() {
+        return pk.drop(Reason::DropCannotReply);
+    }
+    pk.done(Reason::ReplyIcmpFragNeeded, skb::redirect(pk.ifindex()))
+}
+
 /// NAT as for a local delivery, then into the tunnel toward the backend's node.
 #[inline(never)]
 fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat, cfg: &MeshConfig) -> Outcome {
     let (ctx, f) = (pk.ctx, &pk.f);
+    if let Some(mtu) = vxlan::too_big(ctx, pk.p.l4_off as usize) {
+        return too_big(pk, mtu);
+    }
     let l3 = pk.p.l3_off as usize;
     let l4 = pk.p.l4_off as usize;
     let rewrite = || -> skb::Res {
@@ -410,6 +423,9 @@ fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat, cfg: &MeshConfig) -> Outcome {
 #[inline(never)]
 fn tunnel_reply(pk: &Pkt, e: &CtEntry, cfg: &MeshConfig) -> Outcome {
     let (ctx, f) = (pk.ctx, &pk.f);
+    if let Some(mtu) = vxlan::too_big(ctx, pk.p.l4_off as usize) {
+        return too_big(pk, mtu);
+    }
     let l3 = pk.p.l3_off as usize;
     let l4 = pk.p.l4_off as usize;
     let rewrite = || -> skb::Res {

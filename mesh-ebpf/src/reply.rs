@@ -65,3 +65,28 @@ pub fn port_unreachable(ctx: &TcContext, p: &Parsed) -> Result<(), ()> {
     build::icmp_port_unreachable_into(&mut s.unreach, &s.quote);
     rewrite(ctx, l3, &s.unreach)
 }
+
+/// The packet in `ctx` (which would not fit the underlay once encapsulated) becomes the
+/// ICMP fragmentation needed that tells its sender the overlay's MTU.
+#[inline(never)]
+pub fn frag_needed(ctx: &TcContext, p: &Parsed, mtu: u32) -> Result<(), ()> {
+    let l3 = p.l3_off as usize;
+    if p.ipv4_options {
+        return Err(());
+    }
+    let s = scratch().ok_or(())?;
+    // SAFETY: writes exactly QUOTE_LEN bytes into scratch memory of that size.
+    let r = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            l3 as u32,
+            s.quote.as_mut_ptr().cast(),
+            s.quote.len() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(());
+    }
+    build::icmp_frag_needed_into(&mut s.unreach, &s.quote, mtu as u16);
+    rewrite(ctx, l3, &s.unreach)
+}

@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_redirect_neigh, bpf_skb_adjust_room},
+    bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
+    helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_skb_adjust_room},
     programs::TcContext,
 };
 use mesh_common::{
@@ -89,6 +90,29 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -
     } else {
         Err(())
     }
+}
+
+/// The overlay MTU if the packet in `ctx` (IPv4 header at 14, L4 header at `l4_off`)
+/// would not fit the underlay once encapsulated. A GSO packet is judged by the size of
+/// its segments: a TSO'd segment too big for the wire is lost as surely as a big packet.
+#[inline(always)]
+pub fn too_big(ctx: &TcContext, l4_off: usize) -> Option<u32> {
+    let local = MESH_LOCAL_V1.get(0).copied()?;
+    let mut mtu: u32 = 0;
+    // SAFETY: reading a field of the context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        // SAFETY: the skb this program owns; `mtu` is an out-parameter on our stack.
+        let r = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), local.ifindex, &mut mtu, OVERHEAD as i32, 0) };
+        return (r == BPF_MTU_CHK_RET_FRAG_NEEDED as i64).then(|| mtu.saturating_sub(OVERHEAD as u32));
+    }
+    // GSO: the helper only reads the device's MTU here; the segment is IP + L4 headers
+    // + gso_size of payload.
+    // SAFETY: as above.
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), local.ifindex, &mut mtu, 0, 0) };
+    let doff: u8 = ctx.load(l4_off + 12).unwrap_or(0x50);
+    let seg = (l4_off - 14) as u32 + ((doff >> 4) as u32) * 4 + gso_size;
+    (mtu != 0 && seg + OVERHEAD as u32 > mtu).then(|| mtu - OVERHEAD as u32)
 }
 
 /// Where a decapsulated packet came from.

@@ -427,3 +427,49 @@ fn xdp_on_the_underlay_serves_the_same_paths() {
         d.get(x, Reason::ObsDecap).packets
     );
 }
+
+/// The overlay MTU is respected: with a task whose MTU wrongly says 1500, the client's
+/// full-size segments would not fit the underlay once encapsulated; the mesh answers
+/// with ICMP fragmentation needed (1450), the client's path MTU drops to it, and the
+/// transfer runs.
+#[test]
+fn path_mtu_discovery_across_the_overlay() {
+    let Some((cl, meshes)) = setup("path_mtu_discovery_across_the_overlay", "m") else {
+        return;
+    };
+    cl.tasks[1].ip(&["link", "set", "eth0", "mtu", "1500"]);
+    cl.nodes[1].ip(&["link", "set", "h2", "mtu", "1500"]);
+    let _server = Child(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                cl.tasks[1].name(),
+                "iperf3",
+                "-s",
+                "-p",
+                "5201",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 server in t2"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = counters(&meshes[0]);
+    let (gbps, _, slowest) = iperf(&cl, NODES[0], 3);
+    let d = counters(&meshes[0]).since(&before);
+    let frag = d
+        .get(Hook::TcUnderlayIngress, Reason::ReplyIcmpFragNeeded)
+        .packets;
+    let route = String::from_utf8_lossy(&cl.c.ip(&["route", "get", NODES[0]]).stdout).to_string();
+    println!("\noverlay: path MTU discovery: {frag} ICMP fragmentation needed sent, client route: {}, then {gbps:.2} Gbit/s", route.trim().replace('\n', " "));
+    assert!(frag >= 1, "fragmentation needed was sent");
+    assert!(
+        route.contains("mtu 1450"),
+        "the client learnt the overlay MTU: {route}"
+    );
+    assert!(
+        gbps > 0.1 && slowest > 0.0,
+        "the transfer ran ({gbps} Gbit/s, slowest second {slowest})"
+    );
+}

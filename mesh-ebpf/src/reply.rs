@@ -39,12 +39,12 @@ pub fn tcp_rst(ctx: &TcContext, p: &Parsed, f: &Flow) -> Result<(), ()> {
     rewrite(ctx, l3, &s.rst)
 }
 
-/// The UDP datagram in `ctx` becomes the ICMP port unreachable that answers it.
-#[inline(never)]
-pub fn port_unreachable(ctx: &TcContext, p: &Parsed) -> Result<(), ()> {
-    let l3 = p.l3_off as usize;
+/// Copies what an ICMP error quotes of the packet (its option-less IPv4 header and 8
+/// bytes of L4) into scratch memory.
+#[inline(always)]
+fn quote(ctx: &TcContext, p: &Parsed) -> Result<&'static mut crate::maps::Scratch, ()> {
     if p.ipv4_options {
-        // The quote would need the options; such datagrams are rare enough to drop.
+        // The quote would need the options; such packets are rare enough to drop.
         return Err(());
     }
     let s = scratch().ok_or(())?;
@@ -54,39 +54,27 @@ pub fn port_unreachable(ctx: &TcContext, p: &Parsed) -> Result<(), ()> {
     let r = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
-            l3 as u32,
+            p.l3_off as u32,
             s.quote.as_mut_ptr().cast(),
             s.quote.len() as u32,
         )
     };
-    if r != 0 {
-        return Err(());
-    }
+    (r == 0).then_some(s).ok_or(())
+}
+
+/// The UDP datagram in `ctx` becomes the ICMP port unreachable that answers it.
+#[inline(never)]
+pub fn port_unreachable(ctx: &TcContext, p: &Parsed) -> Result<(), ()> {
+    let s = quote(ctx, p)?;
     build::icmp_port_unreachable_into(&mut s.unreach, &s.quote);
-    rewrite(ctx, l3, &s.unreach)
+    rewrite(ctx, p.l3_off as usize, &s.unreach)
 }
 
 /// The packet in `ctx` (which would not fit the underlay once encapsulated) becomes the
 /// ICMP fragmentation needed that tells its sender the overlay's MTU.
 #[inline(never)]
 pub fn frag_needed(ctx: &TcContext, p: &Parsed, mtu: u32) -> Result<(), ()> {
-    let l3 = p.l3_off as usize;
-    if p.ipv4_options {
-        return Err(());
-    }
-    let s = scratch().ok_or(())?;
-    // SAFETY: writes exactly QUOTE_LEN bytes into scratch memory of that size.
-    let r = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            l3 as u32,
-            s.quote.as_mut_ptr().cast(),
-            s.quote.len() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(());
-    }
+    let s = quote(ctx, p)?;
     build::icmp_frag_needed_into(&mut s.unreach, &s.quote, mtu as u16);
-    rewrite(ctx, l3, &s.unreach)
+    rewrite(ctx, p.l3_off as usize, &s.unreach)
 }

@@ -173,6 +173,27 @@ impl Drop for Child {
     }
 }
 
+/// An iperf3 server in t2 (killed with the guard).
+fn iperf_server(cl: &Cluster) -> Child {
+    let c = Child(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                cl.tasks[1].name(),
+                "iperf3",
+                "-s",
+                "-p",
+                "5201",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 server in t2"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    c
+}
+
 /// One iperf3 run from the client to `addr:5201`: (Gbit/s, retransmits, slowest 1-s
 /// interval in Gbit/s).
 fn iperf(cl: &Cluster, addr: &str, secs: u32) -> (f64, u64, f64) {
@@ -233,22 +254,7 @@ fn throughput_and_connection_rate_mesh_vs_kernel_vxlan() {
             .expect("kernel vxlan path"),
     );
     assert_eq!(t, "t2");
-    let _server = Child(
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                cl.tasks[1].name(),
-                "iperf3",
-                "-s",
-                "-p",
-                "5201",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("iperf3 server in t2"),
-    );
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _server = iperf_server(&cl);
     let secs = 30;
     let mesh = iperf(&cl, NODES[0], secs);
     let kernel = iperf(&cl, TASKS[1], secs);
@@ -439,22 +445,7 @@ fn path_mtu_discovery_across_the_overlay() {
     };
     cl.tasks[1].ip(&["link", "set", "eth0", "mtu", "1500"]);
     cl.nodes[1].ip(&["link", "set", "h2", "mtu", "1500"]);
-    let _server = Child(
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                cl.tasks[1].name(),
-                "iperf3",
-                "-s",
-                "-p",
-                "5201",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("iperf3 server in t2"),
-    );
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _server = iperf_server(&cl);
     let before = counters(&meshes[0]);
     let (gbps, _, slowest) = iperf(&cl, NODES[0], 3);
     let d = counters(&meshes[0]).since(&before);

@@ -9,6 +9,7 @@ use mesh_common::{
     config::MeshConfig,
     parse::{self, Frag, Packet, Parsed},
     proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    reason::Reason,
     stats::Hook,
 };
 
@@ -107,6 +108,16 @@ fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, bytes: us
             IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk),
             _ => Outcome::NotOurs,
         };
+        if outcome == Outcome::ENCAP {
+            let Some(s) = maps::scratch() else {
+                return TC_ACT_SHOT;
+            };
+            let to = s.encap_to;
+            return match vxlan::encap(ctx, &pk.f, &to, cfg) {
+                TC_ACT_SHOT => pk.drop(Reason::DropTunnelFailed).action().unwrap_or(TC_ACT_SHOT),
+                action => pk.done(Reason::FwdToTunnel, action).action().unwrap_or(TC_ACT_SHOT),
+            };
+        }
         if let Some(action) = outcome.action() {
             return action;
         }

@@ -40,6 +40,9 @@ impl Outcome {
     #[allow(non_upper_case_globals)]
     pub const NotOurs: Outcome = Outcome(i32::MIN);
 
+    /// Rewritten; the caller encapsulates toward `Scratch::encap_to` and counts.
+    pub const ENCAP: Outcome = Outcome(i32::MIN + 1);
+
     /// Handled and counted; the TC return code.
     #[allow(non_snake_case)]
     pub const fn Done(action: i32) -> Outcome {
@@ -412,9 +415,25 @@ fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat, cfg: &MeshConfig) -> Outcome {
     if l3 != 14 || rewrite().is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
-    match vxlan::encap(ctx, f, t, cfg) {
-        TC_ACT_SHOT => pk.drop(Reason::DropTunnelFailed),
-        action => pk.done(Reason::FwdToTunnel, action),
+    let _ = cfg;
+    encap_later(t.node, t.vni)
+}
+
+/// Asks the caller to encapsulate toward (node, vni): the encapsulation runs at the top
+/// of the call chain, where its stack frame does not add to the load balancer's.
+#[inline(always)]
+fn encap_later(node: u32, vni: u32) -> Outcome {
+    match scratch() {
+        Some(s) => {
+            s.encap_to = Tunnel {
+                node,
+                vni,
+                flags: 0,
+                _pad: 0,
+            };
+            Outcome::ENCAP
+        }
+        None => Outcome::Done(TC_ACT_SHOT),
     }
 }
 
@@ -435,16 +454,8 @@ fn tunnel_reply(pk: &Pkt, e: &CtEntry, cfg: &MeshConfig) -> Outcome {
     if l3 != 14 || rewrite().is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
-    let to = Tunnel {
-        node: e.peer,
-        vni: e.vni,
-        flags: 0,
-        _pad: 0,
-    };
-    match vxlan::encap(ctx, f, &to, cfg) {
-        TC_ACT_SHOT => pk.drop(Reason::DropTunnelFailed),
-        action => pk.done(Reason::FwdToTunnel, action),
-    }
+    let _ = cfg;
+    encap_later(e.peer, e.vni)
 }
 
 /// The parsed inner packet of VXLAN `from` a peer.

@@ -59,6 +59,8 @@ pub struct Scratch {
     pub rst: [u8; mesh_common::reply::RST_LEN],
     pub unreach: [u8; mesh_common::reply::UNREACH_LEN],
     pub encap: [u8; mesh_common::vxlan::ENCAP_LEN],
+    /// Where the load balancer wants the packet tunnelled (see `lb::Outcome::ENCAP`).
+    pub encap_to: Tunnel,
 }
 
 #[btf_map]

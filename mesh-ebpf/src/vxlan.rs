@@ -10,10 +10,11 @@ use aya_ebpf::{
 use mesh_common::{
     config::MeshConfig,
     hash::flow_hash,
+    lb::Tunnel,
     parse::Parsed,
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
     stats::Hook,
-    lb::Tunnel,
     vxlan::{self, OVERHEAD},
 };
 
@@ -62,6 +63,13 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -
     let inner_len = ctx.len().checked_sub(14).ok_or(())?;
     let inner_src: u32 = ctx.load(14 + 12).map_err(|_| ())?;
     let inner_dst: u32 = ctx.load(14 + 16).map_err(|_| ())?;
+    let vihl: u8 = ctx.load(14).map_err(|_| ())?;
+    let proto: u8 = ctx.load(14 + 9).map_err(|_| ())?;
+    let ihl = ((vihl & 0x0f) as u32) * 4;
+    // A UDP datagram sent without a checksum gives LCO nothing to stand on.
+    let udp_no_csum = proto == IPPROTO_UDP && ctx.load::<u16>(14 + ihl as usize + 6).map_err(|_| ())? == 0;
+    // SAFETY: reading a field of the context.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     let h = flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto);
     let flags = ENCAP_L3_IPV4 | ENCAP_L4_UDP | ENCAP_L2_ETH | encap_l2(14) | FIXED_GSO;
     // SAFETY: the skb this program owns; room is inserted after the MAC header.
@@ -81,6 +89,20 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -
         inner_len as u16,
         h as u16,
     );
+    // The outer UDP checksum, as Linux's vxlan device sets it by default, by local
+    // checksum offload. GSO packets keep zero (RFC 7348 §5 allows it): each segment
+    // would need its own, and bpf_skb_adjust_room cannot ask for SKB_GSO_UDP_TUNNEL_CSUM.
+    if !gso && !udp_no_csum {
+        let l4_len = inner_len.saturating_sub(ihl);
+        let (a, b) = (u32::from_be(inner_src) as u64, u32::from_be(inner_dst) as u64);
+        let pseudo = match proto {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                (a >> 16) + (a & 0xffff) + (b >> 16) + (b & 0xffff) + proto as u64 + l4_len as u64
+            }
+            _ => 0,
+        };
+        set_lco(&mut s.encap, pseudo);
+    }
     ctx.store(0, &s.encap, 0).map_err(|_| ())?;
     // The kernel picks the route and fills the outer MACs from its neighbour table.
     // SAFETY: no parameters struct: the helper does the FIB lookup itself.
@@ -121,6 +143,14 @@ pub struct From {
     pub vni: u32,
     /// Size of the frame as it arrived (for the counters).
     pub bytes: usize,
+}
+
+/// Writes the outer UDP checksum (LCO) into the header. Its own BPF function: a frame
+/// of its own keeps `encap`'s small enough for the deepest call chain.
+#[inline(never)]
+fn set_lco(hdr: &mut [u8; vxlan::ENCAP_LEN], inner_pseudo: u64) {
+    let c = vxlan::lco_checksum(hdr, inner_pseudo);
+    hdr[40..42].copy_from_slice(&c.to_be_bytes());
 }
 
 /// A VXLAN packet on the underlay: validate the sender and the VNI and take it apart.

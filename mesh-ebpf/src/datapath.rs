@@ -36,7 +36,7 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshCon
     if hook == Hook::TcUnderlayIngress {
         if let Some(from) = xdp_decapsulated(ctx, pkt.frame_len()) {
             // XDP took the VXLAN apart already; what it learnt is in the metadata.
-            return lb::from_tunnel_parsed(ctx, p, hook, cfg, &from);
+            return lb::from_tunnel_parsed(ctx, p, hook, &from);
         }
     }
     if !(p.vxlan && hook == Hook::TcUnderlayIngress && p.ip_version == 4) {
@@ -55,7 +55,7 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshCon
     if parse_into_scratch(&inner, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
-    lb::from_tunnel_parsed(ctx, &s.parsed, hook, cfg, &from)
+    lb::from_tunnel_parsed(ctx, &s.parsed, hook, &from)
 }
 
 /// (peer, VNI) left by the XDP program in front of a frame it decapsulated.

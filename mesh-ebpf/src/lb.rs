@@ -135,15 +135,15 @@ struct Nat {
 #[inline(never)]
 pub fn process(pk: &Pkt, cfg: &MeshConfig) -> Outcome {
     let step = lookup(pk, cfg);
-    act(pk, step, cfg)
+    act(pk, step)
 }
 
 #[inline(always)]
-fn act(pk: &Pkt, step: Step, cfg: &MeshConfig) -> Outcome {
+fn act(pk: &Pkt, step: Step) -> Outcome {
     match step {
         Step::Done(o) => o,
         Step::Deliver(ep, nat) => deliver(pk, &ep, &nat),
-        Step::Tunnel(t, nat) => tunnel_out(pk, &t, &nat, cfg),
+        Step::Tunnel(t, nat) => tunnel_out(pk, &t, &nat),
         Step::Refuse(reason) => refuse(pk, reason),
     }
 }
@@ -174,7 +174,7 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             e.state = ct::advance(state, pk.f.tcp_flags) as u8;
             e.last_seen_ns = now;
             return if e.flags & CT_TUNNEL != 0 {
-                Step::Done(tunnel_reply(pk, e, cfg))
+                Step::Done(tunnel_reply(pk, e))
             } else if e.flags & CT_REVERSE != 0 {
                 Step::Done(to_client(pk, e))
             } else {
@@ -397,7 +397,7 @@ fn too_big(pk: &Pkt, mtu: u32) -> Outcome {
 
 /// NAT as for a local delivery, then into the tunnel toward the backend's node.
 #[inline(never)]
-fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat, cfg: &MeshConfig) -> Outcome {
+fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat) -> Outcome {
     let (ctx, f) = (pk.ctx, &pk.f);
     if let Some(mtu) = vxlan::too_big(ctx, pk.p.l4_off as usize) {
         return too_big(pk, mtu);
@@ -415,7 +415,6 @@ fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat, cfg: &MeshConfig) -> Outcome {
     if l3 != 14 || rewrite().is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
-    let _ = cfg;
     encap_later(t.node, t.vni)
 }
 
@@ -440,7 +439,7 @@ fn encap_later(node: u32, vni: u32) -> Outcome {
 /// A task's reply to a flow that reached it through the tunnel: back through the tunnel
 /// to the node the flow came from (which reverse-NATs it for the client).
 #[inline(never)]
-fn tunnel_reply(pk: &Pkt, e: &CtEntry, cfg: &MeshConfig) -> Outcome {
+fn tunnel_reply(pk: &Pkt, e: &CtEntry) -> Outcome {
     let (ctx, f) = (pk.ctx, &pk.f);
     if let Some(mtu) = vxlan::too_big(ctx, pk.p.l4_off as usize) {
         return too_big(pk, mtu);
@@ -454,13 +453,12 @@ fn tunnel_reply(pk: &Pkt, e: &CtEntry, cfg: &MeshConfig) -> Outcome {
     if l3 != 14 || rewrite().is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
-    let _ = cfg;
     encap_later(e.peer, e.vni)
 }
 
 /// The parsed inner packet of VXLAN `from` a peer.
 #[inline(never)]
-pub fn from_tunnel_parsed(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, from: &vxlan::From) -> i32 {
+pub fn from_tunnel_parsed(ctx: &TcContext, p: &Parsed, hook: Hook, from: &vxlan::From) -> i32 {
     let pk = Pkt {
         ctx,
         p,
@@ -471,14 +469,14 @@ pub fn from_tunnel_parsed(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshCon
     if p.ip_version != 4 || p.l4_off == 0 || !matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) {
         return pk.drop(Reason::DropVxlanBadInner).action().unwrap_or(TC_ACT_SHOT);
     }
-    from_tunnel(&pk, from.peer, from.vni, cfg)
+    from_tunnel(&pk, from.peer, from.vni)
 }
 
 /// The inner packet of VXLAN from `peer`: a reply to a flow this node balanced (back to
 /// its client), or a packet for a task on this node (delivered; its replies will go
 /// back through the tunnel to `peer`).
 #[inline(always)]
-fn from_tunnel(pk: &Pkt, peer: u32, vni: u32, cfg: &MeshConfig) -> i32 {
+fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
     let f = &pk.f;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -546,7 +544,6 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32, cfg: &MeshConfig) -> i32 {
             return pk.drop(Reason::DropCtFull).action().unwrap_or(TC_ACT_SHOT);
         }
     }
-    let _ = cfg;
     let nat = Nat {
         addr: ep.delivery_addr,
         port: f.dport,

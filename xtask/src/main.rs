@@ -2,6 +2,7 @@
 //! goes through here, so README's commands are the whole story.
 
 mod build;
+mod cluster;
 mod cmd;
 mod setup;
 mod test;
@@ -23,6 +24,9 @@ enum Cmd {
     Build,
     /// Set up, build, then run the three test tiers.
     Test,
+    /// A local multi-node Docker Swarm in network namespaces, to try the mesh on.
+    #[command(subcommand)]
+    Cluster(cluster::Cluster),
 }
 
 fn main() {
@@ -31,6 +35,7 @@ fn main() {
         Cmd::Setup => setup::run(),
         Cmd::Build => build::run(),
         Cmd::Test => test::run(),
+        Cmd::Cluster(c) => cluster::run(c),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

@@ -100,6 +100,15 @@ pub fn run() -> anyhow::Result<()> {
         &mut summary,
     )?;
 
+    if privileged {
+        println!("\n== tier 3: the real-swarm harness (cargo xtask cluster) ==");
+        let line = crate::cluster::self_test()?;
+        println!("swarm: {line}");
+        summary.push(format!("  swarm: {line}"));
+    } else {
+        summary.push("  SKIP swarm harness: not root".into());
+    }
+
     println!("\n== summary ==");
     for l in &summary {
         println!("{l}");

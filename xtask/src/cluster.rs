@@ -1,0 +1,701 @@
+//! `cargo xtask cluster`: a real Docker Swarm of N nodes on this machine, one network
+//! namespace (and mount and UTS namespace) per node with its own dockerd, joined by a
+//! bridge in an underlay namespace, plus a client namespace on that underlay. Recipe and
+//! pitfalls: ../shared/notes/docker-here.md. Nothing gets a default route: no traffic
+//! leaves the machine.
+//!
+//! Layout: state in /run/mesh-cluster (node count, PIDs, logs, rootfs); namespaces
+//! `mc-ul` (bridge), `mc-n<i>` (nodes), `mc-c` (client); per node exec-root
+//! /run/mesh-swarm<i> (docker.sock) and data-root /var/lib/mesh-swarm<i>.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+
+use crate::cmd::{self, exec, output};
+
+const ST: &str = "/run/mesh-cluster";
+const UL: &str = "mc-ul";
+const CLIENT_NS: &str = "mc-c";
+pub const IMAGE: &str = "mesh-test/busybox:latest";
+const NET: &str = "10.251.0";
+const POOL: &str = "10.252.0.0/16";
+
+#[derive(Subcommand)]
+pub enum Cluster {
+    /// Build the swarm (idempotent): N nodes, M of them managers, the busybox image
+    /// `mesh-test/busybox:latest` imported into every node, a client namespace.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 1)]
+        managers: u32,
+    },
+    /// Nodes, their underlay addresses, roles and dockerd state; the client's address.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The docker CLI against node NODE (1-based): `cluster docker 1 -- service ls`.
+    Docker {
+        node: u32,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a command inside node NODE (its network, mount and UTS namespaces).
+    Exec {
+        node: u32,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Run a command inside the client namespace.
+    Client {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Stop only what `up` started (recorded PIDs) and remove every namespace, interface,
+    /// mount and directory it made.
+    Down,
+}
+
+pub fn run(c: Cluster) -> anyhow::Result<()> {
+    match c {
+        Cluster::Up { nodes, managers } => up(nodes, managers),
+        Cluster::Status { json } => status(json),
+        Cluster::Docker { node, args } => {
+            let st = std::process::Command::new("docker")
+                .arg("-H")
+                .arg(sock(node))
+                .args(&args)
+                .status()
+                .context("running docker")?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        Cluster::Exec { node, cmd } => {
+            let pid = dockerd_pid(node).with_context(|| format!("node {node} is not up"))?;
+            let st = Command::new("nsenter")
+                .args(["-t", &pid.to_string(), "-n", "-m", "-u", "--"])
+                .args(&cmd)
+                .status()?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        Cluster::Client { cmd } => {
+            let st = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{CLIENT_NS}"))
+                .arg("--")
+                .args(&cmd)
+                .status()?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        Cluster::Down => down(),
+    }
+}
+
+/// What each node's dockerd is started through: in a fresh mount namespace, a sysfs of
+/// the node's network namespace with the host's cgroup hierarchies and bpffs bound back
+/// in (`ip netns exec` would lose them and dockerd would die), and a private tmpfs on
+/// /run/containerd (containerd's shim socket directory is hard-coded).
+const NODE_ENTRY: &str = r#"
+set -e
+n=$1; shift
+hostname "mc-n$n"
+old=/run/mesh-swarm$n/.oldsys
+mkdir -p "$old"
+mount --rbind /sys "$old"
+mount -t sysfs sysfs /sys
+for sub in fs/cgroup fs/bpf kernel/debug kernel/tracing; do
+  if [ -d "$old/$sub" ] && mountpoint -q "$old/$sub"; then mount --rbind "$old/$sub" "/sys/$sub"; fi
+done
+mountpoint -q /sys/fs/cgroup || { echo "no /sys/fs/cgroup in node $n" >&2; exit 1; }
+umount -l "$old"; rmdir "$old"
+mkdir -p /run/containerd
+mount -t tmpfs -o mode=0711,size=16m "mesh-swarm$n-containerd" /run/containerd
+exec "$@"
+"#;
+
+fn node_dir(n: u32) -> PathBuf {
+    Path::new(ST).join(format!("node{n}"))
+}
+
+fn exec_root(n: u32) -> String {
+    format!("/run/mesh-swarm{n}")
+}
+
+fn data_root(n: u32) -> String {
+    format!("/var/lib/mesh-swarm{n}")
+}
+
+pub fn sock(n: u32) -> String {
+    format!("unix://{}/docker.sock", exec_root(n))
+}
+
+pub fn node_addr(n: u32) -> String {
+    format!("{NET}.{}", 10 + n)
+}
+
+pub const CLIENT_ADDR: &str = "10.251.0.100";
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn read_pid(p: &Path) -> Option<u32> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// dockerd's PID for node `n`, if it is still our dockerd.
+fn dockerd_pid(n: u32) -> Option<u32> {
+    let pid = read_pid(&node_dir(n).join("dockerd.pid"))?;
+    (alive(pid) && cmdline(pid).contains(&format!("{}/docker.sock", exec_root(n)))).then_some(pid)
+}
+
+fn recorded_nodes() -> Option<u32> {
+    std::fs::read_to_string(Path::new(ST).join("nodes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn docker(n: u32, args: &[&str]) -> Command {
+    let mut c = Command::new("docker");
+    c.arg("-H").arg(sock(n)).args(args);
+    c
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    exec(Command::new("ip").args(args))
+}
+
+fn up(nodes: u32, managers: u32) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("cluster up must run as root: it creates namespaces and runs dockerd");
+    }
+    if !(1..=9).contains(&nodes) || managers < 1 || managers > nodes {
+        bail!("--nodes must be 1..9 and --managers 1..nodes");
+    }
+    if let Some(have) = recorded_nodes() {
+        if have == nodes && (1..=nodes).all(|n| dockerd_pid(n).is_some()) {
+            println!("cluster: already up with {nodes} nodes");
+            return Ok(());
+        }
+        bail!("a cluster of {have} nodes is (partly) up: run `cargo xtask cluster down` first");
+    }
+    for need in ["dockerd", "docker", "nsenter", "unshare"] {
+        if which(need).is_none() {
+            bail!("{need} not found: run `cargo xtask setup` (docker.io, util-linux)");
+        }
+    }
+    let t0 = Instant::now();
+    std::fs::create_dir_all(ST)?;
+    std::fs::write(Path::new(ST).join("nodes"), nodes.to_string())?;
+    let rootfs = make_rootfs()?;
+    // Underlay: a bridge in its own namespace (no host iptables involved).
+    ip(&["netns", "add", UL])?;
+    ip(&["-n", UL, "link", "set", "lo", "up"])?;
+    ip(&["-n", UL, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", UL, "link", "set", "br0", "up"])?;
+    let plug = |ns: &str, port: &str, addr: &str| -> anyhow::Result<()> {
+        ip(&["netns", "add", ns])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", UL,
+        ])?;
+        ip(&["-n", UL, "link", "set", port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])
+    };
+    for n in 1..=nodes {
+        plug(&format!("mc-n{n}"), &format!("v{n}"), &node_addr(n))?;
+    }
+    plug(CLIENT_NS, "vc", CLIENT_ADDR)?;
+    for n in 1..=nodes {
+        start_node(n)?;
+    }
+    for n in 1..=nodes {
+        wait_node(n)?;
+    }
+    for n in 1..=nodes {
+        let tar = Command::new("tar")
+            .args(["-C", &rootfs.to_string_lossy(), "-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let st = docker(n, &["import", "-", IMAGE])
+            .stdin(tar.stdout.context("tar stdout")?)
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("importing {IMAGE} into node {n} failed");
+        }
+    }
+    let a1 = node_addr(1);
+    exec(
+        docker(
+            1,
+            &[
+                "swarm",
+                "init",
+                "--advertise-addr",
+                &a1,
+                "--listen-addr",
+                &format!("{a1}:2377"),
+                "--default-addr-pool",
+                POOL,
+                "--default-addr-pool-mask-length",
+                "24",
+            ],
+        )
+        .stdout(Stdio::null()),
+    )?;
+    let mtok = output(&mut docker(1, &["swarm", "join-token", "-q", "manager"]))?;
+    let wtok = output(&mut docker(1, &["swarm", "join-token", "-q", "worker"]))?;
+    for n in 2..=nodes {
+        let tok = if n <= managers {
+            mtok.trim()
+        } else {
+            wtok.trim()
+        };
+        let a = node_addr(n);
+        exec(
+            docker(
+                n,
+                &[
+                    "swarm",
+                    "join",
+                    "--advertise-addr",
+                    &a,
+                    "--listen-addr",
+                    &format!("{a}:2377"),
+                    "--token",
+                    tok,
+                    &format!("{a1}:2377"),
+                ],
+            )
+            .stdout(Stdio::null()),
+        )?;
+    }
+    println!(
+        "cluster: {nodes} nodes ({managers} managers) up in {:.1} s; client namespace {CLIENT_NS} at {CLIENT_ADDR}; export DOCKER_HOST={}",
+        t0.elapsed().as_secs_f64(),
+        sock(1)
+    );
+    Ok(())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file())
+}
+
+fn make_rootfs() -> anyhow::Result<PathBuf> {
+    let r = Path::new(ST).join("bbroot");
+    let bb = Path::new("/bin/busybox");
+    if !bb.exists() {
+        bail!("/bin/busybox (busybox-static) missing: run `cargo xtask setup`");
+    }
+    for d in ["bin", "www", "etc", "tmp"] {
+        std::fs::create_dir_all(r.join(d))?;
+    }
+    std::fs::copy(bb, r.join("bin/busybox"))?;
+    let list = output(Command::new(bb).arg("--list"))?;
+    for a in list.lines().filter(|a| *a != "busybox") {
+        let _ = std::os::unix::fs::symlink("busybox", r.join("bin").join(a));
+    }
+    std::fs::write(r.join("www/index.html"), "ok\n")?;
+    Ok(r)
+}
+
+fn start_node(n: u32) -> anyhow::Result<()> {
+    let d = node_dir(n);
+    std::fs::create_dir_all(&d)?;
+    std::fs::create_dir_all(exec_root(n))?;
+    std::fs::create_dir_all(data_root(n))?;
+    std::fs::write(
+        d.join("daemon.json"),
+        format!(
+            "{{ \"deprecated-key-path\": \"{}/key.json\" }}\n",
+            data_root(n)
+        ),
+    )?;
+    let log = std::fs::File::create(d.join("dockerd.log"))?;
+    let child = Command::new("setsid")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/mc-n{n}"))
+        .args([
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "slave",
+            "--",
+            "bash",
+            "-c",
+            NODE_ENTRY,
+            "entry",
+        ])
+        .arg(n.to_string())
+        .args(["dockerd", "--config-file"])
+        .arg(d.join("daemon.json"))
+        .args(["--data-root", &data_root(n), "--exec-root", &exec_root(n)])
+        .args([
+            "-H",
+            &sock(n),
+            "--pidfile",
+            &format!("{}/docker.pid", exec_root(n)),
+        ])
+        .args([
+            "--bridge",
+            "none",
+            "--cgroup-parent",
+            &format!("/mesh-swarm{n}"),
+            "--iptables=true",
+        ])
+        .args(["--swarm-default-advertise-addr", &node_addr(n)])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting dockerd")?;
+    // setsid, nsenter, unshare and bash all exec: this PID becomes dockerd's.
+    std::fs::write(d.join("dockerd.pid"), child.id().to_string())?;
+    std::mem::forget(child);
+    Ok(())
+}
+
+fn wait_node(n: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if docker(n, &["version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success()
+        {
+            break;
+        }
+        let pid = read_pid(&node_dir(n).join("dockerd.pid")).unwrap_or(0);
+        if !alive(pid) {
+            bail!(
+                "dockerd of node {n} died: see {}",
+                node_dir(n).join("dockerd.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "dockerd of node {n} not ready in 30 s: see {}",
+                node_dir(n).join("dockerd.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Ok(c) = std::fs::read_to_string(format!("{}/containerd/containerd.pid", exec_root(n))) {
+        std::fs::write(node_dir(n).join("containerd.pid"), c.trim())?;
+    }
+    Ok(())
+}
+
+fn status(json: bool) -> anyhow::Result<()> {
+    let Some(nodes) = recorded_nodes() else {
+        if json {
+            println!("{{\"up\": false}}");
+        } else {
+            println!("cluster: not up");
+        }
+        return Ok(());
+    };
+    let roles = output(&mut docker(
+        1,
+        &["node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}"],
+    ))
+    .unwrap_or_default();
+    let mut rows = Vec::new();
+    for n in 1..=nodes {
+        let host = format!("mc-n{n}");
+        let role = roles
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{host} "))
+                    .map(|s| s.trim().to_string())
+            })
+            .map(|s| {
+                if s.is_empty() {
+                    "worker".to_string()
+                } else {
+                    "manager".to_string()
+                }
+            })
+            .unwrap_or_else(|| "unknown".into());
+        rows.push((n, node_addr(n), role, dockerd_pid(n)));
+    }
+    if json {
+        let nodes: Vec<String> = rows
+            .iter()
+            .map(|(n, a, r, p)| {
+                format!(
+                    "{{\"node\": {n}, \"name\": \"mc-n{n}\", \"addr\": \"{a}\", \"role\": \"{r}\", \"dockerd\": {}, \"docker_host\": \"{}\"}}",
+                    p.map(|p| p.to_string()).unwrap_or("null".into()),
+                    sock(*n)
+                )
+            })
+            .collect();
+        println!("{{\"up\": true, \"client\": \"{CLIENT_ADDR}\", \"client_netns\": \"{CLIENT_NS}\", \"nodes\": [{}]}}", nodes.join(", "));
+    } else {
+        println!(
+            "{:<6} {:<8} {:<14} {:<8} {}",
+            "NODE", "NAME", "ADDRESS", "ROLE", "DOCKERD"
+        );
+        for (n, a, r, p) in rows {
+            println!(
+                "{n:<6} mc-n{n:<4} {a:<14} {r:<8} {}",
+                p.map(|p| format!("pid {p}")).unwrap_or("down".into())
+            );
+        }
+        println!("client namespace {CLIENT_NS} at {CLIENT_ADDR}");
+    }
+    Ok(())
+}
+
+fn kill_checked(pid: u32, must: &str, sig: i32) {
+    if alive(pid) && cmdline(pid).contains(must) {
+        // SAFETY: signalling a PID we recorded, after checking it is still ours.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+fn wait_gone(pid: u32, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+fn stop_node(n: u32) {
+    let quiet = |c: &mut Command| {
+        let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    };
+    if let Some(pid) = dockerd_pid(n) {
+        quiet(
+            Command::new("timeout")
+                .arg("20")
+                .arg("docker")
+                .arg("-H")
+                .arg(sock(n))
+                .args(["swarm", "leave", "--force"]),
+        );
+        if let Ok(ids) = output(&mut docker(n, &["ps", "-aq"])) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                quiet(
+                    Command::new("timeout")
+                        .arg("30")
+                        .arg("docker")
+                        .arg("-H")
+                        .arg(sock(n))
+                        .arg("rm")
+                        .arg("-f")
+                        .args(&ids),
+                );
+            }
+        }
+        let must = format!("{}/docker.sock", exec_root(n));
+        kill_checked(pid, &must, libc::SIGTERM);
+        if !wait_gone(pid, 30) {
+            kill_checked(pid, &must, libc::SIGKILL);
+            wait_gone(pid, 5);
+        }
+    }
+    if let Some(c) = read_pid(&node_dir(n).join("containerd.pid")) {
+        let must = format!("{}/containerd/containerd.toml", exec_root(n));
+        kill_checked(c, &must, libc::SIGTERM);
+        if !wait_gone(c, 10) {
+            kill_checked(c, &must, libc::SIGKILL);
+        }
+    }
+    // Leftover shims of this node's containerd, by their command line.
+    let shim = format!("-address {}/containerd/containerd.sock", exec_root(n));
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
+                if cmdline(pid).contains(&shim) {
+                    // SAFETY: a shim of our own containerd, by its command line.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The cgroups runc made under --cgroup-parent /mesh-swarmN.
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            let cg = e.path().join(format!("mesh-swarm{n}"));
+            if cg.is_dir() {
+                let _ = Command::new("find")
+                    .arg(&cg)
+                    .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+                    .status();
+            }
+        }
+    }
+}
+
+fn down() -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("cluster down must run as root");
+    }
+    let nodes = recorded_nodes().unwrap_or(9);
+    for n in (1..=nodes).rev() {
+        if node_dir(n).exists() {
+            stop_node(n);
+        }
+    }
+    for ns in (1..=nodes)
+        .map(|n| format!("mc-n{n}"))
+        .chain([CLIENT_NS.to_string(), UL.to_string()])
+    {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for n in 1..=nodes {
+        let (e, d) = (exec_root(n), data_root(n));
+        let busy = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .any(|m| {
+                m == e
+                    || m.starts_with(&format!("{e}/"))
+                    || m == d
+                    || m.starts_with(&format!("{d}/"))
+            });
+        if busy {
+            eprintln!("cluster: mounts still present under node {n}, not deleting {e} and {d}");
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(&e);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+    let _ = std::fs::remove_dir_all(ST);
+    println!("cluster: down");
+    Ok(())
+}
+
+/// The harness checked for real (part of `cargo xtask test`): two nodes up, a
+/// two-replica service scheduled on both, `up` again is a no-op, and `down` leaves no
+/// namespace, directory or dockerd behind. Always tears down, also on failure.
+pub fn self_test() -> anyhow::Result<String> {
+    if recorded_nodes().is_some() {
+        bail!("a cluster is up already (`cargo xtask cluster down` first): the harness test needs its own");
+    }
+    let t0 = Instant::now();
+    let result = (|| -> anyhow::Result<String> {
+        up(2, 1)?;
+        up(2, 1)?;
+        exec(
+            docker(
+                1,
+                &[
+                    "service",
+                    "create",
+                    "-d",
+                    "--name",
+                    "harness",
+                    "--replicas",
+                    "2",
+                    "--no-resolve-image",
+                    IMAGE,
+                    "httpd",
+                    "-f",
+                    "-p",
+                    "80",
+                    "-h",
+                    "/www",
+                ],
+            )
+            .stdout(Stdio::null()),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ps = output(&mut docker(
+                1,
+                &[
+                    "service",
+                    "ps",
+                    "harness",
+                    "--format",
+                    "{{.Node}} {{.CurrentState}}",
+                ],
+            ))?;
+            let running: std::collections::BTreeSet<&str> = ps
+                .lines()
+                .filter(|l| l.contains("Running"))
+                .filter_map(|l| l.split_whitespace().next())
+                .collect();
+            if running.len() == 2 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the harness service did not run on both nodes in 60 s:\n{ps}");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(format!(
+            "2 nodes up and a 2-replica service running on both in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        ))
+    })();
+    let t1 = Instant::now();
+    let torn = down();
+    let summary = result?;
+    torn?;
+    let leftovers: Vec<String> = ["mc-n1", "mc-n2", CLIENT_NS, UL]
+        .iter()
+        .filter(|ns| Path::new(&format!("/run/netns/{ns}")).exists())
+        .map(|s| s.to_string())
+        .chain(
+            [
+                ST.to_string(),
+                exec_root(1),
+                exec_root(2),
+                data_root(1),
+                data_root(2),
+            ]
+            .into_iter()
+            .filter(|d| Path::new(d).exists()),
+        )
+        .collect();
+    if !leftovers.is_empty() {
+        bail!("cluster down left {leftovers:?}");
+    }
+    Ok(format!(
+        "{summary}; down in {:.1} s, nothing left behind",
+        t1.elapsed().as_secs_f64()
+    ))
+}

@@ -140,8 +140,16 @@ pub fn node_addr(n: u32) -> String {
 
 pub const CLIENT_ADDR: &str = "10.251.0.100";
 
+/// Running (a zombie is not: when `up` ran in this very process, dockerd is our child
+/// and lingers as one until reaped).
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    // SAFETY: reaps `pid` only if it is our own exited child; harmless otherwise.
+    unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 fn cmdline(pid: u32) -> String {

@@ -158,6 +158,12 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
         let e = unsafe { &mut *e };
         let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
         let reverse = e.flags & CT_REVERSE != 0;
+        if reverse && pk.hook != Hook::TcTask {
+            // Reply entries match what tasks send. On the underlay such a tuple is a
+            // spoof of a task's address (genuine replies come back through the tunnel,
+            // which has its own path): not ours.
+            return Step::Done(Outcome::NotOurs);
+        }
         if ct::expired(state, e.idle_s, e.last_seen_ns, now) {
             count(pk.hook, Reason::ObsCtExpired, pk.bytes);
         } else if !reverse && ct::reopens(state, pk.f.tcp_flags) {

@@ -863,3 +863,51 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]
     assert_eq!(word(4), u32::from_ne_bytes([10, 240, 0, 2]), "peer");
     assert_eq!(word(8), 4096, "vni");
 }
+
+/// Per-packet cost of the paths that leave a packet as it was (so BPF_PROG_TEST_RUN can
+/// repeat it): the kernel's own timing over 100,000 runs. Printed, not asserted.
+#[test]
+fn per_packet_cost_of_the_pass_through_paths() {
+    let Some(object) = prereq::privileged("per_packet_cost_of_the_pass_through_paths") else {
+        return;
+    };
+    let rig = Rig::new(&object, &[(T1, Health::Active)]);
+    let run = |hook: Hook, pkt: &[u8]| -> (u32, std::time::Duration) {
+        let mut out = vec![0u8; pkt.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: 100_000,
+            ..Default::default()
+        };
+        let r = match hook {
+            Hook::TcUnderlayIngress => rig.mesh.dp.tc_ingress().unwrap().test_run(opts),
+            Hook::TcTask => rig.mesh.dp.tc_task().unwrap().test_run(opts),
+            Hook::XdpUnderlay => rig.mesh.dp.xdp().unwrap().test_run(opts),
+        }
+        .unwrap();
+        (r.return_value, r.duration)
+    };
+    // Not a service: conntrack miss, frontend miss (and the node-address fallback).
+    let other = tcp(C2N, CLIENT, NODE, 40007, 22, Tcp::Ack, 1, 1, b"ssh");
+    let (ret_tc, tc) = run(Hook::TcUnderlayIngress, &other);
+    let (ret_xdp, xdp) = run(Hook::XdpUnderlay, &other);
+    // A task's traffic that is not the mesh's (to an address outside the overlay).
+    let out_of_task = tcp(
+        from_task(T1),
+        T1,
+        [192, 0, 2, 1],
+        40008,
+        443,
+        Tcp::Ack,
+        1,
+        1,
+        b"x",
+    );
+    let (ret_task, task) = run(Hook::TcTask, &out_of_task);
+    assert_eq!((ret_tc, ret_xdp, ret_task), (PASS, XDP_PASS, PASS));
+    println!(
+        "\nbench: pass-through per packet (BPF_PROG_TEST_RUN, 100,000 runs): tc underlay {:?}, xdp underlay {:?}, tc task {:?}",
+        tc, xdp, task
+    );
+}

@@ -147,7 +147,9 @@ fn alive(pid: u32) -> bool {
     unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }

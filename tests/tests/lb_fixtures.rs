@@ -323,6 +323,16 @@ fn tcp_published_port_full_path_and_pmtu() {
         &[FwdReplyToClient, ObsCtHit],
     );
 
+    // The same reply tuple arriving on the underlay is a spoof of the task: not ours.
+    rig.step(
+        "reply tuple on the underlay",
+        u,
+        &synack,
+        PASS,
+        Some(&synack),
+        &[PassTcp],
+    );
+
     let data = tcp(
         C2N,
         CLIENT,

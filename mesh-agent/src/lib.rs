@@ -2,6 +2,7 @@
 //! their counters, and the checks that turn a missing prerequisite into one line a user
 //! can act on. The `mesh-agent` daemon and the `meshctl` CLI are thin layers over it.
 
+pub mod docker;
 pub mod error;
 pub mod loader;
 pub mod maglev;
@@ -12,5 +13,6 @@ pub mod netdev;
 pub mod preflight;
 pub mod reconcile;
 pub mod stats;
+pub mod swarm;
 
 pub use error::MeshError;

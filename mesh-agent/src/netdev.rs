@@ -58,3 +58,50 @@ mod tests {
         assert!(e.contains("\"mesh-nope1\" does not exist"), "{e}");
     }
 }
+
+/// The interface that holds `addr` in the calling thread's network namespace.
+pub fn interface_with_addr(addr: std::net::Ipv4Addr) -> Option<String> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: walking the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            if sin.sin_addr.s_addr == u32::from_ne_bytes(addr.octets()) {
+                // SAFETY: a NUL-terminated interface name.
+                found = Some(
+                    unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+                break;
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
+#[cfg(test)]
+mod addr_tests {
+    #[test]
+    fn loopback_holds_127_0_0_1() {
+        assert_eq!(
+            super::interface_with_addr("127.0.0.1".parse().unwrap()).as_deref(),
+            Some("lo")
+        );
+        assert_eq!(
+            super::interface_with_addr("192.0.2.77".parse().unwrap()),
+            None
+        );
+    }
+}

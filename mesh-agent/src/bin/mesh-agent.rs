@@ -44,6 +44,14 @@ struct Args {
     /// eBPF object (default: $MESH_BPF_OBJECT, next to this binary, /usr/local/lib/mesh).
     #[arg(long)]
     object: Option<PathBuf>,
+    /// Docker socket (the Swarm this node is in).
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    docker: String,
+    /// Print the model of this node that the Swarm implies (YAML, the --config format)
+    /// and exit. Tasks on this node appear as local backends; their veths are not
+    /// discovered yet.
+    #[arg(long)]
+    print_docker_model: bool,
 }
 
 fn main() {
@@ -67,7 +75,22 @@ fn read_model(path: &std::path::Path) -> anyhow::Result<model::Model> {
     model::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+fn print_docker_model(socket: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (me, networks) = rt.block_on(mesh_agent::docker::snapshot(socket))?;
+    let underlay = mesh_agent::netdev::interface_with_addr(me)
+        .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
+    let model = mesh_agent::swarm::model_from(&networks, me, &underlay);
+    print!("{}", model::to_yaml(&model));
+    Ok(())
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.print_docker_model {
+        return print_docker_model(&args.docker);
+    }
     preflight::require_root("mesh-agent loads eBPF programs")?;
     let model = match &args.config {
         Some(p) => read_model(p)?,

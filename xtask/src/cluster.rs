@@ -639,6 +639,8 @@ pub fn self_test() -> anyhow::Result<String> {
                     "harness",
                     "--replicas",
                     "2",
+                    "-p",
+                    "8080:80",
                     "--no-resolve-image",
                     IMAGE,
                     "httpd",
@@ -676,9 +678,36 @@ pub fn self_test() -> anyhow::Result<String> {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
+        let running = t0.elapsed();
+        // The agent's Docker source, on each node (a manager and a worker): the model it
+        // derives from Docker's gossip has the published port and both tasks, one local.
+        let agent = crate::cmd::root().join("target/debug/mesh-agent");
+        for n in 1..=2 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let yaml = output(
+                    Command::new("nsenter")
+                        .arg(format!("--net=/run/netns/mc-n{n}"))
+                        .arg(&agent)
+                        .args(["--print-docker-model", "--docker", &sock(n)]),
+                )?;
+                let ok = yaml.contains("published: 8080")
+                    && yaml.matches("network: ingress").count() == 2
+                    && yaml.matches("node: ").count() == 1
+                    && yaml.contains(&format!("addr: {}", node_addr(3 - n)));
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("node {n}: the Docker source did not show the service in 30 s:\n{yaml}");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
         Ok(format!(
-            "2 nodes up and a 2-replica service running on both in {:.1} s",
-            t0.elapsed().as_secs_f64()
+            "2 nodes up and a 2-replica service running on both in {:.1} s; each node's Docker \
+             source derives the published port with one local and one remote task",
+            running.as_secs_f64()
         ))
     })();
     let t1 = Instant::now();

@@ -2,6 +2,10 @@
 //! their counters, and the checks that turn a missing prerequisite into one line a user
 //! can act on. The `mesh-agent` daemon and the `meshctl` CLI are thin layers over it.
 
+// MeshError carries aya's errors by value; they occur on cold paths (load, attach,
+// map writes), where a larger Result costs nothing that matters.
+#![allow(clippy::result_large_err)]
+
 pub mod docker;
 pub mod error;
 pub mod loader;

@@ -1,6 +1,8 @@
 //! The binaries' failure modes: one line on stderr that says what to do, exit code 1.
 //! (Run as root, the root check passes and the next prerequisite is what fails.)
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::process::Command;
 
 fn one_line_error(bin: &str, args: &[&str]) -> String {

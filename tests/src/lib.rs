@@ -2,6 +2,10 @@
 //! BPF_PROG_TEST_RUN; tier 3: real traffic across network namespaces). The tests
 //! themselves live in `tests/tests/`; `cargo xtask test` runs them.
 
+// MeshError carries aya's errors by value; they occur on cold paths (load, attach,
+// map writes), where a larger Result costs nothing that matters.
+#![allow(clippy::result_large_err)]
+
 pub mod cluster;
 pub mod fixtures;
 pub mod lbtopo;

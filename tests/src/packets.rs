@@ -207,7 +207,7 @@ pub fn ipv4_fix_csum(p: &mut [u8], l3: usize) {
 /// fixing IHL, total length and the header checksum.
 pub fn ipv4_with_options(mut p: Vec<u8>, l3: usize, opts: &[u8]) -> Vec<u8> {
     let mut o = opts.to_vec();
-    while o.len() % 4 != 0 {
+    while !o.len().is_multiple_of(4) {
         o.push(0);
     }
     let hlen = ((p[l3] & 0x0f) as usize) * 4;

@@ -2,6 +2,8 @@
 //! in a test namespace, traffic flows, meshctl reads the pinned counters, SIGTERM
 //! detaches and unpins.
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},

@@ -1,6 +1,8 @@
 //! Tier 2: the fixture table through BPF_PROG_TEST_RUN, for the XDP and the TC entry
 //! point: verdict, output bytes, and exact counter deltas.
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use aya::programs::{TestRun, TestRunOptions};
 use mesh_agent::{loader::Datapath, stats::Snapshot};
 use mesh_common::{

@@ -1,6 +1,8 @@
 //! Tier 3, load balancing on one node: a client namespace, a node namespace with the
 //! programs attached, three task namespaces. Real TCP/UDP, real kernel.
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, ErrorKind, Write},

@@ -3,6 +3,8 @@
 //! exact bytes of the rewritten packet (built independently with etherparse, so every
 //! checksum is checked too) and the exact counter deltas.
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};

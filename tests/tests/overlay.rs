@@ -2,6 +2,8 @@
 //! on an underlay bridge, a client, a task per node. Real traffic only between these
 //! namespaces.
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::{collections::BTreeSet, net::UdpSocket};
 
 use mesh_agent::{loader::Datapath, mesh::Mesh, stats::Snapshot};

@@ -2,6 +2,8 @@
 //! attached to a veth. The datapath's counters are checked against what was sent and
 //! against the kernel's own SNMP counters in the receiving namespace.
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},

@@ -2,6 +2,8 @@
 //! with what Linux's vxlan device produces for the same inner frame (captured on a veth
 //! in namespaces the test creates).
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::{net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};

@@ -472,10 +472,7 @@ fn status(json: bool) -> anyhow::Result<()> {
             .collect();
         println!("{{\"up\": true, \"client\": \"{CLIENT_ADDR}\", \"client_netns\": \"{CLIENT_NS}\", \"nodes\": [{}]}}", nodes.join(", "));
     } else {
-        println!(
-            "{:<6} {:<8} {:<14} {:<8} {}",
-            "NODE", "NAME", "ADDRESS", "ROLE", "DOCKERD"
-        );
+        println!("NODE   NAME     ADDRESS        ROLE     DOCKERD");
         for (n, a, r, p) in rows {
             println!(
                 "{n:<6} mc-n{n:<4} {a:<14} {r:<8} {}",

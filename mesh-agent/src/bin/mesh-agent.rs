@@ -3,6 +3,8 @@
 //! so until SIGINT/SIGTERM; SIGHUP re-reads the file. (The Docker source arrives with the
 //! agent issue.)
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -1,6 +1,8 @@
 //! meshctl: see what the mesh is doing. Reads pinned maps directly, so it works while
 //! the agent is down.
 
+#![allow(clippy::result_large_err)] // aya errors by value, on cold paths
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};

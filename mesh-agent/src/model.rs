@@ -630,6 +630,17 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.1.2}]
         assert_eq!(d.endpoints.len(), 1);
     }
 
+    /// The README's example is a valid model.
+    #[test]
+    fn readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```yaml\n").expect("a yaml block in README") + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let m = from_yaml(&readme[start..end]).unwrap_or_else(|e| panic!("README model: {e}"));
+        let d = desired(&m, resolve).unwrap_or_else(|e| panic!("README model: {e}"));
+        assert!(!d.frontends.is_empty() && !d.tunnels.is_empty());
+    }
+
     #[test]
     fn yaml_round_trips() {
         let m = from_yaml(YAML).unwrap();

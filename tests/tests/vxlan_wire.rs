@@ -4,7 +4,7 @@
 
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::time::Duration;
 
 use aya::programs::{TestRun, TestRunOptions};
 use mesh_agent::{
@@ -257,5 +257,4 @@ fn the_data_path_port_is_configurable() {
     };
     let o = ours(&object, 7789);
     assert_eq!(u16::from_be_bytes([o[36], o[37]]), 7789);
-    let _ = Ipv4Addr::LOCALHOST;
 }

@@ -103,3 +103,82 @@ pub async fn snapshot(socket: &str) -> Result<(Ipv4Addr, Vec<NetworkView>), Dock
     }
     Ok((me, out))
 }
+
+/// The delivery interfaces of this node's tasks that hold one of `addrs`: the host side
+/// of each task's docker_gwbridge veth, and the task's MAC there. Docker's API does not
+/// show the gwbridge endpoint, so it is found from the links: in the task's sandbox, the
+/// veth whose peer is a port of this node's docker_gwbridge.
+pub async fn local_endpoints(
+    socket: &str,
+    addrs: &std::collections::BTreeSet<Ipv4Addr>,
+) -> Result<Vec<crate::model::EndpointSpec>, DockerError> {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let connect = |source| DockerError::Connect {
+        socket: socket.to_string(),
+        source,
+    };
+    let docker = Docker::connect_with_unix(socket, 30, API_DEFAULT_VERSION).map_err(connect)?;
+    let docker = docker.negotiate_version().await.map_err(connect)?;
+    let api = |what| move |source| DockerError::Api { what, source };
+    let filters = BTreeMap::from([("label", vec!["com.docker.swarm.task.id"])]);
+    let list = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .filters(&filters.into_iter().collect())
+                .build(),
+        ))
+        .await
+        .map_err(api("list containers"))?;
+    let node_links = crate::netdev::links().unwrap_or_default();
+    let Some(gw) = node_links
+        .iter()
+        .find(|l| l.name == "docker_gwbridge")
+        .map(|l| l.index)
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for c in list {
+        let Some(id) = c.id else { continue };
+        let insp = docker
+            .inspect_container(&id, None)
+            .await
+            .map_err(api("inspect container"))?;
+        let Some(ns) = insp.network_settings else {
+            continue;
+        };
+        let (Some(nets), Some(sandbox)) = (ns.networks, ns.sandbox_key) else {
+            continue;
+        };
+        let mine: Vec<Ipv4Addr> = nets
+            .values()
+            .filter_map(|e| e.ip_address.as_deref()?.parse().ok())
+            .filter(|a| addrs.contains(a))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        // Best effort per task: a sandbox that is going away is skipped, not fatal.
+        let Ok(links) = crate::netdev::links_in(std::path::Path::new(&sandbox)) else {
+            continue;
+        };
+        let found = links.iter().find_map(|l| {
+            let host = node_links
+                .iter()
+                .find(|h| Some(h.index) == l.peer && h.master == Some(gw))?;
+            Some((host.name.clone(), l.mac?))
+        });
+        let Some((interface, mac)) = found else {
+            continue;
+        };
+        for addr in mine {
+            out.push(crate::model::EndpointSpec {
+                addr,
+                interface: interface.clone(),
+                mac: crate::model::MacAddr(mac),
+                delivery_addr: None,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -105,3 +105,121 @@ mod addr_tests {
         );
     }
 }
+
+/// A network interface as rtnetlink reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    /// For a veth, the peer's index (in the peer's namespace).
+    pub peer: Option<u32>,
+    /// The bridge it is a port of.
+    pub master: Option<u32>,
+}
+
+/// Every interface of the calling thread's network namespace (RTM_GETLINK dump).
+pub fn links() -> Result<Vec<Link>, MeshError> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_route::{
+        link::{LinkAttribute, LinkMessage},
+        RouteNetlinkMessage,
+    };
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    let io = |what: &str, source: std::io::Error| MeshError::Io {
+        what: format!("rtnetlink: {what}"),
+        source,
+    };
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| io("socket", e))?;
+    socket.bind_auto().map_err(|e| io("bind", e))?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(|e| io("connect", e))?;
+    let mut req = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    req.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf[..]);
+    socket.send(&buf, 0).map_err(|e| io("send", e))?;
+    let mut out = Vec::new();
+    let mut rx = vec![0u8; 65536];
+    loop {
+        let size = socket
+            .recv(&mut &mut rx[..], 0)
+            .map_err(|e| io("recv", e))?;
+        let mut offset = 0;
+        while offset < size {
+            let msg: NetlinkMessage<RouteNetlinkMessage> =
+                NetlinkMessage::deserialize(&rx[offset..size])
+                    .map_err(|e| io("decode", std::io::Error::other(e.to_string())))?;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    return Err(io("dump", std::io::Error::other(format!("{e:?}"))))
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    let mut link = Link {
+                        index: l.header.index,
+                        ..Default::default()
+                    };
+                    for a in l.attributes {
+                        match a {
+                            LinkAttribute::IfName(n) => link.name = n,
+                            LinkAttribute::Address(m) if m.len() == 6 => {
+                                link.mac = m.try_into().ok()
+                            }
+                            LinkAttribute::Link(p) => link.peer = Some(p),
+                            LinkAttribute::Controller(m) => link.master = Some(m),
+                            _ => {}
+                        }
+                    }
+                    out.push(link);
+                }
+                _ => {}
+            }
+            if msg.header.length == 0 {
+                break;
+            }
+            offset += msg.header.length as usize;
+        }
+    }
+}
+
+/// As [`links`], in the network namespace at `netns` (a path such as a container's
+/// sandbox key), on a thread that enters it.
+pub fn links_in(netns: &std::path::Path) -> Result<Vec<Link>, MeshError> {
+    let file = std::fs::File::open(netns).map_err(|source| MeshError::Io {
+        what: format!("opening network namespace {}", netns.display()),
+        source,
+    })?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a namespace fd we opened.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(MeshError::Io {
+                    what: format!("entering network namespace {}", netns.display()),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            links()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+#[cfg(test)]
+mod link_tests {
+    #[test]
+    fn loopback_is_listed() {
+        let l = super::links().unwrap();
+        assert!(l.iter().any(|l| l.name == "lo" && l.index == 1), "{l:?}");
+    }
+}

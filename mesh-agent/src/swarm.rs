@@ -137,12 +137,14 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
                 affinity: false,
             };
             if n.ingress {
-                // The ingress network carries the published ports.
+                // The ingress network carries the published ports. Docker programs each
+                // task to take them on its ingress address *at the published port* and
+                // redirect to the target port itself: that is where we deliver.
                 let p = ports
                     .iter()
-                    .map(|(target, publish)| PortSpec {
+                    .map(|(_target, publish)| PortSpec {
                         published: Some(*publish),
-                        target: *target,
+                        target: *publish,
                         protocol: Protocol::Tcp,
                         mode: PublishMode::Ingress,
                     })
@@ -224,9 +226,10 @@ mod tests {
         assert_eq!(m.networks[0].vni, 4096);
         let web = &m.services[0];
         assert_eq!(web.name, "web");
+        // Delivered on the published port: the task redirects it to 80 itself.
         assert_eq!(
             (web.ports[0].published, web.ports[0].target),
-            (Some(8080), 80)
+            (Some(8080), 8080)
         );
         assert_eq!(web.backends.len(), 2);
         assert_eq!(web.backends[0].node, None, "the task on this node is local");

@@ -17,6 +17,7 @@ const TOOL_PKGS: &[&str] = &[
     "bpftool",
     "iproute2",
     "ethtool",
+    "curl",
     "iperf3",
     "wrk",
     "tcpdump",

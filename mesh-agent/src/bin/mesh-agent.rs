@@ -50,8 +50,7 @@ struct Args {
     #[arg(long, default_value = "unix:///var/run/docker.sock")]
     docker: String,
     /// Print the model of this node that the Swarm implies (YAML, the --config format)
-    /// and exit. Tasks on this node appear as local backends; their veths are not
-    /// discovered yet.
+    /// and exit, with this node's tasks' delivery veths found in their sandboxes.
     #[arg(long)]
     print_docker_model: bool,
 }
@@ -84,7 +83,15 @@ fn print_docker_model(socket: &str) -> anyhow::Result<()> {
     let (me, networks) = rt.block_on(mesh_agent::docker::snapshot(socket))?;
     let underlay = mesh_agent::netdev::interface_with_addr(me)
         .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
-    let model = mesh_agent::swarm::model_from(&networks, me, &underlay);
+    let mut model = mesh_agent::swarm::model_from(&networks, me, &underlay);
+    let local: std::collections::BTreeSet<_> = model
+        .services
+        .iter()
+        .flat_map(|s| &s.backends)
+        .filter(|b| b.node.is_none())
+        .map(|b| b.addr)
+        .collect();
+    model.endpoints = rt.block_on(mesh_agent::docker::local_endpoints(socket, &local))?;
     print!("{}", model::to_yaml(&model));
     Ok(())
 }

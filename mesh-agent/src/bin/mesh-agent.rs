@@ -160,6 +160,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     for p in pins {
         std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
     }
+    // The pin directory goes too if nothing else is in it.
+    let _ = std::fs::remove_dir(&args.bpffs);
     Ok(())
 }
 

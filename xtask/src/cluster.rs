@@ -744,18 +744,17 @@ pub fn self_test() -> anyhow::Result<String> {
         }
         let object = crate::build::object_path();
         let mut agents = Agents(Vec::new());
-        for (i, yaml) in models.iter().enumerate() {
-            let n = i as u32 + 1;
-            let file = node_dir(n).join("mesh.yaml");
-            std::fs::write(&file, yaml)?;
+        // The agents follow the Swarm themselves (--from-docker); the models above were
+        // the check of what they will derive.
+        for n in 1..=2u32 {
+            let _ = &models;
             let pid = dockerd_pid(n).context("dockerd gone")?.to_string();
             let pins = format!("/sys/fs/bpf/mesh-cluster-n{n}");
             let log = std::fs::File::create(node_dir(n).join("mesh-agent.log"))?;
             let child = Command::new("nsenter")
                 .args(["-t", &pid, "-m", "-n", "--"])
                 .arg(&agent)
-                .arg("--config")
-                .arg(&file)
+                .args(["--from-docker", "--docker", &sock(n), "--resync-ms", "500"])
                 .args(["--bpffs", &pins])
                 .env("MESH_BPF_OBJECT", &object)
                 .stdout(log.try_clone()?)
@@ -794,14 +793,75 @@ pub fn self_test() -> anyhow::Result<String> {
                 bail!("node 1's counters lack {reason}: {stats}");
             }
         }
+        // A new service while the agents run: time from `docker service create` to the
+        // first answer on every node's published port.
+        let t_create = Instant::now();
+        exec(
+            docker(
+                1,
+                &[
+                    "service",
+                    "create",
+                    "-d",
+                    "--name",
+                    "second",
+                    "--replicas",
+                    "2",
+                    "-p",
+                    "8081:80",
+                    "--no-resolve-image",
+                    IMAGE,
+                    "httpd",
+                    "-f",
+                    "-p",
+                    "80",
+                    "-h",
+                    "/www",
+                ],
+            )
+            .stdout(Stdio::null()),
+        )?;
+        let mut first = Vec::new();
+        for n in 1..=2 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let code = output(
+                    Command::new("nsenter")
+                        .arg(format!("--net=/run/netns/{CLIENT_NS}"))
+                        .args([
+                            "curl",
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "--max-time",
+                            "1",
+                            "-w",
+                            "%{http_code}",
+                        ])
+                        .arg(format!("http://{}:8081/", node_addr(n))),
+                )
+                .unwrap_or_default();
+                if code == "200" {
+                    first.push(t_create.elapsed());
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("node {n}'s 8081 did not answer within 60 s of service create");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         drop(agents);
         Ok(format!(
             "2 nodes up and a 2-replica service running on both in {:.1} s; each node's Docker \
              source derives the published port with one local and one remote task and the \
-             task's veth; without the mesh 8080 does not answer (no IPVS); with mesh-agent on \
-             both nodes from those models, 40 of 40 requests answered, served locally and \
-             through the VXLAN tunnel",
-            running.as_secs_f64()
+             task's veth; without the mesh 8080 does not answer (no IPVS); with mesh-agent \
+             --from-docker on both nodes, 40 of 40 requests answered, served locally and \
+             through the VXLAN tunnel; a new service answered on node 1 {:.1} s and node 2 \
+             {:.1} s after `docker service create` (resync every 500 ms)",
+            running.as_secs_f64(),
+            first[0].as_secs_f64(),
+            first[1].as_secs_f64()
         ))
     })();
     let t1 = Instant::now();

@@ -53,6 +53,13 @@ struct Args {
     /// and exit, with this node's tasks' delivery veths found in their sandboxes.
     #[arg(long)]
     print_docker_model: bool,
+    /// Follow the Swarm: derive the model from Docker (as --print-docker-model) and apply
+    /// it, again every --resync-ms and on SIGHUP. (Docker events come next.)
+    #[arg(long, conflicts_with = "config")]
+    from_docker: bool,
+    /// Resync period with --from-docker, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    resync_ms: u64,
 }
 
 fn main() {
@@ -62,11 +69,28 @@ fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Args::parse()) {
         // One line, the whole chain: what failed and why.
         eprintln!("mesh-agent: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// The first model from Docker: retried with backoff (and said so) until Docker answers,
+/// since the agent may start before dockerd.
+fn first_docker_model(rt: &tokio::runtime::Runtime, socket: &str) -> model::Model {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match docker_model(rt, socket) {
+            Ok(m) => return m,
+            Err(e) => {
+                tracing::warn!("waiting for Docker ({e:#}); retrying in {wait:?}");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
     }
 }
 
@@ -80,6 +104,12 @@ fn print_docker_model(socket: &str) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    print!("{}", model::to_yaml(&docker_model(&rt, socket)?));
+    Ok(())
+}
+
+/// The model of this node that the Swarm implies, with its tasks' veths.
+fn docker_model(rt: &tokio::runtime::Runtime, socket: &str) -> anyhow::Result<model::Model> {
     let (me, networks) = rt.block_on(mesh_agent::docker::snapshot(socket))?;
     let underlay = mesh_agent::netdev::interface_with_addr(me)
         .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
@@ -92,8 +122,7 @@ fn print_docker_model(socket: &str) -> anyhow::Result<()> {
         .map(|b| b.addr)
         .collect();
     model.endpoints = rt.block_on(mesh_agent::docker::local_endpoints(socket, &local))?;
-    print!("{}", model::to_yaml(&model));
-    Ok(())
+    Ok(model)
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -101,9 +130,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         return print_docker_model(&args.docker);
     }
     preflight::require_root("mesh-agent loads eBPF programs")?;
-    let model = match &args.config {
-        Some(p) => read_model(p)?,
-        None => model::Model::default(),
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let model = match (&args.config, args.from_docker) {
+        (Some(p), _) => read_model(p)?,
+        (None, true) => first_docker_model(&rt, &args.docker),
+        (None, false) => model::Model::default(),
     };
     let Some(underlay) = args.interface.clone().or_else(|| model.underlay.clone()) else {
         anyhow::bail!("no underlay interface: pass --interface or set `underlay:` in the config");
@@ -140,12 +173,32 @@ fn run(args: Args) -> anyhow::Result<()> {
         "datapath attached"
     );
     loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is an initialised sigset; `sig` is a valid out-pointer.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        if sig != libc::SIGHUP {
+        let period = libc::timespec {
+            tv_sec: (args.resync_ms / 1000) as libc::time_t,
+            tv_nsec: ((args.resync_ms % 1000) * 1_000_000) as libc::c_long,
+        };
+        // SAFETY: `set` is an initialised sigset; a null siginfo is allowed.
+        let sig = if args.from_docker {
+            unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &period) }
+        } else {
+            let mut sig: libc::c_int = 0;
+            unsafe { libc::sigwait(&set, &mut sig) };
+            sig
+        };
+        if sig > 0 && sig != libc::SIGHUP {
             tracing::info!(signal = sig, "detaching and exiting");
             break;
+        }
+        if args.from_docker {
+            // A Docker hiccup is reported and the running state kept.
+            match docker_model(&rt, &args.docker).and_then(|m| apply(&mut mesh, &m, &mut attached))
+            {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!("resync from Docker failed, keeping the previous state: {e:#}")
+                }
+            }
+            continue;
         }
         let Some(path) = &args.config else { continue };
         // A bad file is reported and the running state kept.
@@ -178,6 +231,9 @@ fn apply(
         }
     }
     let a = mesh.apply(model)?;
+    if a.ops == 0 {
+        return Ok(());
+    }
     tracing::info!(
         services = model.services.len(),
         endpoints = model.endpoints.len(),

@@ -35,6 +35,10 @@ pub enum Cluster {
         nodes: u32,
         #[arg(long, default_value_t = 1)]
         managers: u32,
+        /// Also run `mesh-agent --from-docker` on every node (release build; `cargo
+        /// xtask build` first).
+        #[arg(long)]
+        mesh: bool,
     },
     /// Nodes, their underlay addresses, roles and dockerd state; the client's address.
     Status {
@@ -65,7 +69,21 @@ pub enum Cluster {
 
 pub fn run(c: Cluster) -> anyhow::Result<()> {
     match c {
-        Cluster::Up { nodes, managers } => up(nodes, managers),
+        Cluster::Up {
+            nodes,
+            managers,
+            mesh,
+        } => {
+            up(nodes, managers)?;
+            if mesh {
+                let bin = cmd::root().join("target/release");
+                for n in 1..=nodes {
+                    start_agent(n, &bin.join("mesh-agent"), &bin.join("mesh.bpf.o"))?;
+                }
+                println!("cluster: mesh-agent running on every node (logs in {ST}/node<N>/mesh-agent.log)");
+            }
+            Ok(())
+        }
         Cluster::Status { json } => status(json),
         Cluster::Docker { node, args } => {
             let st = std::process::Command::new("docker")
@@ -576,6 +594,9 @@ fn down() -> anyhow::Result<()> {
         bail!("cluster down must run as root");
     }
     let nodes = recorded_nodes().unwrap_or(9);
+    for n in 1..=nodes {
+        stop_agent(n);
+    }
     for n in (1..=nodes).rev() {
         if node_dir(n).exists() {
             stop_node(n);
@@ -614,17 +635,58 @@ fn down() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// mesh-agent processes started by the self-test, stopped (SIGTERM, by PID) on drop.
-struct Agents(Vec<std::process::Child>);
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            // SAFETY: signalling a child we spawned and have not reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
+/// Starts `mesh-agent --from-docker` in node `n` (dockerd's mount and network
+/// namespaces, where the task sandboxes are), records its PID, waits for its pins.
+fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
+    if !agent.is_file() || !object.is_file() {
+        bail!(
+            "{} or {} missing: run `cargo xtask build`",
+            agent.display(),
+            object.display()
+        );
     }
+    let pid = dockerd_pid(n)
+        .with_context(|| format!("node {n} is not up"))?
+        .to_string();
+    let pins = format!("/sys/fs/bpf/mesh-cluster-n{n}");
+    let log = std::fs::File::create(node_dir(n).join("mesh-agent.log"))?;
+    let child = Command::new("nsenter")
+        .args(["-t", &pid, "-m", "-n", "--"])
+        .arg(agent)
+        .args(["--from-docker", "--docker", &sock(n), "--resync-ms", "500"])
+        .args(["--bpffs", &pins])
+        .env("MESH_BPF_OBJECT", object)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let agent_pid = child.id();
+    std::fs::write(node_dir(n).join("mesh-agent.pid"), agent_pid.to_string())?;
+    std::mem::forget(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !Path::new(&pins).join("MESH_LOCAL_V1").exists() {
+        if !alive(agent_pid) || Instant::now() > deadline {
+            bail!(
+                "mesh-agent on node {n} did not start: see {}",
+                node_dir(n).join("mesh-agent.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(agent_pid)
+}
+
+/// Stops node `n`'s mesh-agent (SIGTERM, by its recorded PID, if it is still ours).
+fn stop_agent(n: u32) {
+    let Some(pid) = read_pid(&node_dir(n).join("mesh-agent.pid")) else {
+        return;
+    };
+    kill_checked(pid, "mesh-agent", libc::SIGTERM);
+    if !wait_gone(pid, 10) {
+        kill_checked(pid, "mesh-agent", libc::SIGKILL);
+        wait_gone(pid, 5);
+    }
+    let _ = std::fs::remove_file(node_dir(n).join("mesh-agent.pid"));
 }
 
 /// The harness checked for real (part of `cargo xtask test`): two nodes up, a
@@ -743,34 +805,11 @@ pub fn self_test() -> anyhow::Result<String> {
             bail!("node 1's 8080 answers without the mesh: is IPVS there after all?");
         }
         let object = crate::build::object_path();
-        let mut agents = Agents(Vec::new());
         // The agents follow the Swarm themselves (--from-docker); the models above were
-        // the check of what they will derive.
+        // the check of what they derive. (Debug build: the tests built it.)
+        let _ = &models;
         for n in 1..=2u32 {
-            let _ = &models;
-            let pid = dockerd_pid(n).context("dockerd gone")?.to_string();
-            let pins = format!("/sys/fs/bpf/mesh-cluster-n{n}");
-            let log = std::fs::File::create(node_dir(n).join("mesh-agent.log"))?;
-            let child = Command::new("nsenter")
-                .args(["-t", &pid, "-m", "-n", "--"])
-                .arg(&agent)
-                .args(["--from-docker", "--docker", &sock(n), "--resync-ms", "500"])
-                .args(["--bpffs", &pins])
-                .env("MESH_BPF_OBJECT", &object)
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?;
-            agents.0.push(child);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while !Path::new(&pins).join("MESH_LOCAL_V1").exists() {
-                if Instant::now() > deadline {
-                    bail!(
-                        "mesh-agent on node {n} did not start: see {}",
-                        node_dir(n).join("mesh-agent.log").display()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            start_agent(n, &agent, &object)?;
         }
         for n in 1..=2 {
             for _ in 0..20 {
@@ -851,7 +890,9 @@ pub fn self_test() -> anyhow::Result<String> {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        drop(agents);
+        for n in 1..=2 {
+            stop_agent(n);
+        }
         Ok(format!(
             "2 nodes up and a 2-replica service running on both in {:.1} s; each node's Docker \
              source derives the published port with one local and one remote task and the \

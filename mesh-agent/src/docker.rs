@@ -28,14 +28,19 @@ pub enum DockerError {
     NotSwarm,
 }
 
-/// This node's swarm address and its view of every overlay network.
-pub async fn snapshot(socket: &str) -> Result<(Ipv4Addr, Vec<NetworkView>), DockerError> {
+/// A client for the dockerd at `socket`, API version negotiated (Docker 20.10 speaks
+/// 1.41; newer engines more).
+pub async fn connect(socket: &str) -> Result<Docker, DockerError> {
     let connect = |source| DockerError::Connect {
         socket: socket.to_string(),
         source,
     };
     let docker = Docker::connect_with_unix(socket, 30, API_DEFAULT_VERSION).map_err(connect)?;
-    let docker = docker.negotiate_version().await.map_err(connect)?;
+    docker.negotiate_version().await.map_err(connect)
+}
+
+/// This node's swarm address and its view of every overlay network.
+pub async fn snapshot(docker: &Docker) -> Result<(Ipv4Addr, Vec<NetworkView>), DockerError> {
     let api = |what| move |source| DockerError::Api { what, source };
     let info = docker.info().await.map_err(api("info"))?;
     let me: Ipv4Addr = info
@@ -109,16 +114,10 @@ pub async fn snapshot(socket: &str) -> Result<(Ipv4Addr, Vec<NetworkView>), Dock
 /// show the gwbridge endpoint, so it is found from the links: in the task's sandbox, the
 /// veth whose peer is a port of this node's docker_gwbridge.
 pub async fn local_endpoints(
-    socket: &str,
+    docker: &Docker,
     addrs: &std::collections::BTreeSet<Ipv4Addr>,
 ) -> Result<Vec<crate::model::EndpointSpec>, DockerError> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
-    let connect = |source| DockerError::Connect {
-        socket: socket.to_string(),
-        source,
-    };
-    let docker = Docker::connect_with_unix(socket, 30, API_DEFAULT_VERSION).map_err(connect)?;
-    let docker = docker.negotiate_version().await.map_err(connect)?;
     let api = |what| move |source| DockerError::Api { what, source };
     let filters = BTreeMap::from([("label", vec!["com.docker.swarm.task.id"])]);
     let list = docker

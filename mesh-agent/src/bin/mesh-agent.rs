@@ -80,11 +80,18 @@ fn main() {
 
 /// The first model from Docker: retried with backoff (and said so) until Docker answers,
 /// since the agent may start before dockerd.
-fn first_docker_model(rt: &tokio::runtime::Runtime, socket: &str) -> model::Model {
+fn first_docker_model(
+    rt: &tokio::runtime::Runtime,
+    socket: &str,
+) -> (bollard::Docker, model::Model) {
     let mut wait = std::time::Duration::from_millis(500);
     loop {
-        match docker_model(rt, socket) {
-            Ok(m) => return m,
+        let attempt = rt
+            .block_on(mesh_agent::docker::connect(socket))
+            .map_err(anyhow::Error::from)
+            .and_then(|d| docker_model(rt, &d).map(|m| (d, m)));
+        match attempt {
+            Ok(dm) => return dm,
             Err(e) => {
                 tracing::warn!("waiting for Docker ({e:#}); retrying in {wait:?}");
                 std::thread::sleep(wait);
@@ -104,13 +111,17 @@ fn print_docker_model(socket: &str) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    print!("{}", model::to_yaml(&docker_model(&rt, socket)?));
+    let docker = rt.block_on(mesh_agent::docker::connect(socket))?;
+    print!("{}", model::to_yaml(&docker_model(&rt, &docker)?));
     Ok(())
 }
 
 /// The model of this node that the Swarm implies, with its tasks' veths.
-fn docker_model(rt: &tokio::runtime::Runtime, socket: &str) -> anyhow::Result<model::Model> {
-    let (me, networks) = rt.block_on(mesh_agent::docker::snapshot(socket))?;
+fn docker_model(
+    rt: &tokio::runtime::Runtime,
+    docker: &bollard::Docker,
+) -> anyhow::Result<model::Model> {
+    let (me, networks) = rt.block_on(mesh_agent::docker::snapshot(docker))?;
     let underlay = mesh_agent::netdev::interface_with_addr(me)
         .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
     let mut model = mesh_agent::swarm::model_from(&networks, me, &underlay);
@@ -121,7 +132,7 @@ fn docker_model(rt: &tokio::runtime::Runtime, socket: &str) -> anyhow::Result<mo
         .filter(|b| b.node.is_none())
         .map(|b| b.addr)
         .collect();
-    model.endpoints = rt.block_on(mesh_agent::docker::local_endpoints(socket, &local))?;
+    model.endpoints = rt.block_on(mesh_agent::docker::local_endpoints(docker, &local))?;
     Ok(model)
 }
 
@@ -133,10 +144,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let model = match (&args.config, args.from_docker) {
-        (Some(p), _) => read_model(p)?,
-        (None, true) => first_docker_model(&rt, &args.docker),
-        (None, false) => model::Model::default(),
+    let (docker, model) = match (&args.config, args.from_docker) {
+        (Some(p), _) => (None, read_model(p)?),
+        (None, true) => {
+            let (d, m) = first_docker_model(&rt, &args.docker);
+            (Some(d), m)
+        }
+        (None, false) => (None, model::Model::default()),
     };
     let Some(underlay) = args.interface.clone().or_else(|| model.underlay.clone()) else {
         anyhow::bail!("no underlay interface: pass --interface or set `underlay:` in the config");
@@ -189,10 +203,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(signal = sig, "detaching and exiting");
             break;
         }
-        if args.from_docker {
+        if let Some(docker) = &docker {
             // A Docker hiccup is reported and the running state kept.
-            match docker_model(&rt, &args.docker).and_then(|m| apply(&mut mesh, &m, &mut attached))
-            {
+            match docker_model(&rt, docker).and_then(|m| apply(&mut mesh, &m, &mut attached)) {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!("resync from Docker failed, keeping the previous state: {e:#}")

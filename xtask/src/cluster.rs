@@ -635,6 +635,31 @@ fn down() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A two-replica busybox httpd service publishing `port` (ingress mode) to its port 80.
+fn create_web(name: &str, port: u16) -> anyhow::Result<()> {
+    exec(
+        docker(
+            1,
+            &["service", "create", "-d", "--name", name, "--replicas", "2"],
+        )
+        .args(["-p", &format!("{port}:80"), "--no-resolve-image", IMAGE])
+        .args(["httpd", "-f", "-p", "80", "-h", "/www"])
+        .stdout(Stdio::null()),
+    )
+}
+
+/// The HTTP status the client gets from node `n`'s `port` ("" if none).
+fn http_code(n: u32, port: u16, timeout_s: u32) -> String {
+    output(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{CLIENT_NS}"))
+            .args(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--max-time", &timeout_s.to_string()])
+            .arg(format!("http://{}:{port}/", node_addr(n))),
+    )
+    .unwrap_or_default()
+}
+
 /// Starts `mesh-agent --from-docker` in node `n` (dockerd's mount and network
 /// namespaces, where the task sandboxes are), records its PID, waits for its pins.
 fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
@@ -700,31 +725,7 @@ pub fn self_test() -> anyhow::Result<String> {
     let result = (|| -> anyhow::Result<String> {
         up(2, 1)?;
         up(2, 1)?;
-        exec(
-            docker(
-                1,
-                &[
-                    "service",
-                    "create",
-                    "-d",
-                    "--name",
-                    "harness",
-                    "--replicas",
-                    "2",
-                    "-p",
-                    "8080:80",
-                    "--no-resolve-image",
-                    IMAGE,
-                    "httpd",
-                    "-f",
-                    "-p",
-                    "80",
-                    "-h",
-                    "/www",
-                ],
-            )
-            .stdout(Stdio::null()),
-        )?;
+        create_web("harness", 8080)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ps = output(&mut docker(
@@ -754,7 +755,6 @@ pub fn self_test() -> anyhow::Result<String> {
         // The agent's Docker source, on each node (a manager and a worker): the model it
         // derives from Docker's gossip has the published port and both tasks, one local.
         let agent = crate::cmd::root().join("target/debug/mesh-agent");
-        let mut models = Vec::new();
         for n in 1..=2 {
             let deadline = Instant::now() + Duration::from_secs(30);
             let pid = dockerd_pid(n).context("dockerd gone")?.to_string();
@@ -772,7 +772,6 @@ pub fn self_test() -> anyhow::Result<String> {
                     && yaml.contains(&format!("addr: {}", node_addr(3 - n)))
                     && yaml.contains("interface: veth");
                 if ok {
-                    models.push(yaml);
                     break;
                 }
                 if Instant::now() > deadline {
@@ -781,33 +780,15 @@ pub fn self_test() -> anyhow::Result<String> {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
-        // Now the mesh itself, from those models, on both nodes. First the premise:
+        // Now the mesh itself on both nodes. First the premise:
         // Docker has no IPVS here, so without the mesh nothing answers on 8080.
-        let curl = |n: u32| {
-            output(
-                Command::new("nsenter")
-                    .arg(format!("--net=/run/netns/{CLIENT_NS}"))
-                    .args([
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "--max-time",
-                        "3",
-                        "-w",
-                        "%{http_code}",
-                    ])
-                    .arg(format!("http://{}:8080/", node_addr(n))),
-            )
-            .unwrap_or_default()
-        };
+        let curl = |n: u32| http_code(n, 8080, 3);
         if curl(1) == "200" {
             bail!("node 1's 8080 answers without the mesh: is IPVS there after all?");
         }
         let object = crate::build::object_path();
-        // The agents follow the Swarm themselves (--from-docker); the models above were
-        // the check of what they derive. (Debug build: the tests built it.)
-        let _ = &models;
+        // The agents follow the Swarm themselves (--from-docker), deriving the models
+        // checked above. (Debug build: the tests built it.)
         for n in 1..=2u32 {
             start_agent(n, &agent, &object)?;
         }
@@ -835,51 +816,12 @@ pub fn self_test() -> anyhow::Result<String> {
         // A new service while the agents run: time from `docker service create` to the
         // first answer on every node's published port.
         let t_create = Instant::now();
-        exec(
-            docker(
-                1,
-                &[
-                    "service",
-                    "create",
-                    "-d",
-                    "--name",
-                    "second",
-                    "--replicas",
-                    "2",
-                    "-p",
-                    "8081:80",
-                    "--no-resolve-image",
-                    IMAGE,
-                    "httpd",
-                    "-f",
-                    "-p",
-                    "80",
-                    "-h",
-                    "/www",
-                ],
-            )
-            .stdout(Stdio::null()),
-        )?;
+        create_web("second", 8081)?;
         let mut first = Vec::new();
         for n in 1..=2 {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let code = output(
-                    Command::new("nsenter")
-                        .arg(format!("--net=/run/netns/{CLIENT_NS}"))
-                        .args([
-                            "curl",
-                            "-s",
-                            "-o",
-                            "/dev/null",
-                            "--max-time",
-                            "1",
-                            "-w",
-                            "%{http_code}",
-                        ])
-                        .arg(format!("http://{}:8081/", node_addr(n))),
-                )
-                .unwrap_or_default();
+                let code = http_code(n, 8081, 1);
                 if code == "200" {
                     first.push(t_create.elapsed());
                     break;

@@ -404,21 +404,10 @@ fn too_big(pk: &Pkt, mtu: u32) -> Outcome {
 /// NAT as for a local delivery, then into the tunnel toward the backend's node.
 #[inline(never)]
 fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat) -> Outcome {
-    let (ctx, f) = (pk.ctx, &pk.f);
-    if let Some(mtu) = vxlan::too_big(ctx, pk.p.l4_off as usize) {
+    if let Some(mtu) = vxlan::too_big(pk.ctx, pk.p.l4_off as usize) {
         return too_big(pk, mtu);
     }
-    let l3 = pk.p.l3_off as usize;
-    let l4 = pk.p.l4_off as usize;
-    let rewrite = || -> skb::Res {
-        skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, nat.addr)?;
-        skb::set_port(ctx, l4, 2, f.proto, f.dport, nat.port)?;
-        if nat.hairpin != 0 {
-            skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, nat.hairpin)?;
-        }
-        Ok(())
-    };
-    if l3 != 14 || rewrite().is_err() {
+    if pk.p.l3_off != 14 || toward_backend(pk, nat).is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
     encap_later(t.node, t.vni)
@@ -446,17 +435,10 @@ fn encap_later(node: u32, vni: u32) -> Outcome {
 /// to the node the flow came from (which reverse-NATs it for the client).
 #[inline(never)]
 fn tunnel_reply(pk: &Pkt, e: &CtEntry) -> Outcome {
-    let (ctx, f) = (pk.ctx, &pk.f);
-    if let Some(mtu) = vxlan::too_big(ctx, pk.p.l4_off as usize) {
+    if let Some(mtu) = vxlan::too_big(pk.ctx, pk.p.l4_off as usize) {
         return too_big(pk, mtu);
     }
-    let l3 = pk.p.l3_off as usize;
-    let l4 = pk.p.l4_off as usize;
-    let rewrite = || -> skb::Res {
-        skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, e.nat_addr)?;
-        skb::set_port(ctx, l4, 0, f.proto, f.sport, e.nat_port)
-    };
-    if l3 != 14 || rewrite().is_err() {
+    if pk.p.l3_off != 14 || toward_client(pk, e.nat_addr, e.nat_port, 0).is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
     encap_later(e.peer, e.vni)
@@ -562,39 +544,52 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
 /// behind `ep`.
 #[inline(never)]
 fn deliver(pk: &Pkt, ep: &Endpoint, nat: &Nat) -> Outcome {
-    let (ctx, f) = (pk.ctx, &pk.f);
-    let l3 = pk.p.l3_off as usize;
-    let l4 = pk.p.l4_off as usize;
-    let rewrite = || -> skb::Res {
-        skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, nat.addr)?;
-        skb::set_port(ctx, l4, 2, f.proto, f.dport, nat.port)?;
-        if nat.hairpin != 0 {
-            skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, nat.hairpin)?;
-        }
-        skb::set_macs(ctx, &ep.mac, &ep.host_mac)
-    };
-    if rewrite().is_err() {
+    if toward_backend(pk, nat)
+        .and_then(|_| skb::set_macs(pk.ctx, &ep.mac, &ep.host_mac))
+        .is_err()
+    {
         return pk.drop(Reason::DropRewriteFailed);
     }
     pk.done(Reason::FwdToTask, skb::redirect(ep.ifindex))
+}
+
+/// The forward NAT: destination to `nat.addr:nat.port`, and the source to `nat.hairpin`
+/// when the client is SNATed.
+#[inline(always)]
+fn toward_backend(pk: &Pkt, nat: &Nat) -> skb::Res {
+    let (ctx, f) = (pk.ctx, &pk.f);
+    let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
+    skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, nat.addr)?;
+    skb::set_port(ctx, l4, 2, f.proto, f.dport, nat.port)?;
+    if nat.hairpin != 0 {
+        skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, nat.hairpin)?;
+    }
+    Ok(())
+}
+
+/// The reverse NAT: source back to `addr:port` (the frontend), and the destination back
+/// to `client` when the client was SNATed (0: unchanged).
+#[inline(always)]
+fn toward_client(pk: &Pkt, addr: u32, port: u16, client: u32) -> skb::Res {
+    let (ctx, f) = (pk.ctx, &pk.f);
+    let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
+    skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, addr)?;
+    skb::set_port(ctx, l4, 0, f.proto, f.sport, port)?;
+    if client != 0 {
+        skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, client)?;
+    }
+    Ok(())
 }
 
 /// A reply from a task: the source becomes the frontend again (and a hairpinned client
 /// its own address), and it goes back where the request came from.
 #[inline(never)]
 fn to_client(pk: &Pkt, e: &CtEntry) -> Outcome {
-    let (ctx, f) = (pk.ctx, &pk.f);
-    let l3 = pk.p.l3_off as usize;
-    let l4 = pk.p.l4_off as usize;
-    let rewrite = || -> skb::Res {
-        skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, e.nat_addr)?;
-        skb::set_port(ctx, l4, 0, f.proto, f.sport, e.nat_port)?;
-        if e.flags & CT_HAIRPIN != 0 {
-            skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, e.hairpin_addr)?;
-        }
-        skb::set_macs(ctx, &e.mac_dst, &e.mac_src)
-    };
-    if rewrite().is_err() {
+    let client = if e.flags & CT_HAIRPIN != 0 { e.hairpin_addr } else { 0 };
+    if toward_client(pk, e.nat_addr, e.nat_port, client)
+        .and_then(|_| skb::set_macs(pk.ctx, &e.mac_dst, &e.mac_src))
+        .is_err()
+    {
         return pk.drop(Reason::DropRewriteFailed);
     }
     pk.done(Reason::FwdReplyToClient, skb::redirect(e.ifindex))

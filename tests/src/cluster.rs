@@ -20,7 +20,10 @@ use mesh_agent::model::{
     Protocol, PublishMode, RemoteTaskSpec, ServiceSpec,
 };
 
-use crate::{lbtopo::Servers, netns::Netns};
+use crate::{
+    lbtopo::{plug_task, Servers},
+    netns::Netns,
+};
 
 pub const VNI: u32 = 4096;
 pub const CLIENT: &str = "10.230.0.100";
@@ -87,32 +90,16 @@ impl Cluster {
         // Mesh nodes: each task on a veth, /32 with a default route via the gateway
         // address every host side holds; overlay MTU 1450 as Docker sets it.
         for i in 0..3 {
-            let (n, t) = (&nodes[i], &tasks[i]);
             let h = format!("h{}", i + 1);
-            t.ip(&[
-                "link",
-                "add",
-                "eth0",
-                "address",
-                &mac_str(docker_mac(TASKS[i])),
-                "mtu",
-                "1450",
-                "type",
-                "veth",
-                "peer",
-                "name",
+            plug_task(
+                &nodes[i],
+                &tasks[i],
                 &h,
-                "netns",
-                n.name(),
-            ]);
-            t.ip(&["addr", "add", &format!("{}/32", TASKS[i]), "dev", "eth0"]);
-            t.ip(&["link", "set", "eth0", "up"]);
-            t.ip(&["route", "add", GATEWAY, "dev", "eth0"]);
-            t.ip(&["route", "add", "default", "via", GATEWAY]);
-            n.ip(&["link", "set", &h, "mtu", "1450"]);
-            n.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &h]);
-            n.ip(&["link", "set", &h, "up"]);
-            n.ip(&["route", "add", &format!("{}/32", TASKS[i]), "dev", &h]);
+                TASKS[i],
+                docker_mac(TASKS[i]),
+                GATEWAY,
+                1450,
+            );
         }
         // The stock node, as Docker's overlay namespace is: a bridge with the kernel's
         // vxlan device (VNI 4096, port 4789, learning off) and the task's veth; static

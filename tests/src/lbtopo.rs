@@ -49,6 +49,46 @@ fn mac_str(m: [u8; 6]) -> String {
     MacAddr(m).to_string()
 }
 
+/// A task namespace on a veth into its node: `eth0` (MAC `mac`, address `addr`/32, the
+/// `mtu`) in the task, `host_if` in the node; the task's default route goes via
+/// `gateway`, which the host side holds, so everything the task sends crosses the
+/// host side's TC hook; the node routes `addr` to it.
+pub fn plug_task(
+    node: &Netns,
+    task: &Netns,
+    host_if: &str,
+    addr: &str,
+    mac: [u8; 6],
+    gateway: &str,
+    mtu: u32,
+) {
+    let mtu = mtu.to_string();
+    task.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "address",
+        &mac_str(mac),
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        host_if,
+        "netns",
+        node.name(),
+    ]);
+    task.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+    task.ip(&["link", "set", "eth0", "up"]);
+    task.ip(&["route", "add", gateway, "dev", "eth0"]);
+    task.ip(&["route", "add", "default", "via", gateway]);
+    node.ip(&["link", "set", host_if, "mtu", &mtu]);
+    node.ip(&["addr", "add", &format!("{gateway}/32"), "dev", host_if]);
+    node.ip(&["link", "set", host_if, "up"]);
+    node.ip(&["route", "add", &format!("{addr}/32"), "dev", host_if]);
+}
+
 pub struct LbTopo {
     pub servers: Servers,
     pub c: Netns,
@@ -104,28 +144,15 @@ impl LbTopo {
         n.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "un"]);
         n.ip(&["link", "set", "un", "up"]);
         for (i, ts) in t.iter().enumerate() {
-            let h = format!("h{}", i + 1);
-            ts.ip(&[
-                "link",
-                "add",
-                "eth0",
-                "address",
-                &mac_str(task_mac(i)),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &h,
-                "netns",
-                n.name(),
-            ]);
-            ts.ip(&["addr", "add", &format!("{}/32", TASKS[i]), "dev", "eth0"]);
-            ts.ip(&["link", "set", "eth0", "up"]);
-            ts.ip(&["route", "add", GATEWAY, "dev", "eth0"]);
-            ts.ip(&["route", "add", "default", "via", GATEWAY]);
-            n.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &h]);
-            n.ip(&["link", "set", &h, "up"]);
-            n.ip(&["route", "add", &format!("{}/32", TASKS[i]), "dev", &h]);
+            plug_task(
+                &n,
+                ts,
+                &format!("h{}", i + 1),
+                TASKS[i],
+                task_mac(i),
+                GATEWAY,
+                1500,
+            );
         }
         let servers = Servers::new();
         for (i, ts) in t.iter().enumerate() {

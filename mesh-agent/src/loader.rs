@@ -53,7 +53,6 @@ pub fn find_object() -> Result<PathBuf, MeshError> {
 /// The loaded (not necessarily attached) programs and maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    object: PathBuf,
 }
 
 impl Datapath {
@@ -67,10 +66,7 @@ impl Datapath {
                 path: object.to_path_buf(),
                 source,
             })?;
-        let mut dp = Datapath {
-            ebpf,
-            object: object.to_path_buf(),
-        };
+        let mut dp = Datapath { ebpf };
         dp.xdp_mut()?.load().map_err(|source| MeshError::Program {
             program: programs::XDP_UNDERLAY,
             source,
@@ -88,10 +84,6 @@ impl Datapath {
 
     pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
-    }
-
-    pub fn object(&self) -> &Path {
-        &self.object
     }
 
     fn program_mut<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, MeshError>
@@ -188,11 +180,6 @@ impl Datapath {
             map: STATS_MAP,
             source,
         })
-    }
-
-    /// Pins the counters map as `<dir>/MESH_STATS_V1`, replacing a stale pin.
-    pub fn pin_stats(&self, dir: &Path) -> Result<PathBuf, MeshError> {
-        self.pin_map(STATS_MAP, dir)
     }
 
     /// Pins map `name` as `<dir>/<name>`, replacing a stale pin.

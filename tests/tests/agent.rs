@@ -31,6 +31,18 @@ fn bin(name: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// The `mesh-agent` and `meshctl` binaries; missing ones fail under `CI=true` and skip
+/// (saying so) otherwise.
+fn binaries() -> Option<(PathBuf, PathBuf)> {
+    if let (Some(agent), Some(meshctl)) = (bin("mesh-agent"), bin("meshctl")) {
+        return Some((agent, meshctl));
+    }
+    let why = "mesh-agent/meshctl binaries not built (cargo xtask test builds them)";
+    assert!(!prereq::in_ci(), "{why}");
+    eprintln!("SKIP agent test: {why}");
+    None
+}
+
 /// Kills the agent (by the PID we started) if the test ends before it exits, and removes
 /// the pin directory.
 struct AgentGuard {
@@ -116,10 +128,7 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
     let Some(object) = prereq::privileged("agent_attaches_meshctl_reads_sigterm_detaches") else {
         return;
     };
-    let (Some(agent), Some(meshctl)) = (bin("mesh-agent"), bin("meshctl")) else {
-        let why = "mesh-agent/meshctl binaries not built (cargo xtask test builds them)";
-        assert!(!prereq::in_ci(), "{why}");
-        eprintln!("SKIP agent test: {why}");
+    let Some((agent, meshctl)) = binaries() else {
         return;
     };
     let pair = VethPair::new("g");
@@ -193,10 +202,7 @@ fn agent_config_file_and_reload() {
     let Some(object) = prereq::privileged("agent_config_file_and_reload") else {
         return;
     };
-    let (Some(agent), Some(meshctl)) = (bin("mesh-agent"), bin("meshctl")) else {
-        let why = "mesh-agent/meshctl binaries not built (cargo xtask test builds them)";
-        assert!(!prereq::in_ci(), "{why}");
-        eprintln!("SKIP agent test: {why}");
+    let Some((agent, meshctl)) = binaries() else {
         return;
     };
     let topo = LbTopo::new("a");

@@ -109,6 +109,77 @@ pub async fn snapshot(docker: &Docker) -> Result<(Ipv4Addr, Vec<NetworkView>), D
     Ok((me, out))
 }
 
+/// This node's tasks as their containers show them.
+#[derive(Clone, Debug, Default)]
+pub struct LocalTasks {
+    pub endpoints: Vec<crate::model::EndpointSpec>,
+    /// Task addresses whose HEALTHCHECK is not passing.
+    pub not_healthy: std::collections::BTreeSet<Ipv4Addr>,
+}
+
+/// What a Docker event tells the agent: when it happened (for the lag from the event to
+/// the maps written) and a short description for the logs.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub at: std::time::SystemTime,
+    pub what: String,
+}
+
+/// Follows `/events` for what changes this node's datapath (services, nodes, networks,
+/// task containers starting, dying or changing health), sending each to `tx`. Returns
+/// when the stream ends or fails; the caller resyncs fully and calls again.
+pub async fn follow_events(
+    docker: &Docker,
+    tx: &tokio::sync::mpsc::UnboundedSender<Event>,
+) -> Result<(), DockerError> {
+    use futures_util::StreamExt;
+    let filters = BTreeMap::from([("type", vec!["service", "node", "network", "container"])]);
+    let mut stream = docker.events(Some(
+        bollard::query_parameters::EventsOptionsBuilder::default()
+            .filters(&filters.into_iter().collect())
+            .build(),
+    ));
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|source| DockerError::Api {
+            what: "events",
+            source,
+        })?;
+        let kind = ev.typ.map(|t| t.to_string()).unwrap_or_default();
+        let action = ev.action.unwrap_or_default();
+        let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
+        let relevant = match kind.as_str() {
+            // Only swarm tasks' containers, and only what changes reachability.
+            "container" => {
+                attrs.contains_key("com.docker.swarm.task.id")
+                    && (matches!(
+                        action.as_str(),
+                        "start" | "die" | "kill" | "stop" | "destroy"
+                    ) || action.starts_with("health_status"))
+            }
+            _ => true,
+        };
+        if !relevant {
+            continue;
+        }
+        let at = ev
+            .time_nano
+            .and_then(|n| u64::try_from(n).ok())
+            .map(|n| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(n))
+            .unwrap_or_else(std::time::SystemTime::now);
+        let name = attrs.get("name").cloned().unwrap_or_default();
+        if tx
+            .send(Event {
+                at,
+                what: format!("{kind} {action} {name}"),
+            })
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 /// The delivery interfaces of this node's tasks that hold one of `addrs`: the host side
 /// of each task's docker_gwbridge veth, and the task's MAC there. Docker's API does not
 /// show the gwbridge endpoint, so it is found from the links: in the task's sandbox, the
@@ -116,7 +187,7 @@ pub async fn snapshot(docker: &Docker) -> Result<(Ipv4Addr, Vec<NetworkView>), D
 pub async fn local_endpoints(
     docker: &Docker,
     addrs: &std::collections::BTreeSet<Ipv4Addr>,
-) -> Result<Vec<crate::model::EndpointSpec>, DockerError> {
+) -> Result<LocalTasks, DockerError> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
     let api = |what| move |source| DockerError::Api { what, source };
     let filters = BTreeMap::from([("label", vec!["com.docker.swarm.task.id"])]);
@@ -134,9 +205,9 @@ pub async fn local_endpoints(
         .find(|l| l.name == "docker_gwbridge")
         .map(|l| l.index)
     else {
-        return Ok(Vec::new());
+        return Ok(LocalTasks::default());
     };
-    let mut out = Vec::new();
+    let mut out = LocalTasks::default();
     for c in list {
         let Some(id) = c.id else { continue };
         let insp = docker
@@ -157,6 +228,21 @@ pub async fn local_endpoints(
         if mine.is_empty() {
             continue;
         }
+        // A HEALTHCHECK that is not (yet) passing: "starting" or "unhealthy".
+        let health = insp
+            .state
+            .as_ref()
+            .and_then(|st| st.health.as_ref())
+            .and_then(|h| h.status);
+        if matches!(
+            health,
+            Some(
+                bollard::models::HealthStatusEnum::STARTING
+                    | bollard::models::HealthStatusEnum::UNHEALTHY
+            )
+        ) {
+            out.not_healthy.extend(mine.iter().copied());
+        }
         // Best effort per task: a sandbox that is going away is skipped, not fatal.
         let Ok(links) = crate::netdev::links_in(std::path::Path::new(&sandbox)) else {
             continue;
@@ -171,7 +257,7 @@ pub async fn local_endpoints(
             continue;
         };
         for addr in mine {
-            out.push(crate::model::EndpointSpec {
+            out.endpoints.push(crate::model::EndpointSpec {
                 addr,
                 interface: interface.clone(),
                 mac: crate::model::MacAddr(mac),

@@ -40,6 +40,16 @@ pub enum MeshError {
         source: aya::programs::ProgramError,
     },
 
+    #[error(
+        "{hook} link on {interface} cannot be pinned ({detail}): the mesh needs bpf links \
+             (TC via tcx: Linux >= 6.6; XDP: Linux >= 5.9) to outlive the agent"
+    )]
+    Link {
+        hook: &'static str,
+        interface: String,
+        detail: String,
+    },
+
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -57,6 +67,13 @@ pub enum MeshError {
 
     #[error("no mesh is pinned at {path}: is mesh-agent running? (start it, or pass --bpffs)")]
     NotPinned { path: PathBuf },
+
+    #[error(
+        "the mesh pinned at {dir} has another layout ({detail}): it was pinned by another \
+             mesh version; stop that agent, then run `mesh-agent --uninstall --bpffs {dir}` \
+             (established connections through the mesh are reset) and start this one"
+    )]
+    Layout { dir: PathBuf, detail: String },
 
     #[error("{0}")]
     Plan(#[from] crate::reconcile::PlanError),

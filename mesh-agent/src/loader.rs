@@ -4,7 +4,12 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     maps::{MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
@@ -12,7 +17,10 @@ use mesh_common::{
     stats::{Counter, STATS_MAP},
 };
 
-use crate::{preflight, MeshError};
+use crate::{
+    pins::{Hook, PinDir, PINNED_MAPS},
+    preflight, MeshError,
+};
 
 /// Environment variable that names the eBPF object explicitly.
 pub const OBJECT_ENV: &str = "MESH_BPF_OBJECT";
@@ -59,13 +67,45 @@ impl Datapath {
     /// Loads the object with `cfg` baked into its read-only config, and loads every
     /// program into the kernel (which runs the verifier on each).
     pub fn load(object: &Path, cfg: &MeshConfig) -> Result<Self, MeshError> {
-        let ebpf = EbpfLoader::new()
-            .override_global(CONFIG_GLOBAL, cfg, true)
-            .load_file(object)
-            .map_err(|source| MeshError::Load {
-                path: object.to_path_buf(),
-                source,
-            })?;
+        Self::load_with(object, cfg, None)
+    }
+
+    /// Loads as [`Datapath::load`], with the maps pinned in `pins`: maps already pinned
+    /// there (by an agent that is gone) are adopted as they are, after a layout check;
+    /// the others are created and pinned. Returns whether anything was adopted.
+    pub fn load_pinned(
+        object: &Path,
+        cfg: &MeshConfig,
+        pins: &PinDir,
+    ) -> Result<(Self, bool), MeshError> {
+        let bytes = std::fs::read(object).map_err(|source| MeshError::Io {
+            what: format!("reading {}", object.display()),
+            source,
+        })?;
+        let adopted = pins.has_maps();
+        if adopted {
+            pins.check_layout(&bytes)?;
+        }
+        pins.create()?;
+        Ok((Self::load_with(object, cfg, Some(pins))?, adopted))
+    }
+
+    fn load_with(
+        object: &Path,
+        cfg: &MeshConfig,
+        pins: Option<&PinDir>,
+    ) -> Result<Self, MeshError> {
+        let mut loader = EbpfLoader::new();
+        loader.override_global(CONFIG_GLOBAL, cfg, true);
+        if let Some(pins) = pins {
+            for m in PINNED_MAPS {
+                loader.map_pin_path(m, pins.map(m));
+            }
+        }
+        let ebpf = loader.load_file(object).map_err(|source| MeshError::Load {
+            path: object.to_path_buf(),
+            source,
+        })?;
         let mut dp = Datapath { ebpf };
         dp.xdp_mut()?.load().map_err(|source| MeshError::Program {
             program: programs::XDP_UNDERLAY,
@@ -168,6 +208,104 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `hook`'s program to `interface` through a link pinned in `pins`, so that
+    /// it stays attached when this agent exits (or is killed). A link already pinned for
+    /// that interface (left by an earlier agent) is taken over in place: its program is
+    /// swapped for this one atomically (BPF_LINK_UPDATE), with no instant unattached.
+    pub fn attach_pinned(
+        &mut self,
+        hook: Hook,
+        interface: &str,
+        pins: &PinDir,
+        xdp_mode: XdpMode,
+    ) -> Result<(), MeshError> {
+        let ifindex = preflight::ifindex(interface)?;
+        let path = pins.link(hook, ifindex);
+        let program = match hook {
+            Hook::TcUnderlay => programs::TC_UNDERLAY_INGRESS,
+            Hook::TcTask => programs::TC_TASK,
+            Hook::XdpUnderlay => programs::XDP_UNDERLAY,
+        };
+        let attach_err = |source| MeshError::Attach {
+            program,
+            interface: interface.into(),
+            source,
+        };
+        if path.exists() {
+            match self.take_over(hook, &path) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // A link whose interface went away, or a foreign pin: replace it.
+                    tracing::warn!(link = %path.display(), "not taking over a pinned link ({e}); attaching afresh");
+                    pins.unpin(&path)?;
+                }
+            }
+        }
+        let fd: FdLink = match hook {
+            Hook::XdpUnderlay => {
+                let prog = self.xdp_mut()?;
+                let id = prog.attach(interface, xdp_mode).map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| MeshError::Link {
+                        hook: hook.name(),
+                        interface: interface.into(),
+                        detail: e.to_string(),
+                    })?
+            }
+            Hook::TcUnderlay | Hook::TcTask => {
+                let prog = self.program_mut::<SchedClassifier>(program)?;
+                let id = prog
+                    .attach(interface, TcAttachType::Ingress)
+                    .map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                // Netlink (clsact) attachments, before kernel 6.6, cannot be pinned.
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| MeshError::Link {
+                        hook: hook.name(),
+                        interface: interface.into(),
+                        detail: e.to_string(),
+                    })?
+            }
+        };
+        // The pin is the link's only owner once `fd` is dropped.
+        fd.pin(&path).map_err(|source| MeshError::Pin {
+            what: format!("{} link", hook.name()),
+            path: path.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    fn take_over(&mut self, hook: Hook, path: &Path) -> Result<(), String> {
+        let fd: FdLink = PinnedLink::from_pin(path)
+            .map_err(|e| e.to_string())?
+            .into();
+        match hook {
+            Hook::XdpUnderlay => {
+                let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self.xdp_mut().map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                // Owned by the pin from here on; dropping our fd leaves it attached.
+                drop(prog.take_link(id).map_err(|e| e.to_string())?);
+            }
+            Hook::TcUnderlay | Hook::TcTask => {
+                let name = if hook == Hook::TcTask {
+                    programs::TC_TASK
+                } else {
+                    programs::TC_UNDERLAY_INGRESS
+                };
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self
+                    .program_mut::<SchedClassifier>(name)
+                    .map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                drop(prog.take_link(id).map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(())
+    }
+
     /// The per-CPU counters.
     pub fn stats(&self) -> Result<PerCpuArray<&MapData, Counter>, MeshError> {
         let map = self.ebpf.map(STATS_MAP).ok_or(MeshError::Map {
@@ -180,26 +318,5 @@ impl Datapath {
             map: STATS_MAP,
             source,
         })
-    }
-
-    /// Pins map `name` as `<dir>/<name>`, replacing a stale pin.
-    pub fn pin_map(&self, name: &str, dir: &Path) -> Result<PathBuf, MeshError> {
-        let path = dir.join(name);
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(|source| MeshError::Io {
-                what: format!("removing stale pin {}", path.display()),
-                source,
-            })?;
-        }
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(MeshError::NotPinned { path: path.clone() })?;
-        map.pin(&path).map_err(|source| MeshError::Pin {
-            what: name.to_string(),
-            path: path.clone(),
-            source,
-        })?;
-        Ok(path)
     }
 }

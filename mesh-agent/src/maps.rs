@@ -14,7 +14,11 @@ use mesh_common::{
     },
 };
 
-use crate::{loader::Datapath, reconcile::Op, MeshError};
+use crate::{
+    loader::Datapath,
+    reconcile::{Op, Snapshot},
+    MeshError,
+};
 
 /// Something that can carry out one [`Op`].
 pub trait MapWriter {
@@ -56,6 +60,64 @@ impl Datapath {
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             r => r.map_err(map_err(name)),
         }
+    }
+}
+
+impl Datapath {
+    fn entries<K: aya::Pod + Ord, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BTreeMap<K, V>, MeshError> {
+        let map = self.hash_map::<K, V>(name)?;
+        map.iter().map(|r| r.map_err(map_err(name))).collect()
+    }
+
+    /// Reads back what the load-balancing maps hold (what a restarted agent adopts).
+    pub fn read_snapshot(&mut self) -> Result<Snapshot, MeshError> {
+        let services: BTreeMap<u32, Service> = self.entries(SERVICES_MAP)?;
+        let mut tables = BTreeMap::new();
+        {
+            let map = self.ebpf_mut().map_mut(MAGLEV_MAP).ok_or(MeshError::Map {
+                map: MAGLEV_MAP,
+                source: aya::maps::MapError::InvalidName {
+                    name: MAGLEV_MAP.into(),
+                },
+            })?;
+            let arr: Array<&mut MapData, u32> =
+                Array::try_from(map).map_err(map_err(MAGLEV_MAP))?;
+            for (id, s) in &services {
+                let t: Result<Vec<u32>, _> = (s.maglev_off..s.maglev_off + s.maglev_size)
+                    .map(|i| arr.get(&i, 0))
+                    .collect();
+                tables.insert(*id, t.map_err(map_err(MAGLEV_MAP))?);
+            }
+        }
+        let local = {
+            let map = self.ebpf_mut().map_mut(LOCAL_MAP).ok_or(MeshError::Map {
+                map: LOCAL_MAP,
+                source: aya::maps::MapError::InvalidName {
+                    name: LOCAL_MAP.into(),
+                },
+            })?;
+            let arr: Array<&mut MapData, Local> =
+                Array::try_from(map).map_err(map_err(LOCAL_MAP))?;
+            Some(arr.get(&0, 0).map_err(map_err(LOCAL_MAP))?).filter(|l| *l != Local::default())
+        };
+        Ok(Snapshot {
+            local,
+            peers: self.entries(PEERS_MAP)?,
+            networks: self.entries(NETWORKS_MAP)?,
+            tunnels: self.entries(TUNNELS_MAP)?,
+            node_addrs: self
+                .entries::<u32, NodeAddrFlags>(NODE_ADDRS_MAP)?
+                .into_keys()
+                .collect(),
+            endpoints: self.entries(ENDPOINTS_MAP)?,
+            frontends: self.entries(FRONTENDS_MAP)?,
+            services,
+            backends: self.entries(BACKENDS_MAP)?,
+            tables,
+        })
     }
 }
 
@@ -282,6 +344,34 @@ impl MemMaps {
             .values()
             .find(|b| b.addr == a)
             .and_then(|b| BackendState::from_u8(b.state))
+    }
+
+    /// What a restarted agent would read back from these maps.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            local: self.local,
+            peers: self.peers.clone(),
+            networks: self.nets.clone(),
+            tunnels: self.tun.clone(),
+            node_addrs: self.node.clone(),
+            endpoints: self.ep.clone(),
+            frontends: self.fe.clone(),
+            services: self.svc.clone(),
+            backends: self.be.clone(),
+            tables: self
+                .svc
+                .iter()
+                .map(|(id, s)| {
+                    let r = s.maglev_off as usize..(s.maglev_off + s.maglev_size) as usize;
+                    (*id, self.maglev[r].to_vec())
+                })
+                .collect(),
+        }
+    }
+
+    /// Every entry, for comparing two sets of maps.
+    pub fn same_as(&self, other: &MemMaps) -> bool {
+        self.snapshot() == other.snapshot()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,34 +1,20 @@
 //! The library API: a loaded datapath plus the reconciler that keeps its maps equal to a
 //! model. `mesh-agent --config` and the tests drive the datapath through this.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use mesh_common::{ct::CT_MAP, lb, stats::STATS_MAP};
+use mesh_common::lb;
 
 use crate::{
     loader::Datapath,
     maps::MapWriter,
     model::{self, Desired, Model},
     netdev,
-    reconcile::Reconciler,
+    reconcile::{Names, Reconciler},
     MeshError,
 };
 
-/// Every map the agent pins (and meshctl reads).
-pub const PINNED_MAPS: &[&str] = &[
-    STATS_MAP,
-    CT_MAP,
-    lb::FRONTENDS_MAP,
-    lb::SERVICES_MAP,
-    lb::MAGLEV_MAP,
-    lb::BACKENDS_MAP,
-    lb::ENDPOINTS_MAP,
-    lb::NODE_ADDRS_MAP,
-    lb::TUNNELS_MAP,
-    lb::PEERS_MAP,
-    lb::NETWORKS_MAP,
-    lb::LOCAL_MAP,
-];
+pub use crate::pins::PINNED_MAPS;
 
 /// What one apply did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,6 +26,19 @@ pub struct Applied {
 pub struct Mesh {
     pub dp: Datapath,
     reconciler: Reconciler,
+    /// Where the names the maps cannot hold are saved (pinned meshes only).
+    names_file: Option<PathBuf>,
+    saved: Option<Names>,
+}
+
+/// What a restarted agent found pinned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub services: usize,
+    pub backends: usize,
+    pub frontends: usize,
+    /// Whether the saved names were there (without them, services are replaced).
+    pub named: bool,
 }
 
 impl Mesh {
@@ -47,7 +46,65 @@ impl Mesh {
         Mesh {
             dp,
             reconciler: Reconciler::new(lb::MAGLEV_SLOTS),
+            names_file: None,
+            saved: None,
         }
+    }
+
+    /// A mesh over pinned maps that records in `names_file` what the maps cannot hold.
+    /// With `adopt`, the maps' content is taken as applied (nothing is flushed: flows in
+    /// conntrack keep their backends) and the next apply plans from there.
+    pub fn pinned(
+        mut dp: Datapath,
+        names_file: PathBuf,
+        adopt: bool,
+    ) -> Result<(Self, Option<Adopted>), MeshError> {
+        let mut report = None;
+        let reconciler = if adopt {
+            let snap = dp.read_snapshot()?;
+            let names: Option<Names> = std::fs::read(&names_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            report = Some(Adopted {
+                services: snap.services.len(),
+                backends: snap.backends.len(),
+                frontends: snap.frontends.len(),
+                named: names.is_some(),
+            });
+            Reconciler::adopt(&snap, &names.unwrap_or_default(), lb::MAGLEV_SLOTS)
+        } else {
+            Reconciler::new(lb::MAGLEV_SLOTS)
+        };
+        Ok((
+            Mesh {
+                dp,
+                reconciler,
+                names_file: Some(names_file),
+                saved: None,
+            },
+            report,
+        ))
+    }
+
+    /// Saves the names (atomically: write, then rename) if they changed.
+    fn save_names(&mut self) -> Result<(), MeshError> {
+        let Some(path) = &self.names_file else {
+            return Ok(());
+        };
+        let names = self.reconciler.names();
+        if self.saved.as_ref() == Some(&names) {
+            return Ok(());
+        }
+        let io = |what: String| move |source| MeshError::Io { what, source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let tmp = path.with_extension("tmp");
+        let json = serde_json::to_vec(&names).expect("names serialize");
+        std::fs::write(&tmp, json).map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(io(format!("renaming to {}", path.display())))?;
+        self.saved = Some(names);
+        Ok(())
     }
 
     /// Makes the maps match `model`, resolving endpoint interfaces in the calling
@@ -59,18 +116,12 @@ impl Mesh {
 
     pub fn apply_desired(&mut self, d: &Desired) -> Result<Applied, MeshError> {
         let ops = self.reconciler.plan(d).map_err(MeshError::Plan)?;
+        // Before the writes: a restarted agent must know every id they may leave behind.
+        self.save_names()?;
         let writes = self.dp.write_all(&ops)?;
         Ok(Applied {
             ops: ops.len(),
             writes,
         })
-    }
-
-    /// Pins every map under `dir` (replacing stale pins); returns the paths.
-    pub fn pin(&self, dir: &Path) -> Result<Vec<PathBuf>, MeshError> {
-        PINNED_MAPS
-            .iter()
-            .map(|m| self.dp.pin_map(m, dir))
-            .collect()
     }
 }

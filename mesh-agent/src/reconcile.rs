@@ -436,6 +436,136 @@ impl Reconciler {
     }
 }
 
+/// What the load-balancing maps hold, read back (addresses in the maps' byte order).
+/// `tables` holds each service's Maglev region.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub local: Option<Local>,
+    pub peers: BTreeMap<u32, u32>,
+    pub networks: BTreeMap<u32, Network>,
+    pub tunnels: BTreeMap<u32, Tunnel>,
+    pub node_addrs: BTreeSet<u32>,
+    pub endpoints: BTreeMap<u32, Endpoint>,
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub services: BTreeMap<u32, Service>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub tables: BTreeMap<u32, Vec<u32>>,
+}
+
+/// What the maps cannot hold and a restarted agent needs: group names per service id,
+/// and the id counters (ids are never reused, even ids whose entries are gone). Saved
+/// before the writes of every plan, so it always covers what the maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Names {
+    pub next_svc: u32,
+    pub next_backend: u32,
+    pub groups: BTreeMap<u32, String>,
+}
+
+fn ip(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a.to_ne_bytes())
+}
+
+impl Reconciler {
+    /// The names and counters to save before carrying out the last plan.
+    pub fn names(&self) -> Names {
+        Names {
+            next_svc: self.next_svc,
+            next_backend: self.next_backend,
+            groups: self
+                .groups
+                .iter()
+                .map(|(n, g)| (g.id, n.0.clone()))
+                .collect(),
+        }
+    }
+
+    /// A reconciler whose record is exactly what the maps hold, so that the next plan
+    /// takes the maps, as they are, to the desired state without flushing anything.
+    /// A service id with no saved name (an agent killed between saving and writing, or
+    /// lost names) becomes a group no model names, which the next plan removes after
+    /// its replacement is live. Counters never go below an id seen in the maps.
+    pub fn adopt(snap: &Snapshot, names: &Names, maglev_slots: u32) -> Self {
+        let mut r = Reconciler::new(maglev_slots);
+        r.local = snap.local;
+        r.peers = snap.peers.iter().map(|(a, f)| (ip(*a), *f)).collect();
+        r.networks = snap.networks.clone();
+        r.tunnels = snap.tunnels.iter().map(|(a, t)| (ip(*a), *t)).collect();
+        r.node_addrs = snap.node_addrs.iter().map(|a| ip(*a)).collect();
+        r.endpoints = snap.endpoints.iter().map(|(a, e)| (ip(*a), *e)).collect();
+        r.frontends = snap.frontends.clone();
+        r.backends = snap.backends.clone();
+        let mut used: Vec<(u32, u32)> = Vec::new();
+        for (id, svc) in &snap.services {
+            let name = names
+                .groups
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| format!("adopted/unnamed/{id}"));
+            let backend_ids = snap
+                .backends
+                .iter()
+                .filter(|(_, b)| b.svc_id == *id)
+                .map(|(bid, b)| ((ip(b.addr), u16::from_be(b.port)), *bid))
+                .collect();
+            if svc.maglev_size > 0 {
+                used.push((svc.maglev_off, svc.maglev_size));
+            }
+            r.groups.insert(
+                GroupName(name),
+                AppliedGroup {
+                    id: *id,
+                    service: *svc,
+                    backend_ids,
+                    table: snap.tables.get(id).cloned().unwrap_or_default(),
+                },
+            );
+        }
+        // Backends whose service is gone (a write cut short): a group of their own, so
+        // the next plan deletes them.
+        for (bid, b) in &snap.backends {
+            if !snap.services.contains_key(&b.svc_id) {
+                r.groups
+                    .entry(GroupName(format!("adopted/orphans/{}", b.svc_id)))
+                    .or_insert_with(|| AppliedGroup {
+                        id: b.svc_id,
+                        service: Service::default(),
+                        backend_ids: BTreeMap::new(),
+                        table: Vec::new(),
+                    })
+                    .backend_ids
+                    .insert((ip(b.addr), u16::from_be(b.port)), *bid);
+            }
+        }
+        used.sort();
+        let mut free = BTreeMap::new();
+        let mut at = 0;
+        for (off, len) in used {
+            if off > at {
+                free.insert(at, off - at);
+            }
+            at = at.max(off + len);
+        }
+        if at < maglev_slots {
+            free.insert(at, maglev_slots - at);
+        }
+        r.regions.free = free;
+        let max_svc = snap
+            .services
+            .keys()
+            .chain(snap.backends.values().map(|b| &b.svc_id));
+        r.next_svc = names
+            .next_svc
+            .max(max_svc.max().map_or(1, |m| m + 1))
+            .max(1);
+        r.next_backend = names
+            .next_backend
+            .max(snap.backends.keys().max().map_or(1, |m| m + 1))
+            .max(1);
+        r
+    }
+}
+
 /// Puts for what is new or changed, deletes for what is gone.
 fn diff<K: Ord, V: PartialEq>(
     old: &BTreeMap<K, V>,
@@ -745,5 +875,91 @@ services:
             .unwrap_err();
         assert!(matches!(e, PlanError::MaglevFull { .. }));
         assert!(r.frontends.is_empty());
+    }
+
+    /// Where a spread of flows to the published port and the VIP land.
+    fn spread(maps: &MemMaps) -> Vec<Option<String>> {
+        (0..200u16)
+            .flat_map(|sport| {
+                [
+                    maps.lookup([192, 168, 1, 10], 8080, 6, [1, 2, 3, 4], 1000 + sport),
+                    maps.lookup([10, 0, 1, 2], 80, 6, [1, 2, 3, 4], 1000 + sport),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_adopting_reconciler_has_nothing_to_do() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        let d = desired(
+            &model(&[("10.0.1.4", ACTIVE), ("10.0.1.5", "draining")]),
+            resolve,
+        )
+        .unwrap();
+        apply_checked(&mut maps, &r.plan(&d).unwrap());
+        let mut adopted = Reconciler::adopt(&maps.snapshot(), &r.names(), 1 << 16);
+        assert_eq!(adopted.plan(&d).unwrap(), vec![]);
+        assert_eq!(adopted.names(), r.names());
+    }
+
+    /// An agent killed after any number of a plan's writes: the next agent adopts the
+    /// maps as they are (with the names saved before the writes) and converges, every
+    /// single write keeping the maps consistent, to what the full plan gives.
+    #[test]
+    fn adopting_a_plan_cut_short_converges() {
+        let before = model(&[
+            ("10.0.1.4", ACTIVE),
+            ("10.0.1.5", ACTIVE),
+            ("10.0.1.6", ACTIVE),
+        ]);
+        let after = model(&[
+            ("10.0.1.4", ACTIVE),
+            ("10.0.1.6", "draining"),
+            ("10.0.1.7", ACTIVE),
+            ("10.0.1.8", ACTIVE),
+        ]);
+        let (d1, d2) = (
+            desired(&before, resolve).unwrap(),
+            desired(&after, resolve).unwrap(),
+        );
+        let mut full = MemMaps::new(1 << 16);
+        let mut r = Reconciler::new(1 << 16);
+        apply_checked(&mut full, &r.plan(&d1).unwrap());
+        let ops = r.plan(&d2).unwrap();
+        apply_checked(&mut full, &ops);
+        for cut in 0..=ops.len() {
+            let mut maps = MemMaps::new(1 << 16);
+            let mut r = Reconciler::new(1 << 16);
+            apply_checked(&mut maps, &r.plan(&d1).unwrap());
+            let ops = r.plan(&d2).unwrap();
+            let names = r.names();
+            apply_checked(&mut maps, &ops[..cut]);
+            let mut adopted = Reconciler::adopt(&maps.snapshot(), &names, 1 << 16);
+            apply_checked(&mut maps, &adopted.plan(&d2).unwrap());
+            assert_eq!(spread(&maps), spread(&full), "cut after {cut} ops");
+            assert_eq!(maps.backend_state("10.0.1.6"), Some(BackendState::Draining));
+            assert_eq!(adopted.plan(&d2).unwrap(), vec![], "converged");
+        }
+    }
+
+    #[test]
+    fn adopting_without_names_replaces_groups_and_never_reuses_ids() {
+        let mut r = Reconciler::new(1 << 16);
+        let mut maps = MemMaps::new(1 << 16);
+        let d = desired(&model(&[("10.0.1.4", ACTIVE)]), resolve).unwrap();
+        apply_checked(&mut maps, &r.plan(&d).unwrap());
+        let old_ids: BTreeSet<u32> = maps.snapshot().backends.keys().copied().collect();
+        let mut adopted = Reconciler::adopt(&maps.snapshot(), &Names::default(), 1 << 16);
+        apply_checked(&mut maps, &adopted.plan(&d).unwrap());
+        let snap = maps.snapshot();
+        assert_eq!(snap.services.len(), 1, "the unnamed group was removed");
+        assert!(snap.backends.keys().all(|id| !old_ids.contains(id)));
+        assert_eq!(
+            maps.lookup([192, 168, 1, 10], 8080, 6, [1, 2, 3, 4], 5)
+                .as_deref(),
+            Some("10.0.1.4:80")
+        );
     }
 }

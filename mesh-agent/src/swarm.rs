@@ -176,6 +176,77 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
     m
 }
 
+/// Settles this node's tasks once their containers are known: a local task whose
+/// delivery veth was not found (starting, or gone) is no backend anywhere on this node,
+/// and one whose HEALTHCHECK is not passing (`unhealthy`, still `starting`) takes no new
+/// flows but keeps the ones it has (draining).
+pub fn settle_local(
+    model: &mut Model,
+    endpoints: &BTreeSet<Ipv4Addr>,
+    not_healthy: &BTreeSet<Ipv4Addr>,
+) {
+    for s in &mut model.services {
+        s.backends
+            .retain(|b| b.node.is_some() || endpoints.contains(&b.addr));
+        for b in &mut s.backends {
+            if b.node.is_none() && not_healthy.contains(&b.addr) {
+                b.state = Health::Draining;
+            }
+        }
+    }
+}
+
+/// Backends that left the Swarm's view drain for a grace period (Docker's default stop
+/// grace period is 10 s) instead of vanishing: their established flows keep going while
+/// the task shuts down, and no new flow is sent to them. Pure, given the clock.
+#[derive(Clone, Debug, Default)]
+pub struct DrainTracker {
+    grace: std::time::Duration,
+    /// (service, address) -> the backend as last seen, and since when it is gone.
+    seen: BTreeMap<(String, Ipv4Addr), (BackendSpec, Option<std::time::Instant>)>,
+}
+
+impl DrainTracker {
+    pub fn new(grace: std::time::Duration) -> Self {
+        DrainTracker {
+            grace,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    /// Adds to `model` the backends of its services that left less than the grace
+    /// period ago, as draining.
+    pub fn apply(&mut self, model: &mut Model, now: std::time::Instant) {
+        let mut present = BTreeSet::new();
+        for s in &model.services {
+            for b in &s.backends {
+                present.insert((s.name.clone(), b.addr));
+                self.seen
+                    .insert((s.name.clone(), b.addr), (b.clone(), None));
+            }
+        }
+        let services: BTreeSet<String> = model.services.iter().map(|s| s.name.clone()).collect();
+        let grace = self.grace;
+        self.seen.retain(|key, (_, gone)| {
+            if present.contains(key) {
+                return true;
+            }
+            let since = *gone.get_or_insert(now);
+            services.contains(&key.0) && now.duration_since(since) < grace
+        });
+        for s in &mut model.services {
+            for ((svc, addr), (spec, gone)) in &self.seen {
+                if gone.is_some() && *svc == s.name && !s.backends.iter().any(|b| b.addr == *addr) {
+                    s.backends.push(BackendSpec {
+                        state: Health::Draining,
+                        ..spec.clone()
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +325,80 @@ mod tests {
         n.local_addr = None;
         let m = model_from(&[n], "10.251.0.11".parse().unwrap(), "eth0");
         assert!(m.networks.is_empty() && m.services.is_empty());
+    }
+
+    fn web(m: &Model) -> &ServiceSpec {
+        m.services.iter().find(|s| s.name == "web").unwrap()
+    }
+
+    #[test]
+    fn local_tasks_need_a_veth_and_a_passing_healthcheck() {
+        let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+        let mut m = model_from(&[ingress()], me, "eth0");
+        let local: Ipv4Addr = "10.0.0.4".parse().unwrap();
+        // No veth found yet: not a backend; the remote task stays.
+        settle_local(&mut m, &BTreeSet::new(), &BTreeSet::new());
+        assert_eq!(web(&m).backends.len(), 1);
+        assert!(web(&m).backends[0].node.is_some());
+        let mut m = model_from(&[ingress()], me, "eth0");
+        settle_local(&mut m, &BTreeSet::from([local]), &BTreeSet::from([local]));
+        assert_eq!(web(&m).backends[0].state, Health::Draining);
+        assert_eq!(web(&m).backends[1].state, Health::Active);
+    }
+
+    #[test]
+    fn a_vanished_task_drains_for_the_grace_period() {
+        let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        let grace = std::time::Duration::from_secs(10);
+        let mut d = DrainTracker::new(grace);
+        let mut m = model_from(&[ingress()], me, "eth0");
+        d.apply(&mut m, t0);
+        assert_eq!(web(&m).backends.len(), 2);
+        // The remote task leaves Docker's view.
+        let mut n = ingress();
+        n.services
+            .get_mut("web")
+            .unwrap()
+            .tasks
+            .as_mut()
+            .unwrap()
+            .pop();
+        let mut m = model_from(&[n.clone()], me, "eth0");
+        d.apply(&mut m, t0 + std::time::Duration::from_secs(1));
+        let gone = web(&m).backends.iter().find(|b| b.node.is_some()).unwrap();
+        assert_eq!(gone.state, Health::Draining);
+        // Still draining just before the grace period ends, gone after.
+        let mut m = model_from(&[n.clone()], me, "eth0");
+        d.apply(&mut m, t0 + std::time::Duration::from_millis(10_900));
+        assert_eq!(web(&m).backends.len(), 2);
+        let mut m = model_from(&[n.clone()], me, "eth0");
+        d.apply(&mut m, t0 + std::time::Duration::from_secs(12));
+        assert_eq!(web(&m).backends.len(), 1);
+        // And it does not come back.
+        let mut m = model_from(&[n], me, "eth0");
+        d.apply(&mut m, t0 + std::time::Duration::from_secs(13));
+        assert_eq!(web(&m).backends.len(), 1);
+    }
+
+    #[test]
+    fn a_task_that_returns_is_active_again() {
+        let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        let mut d = DrainTracker::new(std::time::Duration::from_secs(10));
+        d.apply(&mut model_from(&[ingress()], me, "eth0"), t0);
+        let mut n = ingress();
+        n.services
+            .get_mut("web")
+            .unwrap()
+            .tasks
+            .as_mut()
+            .unwrap()
+            .pop();
+        d.apply(&mut model_from(&[n], me, "eth0"), t0);
+        let mut m = model_from(&[ingress()], me, "eth0");
+        d.apply(&mut m, t0);
+        assert!(web(&m).backends.iter().all(|b| b.state == Health::Active));
+        assert_eq!(web(&m).backends.len(), 2);
     }
 }

@@ -1,6 +1,7 @@
 //! Tier 3: the `mesh-agent` and `meshctl` binaries for real: the agent attaches to a veth
-//! in a test namespace, traffic flows, meshctl reads the pinned counters, SIGTERM
-//! detaches and unpins.
+//! in a test namespace, traffic flows, meshctl reads the pinned counters; the datapath
+//! outlives the agent (SIGTERM, kill -9) and a restarted agent adopts it without breaking
+//! a connection; `--uninstall` detaches and unpins.
 
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
@@ -43,19 +44,46 @@ fn binaries() -> Option<(PathBuf, PathBuf)> {
     None
 }
 
-/// Kills the agent (by the PID we started) if the test ends before it exits, and removes
-/// the pin directory.
+/// Kills the agent (by the PID we started) if the test ends before it exits, then
+/// uninstalls what it pinned (links, maps, state file).
 struct AgentGuard {
     child: Child,
     pin_dir: PathBuf,
+    agent: PathBuf,
+    ns: String,
+    /// Everything the agent wrote to stderr so far (a reader thread fills it).
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Set when a restarted agent's guard takes over the pins.
+    handed_over: bool,
 }
 
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
+impl AgentGuard {
+    fn stop_child(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        self.stop_child();
+        if self.handed_over {
+            return;
+        }
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(&self.agent)
+            .arg("--uninstall")
+            .arg("--bpffs")
+            .arg(&self.pin_dir)
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
@@ -85,7 +113,8 @@ fn packets(stats: &serde_json::Value, hook: &str, reason: &str) -> u64 {
 }
 
 /// Starts `mesh-agent ARGS --bpffs <unique dir>` inside `ns` (with nsenter, not `ip netns
-/// exec`, which remounts /sys and hides bpffs) and waits until every map is pinned.
+/// exec`, which remounts /sys and hides bpffs) and waits until it says the datapath is
+/// attached (the model applied).
 fn start_agent(
     ns: &mesh_tests::netns::Netns,
     agent: &Path,
@@ -94,31 +123,66 @@ fn start_agent(
     tag: &str,
 ) -> AgentGuard {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-{tag}-{}", std::process::id()));
-    let child = Command::new("nsenter")
+    let guard = spawn_agent(ns, agent, object, args, &pin_dir);
+    wait_ready(guard, 1)
+}
+
+fn spawn_agent(
+    ns: &mesh_tests::netns::Netns,
+    agent: &Path,
+    object: &Path,
+    args: &[&std::ffi::OsStr],
+    pin_dir: &Path,
+) -> AgentGuard {
+    let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", ns.name()))
         .arg(agent)
         .args(args)
         .arg("--bpffs")
-        .arg(&pin_dir)
+        .arg(pin_dir)
         .env("MESH_BPF_OBJECT", object)
+        .env("MESH_LOG_FORMAT", "text")
         .stderr(Stdio::piped())
         .spawn()
         .expect("start mesh-agent");
-    let mut guard = AgentGuard { child, pin_dir };
-    let last = guard
-        .pin_dir
-        .join(mesh_agent::mesh::PINNED_MAPS.last().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    AgentGuard {
+        child,
+        pin_dir: pin_dir.to_path_buf(),
+        agent: agent.to_path_buf(),
+        ns: ns.name().to_string(),
+        log,
+        handed_over: false,
+    }
+}
+
+/// Waits until the agent's log says "datapath attached" for the `nth` time.
+fn wait_ready(mut guard: AgentGuard, nth: usize) -> AgentGuard {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !last.exists() {
+    while guard.log().matches("datapath attached").count() < nth {
         if let Some(st) = guard.child.try_wait().unwrap() {
-            let out = guard.child.wait_with_output_ref();
-            panic!("mesh-agent exited early ({st}): {out}");
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("mesh-agent exited early ({st}): {}", guard.log());
         }
         assert!(
             Instant::now() < deadline,
-            "mesh-agent did not pin its maps in 10 s"
+            "mesh-agent not ready in 10 s: {}",
+            guard.log()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     guard
 }
@@ -155,19 +219,52 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
         "no XDP unless asked"
     );
 
-    // SIGTERM: a clean exit that unpins and detaches.
+    // SIGTERM: a clean exit that leaves the datapath attached and counting.
     let pid = guard.child.id() as i32;
     // SAFETY: signalling the child we spawned (its PID is ours to use until we reap it).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let status = guard.child.wait().expect("wait for mesh-agent");
     assert!(status.success(), "mesh-agent exit on SIGTERM: {status}");
-    assert!(!pin.exists(), "counters unpinned on exit");
-    let shown = pair.b.exec(&["bpftool", "net", "show", "dev", "vb"]);
-    let shown = String::from_utf8_lossy(&shown.stdout);
-    assert!(
-        !shown.contains("mesh_tc_ingress"),
-        "still attached after exit: {shown}"
+    assert!(pin.exists(), "counters stay pinned after exit");
+    udp_ping(&pair, 7070, 20, 64);
+    let stats = meshctl_stats(&meshctl, &pin_dir);
+    assert_eq!(
+        packets(&stats, "tc_underlay_ingress", "pass_udp"),
+        70,
+        "still attached and counting with no agent: {stats}"
     );
+
+    // --uninstall: detached, unpinned. The counters, held open here, stop counting.
+    let held = aya::maps::MapData::from_pin(&pin).expect("open pinned counters");
+    let held = aya::maps::PerCpuArray::<_, mesh_common::stats::Counter>::try_from(
+        aya::maps::Map::PerCpuArray(held),
+    )
+    .unwrap();
+    let udp = |m: &aya::maps::PerCpuArray<aya::maps::MapData, _>| {
+        mesh_agent::stats::Snapshot::read(m)
+            .unwrap()
+            .get(
+                mesh_common::stats::Hook::TcUnderlayIngress,
+                mesh_common::reason::Reason::PassUdp,
+            )
+            .packets
+    };
+    assert_eq!(udp(&held), 70);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", pair.b.name()))
+        .arg(&agent)
+        .args(["--uninstall", "--bpffs"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pin_dir.exists(), "pin directory removed");
+    udp_ping(&pair, 7070, 20, 64);
+    assert_eq!(udp(&held), 70, "detached by --uninstall");
     let err = Command::new(&meshctl)
         .args(["stats", "--bpffs"])
         .arg(&pin_dir)
@@ -175,22 +272,6 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
         .unwrap();
     assert_eq!(err.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&err.stderr).contains("no mesh is pinned"));
-}
-
-/// Reads what the child wrote to stderr (for a failure message).
-trait StderrOf {
-    fn wait_with_output_ref(&mut self) -> String;
-}
-
-impl StderrOf for Child {
-    fn wait_with_output_ref(&mut self) -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Some(e) = self.stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
 }
 
 /// `mesh-agent --config FILE` drives the load balancer; SIGHUP re-reads the file.
@@ -283,5 +364,141 @@ fn agent_config_file_and_reload() {
         0
     );
     assert!(guard.child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `kill -9` of the agent under load: no request fails and an established connection
+/// keeps its task; the restarted agent adopts the pinned maps without flushing them
+/// (the same connection is still answered by the same task), then reconciles changes.
+#[test]
+fn agent_kill9_keeps_traffic_and_restart_adopts() {
+    use mesh_agent::model::{to_yaml, Health};
+    use mesh_tests::lbtopo::{http_get, LbTopo, ALL_ACTIVE, NODE};
+    use std::{
+        io::{BufRead, BufReader, Write},
+        sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+
+    let Some(object) = prereq::privileged("agent_kill9_keeps_traffic_and_restart_adopts") else {
+        return;
+    };
+    let Some((agent, _)) = binaries() else {
+        return;
+    };
+    let topo = LbTopo::new("k");
+    let dir = std::env::temp_dir().join(format!("mesh-agent-k9-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, to_yaml(&topo.model(&ALL_ACTIVE))).unwrap();
+    let args: [&std::ffi::OsStr; 2] = ["--config".as_ref(), config.as_os_str()];
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-k9-{}", std::process::id()));
+    let mut guard = wait_ready(spawn_agent(&topo.n, &agent, &object, &args, &pin_dir), 1);
+
+    // An established connection through the mesh (line echo on :7000).
+    let echo = topo.c.enter(|| {
+        std::net::TcpStream::connect_timeout(
+            &(NODE.parse::<std::net::Ipv4Addr>().unwrap(), 7000).into(),
+            Duration::from_secs(3),
+        )
+        .expect("connect to the echo service")
+    });
+    echo.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut lines = BufReader::new(echo.try_clone().unwrap());
+    let mut ask = |w: &mut std::net::TcpStream| -> String {
+        writeln!(w, "who").expect("write on the established connection");
+        let mut l = String::new();
+        lines
+            .read_line(&mut l)
+            .expect("answer on the established connection");
+        l.trim().to_string()
+    };
+    let mut w = echo.try_clone().unwrap();
+    let first = ask(&mut w);
+    assert!(first.starts_with('t'), "echo answered by a task: {first:?}");
+
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            topo.c.enter(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(NODE, 8080) {
+                        Ok(b) if b.starts_with('t') => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // SIGKILL by the PID we started: no chance to clean anything up.
+        guard.child.kill().expect("kill -9 mesh-agent");
+        guard.child.wait().unwrap();
+        let at_kill = ok.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            ok.load(Ordering::Relaxed) > at_kill + 50,
+            "requests keep being answered with no agent"
+        );
+        assert_eq!(
+            ask(&mut w),
+            first,
+            "the connection keeps its task with no agent"
+        );
+
+        let restarted = spawn_agent(&topo.n, &agent, &object, &args, &pin_dir);
+        guard.handed_over = true;
+        guard = wait_ready(restarted, 1);
+        assert!(
+            guard.log().contains("adopted the pinned datapath"),
+            "{}",
+            guard.log()
+        );
+        assert_eq!(
+            ask(&mut w),
+            first,
+            "the connection keeps its task across the restart"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+
+        // The adopted state reconciles like any other: t3 leaves.
+        std::fs::write(
+            &config,
+            to_yaml(&topo.model(&[
+                (0, Health::Active),
+                (1, Health::Draining),
+                (2, Health::Active),
+            ])),
+        )
+        .unwrap();
+        // SAFETY: signalling the child we spawned.
+        assert_eq!(
+            unsafe { libc::kill(guard.child.id() as i32, libc::SIGHUP) },
+            0
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    eprintln!("kill -9 / restart under load: {ok} requests answered, {failed} failed");
+    assert_eq!(failed, 0, "no request fails across kill -9 and restart");
+    assert!(ok > 200, "{ok} requests");
+    let served: std::collections::BTreeSet<String> = topo.c.enter(|| {
+        (0..40)
+            .map(|_| {
+                http_get(NODE, 8080)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    });
+    assert_eq!(
+        served,
+        ["t1", "t3"].map(String::from).into_iter().collect(),
+        "the draining task takes no new connections"
+    );
+    assert!(!guard.log().contains("without the agent's state file"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -62,9 +62,36 @@ pub enum Cluster {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Control node NODE's mesh-agent: `start`, `stop` (SIGTERM: the pinned datapath
+    /// keeps forwarding), `kill` (SIGKILL, as a crash would), `restart`.
+    Agent {
+        node: u32,
+        #[arg(value_enum)]
+        action: AgentAction,
+    },
     /// Stop only what `up` started (recorded PIDs) and remove every namespace, interface,
     /// mount and directory it made.
     Down,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AgentAction {
+    Start,
+    Stop,
+    Kill,
+    Restart,
+}
+
+/// The agent binaries: `$MESH_AGENT_BIN_DIR` (the tests' debug build), else the release
+/// build; the object: `$MESH_BPF_OBJECT`, else the release one.
+fn agent_paths() -> (PathBuf, PathBuf) {
+    let bin = std::env::var_os("MESH_AGENT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cmd::root().join("target/release"));
+    let object = std::env::var_os("MESH_BPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cmd::root().join("target/release/mesh.bpf.o"));
+    (bin.join("mesh-agent"), object)
 }
 
 pub fn run(c: Cluster) -> anyhow::Result<()> {
@@ -76,9 +103,12 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
         } => {
             up(nodes, managers)?;
             if mesh {
-                let bin = cmd::root().join("target/release");
+                let (agent, object) = agent_paths();
                 for n in 1..=nodes {
-                    start_agent(n, &bin.join("mesh-agent"), &bin.join("mesh.bpf.o"))?;
+                    if read_pid(&node_dir(n).join("mesh-agent.pid")).is_some_and(alive) {
+                        continue;
+                    }
+                    start_agent(n, &agent, &object)?;
                 }
                 println!("cluster: mesh-agent running on every node (logs in {ST}/node<N>/mesh-agent.log)");
             }
@@ -109,6 +139,30 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
                 .args(&cmd)
                 .status()?;
             std::process::exit(st.code().unwrap_or(1));
+        }
+        Cluster::Agent { node, action } => {
+            if !node_dir(node).exists() {
+                bail!("node {node} is not up (`cargo xtask cluster up` first)");
+            }
+            let (agent, object) = agent_paths();
+            match action {
+                AgentAction::Start => {
+                    start_agent(node, &agent, &object)?;
+                }
+                AgentAction::Stop => stop_agent(node),
+                AgentAction::Kill => {
+                    let pid = read_pid(&node_dir(node).join("mesh-agent.pid"))
+                        .with_context(|| format!("no mesh-agent recorded on node {node}"))?;
+                    kill_checked(pid, "mesh-agent", libc::SIGKILL);
+                    wait_gone(pid, 5);
+                    let _ = std::fs::remove_file(node_dir(node).join("mesh-agent.pid"));
+                }
+                AgentAction::Restart => {
+                    stop_agent(node);
+                    start_agent(node, &agent, &object)?;
+                }
+            }
+            Ok(())
         }
         Cluster::Down => down(),
     }
@@ -343,7 +397,7 @@ fn make_rootfs() -> anyhow::Result<PathBuf> {
     if !bb.exists() {
         bail!("/bin/busybox (busybox-static) missing: run `cargo xtask setup`");
     }
-    for d in ["bin", "www", "etc", "tmp"] {
+    for d in ["bin", "www/cgi-bin", "etc", "tmp"] {
         std::fs::create_dir_all(r.join(d))?;
     }
     std::fs::copy(bb, r.join("bin/busybox"))?;
@@ -352,6 +406,14 @@ fn make_rootfs() -> anyhow::Result<PathBuf> {
         let _ = std::os::unix::fs::symlink("busybox", r.join("bin").join(a));
     }
     std::fs::write(r.join("www/index.html"), "ok\n")?;
+    // GET /cgi-bin/who: the answering container's hostname and the client address it
+    // sees (tests check that the mesh keeps the client's IP).
+    let who = r.join("www/cgi-bin/who");
+    std::fs::write(
+        &who,
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s %s\\n' \"$(hostname)\" \"$REMOTE_ADDR\"\n",
+    )?;
+    std::fs::set_permissions(&who, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     Ok(r)
 }
 
@@ -596,6 +658,7 @@ fn down() -> anyhow::Result<()> {
     let nodes = recorded_nodes().unwrap_or(9);
     for n in 1..=nodes {
         stop_agent(n);
+        uninstall_agent(n);
     }
     for n in (1..=nodes).rev() {
         if node_dir(n).exists() {
@@ -673,12 +736,21 @@ fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
     let pid = dockerd_pid(n)
         .with_context(|| format!("node {n} is not up"))?
         .to_string();
-    let pins = format!("/sys/fs/bpf/mesh-cluster-n{n}");
-    let log = std::fs::File::create(node_dir(n).join("mesh-agent.log"))?;
+    let pins = agent_pins(n);
+    let log_path = node_dir(n).join("mesh-agent.log");
+    // Appended: a restarted agent's log follows its predecessor's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let ready_before = std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .matches("datapath attached")
+        .count();
     let child = Command::new("nsenter")
         .args(["-t", &pid, "-m", "-n", "--"])
         .arg(agent)
-        .args(["--from-docker", "--docker", &sock(n), "--resync-ms", "500"])
+        .args(["--from-docker", "--docker", &sock(n)])
         .args(["--bpffs", &pins])
         .env("MESH_BPF_OBJECT", object)
         .stdin(Stdio::null())
@@ -688,17 +760,44 @@ fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
     let agent_pid = child.id();
     std::fs::write(node_dir(n).join("mesh-agent.pid"), agent_pid.to_string())?;
     std::mem::forget(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !Path::new(&pins).join("MESH_LOCAL_V1").exists() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.matches("datapath attached").count() > ready_before {
+            break;
+        }
         if !alive(agent_pid) || Instant::now() > deadline {
             bail!(
                 "mesh-agent on node {n} did not start: see {}",
-                node_dir(n).join("mesh-agent.log").display()
+                log_path.display()
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(agent_pid)
+}
+
+fn agent_pins(n: u32) -> String {
+    format!("/sys/fs/bpf/mesh-cluster-n{n}")
+}
+
+/// Removes node `n`'s pinned datapath (after its agent stopped).
+fn uninstall_agent(n: u32) {
+    let (agent, _) = agent_paths();
+    let pins = agent_pins(n);
+    if !Path::new(&pins).exists() {
+        return;
+    }
+    let ok = Command::new(&agent)
+        .args(["--uninstall", "--bpffs", &pins])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        // No agent binary at hand: the pins are ours all the same.
+        let _ = std::fs::remove_dir_all(&pins);
+        let _ = std::fs::remove_file(format!("/run/mesh/mesh-cluster-n{n}.names.json"));
+    }
 }
 
 /// Stops node `n`'s mesh-agent (SIGTERM, by its recorded PID, if it is still ours).

@@ -1,16 +1,32 @@
-//! mesh-agent: loads the datapath, attaches it to the underlay interface (and to each
-//! local task's veth), makes the maps match the model of `--config FILE`, and keeps them
-//! so until SIGINT/SIGTERM; SIGHUP re-reads the file. (The Docker source arrives with the
-//! agent issue.)
+//! mesh-agent: loads the datapath with its maps and links pinned on bpffs, attaches it
+//! to the underlay interface and to each local task's veth, and keeps the maps equal to
+//! the model: from Docker (`--from-docker`: the Swarm, followed through /events and a
+//! periodic full resync) or from a file (`--config`, re-read on SIGHUP).
+//!
+//! The datapath outlives the agent: on exit (SIGTERM, or kill -9) programs stay attached
+//! and maps stay pinned, and the next agent adopts them without flushing anything.
+//! `mesh-agent --uninstall` removes it all.
 
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
-use std::path::PathBuf;
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::Context;
 use aya::programs::XdpMode;
 use clap::{Parser, ValueEnum};
-use mesh_agent::{loader, mesh::Mesh, model, preflight};
+use mesh_agent::{
+    docker, loader,
+    mesh::Mesh,
+    metrics::{self, AgentMetrics},
+    model,
+    pins::{Hook, PinDir},
+    preflight, swarm,
+};
 use mesh_common::config::MeshConfig;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -23,249 +39,459 @@ enum Xdp {
     Generic,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Parser, Debug)]
-#[command(version, about = "The mesh's node agent")]
+#[command(
+    version,
+    about = "The mesh's node agent",
+    long_about = "The mesh's node agent. On a swarm node: `mesh-agent --from-docker` (the \
+                  defaults find the underlay interface from the node's swarm address). Every \
+                  flag can also be set in the environment (MESH_*)."
+)]
 struct Args {
-    /// Underlay interface (the one carrying the swarm's advertise address); default: the
-    /// config file's `underlay`.
-    #[arg(long)]
-    interface: Option<String>,
-    /// Static model of services, backends and local endpoints (YAML; see README).
-    #[arg(long)]
+    /// Follow the Swarm of the local dockerd: services, tasks, networks, nodes and task
+    /// health, through /events and a full resync every --resync-ms.
+    #[arg(long, env = "MESH_FROM_DOCKER", conflicts_with = "config")]
+    from_docker: bool,
+    /// Instead of Docker: a static model of services, backends and local endpoints
+    /// (YAML; see README), re-read on SIGHUP.
+    #[arg(long, env = "MESH_CONFIG")]
     config: Option<PathBuf>,
+    /// Underlay interface (default: the one holding the swarm address, or the config
+    /// file's `underlay`).
+    #[arg(long, env = "MESH_INTERFACE")]
+    interface: Option<String>,
     /// Also attach the XDP program to the underlay interface.
-    #[arg(long, value_enum, default_value = "off")]
+    #[arg(long, value_enum, default_value = "off", env = "MESH_XDP")]
     xdp: Xdp,
-    /// Directory on bpffs where maps are pinned.
-    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    /// Directory on bpffs where maps and program links are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh", env = "MESH_BPFFS")]
     bpffs: PathBuf,
+    /// Directory for the agent's small state file (service names and id counters that a
+    /// restarted agent needs to adopt the pinned maps).
+    #[arg(long, default_value = "/run/mesh", env = "MESH_STATE_DIR")]
+    state_dir: PathBuf,
     /// VXLAN data-path port (as `docker swarm init --data-path-port`).
     #[arg(long, default_value_t = mesh_common::proto::VXLAN_PORT_DEFAULT,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = clap::value_parser!(u16).range(1..), env = "MESH_DATA_PATH_PORT")]
     data_path_port: u16,
     /// eBPF object (default: $MESH_BPF_OBJECT, next to this binary, /usr/local/lib/mesh).
     #[arg(long)]
     object: Option<PathBuf>,
-    /// Docker socket (the Swarm this node is in).
-    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    /// Docker socket.
+    #[arg(
+        long,
+        default_value = "unix:///var/run/docker.sock",
+        env = "MESH_DOCKER"
+    )]
     docker: String,
+    /// Full resync period with --from-docker, milliseconds (events make most changes
+    /// immediate; this heals anything an event did not say, e.g. tasks on other nodes).
+    #[arg(long, default_value_t = 1000, env = "MESH_RESYNC_MS")]
+    resync_ms: u64,
+    /// How long a task that left the Swarm's view keeps its established flows (draining)
+    /// before its backend is removed, milliseconds (Docker's default stop grace period).
+    #[arg(long, default_value_t = 10_000, env = "MESH_DRAIN_MS")]
+    drain_ms: u64,
+    /// Prometheus endpoint (`/metrics`), or `off`.
+    #[arg(long, default_value = "127.0.0.1:9477", env = "MESH_METRICS")]
+    metrics: String,
+    /// Log format on stderr (filter with MESH_LOG, e.g. MESH_LOG=debug).
+    #[arg(long, value_enum, default_value = "text", env = "MESH_LOG_FORMAT")]
+    log_format: LogFormat,
     /// Print the model of this node that the Swarm implies (YAML, the --config format)
-    /// and exit, with this node's tasks' delivery veths found in their sandboxes.
+    /// and exit.
     #[arg(long)]
     print_docker_model: bool,
-    /// Follow the Swarm: derive the model from Docker (as --print-docker-model) and apply
-    /// it, again every --resync-ms and on SIGHUP. (Docker events come next.)
-    #[arg(long, conflicts_with = "config")]
-    from_docker: bool,
-    /// Resync period with --from-docker, milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    resync_ms: u64,
+    /// Detach the programs and remove every pin under --bpffs and the state file, then
+    /// exit (connections through the mesh stop).
+    #[arg(long)]
+    uninstall: bool,
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    if let Err(e) = run(args) {
         // One line, the whole chain: what failed and why.
         eprintln!("mesh-agent: {e:#}");
         std::process::exit(1);
     }
 }
 
-/// The first model from Docker: retried with backoff (and said so) until Docker answers,
-/// since the agent may start before dockerd.
-fn first_docker_model(
-    rt: &tokio::runtime::Runtime,
-    socket: &str,
-) -> (bollard::Docker, model::Model) {
-    let mut wait = std::time::Duration::from_millis(500);
-    loop {
-        let attempt = rt
-            .block_on(mesh_agent::docker::connect(socket))
-            .map_err(anyhow::Error::from)
-            .and_then(|d| docker_model(rt, &d).map(|m| (d, m)));
-        match attempt {
-            Ok(dm) => return dm,
-            Err(e) => {
-                tracing::warn!("waiting for Docker ({e:#}); retrying in {wait:?}");
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(std::time::Duration::from_secs(10));
-            }
-        }
-    }
+fn names_file(args: &Args) -> PathBuf {
+    let tag = args
+        .bpffs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "mesh".into());
+    args.state_dir.join(format!("{tag}.names.json"))
 }
 
-fn read_model(path: &std::path::Path) -> anyhow::Result<model::Model> {
+fn read_model(path: &Path) -> anyhow::Result<model::Model> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     model::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn print_docker_model(socket: &str) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let docker = rt.block_on(mesh_agent::docker::connect(socket))?;
-    print!("{}", model::to_yaml(&docker_model(&rt, &docker)?));
-    Ok(())
+/// Where this node's model comes from.
+struct DockerSource {
+    docker: bollard::Docker,
+    drain: swarm::DrainTracker,
 }
 
-/// The model of this node that the Swarm implies, with its tasks' veths.
-fn docker_model(
-    rt: &tokio::runtime::Runtime,
-    docker: &bollard::Docker,
-) -> anyhow::Result<model::Model> {
-    let (me, networks) = rt.block_on(mesh_agent::docker::snapshot(docker))?;
-    let underlay = mesh_agent::netdev::interface_with_addr(me)
-        .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
-    let mut model = mesh_agent::swarm::model_from(&networks, me, &underlay);
-    let local: std::collections::BTreeSet<_> = model
-        .services
-        .iter()
-        .flat_map(|s| &s.backends)
-        .filter(|b| b.node.is_none())
-        .map(|b| b.addr)
-        .collect();
-    model.endpoints = rt.block_on(mesh_agent::docker::local_endpoints(docker, &local))?;
-    Ok(model)
+impl DockerSource {
+    /// The model of this node that the Swarm implies, with its tasks' veths and health.
+    async fn model(&mut self) -> anyhow::Result<model::Model> {
+        let (me, networks) = docker::snapshot(&self.docker).await?;
+        let underlay = mesh_agent::netdev::interface_with_addr(me)
+            .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
+        let mut model = swarm::model_from(&networks, me, &underlay);
+        self.drain.apply(&mut model, Instant::now());
+        let local: BTreeSet<_> = model
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .filter(|b| b.node.is_none())
+            .map(|b| b.addr)
+            .collect();
+        let tasks = docker::local_endpoints(&self.docker, &local).await?;
+        let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
+        swarm::settle_local(&mut model, &found, &tasks.not_healthy);
+        model.endpoints = tasks.endpoints;
+        Ok(model)
+    }
+}
+
+/// The first model from Docker: retried with backoff (and said so) until Docker answers,
+/// since the agent may start before dockerd.
+async fn first_docker_model(socket: &str, drain: Duration) -> (DockerSource, model::Model) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            let docker = docker::connect(socket).await?;
+            let mut src = DockerSource {
+                docker,
+                drain: swarm::DrainTracker::new(drain),
+            };
+            let m = src.model().await?;
+            anyhow::Ok((src, m))
+        };
+        match attempt.await {
+            Ok(sm) => return sm,
+            Err(e) => {
+                tracing::warn!("waiting for Docker ({e:#}); retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if args.print_docker_model {
-        return print_docker_model(&args.docker);
-    }
-    preflight::require_root("mesh-agent loads eBPF programs")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (docker, model) = match (&args.config, args.from_docker) {
+    if args.print_docker_model {
+        return rt.block_on(async {
+            let docker = docker::connect(&args.docker).await?;
+            let mut src = DockerSource {
+                docker,
+                drain: swarm::DrainTracker::new(Duration::ZERO),
+            };
+            print!("{}", model::to_yaml(&src.model().await?));
+            Ok(())
+        });
+    }
+    preflight::require_root("mesh-agent loads eBPF programs")?;
+    preflight::require_bpffs(&args.bpffs)?;
+    let pins = PinDir::new(&args.bpffs);
+    if args.uninstall {
+        pins.remove_all()?;
+        let _ = std::fs::remove_file(names_file(&args));
+        eprintln!(
+            "mesh-agent: removed the mesh pinned at {}",
+            args.bpffs.display()
+        );
+        return Ok(());
+    }
+    rt.block_on(agent(args, pins))
+}
+
+struct Agent {
+    mesh: Mesh,
+    pins: PinDir,
+    attached: BTreeSet<String>,
+    metrics: Arc<Mutex<AgentMetrics>>,
+}
+
+async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
+    // Signals first: a SIGTERM during start-up must not kill us half-attached.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    let (mut source, model) = match (&args.config, args.from_docker) {
         (Some(p), _) => (None, read_model(p)?),
         (None, true) => {
-            let (d, m) = first_docker_model(&rt, &args.docker);
-            (Some(d), m)
+            let (s, m) =
+                first_docker_model(&args.docker, Duration::from_millis(args.drain_ms)).await;
+            (Some(s), m)
         }
         (None, false) => (None, model::Model::default()),
     };
     let Some(underlay) = args.interface.clone().or_else(|| model.underlay.clone()) else {
         anyhow::bail!("no underlay interface: pass --interface or set `underlay:` in the config");
     };
-    preflight::require_bpffs(&args.bpffs)?;
     preflight::ifindex(&underlay)?;
     let object = match &args.object {
         Some(p) => p.clone(),
         None => loader::find_object()?,
     };
+    let metrics_listener = match args.metrics.as_str() {
+        "off" => None,
+        addr => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("metrics endpoint {addr} (pass --metrics ADDR or --metrics off)")
+        })?),
+    };
     let cfg = MeshConfig {
         vxlan_port: args.data_path_port,
         ..MeshConfig::DEFAULT
     };
-    // Block the signals before any thread exists so sigwait below receives them.
-    let set = signals();
-    let mut dp = loader::Datapath::load(&object, &cfg)?;
-    dp.attach_tc_ingress(&underlay)?;
+    let (mut dp, adopt) = loader::Datapath::load_pinned(&object, &cfg, &pins)?;
+    // Links of interfaces that are gone do nothing; their pins go.
+    for l in pins.links() {
+        if preflight::ifname(l.ifindex).is_none() {
+            pins.unpin(&l.path)?;
+        }
+    }
+    let underlay_ix = preflight::ifindex(&underlay)?;
+    for l in pins.links() {
+        let stale = match l.hook {
+            Hook::TcUnderlay => l.ifindex != underlay_ix,
+            Hook::XdpUnderlay => l.ifindex != underlay_ix || matches!(args.xdp, Xdp::Off),
+            Hook::TcTask => false,
+        };
+        if stale {
+            pins.unpin(&l.path)?;
+        }
+    }
+    dp.attach_pinned(Hook::TcUnderlay, &underlay, &pins, XdpMode::default())?;
     match args.xdp {
         Xdp::Off => {}
-        Xdp::Native => dp.attach_xdp(&underlay, XdpMode::Driver)?,
-        Xdp::Generic => dp.attach_xdp(&underlay, XdpMode::Skb)?,
+        Xdp::Native => dp.attach_pinned(Hook::XdpUnderlay, &underlay, &pins, XdpMode::Driver)?,
+        Xdp::Generic => dp.attach_pinned(Hook::XdpUnderlay, &underlay, &pins, XdpMode::Skb)?,
     }
-    let mut mesh = Mesh::new(dp);
-    let mut attached = std::collections::BTreeSet::new();
-    apply(&mut mesh, &model, &mut attached)?;
-    let pins = mesh.pin(&args.bpffs)?;
+    let (mesh, adopted) = Mesh::pinned(dp, names_file(&args), adopt)?;
+    if let Some(a) = adopted {
+        if a.named {
+            tracing::info!(
+                services = a.services,
+                backends = a.backends,
+                frontends = a.frontends,
+                "adopted the pinned datapath (nothing flushed)"
+            );
+        } else {
+            tracing::warn!(
+                services = a.services,
+                state = %names_file(&args).display(),
+                "adopted pinned maps without the agent's state file: services are \
+                 replaced, established connections through them may be reset"
+            );
+        }
+    }
+    let shared = Arc::new(Mutex::new(AgentMetrics::default()));
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = %l.local_addr()?, "metrics on /metrics");
+        tokio::spawn(metrics::serve(l, shared.clone(), pins.root().to_path_buf()));
+    }
+    let mut agent = Agent {
+        mesh,
+        pins: pins.clone(),
+        attached: BTreeSet::new(),
+        metrics: shared,
+    };
+    let started = Instant::now();
+    agent.apply(&model, None)?;
+    // Task links left by an earlier agent for interfaces that are no task's now.
+    agent.prune_task_links()?;
     tracing::info!(
         object = %object.display(),
         interface = %underlay,
         xdp = ?args.xdp,
         data_path_port = args.data_path_port,
         pinned = %args.bpffs.display(),
+        ready_ms = started.elapsed().as_millis() as u64,
         "datapath attached"
     );
-    loop {
-        let period = libc::timespec {
-            tv_sec: (args.resync_ms / 1000) as libc::time_t,
-            tv_nsec: ((args.resync_ms % 1000) * 1_000_000) as libc::c_long,
-        };
-        // SAFETY: `set` is an initialised sigset; a null siginfo is allowed.
-        let sig = if args.from_docker {
-            unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &period) }
-        } else {
-            let mut sig: libc::c_int = 0;
-            unsafe { libc::sigwait(&set, &mut sig) };
-            sig
-        };
-        if sig > 0 && sig != libc::SIGHUP {
-            tracing::info!(signal = sig, "detaching and exiting");
-            break;
-        }
-        if let Some(docker) = &docker {
-            // A Docker hiccup is reported and the running state kept.
-            match docker_model(&rt, docker).and_then(|m| apply(&mut mesh, &m, &mut attached)) {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!("resync from Docker failed, keeping the previous state: {e:#}")
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<docker::Event>();
+    if let Some(src) = &source {
+        let docker = src.docker.clone();
+        tokio::spawn(async move {
+            loop {
+                match docker::follow_events(&docker, &tx).await {
+                    Ok(()) if tx.is_closed() => return,
+                    Ok(()) => {
+                        tracing::warn!("Docker event stream ended; resyncing and following again")
+                    }
+                    Err(e) => tracing::warn!(
+                        "Docker event stream failed ({e}); resyncing and following again"
+                    ),
                 }
+                // A full resync covers whatever the gap hid.
+                let _ = tx.send(docker::Event {
+                    at: SystemTime::now(),
+                    what: "event stream restart".into(),
+                });
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(args.resync_ms.max(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut event = None;
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {}
+            _ = tick.tick(), if source.is_some() => {}
+            Some(ev) = rx.recv() => {
+                // Coalesce what is already queued: one resync answers them all, and
+                // the lag is measured from the oldest.
+                let mut n = 1;
+                let mut oldest = ev.at;
+                while let Ok(more) = rx.try_recv() {
+                    oldest = oldest.min(more.at);
+                    n += 1;
+                }
+                tracing::debug!(what = %ev.what, queued = n, "Docker event");
+                agent.metrics.lock().expect("metrics").events += n;
+                event = Some(oldest);
+            }
+        }
+        if let Some(src) = source.as_mut() {
+            // A Docker hiccup is reported and the running state kept.
+            let r = match src.model().await {
+                Ok(m) => agent.apply(&m, event),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                agent.metrics.lock().expect("metrics").reconcile_errors += 1;
+                tracing::warn!("resync from Docker failed, keeping the previous state: {e:#}");
             }
             continue;
         }
         let Some(path) = &args.config else { continue };
         // A bad file is reported and the running state kept.
-        match read_model(path).and_then(|m| apply(&mut mesh, &m, &mut attached)) {
-            Ok(()) => {}
-            Err(e) => tracing::error!(
+        if let Err(e) = read_model(path).and_then(|m| agent.apply(&m, None)) {
+            tracing::error!(
                 "reload of {} failed, keeping the previous state: {e:#}",
                 path.display()
-            ),
+            );
         }
-    }
-    for p in pins {
-        std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
-    }
-    // The pin directory goes too if nothing else is in it.
-    let _ = std::fs::remove_dir(&args.bpffs);
-    Ok(())
-}
-
-/// Attaches the task program to new endpoints' interfaces, then applies the model.
-fn apply(
-    mesh: &mut Mesh,
-    model: &model::Model,
-    attached: &mut std::collections::BTreeSet<String>,
-) -> anyhow::Result<()> {
-    for ep in &model.endpoints {
-        if !attached.contains(&ep.interface) {
-            mesh.dp.attach_tc_task(&ep.interface)?;
-            attached.insert(ep.interface.clone());
-        }
-    }
-    let a = mesh.apply(model)?;
-    if a.ops == 0 {
-        return Ok(());
     }
     tracing::info!(
-        services = model.services.len(),
-        endpoints = model.endpoints.len(),
-        ops = a.ops,
-        writes = a.writes,
-        "model applied"
+        pinned = %args.bpffs.display(),
+        "exiting; the datapath stays attached (`mesh-agent --uninstall` removes it)"
     );
     Ok(())
 }
 
-fn signals() -> libc::sigset_t {
-    // SAFETY: plain libc signal-set manipulation on a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+impl Agent {
+    /// Attaches the task program to new endpoints' interfaces, applies the model, and
+    /// detaches from interfaces that no longer hold a task.
+    fn apply(&mut self, model: &model::Model, event: Option<SystemTime>) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        for ep in &model.endpoints {
+            if !self.attached.contains(&ep.interface) {
+                self.mesh.dp.attach_pinned(
+                    Hook::TcTask,
+                    &ep.interface,
+                    &self.pins,
+                    XdpMode::default(),
+                )?;
+                self.attached.insert(ep.interface.clone());
+            }
+        }
+        let a = self.mesh.apply(model)?;
+        let want: BTreeSet<&String> = model.endpoints.iter().map(|e| &e.interface).collect();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|i| !want.contains(i))
+            .cloned()
+            .collect();
+        for i in gone {
+            // After the maps stopped pointing at it; the veth may already be gone.
+            if let Ok(ix) = preflight::ifindex(&i) {
+                self.pins.unpin(&self.pins.link(Hook::TcTask, ix))?;
+            }
+            self.attached.remove(&i);
+        }
+        self.prune_task_links()?;
+        let mut m = self.metrics.lock().expect("metrics");
+        m.reconciles += 1;
+        m.map_writes += a.writes as u64;
+        m.reconcile_seconds.observe(t0.elapsed());
+        m.services = model.services.len() as u64;
+        m.backends = model.services.iter().map(|s| s.backends.len() as u64).sum();
+        m.endpoints = model.endpoints.len() as u64;
+        m.last_reconcile_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        if let Some(at) = event {
+            let lag = SystemTime::now().duration_since(at).unwrap_or_default();
+            m.event_lag_seconds.observe(lag);
+            tracing::debug!(
+                lag_ms = lag.as_secs_f64() * 1e3,
+                ops = a.ops,
+                "event applied"
+            );
+        }
+        if a.ops > 0 {
+            tracing::info!(
+                services = model.services.len(),
+                endpoints = model.endpoints.len(),
+                ops = a.ops,
+                writes = a.writes,
+                "model applied"
+            );
+        }
+        Ok(())
+    }
+
+    /// Unpins task links whose interface is gone or holds no task now: never a program
+    /// left on a vanished interface.
+    fn prune_task_links(&mut self) -> anyhow::Result<()> {
+        let keep: BTreeSet<u32> = self
+            .attached
+            .iter()
+            .filter_map(|i| preflight::ifindex(i).ok())
+            .collect();
+        for l in self.pins.links() {
+            if l.hook == Hook::TcTask && !keep.contains(&l.ifindex) {
+                self.pins.unpin(&l.path)?;
+            }
+        }
+        Ok(())
     }
 }

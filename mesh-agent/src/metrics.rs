@@ -1,0 +1,353 @@
+//! The agent's Prometheus endpoint: its own work (reconciles, their latency, the lag
+//! from a Docker event to the maps written) and, read from the pinned maps at scrape
+//! time, the datapath's packets and drops by hook and reason and conntrack occupancy.
+//! The text format is rendered here (pure, unit-tested); the HTTP side is a minimal
+//! GET-only responder bound to localhost by default.
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use mesh_common::reason::Kind;
+
+/// A cumulative histogram with fixed bucket bounds (seconds).
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+    /// Every observation, for quantiles in reports (bounded).
+    recent: Vec<f64>,
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const RECENT: usize = 1024;
+
+impl Histogram {
+    pub fn new() -> Self {
+        Histogram {
+            bounds: LATENCY_BOUNDS,
+            counts: vec![0; LATENCY_BOUNDS.len()],
+            sum: 0.0,
+            count: 0,
+            recent: Vec::new(),
+        }
+    }
+
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
+            if s <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += s;
+        self.count += 1;
+        if self.recent.len() == RECENT {
+            self.recent.remove(0);
+        }
+        self.recent.push(s);
+    }
+
+    /// The q-quantile (0..=1) of the recent observations, seconds.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let mut v = self.recent.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        Some(v[i])
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the agent itself counts.
+#[derive(Clone, Debug, Default)]
+pub struct AgentMetrics {
+    pub reconciles: u64,
+    pub reconcile_errors: u64,
+    pub map_writes: u64,
+    pub events: u64,
+    pub services: u64,
+    pub backends: u64,
+    pub endpoints: u64,
+    pub reconcile_seconds: Histogram,
+    pub event_lag_seconds: Histogram,
+    /// Unix time of the last successful reconcile.
+    pub last_reconcile_unix: f64,
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+/// Renders the Prometheus text exposition of `m`, the datapath counters and the
+/// conntrack occupancy (when the maps could be read).
+pub fn render(
+    m: &AgentMetrics,
+    stats: Option<&crate::stats::Snapshot>,
+    conntrack: Option<usize>,
+) -> String {
+    let mut out = String::new();
+    counter(
+        &mut out,
+        "mesh_reconciles_total",
+        "Reconciles that completed.",
+        m.reconciles,
+    );
+    counter(
+        &mut out,
+        "mesh_reconcile_errors_total",
+        "Reconciles that failed (the previous state was kept).",
+        m.reconcile_errors,
+    );
+    counter(
+        &mut out,
+        "mesh_map_writes_total",
+        "Map entries written.",
+        m.map_writes,
+    );
+    counter(
+        &mut out,
+        "mesh_docker_events_total",
+        "Docker events that triggered a resync.",
+        m.events,
+    );
+    gauge(
+        &mut out,
+        "mesh_services",
+        "Load-balancing groups in the maps.",
+        m.services,
+    );
+    gauge(
+        &mut out,
+        "mesh_backends",
+        "Backends in the maps.",
+        m.backends,
+    );
+    gauge(
+        &mut out,
+        "mesh_local_endpoints",
+        "Tasks on this node.",
+        m.endpoints,
+    );
+    gauge(
+        &mut out,
+        "mesh_last_reconcile_timestamp_seconds",
+        "Unix time of the last successful reconcile.",
+        m.last_reconcile_unix,
+    );
+    m.reconcile_seconds.render(
+        &mut out,
+        "mesh_reconcile_duration_seconds",
+        "Time to derive the desired state and write the maps.",
+    );
+    m.event_lag_seconds.render(
+        &mut out,
+        "mesh_event_lag_seconds",
+        "From a Docker event's timestamp to the maps written after it.",
+    );
+    if let Some(n) = conntrack {
+        gauge(
+            &mut out,
+            "mesh_conntrack_entries",
+            "Entries in the conntrack map.",
+            n,
+        );
+        gauge(
+            &mut out,
+            "mesh_conntrack_capacity",
+            "Capacity of the conntrack map.",
+            mesh_common::ct::CT_ENTRIES,
+        );
+    }
+    if let Some(s) = stats {
+        for (name, help, drops) in [
+            (
+                "mesh_packets_total",
+                "Packets by hook and verdict reason.",
+                false,
+            ),
+            (
+                "mesh_drops_total",
+                "Packets dropped, by hook and reason.",
+                true,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (hook, reason, c) in s.iter() {
+                if drops != (reason.kind() == Kind::Drop) {
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "{name}{{hook=\"{}\",reason=\"{}\"}} {}",
+                    hook.name(),
+                    reason.name(),
+                    c.packets
+                );
+            }
+        }
+        let name = "mesh_bytes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Bytes by hook and verdict reason.\n# TYPE {name} counter"
+        );
+        for (hook, reason, c) in s.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{hook=\"{}\",reason=\"{}\"}} {}",
+                hook.name(),
+                reason.name(),
+                c.bytes
+            );
+        }
+    }
+    out
+}
+
+/// Counts the conntrack map's entries (walks its keys).
+pub fn conntrack_entries(dir: &std::path::Path) -> Option<usize> {
+    use aya::maps::{HashMap, Map, MapData};
+    use mesh_common::ct::{CtEntry, CtKey, CT_MAP};
+    let data = MapData::from_pin(dir.join(CT_MAP)).ok()?;
+    let map: HashMap<_, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(data))
+        .or_else(|_| {
+            let data = MapData::from_pin(dir.join(CT_MAP)).ok().ok_or(())?;
+            HashMap::try_from(Map::HashMap(data)).map_err(|_| ())
+        })
+        .ok()?;
+    Some(map.keys().filter(|k| k.is_ok()).count())
+}
+
+/// Serves `GET /metrics` on `addr` until the runtime stops. `pins` is where the maps
+/// are read from at each scrape.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Mutex<AgentMetrics>>,
+    pins: PathBuf,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        let pins = pins.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics ") {
+                let m = shared.lock().expect("metrics lock").clone();
+                let stats = crate::stats::Snapshot::read_pinned(&pins).ok();
+                let ct = conntrack_entries(&pins);
+                ("200 OK", render(&m, stats.as_ref(), ct))
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_common::{reason::Reason, stats::Counter, stats::Hook};
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_quantiles_come_from_observations() {
+        let mut h = Histogram::new();
+        for ms in [1u64, 3, 3, 40, 700] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.05\"} 4\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 5\n"), "{out}");
+        assert!(out.contains("x_count 5\n"), "{out}");
+        assert_eq!(h.quantile(0.5), Some(0.003));
+        assert_eq!(h.quantile(1.0), Some(0.7));
+    }
+
+    #[test]
+    fn drops_and_passes_are_separate_families() {
+        let mut s = crate::stats::Snapshot::default();
+        let drop = Reason::ALL
+            .iter()
+            .find(|r| r.kind() == Kind::Drop)
+            .copied()
+            .unwrap();
+        let pass = Reason::ALL
+            .iter()
+            .find(|r| r.kind() != Kind::Drop)
+            .copied()
+            .unwrap();
+        for (r, n) in [(drop, 7), (pass, 9)] {
+            s.cells.insert(
+                (Hook::TcTask as u32, r as u32),
+                Counter {
+                    packets: n,
+                    bytes: n * 100,
+                },
+            );
+        }
+        let m = AgentMetrics {
+            reconciles: 3,
+            ..Default::default()
+        };
+        let out = render(&m, Some(&s), Some(12));
+        assert!(out.contains("mesh_reconciles_total 3\n"));
+        assert!(out.contains(&format!(
+            "mesh_drops_total{{hook=\"tc_task\",reason=\"{}\"}} 7\n",
+            drop.name()
+        )));
+        assert!(out.contains(&format!(
+            "mesh_packets_total{{hook=\"tc_task\",reason=\"{}\"}} 9\n",
+            pass.name()
+        )));
+        assert!(!out.contains(&format!(
+            "mesh_packets_total{{hook=\"tc_task\",reason=\"{}\"}}",
+            drop.name()
+        )));
+        assert!(out.contains("mesh_conntrack_entries 12\n"));
+    }
+}

@@ -39,15 +39,36 @@ pub async fn connect(socket: &str) -> Result<Docker, DockerError> {
     docker.negotiate_version().await.map_err(connect)
 }
 
-/// This node's swarm address and its view of every overlay network.
-pub async fn snapshot(docker: &Docker) -> Result<(Ipv4Addr, Vec<NetworkView>), DockerError> {
+/// What this node knows of the Swarm.
+#[derive(Clone, Debug)]
+pub struct SwarmView {
+    /// This node's swarm (underlay) address.
+    pub me: Ipv4Addr,
+    /// Whether this node is a manager (answers /services and /tasks).
+    pub manager: bool,
+    /// The managers' addresses.
+    pub managers: std::collections::BTreeSet<Ipv4Addr>,
+    pub networks: Vec<NetworkView>,
+}
+
+/// This node's swarm address and role, the managers, and its view of every overlay
+/// network.
+pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
     let api = |what| move |source| DockerError::Api { what, source };
     let info = docker.info().await.map_err(api("info"))?;
-    let me: Ipv4Addr = info
-        .swarm
-        .and_then(|s| s.node_addr)
+    let swarm = info.swarm.ok_or(DockerError::NotSwarm)?;
+    let me: Ipv4Addr = swarm
+        .node_addr
+        .as_deref()
         .and_then(|a| a.parse().ok())
         .ok_or(DockerError::NotSwarm)?;
+    let manager = swarm.control_available.unwrap_or(false);
+    let managers = swarm
+        .remote_managers
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| p.addr?.rsplit_once(':')?.0.parse().ok())
+        .collect();
     let filters = BTreeMap::from([("driver", vec!["overlay"])]);
     let nets = docker
         .list_networks(Some(
@@ -106,7 +127,35 @@ pub async fn snapshot(docker: &Docker) -> Result<(Ipv4Addr, Vec<NetworkView>), D
             services,
         });
     }
-    Ok((me, out))
+    Ok(SwarmView {
+        me,
+        manager,
+        managers,
+        networks: out,
+    })
+}
+
+/// On a manager: the tasks the orchestrator is shutting down or has shut down (desired
+/// state no longer running). Docker keeps such a task in its gossiped tables until its
+/// container has exited and a moment longer, but it may refuse connections as soon as
+/// the shutdown begins. Ids, not addresses: a finished task's address may already
+/// belong to a new task, its id never does (the gossip names tasks by id).
+pub async fn stopping_tasks(
+    docker: &Docker,
+) -> Result<std::collections::BTreeSet<String>, DockerError> {
+    use bollard::models::TaskState;
+    let tasks = docker
+        .list_tasks(None::<bollard::query_parameters::ListTasksOptions>)
+        .await
+        .map_err(|source| DockerError::Api {
+            what: "list tasks",
+            source,
+        })?;
+    Ok(tasks
+        .into_iter()
+        .filter(|t| t.desired_state.is_some_and(|d| d != TaskState::RUNNING))
+        .filter_map(|t| t.id)
+        .collect())
 }
 
 /// This node's tasks as their containers show them.
@@ -180,14 +229,13 @@ pub async fn follow_events(
     Ok(())
 }
 
-/// The delivery interfaces of this node's tasks that hold one of `addrs`: the host side
+/// The delivery interfaces of this node's tasks (all of them, also those the gossiped
+/// view does not list yet: another node may learn of a new task first and send it a
+/// flow, which must find its endpoint here): the host side
 /// of each task's docker_gwbridge veth, and the task's MAC there. Docker's API does not
 /// show the gwbridge endpoint, so it is found from the links: in the task's sandbox, the
 /// veth whose peer is a port of this node's docker_gwbridge.
-pub async fn local_endpoints(
-    docker: &Docker,
-    addrs: &std::collections::BTreeSet<Ipv4Addr>,
-) -> Result<LocalTasks, DockerError> {
+pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
     let api = |what| move |source| DockerError::Api { what, source };
     let filters = BTreeMap::from([("label", vec!["com.docker.swarm.task.id"])]);
@@ -223,7 +271,6 @@ pub async fn local_endpoints(
         let mine: Vec<Ipv4Addr> = nets
             .values()
             .filter_map(|e| e.ip_address.as_deref()?.parse().ok())
-            .filter(|a| addrs.contains(a))
             .collect();
         if mine.is_empty() {
             continue;

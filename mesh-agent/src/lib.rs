@@ -10,6 +10,7 @@
 
 pub mod docker;
 pub mod error;
+pub mod http;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
@@ -17,6 +18,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod netdev;
+pub mod peers;
 pub mod pins;
 pub mod preflight;
 pub mod reconcile;

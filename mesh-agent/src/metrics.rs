@@ -248,42 +248,23 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Option<usize> {
     Some(map.keys().filter(|k| k.is_ok()).count())
 }
 
-/// Serves `GET /metrics` on `addr` until the runtime stops. `pins` is where the maps
-/// are read from at each scrape.
+/// Serves `GET /metrics` until the runtime stops; `pins` is where the maps are read
+/// from at each scrape.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Mutex<AgentMetrics>>,
     pins: PathBuf,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        let pins = pins.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /metrics ") {
-                let m = shared.lock().expect("metrics lock").clone();
-                let stats = crate::stats::Snapshot::read_pinned(&pins).ok();
-                let ct = conntrack_entries(&pins);
-                ("200 OK", render(&m, stats.as_ref(), ct))
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+    crate::http::serve(listener, move |path| {
+        if path != "/metrics" {
+            return None;
+        }
+        let m = shared.lock().expect("metrics lock").clone();
+        let stats = crate::stats::Snapshot::read_pinned(&pins).ok();
+        let ct = conntrack_entries(&pins);
+        Some(render(&m, stats.as_ref(), ct))
+    })
+    .await
 }
 
 #[cfg(test)]

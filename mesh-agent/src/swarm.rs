@@ -176,71 +176,172 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
     m
 }
 
-/// Settles this node's tasks once their containers are known: a local task whose
-/// delivery veth was not found (starting, or gone) is no backend anywhere on this node,
-/// and one whose HEALTHCHECK is not passing (`unhealthy`, still `starting`) takes no new
-/// flows but keeps the ones it has (draining).
+/// Task id -> its addresses, from the gossiped names (`<service>.<slot>.<task id>`).
+pub fn task_addrs(networks: &[NetworkView]) -> BTreeMap<String, Vec<Ipv4Addr>> {
+    let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    for n in networks {
+        for s in n.services.values() {
+            for t in s.tasks.iter().flatten() {
+                let (Some(id), Some(a)) = (t.name.rsplit('.').next(), addr(&t.endpoint_ip)) else {
+                    continue;
+                };
+                if !id.is_empty() && id != t.name {
+                    out.entry(id.to_string()).or_default().push(a);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Settles the backends once the containers are known: a local task whose delivery
+/// veth was not found (starting, or gone) is no backend anywhere on this node, and a
+/// task whose HEALTHCHECK is not passing (`unhealthy`, still `starting`: seen by this
+/// node for its own tasks, reported by its peers for theirs) takes no new flows but
+/// keeps the ones it has (draining). A task the orchestrator is shutting down
+/// (`stopping`) drains too, unless its service would be left with nothing to take new
+/// flows: its replacement may not have reached this node's view yet, and a task in its
+/// shutdown grace still answers better than no backend at all.
 pub fn settle_local(
     model: &mut Model,
     endpoints: &BTreeSet<Ipv4Addr>,
     not_healthy: &BTreeSet<Ipv4Addr>,
+    stopping: &BTreeSet<Ipv4Addr>,
 ) {
     for s in &mut model.services {
         s.backends
             .retain(|b| b.node.is_some() || endpoints.contains(&b.addr));
         for b in &mut s.backends {
-            if b.node.is_none() && not_healthy.contains(&b.addr) {
+            if not_healthy.contains(&b.addr) {
                 b.state = Health::Draining;
+            }
+        }
+        let others = s
+            .backends
+            .iter()
+            .filter(|b| b.state == Health::Active && !stopping.contains(&b.addr))
+            .count();
+        if others > 0 {
+            for b in &mut s.backends {
+                if stopping.contains(&b.addr) {
+                    b.state = Health::Draining;
+                }
             }
         }
     }
 }
 
-/// Backends that left the Swarm's view drain for a grace period (Docker's default stop
-/// grace period is 10 s) instead of vanishing: their established flows keep going while
-/// the task shuts down, and no new flow is sent to them. Pure, given the clock.
+/// How backends enter and leave. One that left the Swarm's view drains for a grace
+/// period (Docker's default stop grace period is 10 s) instead of vanishing: its
+/// established flows keep going while the task shuts down, and no new flow is sent to
+/// it. One that just appeared warms up for a moment before taking new flows (Docker
+/// lists a task as soon as its container runs, before it has finished programming the
+/// task's ingress redirect), unless the service would otherwise have no backend taking
+/// new flows. Pure, given the clock.
 #[derive(Clone, Debug, Default)]
 pub struct DrainTracker {
     grace: std::time::Duration,
-    /// (service, address) -> the backend as last seen, and since when it is gone.
-    seen: BTreeMap<(String, Ipv4Addr), (BackendSpec, Option<std::time::Instant>)>,
+    warmup: std::time::Duration,
+    /// (service, address) -> the backend as last seen, since when it is present
+    /// (`None`: since before this tracker's first look), since when it is gone.
+    seen: BTreeMap<(String, Ipv4Addr), Seen>,
+    started: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    spec: BackendSpec,
+    since: Option<std::time::Instant>,
+    gone: Option<std::time::Instant>,
 }
 
 impl DrainTracker {
     pub fn new(grace: std::time::Duration) -> Self {
         DrainTracker {
             grace,
-            seen: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
+    /// With a warm-up for backends that appear after the first look.
+    pub fn with_warmup(mut self, warmup: std::time::Duration) -> Self {
+        self.warmup = warmup;
+        self
+    }
+
     /// Adds to `model` the backends of its services that left less than the grace
-    /// period ago, as draining.
+    /// period ago, as draining, and holds back new ones that are still warming up.
     pub fn apply(&mut self, model: &mut Model, now: std::time::Instant) {
         let mut present = BTreeSet::new();
+        let first = !self.started;
+        self.started = true;
         for s in &model.services {
             for b in &s.backends {
-                present.insert((s.name.clone(), b.addr));
-                self.seen
-                    .insert((s.name.clone(), b.addr), (b.clone(), None));
+                let key = (s.name.clone(), b.addr);
+                present.insert(key.clone());
+                let since = match self.seen.get(&key) {
+                    Some(old) if old.gone.is_none() => old.since,
+                    _ if first => None,
+                    _ => Some(now),
+                };
+                self.seen.insert(
+                    key,
+                    Seen {
+                        spec: b.clone(),
+                        since,
+                        gone: None,
+                    },
+                );
             }
         }
         let services: BTreeSet<String> = model.services.iter().map(|s| s.name.clone()).collect();
         let grace = self.grace;
-        self.seen.retain(|key, (_, gone)| {
+        self.seen.retain(|key, seen| {
             if present.contains(key) {
                 return true;
             }
-            let since = *gone.get_or_insert(now);
+            let since = *seen.gone.get_or_insert(now);
             services.contains(&key.0) && now.duration_since(since) < grace
         });
         for s in &mut model.services {
-            for ((svc, addr), (spec, gone)) in &self.seen {
-                if gone.is_some() && *svc == s.name && !s.backends.iter().any(|b| b.addr == *addr) {
+            for ((svc, addr), seen) in &self.seen {
+                if seen.gone.is_some()
+                    && *svc == s.name
+                    && !s.backends.iter().any(|b| b.addr == *addr)
+                {
                     s.backends.push(BackendSpec {
                         state: Health::Draining,
-                        ..spec.clone()
+                        ..seen.spec.clone()
                     });
+                }
+            }
+        }
+    }
+
+    /// Holds back backends still warming up, unless that would leave their service
+    /// without a backend taking new flows. Runs once health and shutdowns are settled,
+    /// so that "another backend is ready" means ready.
+    pub fn hold_warming(&self, model: &mut Model, now: std::time::Instant) {
+        for s in &mut model.services {
+            let warming = |b: &BackendSpec| {
+                self.seen
+                    .get(&(s.name.clone(), b.addr))
+                    .and_then(|x| x.since)
+                    .is_some_and(|t| now.duration_since(t) < self.warmup)
+            };
+            let hold: Vec<bool> = s.backends.iter().map(|b| warming(b)).collect();
+            let ready = s
+                .backends
+                .iter()
+                .zip(&hold)
+                .filter(|(b, h)| b.state == Health::Active && !**h)
+                .count();
+            if ready == 0 {
+                continue;
+            }
+            for (b, hold) in s.backends.iter_mut().zip(hold) {
+                if hold {
+                    b.state = Health::Draining;
                 }
             }
         }
@@ -274,6 +375,13 @@ mod tests {
             ],
             services: BTreeMap::from([("web".into(), serde_json::from_str(WEB).unwrap())]),
         }
+    }
+
+    #[test]
+    fn task_ids_map_to_their_addresses() {
+        let t = task_addrs(&[ingress()]);
+        assert_eq!(t["yz6us"], vec!["10.0.0.4".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(t.len(), 2);
     }
 
     #[test]
@@ -331,19 +439,43 @@ mod tests {
         m.services.iter().find(|s| s.name == "web").unwrap()
     }
 
+    fn web_mut(m: &mut Model) -> &mut ServiceSpec {
+        m.services.iter_mut().find(|s| s.name == "web").unwrap()
+    }
+
     #[test]
     fn local_tasks_need_a_veth_and_a_passing_healthcheck() {
         let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
         let mut m = model_from(&[ingress()], me, "eth0");
         let local: Ipv4Addr = "10.0.0.4".parse().unwrap();
         // No veth found yet: not a backend; the remote task stays.
-        settle_local(&mut m, &BTreeSet::new(), &BTreeSet::new());
+        settle_local(&mut m, &BTreeSet::new(), &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(web(&m).backends.len(), 1);
         assert!(web(&m).backends[0].node.is_some());
         let mut m = model_from(&[ingress()], me, "eth0");
-        settle_local(&mut m, &BTreeSet::from([local]), &BTreeSet::from([local]));
+        settle_local(
+            &mut m,
+            &BTreeSet::from([local]),
+            &BTreeSet::from([local]),
+            &BTreeSet::new(),
+        );
         assert_eq!(web(&m).backends[0].state, Health::Draining);
         assert_eq!(web(&m).backends[1].state, Health::Active);
+        // Shutting down: drained while another takes new flows, kept while it is the
+        // last one.
+        let remote: Ipv4Addr = "10.0.0.5".parse().unwrap();
+        let mut m = model_from(&[ingress()], me, "eth0");
+        settle_local(
+            &mut m,
+            &BTreeSet::from([local]),
+            &BTreeSet::new(),
+            &BTreeSet::from([remote]),
+        );
+        assert_eq!(web(&m).backends[1].state, Health::Draining);
+        let mut m = model_from(&[ingress()], me, "eth0");
+        let both = BTreeSet::from([local, remote]);
+        settle_local(&mut m, &BTreeSet::from([local]), &BTreeSet::new(), &both);
+        assert!(web(&m).backends.iter().all(|b| b.state == Health::Active));
     }
 
     #[test]
@@ -400,5 +532,49 @@ mod tests {
         d.apply(&mut m, t0);
         assert!(web(&m).backends.iter().all(|b| b.state == Health::Active));
         assert_eq!(web(&m).backends.len(), 2);
+    }
+
+    #[test]
+    fn a_new_task_warms_up_unless_it_is_the_only_one() {
+        let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let mut d = DrainTracker::new(ms(10_000)).with_warmup(ms(1000));
+        // What is there at the first look takes flows at once.
+        let mut n = ingress();
+        n.services
+            .get_mut("web")
+            .unwrap()
+            .tasks
+            .as_mut()
+            .unwrap()
+            .pop();
+        let mut m = model_from(&[n], me, "eth0");
+        d.apply(&mut m, t0);
+        d.hold_warming(&mut m, t0);
+        assert!(web(&m).backends.iter().all(|b| b.state == Health::Active));
+        // A second task appears: held back for the warm-up, then active.
+        let mut m = model_from(&[ingress()], me, "eth0");
+        d.apply(&mut m, t0 + ms(100));
+        d.hold_warming(&mut m, t0 + ms(100));
+        assert_eq!(web(&m).backends[1].state, Health::Draining);
+        // ... unless the one ready backend is itself on its way out (settled
+        // draining after apply): then the newcomer takes flows at once.
+        let mut m = model_from(&[ingress()], me, "eth0");
+        d.apply(&mut m, t0 + ms(200));
+        web_mut(&mut m).backends[0].state = Health::Draining;
+        d.hold_warming(&mut m, t0 + ms(200));
+        assert_eq!(web(&m).backends[1].state, Health::Active);
+        let mut m = model_from(&[ingress()], me, "eth0");
+        d.apply(&mut m, t0 + ms(1200));
+        d.hold_warming(&mut m, t0 + ms(1200));
+        assert_eq!(web(&m).backends[1].state, Health::Active);
+        // A service whose tasks are all new takes them at once.
+        let mut d = DrainTracker::new(ms(10_000)).with_warmup(ms(1000));
+        d.apply(&mut Model::default(), t0);
+        let mut m = model_from(&[ingress()], me, "eth0");
+        d.apply(&mut m, t0 + ms(100));
+        d.hold_warming(&mut m, t0 + ms(100));
+        assert!(web(&m).backends.iter().all(|b| b.state == Health::Active));
     }
 }

@@ -12,4 +12,5 @@ pub mod lbtopo;
 pub mod netns;
 pub mod packets;
 pub mod prereq;
+pub mod swarm;
 pub mod topology;

@@ -108,6 +108,13 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         summary.push("  SKIP swarm harness: not root".into());
     }
+    println!("\n== tier 3: a real 3-node swarm with the mesh ==");
+    cargo_test(
+        &["-p", "mesh-tests", "--test", "swarm"],
+        &["--nocapture", "--test-threads", "1"],
+        object.as_deref(),
+        &mut summary,
+    )?;
 
     println!("\n== summary ==");
     for l in &summary {
@@ -135,6 +142,10 @@ fn cargo_test(
         c.env("MESH_BPF_OBJECT", o);
     }
     c.env("MESH_AGENT_BIN_DIR", root().join("target/debug"));
+    // The swarm test drives `cargo xtask cluster` through this very binary.
+    if let Ok(me) = std::env::current_exe() {
+        c.env("MESH_XTASK_BIN", me);
+    }
     let what = format!("cargo test {}", args.join(" "));
     let mut child = c.spawn().with_context(|| format!("starting `{what}`"))?;
     let out = child.stdout.take().expect("piped");
@@ -151,6 +162,7 @@ fn cargo_test(
             "overlay:",
             "vxlan wire:",
             "xdp:",
+            "swarm:",
         ]
         .iter()
         .any(|p| line.starts_with(p))

@@ -98,6 +98,20 @@ struct Args {
     /// before its backend is removed, milliseconds (Docker's default stop grace period).
     #[arg(long, default_value_t = 10_000, env = "MESH_DRAIN_MS")]
     drain_ms: u64,
+    /// Port on this node's swarm address where agents exchange which of their tasks fail
+    /// their HEALTHCHECK (Docker's gossip only drops such a task once it has exited);
+    /// 0 turns the exchange off. Open it between nodes like the swarm's own ports.
+    #[arg(long, default_value_t = 9478, env = "MESH_PEER_PORT")]
+    peer_port: u16,
+    /// Period of the quick check for tasks the orchestrator is shutting down (a
+    /// manager's /tasks, or the managers' reports), milliseconds; 0 turns it off.
+    #[arg(long, default_value_t = 200, env = "MESH_QUICK_MS")]
+    quick_ms: u64,
+    /// How long a task that joins a service waits before it takes new flows,
+    /// milliseconds (Docker lists it before its ingress redirect is in place); skipped
+    /// when the service has no other backend.
+    #[arg(long, default_value_t = 1000, env = "MESH_WARMUP_MS")]
+    warmup_ms: u64,
     /// Prometheus endpoint (`/metrics`), or `off`.
     #[arg(long, default_value = "127.0.0.1:9477", env = "MESH_METRICS")]
     metrics: String,
@@ -153,26 +167,85 @@ fn read_model(path: &Path) -> anyhow::Result<model::Model> {
 struct DockerSource {
     docker: bollard::Docker,
     drain: swarm::DrainTracker,
+    /// This node's swarm address (known after the first snapshot).
+    me: Option<std::net::Ipv4Addr>,
+    /// What this node tells its peers (see mesh_agent::peers).
+    report: Arc<Mutex<mesh_agent::peers::Report>>,
+    /// Where the peers serve theirs (0: not exchanged).
+    peer_port: u16,
+    /// From the last full model: the managers and the ones among this node's peers,
+    /// and what the quick check last saw.
+    managers: BTreeSet<std::net::Ipv4Addr>,
+    manager: bool,
+    quick_seen: Option<BTreeSet<String>>,
 }
 
 impl DockerSource {
+    /// The orchestrator's shutdowns, cheaply: on a manager from its own /tasks, else
+    /// from the managers' reports. True when they changed since the last look (then a
+    /// full resync follows at once: Docker's gossip shows a task being shut down until
+    /// its container has exited, and it may refuse connections well before that).
+    async fn quick_changed(&mut self) -> bool {
+        let stopping = if self.manager {
+            docker::stopping_tasks(&self.docker).await.ok()
+        } else if self.peer_port != 0 && !self.managers.is_empty() {
+            let managers: Vec<_> = self.managers.iter().copied().collect();
+            let reports =
+                mesh_agent::peers::poll(&managers, self.peer_port, Duration::from_millis(150))
+                    .await;
+            Some(reports.into_values().flat_map(|r| r.stopping).collect())
+        } else {
+            None
+        };
+        let Some(stopping) = stopping else {
+            return false;
+        };
+        let changed = self.quick_seen.as_ref().is_some_and(|s| *s != stopping);
+        self.quick_seen = Some(stopping);
+        changed
+    }
+
     /// The model of this node that the Swarm implies, with its tasks' veths and health.
     async fn model(&mut self) -> anyhow::Result<model::Model> {
-        let (me, networks) = docker::snapshot(&self.docker).await?;
+        let view = docker::snapshot(&self.docker).await?;
+        let me = view.me;
+        self.me = Some(me);
+        self.managers = view.managers.clone();
+        self.manager = view.manager;
         let underlay = mesh_agent::netdev::interface_with_addr(me)
             .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
-        let mut model = swarm::model_from(&networks, me, &underlay);
-        self.drain.apply(&mut model, Instant::now());
-        let local: BTreeSet<_> = model
-            .services
-            .iter()
-            .flat_map(|s| &s.backends)
-            .filter(|b| b.node.is_none())
-            .map(|b| b.addr)
-            .collect();
-        let tasks = docker::local_endpoints(&self.docker, &local).await?;
+        let mut model = swarm::model_from(&view.networks, me, &underlay);
+        let now = Instant::now();
+        self.drain.apply(&mut model, now);
+        let tasks = docker::local_endpoints(&self.docker).await?;
         let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
-        swarm::settle_local(&mut model, &found, &tasks.not_healthy);
+        let stopping = if view.manager {
+            docker::stopping_tasks(&self.docker).await?
+        } else {
+            BTreeSet::new()
+        };
+        let ids = swarm::task_addrs(&view.networks);
+        let mut not_healthy = tasks.not_healthy.clone();
+        let mut stopping_addrs: BTreeSet<_> = stopping
+            .iter()
+            .filter_map(|id| ids.get(id))
+            .flatten()
+            .copied()
+            .collect();
+        *self.report.lock().expect("report lock") = mesh_agent::peers::Report {
+            not_healthy: tasks.not_healthy,
+            stopping,
+        };
+        if self.peer_port != 0 {
+            let peers: Vec<_> = model.peers.iter().map(|p| p.addr).collect();
+            let reports =
+                mesh_agent::peers::poll(&peers, self.peer_port, Duration::from_millis(250)).await;
+            let (sick, stop) = mesh_agent::peers::credible(&model, &reports, &view.managers, &ids);
+            not_healthy.extend(sick);
+            stopping_addrs.extend(stop);
+        }
+        swarm::settle_local(&mut model, &found, &not_healthy, &stopping_addrs);
+        self.drain.hold_warming(&mut model, now);
         model.endpoints = tasks.endpoints;
         Ok(model)
     }
@@ -180,14 +253,26 @@ impl DockerSource {
 
 /// The first model from Docker: retried with backoff (and said so) until Docker answers,
 /// since the agent may start before dockerd.
-async fn first_docker_model(socket: &str, drain: Duration) -> (DockerSource, model::Model) {
+async fn first_docker_model(
+    socket: &str,
+    drain: Duration,
+    warmup_ms: u64,
+    peer_port: u16,
+) -> (DockerSource, model::Model) {
     let mut wait = Duration::from_millis(500);
     loop {
         let attempt = async {
             let docker = docker::connect(socket).await?;
             let mut src = DockerSource {
                 docker,
-                drain: swarm::DrainTracker::new(drain),
+                drain: swarm::DrainTracker::new(drain)
+                    .with_warmup(Duration::from_millis(warmup_ms)),
+                me: None,
+                report: Default::default(),
+                peer_port,
+                managers: BTreeSet::new(),
+                manager: false,
+                quick_seen: None,
             };
             let m = src.model().await?;
             anyhow::Ok((src, m))
@@ -213,6 +298,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             let mut src = DockerSource {
                 docker,
                 drain: swarm::DrainTracker::new(Duration::ZERO),
+                me: None,
+                report: Default::default(),
+                peer_port: 0,
+                managers: BTreeSet::new(),
+                manager: false,
+                quick_seen: None,
             };
             print!("{}", model::to_yaml(&src.model().await?));
             Ok(())
@@ -250,8 +341,13 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     let (mut source, model) = match (&args.config, args.from_docker) {
         (Some(p), _) => (None, read_model(p)?),
         (None, true) => {
-            let (s, m) =
-                first_docker_model(&args.docker, Duration::from_millis(args.drain_ms)).await;
+            let (s, m) = first_docker_model(
+                &args.docker,
+                Duration::from_millis(args.drain_ms),
+                args.warmup_ms,
+                args.peer_port,
+            )
+            .await;
             (Some(s), m)
         }
         (None, false) => (None, model::Model::default()),
@@ -316,6 +412,18 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             );
         }
     }
+    if let (Some(src), true) = (&source, args.peer_port != 0) {
+        let me = src.me.expect("known after the first model");
+        let l = tokio::net::TcpListener::bind((me, args.peer_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "health exchange on {me}:{} (pass --peer-port PORT, or 0 to turn it off)",
+                    args.peer_port
+                )
+            })?;
+        tokio::spawn(mesh_agent::peers::serve(l, src.report.clone()));
+    }
     let shared = Arc::new(Mutex::new(AgentMetrics::default()));
     if let Some(l) = metrics_listener {
         tracing::info!(addr = %l.local_addr()?, "metrics on /metrics");
@@ -366,6 +474,8 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     }
     let mut tick = tokio::time::interval(Duration::from_millis(args.resync_ms.max(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quick = tokio::time::interval(Duration::from_millis(args.quick_ms.max(50)));
+    quick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut event = None;
         tokio::select! {
@@ -373,6 +483,16 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sighup.recv() => {}
             _ = tick.tick(), if source.is_some() => {}
+            _ = quick.tick(), if source.is_some() && args.quick_ms > 0 => {
+                let changed = match source.as_mut() {
+                    Some(src) => src.quick_changed().await,
+                    None => false,
+                };
+                if !changed {
+                    continue;
+                }
+                tracing::debug!("tasks being shut down changed");
+            }
             Some(ev) = rx.recv() => {
                 // Coalesce what is already queued: one resync answers them all, and
                 // the lag is measured from the oldest.
@@ -466,6 +586,26 @@ impl Agent {
                 ops = a.ops,
                 "event applied"
             );
+        }
+        if a.ops > 0 && tracing::enabled!(tracing::Level::DEBUG) {
+            for s in &model.services {
+                let b: Vec<String> = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}{}",
+                            b.addr,
+                            if b.state == model::Health::Active {
+                                ""
+                            } else {
+                                "(draining)"
+                            }
+                        )
+                    })
+                    .collect();
+                tracing::debug!(service = %s.name, backends = %b.join(" "), "backends");
+            }
         }
         if a.ops > 0 {
             tracing::info!(

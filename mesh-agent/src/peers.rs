@@ -1,0 +1,167 @@
+//! What agents tell each other. Docker keeps a task in its gossiped service tables
+//! until its container has exited (seen here: ~13 s after it turned unhealthy or the
+//! orchestrator began shutting it down), so other nodes would keep sending it new
+//! flows. Each agent serves, on the underlay, the addresses of its local tasks whose
+//! HEALTHCHECK is not passing and, on a manager, the tasks being shut down; every agent
+//! reads every peer's report on each resync, and those tasks stop receiving new flows
+//! from every node within about one resync period.
+//!
+//! Trust is that of the data path: the underlay is the Swarm's. A worker speaks only for
+//! its own tasks (addresses the gossip places on that node); only managers (as `docker
+//! info` lists them) speak for the orchestrator. A peer that does not answer reports
+//! nothing (fail open: its tasks stay as Docker shows them).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+pub const PATH: &str = "/v1/report";
+
+/// What one agent reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Its tasks whose HEALTHCHECK is not passing.
+    pub not_healthy: BTreeSet<Ipv4Addr>,
+    /// On a manager: ids of the tasks being shut down.
+    #[serde(default)]
+    pub stopping: BTreeSet<String>,
+}
+
+/// Serves this node's report.
+pub async fn serve(listener: tokio::net::TcpListener, local: Arc<Mutex<Report>>) {
+    crate::http::serve(listener, move |path| {
+        (path == PATH).then(|| {
+            let r = local.lock().expect("report lock").clone();
+            serde_json::to_string(&r).expect("report serializes") + "\n"
+        })
+    })
+    .await
+}
+
+/// Each peer's report (peers that did not answer in `timeout` are left out).
+pub async fn poll(peers: &[Ipv4Addr], port: u16, timeout: Duration) -> BTreeMap<Ipv4Addr, Report> {
+    let asks = peers.iter().map(|p| async move {
+        let body = crate::http::get(SocketAddr::from((*p, port)), PATH, timeout).await?;
+        Some((*p, serde_json::from_str::<Report>(&body).ok()?))
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The task addresses the reports credibly take out of rotation: (a peer's own tasks
+/// that fail their health check, tasks a manager says are being shut down). `tasks`:
+/// task id -> addresses, from this node's gossiped view.
+pub fn credible(
+    model: &crate::model::Model,
+    reports: &BTreeMap<Ipv4Addr, Report>,
+    managers: &BTreeSet<Ipv4Addr>,
+    tasks: &BTreeMap<String, Vec<Ipv4Addr>>,
+) -> (BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>) {
+    let sick: BTreeSet<Ipv4Addr> = model
+        .services
+        .iter()
+        .flat_map(|s| &s.backends)
+        .filter_map(|b| {
+            let node = b.node?;
+            reports
+                .get(&node)
+                .is_some_and(|r| r.not_healthy.contains(&b.addr))
+                .then_some(b.addr)
+        })
+        .collect();
+    let mut stopping = BTreeSet::new();
+    for (peer, r) in reports {
+        if managers.contains(peer) {
+            stopping.extend(r.stopping.iter().filter_map(|id| tasks.get(id)).flatten());
+        }
+    }
+    (sick, stopping)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendSpec, Model, ServiceSpec};
+
+    #[test]
+    fn a_peer_speaks_only_for_its_own_tasks() {
+        let (n2, n3): (Ipv4Addr, Ipv4Addr) = (
+            "10.251.0.12".parse().unwrap(),
+            "10.251.0.13".parse().unwrap(),
+        );
+        let b = |addr: &str, node: Option<Ipv4Addr>| BackendSpec {
+            addr: addr.parse().unwrap(),
+            state: Default::default(),
+            node,
+            network: None,
+        };
+        let m = Model {
+            services: vec![ServiceSpec {
+                name: "web".into(),
+                ports: vec![],
+                vips: vec![],
+                backends: vec![
+                    b("10.0.0.4", None),
+                    b("10.0.0.5", Some(n2)),
+                    b("10.0.0.6", Some(n3)),
+                ],
+                tcp_idle: None,
+                udp_idle: None,
+                affinity: false,
+            }],
+            ..Default::default()
+        };
+        let all: BTreeSet<Ipv4Addr> = ["10.0.0.4", "10.0.0.5", "10.0.0.6"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        // n2 claims everything: only its own task counts; its word on the
+        // orchestrator counts only if it is a manager.
+        let tasks = BTreeMap::from([("t6".to_string(), vec!["10.0.0.6".parse().unwrap()])]);
+        let reports = BTreeMap::from([(
+            n2,
+            Report {
+                not_healthy: all,
+                stopping: BTreeSet::from(["t6".to_string()]),
+            },
+        )]);
+        let five = BTreeSet::from(["10.0.0.5".parse().unwrap()]);
+        assert_eq!(
+            credible(&m, &reports, &BTreeSet::new(), &tasks),
+            (five.clone(), BTreeSet::new())
+        );
+        assert_eq!(
+            credible(&m, &reports, &BTreeSet::from([n2]), &tasks),
+            (five, BTreeSet::from(["10.0.0.6".parse().unwrap()]))
+        );
+    }
+
+    #[tokio::test]
+    async fn served_reports_are_read_back() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let report = Report {
+            not_healthy: BTreeSet::from(["10.0.0.9".parse().unwrap()]),
+            stopping: BTreeSet::from(["abc".to_string()]),
+        };
+        let local = Arc::new(Mutex::new(report.clone()));
+        tokio::spawn(serve(listener, local));
+        let me: Ipv4Addr = "127.0.0.1".parse().unwrap();
+        let got = poll(&[me], port, Duration::from_secs(2)).await;
+        assert_eq!(got[&me], report);
+        // Nobody listening: no report, quickly.
+        let none = poll(
+            &["127.0.0.2".parse().unwrap()],
+            port,
+            Duration::from_millis(300),
+        )
+        .await;
+        assert!(none.is_empty());
+    }
+}

@@ -1,0 +1,347 @@
+//! Tier 3: a real 3-node Docker Swarm (`cargo xtask cluster`, one dockerd per network
+//! namespace, Docker 20.10 without IPVS) with `mesh-agent --from-docker` on every node.
+//! Docker alone answers on no published port here; every check below is the mesh's.
+//!
+//! One cluster, phases in order (a cluster costs ~20 s to build and tear down):
+//! published port on every node with the client's IP kept; scale and rolling updates
+//! under load with zero failed requests; an unhealthy task out of rotation on every node
+//! within 2 s of Docker reporting it; `kill -9` of an agent under load; draining a node
+//! under load; host-mode publishing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::swarm::{http, Load, Swarm};
+
+const IMAGE: &str = "mesh-test/busybox:latest";
+const CLIENT: &str = "10.251.0.100";
+
+fn who(s: &Swarm, node: u32, port: u16) -> std::io::Result<String> {
+    let a = s.addr(node);
+    s.client(|| http(a, port, "/cgi-bin/who", Duration::from_secs(2)))
+}
+
+/// Answers per task over `n` requests to each node's `port`.
+fn spread(s: &Swarm, port: u16, n: usize) -> BTreeMap<u32, BTreeMap<String, usize>> {
+    (1..=s.nodes)
+        .map(|node| {
+            let mut m = BTreeMap::new();
+            for _ in 0..n {
+                let body = who(s, node, port)
+                    .unwrap_or_else(|e| panic!("node {node}:{port} did not answer: {e}"));
+                let task = body.split_whitespace().next().unwrap_or("").to_string();
+                assert!(
+                    body.contains(CLIENT),
+                    "the task sees the client's address, not a node's: {body:?}"
+                );
+                *m.entry(task).or_insert(0) += 1;
+            }
+            (node, m)
+        })
+        .collect()
+}
+
+/// Waits until every node's `port` answers (the first answer each), returning when.
+fn wait_answering(s: &Swarm, port: u16, within: Duration) -> Vec<Duration> {
+    let t0 = Instant::now();
+    (1..=s.nodes)
+        .map(|node| loop {
+            if who(s, node, port).is_ok() {
+                break t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < within,
+                "node {node}:{port} not answering within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        })
+        .collect()
+}
+
+fn all_nodes(s: &Swarm, port: u16) -> Vec<(std::net::Ipv4Addr, u16)> {
+    (1..=s.nodes).map(|n| (s.addr(n), port)).collect()
+}
+
+fn assert_no_failures(what: &str, load: Load) -> u64 {
+    let (ok, failed) = load.finish();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(10)]
+    );
+    assert!(ok > 50, "{what}: only {ok} requests answered");
+    ok
+}
+
+#[test]
+fn swarm_three_nodes() {
+    if mesh_tests::prereq::privileged("swarm_three_nodes").is_none() {
+        return;
+    }
+    let Some(s) = Swarm::up(3) else { return };
+
+    // --- A published port answers on every node, from every task, client IP kept.
+    let t_create = Instant::now();
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "-p",
+            "8080:80",
+            "--hostname",
+            "{{.Task.Name}}",
+            "--no-resolve-image",
+            IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let firsts = wait_answering(&s, 8080, Duration::from_secs(60));
+    let create_to_all = t_create.elapsed();
+    s.wait_running("web", 3, Duration::from_secs(30));
+    // Every node's table holds all three tasks once each agent has seen them (a task
+    // reaches the other nodes through Docker's gossip, read on the next resync).
+    let all_three = loop {
+        let sp = spread(&s, 8080, 30);
+        if sp.values().all(|m| m.len() == 3) {
+            break t_create.elapsed();
+        }
+        assert!(
+            t_create.elapsed() < Duration::from_secs(60),
+            "every node spreads over all three tasks: {sp:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "swarm: service create -> first answer on nodes 1/2/3 after {:.2}/{:.2}/{:.2} s (all by \
+         {:.2} s), every node spreading over all 3 tasks by {:.2} s; client IP kept",
+        firsts[0].as_secs_f64(),
+        firsts[1].as_secs_f64(),
+        firsts[2].as_secs_f64(),
+        create_to_all.as_secs_f64(),
+        all_three.as_secs_f64()
+    );
+
+    // --- Scale and rolling updates under load: zero failed requests.
+    let load = Load::start(&s, all_nodes(&s, 8080), "/");
+    let t = Instant::now();
+    load.mark("scale web=5");
+    s.docker(1, &["service", "scale", "-d", "web=5"]);
+    s.wait_running("web", 5, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    load.mark("scale web=2");
+    s.docker(1, &["service", "scale", "-d", "web=2"]);
+    s.wait_running("web", 2, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    for order in ["start-first", "stop-first"] {
+        load.mark(order);
+        s.docker(
+            1,
+            &[
+                "service",
+                "update",
+                "--update-order",
+                order,
+                "--force",
+                "web",
+            ],
+        );
+        s.wait_running("web", 2, Duration::from_secs(90));
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let n = assert_no_failures("scale 3->5->2, update start-first and stop-first", load);
+    println!(
+        "swarm: scale 3->5->2 and rolling updates (start-first, stop-first) under load: {n} \
+         requests, 0 failed, {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // --- A task whose HEALTHCHECK fails: out of rotation on every node within 2 s.
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "hc",
+            "--replicas",
+            "3",
+            "-p",
+            "8082:80",
+            "--hostname",
+            "{{.Task.Name}}",
+            "--health-cmd",
+            "test -f /tmp/ok",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+            "--health-timeout",
+            "1s",
+            "--no-resolve-image",
+            IMAGE,
+            "sh",
+            "-c",
+            "touch /tmp/ok; exec httpd -f -p 80 -h /www",
+        ],
+    );
+    let hc = s.wait_running("hc", 3, Duration::from_secs(60));
+    wait_answering(&s, 8082, Duration::from_secs(30));
+    let (victim, vnode) = hc[0].clone();
+    let vnode = Swarm::node_index(&vnode);
+    let cid = s.docker(
+        vnode,
+        &[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("name={victim}"),
+            "--filter",
+            "status=running",
+        ],
+    );
+    assert!(!cid.is_empty(), "container of {victim} on node {vnode}");
+    let sp = spread(&s, 8082, 15);
+    assert!(
+        sp.values()
+            .any(|m| m.keys().any(|t| t.starts_with(&victim))),
+        "the victim serves before: {sp:?}"
+    );
+    s.docker(vnode, &["exec", &cid, "rm", "/tmp/ok"]);
+    let t_exec = Instant::now();
+    let reported = loop {
+        let st = s.docker(vnode, &["inspect", "-f", "{{.State.Health.Status}}", &cid]);
+        if st == "unhealthy" {
+            break Instant::now();
+        }
+        assert!(
+            t_exec.elapsed() < Duration::from_secs(15),
+            "never unhealthy: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // When did the last new connection reach it, on any node?
+    let mut last_hit = None;
+    while reported.elapsed() < Duration::from_secs(2) {
+        for node in 1..=s.nodes {
+            if who(&s, node, 8082).is_ok_and(|b| b.starts_with(&victim)) {
+                last_hit = Some(reported.elapsed());
+            }
+        }
+    }
+    let sp = spread(&s, 8082, 20);
+    assert!(
+        sp.values()
+            .all(|m| !m.keys().any(|t| t.starts_with(&victim))),
+        "2 s after Docker reported it unhealthy, {victim} still gets new connections: {sp:?}"
+    );
+    println!(
+        "swarm: unhealthy task out of rotation on all 3 nodes within 2 s of Docker reporting \
+         it (last new connection to it {})",
+        last_hit.map_or("before the report".to_string(), |d| format!(
+            "{:.2} s after",
+            d.as_secs_f64()
+        ))
+    );
+    s.docker(1, &["service", "rm", "hc"]);
+
+    // --- kill -9 of an agent under load, then its restart: no failed request.
+    let load = Load::start(&s, all_nodes(&s, 8080), "/");
+    std::thread::sleep(Duration::from_millis(500));
+    s.agent(2, "kill");
+    std::thread::sleep(Duration::from_secs(2));
+    s.agent(2, "start");
+    std::thread::sleep(Duration::from_secs(2));
+    let n = assert_no_failures("kill -9 and restart of node 2's agent", load);
+    println!("swarm: kill -9 of node 2's agent under load, 2 s without it, restart: {n} requests, 0 failed");
+
+    // --- Drain a node under load: its tasks move, traffic follows.
+    s.docker(1, &["service", "scale", "-d", "web=3"]);
+    s.wait_running("web", 3, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let load = Load::start(&s, all_nodes(&s, 8080), "/");
+    let t = Instant::now();
+    s.docker(1, &["node", "update", "--availability", "drain", "mc-n3"]);
+    let moved = loop {
+        let placed = s.wait_running("web", 3, Duration::from_secs(90));
+        if placed.iter().all(|(_, n)| n != "mc-n3") {
+            break placed;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "tasks still on mc-n3: {placed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let n = assert_no_failures("drain of node 3", load);
+    let sp = spread(&s, 8080, 15);
+    assert_eq!(sp.len(), 3, "the drained node still answers: {sp:?}");
+    println!(
+        "swarm: node 3 drained under load, tasks moved to {:?}: {n} requests, 0 failed; every \
+         node, the drained one too, still answers",
+        moved
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<BTreeSet<_>>()
+    );
+    s.docker(1, &["node", "update", "--availability", "active", "mc-n3"]);
+
+    // --- Host-mode publishing answers only where a task runs.
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "hostmode",
+            "--replicas",
+            "1",
+            "--publish",
+            "mode=host,published=8090,target=80",
+            "--hostname",
+            "{{.Task.Name}}",
+            "--no-resolve-image",
+            IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let placed = s.wait_running("hostmode", 1, Duration::from_secs(60));
+    let at = Swarm::node_index(&placed[0].1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while who(&s, at, 8090).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "host-mode port on node {at} never answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for node in (1..=s.nodes).filter(|n| *n != at) {
+        assert!(
+            who(&s, node, 8090).is_err(),
+            "node {node} answers a host-mode port it runs no task for"
+        );
+    }
+    println!("swarm: host-mode port 8090 answers on node {at} (its task's) and on no other node");
+}

@@ -180,6 +180,20 @@ pub const fn expired(state: CtState, idle_s: u32, last_seen_ns: u64, now_ns: u64
     now_ns.saturating_sub(last_seen_ns) > timeout_s(state, idle_s) as u64 * 1_000_000_000
 }
 
+/// A retransmitted SYN this long after the first means the backend chosen never
+/// answered (Linux retransmits a SYN after 1 s): the flow is worth another backend.
+pub const SYN_RETRY_NS: u64 = 700_000_000;
+
+/// A SYN, again, on a flow still in its handshake, long enough after the first that the
+/// first was lost or ignored (a backend that is starting, or shutting down).
+#[inline(always)]
+pub const fn syn_retried(state: CtState, tcp_flags: u8, created_ns: u64, now_ns: u64) -> bool {
+    tcp_flags & TCP_SYN != 0
+        && tcp_flags & TCP_ACK == 0
+        && matches!(state, CtState::SynSent)
+        && now_ns.saturating_sub(created_ns) >= SYN_RETRY_NS
+}
+
 /// A SYN on an entry of a closed or closing flow starts a new flow (the client reused
 /// its port): pick a backend afresh.
 #[inline(always)]
@@ -262,6 +276,33 @@ mod tests {
         assert!(!expired(CtState::SynSent, 8000, t0, t0 + 59 * S));
         // A clock that reads earlier than last_seen (another CPU) is not expiry.
         assert!(!expired(CtState::Closed, 8000, t0, t0 - S));
+    }
+
+    #[test]
+    fn a_late_syn_in_the_handshake_is_a_retry() {
+        let t0 = 5_000_000_000;
+        assert!(syn_retried(
+            CtState::SynSent,
+            TCP_SYN,
+            t0,
+            t0 + 1_000_000_000
+        ));
+        assert!(
+            !syn_retried(CtState::SynSent, TCP_SYN, t0, t0 + 100_000_000),
+            "a duplicate, not a retry"
+        );
+        assert!(!syn_retried(
+            CtState::Established,
+            TCP_SYN,
+            t0,
+            t0 + 1_000_000_000
+        ));
+        assert!(!syn_retried(
+            CtState::SynSent,
+            TCP_SYN | TCP_ACK,
+            t0,
+            t0 + 1_000_000_000
+        ));
     }
 
     #[test]

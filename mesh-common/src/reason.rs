@@ -160,6 +160,9 @@ reasons! {
     /// A packet too big for the underlay once encapsulated: answered with ICMP
     /// fragmentation needed (the overlay MTU), so the sender's path MTU discovery works.
     ReplyIcmpFragNeeded = 61, "reply_icmp_frag_needed", Reply;
+    /// A client retransmitted the SYN of a flow its backend never answered: the flow
+    /// was given a backend afresh (another one, where the service has several).
+    ObsSynRetried = 62, "obs_syn_retried", Observation;
 }
 
 /// Size of the reason index space per hook (room to append reasons without a relayout).

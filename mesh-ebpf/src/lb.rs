@@ -153,6 +153,7 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = pk.f.key();
+    let mut salt = 0u32;
     if let Some(e) = MESH_CT_V1.get_ptr_mut(&key) {
         // SAFETY: a map value pointer valid for this program run; plain data.
         let e = unsafe { &mut *e };
@@ -168,6 +169,12 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             count(pk.hook, Reason::ObsCtExpired, pk.bytes);
         } else if !reverse && ct::reopens(state, pk.f.tcp_flags) {
             count(pk.hook, Reason::ObsCtReopened, pk.bytes);
+        } else if !reverse && ct::syn_retried(state, pk.f.tcp_flags, e.created_ns, now) {
+            // The backend never answered the first SYN (starting, shutting down, gone
+            // silent): forget its way back (a late answer must not reach the client)
+            // and choose again, with the retry's second as the salt.
+            count(pk.hook, Reason::ObsSynRetried, pk.bytes);
+            salt = retry_salt(pk, e, now);
         } else if reverse && ct::stale_reply(state, pk.f.tcp_flags) {
             // A SYN-ACK on the reply entry of a finished flow: the client reused its
             // port for a connection that is not ours. Forget the old flow; never
@@ -188,7 +195,37 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             };
         }
     }
-    new_flow(pk, cfg, now)
+    new_flow(pk, cfg, now, salt)
+}
+
+/// A retried SYN: removes the reply entry of the forward entry `e` (a late answer from
+/// the silent backend must not reach the client) and returns the salt for the new
+/// choice: the retry's second (odd, so never 0) or the next odd salt whose slot names
+/// another backend, where the service has one. Its own BPF function: its frame is gone
+/// before the new flow's deeper call chain starts.
+#[inline(never)]
+fn retry_salt(pk: &Pkt, e: &CtEntry, now: u64) -> u32 {
+    let client = if e.flags & CT_HAIRPIN != 0 { e.hairpin_addr } else { pk.f.saddr };
+    let rev = CtKey::new(e.nat_addr, client, e.nat_port, pk.f.sport, pk.f.proto);
+    let _ = MESH_CT_V1.remove(&rev);
+    let base = (now / 1_000_000_000) as u32 | 1;
+    // SAFETY: copied out at once.
+    let Some(svc) = (unsafe { MESH_SVC_V1.get(&e.svc_id) }).copied() else {
+        return base;
+    };
+    if svc.maglev_size == 0 || svc.active < 2 {
+        return base;
+    }
+    // Up to eight tries (each a fresh slot): another backend, all but surely.
+    let mut k = 0;
+    while k < 8 {
+        let salt = base.wrapping_add(k * 2);
+        if maglev_pick_salted(&svc, &pk.f, salt) != Some(e.backend_id) {
+            return salt;
+        }
+        k += 1;
+    }
+    base
 }
 
 /// A packet of a tracked flow from the client side.
@@ -253,7 +290,7 @@ pub fn frontend_for(f: &Flow, hook: Hook) -> Option<Frontend> {
 /// A packet that starts (or restarts) a flow: find its service, pick a backend, track
 /// both directions, deliver.
 #[inline(never)]
-fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
+fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
     let f = &pk.f;
     let Some(fe) = frontend(pk) else {
         return overlay_route(pk);
@@ -263,7 +300,7 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
     let Some(svc) = svc.filter(|s| s.active > 0 && s.maglev_size > 0) else {
         return Step::Refuse(Reason::ReplyRstNoBackend);
     };
-    let Some(be_id) = maglev_pick(&svc, f) else {
+    let Some(be_id) = maglev_pick_salted(&svc, f, salt) else {
         return Step::Done(pk.drop(Reason::DropNoBackendSlot));
     };
     // SAFETY: copied out at once.
@@ -358,10 +395,18 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64) -> Step {
 /// affinity).
 #[inline(always)]
 pub fn maglev_pick(svc: &mesh_common::lb::Service, f: &Flow) -> Option<u32> {
+    maglev_pick_salted(svc, f, 0)
+}
+
+/// As [`maglev_pick`], moved by `salt` (0: the flow's own slot) unless the service has
+/// client affinity, which a retry must keep.
+#[inline(always)]
+fn maglev_pick_salted(svc: &mesh_common::lb::Service, f: &Flow, salt: u32) -> Option<u32> {
     let h = if svc.flags & SVC_AFFINITY != 0 {
         flow_hash(f.saddr, 0, 0, 0, f.proto)
     } else {
         flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)
+            .wrapping_add(salt.wrapping_mul(0x9e37_79b1))
     };
     let slot = svc.maglev_off.wrapping_add(h % svc.maglev_size);
     match MESH_MAGLEV_V1.get(slot) {

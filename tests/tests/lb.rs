@@ -351,3 +351,52 @@ fn new_connection_rate_mesh_vs_direct() {
     );
     assert!(ing1.1 > ing0.1 && task1.1 > task0.1, "programs ran");
 }
+
+/// A backend that silently drops new connections (a task starting, or shutting down
+/// behind Docker's back): the client's retransmitted SYN, a second later, is given
+/// another backend, so every request succeeds (the unlucky ones a second late).
+#[test]
+fn a_retransmitted_syn_gets_another_backend() {
+    let Some((topo, mesh)) = setup("a_retransmitted_syn_gets_another_backend", "r") else {
+        return;
+    };
+    // t2 drops every SYN to its server (the mesh delivers to :80).
+    topo.t[1].exec(&[
+        "iptables", "-I", "INPUT", "-p", "tcp", "--dport", "80", "--syn", "-j", "DROP",
+    ]);
+    let before = counters(&mesh);
+    let mut served = BTreeMap::new();
+    let mut slow = 0;
+    topo.c.enter(|| {
+        for _ in 0..30 {
+            let t = Instant::now();
+            let Ok(body) = http_get(NODE, 8080) else {
+                let d = counters(&mesh).since(&before);
+                panic!(
+                    "not answered despite the silent backend; counters: {:?}",
+                    d.iter().collect::<Vec<_>>()
+                );
+            };
+            if t.elapsed() > Duration::from_millis(700) {
+                slow += 1;
+            }
+            *served.entry(split(&body).0).or_insert(0) += 1;
+        }
+    });
+    let d = counters(&mesh).since(&before);
+    let retried = d
+        .get(Hook::TcUnderlayIngress, Reason::ObsSynRetried)
+        .packets;
+    println!(
+        "lb: silent backend: 30 of 30 requests answered by {served:?}, {slow} after a SYN \
+         retransmit, {retried} SYNs retried on another choice"
+    );
+    assert!(
+        !served.contains_key(&1),
+        "the silent task answered: {served:?}"
+    );
+    assert!(
+        slow > 0 && retried >= slow as u64,
+        "retries seen: {retried}, slow: {slow}"
+    );
+}

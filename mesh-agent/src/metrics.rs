@@ -73,6 +73,18 @@ impl Histogram {
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
         let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+        // Quantiles of the last observations, for people reading the endpoint by eye
+        // (and for reports); Prometheus users derive them from the buckets.
+        let q = format!("{name}_recent");
+        let _ = writeln!(
+            out,
+            "# HELP {q} Quantiles of the last {RECENT} observations.\n# TYPE {q} gauge"
+        );
+        for p in [0.5, 0.99] {
+            if let Some(v) = self.quantile(p) {
+                let _ = writeln!(out, "{q}{{quantile=\"{p}\"}} {v}");
+            }
+        }
     }
 }
 

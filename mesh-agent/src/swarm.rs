@@ -246,7 +246,16 @@ pub struct DrainTracker {
     /// (`None`: since before this tracker's first look), since when it is gone.
     seen: BTreeMap<(String, Ipv4Addr), Seen>,
     started: bool,
+    /// Per service: the backends that last took new flows, and since when it has had
+    /// none.
+    last_active: BTreeMap<String, (BTreeSet<Ipv4Addr>, Option<std::time::Instant>)>,
 }
+
+/// How long a service that suddenly has no backend taking new flows keeps its last
+/// ones: Docker's view flickers during rolling updates (a task missing from one read,
+/// a replacement not yet listed), and refusing every client for that moment is worse
+/// than sending them to a task that is, at worst, on its way out.
+const EMPTY_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 struct Seen {
@@ -321,7 +330,7 @@ impl DrainTracker {
     /// Holds back backends still warming up, unless that would leave their service
     /// without a backend taking new flows. Runs once health and shutdowns are settled,
     /// so that "another backend is ready" means ready.
-    pub fn hold_warming(&self, model: &mut Model, now: std::time::Instant) {
+    pub fn hold_warming(&mut self, model: &mut Model, now: std::time::Instant) {
         for s in &mut model.services {
             let warming = |b: &BackendSpec| {
                 self.seen
@@ -329,7 +338,7 @@ impl DrainTracker {
                     .and_then(|x| x.since)
                     .is_some_and(|t| now.duration_since(t) < self.warmup)
             };
-            let hold: Vec<bool> = s.backends.iter().map(|b| warming(b)).collect();
+            let hold: Vec<bool> = s.backends.iter().map(warming).collect();
             let ready = s
                 .backends
                 .iter()
@@ -342,6 +351,38 @@ impl DrainTracker {
             for (b, hold) in s.backends.iter_mut().zip(hold) {
                 if hold {
                     b.state = Health::Draining;
+                }
+            }
+        }
+        self.hold_empty(model, now);
+    }
+
+    /// A service left with no backend taking new flows keeps the ones that last did, if
+    /// they are still listed (draining), for [`EMPTY_HOLD`].
+    fn hold_empty(&mut self, model: &mut Model, now: std::time::Instant) {
+        let names: BTreeSet<&String> = model.services.iter().map(|s| &s.name).collect();
+        self.last_active.retain(|n, _| names.contains(n));
+        for s in &mut model.services {
+            let active: BTreeSet<Ipv4Addr> = s
+                .backends
+                .iter()
+                .filter(|b| b.state == Health::Active)
+                .map(|b| b.addr)
+                .collect();
+            let entry = self
+                .last_active
+                .entry(s.name.clone())
+                .or_insert_with(|| (BTreeSet::new(), None));
+            if !active.is_empty() {
+                *entry = (active, None);
+                continue;
+            }
+            let since = *entry.1.get_or_insert(now);
+            if now.duration_since(since) < EMPTY_HOLD {
+                for b in &mut s.backends {
+                    if entry.0.contains(&b.addr) {
+                        b.state = Health::Active;
+                    }
                 }
             }
         }
@@ -532,6 +573,35 @@ mod tests {
         d.apply(&mut m, t0);
         assert!(web(&m).backends.iter().all(|b| b.state == Health::Active));
         assert_eq!(web(&m).backends.len(), 2);
+    }
+
+    #[test]
+    fn a_service_that_flickers_to_no_backend_keeps_its_last_ones_briefly() {
+        let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let mut d = DrainTracker::new(ms(10_000));
+        let mut m = model_from(&[ingress()], me, "eth0");
+        d.apply(&mut m, t0);
+        d.hold_warming(&mut m, t0);
+        // Docker's view loses both tasks for a moment: they drain, but stay active for
+        // the hold, then drain for real.
+        let mut n = ingress();
+        n.services.get_mut("web").unwrap().tasks = Some(vec![]);
+        for (at, active) in [(100, true), (1900, true), (2200, false)] {
+            let mut m = model_from(&[n.clone()], me, "eth0");
+            d.apply(&mut m, t0 + ms(at));
+            d.hold_warming(&mut m, t0 + ms(at));
+            assert_eq!(web(&m).backends.len(), 2);
+            assert!(
+                web(&m)
+                    .backends
+                    .iter()
+                    .all(|b| (b.state == Health::Active) == active),
+                "at {at} ms: {:?}",
+                web(&m).backends
+            );
+        }
     }
 
     #[test]

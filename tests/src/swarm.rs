@@ -223,6 +223,8 @@ pub fn http(addr: Ipv4Addr, port: u16, path: &str, timeout: Duration) -> std::io
 /// `targets`, counting answers and failures (with what failed, for the message).
 pub struct Load {
     pub t0: Instant,
+    /// Requests that took over 900 ms (a SYN retransmitted, at least).
+    pub slow: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     pub ok: Arc<AtomicU64>,
     pub failures: Arc<Mutex<Vec<String>>>,
@@ -248,6 +250,8 @@ impl Load {
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
+        let slow = Arc::new(AtomicU64::new(0));
+        let sl = slow.clone();
         let t0 = Instant::now();
         let handle = std::thread::spawn(move || {
             enter(&file);
@@ -255,9 +259,13 @@ impl Load {
             while !s.load(Ordering::Relaxed) {
                 let (a, p) = targets[i % targets.len()];
                 i += 1;
+                let t = Instant::now();
                 match http(a, p, path, Duration::from_secs(3)) {
                     Ok(_) => {
                         o.fetch_add(1, Ordering::Relaxed);
+                        if t.elapsed() > Duration::from_millis(900) {
+                            sl.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Err(e) => f
                         .lock()
@@ -268,6 +276,7 @@ impl Load {
         });
         Load {
             t0,
+            slow,
             stop,
             ok,
             failures,

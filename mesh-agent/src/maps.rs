@@ -50,6 +50,17 @@ impl Datapath {
         HashMap::try_from(map).map_err(map_err(name))
     }
 
+    fn array<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Array<&mut MapData, V>, MeshError> {
+        let map = self.ebpf_mut().map_mut(name).ok_or(MeshError::Map {
+            map: name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })?;
+        Array::try_from(map).map_err(map_err(name))
+    }
+
     fn remove<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,
@@ -77,14 +88,7 @@ impl Datapath {
         let services: BTreeMap<u32, Service> = self.entries(SERVICES_MAP)?;
         let mut tables = BTreeMap::new();
         {
-            let map = self.ebpf_mut().map_mut(MAGLEV_MAP).ok_or(MeshError::Map {
-                map: MAGLEV_MAP,
-                source: aya::maps::MapError::InvalidName {
-                    name: MAGLEV_MAP.into(),
-                },
-            })?;
-            let arr: Array<&mut MapData, u32> =
-                Array::try_from(map).map_err(map_err(MAGLEV_MAP))?;
+            let arr = self.array::<u32>(MAGLEV_MAP)?;
             for (id, s) in &services {
                 let t: Result<Vec<u32>, _> = (s.maglev_off..s.maglev_off + s.maglev_size)
                     .map(|i| arr.get(&i, 0))
@@ -93,14 +97,7 @@ impl Datapath {
             }
         }
         let local = {
-            let map = self.ebpf_mut().map_mut(LOCAL_MAP).ok_or(MeshError::Map {
-                map: LOCAL_MAP,
-                source: aya::maps::MapError::InvalidName {
-                    name: LOCAL_MAP.into(),
-                },
-            })?;
-            let arr: Array<&mut MapData, Local> =
-                Array::try_from(map).map_err(map_err(LOCAL_MAP))?;
+            let arr = self.array::<Local>(LOCAL_MAP)?;
             Some(arr.get(&0, 0).map_err(map_err(LOCAL_MAP))?).filter(|l| *l != Local::default())
         };
         Ok(Snapshot {
@@ -137,14 +134,7 @@ impl MapWriter for Datapath {
                 .insert(id, b, 0)
                 .map_err(map_err(BACKENDS_MAP)),
             Op::PutSlots(slots) => {
-                let map = self.ebpf_mut().map_mut(MAGLEV_MAP).ok_or(MeshError::Map {
-                    map: MAGLEV_MAP,
-                    source: aya::maps::MapError::InvalidName {
-                        name: MAGLEV_MAP.into(),
-                    },
-                })?;
-                let mut arr: Array<&mut MapData, u32> =
-                    Array::try_from(map).map_err(map_err(MAGLEV_MAP))?;
+                let mut arr = self.array::<u32>(MAGLEV_MAP)?;
                 for (i, id) in slots {
                     arr.set(*i, id, 0).map_err(map_err(MAGLEV_MAP))?;
                 }
@@ -164,14 +154,7 @@ impl MapWriter for Datapath {
             Op::DelEndpoint(a) => self.remove::<u32, Endpoint>(ENDPOINTS_MAP, a),
             Op::DelNodeAddr(a) => self.remove::<u32, NodeAddrFlags>(NODE_ADDRS_MAP, a),
             Op::PutLocal(l) => {
-                let map = self.ebpf_mut().map_mut(LOCAL_MAP).ok_or(MeshError::Map {
-                    map: LOCAL_MAP,
-                    source: aya::maps::MapError::InvalidName {
-                        name: LOCAL_MAP.into(),
-                    },
-                })?;
-                let mut arr: Array<&mut MapData, Local> =
-                    Array::try_from(map).map_err(map_err(LOCAL_MAP))?;
+                let mut arr = self.array::<Local>(LOCAL_MAP)?;
                 arr.set(0, l, 0).map_err(map_err(LOCAL_MAP))
             }
             Op::PutPeer(a, f) => self

@@ -502,3 +502,55 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
     assert!(!guard.log().contains("without the agent's state file"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Maps pinned by another mesh version (another layout) are refused with one line that
+/// says what to do, and nothing is attached.
+#[test]
+fn agent_refuses_a_pinned_layout_it_does_not_know() {
+    let Some(object) = prereq::privileged("agent_refuses_a_pinned_layout_it_does_not_know") else {
+        return;
+    };
+    let Some((agent, _)) = binaries() else {
+        return;
+    };
+    let pair = VethPair::new("y");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // MESH_BE_V1 with 8-byte values, as no version of this agent has it.
+    let map = pin_dir.join(mesh_common::lb::BACKENDS_MAP);
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "MESH_BE_V1",
+        ])
+        .status()
+        .expect("run bpftool");
+    assert!(st.success(), "bpftool map create");
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", pair.b.name()))
+        .arg(&agent)
+        .args(["--interface", "vb", "--metrics", "off", "--bpffs"])
+        .arg(&pin_dir)
+        .env("MESH_BPF_OBJECT", &object)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_file(&map);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another layout") && err.contains("MESH_BE_V1") && err.contains("--uninstall"),
+        "one actionable line: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

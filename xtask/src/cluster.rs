@@ -537,31 +537,47 @@ fn status(json: bool) -> anyhow::Result<()> {
                 }
             })
             .unwrap_or_else(|| "unknown".into());
-        rows.push((n, node_addr(n), role, dockerd_pid(n)));
+        rows.push((n, node_addr(n), role, dockerd_pid(n), agent_state(n)));
     }
     if json {
         let nodes: Vec<String> = rows
             .iter()
-            .map(|(n, a, r, p)| {
+            .map(|(n, a, r, p, ag)| {
                 format!(
-                    "{{\"node\": {n}, \"name\": \"mc-n{n}\", \"addr\": \"{a}\", \"role\": \"{r}\", \"dockerd\": {}, \"docker_host\": \"{}\"}}",
+                    "{{\"node\": {n}, \"name\": \"mc-n{n}\", \"addr\": \"{a}\", \"role\": \"{r}\", \"dockerd\": {}, \"docker_host\": \"{}\", \"agent\": \"{}\", \"agent_pid\": {}}}",
                     p.map(|p| p.to_string()).unwrap_or("null".into()),
-                    sock(*n)
+                    sock(*n),
+                    ag.0,
+                    ag.1.map(|p| p.to_string()).unwrap_or("null".into()),
                 )
             })
             .collect();
         println!("{{\"up\": true, \"client\": \"{CLIENT_ADDR}\", \"client_netns\": \"{CLIENT_NS}\", \"nodes\": [{}]}}", nodes.join(", "));
     } else {
-        println!("NODE   NAME     ADDRESS        ROLE     DOCKERD");
-        for (n, a, r, p) in rows {
+        println!("NODE   NAME     ADDRESS        ROLE     DOCKERD      MESH-AGENT");
+        for (n, a, r, p, ag) in rows {
             println!(
-                "{n:<6} mc-n{n:<4} {a:<14} {r:<8} {}",
-                p.map(|p| format!("pid {p}")).unwrap_or("down".into())
+                "{n:<6} mc-n{n:<4} {a:<14} {r:<8} {:<12} {}",
+                p.map(|p| format!("pid {p}")).unwrap_or("down".into()),
+                match ag.1 {
+                    Some(pid) => format!("{} (pid {pid})", ag.0),
+                    None => ag.0.to_string(),
+                }
             );
         }
         println!("client namespace {CLIENT_NS} at {CLIENT_ADDR}");
     }
     Ok(())
+}
+
+/// Node `n`'s agent: "running" (its recorded PID alive), "datapath-only" (no agent, its
+/// pinned datapath still forwarding), or "none".
+fn agent_state(n: u32) -> (&'static str, Option<u32>) {
+    match read_pid(&node_dir(n).join("mesh-agent.pid")) {
+        Some(pid) if alive(pid) && cmdline(pid).contains("mesh-agent") => ("running", Some(pid)),
+        _ if Path::new(&agent_pins(n)).join("links").exists() => ("datapath-only", None),
+        _ => ("none", None),
+    }
 }
 
 fn kill_checked(pid: u32, must: &str, sig: i32) {

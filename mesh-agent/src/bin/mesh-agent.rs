@@ -315,6 +315,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.uninstall {
         pins.remove_all()?;
         let _ = std::fs::remove_file(names_file(&args));
+        // The state directory goes too if nothing else is in it.
+        let _ = std::fs::remove_dir(&args.state_dir);
         eprintln!(
             "mesh-agent: removed the mesh pinned at {}",
             args.bpffs.display()

@@ -164,6 +164,38 @@ pub struct LocalTasks {
     pub endpoints: Vec<crate::model::EndpointSpec>,
     /// Task addresses whose HEALTHCHECK is not passing.
     pub not_healthy: std::collections::BTreeSet<Ipv4Addr>,
+    /// Host-mode published ports of local tasks (not in Docker's gossiped tables).
+    pub host_ports: Vec<HostPort>,
+}
+
+/// A host-mode published port of a task on this node, delivered to the task's address
+/// on docker_gwbridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub service: String,
+    pub protocol: crate::model::Protocol,
+    pub published: u16,
+    pub target: u16,
+    pub addr: Ipv4Addr,
+}
+
+/// "80/tcp" with bindings [{HostPort: "8090"}] -> (protocol, target, published ports).
+fn parse_binding(
+    key: &str,
+    host_ports: &[Option<String>],
+) -> Option<(crate::model::Protocol, u16, Vec<u16>)> {
+    let (port, proto) = key.split_once('/')?;
+    let protocol = match proto {
+        "tcp" => crate::model::Protocol::Tcp,
+        "udp" => crate::model::Protocol::Udp,
+        _ => return None,
+    };
+    let published = host_ports
+        .iter()
+        .filter_map(|p| p.as_deref()?.parse().ok())
+        .filter(|p| *p != 0)
+        .collect();
+    Some((protocol, port.parse().ok()?, published))
 }
 
 /// What a Docker event tells the agent: when it happened (for the lag from the event to
@@ -265,44 +297,78 @@ pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError>
         let Some(ns) = insp.network_settings else {
             continue;
         };
-        let (Some(nets), Some(sandbox)) = (ns.networks, ns.sandbox_key) else {
+        let Some(sandbox) = ns.sandbox_key.filter(|k| !k.is_empty()) else {
             continue;
         };
-        let mine: Vec<Ipv4Addr> = nets
+        let nets = ns.networks.unwrap_or_default();
+        let mut mine: Vec<Ipv4Addr> = nets
             .values()
             .filter_map(|e| e.ip_address.as_deref()?.parse().ok())
             .collect();
-        if mine.is_empty() {
+        let bindings: Vec<(crate::model::Protocol, u16, Vec<u16>)> = insp
+            .host_config
+            .as_ref()
+            .and_then(|h| h.port_bindings.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| {
+                let ports: Vec<Option<String>> =
+                    v.iter().flatten().map(|b| b.host_port.clone()).collect();
+                parse_binding(k, &ports)
+            })
+            .collect();
+        if mine.is_empty() && bindings.is_empty() {
             continue;
         }
+        let service = c
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("com.docker.swarm.service.name"))
+            .cloned()
+            .unwrap_or_default();
         // A HEALTHCHECK that is not (yet) passing: "starting" or "unhealthy".
         let health = insp
             .state
             .as_ref()
             .and_then(|st| st.health.as_ref())
             .and_then(|h| h.status);
-        if matches!(
+        let sick = matches!(
             health,
             Some(
                 bollard::models::HealthStatusEnum::STARTING
                     | bollard::models::HealthStatusEnum::UNHEALTHY
             )
-        ) {
-            out.not_healthy.extend(mine.iter().copied());
-        }
+        );
         // Best effort per task: a sandbox that is going away is skipped, not fatal.
-        let Ok(links) = crate::netdev::links_in(std::path::Path::new(&sandbox)) else {
+        let Ok(links) = crate::netdev::links_and_addrs_in(std::path::Path::new(&sandbox)) else {
             continue;
         };
-        let found = links.iter().find_map(|l| {
+        let found = links.iter().find_map(|(l, addrs)| {
             let host = node_links
                 .iter()
                 .find(|h| Some(h.index) == l.peer && h.master == Some(gw))?;
-            Some((host.name.clone(), l.mac?))
+            Some((host.name.clone(), l.mac?, addrs.first().copied()))
         });
-        let Some((interface, mac)) = found else {
+        let Some((interface, mac, gw_addr)) = found else {
             continue;
         };
+        if let (Some(a), false) = (gw_addr, bindings.is_empty()) {
+            for (protocol, target, published) in &bindings {
+                for p in published {
+                    out.host_ports.push(HostPort {
+                        service: service.clone(),
+                        protocol: *protocol,
+                        published: *p,
+                        target: *target,
+                        addr: a,
+                    });
+                }
+            }
+            mine.push(a);
+        }
+        if sick {
+            out.not_healthy.extend(mine.iter().copied());
+        }
         for addr in mine {
             out.endpoints.push(crate::model::EndpointSpec {
                 addr,

@@ -94,6 +94,12 @@ pub fn interface_with_addr(addr: std::net::Ipv4Addr) -> Option<String> {
 #[cfg(test)]
 mod addr_tests {
     #[test]
+    fn loopback_addresses() {
+        assert_eq!(super::ipv4_of("lo"), vec![std::net::Ipv4Addr::LOCALHOST]);
+        assert!(super::ipv4_of("mesh-nope2").is_empty());
+    }
+
+    #[test]
     fn loopback_holds_127_0_0_1() {
         assert_eq!(
             super::interface_with_addr("127.0.0.1".parse().unwrap()).as_deref(),
@@ -191,9 +197,61 @@ pub fn links() -> Result<Vec<Link>, MeshError> {
     }
 }
 
+/// The IPv4 addresses of interface `name` in the calling thread's network namespace.
+pub fn ipv4_of(name: &str) -> Vec<std::net::Ipv4Addr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: walking the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        // SAFETY: a NUL-terminated interface name.
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if !ifa.ifa_addr.is_null()
+            && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET
+            && ifname.to_bytes() == name.as_bytes()
+        {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            out.push(std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
 /// As [`links`], in the network namespace at `netns` (a path such as a container's
 /// sandbox key), on a thread that enters it.
 pub fn links_in(netns: &std::path::Path) -> Result<Vec<Link>, MeshError> {
+    in_netns(netns, links)
+}
+
+/// The links of the network namespace at `netns` and the IPv4 addresses of each.
+pub fn links_and_addrs_in(
+    netns: &std::path::Path,
+) -> Result<Vec<(Link, Vec<std::net::Ipv4Addr>)>, MeshError> {
+    in_netns(netns, || {
+        Ok(links()?
+            .into_iter()
+            .map(|l| {
+                let a = ipv4_of(&l.name);
+                (l, a)
+            })
+            .collect())
+    })
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `netns`.
+fn in_netns<R: Send>(
+    netns: &std::path::Path,
+    f: impl FnOnce() -> Result<R, MeshError> + Send,
+) -> Result<R, MeshError> {
     let file = std::fs::File::open(netns).map_err(|source| MeshError::Io {
         what: format!("opening network namespace {}", netns.display()),
         source,
@@ -208,7 +266,7 @@ pub fn links_in(netns: &std::path::Path) -> Result<Vec<Link>, MeshError> {
                     source: std::io::Error::last_os_error(),
                 });
             }
-            links()
+            f()
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))

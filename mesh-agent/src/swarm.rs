@@ -176,6 +176,43 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
     m
 }
 
+/// Adds this node's host-mode published ports (from its own containers: Docker's
+/// gossiped tables do not have them): one service per (service, protocol, published
+/// port), answering on this node's addresses with this node's tasks only.
+pub fn add_host_ports(model: &mut Model, ports: &[crate::docker::HostPort]) {
+    let mut groups: BTreeMap<(String, Protocol, u16), (u16, Vec<Ipv4Addr>)> = BTreeMap::new();
+    for p in ports {
+        let g = groups
+            .entry((p.service.clone(), p.protocol, p.published))
+            .or_insert((p.target, Vec::new()));
+        g.1.push(p.addr);
+    }
+    for ((service, protocol, published), (target, addrs)) in groups {
+        model.services.push(ServiceSpec {
+            name: format!("{service}@host/{protocol:?}/{published}").to_lowercase(),
+            ports: vec![PortSpec {
+                published: Some(published),
+                target,
+                protocol,
+                mode: PublishMode::Host,
+            }],
+            vips: vec![],
+            backends: addrs
+                .into_iter()
+                .map(|addr| BackendSpec {
+                    addr,
+                    state: Health::Active,
+                    node: None,
+                    network: None,
+                })
+                .collect(),
+            tcp_idle: None,
+            udp_idle: None,
+            affinity: false,
+        });
+    }
+}
+
 /// Task id -> its addresses, from the gossiped names (`<service>.<slot>.<task id>`).
 pub fn task_addrs(networks: &[NetworkView]) -> BTreeMap<String, Vec<Ipv4Addr>> {
     let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
@@ -416,6 +453,29 @@ mod tests {
             ],
             services: BTreeMap::from([("web".into(), serde_json::from_str(WEB).unwrap())]),
         }
+    }
+
+    #[test]
+    fn host_mode_ports_come_from_local_containers() {
+        let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+        let mut m = model_from(&[ingress()], me, "eth0");
+        let hp = |addr: &str| crate::docker::HostPort {
+            service: "hm".into(),
+            protocol: Protocol::Tcp,
+            published: 8090,
+            target: 80,
+            addr: addr.parse().unwrap(),
+        };
+        add_host_ports(&mut m, &[hp("172.18.0.3"), hp("172.18.0.4")]);
+        let s = m
+            .services
+            .iter()
+            .find(|s| s.name == "hm@host/tcp/8090")
+            .unwrap();
+        assert_eq!(s.ports[0].mode, PublishMode::Host);
+        assert_eq!((s.ports[0].published, s.ports[0].target), (Some(8090), 80));
+        assert_eq!(s.backends.len(), 2);
+        assert!(s.backends.iter().all(|b| b.node.is_none()));
     }
 
     #[test]

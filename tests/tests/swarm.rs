@@ -6,7 +6,7 @@
 //! published port on every node with the client's IP kept; scale and rolling updates
 //! under load with zero failed requests; an unhealthy task out of rotation on every node
 //! within 2 s of Docker reporting it; `kill -9` of an agent under load; draining a node
-//! under load; the agents' event lag, from their metrics.
+//! under load; host-mode publishing; the agents' event lag, from their metrics.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -78,7 +78,9 @@ fn assert_no_failures(what: &str, load: Load) -> u64 {
         ok + failed.len() as u64,
         &failed[..failed.len().min(10)]
     );
-    assert!(ok > 50, "{what}: only {ok} requests answered");
+    // A sanity check that the load ran (short phases answer a few hundred; each
+    // request that needed a SYN retry costs a second of this sequential client).
+    assert!(ok > 20, "{what}: only {ok} requests answered");
     ok
 }
 
@@ -306,6 +308,63 @@ fn swarm_three_nodes() {
             .collect::<BTreeSet<_>>()
     );
     s.docker(1, &["node", "update", "--availability", "active", "mc-n3"]);
+
+    // --- Host-mode publishing answers only where a task runs (Docker's own port
+    // mapping is not there in these nodes; the mesh takes the port from the task's
+    // container). On an overlay network, so that the task has a docker_gwbridge leg.
+    s.docker(1, &["network", "create", "-d", "overlay", "hostnet"]);
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "hostmode",
+            "--replicas",
+            "1",
+            "--network",
+            "hostnet",
+            "--publish",
+            "mode=host,published=8090,target=80",
+            "--hostname",
+            "{{.Task.Name}}",
+            "--no-resolve-image",
+            IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let placed = s.wait_running("hostmode", 1, Duration::from_secs(60));
+    let at = Swarm::node_index(&placed[0].1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        if let Ok(b) = who(&s, at, 8090) {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host-mode port on node {at} never answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        body.starts_with("hostmode.1.") && body.contains(CLIENT),
+        "{body}"
+    );
+    for node in (1..=s.nodes).filter(|n| *n != at) {
+        assert!(
+            who(&s, node, 8090).is_err(),
+            "node {node} answers a host-mode port it runs no task for"
+        );
+    }
+    println!(
+        "swarm: host-mode port 8090 answers on node {at} (its task's, client IP kept) and on no other node"
+    );
 
     // --- What the agents measured: the lag from a Docker event to the maps written.
     for node in 1..=s.nodes {

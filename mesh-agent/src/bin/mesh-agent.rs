@@ -218,6 +218,7 @@ impl DockerSource {
         let now = Instant::now();
         self.drain.apply(&mut model, now);
         let tasks = docker::local_endpoints(&self.docker).await?;
+        swarm::add_host_ports(&mut model, &tasks.host_ports);
         let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
         let stopping = if view.manager {
             docker::stopping_tasks(&self.docker).await?

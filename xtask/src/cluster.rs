@@ -740,7 +740,7 @@ fn http_code(n: u32, port: u16, timeout_s: u32) -> String {
 }
 
 /// Starts `mesh-agent --from-docker` in node `n` (dockerd's mount and network
-/// namespaces, where the task sandboxes are), records its PID, waits for its pins.
+/// namespaces, where the task sandboxes are), records its PID, waits until it says the datapath is attached.
 fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
     if !agent.is_file() || !object.is_file() {
         bail!(
@@ -956,7 +956,7 @@ pub fn self_test() -> anyhow::Result<String> {
              task's veth; without the mesh 8080 does not answer (no IPVS); with mesh-agent \
              --from-docker on both nodes, 40 of 40 requests answered, served locally and \
              through the VXLAN tunnel; a new service answered on node 1 {:.1} s and node 2 \
-             {:.1} s after `docker service create` (resync every 500 ms)",
+             {:.1} s after `docker service create` (Docker events, 1 s resync)",
             running.as_secs_f64(),
             first[0].as_secs_f64(),
             first[1].as_secs_f64()

@@ -536,6 +536,19 @@ mod tests {
         assert!(m.networks.is_empty() && m.services.is_empty());
     }
 
+    /// The ingress view once the remote task has left it.
+    fn without_remote_task() -> NetworkView {
+        let mut n = ingress();
+        n.services
+            .get_mut("web")
+            .unwrap()
+            .tasks
+            .as_mut()
+            .unwrap()
+            .pop();
+        n
+    }
+
     fn web(m: &Model) -> &ServiceSpec {
         m.services.iter().find(|s| s.name == "web").unwrap()
     }
@@ -589,23 +602,16 @@ mod tests {
         d.apply(&mut m, t0);
         assert_eq!(web(&m).backends.len(), 2);
         // The remote task leaves Docker's view.
-        let mut n = ingress();
-        n.services
-            .get_mut("web")
-            .unwrap()
-            .tasks
-            .as_mut()
-            .unwrap()
-            .pop();
-        let mut m = model_from(&[n.clone()], me, "eth0");
+        let n = without_remote_task();
+        let mut m = model_from(std::slice::from_ref(&n), me, "eth0");
         d.apply(&mut m, t0 + std::time::Duration::from_secs(1));
         let gone = web(&m).backends.iter().find(|b| b.node.is_some()).unwrap();
         assert_eq!(gone.state, Health::Draining);
         // Still draining just before the grace period ends, gone after.
-        let mut m = model_from(&[n.clone()], me, "eth0");
+        let mut m = model_from(std::slice::from_ref(&n), me, "eth0");
         d.apply(&mut m, t0 + std::time::Duration::from_millis(10_900));
         assert_eq!(web(&m).backends.len(), 2);
-        let mut m = model_from(&[n.clone()], me, "eth0");
+        let mut m = model_from(std::slice::from_ref(&n), me, "eth0");
         d.apply(&mut m, t0 + std::time::Duration::from_secs(12));
         assert_eq!(web(&m).backends.len(), 1);
         // And it does not come back.
@@ -620,14 +626,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         let mut d = DrainTracker::new(std::time::Duration::from_secs(10));
         d.apply(&mut model_from(&[ingress()], me, "eth0"), t0);
-        let mut n = ingress();
-        n.services
-            .get_mut("web")
-            .unwrap()
-            .tasks
-            .as_mut()
-            .unwrap()
-            .pop();
+        let n = without_remote_task();
         d.apply(&mut model_from(&[n], me, "eth0"), t0);
         let mut m = model_from(&[ingress()], me, "eth0");
         d.apply(&mut m, t0);
@@ -649,7 +648,7 @@ mod tests {
         let mut n = ingress();
         n.services.get_mut("web").unwrap().tasks = Some(vec![]);
         for (at, active) in [(100, true), (1900, true), (2200, false)] {
-            let mut m = model_from(&[n.clone()], me, "eth0");
+            let mut m = model_from(std::slice::from_ref(&n), me, "eth0");
             d.apply(&mut m, t0 + ms(at));
             d.hold_warming(&mut m, t0 + ms(at));
             assert_eq!(web(&m).backends.len(), 2);
@@ -671,14 +670,7 @@ mod tests {
         let ms = std::time::Duration::from_millis;
         let mut d = DrainTracker::new(ms(10_000)).with_warmup(ms(1000));
         // What is there at the first look takes flows at once.
-        let mut n = ingress();
-        n.services
-            .get_mut("web")
-            .unwrap()
-            .tasks
-            .as_mut()
-            .unwrap()
-            .pop();
+        let n = without_remote_task();
         let mut m = model_from(&[n], me, "eth0");
         d.apply(&mut m, t0);
         d.hold_warming(&mut m, t0);

@@ -18,6 +18,24 @@ use mesh_tests::swarm::{http, Load, Swarm};
 const IMAGE: &str = "mesh-test/busybox:latest";
 const CLIENT: &str = "10.251.0.100";
 
+/// `docker service create -d ARGS` of the test image's httpd (serving /www, with the
+/// `/cgi-bin/who` page) on port 80.
+fn create_httpd(s: &Swarm, args: &[&str]) {
+    let mut a = vec!["service", "create", "-d"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&[
+        "--no-resolve-image",
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    s.docker(1, &a);
+}
+
 fn who(s: &Swarm, node: u32, port: u16) -> std::io::Result<String> {
     let a = s.addr(node);
     s.client(|| http(a, port, "/cgi-bin/who", Duration::from_secs(2)))
@@ -93,12 +111,9 @@ fn swarm_three_nodes() {
 
     // --- A published port answers on every node, from every task, client IP kept.
     let t_create = Instant::now();
-    s.docker(
-        1,
+    create_httpd(
+        &s,
         &[
-            "service",
-            "create",
-            "-d",
             "--name",
             "web",
             "--replicas",
@@ -107,14 +122,6 @@ fn swarm_three_nodes() {
             "8080:80",
             "--hostname",
             "{{.Task.Name}}",
-            "--no-resolve-image",
-            IMAGE,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
         ],
     );
     let firsts = wait_answering(&s, 8080, Duration::from_secs(60));
@@ -313,12 +320,9 @@ fn swarm_three_nodes() {
     // mapping is not there in these nodes; the mesh takes the port from the task's
     // container). On an overlay network, so that the task has a docker_gwbridge leg.
     s.docker(1, &["network", "create", "-d", "overlay", "hostnet"]);
-    s.docker(
-        1,
+    create_httpd(
+        &s,
         &[
-            "service",
-            "create",
-            "-d",
             "--name",
             "hostmode",
             "--replicas",
@@ -329,14 +333,6 @@ fn swarm_three_nodes() {
             "mode=host,published=8090,target=80",
             "--hostname",
             "{{.Task.Name}}",
-            "--no-resolve-image",
-            IMAGE,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
         ],
     );
     let placed = s.wait_running("hostmode", 1, Duration::from_secs(60));

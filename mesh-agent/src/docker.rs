@@ -290,10 +290,14 @@ pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError>
     let mut out = LocalTasks::default();
     for c in list {
         let Some(id) = c.id else { continue };
-        let insp = docker
-            .inspect_container(&id, None)
-            .await
-            .map_err(api("inspect container"))?;
+        let insp = match docker.inspect_container(&id, None).await {
+            Ok(i) => i,
+            // Listed a moment ago, gone now (a task stopping): not an error.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => continue,
+            Err(e) => return Err(api("inspect container")(e)),
+        };
         let Some(ns) = insp.network_settings else {
             continue;
         };

@@ -44,6 +44,9 @@ pub const CT_HAIRPIN: u8 = 1 << 1;
 /// Reverse entry on a backend's node for a flow that arrived through the tunnel: replies
 /// go back through the tunnel to `peer` on `vni`.
 pub const CT_TUNNEL: u8 = 1 << 2;
+/// Forward entry of a connection attempt already given a second backend (after its
+/// first refused or never answered): a refusal is not held back again.
+pub const CT_RETRIED: u8 = 1 << 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -194,6 +197,13 @@ pub const fn syn_retried(state: CtState, tcp_flags: u8, created_ns: u64, now_ns:
         && now_ns.saturating_sub(created_ns) >= SYN_RETRY_NS
 }
 
+/// A backend's RST (any flags) while its reply entry has seen nothing but the SYN it
+/// was sent: the backend refused the connection.
+#[inline(always)]
+pub const fn refused(state: CtState, tcp_flags: u8) -> bool {
+    tcp_flags & TCP_RST != 0 && matches!(state, CtState::SynSent)
+}
+
 /// A SYN on an entry of a closed or closing flow starts a new flow (the client reused
 /// its port): pick a backend afresh.
 #[inline(always)]
@@ -276,6 +286,13 @@ mod tests {
         assert!(!expired(CtState::SynSent, 8000, t0, t0 + 59 * S));
         // A clock that reads earlier than last_seen (another CPU) is not expiry.
         assert!(!expired(CtState::Closed, 8000, t0, t0 - S));
+    }
+
+    #[test]
+    fn an_rst_before_any_answer_is_a_refusal() {
+        assert!(refused(CtState::SynSent, TCP_RST | TCP_ACK));
+        assert!(!refused(CtState::Established, TCP_RST));
+        assert!(!refused(CtState::SynSent, TCP_ACK));
     }
 
     #[test]

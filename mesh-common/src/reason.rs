@@ -163,6 +163,11 @@ reasons! {
     /// A client retransmitted the SYN of a flow its backend never answered: the flow
     /// was given a backend afresh (another one, where the service has several).
     ObsSynRetried = 62, "obs_syn_retried", Observation;
+    /// A backend answered a new connection's SYN with RST (a task Docker is already
+    /// deactivating refuses before any agent can know) while the service has others:
+    /// held back, once per connection, so that the client's SYN retransmit is given
+    /// another backend.
+    DropSynRefused = 63, "drop_syn_refused", Drop;
 }
 
 /// Size of the reason index space per hook (room to append reasons without a relayout).

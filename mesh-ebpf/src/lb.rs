@@ -8,7 +8,7 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
 use mesh_common::{
     config::MeshConfig,
-    ct::{self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_REVERSE, CT_TUNNEL},
+    ct::{self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_RETRIED, CT_REVERSE, CT_TUNNEL},
     hash::flow_hash,
     lb::{
         BackendState, Endpoint, Frontend, FrontendKey, Tunnel, FE_VIP, SVC_AFFINITY,
@@ -182,6 +182,8 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             count(pk.hook, Reason::ObsCtReopened, pk.bytes);
             let _ = MESH_CT_V1.remove(&key);
             return Step::Done(Outcome::NotOurs);
+        } else if reverse && e.flags & CT_TUNNEL == 0 && hold_refusal(pk, e) {
+            return Step::Done(pk.drop(Reason::DropSynRefused));
         } else {
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
             e.state = ct::advance(state, pk.f.tcp_flags) as u8;
@@ -198,6 +200,36 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
     new_flow(pk, cfg, now, salt)
 }
 
+/// A backend refused a new connection (RST to the SYN it was sent; `e` is the reply
+/// entry, not yet advanced): true when the refusal is to be held back. A task Docker is
+/// deactivating refuses at once, before any agent can know; held back once per
+/// connection where the service has another backend, the client's SYN retransmit a
+/// second later is given another one (`retry_salt`). Its own BPF function.
+#[inline(never)]
+fn hold_refusal(pk: &Pkt, e: &CtEntry) -> bool {
+    let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
+    if pk.f.proto != IPPROTO_TCP || !ct::refused(state, pk.f.tcp_flags) {
+        return false;
+    }
+    let client = if e.flags & CT_HAIRPIN != 0 { e.hairpin_addr } else { pk.f.daddr };
+    let fkey = CtKey::new(client, e.nat_addr, pk.f.dport, e.nat_port, pk.f.proto);
+    let Some(fwd) = MESH_CT_V1.get_ptr_mut(&fkey) else {
+        return false;
+    };
+    // SAFETY: a map value pointer for this run.
+    let fwd = unsafe { &mut *fwd };
+    if fwd.flags & CT_RETRIED != 0 {
+        return false;
+    }
+    // SAFETY: copied out at once.
+    let active = unsafe { MESH_SVC_V1.get(&fwd.svc_id) }.map_or(0, |s| s.active);
+    if active < 2 {
+        return false;
+    }
+    fwd.flags |= CT_RETRIED;
+    true
+}
+
 /// A retried SYN: removes the reply entry of the forward entry `e` (a late answer from
 /// the silent backend must not reach the client) and returns the salt for the new
 /// choice: the retry's second (odd, so never 0) or the next odd salt whose slot names
@@ -208,6 +240,9 @@ fn retry_salt(pk: &Pkt, e: &CtEntry, now: u64) -> u32 {
     let client = if e.flags & CT_HAIRPIN != 0 { e.hairpin_addr } else { pk.f.saddr };
     let rev = CtKey::new(e.nat_addr, client, e.nat_port, pk.f.sport, pk.f.proto);
     let _ = MESH_CT_V1.remove(&rev);
+    if let Some(s) = scratch() {
+        s.retry = CT_RETRIED;
+    }
     let base = (now / 1_000_000_000) as u32 | 1;
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { MESH_SVC_V1.get(&e.svc_id) }).copied() else {
@@ -372,7 +407,8 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
     e.nat_addr = target;
     e.nat_port = be.port;
     e.state = ct::initial(f.proto, f.tcp_flags) as u8;
-    e.flags = if snat { CT_HAIRPIN } else { 0 };
+    e.flags = if snat { CT_HAIRPIN } else { 0 } | s.retry;
+    s.retry = 0;
     e.hairpin_addr = if snat { client } else { 0 };
     e.ifindex = ifindex;
     if MESH_CT_V1.insert(&f.key(), &*e, 0).is_err() {
@@ -521,6 +557,9 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
             && e.flags & CT_TUNNEL == 0
             && !ct::expired(state, e.idle_s, e.last_seen_ns, now)
         {
+            if hold_refusal(pk, e) {
+                return pk.drop(Reason::DropSynRefused).action().unwrap_or(TC_ACT_SHOT);
+            }
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
             e.state = ct::advance(state, f.tcp_flags) as u8;
             e.last_seen_ns = now;

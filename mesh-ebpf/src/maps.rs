@@ -61,6 +61,9 @@ pub struct Scratch {
     pub encap: [u8; mesh_common::vxlan::ENCAP_LEN],
     /// Where the load balancer wants the packet tunnelled (see `lb::Outcome::ENCAP`).
     pub encap_to: Tunnel,
+    /// `CT_RETRIED` while a retried SYN is given a new backend (set by the retry, read
+    /// and cleared where the new entry is written: no extra stack on the deep path).
+    pub retry: u8,
 }
 
 #[btf_map]

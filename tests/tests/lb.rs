@@ -400,3 +400,52 @@ fn a_retransmitted_syn_gets_another_backend() {
         "retries seen: {retried}, slow: {slow}"
     );
 }
+
+/// A backend that refuses new connections (RST, as a task does once Docker has begun
+/// deactivating it, before any agent can know): the refusal is held back once, and the
+/// client's SYN retransmit goes to another backend; every request succeeds.
+#[test]
+fn a_refused_syn_gets_another_backend_once() {
+    let Some((topo, mesh)) = setup("a_refused_syn_gets_another_backend_once", "f") else {
+        return;
+    };
+    topo.t[1].exec(&[
+        "iptables",
+        "-I",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "--syn",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]);
+    let before = counters(&mesh);
+    let mut served = BTreeMap::new();
+    topo.c.enter(|| {
+        for _ in 0..30 {
+            let body = http_get(NODE, 8080).expect("answered despite the refusing backend");
+            *served.entry(split(&body).0).or_insert(0) += 1;
+        }
+    });
+    let d = counters(&mesh).since(&before);
+    let held = d.get(Hook::TcTask, Reason::DropSynRefused).packets;
+    let retried = d
+        .get(Hook::TcUnderlayIngress, Reason::ObsSynRetried)
+        .packets;
+    println!(
+        "lb: refusing backend: 30 of 30 requests answered by {served:?}; {held} refusals held \
+         back, {retried} SYNs retried on another backend"
+    );
+    assert!(
+        !served.contains_key(&1),
+        "the refusing task answered: {served:?}"
+    );
+    assert!(
+        held > 0 && retried >= held,
+        "held {held}, retried {retried}"
+    );
+}

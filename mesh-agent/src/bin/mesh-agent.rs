@@ -178,6 +178,28 @@ struct DockerSource {
     managers: BTreeSet<std::net::Ipv4Addr>,
     manager: bool,
     quick_seen: Option<BTreeSet<String>>,
+    /// On a manager: every task seen shutting down, and when. Docker deletes a task
+    /// removed by a scale-down from its store while the container may still be in its
+    /// stop grace period (and in the gossiped tables): what was seen stopping stays
+    /// stopping for a minute.
+    stopping_seen: std::collections::BTreeMap<String, Instant>,
+}
+
+/// How long a task seen shutting down is remembered as such.
+const STOPPING_MEMORY: Duration = Duration::from_secs(60);
+
+impl DockerSource {
+    /// A manager's shutting-down tasks: what /tasks says now and what it said in the
+    /// last minute.
+    async fn stopping(&mut self) -> Result<BTreeSet<String>, docker::DockerError> {
+        let now = Instant::now();
+        for id in docker::stopping_tasks(&self.docker).await? {
+            self.stopping_seen.entry(id).or_insert(now);
+        }
+        self.stopping_seen
+            .retain(|_, t| now.duration_since(*t) < STOPPING_MEMORY);
+        Ok(self.stopping_seen.keys().cloned().collect())
+    }
 }
 
 impl DockerSource {
@@ -187,7 +209,7 @@ impl DockerSource {
     /// its container has exited, and it may refuse connections well before that).
     async fn quick_changed(&mut self) -> bool {
         let stopping = if self.manager {
-            docker::stopping_tasks(&self.docker).await.ok()
+            self.stopping().await.ok()
         } else if self.peer_port != 0 && !self.managers.is_empty() {
             let managers: Vec<_> = self.managers.iter().copied().collect();
             let reports =
@@ -221,7 +243,7 @@ impl DockerSource {
         swarm::add_host_ports(&mut model, &tasks.host_ports);
         let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
         let stopping = if view.manager {
-            docker::stopping_tasks(&self.docker).await?
+            self.stopping().await?
         } else {
             BTreeSet::new()
         };
@@ -274,6 +296,7 @@ async fn first_docker_model(
                 managers: BTreeSet::new(),
                 manager: false,
                 quick_seen: None,
+                stopping_seen: Default::default(),
             };
             let m = src.model().await?;
             anyhow::Ok((src, m))
@@ -305,6 +328,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 managers: BTreeSet::new(),
                 manager: false,
                 quick_seen: None,
+                stopping_seen: Default::default(),
             };
             print!("{}", model::to_yaml(&src.model().await?));
             Ok(())

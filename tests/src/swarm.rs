@@ -220,7 +220,8 @@ pub fn http(addr: Ipv4Addr, port: u16, path: &str, timeout: Duration) -> std::io
 }
 
 /// A load generator in the client namespace: sequential requests, round-robin over
-/// `targets`, counting answers and failures (with what failed, for the message).
+/// `targets`, counting answers, slow answers (a SYN retransmitted) and failures (with
+/// what failed, for the message). 10 s to connect and to answer.
 pub struct Load {
     pub t0: Instant,
     /// Requests that took over 900 ms (a SYN retransmitted, at least).
@@ -260,7 +261,9 @@ impl Load {
                 let (a, p) = targets[i % targets.len()];
                 i += 1;
                 let t = Instant::now();
-                match http(a, p, path, Duration::from_secs(3)) {
+                // A client's usual patience (curl and browsers wait far longer to
+                // connect): room for the SYN retransmits at 1 s and 3 s.
+                match http(a, p, path, Duration::from_secs(10)) {
                     Ok(_) => {
                         o.fetch_add(1, Ordering::Relaxed);
                         if t.elapsed() > Duration::from_millis(900) {

@@ -135,6 +135,33 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
     })
 }
 
+/// Service labels the mesh reads (`mesh.*`), per service name. Managers only.
+pub type MeshLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// On a manager: every service's `mesh.*` labels.
+pub async fn mesh_labels(docker: &Docker) -> Result<MeshLabels, DockerError> {
+    let services = docker
+        .list_services(None::<bollard::query_parameters::ListServicesOptions>)
+        .await
+        .map_err(|source| DockerError::Api {
+            what: "list services",
+            source,
+        })?;
+    Ok(services
+        .into_iter()
+        .filter_map(|s| {
+            let spec = s.spec?;
+            let labels: BTreeMap<String, String> = spec
+                .labels
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("mesh."))
+                .collect();
+            (!labels.is_empty()).then_some((spec.name?, labels))
+        })
+        .collect())
+}
+
 /// On a manager: the tasks the orchestrator is shutting down or has shut down (desired
 /// state no longer running). Docker keeps such a task in its gossiped tables until its
 /// container has exited and a moment longer, but it may refuse connections as soon as

@@ -28,6 +28,20 @@ pub struct Report {
     /// On a manager: ids of the tasks being shut down.
     #[serde(default)]
     pub stopping: BTreeSet<String>,
+    /// On a manager: services' `mesh.*` labels (workers cannot read services).
+    #[serde(default)]
+    pub labels: crate::docker::MeshLabels,
+}
+
+/// The service labels the managers report (the first manager that answers).
+pub fn manager_labels(
+    reports: &BTreeMap<Ipv4Addr, Report>,
+    managers: &BTreeSet<Ipv4Addr>,
+) -> Option<crate::docker::MeshLabels> {
+    reports
+        .iter()
+        .find(|(p, _)| managers.contains(p))
+        .map(|(_, r)| r.labels.clone())
 }
 
 /// Serves this node's report.
@@ -129,6 +143,7 @@ mod tests {
             Report {
                 not_healthy: all,
                 stopping: BTreeSet::from(["t6".to_string()]),
+                labels: BTreeMap::new(),
             },
         )]);
         let five = BTreeSet::from(["10.0.0.5".parse().unwrap()]);
@@ -149,6 +164,10 @@ mod tests {
         let report = Report {
             not_healthy: BTreeSet::from(["10.0.0.9".parse().unwrap()]),
             stopping: BTreeSet::from(["abc".to_string()]),
+            labels: BTreeMap::from([(
+                "web".to_string(),
+                BTreeMap::from([("mesh.affinity".to_string(), "client-ip".to_string())]),
+            )]),
         };
         let local = Arc::new(Mutex::new(report.clone()));
         tokio::spawn(serve(listener, local));

@@ -176,6 +176,66 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
     m
 }
 
+/// A duration label: seconds, or a number with s, m, h or d.
+fn duration_s(v: &str) -> Option<u32> {
+    let v = v.trim();
+    let (n, unit) = match v.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&v[..i], c),
+        _ => (v, 's'),
+    };
+    let n: u32 = n.parse().ok()?;
+    n.checked_mul(match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    })
+}
+
+/// What Docker cannot express, from service labels (documented in README):
+/// `mesh.disable=true` takes the service out of the mesh (no frontend anywhere),
+/// `mesh.idle-timeout=DURATION` sets the TCP idle timeout of its flows,
+/// `mesh.udp-idle-timeout=DURATION` the UDP one, `mesh.affinity=client-ip` sends each
+/// client to one task. Applies to the service's published ports, VIPs and host-mode
+/// ports; a label it cannot read is reported and ignored.
+pub fn apply_labels(model: &mut Model, labels: &crate::docker::MeshLabels) -> Vec<String> {
+    let mut bad = Vec::new();
+    model.services.retain(|s| {
+        let base = s.name.split('@').next().unwrap_or(&s.name);
+        !labels
+            .get(base)
+            .and_then(|l| l.get("mesh.disable"))
+            .is_some_and(|v| v == "true")
+    });
+    for s in &mut model.services {
+        let base = s.name.split('@').next().unwrap_or(&s.name).to_string();
+        let Some(l) = labels.get(&base) else { continue };
+        for (k, v) in l {
+            match k.as_str() {
+                "mesh.disable" => {}
+                "mesh.idle-timeout" => match duration_s(v) {
+                    Some(t) if t > 0 => s.tcp_idle = Some(t),
+                    _ => bad.push(format!("{base}: {k}={v} (a duration: 3600, 90m, 2h)")),
+                },
+                "mesh.udp-idle-timeout" => match duration_s(v) {
+                    Some(t) if t > 0 => s.udp_idle = Some(t),
+                    _ => bad.push(format!("{base}: {k}={v} (a duration: 300, 5m)")),
+                },
+                "mesh.affinity" => match v.as_str() {
+                    "client-ip" => s.affinity = true,
+                    "none" => s.affinity = false,
+                    _ => bad.push(format!("{base}: {k}={v} (client-ip or none)")),
+                },
+                _ => bad.push(format!("{base}: unknown label {k}")),
+            }
+        }
+    }
+    bad.sort();
+    bad.dedup();
+    bad
+}
+
 /// Adds this node's host-mode published ports (from its own containers: Docker's
 /// gossiped tables do not have them): one service per (service, protocol, published
 /// port), answering on this node's addresses with this node's tasks only.
@@ -453,6 +513,38 @@ mod tests {
             ],
             services: BTreeMap::from([("web".into(), serde_json::from_str(WEB).unwrap())]),
         }
+    }
+
+    #[test]
+    fn labels_set_what_docker_cannot_express() {
+        let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+        let mut n = ingress();
+        n.services
+            .insert("db".into(), serde_json::from_str(WEB).unwrap());
+        let label = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let labels = BTreeMap::from([
+            (
+                "web".to_string(),
+                BTreeMap::from([
+                    label("mesh.idle-timeout", "2h"),
+                    label("mesh.affinity", "client-ip"),
+                    label("mesh.colour", "blue"),
+                ]),
+            ),
+            (
+                "db".to_string(),
+                BTreeMap::from([label("mesh.disable", "true")]),
+            ),
+        ]);
+        let mut m = model_from(&[n], me, "eth0");
+        let bad = apply_labels(&mut m, &labels);
+        assert_eq!(bad, vec!["web: unknown label mesh.colour".to_string()]);
+        assert!(m.services.iter().all(|s| s.name != "db"), "opted out");
+        assert_eq!(web(&m).tcp_idle, Some(7200));
+        assert!(web(&m).affinity);
+        assert_eq!(duration_s("90m"), Some(5400));
+        assert_eq!(duration_s("300"), Some(300));
+        assert_eq!(duration_s("x"), None);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! published port on every node with the client's IP kept; scale and rolling updates
 //! under load with zero failed requests; an unhealthy task out of rotation on every node
 //! within 2 s of Docker reporting it; `kill -9` of an agent under load; draining a node
-//! under load; host-mode publishing; the agents' event lag, from their metrics.
+//! under load; host-mode publishing; service labels; the agents' event lag, from their
+//! metrics.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -360,6 +361,60 @@ fn swarm_three_nodes() {
     }
     println!(
         "swarm: host-mode port 8090 answers on node {at} (its task's, client IP kept) and on no other node"
+    );
+
+    // --- Service labels: client-IP affinity, and opting a service out of the mesh.
+    s.docker(
+        1,
+        &[
+            "service",
+            "update",
+            "-d",
+            "--label-add",
+            "mesh.affinity=client-ip",
+            "web",
+        ],
+    );
+    let t = Instant::now();
+    let sticky = loop {
+        let sp = spread(&s, 8080, 10);
+        let tasks: BTreeSet<&String> = sp.values().flat_map(|m| m.keys()).collect();
+        if tasks.len() == 1 {
+            break ((*tasks.iter().next().unwrap()).clone(), t.elapsed());
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "mesh.affinity=client-ip: still spread over {tasks:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    create_httpd(
+        &s,
+        &[
+            "--name",
+            "optout",
+            "--replicas",
+            "2",
+            "-p",
+            "8083:80",
+            "--label",
+            "mesh.disable=true",
+        ],
+    );
+    s.wait_running("optout", 2, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    for node in 1..=s.nodes {
+        assert!(
+            who(&s, node, 8083).is_err(),
+            "node {node} answers a service labelled mesh.disable=true"
+        );
+    }
+    println!(
+        "swarm: mesh.affinity=client-ip sends this client to {} from every node ({:.1} s \
+         after the label); mesh.disable=true leaves the service to Docker (nothing answers \
+         without IPVS)",
+        sticky.0,
+        sticky.1.as_secs_f64()
     );
 
     // --- What the agents measured: the lag from a Docker event to the maps written.

@@ -183,6 +183,8 @@ struct DockerSource {
     /// stop grace period (and in the gossiped tables): what was seen stopping stays
     /// stopping for a minute.
     stopping_seen: std::collections::BTreeMap<String, Instant>,
+    /// Label problems already reported (once each).
+    label_warned: BTreeSet<String>,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -255,17 +257,33 @@ impl DockerSource {
             .flatten()
             .copied()
             .collect();
+        let mut labels = if view.manager {
+            Some(docker::mesh_labels(&self.docker).await?)
+        } else {
+            None
+        };
         *self.report.lock().expect("report lock") = mesh_agent::peers::Report {
             not_healthy: tasks.not_healthy,
             stopping,
+            labels: labels.clone().unwrap_or_default(),
         };
         if self.peer_port != 0 {
             let peers: Vec<_> = model.peers.iter().map(|p| p.addr).collect();
             let reports =
                 mesh_agent::peers::poll(&peers, self.peer_port, Duration::from_millis(250)).await;
+            if labels.is_none() {
+                labels = mesh_agent::peers::manager_labels(&reports, &view.managers);
+            }
             let (sick, stop) = mesh_agent::peers::credible(&model, &reports, &view.managers, &ids);
             not_healthy.extend(sick);
             stopping_addrs.extend(stop);
+        }
+        if let Some(l) = &labels {
+            for bad in swarm::apply_labels(&mut model, l) {
+                if self.label_warned.insert(bad.clone()) {
+                    tracing::warn!("service label ignored: {bad}");
+                }
+            }
         }
         swarm::settle_local(&mut model, &found, &not_healthy, &stopping_addrs);
         self.drain.hold_warming(&mut model, now);
@@ -297,6 +315,7 @@ async fn first_docker_model(
                 manager: false,
                 quick_seen: None,
                 stopping_seen: Default::default(),
+                label_warned: Default::default(),
             };
             let m = src.model().await?;
             anyhow::Ok((src, m))
@@ -329,6 +348,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 manager: false,
                 quick_seen: None,
                 stopping_seen: Default::default(),
+                label_warned: Default::default(),
             };
             print!("{}", model::to_yaml(&src.model().await?));
             Ok(())

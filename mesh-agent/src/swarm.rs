@@ -203,10 +203,10 @@ pub fn apply_labels(model: &mut Model, labels: &crate::docker::MeshLabels) -> Ve
     let mut bad = Vec::new();
     model.services.retain(|s| {
         let base = s.name.split('@').next().unwrap_or(&s.name);
-        !labels
+        labels
             .get(base)
             .and_then(|l| l.get("mesh.disable"))
-            .is_some_and(|v| v == "true")
+            .is_none_or(|v| v != "true")
     });
     for s in &mut model.services {
         let base = s.name.split('@').next().unwrap_or(&s.name).to_string();

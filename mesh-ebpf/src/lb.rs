@@ -182,7 +182,11 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             count(pk.hook, Reason::ObsCtReopened, pk.bytes);
             let _ = MESH_CT_V1.remove(&key);
             return Step::Done(Outcome::NotOurs);
-        } else if reverse && e.flags & CT_TUNNEL == 0 && hold_refusal(pk, e) {
+        } else if reverse
+            && e.flags & CT_TUNNEL == 0
+            && pk.f.tcp_flags & TCP_RST != 0
+            && hold_refusal(pk, e)
+        {
             return Step::Done(pk.drop(Reason::DropSynRefused));
         } else {
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
@@ -557,7 +561,8 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
             && e.flags & CT_TUNNEL == 0
             && !ct::expired(state, e.idle_s, e.last_seen_ns, now)
         {
-            if hold_refusal(pk, e) {
+            // Only an RST can be a refusal: the call stays off every other reply.
+            if f.tcp_flags & TCP_RST != 0 && hold_refusal(pk, e) {
                 return pk.drop(Reason::DropSynRefused).action().unwrap_or(TC_ACT_SHOT);
             }
             count(pk.hook, Reason::ObsCtHit, pk.bytes);

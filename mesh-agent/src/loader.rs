@@ -221,15 +221,17 @@ impl Datapath {
     ) -> Result<(), MeshError> {
         let ifindex = preflight::ifindex(interface)?;
         let path = pins.link(hook, ifindex);
-        let program = match hook {
-            Hook::TcUnderlay => programs::TC_UNDERLAY_INGRESS,
-            Hook::TcTask => programs::TC_TASK,
-            Hook::XdpUnderlay => programs::XDP_UNDERLAY,
-        };
+        let program = hook.program();
         let attach_err = |source| MeshError::Attach {
             program,
             interface: interface.into(),
             source,
+        };
+        // Netlink (clsact) attachments, before kernel 6.6, cannot be pinned.
+        let unpinnable = |e: aya::programs::links::LinkError| MeshError::Link {
+            hook: hook.name(),
+            interface: interface.into(),
+            detail: e.to_string(),
         };
         if path.exists() {
             match self.take_over(hook, &path) {
@@ -246,12 +248,7 @@ impl Datapath {
                 let prog = self.xdp_mut()?;
                 let id = prog.attach(interface, xdp_mode).map_err(attach_err)?;
                 let link = prog.take_link(id).map_err(attach_err)?;
-                link.try_into()
-                    .map_err(|e: aya::programs::links::LinkError| MeshError::Link {
-                        hook: hook.name(),
-                        interface: interface.into(),
-                        detail: e.to_string(),
-                    })?
+                link.try_into().map_err(unpinnable)?
             }
             Hook::TcUnderlay | Hook::TcTask => {
                 let prog = self.program_mut::<SchedClassifier>(program)?;
@@ -259,13 +256,7 @@ impl Datapath {
                     .attach(interface, TcAttachType::Ingress)
                     .map_err(attach_err)?;
                 let link = prog.take_link(id).map_err(attach_err)?;
-                // Netlink (clsact) attachments, before kernel 6.6, cannot be pinned.
-                link.try_into()
-                    .map_err(|e: aya::programs::links::LinkError| MeshError::Link {
-                        hook: hook.name(),
-                        interface: interface.into(),
-                        detail: e.to_string(),
-                    })?
+                link.try_into().map_err(unpinnable)?
             }
         };
         // The pin is the link's only owner once `fd` is dropped.
@@ -290,14 +281,9 @@ impl Datapath {
                 drop(prog.take_link(id).map_err(|e| e.to_string())?);
             }
             Hook::TcUnderlay | Hook::TcTask => {
-                let name = if hook == Hook::TcTask {
-                    programs::TC_TASK
-                } else {
-                    programs::TC_UNDERLAY_INGRESS
-                };
                 let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
                 let prog = self
-                    .program_mut::<SchedClassifier>(name)
+                    .program_mut::<SchedClassifier>(hook.program())
                     .map_err(|e| e.to_string())?;
                 let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
                 drop(prog.take_link(id).map_err(|e| e.to_string())?);

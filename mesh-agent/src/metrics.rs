@@ -250,13 +250,9 @@ pub fn render(
 pub fn conntrack_entries(dir: &std::path::Path) -> Option<usize> {
     use aya::maps::{HashMap, Map, MapData};
     use mesh_common::ct::{CtEntry, CtKey, CT_MAP};
+    // The conntrack map is an LRU hash (mesh-ebpf/src/maps.rs).
     let data = MapData::from_pin(dir.join(CT_MAP)).ok()?;
-    let map: HashMap<_, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(data))
-        .or_else(|_| {
-            let data = MapData::from_pin(dir.join(CT_MAP)).ok().ok_or(())?;
-            HashMap::try_from(Map::HashMap(data)).map_err(|_| ())
-        })
-        .ok()?;
+    let map: HashMap<_, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(data)).ok()?;
     Some(map.keys().filter(|k| k.is_ok()).count())
 }
 

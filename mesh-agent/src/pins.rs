@@ -42,6 +42,16 @@ pub enum Hook {
 impl Hook {
     pub const ALL: [Hook; 3] = [Hook::TcUnderlay, Hook::XdpUnderlay, Hook::TcTask];
 
+    /// The program this hook runs.
+    pub fn program(self) -> &'static str {
+        use mesh_common::config::programs;
+        match self {
+            Hook::TcUnderlay => programs::TC_UNDERLAY_INGRESS,
+            Hook::XdpUnderlay => programs::XDP_UNDERLAY,
+            Hook::TcTask => programs::TC_TASK,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Hook::TcUnderlay => "tc_underlay",

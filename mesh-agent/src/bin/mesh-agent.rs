@@ -191,6 +191,21 @@ struct DockerSource {
 const STOPPING_MEMORY: Duration = Duration::from_secs(60);
 
 impl DockerSource {
+    fn new(docker: bollard::Docker, drain: swarm::DrainTracker, peer_port: u16) -> Self {
+        DockerSource {
+            docker,
+            drain,
+            me: None,
+            report: Default::default(),
+            peer_port,
+            managers: BTreeSet::new(),
+            manager: false,
+            quick_seen: None,
+            stopping_seen: Default::default(),
+            label_warned: Default::default(),
+        }
+    }
+
     /// A manager's shutting-down tasks: what /tasks says now and what it said in the
     /// last minute.
     async fn stopping(&mut self) -> Result<BTreeSet<String>, docker::DockerError> {
@@ -202,9 +217,7 @@ impl DockerSource {
             .retain(|_, t| now.duration_since(*t) < STOPPING_MEMORY);
         Ok(self.stopping_seen.keys().cloned().collect())
     }
-}
 
-impl DockerSource {
     /// The orchestrator's shutdowns, cheaply: on a manager from its own /tasks, else
     /// from the managers' reports. True when they changed since the last look (then a
     /// full resync follows at once: Docker's gossip shows a task being shut down until
@@ -304,19 +317,11 @@ async fn first_docker_model(
     loop {
         let attempt = async {
             let docker = docker::connect(socket).await?;
-            let mut src = DockerSource {
+            let mut src = DockerSource::new(
                 docker,
-                drain: swarm::DrainTracker::new(drain)
-                    .with_warmup(Duration::from_millis(warmup_ms)),
-                me: None,
-                report: Default::default(),
+                swarm::DrainTracker::new(drain).with_warmup(Duration::from_millis(warmup_ms)),
                 peer_port,
-                managers: BTreeSet::new(),
-                manager: false,
-                quick_seen: None,
-                stopping_seen: Default::default(),
-                label_warned: Default::default(),
-            };
+            );
             let m = src.model().await?;
             anyhow::Ok((src, m))
         };
@@ -338,18 +343,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.print_docker_model {
         return rt.block_on(async {
             let docker = docker::connect(&args.docker).await?;
-            let mut src = DockerSource {
-                docker,
-                drain: swarm::DrainTracker::new(Duration::ZERO),
-                me: None,
-                report: Default::default(),
-                peer_port: 0,
-                managers: BTreeSet::new(),
-                manager: false,
-                quick_seen: None,
-                stopping_seen: Default::default(),
-                label_warned: Default::default(),
-            };
+            let mut src = DockerSource::new(docker, swarm::DrainTracker::new(Duration::ZERO), 0);
             print!("{}", model::to_yaml(&src.model().await?));
             Ok(())
         });

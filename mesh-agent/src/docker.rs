@@ -193,6 +193,8 @@ pub struct LocalTasks {
     pub not_healthy: std::collections::BTreeSet<Ipv4Addr>,
     /// Host-mode published ports of local tasks (not in Docker's gossiped tables).
     pub host_ports: Vec<HostPort>,
+    /// The tasks' overlay veths, where east-west flows to VIPs start.
+    pub overlay_ports: Vec<crate::model::OverlayPortSpec>,
 }
 
 /// A host-mode published port of a task on this node, delivered to the task's address
@@ -288,6 +290,52 @@ pub async fn follow_events(
     Ok(())
 }
 
+/// A task's overlay veths: for each network it is on whose namespace Docker keeps next
+/// to the task's sandbox (`1-<first 10 of the network id>`: an overlay), the host side
+/// of the veth that holds the task's address there (the peer of the task's interface).
+fn overlay_ports(
+    sandbox: &std::path::Path,
+    nets: &std::collections::HashMap<String, bollard::models::EndpointSettings>,
+    task_links: &[(crate::netdev::Link, Vec<Ipv4Addr>)],
+    cache: &mut BTreeMap<std::path::PathBuf, Vec<crate::netdev::Link>>,
+) -> Vec<crate::model::OverlayPortSpec> {
+    let Some(dir) = sandbox.parent() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in nets.values() {
+        let (Some(id), Some(ip)) = (e.network_id.as_deref(), e.ip_address.as_deref()) else {
+            continue;
+        };
+        let (Some(prefix), Ok(ip)) = (id.get(..10), ip.parse::<Ipv4Addr>()) else {
+            continue;
+        };
+        let netns = dir.join(format!("1-{prefix}"));
+        let Some(peer) = task_links
+            .iter()
+            .find(|(_, a)| a.contains(&ip))
+            .and_then(|(l, _)| l.peer)
+        else {
+            continue;
+        };
+        if !cache.contains_key(&netns) {
+            // Not an overlay (no such namespace), or going away: nothing to attach.
+            let Ok(links) = crate::netdev::links_in(&netns) else {
+                continue;
+            };
+            cache.insert(netns.clone(), links);
+        }
+        if let Some(l) = cache[&netns].iter().find(|l| l.index == peer) {
+            out.push(crate::model::OverlayPortSpec {
+                netns,
+                interface: l.name.clone(),
+                ifindex: l.index,
+            });
+        }
+    }
+    out
+}
+
 /// The delivery interfaces of this node's tasks (all of them, also those the gossiped
 /// view does not list yet: another node may learn of a new task first and send it a
 /// flow, which must find its endpoint here): the host side
@@ -315,6 +363,8 @@ pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError>
         return Ok(LocalTasks::default());
     };
     let mut out = LocalTasks::default();
+    // Links of each overlay network's namespace, listed once per call.
+    let mut overlay_links = BTreeMap::new();
     for c in list {
         let Some(id) = c.id else { continue };
         let insp = match docker.inspect_container(&id, None).await {
@@ -374,6 +424,12 @@ pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError>
         let Ok(links) = crate::netdev::links_and_addrs_in(std::path::Path::new(&sandbox)) else {
             continue;
         };
+        out.overlay_ports.extend(overlay_ports(
+            std::path::Path::new(&sandbox),
+            &nets,
+            &links,
+            &mut overlay_links,
+        ));
         let found = links.iter().find_map(|(l, addrs)| {
             let host = node_links
                 .iter()

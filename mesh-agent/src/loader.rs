@@ -18,6 +18,7 @@ use mesh_common::{
 };
 
 use crate::{
+    netdev,
     pins::{Hook, PinDir, PINNED_MAPS},
     preflight, MeshError,
 };
@@ -111,7 +112,12 @@ impl Datapath {
             program: programs::XDP_UNDERLAY,
             source,
         })?;
-        for name in [programs::TC_UNDERLAY_INGRESS, programs::TC_TASK] {
+        for name in [
+            programs::TC_UNDERLAY_INGRESS,
+            programs::TC_TASK,
+            programs::TC_OVERLAY_IN,
+            programs::TC_OVERLAY_OUT,
+        ] {
             dp.program_mut::<SchedClassifier>(name)?
                 .load()
                 .map_err(|source| MeshError::Program {
@@ -164,6 +170,14 @@ impl Datapath {
 
     pub fn tc_task(&self) -> Result<&SchedClassifier, MeshError> {
         self.program(programs::TC_TASK)
+    }
+
+    pub fn tc_overlay_in(&self) -> Result<&SchedClassifier, MeshError> {
+        self.program(programs::TC_OVERLAY_IN)
+    }
+
+    pub fn tc_overlay_out(&self) -> Result<&SchedClassifier, MeshError> {
+        self.program(programs::TC_OVERLAY_OUT)
     }
 
     fn xdp_mut(&mut self) -> Result<&mut Xdp, MeshError> {
@@ -219,8 +233,37 @@ impl Datapath {
         pins: &PinDir,
         xdp_mode: XdpMode,
     ) -> Result<(), MeshError> {
+        self.attach_pinned_as(hook, interface, pins, xdp_mode, 0)
+            .map(|_| ())
+    }
+
+    /// As [`Self::attach_pinned`], to `interface` of the network namespace at `netns` (a
+    /// task's overlay veth in Docker's namespace of an overlay network). Returns the pin.
+    pub fn attach_pinned_in(
+        &mut self,
+        hook: Hook,
+        netns: &Path,
+        interface: &str,
+        pins: &PinDir,
+    ) -> Result<PathBuf, MeshError> {
+        let id = netdev::netns_id(netns)?;
+        // The interface name, and the link's target, resolve in the calling thread's
+        // namespace: attach from a thread inside it.
+        netdev::in_netns(netns, || {
+            self.attach_pinned_as(hook, interface, pins, XdpMode::default(), id)
+        })
+    }
+
+    fn attach_pinned_as(
+        &mut self,
+        hook: Hook,
+        interface: &str,
+        pins: &PinDir,
+        xdp_mode: XdpMode,
+        netns: u64,
+    ) -> Result<PathBuf, MeshError> {
         let ifindex = preflight::ifindex(interface)?;
-        let path = pins.link(hook, ifindex);
+        let path = pins.link_in(hook, netns, ifindex);
         let program = hook.program();
         let attach_err = |source| MeshError::Attach {
             program,
@@ -235,7 +278,7 @@ impl Datapath {
         };
         if path.exists() {
             match self.take_over(hook, &path) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(path),
                 Err(e) => {
                     // A link whose interface went away, or a foreign pin: replace it.
                     tracing::warn!(link = %path.display(), "not taking over a pinned link ({e}); attaching afresh");
@@ -250,11 +293,14 @@ impl Datapath {
                 let link = prog.take_link(id).map_err(attach_err)?;
                 link.try_into().map_err(unpinnable)?
             }
-            Hook::TcUnderlay | Hook::TcTask => {
+            Hook::TcUnderlay | Hook::TcTask | Hook::TcOverlayIn | Hook::TcOverlayOut => {
+                let side = if hook == Hook::TcOverlayOut {
+                    TcAttachType::Egress
+                } else {
+                    TcAttachType::Ingress
+                };
                 let prog = self.program_mut::<SchedClassifier>(program)?;
-                let id = prog
-                    .attach(interface, TcAttachType::Ingress)
-                    .map_err(attach_err)?;
+                let id = prog.attach(interface, side).map_err(attach_err)?;
                 let link = prog.take_link(id).map_err(attach_err)?;
                 link.try_into().map_err(unpinnable)?
             }
@@ -265,7 +311,7 @@ impl Datapath {
             path: path.clone(),
             source,
         })?;
-        Ok(())
+        Ok(path)
     }
 
     fn take_over(&mut self, hook: Hook, path: &Path) -> Result<(), String> {
@@ -280,7 +326,7 @@ impl Datapath {
                 // Owned by the pin from here on; dropping our fd leaves it attached.
                 drop(prog.take_link(id).map_err(|e| e.to_string())?);
             }
-            Hook::TcUnderlay | Hook::TcTask => {
+            Hook::TcUnderlay | Hook::TcTask | Hook::TcOverlayIn | Hook::TcOverlayOut => {
                 let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
                 let prog = self
                     .program_mut::<SchedClassifier>(hook.program())

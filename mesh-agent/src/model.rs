@@ -40,6 +40,21 @@ pub struct Model {
     /// are reachable without being listed here).
     #[serde(default)]
     pub remote_tasks: Vec<RemoteTaskSpec>,
+    /// Local tasks' overlay veths (in Docker's namespace of each overlay network): the
+    /// overlay hooks answer ARP for every-port VIPs there and balance flows to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay_ports: Vec<OverlayPortSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayPortSpec {
+    /// The overlay network's namespace (`<docker exec-root>/netns/1-<network id>`).
+    pub netns: std::path::PathBuf,
+    /// Host side of the task's veth there, and its index (a name is reused when a task
+    /// is replaced; the index is not).
+    pub interface: String,
+    pub ifindex: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +115,12 @@ pub struct ServiceSpec {
     /// Client-IP affinity: every connection from one client address goes to one backend.
     #[serde(default)]
     pub affinity: bool,
+    /// The VIPs take every port and protocol to the same port of a task, which the
+    /// task reaches over Docker's overlay (Docker's own VIP behaviour; `ports` are not
+    /// needed). Without it, a VIP answers on the ports' target ports, for tasks behind
+    /// delivery veths.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub every_port: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -352,6 +373,17 @@ pub fn desired(
             udp_idle_s: svc.udp_idle.unwrap_or(UDP_IDLE_DEFAULT_S),
             affinity: svc.affinity,
         };
+        if svc.every_port && !svc.vips.is_empty() {
+            // Port 0 in the group: the port the client dialled.
+            let name = GroupName(format!("{}/vip", svc.name).to_lowercase());
+            d.groups.insert(name.clone(), group(backends(0, false)));
+            for vip in &svc.vips {
+                d.frontends.insert(
+                    mesh_common::lb::any_port_vip(u32::from_ne_bytes(vip.octets())),
+                    (name.clone(), FE_VIP),
+                );
+            }
+        }
         for p in &svc.ports {
             let proto = p.protocol.number();
             let shared =
@@ -361,7 +393,7 @@ pub fn desired(
                     .entry(shared.clone())
                     .or_insert_with(|| group(backends(p.target, false)));
             }
-            for vip in &svc.vips {
+            for vip in svc.vips.iter().filter(|_| !svc.every_port) {
                 d.frontends.insert(
                     fe_key(u32::from_ne_bytes(vip.octets()), p.target, proto),
                     (shared.clone(), FE_VIP),

@@ -247,8 +247,19 @@ pub fn links_and_addrs_in(
     })
 }
 
+/// The identity of the network namespace at `netns`: its inode.
+pub fn netns_id(netns: &std::path::Path) -> Result<u64, MeshError> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(netns)
+        .map(|m| m.ino())
+        .map_err(|source| MeshError::Io {
+            what: format!("network namespace {}", netns.display()),
+            source,
+        })
+}
+
 /// Runs `f` on a thread that has entered the network namespace at `netns`.
-fn in_netns<R: Send>(
+pub fn in_netns<R: Send>(
     netns: &std::path::Path,
     f: impl FnOnce() -> Result<R, MeshError> + Send,
 ) -> Result<R, MeshError> {

@@ -128,6 +128,7 @@ mod tests {
                 tcp_idle: None,
                 udp_idle: None,
                 affinity: false,
+                every_port: false,
             }],
             ..Default::default()
         };

@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! <dir>/MESH_*_V1              maps
-//! <dir>/links/<hook>-<ifindex> links: tc_underlay, xdp_underlay, tc_task (bpffs
-//!                              refuses dots in names)
+//! <dir>/links/<hook>-<ifindex> links in the agent's namespace: tc_underlay,
+//!                              xdp_underlay, tc_task (bpffs refuses dots in names)
+//! <dir>/links/<hook>-<netns>-<ifindex>
+//!                              links in another namespace (its inode): tc_ovl_in,
+//!                              tc_ovl_out on tasks' overlay veths
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -37,10 +40,20 @@ pub enum Hook {
     TcUnderlay,
     XdpUnderlay,
     TcTask,
+    /// Ingress of a task's overlay veth (host side, in the overlay's namespace).
+    TcOverlayIn,
+    /// Egress of the same.
+    TcOverlayOut,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 3] = [Hook::TcUnderlay, Hook::XdpUnderlay, Hook::TcTask];
+    pub const ALL: [Hook; 5] = [
+        Hook::TcUnderlay,
+        Hook::XdpUnderlay,
+        Hook::TcTask,
+        Hook::TcOverlayIn,
+        Hook::TcOverlayOut,
+    ];
 
     /// The program this hook runs.
     pub fn program(self) -> &'static str {
@@ -49,6 +62,8 @@ impl Hook {
             Hook::TcUnderlay => programs::TC_UNDERLAY_INGRESS,
             Hook::XdpUnderlay => programs::XDP_UNDERLAY,
             Hook::TcTask => programs::TC_TASK,
+            Hook::TcOverlayIn => programs::TC_OVERLAY_IN,
+            Hook::TcOverlayOut => programs::TC_OVERLAY_OUT,
         }
     }
 
@@ -57,7 +72,14 @@ impl Hook {
             Hook::TcUnderlay => "tc_underlay",
             Hook::XdpUnderlay => "xdp_underlay",
             Hook::TcTask => "tc_task",
+            Hook::TcOverlayIn => "tc_ovl_in",
+            Hook::TcOverlayOut => "tc_ovl_out",
         }
+    }
+
+    /// Whether it lives on a task's overlay veth, in another network namespace.
+    pub fn overlay(self) -> bool {
+        matches!(self, Hook::TcOverlayIn | Hook::TcOverlayOut)
     }
 }
 
@@ -65,6 +87,8 @@ impl Hook {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkPin {
     pub hook: Hook,
+    /// Inode of the network namespace it is in; 0: the agent's own.
+    pub netns: u64,
     pub ifindex: u32,
     pub path: PathBuf,
 }
@@ -93,9 +117,17 @@ impl PinDir {
     }
 
     pub fn link(&self, hook: Hook, ifindex: u32) -> PathBuf {
-        self.root
-            .join("links")
-            .join(format!("{}-{ifindex}", hook.name()))
+        self.link_in(hook, 0, ifindex)
+    }
+
+    /// The pin of `hook`'s link on `ifindex` of network namespace `netns` (its inode; 0:
+    /// the agent's own).
+    pub fn link_in(&self, hook: Hook, netns: u64, ifindex: u32) -> PathBuf {
+        let name = match netns {
+            0 => format!("{}-{ifindex}", hook.name()),
+            ns => format!("{}-{ns}-{ifindex}", hook.name()),
+        };
+        self.root.join("links").join(name)
     }
 
     /// Creates the directories (the bpffs mount itself is checked by preflight).
@@ -156,16 +188,21 @@ impl PinDir {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
-                let (hook, ifindex) = name.split_once('-')?;
+                let (hook, rest) = name.split_once('-')?;
                 let hook = Hook::ALL.into_iter().find(|h| h.name() == hook)?;
+                let (netns, ifindex) = match rest.split_once('-') {
+                    Some((ns, ix)) => (ns.parse().ok()?, ix),
+                    None => (0, rest),
+                };
                 Some(LinkPin {
                     hook,
+                    netns,
                     ifindex: ifindex.parse().ok()?,
                     path: e.path(),
                 })
             })
             .collect();
-        out.sort_by_key(|l| (l.hook, l.ifindex));
+        out.sort_by_key(|l| (l.hook, l.netns, l.ifindex));
         out
     }
 

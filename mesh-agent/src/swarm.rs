@@ -135,6 +135,7 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
                 tcp_idle: None,
                 udp_idle: None,
                 affinity: false,
+                every_port: false,
             };
             if n.ingress {
                 // The ingress network carries the published ports. Docker programs each
@@ -153,23 +154,12 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
                     m.services.push(spec(svc_name.clone(), p, vec![]));
                 }
             } else if let Some(vip) = addr(&s.vip) {
-                // A user network: the service's VIP there, on its target ports.
-                let p = ports
-                    .iter()
-                    .map(|(target, _)| *target)
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .map(|target| PortSpec {
-                        published: None,
-                        target,
-                        protocol: Protocol::Tcp,
-                        mode: PublishMode::Ingress,
-                    })
-                    .collect::<Vec<_>>();
-                if !p.is_empty() {
-                    m.services
-                        .push(spec(format!("{svc_name}@{}", n.name), p, vec![vip]));
-                }
+                // A user network: the service's VIP there takes every port, as Docker's
+                // does (published or not), on to tasks reached over the overlay.
+                m.services.push(ServiceSpec {
+                    every_port: true,
+                    ..spec(format!("{svc_name}@{}", n.name), vec![], vec![vip])
+                });
             }
         }
     }
@@ -269,6 +259,7 @@ pub fn add_host_ports(model: &mut Model, ports: &[crate::docker::HostPort]) {
             tcp_idle: None,
             udp_idle: None,
             affinity: false,
+            every_port: false,
         });
     }
 }
@@ -617,7 +608,24 @@ mod tests {
         let s = &m.services[0];
         assert_eq!(s.name, "web@meshnet");
         assert_eq!(s.vips, vec!["10.0.0.3".parse::<Ipv4Addr>().unwrap()]);
-        assert_eq!((s.ports[0].published, s.ports[0].target), (None, 80));
+        assert!(s.every_port, "Docker's VIPs take every port");
+        assert!(s.ports.is_empty());
+        // A service nobody publishes still has its VIP.
+        let mut n = ingress();
+        n.ingress = false;
+        n.name = "meshnet".into();
+        n.services.get_mut("web").unwrap().ports = None;
+        // Seen from a node without tasks: every backend is remote (no endpoints needed).
+        let m = model_from(&[n], "10.251.0.99".parse().unwrap(), "eth0");
+        assert_eq!(m.services[0].name, "web@meshnet");
+        let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).unwrap_or_else(|e| panic!("{e}"));
+        let vip = u32::from_ne_bytes([10, 0, 0, 3]);
+        let (group, flags) = &d.frontends[&mesh_common::lb::any_port_vip(vip)];
+        assert_eq!(*flags, mesh_common::lb::FE_VIP);
+        assert!(
+            d.groups[group].backends.keys().all(|(_, port)| *port == 0),
+            "port 0: the port the client dialled"
+        );
     }
 
     #[test]

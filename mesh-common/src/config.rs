@@ -46,4 +46,6 @@ pub mod programs {
     pub const XDP_UNDERLAY: &str = "mesh_xdp";
     pub const TC_UNDERLAY_INGRESS: &str = "mesh_tc_ingress";
     pub const TC_TASK: &str = "mesh_tc_task";
+    pub const TC_OVERLAY_IN: &str = "mesh_tc_overlay_in";
+    pub const TC_OVERLAY_OUT: &str = "mesh_tc_overlay_out";
 }

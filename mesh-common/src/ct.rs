@@ -47,6 +47,9 @@ pub const CT_TUNNEL: u8 = 1 << 2;
 /// Forward entry of a connection attempt already given a second backend (after its
 /// first refused or never answered): a refusal is not held back again.
 pub const CT_RETRIED: u8 = 1 << 3;
+/// A task's flow to a VIP on Docker's overlay (the overlay hooks' own entries: the
+/// bridge and Docker's vxlan carry the packets, the mesh only rewrites addresses).
+pub const CT_OVERLAY: u8 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -24,7 +24,9 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
 /// (frontend address, port, protocol). `addr == 0` means "any address of this node"
-/// (an ingress- or host-mode published port).
+/// (an ingress- or host-mode published port). `port == 0 && proto == 0` is a VIP on
+/// Docker's overlay that takes every port and protocol, as Docker's own VIPs do (its
+/// backends' port 0: the port the client dialled); only the overlay hooks look it up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
@@ -38,6 +40,17 @@ crate::assert_size!(FrontendKey, 8);
 pub const FE_INGRESS: u32 = 1 << 0;
 pub const FE_HOST: u32 = 1 << 1;
 pub const FE_VIP: u32 = 1 << 2;
+
+/// The key of an every-port VIP (see [`FrontendKey`]).
+#[inline(always)]
+pub const fn any_port_vip(addr: u32) -> FrontendKey {
+    FrontendKey {
+        addr,
+        port: 0,
+        proto: 0,
+        _pad: 0,
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

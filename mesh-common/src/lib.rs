@@ -5,6 +5,7 @@
 //! bump [`LAYOUT_VERSION`] (and the map-name suffixes) whenever a shared layout changes.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
+pub mod arp;
 pub mod config;
 pub mod csum;
 pub mod ct;

@@ -132,6 +132,12 @@ reasons! {
     DropVxlanBadInner = 41, "drop_vxlan_bad_inner", Drop;
     /// Encapsulation or decapsulation failed (no room, no underlay configured).
     DropTunnelFailed = 42, "drop_tunnel_failed", Drop;
+    /// An ARP request for a service VIP from a task on the overlay, answered.
+    ReplyArpVip = 43, "reply_arp_vip", Reply;
+    /// A task's packet to a VIP on the overlay, rewritten toward the chosen task.
+    FwdVipToTask = 44, "fwd_vip_to_task", Forward;
+    /// A reply to a VIP flow on the overlay, its source made the VIP again.
+    FwdVipReply = 45, "fwd_vip_reply", Forward;
 
     /// One or two 802.1Q/802.1ad tags were followed.
     ObsVlan = 48, "obs_vlan", Observation;

@@ -15,16 +15,29 @@ pub enum Hook {
     TcUnderlayIngress = 1,
     /// TC ingress on a task's delivery veth (host side): what the task sends.
     TcTask = 2,
+    /// TC ingress on a task's overlay veth (host side, in the overlay network's
+    /// namespace): what the task sends on the overlay (ARP and VIPs).
+    TcOverlayIn = 3,
+    /// TC egress on the same veth: what reaches the task (replies from VIP flows).
+    TcOverlayOut = 4,
 }
 
 impl Hook {
-    pub const ALL: &'static [Hook] = &[Hook::XdpUnderlay, Hook::TcUnderlayIngress, Hook::TcTask];
+    pub const ALL: &'static [Hook] = &[
+        Hook::XdpUnderlay,
+        Hook::TcUnderlayIngress,
+        Hook::TcTask,
+        Hook::TcOverlayIn,
+        Hook::TcOverlayOut,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Hook::XdpUnderlay => "xdp_underlay",
             Hook::TcUnderlayIngress => "tc_underlay_ingress",
             Hook::TcTask => "tc_task",
+            Hook::TcOverlayIn => "tc_overlay_in",
+            Hook::TcOverlayOut => "tc_overlay_out",
         }
     }
 }
@@ -65,7 +78,7 @@ impl Counter {
     }
 }
 
-const _: () = assert!((Hook::TcTask as u32) < HOOK_SLOTS);
+const _: () = assert!((Hook::TcOverlayOut as u32) < HOOK_SLOTS);
 
 #[cfg(test)]
 mod tests {

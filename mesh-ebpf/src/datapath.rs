@@ -18,7 +18,7 @@ use crate::{
     lb::{self, Outcome},
     maps,
     pkt::DirectPacket,
-    stats, vxlan,
+    stats, vip, vxlan,
 };
 
 /// TC (underlay ingress and task veths): validate, count, load-balance. The parsed
@@ -56,6 +56,22 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshCon
         return TC_ACT_SHOT;
     }
     lb::from_tunnel_parsed(ctx, &s.parsed, hook, &from)
+}
+
+/// The overlay hooks (a task's overlay veth): parse and count, then VIPs.
+#[inline(always)]
+pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshConfig) -> i32 {
+    let Some(s) = maps::scratch() else {
+        return TC_ACT_UNSPEC;
+    };
+    if parse_into_scratch(pkt, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
+        return TC_ACT_SHOT;
+    }
+    if hook == Hook::TcOverlayIn {
+        vip::from_task(ctx, &s.parsed, pkt.frame_len())
+    } else {
+        vip::to_task(ctx, &s.parsed, pkt.frame_len())
+    }
 }
 
 /// (peer, VNI) left by the XDP program in front of a frame it decapsulated.

@@ -8,7 +8,9 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
 use mesh_common::{
     config::MeshConfig,
-    ct::{self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_RETRIED, CT_REVERSE, CT_TUNNEL},
+    ct::{
+        self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_OVERLAY, CT_RETRIED, CT_REVERSE, CT_TUNNEL,
+    },
     hash::flow_hash,
     lb::{
         BackendState, Endpoint, Frontend, FrontendKey, Tunnel, FE_VIP, SVC_AFFINITY,
@@ -109,7 +111,7 @@ impl Flow {
     }
 
     #[inline(always)]
-    fn key(&self) -> CtKey {
+    pub fn key(&self) -> CtKey {
         CtKey::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
     }
 }
@@ -159,6 +161,10 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
         let e = unsafe { &mut *e };
         let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
         let reverse = e.flags & CT_REVERSE != 0;
+        if e.flags & CT_OVERLAY != 0 {
+            // A VIP flow on Docker's overlay: the overlay hooks' own.
+            return Step::Done(Outcome::NotOurs);
+        }
         if reverse && pk.hook != Hook::TcTask {
             // Reply entries match what tasks send. On the underlay such a tuple is a
             // spoof of a task's address (genuine replies come back through the tunnel,
@@ -441,7 +447,7 @@ pub fn maglev_pick(svc: &mesh_common::lb::Service, f: &Flow) -> Option<u32> {
 /// As [`maglev_pick`], moved by `salt` (0: the flow's own slot) unless the service has
 /// client affinity, which a retry must keep.
 #[inline(always)]
-fn maglev_pick_salted(svc: &mesh_common::lb::Service, f: &Flow, salt: u32) -> Option<u32> {
+pub(crate) fn maglev_pick_salted(svc: &mesh_common::lb::Service, f: &Flow, salt: u32) -> Option<u32> {
     let h = if svc.flags & SVC_AFFINITY != 0 {
         flow_hash(f.saddr, 0, 0, 0, f.proto)
     } else {
@@ -688,7 +694,7 @@ fn to_client(pk: &Pkt, e: &CtEntry) -> Outcome {
 /// out of the interface it came in on, rather than black-holing it. `tcp_reason` names
 /// why, for TCP.
 #[inline(never)]
-fn refuse(pk: &Pkt, tcp_reason: Reason) -> Outcome {
+pub(crate) fn refuse(pk: &Pkt, tcp_reason: Reason) -> Outcome {
     let (reason, built) = if pk.f.proto == IPPROTO_TCP {
         if pk.f.tcp_flags & TCP_RST != 0 {
             // Never answer a RST.

@@ -11,6 +11,7 @@ mod pkt;
 mod reply;
 mod skb;
 mod stats;
+mod vip;
 mod vxlan;
 mod xdp;
 
@@ -50,15 +51,39 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     tc(ctx, Hook::TcTask)
 }
 
+/// TC ingress on a task's overlay veth (host side, in the overlay network's namespace):
+/// what the task sends on the overlay, ARP for VIPs and flows to them.
+#[classifier]
+pub fn mesh_tc_overlay_in(ctx: TcContext) -> i32 {
+    overlay(ctx, Hook::TcOverlayIn)
+}
+
+/// TC egress on the same veth: what reaches the task, replies of its VIP flows.
+#[classifier]
+pub fn mesh_tc_overlay_out(ctx: TcContext) -> i32 {
+    overlay(ctx, Hook::TcOverlayOut)
+}
+
 #[inline(always)]
-fn tc(ctx: TcContext, hook: Hook) -> i32 {
+fn pulled(ctx: &TcContext) -> DirectPacket {
     let len = ctx.len();
     let want = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
     if ctx.data_end() - ctx.data() < want as usize {
         // Failure leaves the skb as it was; the parser then reports what it cannot reach.
         let _ = ctx.pull_data(want);
     }
-    let pkt = DirectPacket::new(ctx.data(), ctx.data_end(), len as usize);
+    DirectPacket::new(ctx.data(), ctx.data_end(), len as usize)
+}
+
+#[inline(always)]
+fn overlay(ctx: TcContext, hook: Hook) -> i32 {
+    let pkt = pulled(&ctx);
+    datapath::process_overlay(&ctx, &pkt, hook, &MESH_CONFIG.load())
+}
+
+#[inline(always)]
+fn tc(ctx: TcContext, hook: Hook) -> i32 {
+    let pkt = pulled(&ctx);
     datapath::process_tc(&ctx, &pkt, hook, &MESH_CONFIG.load())
 }
 

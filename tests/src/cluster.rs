@@ -216,6 +216,7 @@ impl Cluster {
                 tcp_idle: None,
                 udp_idle: None,
                 affinity: false,
+                every_port: false,
             }
         };
         let web: Vec<BackendSpec> = (0..3).filter(|t| present[*t]).map(backend).collect();
@@ -284,6 +285,7 @@ impl Cluster {
                 node: ip(NODES[3]),
                 network: None,
             }],
+            overlay_ports: vec![],
         }
     }
 }

@@ -273,6 +273,7 @@ impl LbTopo {
             tcp_idle: None,
             udp_idle: None,
             affinity: false,
+            every_port: false,
         };
         use Protocol::*;
         use PublishMode::*;

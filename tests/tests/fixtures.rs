@@ -35,13 +35,16 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
         Hook::XdpUnderlay => dp.xdp().unwrap().test_run(opts),
         Hook::TcUnderlayIngress => dp.tc_ingress().unwrap().test_run(opts),
         Hook::TcTask => dp.tc_task().unwrap().test_run(opts),
+        Hook::TcOverlayIn => dp.tc_overlay_in().unwrap().test_run(opts),
+        Hook::TcOverlayOut => dp.tc_overlay_out().unwrap().test_run(opts),
     }
     .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN on {}: {e:?}", fx.name, hook.name()));
 
     // With no peers configured, the underlay's programs (which take IPv4 VXLAN apart)
     // refuse well-formed VXLAN from an unknown sender.
     let ipv4 = fx.packet[12..14] == [0x08, 0x00];
-    let verdict = if hook != Hook::TcTask && fx.verdict == Reason::PassVxlan && ipv4 {
+    let underlay = matches!(hook, Hook::XdpUnderlay | Hook::TcUnderlayIngress);
+    let verdict = if underlay && fx.verdict == Reason::PassVxlan && ipv4 {
         Reason::DropVxlanUnknownPeer
     } else {
         fx.verdict
@@ -50,8 +53,8 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
     let want = match (hook, pass) {
         (Hook::XdpUnderlay, true) => XDP_PASS,
         (Hook::XdpUnderlay, false) => XDP_DROP,
-        (Hook::TcUnderlayIngress | Hook::TcTask, true) => TC_ACT_UNSPEC,
-        (Hook::TcUnderlayIngress | Hook::TcTask, false) => TC_ACT_SHOT,
+        (_, true) => TC_ACT_UNSPEC,
+        (_, false) => TC_ACT_SHOT,
     };
     if res.return_value != want {
         errs.push(format!(

@@ -34,6 +34,10 @@ const T1: [u8; 4] = [10, 221, 0, 11];
 const T2: [u8; 4] = [10, 221, 0, 12];
 const VIP: [u8; 4] = [10, 222, 0, 10];
 const HAIRPIN: [u8; 4] = [169, 254, 42, 1];
+/// A VIP on Docker's overlay: every port, reached through tasks' overlay veths.
+const VIP_ANY: [u8; 4] = [10, 221, 0, 2];
+/// A task on the overlay that is not a backend (the caller).
+const T3: [u8; 4] = [10, 221, 0, 13];
 
 fn task_mac(t: [u8; 4]) -> [u8; 6] {
     [0x02, 0x42, t[0], t[1], t[2], t[3]]
@@ -138,6 +142,7 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
         tcp_idle: None,
         udp_idle: Some(60),
         affinity,
+        every_port: false,
     };
     Model {
         underlay: None,
@@ -155,6 +160,15 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
                 vec![],
                 be.clone(),
             ),
+            ServiceSpec {
+                every_port: true,
+                ..svc(
+                    "api@appnet",
+                    vec![],
+                    vec![Ipv4Addr::from(VIP_ANY)],
+                    be.clone(),
+                )
+            },
             svc(
                 "dns",
                 vec![port(Some(5353), 53, Protocol::Udp, PublishMode::Ingress)],
@@ -222,7 +236,7 @@ impl Rig {
         ret: u32,
         out: Option<&[u8]>,
         reasons: &[Reason],
-    ) {
+    ) -> Vec<u8> {
         self.steps += 1;
         let stats = self.mesh.dp.stats().unwrap();
         let before = Snapshot::read(&stats).unwrap();
@@ -236,6 +250,8 @@ impl Rig {
             Hook::TcUnderlayIngress => self.mesh.dp.tc_ingress().unwrap().test_run(opts),
             Hook::TcTask => self.mesh.dp.tc_task().unwrap().test_run(opts),
             Hook::XdpUnderlay => self.mesh.dp.xdp().unwrap().test_run(opts),
+            Hook::TcOverlayIn => self.mesh.dp.tc_overlay_in().unwrap().test_run(opts),
+            Hook::TcOverlayOut => self.mesh.dp.tc_overlay_out().unwrap().test_run(opts),
         }
         .unwrap_or_else(|e| panic!("{what}: test run: {e:?}"));
         if r.return_value != ret {
@@ -264,6 +280,8 @@ impl Rig {
             );
         }
         assert_eq!(d, want, "{what}: counter deltas");
+        buf.truncate(r.data_size_out as usize);
+        buf
     }
 }
 
@@ -630,6 +648,307 @@ fn udp_vip_hairpin_host_mode_and_refusals() {
     );
 }
 
+/// An ARP request for `target` from task `t`, or the reply "`target` is at `mac`".
+fn arp(t: [u8; 4], target: [u8; 4], reply_mac: Option<[u8; 6]>) -> Vec<u8> {
+    let mut f = Vec::new();
+    match reply_mac {
+        None => f.extend_from_slice(&[0xff; 6]),
+        Some(_) => f.extend_from_slice(&task_mac(t)),
+    }
+    f.extend_from_slice(&reply_mac.unwrap_or(task_mac(t)));
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4]);
+    match reply_mac {
+        None => {
+            f.extend_from_slice(&[0, 1]);
+            f.extend_from_slice(&task_mac(t));
+            f.extend_from_slice(&t);
+            f.extend_from_slice(&[0; 6]);
+            f.extend_from_slice(&target);
+        }
+        Some(m) => {
+            f.extend_from_slice(&[0, 2]);
+            f.extend_from_slice(&m);
+            f.extend_from_slice(&target);
+            f.extend_from_slice(&task_mac(t));
+            f.extend_from_slice(&t);
+        }
+    }
+    f
+}
+
+/// East-west over Docker's overlay: ARP for the VIP answered into the task, any port
+/// rewritten toward a task (addressed to its MAC, left to the bridge), the reply's source
+/// made the VIP again, a backend calling its own VIP never sent to itself, and nothing
+/// of it acted on by the other hooks.
+#[test]
+fn overlay_vip_arp_every_port_and_replies() {
+    let Some(object) = prereq::privileged("overlay_vip_arp_every_port_and_replies") else {
+        return;
+    };
+    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
+    let (oi, oo) = (Hook::TcOverlayIn, Hook::TcOverlayOut);
+    const OK: u32 = 0;
+
+    let req = arp(T3, VIP_ANY, None);
+    let ans = arp(T3, VIP_ANY, Some([0x02, 0x42, 10, 221, 0, 2]));
+    rig.step(
+        "ARP for the VIP",
+        oi,
+        &req,
+        REDIRECT,
+        Some(&ans),
+        &[ReplyArpVip],
+    );
+    let other = arp(T3, T1, None);
+    rig.step(
+        "ARP for a task",
+        oi,
+        &other,
+        PASS,
+        Some(&other),
+        &[PassNonIp],
+    );
+    rig.step("an ARP reply", oo, &ans, PASS, Some(&ans), &[PassNonIp]);
+
+    // Any port: 5432 is no port of the service's.
+    let vip_mac = [0x02, 0x42, 10, 221, 0, 2];
+    let syn = tcp(
+        (task_mac(T3), vip_mac),
+        T3,
+        VIP_ANY,
+        41000,
+        5432,
+        Tcp::Syn,
+        1,
+        0,
+        &[],
+    );
+    let got = rig.step(
+        "SYN to the VIP",
+        oi,
+        &syn,
+        OK,
+        None,
+        &[FwdVipToTask, ObsCtNew],
+    );
+    let to = |t: [u8; 4], kind, seq, ack| {
+        tcp(
+            (task_mac(T3), task_mac(t)),
+            T3,
+            t,
+            41000,
+            5432,
+            kind,
+            seq,
+            ack,
+            &[],
+        )
+    };
+    let chosen = [T1, T2]
+        .into_iter()
+        .find(|t| hex(&got) == hex(&to(*t, Tcp::Syn, 1, 0)))
+        .unwrap_or_else(|| panic!("SYN rewritten to neither task: {}", hex(&got)));
+    let ack = tcp(
+        (task_mac(T3), vip_mac),
+        T3,
+        VIP_ANY,
+        41000,
+        5432,
+        Tcp::Ack,
+        2,
+        6,
+        b"q",
+    );
+    let ack_out = tcp(
+        (task_mac(T3), task_mac(chosen)),
+        T3,
+        chosen,
+        41000,
+        5432,
+        Tcp::Ack,
+        2,
+        6,
+        b"q",
+    );
+    rig.step(
+        "the flow stays on its task",
+        oi,
+        &ack,
+        OK,
+        Some(&ack_out),
+        &[FwdVipToTask, ObsCtHit],
+    );
+    let sa = tcp(
+        (task_mac(chosen), task_mac(T3)),
+        chosen,
+        T3,
+        5432,
+        41000,
+        Tcp::SynAck,
+        5,
+        2,
+        &[],
+    );
+    let sa_out = tcp(
+        (task_mac(chosen), task_mac(T3)),
+        VIP_ANY,
+        T3,
+        5432,
+        41000,
+        Tcp::SynAck,
+        5,
+        2,
+        &[],
+    );
+    rig.step(
+        "the reply comes from the VIP",
+        oo,
+        &sa,
+        OK,
+        Some(&sa_out),
+        &[FwdVipReply, ObsCtHit],
+    );
+
+    // UDP too, with its port kept.
+    let q = udp(
+        (task_mac(T3), vip_mac),
+        T3,
+        VIP_ANY,
+        5300,
+        53,
+        b"query",
+        false,
+    );
+    let got = rig.step(
+        "UDP to the VIP",
+        oi,
+        &q,
+        OK,
+        None,
+        &[FwdVipToTask, ObsCtNew],
+    );
+    assert!(
+        [T1, T2].iter().any(|t| hex(&got)
+            == hex(&udp(
+                (task_mac(T3), task_mac(*t)),
+                T3,
+                *t,
+                5300,
+                53,
+                b"query",
+                false
+            ))),
+        "UDP rewritten to neither task: {}",
+        hex(&got)
+    );
+
+    // A backend calling its own VIP is never given itself (it would drop the packet as
+    // martian), whatever the ports.
+    for sport in 42000..42016 {
+        let s = tcp(
+            (task_mac(T1), vip_mac),
+            T1,
+            VIP_ANY,
+            sport,
+            80,
+            Tcp::Syn,
+            1,
+            0,
+            &[],
+        );
+        let want = tcp(
+            (task_mac(T1), task_mac(T2)),
+            T1,
+            T2,
+            sport,
+            80,
+            Tcp::Syn,
+            1,
+            0,
+            &[],
+        );
+        rig.step(
+            "a backend to its own VIP",
+            oi,
+            &s,
+            OK,
+            Some(&want),
+            &[FwdVipToTask, ObsCtNew],
+        );
+    }
+
+    // Traffic between tasks that is no VIP's passes untouched both ways; the VIP is no
+    // frontend of the other hooks.
+    let direct = tcp(
+        (task_mac(T3), task_mac(T1)),
+        T3,
+        T1,
+        41001,
+        80,
+        Tcp::Syn,
+        1,
+        0,
+        &[],
+    );
+    rig.step("task to task", oi, &direct, PASS, Some(&direct), &[PassTcp]);
+    rig.step(
+        "task to task, arriving",
+        oo,
+        &direct,
+        PASS,
+        Some(&direct),
+        &[PassTcp],
+    );
+    let outside = tcp(C2N, CLIENT, VIP_ANY, 41002, 80, Tcp::Syn, 1, 0, &[]);
+    rig.step(
+        "the VIP from the underlay",
+        Hook::TcUnderlayIngress,
+        &outside,
+        PASS,
+        Some(&outside),
+        &[PassTcp],
+    );
+    let gw = tcp(from_task(T3), T3, VIP_ANY, 41003, 80, Tcp::Syn, 1, 0, &[]);
+    rig.step(
+        "the VIP on a delivery veth",
+        Hook::TcTask,
+        &gw,
+        PASS,
+        Some(&gw),
+        &[PassTcp],
+    );
+
+    // With no backend left: refused, into the task.
+    rig.apply(&[]);
+    let late = tcp(
+        (task_mac(T3), vip_mac),
+        T3,
+        VIP_ANY,
+        41004,
+        80,
+        Tcp::Syn,
+        9,
+        0,
+        &[],
+    );
+    let got = rig.step(
+        "no backend",
+        oi,
+        &late,
+        REDIRECT,
+        None,
+        &[ReplyRstNoBackend],
+    );
+    let rst = etherparse::SlicedPacket::from_ethernet(&got).expect("a packet");
+    match rst.transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => {
+            assert!(t.rst() && t.source_port() == 80 && t.destination_port() == 41004)
+        }
+        other => panic!("not a TCP RST: {other:?}"),
+    }
+    println!("\nlb fixtures: overlay VIP, {} steps", rig.steps);
+}
+
 #[test]
 fn draining_keeps_flows_and_takes_no_new_ones() {
     let Some(object) = prereq::privileged("draining_keeps_flows_and_takes_no_new_ones") else {
@@ -896,6 +1215,8 @@ fn per_packet_cost_of_the_pass_through_paths() {
             Hook::TcUnderlayIngress => rig.mesh.dp.tc_ingress().unwrap().test_run(opts),
             Hook::TcTask => rig.mesh.dp.tc_task().unwrap().test_run(opts),
             Hook::XdpUnderlay => rig.mesh.dp.xdp().unwrap().test_run(opts),
+            Hook::TcOverlayIn => rig.mesh.dp.tc_overlay_in().unwrap().test_run(opts),
+            Hook::TcOverlayOut => rig.mesh.dp.tc_overlay_out().unwrap().test_run(opts),
         }
         .unwrap();
         (r.return_value, r.duration)

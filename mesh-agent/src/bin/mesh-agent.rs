@@ -10,7 +10,7 @@
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -182,7 +182,7 @@ struct DockerSource {
     /// removed by a scale-down from its store while the container may still be in its
     /// stop grace period (and in the gossiped tables): what was seen stopping stays
     /// stopping for a minute.
-    stopping_seen: std::collections::BTreeMap<String, Instant>,
+    stopping_seen: BTreeMap<String, Instant>,
     /// Label problems already reported (once each).
     label_warned: BTreeSet<String>,
 }
@@ -301,6 +301,7 @@ impl DockerSource {
         swarm::settle_local(&mut model, &found, &not_healthy, &stopping_addrs);
         self.drain.hold_warming(&mut model, now);
         model.endpoints = tasks.endpoints;
+        model.overlay_ports = tasks.overlay_ports;
         Ok(model)
     }
 }
@@ -369,6 +370,8 @@ struct Agent {
     mesh: Mesh,
     pins: PinDir,
     attached: BTreeSet<String>,
+    /// Tasks' overlay veths with the overlay hooks, and their link pins.
+    overlay: BTreeMap<model::OverlayPortSpec, Vec<PathBuf>>,
     metrics: Arc<Mutex<AgentMetrics>>,
 }
 
@@ -414,7 +417,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     let (mut dp, adopt) = loader::Datapath::load_pinned(&object, &cfg, &pins)?;
     // Links of interfaces that are gone do nothing; their pins go.
     for l in pins.links() {
-        if preflight::ifname(l.ifindex).is_none() {
+        if l.netns == 0 && preflight::ifname(l.ifindex).is_none() {
             pins.unpin(&l.path)?;
         }
     }
@@ -423,7 +426,8 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         let stale = match l.hook {
             Hook::TcUnderlay => l.ifindex != underlay_ix,
             Hook::XdpUnderlay => l.ifindex != underlay_ix || matches!(args.xdp, Xdp::Off),
-            Hook::TcTask => false,
+            // Checked against the tasks after the first model is applied.
+            Hook::TcTask | Hook::TcOverlayIn | Hook::TcOverlayOut => false,
         };
         if stale {
             pins.unpin(&l.path)?;
@@ -474,6 +478,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         mesh,
         pins: pins.clone(),
         attached: BTreeSet::new(),
+        overlay: BTreeMap::new(),
         metrics: shared,
     };
     let started = Instant::now();
@@ -592,6 +597,7 @@ impl Agent {
                 self.attached.insert(ep.interface.clone());
             }
         }
+        self.attach_overlay(&model.overlay_ports);
         let a = self.mesh.apply(model)?;
         let want: BTreeSet<&String> = model.endpoints.iter().map(|e| &e.interface).collect();
         let gone: Vec<String> = self
@@ -607,6 +613,8 @@ impl Agent {
             }
             self.attached.remove(&i);
         }
+        let want: BTreeSet<&model::OverlayPortSpec> = model.overlay_ports.iter().collect();
+        self.overlay.retain(|p, _| want.contains(p));
         self.prune_task_links()?;
         let mut m = self.metrics.lock().expect("metrics");
         m.reconciles += 1;
@@ -660,6 +668,39 @@ impl Agent {
         Ok(())
     }
 
+    /// Attaches the overlay hooks to new overlay veths of tasks. A veth that cannot be
+    /// attached (its task is going away) is reported and tried again next time: it must
+    /// not hold up the rest of the model.
+    fn attach_overlay(&mut self, ports: &[model::OverlayPortSpec]) {
+        for p in ports {
+            if self.overlay.contains_key(p) {
+                continue;
+            }
+            let mut paths = Vec::new();
+            for hook in [Hook::TcOverlayIn, Hook::TcOverlayOut] {
+                match self
+                    .mesh
+                    .dp
+                    .attach_pinned_in(hook, &p.netns, &p.interface, &self.pins)
+                {
+                    Ok(path) => paths.push(path),
+                    Err(e) => tracing::warn!(
+                        netns = %p.netns.display(),
+                        interface = %p.interface,
+                        "overlay veth not attached yet: {e}"
+                    ),
+                }
+            }
+            if paths.len() == 2 {
+                self.overlay.insert(p.clone(), paths);
+            } else {
+                for path in paths {
+                    let _ = self.pins.unpin(&path);
+                }
+            }
+        }
+    }
+
     /// Unpins task links whose interface is gone or holds no task now: never a program
     /// left on a vanished interface.
     fn prune_task_links(&mut self) -> anyhow::Result<()> {
@@ -670,6 +711,12 @@ impl Agent {
             .collect();
         for l in self.pins.links() {
             if l.hook == Hook::TcTask && !keep.contains(&l.ifindex) {
+                self.pins.unpin(&l.path)?;
+            }
+        }
+        let keep: BTreeSet<&PathBuf> = self.overlay.values().flatten().collect();
+        for l in self.pins.links() {
+            if l.hook.overlay() && !keep.contains(&l.path) {
                 self.pins.unpin(&l.path)?;
             }
         }

@@ -1,0 +1,273 @@
+//! East-west on Docker's overlay: a task reaching a service VIP through its overlay
+//! interface (Docker's DNS answers the VIP; without IPVS in the task nothing else does).
+//! Runs at TC on the host side of each local task's overlay veth, in the overlay
+//! network's namespace. Ingress (what the task sends): answers ARP for VIPs, and
+//! rewrites a flow to a VIP toward the task Maglev picks, addressed to that task's MAC;
+//! Docker's bridge and vxlan device then carry it, locally or to another node. Egress
+//! (what reaches the task): replies of those flows get the VIP back as their source.
+//! The flow's entries carry `CT_OVERLAY`: no other hook acts on them.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use mesh_common::{
+    arp,
+    ct::{self, CtEntry, CtKey, CtState, CT_OVERLAY, CT_REVERSE},
+    lb::{any_port_vip, docker_mac, BackendState, FE_VIP},
+    parse::{Frag, Parsed},
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
+    reason::Reason,
+    stats::Hook,
+};
+
+use crate::{
+    lb::{self, Flow, Pkt},
+    maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
+    skb,
+    stats::count,
+};
+
+/// Ingress on a task's overlay veth.
+#[inline(never)]
+pub fn from_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
+    let hook = Hook::TcOverlayIn;
+    if p.eth_type == arp::ETH_P_ARP && p.vlan_tags == 0 {
+        return answer_arp(ctx, bytes);
+    }
+    if !ipv4_l4(p) {
+        count(hook, p.verdict(), bytes);
+        return TC_ACT_UNSPEC;
+    }
+    let pk = Pkt {
+        ctx,
+        p,
+        f: Flow::of(p),
+        hook,
+        bytes,
+    };
+    match forward(&pk).action() {
+        Some(action) => action,
+        None => {
+            count(hook, p.verdict(), bytes);
+            TC_ACT_UNSPEC
+        }
+    }
+}
+
+/// Egress on a task's overlay veth: replies of the task's VIP flows.
+#[inline(never)]
+pub fn to_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
+    let hook = Hook::TcOverlayOut;
+    if ipv4_l4(p) {
+        let pk = Pkt {
+            ctx,
+            p,
+            f: Flow::of(p),
+            hook,
+            bytes,
+        };
+        if let Some(action) = reply(&pk).action() {
+            return action;
+        }
+    }
+    count(hook, p.verdict(), bytes);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn ipv4_l4(p: &Parsed) -> bool {
+    p.ip_version == 4
+        && p.l3_off == 14
+        && p.l4_off != 0
+        && !matches!(p.frag, Frag::NonFirst)
+        && matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP)
+}
+
+/// "Who has VIP?" from the task: "at `vip_mac(VIP)`", sent straight back into the task.
+/// Any other ARP goes on to the bridge.
+#[inline(never)]
+fn answer_arp(ctx: &TcContext, bytes: usize) -> i32 {
+    let hook = Hook::TcOverlayIn;
+    let Ok(mut frame) = ctx.load::<[u8; arp::FRAME_LEN]>(0) else {
+        count(hook, Reason::PassNonIp, bytes);
+        return TC_ACT_UNSPEC;
+    };
+    let vip = arp::request_target(&frame);
+    // SAFETY: copied out at once.
+    let known = vip.and_then(|v| unsafe { MESH_FE_V1.get(&any_port_vip(v)) }.copied());
+    let (Some(vip), Some(fe)) = (vip, known) else {
+        count(hook, Reason::PassNonIp, bytes);
+        return TC_ACT_UNSPEC;
+    };
+    if fe.flags & FE_VIP == 0 {
+        count(hook, Reason::PassNonIp, bytes);
+        return TC_ACT_UNSPEC;
+    }
+    arp::answer(&mut frame, arp::vip_mac(vip));
+    if ctx.store(0, &frame, 0).is_err() {
+        count(hook, Reason::DropRewriteFailed, bytes);
+        return TC_ACT_SHOT;
+    }
+    count(hook, Reason::ReplyArpVip, bytes);
+    // SAFETY: reading a field of the context.
+    skb::redirect(unsafe { (*ctx.skb.skb).ifindex })
+}
+
+/// A task's packet: a tracked VIP flow, or a new one to a VIP; anything else is not ours.
+#[inline(always)]
+fn forward(pk: &Pkt) -> lb::Outcome {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(e) = MESH_CT_V1.get_ptr_mut(&pk.f.key()) {
+        // SAFETY: a map value pointer for this run.
+        let e = unsafe { &mut *e };
+        if e.flags & CT_OVERLAY != 0 && e.flags & CT_REVERSE == 0 {
+            let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
+            // SAFETY: copied out at once.
+            let live = unsafe { MESH_BE_V1.get(&e.backend_id) }
+                .is_some_and(|b| b.state != BackendState::Gone as u8);
+            if live
+                && !ct::expired(state, e.idle_s, e.last_seen_ns, now)
+                && !ct::reopens(state, pk.f.tcp_flags)
+            {
+                count(pk.hook, Reason::ObsCtHit, pk.bytes);
+                e.state = ct::advance(state, pk.f.tcp_flags) as u8;
+                e.last_seen_ns = now;
+                return toward(pk, e.nat_addr, e.nat_port);
+            }
+        }
+    }
+    new_flow(pk, now)
+}
+
+/// A new flow to an every-port VIP: pick, track both ways, rewrite.
+#[inline(never)]
+fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
+    let f = &pk.f;
+    // SAFETY: copied out at once.
+    let Some(fe) = (unsafe { MESH_FE_V1.get(&any_port_vip(f.daddr)) }).copied() else {
+        return lb::Outcome::NotOurs;
+    };
+    if fe.flags & FE_VIP == 0 {
+        return lb::Outcome::NotOurs;
+    }
+    let Some((be_id, addr, port)) = pick(pk, fe.svc_id) else {
+        return lb::refuse(pk, Reason::ReplyRstNoBackend);
+    };
+    let Some(s) = scratch() else {
+        return pk.drop(Reason::DropCtFull);
+    };
+    // SAFETY: copied out at once.
+    let svc = unsafe { MESH_SVC_V1.get(&fe.svc_id) }.copied().unwrap_or_default();
+    let tcp = f.proto == IPPROTO_TCP;
+    // Reverse first: a reply never finds a forward entry without its way back.
+    s.ct = CtEntry {
+        last_seen_ns: now,
+        created_ns: now,
+        backend_id: be_id,
+        svc_id: fe.svc_id,
+        nat_addr: f.daddr,
+        nat_port: f.dport,
+        state: if tcp { CtState::SynSent as u8 } else { CtState::Udp as u8 },
+        flags: CT_REVERSE | CT_OVERLAY,
+        hairpin_addr: 0,
+        ifindex: 0,
+        idle_s: if tcp { svc.tcp_idle_s } else { svc.udp_idle_s },
+        mac_dst: [0; 6],
+        mac_src: [0; 6],
+        peer: 0,
+        vni: 0,
+        _pad: 0,
+    };
+    if MESH_CT_V1
+        .insert(&CtKey::new(addr, f.saddr, port, f.sport, f.proto), &s.ct, 0)
+        .is_err()
+    {
+        return pk.drop(Reason::DropCtFull);
+    }
+    s.ct.nat_addr = addr;
+    s.ct.nat_port = port;
+    s.ct.state = ct::initial(f.proto, f.tcp_flags) as u8;
+    s.ct.flags = CT_OVERLAY;
+    if MESH_CT_V1.insert(&f.key(), &s.ct, 0).is_err() {
+        return pk.drop(Reason::DropCtFull);
+    }
+    count(pk.hook, Reason::ObsCtNew, pk.bytes);
+    toward(pk, addr, port)
+}
+
+/// The backend (id, address, port) for a new flow of service `svc_id`: Maglev's pick,
+/// never the calling task itself while the service has another (a packet from its own
+/// address would be dropped by the task as martian).
+#[inline(never)]
+fn pick(pk: &Pkt, svc_id: u32) -> Option<(u32, u32, u16)> {
+    // SAFETY: copied out at once.
+    let svc = unsafe { MESH_SVC_V1.get(&svc_id) }.copied()?;
+    if svc.active == 0 || svc.maglev_size == 0 {
+        return None;
+    }
+    let mut salt = 0u32;
+    while salt < 8 {
+        let id = lb::maglev_pick_salted(&svc, &pk.f, salt)?;
+        // SAFETY: copied out at once.
+        let be = unsafe { MESH_BE_V1.get(&id) }.copied()?;
+        if be.addr != pk.f.saddr {
+            // Port 0: the port the client dialled (every-port VIP).
+            let port = if be.port == 0 { pk.f.dport } else { be.port };
+            return Some((id, be.addr, port));
+        }
+        if svc.active < 2 {
+            return None;
+        }
+        salt += 1;
+    }
+    None
+}
+
+/// Destination to the backend task, and its MAC, so that the bridge hands it on.
+#[inline(never)]
+fn toward(pk: &Pkt, addr: u32, port: u16) -> lb::Outcome {
+    let (ctx, f) = (pk.ctx, &pk.f);
+    let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
+    let done = skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, addr)
+        .and_then(|_| skb::set_port(ctx, l4, 2, f.proto, f.dport, port))
+        .and_then(|_| ctx.store(0, &docker_mac(addr), 0).map_err(|_| ()));
+    if done.is_err() {
+        return pk.drop(Reason::DropRewriteFailed);
+    }
+    pk.done(Reason::FwdVipToTask, TC_ACT_OK)
+}
+
+/// A packet to the task that answers one of its VIP flows: the source becomes the VIP.
+#[inline(never)]
+fn reply(pk: &Pkt) -> lb::Outcome {
+    let Some(e) = MESH_CT_V1.get_ptr_mut(&pk.f.key()) else {
+        return lb::Outcome::NotOurs;
+    };
+    // SAFETY: a map value pointer for this run.
+    let e = unsafe { &mut *e };
+    if e.flags & (CT_OVERLAY | CT_REVERSE) != CT_OVERLAY | CT_REVERSE {
+        return lb::Outcome::NotOurs;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
+    if ct::expired(state, e.idle_s, e.last_seen_ns, now) {
+        count(pk.hook, Reason::ObsCtExpired, pk.bytes);
+        return lb::Outcome::NotOurs;
+    }
+    count(pk.hook, Reason::ObsCtHit, pk.bytes);
+    e.state = ct::advance(state, pk.f.tcp_flags) as u8;
+    e.last_seen_ns = now;
+    let (ctx, f) = (pk.ctx, &pk.f);
+    let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
+    if skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, e.nat_addr)
+        .and_then(|_| skb::set_port(ctx, l4, 0, f.proto, f.sport, e.nat_port))
+        .is_err()
+    {
+        return pk.drop(Reason::DropRewriteFailed);
+    }
+    pk.done(Reason::FwdVipReply, TC_ACT_OK)
+}

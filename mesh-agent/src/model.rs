@@ -82,6 +82,10 @@ pub struct NetworkSpec {
     /// This node's own address on the network (Docker's per-node endpoint, e.g. the
     /// ingress sandbox's): the source of flows SNATed toward stock nodes.
     pub local_addr: Ipv4Addr,
+    /// Docker's kernel vxlan carries this network's traffic (a user overlay): the mesh
+    /// leaves its VXLAN to it and balances only VIP flows, at the tasks' overlay veths.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub docker: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,7 +447,11 @@ fn overlay(
             n.vni,
             Network {
                 local_addr: ne(n.local_addr),
-                flags: 0,
+                flags: if n.docker {
+                    mesh_common::lb::NET_DOCKER
+                } else {
+                    0
+                },
             },
         );
     }

@@ -99,6 +99,8 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
             name: n.name.clone(),
             vni,
             local_addr,
+            // The mesh tunnels its own flows on the ingress network only.
+            docker: !n.ingress,
         });
     }
     for n in networks {

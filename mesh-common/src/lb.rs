@@ -186,6 +186,12 @@ crate::assert_size!(Tunnel, 16);
 pub const PEER_MESH: u32 = 1 << 0;
 pub const PEER_STOCK: u32 = 1 << 1;
 
+/// [`Network::flags`]: Docker's kernel vxlan device carries this network's traffic (a
+/// user overlay network); the mesh passes its VXLAN on untouched and acts only at the
+/// tasks' overlay veths (VIPs). Without it (the ingress network, the test topologies)
+/// the mesh's own tunnels use the VNI and it takes their VXLAN apart itself.
+pub const NET_DOCKER: u32 = 1 << 0;
+
 /// An overlay network this node is on, by VNI.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -193,6 +199,7 @@ pub struct Network {
     /// This node's own address on the network (Docker's per-node ingress endpoint): the
     /// source of SNATed flows to stock nodes, and of the inner MAC (02:42 + address).
     pub local_addr: u32,
+    /// `NET_*`.
     pub flags: u32,
 }
 crate::assert_size!(Network, 8);

@@ -138,6 +138,8 @@ reasons! {
     FwdVipToTask = 44, "fwd_vip_to_task", Forward;
     /// A reply to a VIP flow on the overlay, its source made the VIP again.
     FwdVipReply = 45, "fwd_vip_reply", Forward;
+    /// VXLAN of a network Docker's own vxlan device carries (a user overlay): left to it.
+    PassVxlanDocker = 46, "pass_vxlan_docker", Pass;
 
     /// One or two 802.1Q/802.1ad tags were followed.
     ObsVlan = 48, "obs_vlan", Observation;

@@ -564,7 +564,7 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
         let e = unsafe { &mut *e };
         let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
         if e.flags & CT_REVERSE != 0
-            && e.flags & CT_TUNNEL == 0
+            && e.flags & (CT_TUNNEL | CT_OVERLAY) == 0
             && !ct::expired(state, e.idle_s, e.last_seen_ns, now)
         {
             // Only an RST can be a refusal: the call stays off every other reply.

@@ -2,7 +2,7 @@
 //! send. Only VXLAN from known nodes, for known VNIs, is taken apart.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
     helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_skb_adjust_room},
     programs::TcContext,
@@ -10,7 +10,7 @@ use aya_ebpf::{
 use mesh_common::{
     config::MeshConfig,
     hash::flow_hash,
-    lb::Tunnel,
+    lb::{Tunnel, NET_DOCKER},
     parse::Parsed,
     proto::{IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
@@ -168,8 +168,12 @@ pub fn decap(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> Result<()
         return fail(Reason::DropVxlanUnknownPeer);
     }
     // SAFETY: as above.
-    if unsafe { MESH_NET_V1.get(&vni) }.is_none() {
+    let Some(net) = (unsafe { MESH_NET_V1.get(&vni) }).copied() else {
         return fail(Reason::DropVxlanUnknownVni);
+    };
+    if net.flags & NET_DOCKER != 0 {
+        count(hook, Reason::PassVxlanDocker, bytes);
+        return Err(TC_ACT_UNSPEC);
     }
     if p.l3_off != 14 || p.inner_off < 14 {
         return fail(Reason::DropTunnelFailed);

@@ -16,7 +16,7 @@ use mesh_common::{
     config::MeshConfig,
     csum,
     ct::{self, CtEntry, CtKey, CtState, CT_REVERSE},
-    lb::BackendState,
+    lb::{BackendState, NET_DOCKER},
     parse::{Frag, Parsed},
     proto::{IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
@@ -85,9 +85,13 @@ fn decap(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
         return XDP_DROP;
     }
     // SAFETY: as above.
-    if unsafe { MESH_NET_V1.get(&vni) }.is_none() {
+    let Some(net) = (unsafe { MESH_NET_V1.get(&vni) }).copied() else {
         count(HOOK, Reason::DropVxlanUnknownVni, bytes);
         return XDP_DROP;
+    };
+    if net.flags & NET_DOCKER != 0 {
+        count(HOOK, Reason::PassVxlanDocker, bytes);
+        return XDP_PASS;
     }
     count(HOOK, Reason::ObsDecap, bytes);
     // SAFETY: moving the start of this program's own frame.

@@ -279,6 +279,7 @@ impl Cluster {
                 name: "ingress".into(),
                 vni: VNI,
                 local_addr: ip(NODE_OVERLAY[i]),
+                docker: false,
             }],
             remote_tasks: vec![RemoteTaskSpec {
                 addr: ip(TASKS[3]),

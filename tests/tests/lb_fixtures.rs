@@ -195,9 +195,22 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
                 delivery_addr: None,
             })
             .collect(),
+        // A user overlay network, whose VXLAN is Docker's vxlan device's.
+        peers: vec![mesh_agent::model::PeerSpec {
+            addr: Ipv4Addr::from(mesh_tests::packets::IP_A),
+            stock: false,
+        }],
+        networks: vec![mesh_agent::model::NetworkSpec {
+            name: "appnet".into(),
+            vni: APPNET_VNI,
+            local_addr: Ipv4Addr::new(10, 221, 0, 3),
+            docker: true,
+        }],
         ..Default::default()
     }
 }
+
+const APPNET_VNI: u32 = 4097;
 
 struct Rig {
     mesh: Mesh,
@@ -946,6 +959,24 @@ fn overlay_vip_arp_every_port_and_replies() {
         }
         other => panic!("not a TCP RST: {other:?}"),
     }
+    // Docker's own VXLAN on that network, from a peer: left to the kernel's vxlan device.
+    let v = mesh_tests::packets::vxlan4(4789, APPNET_VNI);
+    rig.step(
+        "Docker's VXLAN at TC",
+        Hook::TcUnderlayIngress,
+        &v,
+        PASS,
+        Some(&v),
+        &[PassVxlanDocker],
+    );
+    rig.step(
+        "Docker's VXLAN at XDP",
+        Hook::XdpUnderlay,
+        &v,
+        XDP_PASS,
+        Some(&v),
+        &[PassVxlanDocker],
+    );
     println!("\nlb fixtures: overlay VIP, {} steps", rig.steps);
 }
 

@@ -79,6 +79,41 @@ fn wait_answering(s: &Swarm, port: u16, within: Duration) -> Vec<Duration> {
         .collect()
 }
 
+/// The caller container on `node`.
+fn caller(s: &Swarm, node: u32) -> String {
+    let id = s.docker(node, &["ps", "-q", "-f", "name=caller"]);
+    assert!(!id.is_empty(), "no caller container on node {node}");
+    id
+}
+
+/// `n` requests from node `node`'s caller to the api service by name (its VIP): the
+/// (task, client address it saw) of each answer, and the caller's own address.
+fn vip_answers(s: &Swarm, node: u32, n: usize) -> (Vec<(String, String)>, String) {
+    let script = format!(
+        "ip -4 -o addr show eth0 | awk '{{print $4}}'; for i in $(seq {n}); do \
+         printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 api 80 | tail -1; done"
+    );
+    let out = s.docker(node, &["exec", &caller(s, node), "sh", "-c", &script]);
+    let mut lines = out.lines();
+    let me = lines
+        .next()
+        .and_then(|l| l.split('/').next())
+        .unwrap_or_default()
+        .to_string();
+    let answers = lines
+        .filter_map(|l| {
+            // "api.2.<task id> [::ffff:10.0.1.8]"
+            let (task, client) = l.split_once(' ')?;
+            let client = client
+                .trim()
+                .trim_start_matches("[::ffff:")
+                .trim_end_matches(']');
+            Some((task.to_string(), client.to_string()))
+        })
+        .collect();
+    (answers, me)
+}
+
 fn all_nodes(s: &Swarm, port: u16) -> Vec<(std::net::Ipv4Addr, u16)> {
     (1..=s.nodes).map(|n| (s.addr(n), port)).collect()
 }
@@ -362,6 +397,102 @@ fn swarm_three_nodes() {
     println!(
         "swarm: host-mode port 8090 answers on node {at} (its task's, client IP kept) and on no other node"
     );
+
+    // --- East-west: a task of another service reaches a service's VIP by name (Docker's
+    // DNS answers the VIP; nothing in Docker answers it without IPVS) and gets answers
+    // from its tasks on its own node and on the others; plain traffic between tasks on
+    // the overlay is left to Docker's vxlan.
+    s.docker(1, &["network", "create", "-d", "overlay", "appnet"]);
+    create_httpd(
+        &s,
+        &[
+            "--name",
+            "api",
+            "--replicas",
+            "3",
+            "--network",
+            "appnet",
+            "--hostname",
+            "{{.Task.Name}}",
+        ],
+    );
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "caller",
+            "--mode",
+            "global",
+            "--network",
+            "appnet",
+            "--no-resolve-image",
+            IMAGE,
+            "sleep",
+            "1000000",
+        ],
+    );
+    let api = s.wait_running("api", 3, Duration::from_secs(60));
+    s.wait_running("caller", 3, Duration::from_secs(60));
+    let t = Instant::now();
+    for node in 1..=s.nodes {
+        let local: Vec<&str> = api
+            .iter()
+            .filter(|(_, n)| Swarm::node_index(n) == node)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        let (answers, me) = loop {
+            let (answers, me) = vip_answers(&s, node, 30);
+            let tasks: BTreeSet<&str> = answers.iter().map(|(t, _)| t.as_str()).collect();
+            if answers.len() == 30 && tasks.len() == 3 {
+                break (answers, me);
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "node {node}: the caller's 30 requests to api:80 (the VIP) got {} answers from \
+                 {tasks:?}",
+                answers.len()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        for (task, client) in &answers {
+            assert_eq!(client, &me, "{task} sees the caller's own address");
+        }
+        let mut tasks: BTreeMap<&str, usize> = BTreeMap::new();
+        for (t, _) in &answers {
+            *tasks.entry(t.as_str()).or_insert(0) += 1;
+        }
+        let same_node = local
+            .iter()
+            .any(|l| answers.iter().any(|(t, _)| t.starts_with(&format!("{l}."))));
+        assert!(
+            local.is_empty() || same_node,
+            "node {node}: its own api task {local:?} never answered: {tasks:?}"
+        );
+        // Docker's overlay itself, task to task by address, across nodes.
+        let direct = s.docker(
+            node,
+            &[
+                "exec",
+                &caller(&s, node),
+                "sh",
+                "-c",
+                "for a in $(nslookup tasks.api 2>/dev/null | awk '/^Address: /{print $2}'); do \
+                 printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 $a 80 | tail -1; done",
+            ],
+        );
+        assert_eq!(
+            direct.lines().filter(|l| l.contains(&me)).count(),
+            3,
+            "node {node}: every api task answers at its own overlay address: {direct:?}"
+        );
+        println!(
+            "swarm: node {node}: caller {me} -> api VIP: 30 of 30 answered by {tasks:?} (the \
+             task on this node: {local:?}); each task also by its own address"
+        );
+    }
 
     // --- Service labels: client-IP affinity, and opting a service out of the mesh.
     s.docker(

@@ -1,6 +1,8 @@
-//! A real Docker Swarm for tests, driven through `cargo xtask cluster`'s command line
-//! (the interface users have): up with the mesh on every node, the docker CLI per node,
-//! requests from the cluster's client namespace, and `down` on drop, also on failure.
+//! A real Docker Swarm for tests: either N nodes driven through `cargo xtask cluster`'s
+//! command line (the interface users have: up with the mesh on every node, the docker
+//! CLI per node, requests from the cluster's client namespace, `down` on drop, also on
+//! failure), or one node on this machine's own dockerd (started if none runs) with a
+//! client namespace on a veth of its own, torn down the same way.
 
 use std::{
     fs::File,
@@ -20,6 +22,47 @@ pub struct Swarm {
     xtask: PathBuf,
     pub nodes: u32,
     client_netns: String,
+    machine: Option<Machine>,
+}
+
+/// The single-node swarm on this machine's dockerd, and what the test made for it.
+struct Machine {
+    /// The client namespace (its veth's other end is the node's underlay).
+    client: crate::netns::Netns,
+    /// dockerd, when the test started it (stopped at the end, by this PID).
+    dockerd: Option<std::process::Child>,
+    /// iptables' FORWARD policy before the test's dockerd changed it.
+    forward_policy: Option<String>,
+    agent: Option<std::process::Child>,
+    agent_bin: PathBuf,
+    object: PathBuf,
+    bpffs: String,
+    state_dir: String,
+    log: PathBuf,
+}
+
+/// The machine's Docker socket.
+const MACHINE_DOCKER: &str = "unix:///var/run/docker.sock";
+/// The node's underlay address (host side of the client's veth) and the client's.
+pub const MACHINE_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 77, 1);
+pub const MACHINE_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 77, 2);
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
+}
+
+fn machine_docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(["-H", MACHINE_DOCKER])
+        .args(args)
+        .output()
+        .expect("run docker (docker.io)")
 }
 
 /// The xtask binary: `$MESH_XTASK_BIN` (set by `cargo xtask test`), else the debug
@@ -50,6 +93,7 @@ impl Swarm {
             xtask: x,
             nodes,
             client_netns: "mc-c".into(),
+            machine: None,
         };
         let out = s.cli(&["cluster", "status", "--json"]);
         let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -75,6 +119,113 @@ impl Swarm {
         Some(s)
     }
 
+    /// One node: this machine's dockerd (started if none runs; refused if it is in a
+    /// swarm already, which the test must not touch), `docker swarm init` on a veth whose
+    /// other end is a client namespace of the test's, the test image, and mesh-agent.
+    /// `None`: skip (never under CI).
+    pub fn machine() -> Option<Swarm> {
+        let Some(x) = xtask() else {
+            let why = "xtask binary not found (run through `cargo xtask test`)";
+            assert!(!crate::prereq::in_ci(), "{why}");
+            eprintln!("SKIP single-node swarm test: {why}");
+            return None;
+        };
+        let bin_dir = std::env::var_os("MESH_AGENT_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| x.parent().unwrap().to_path_buf());
+        let object = PathBuf::from(
+            std::env::var_os("MESH_BPF_OBJECT").expect("MESH_BPF_OBJECT (set by cargo xtask test)"),
+        );
+        let pid = std::process::id();
+        let client = crate::netns::Netns::new("sn");
+        let mut s = Swarm {
+            xtask: x,
+            nodes: 1,
+            client_netns: client.name().to_string(),
+            machine: Some(Machine {
+                client,
+                dockerd: None,
+                forward_policy: None,
+                agent: None,
+                agent_bin: bin_dir.join("mesh-agent"),
+                object,
+                bpffs: format!("/sys/fs/bpf/mesh-test-sn{pid}"),
+                state_dir: format!("/run/mesh-test-sn{pid}"),
+                log: std::env::temp_dir().join(format!("mesh-test-sn{pid}-agent.log")),
+            }),
+        };
+        // From here on, Drop undoes whatever was made.
+        let m = s.machine.as_mut().unwrap();
+        let host_if = format!("mt{pid}sn");
+        run_ok(Command::new("ip").args([
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            m.client.name(),
+        ]));
+        run_ok(Command::new("ip").args(["addr", "add", "10.250.77.1/24", "dev", &host_if]));
+        run_ok(Command::new("ip").args(["link", "set", &host_if, "up"]));
+        m.client
+            .ip(&["addr", "add", "10.250.77.2/24", "dev", "eth0"]);
+        m.client.ip(&["link", "set", "eth0", "up"]);
+        if !machine_docker(&["info"]).status.success() {
+            m.forward_policy = iptables_forward_policy();
+            let log =
+                File::create(std::env::temp_dir().join(format!("mesh-test-sn{pid}-dockerd.log")))
+                    .expect("dockerd log");
+            let child = Command::new("dockerd")
+                .args(["-H", MACHINE_DOCKER])
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start dockerd (docker.io)");
+            m.dockerd = Some(child);
+            let t = Instant::now();
+            while !machine_docker(&["info"]).status.success() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "dockerd did not answer within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let state = machine_docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        assert_eq!(
+            state, "inactive",
+            "this machine's dockerd is in a swarm already: the single-node test needs one of \
+             its own (leave it, or run the test elsewhere)"
+        );
+        let out = machine_docker(&[
+            "swarm",
+            "init",
+            "--advertise-addr",
+            "10.250.77.1",
+            "--default-addr-pool",
+            "10.253.0.0/16",
+        ]);
+        assert!(
+            out.status.success(),
+            "swarm init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = s.cli(&["cluster", "image", "--docker", MACHINE_DOCKER]);
+        assert!(
+            out.status.success(),
+            "image import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.agent(1, "start");
+        Some(s)
+    }
+
     /// `xtask ARGS`.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(&self.xtask)
@@ -96,14 +247,21 @@ impl Swarm {
     }
 
     pub fn try_docker(&self, n: u32, args: &[&str]) -> Output {
+        if self.machine.is_some() {
+            return machine_docker(args);
+        }
         let node = n.to_string();
         let mut a = vec!["cluster", "docker", &node, "--"];
         a.extend_from_slice(args);
         self.cli(&a)
     }
 
-    /// `xtask cluster agent N ACTION`, asserting success.
-    pub fn agent(&self, n: u32, action: &str) {
+    /// `xtask cluster agent N ACTION` (start, stop, kill, restart), asserting success.
+    pub fn agent(&mut self, n: u32, action: &str) {
+        if let Some(m) = &mut self.machine {
+            m.agent(action);
+            return;
+        }
         let out = self.cli(&["cluster", "agent", &n.to_string(), action]);
         assert!(
             out.status.success(),
@@ -113,7 +271,36 @@ impl Swarm {
     }
 
     pub fn addr(&self, n: u32) -> Ipv4Addr {
+        if self.machine.is_some() {
+            return MACHINE_NODE_ADDR;
+        }
         Ipv4Addr::new(10, 251, 0, 10 + n as u8)
+    }
+
+    /// The client's address, as the tasks should see it.
+    pub fn client_addr(&self) -> Ipv4Addr {
+        if self.machine.is_some() {
+            return MACHINE_CLIENT_ADDR;
+        }
+        Ipv4Addr::new(10, 251, 0, 100)
+    }
+
+    /// What node `n`'s agent serves on /metrics (`None` on the machine, whose agent
+    /// serves none: the test sends nothing to the machine's own addresses).
+    pub fn metrics(&self, n: u32) -> Option<String> {
+        if self.machine.is_some() {
+            return None;
+        }
+        let out = self.cli(&[
+            "cluster",
+            "exec",
+            &n.to_string(),
+            "--",
+            "curl",
+            "-s",
+            "http://127.0.0.1:9477/metrics",
+        ]);
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs `f` on a thread inside the client namespace.
@@ -166,14 +353,124 @@ impl Swarm {
         }
     }
 
-    /// The node name ("mc-n2") -> 2.
-    pub fn node_index(name: &str) -> u32 {
+    /// The node name ("mc-n2") -> 2; the machine's node is 1.
+    pub fn node_index(&self, name: &str) -> u32 {
+        if self.machine.is_some() {
+            return 1;
+        }
         name.trim_start_matches("mc-n").parse().expect("node name")
+    }
+}
+
+fn iptables_forward_policy() -> Option<String> {
+    let out = Command::new("iptables")
+        .args(["-S", "FORWARD"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("-P FORWARD ").map(str::to_string))
+}
+
+impl Machine {
+    fn agent(&mut self, action: &str) {
+        match action {
+            "start" => self.start_agent(),
+            "stop" => self.stop_agent(libc::SIGTERM),
+            "kill" => self.stop_agent(libc::SIGKILL),
+            "restart" => {
+                self.stop_agent(libc::SIGTERM);
+                self.start_agent();
+            }
+            other => panic!("agent action {other}"),
+        }
+    }
+
+    fn start_agent(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let before = std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("datapath attached")
+            .count();
+        let child = Command::new(&self.agent_bin)
+            .args(["--from-docker", "--docker", MACHINE_DOCKER])
+            .args(["--bpffs", &self.bpffs, "--state-dir", &self.state_dir])
+            .args(["--metrics", "off", "--peer-port", "0"])
+            .env("MESH_BPF_OBJECT", &self.object)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", self.agent_bin.display()));
+        self.agent = Some(child);
+        let t = Instant::now();
+        while std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("datapath attached")
+            .count()
+            == before
+        {
+            let exited = self.agent.as_mut().unwrap().try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && t.elapsed() < Duration::from_secs(30),
+                "mesh-agent did not start ({exited:?}): {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop_agent(&mut self, sig: i32) {
+        if let Some(mut c) = self.agent.take() {
+            // SAFETY: a signal to our own child, by its PID.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop_agent(libc::SIGTERM);
+        let _ = Command::new(&self.agent_bin)
+            .args([
+                "--uninstall",
+                "--bpffs",
+                &self.bpffs,
+                "--state-dir",
+                &self.state_dir,
+            ])
+            .output();
+        if std::thread::panicking() {
+            eprintln!(
+                "single-node swarm test failed: agent log in {}",
+                self.log.display()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+        let _ = machine_docker(&["swarm", "leave", "--force"]);
+        if let Some(mut d) = self.dockerd.take() {
+            // SAFETY: a signal to the dockerd this test started, by its PID.
+            unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+            let _ = d.wait();
+            if let Some(p) = &self.forward_policy {
+                let _ = Command::new("iptables").args(["-P", "FORWARD", p]).output();
+            }
+        }
+        // The client namespace goes with `client` (and the veth with it).
     }
 }
 
 impl Drop for Swarm {
     fn drop(&mut self) {
+        if self.machine.is_some() {
+            return;
+        }
         if std::thread::panicking() {
             // Keep the agents' and dockerds' logs for the post-mortem.
             let keep = std::env::temp_dir().join("mesh-swarm-test-logs");

@@ -1,13 +1,14 @@
-//! Tier 3: a real 3-node Docker Swarm (`cargo xtask cluster`, one dockerd per network
-//! namespace, Docker 20.10 without IPVS) with `mesh-agent --from-docker` on every node.
-//! Docker alone answers on no published port here; every check below is the mesh's.
+//! Tier 3: real Docker Swarms (Docker 20.10 without IPVS) with `mesh-agent
+//! --from-docker` on every node: 3 nodes (`cargo xtask cluster`, one dockerd per network
+//! namespace), and 1 node on this machine's own dockerd. Docker alone answers on no
+//! published port and no VIP here; every check below is the mesh's.
 //!
-//! One cluster, phases in order (a cluster costs ~20 s to build and tear down):
+//! One swarm per test, phases in order (a swarm costs ~20 s to build and tear down):
 //! published port on every node with the client's IP kept; scale and rolling updates
 //! under load with zero failed requests; an unhealthy task out of rotation on every node
 //! within 2 s of Docker reporting it; `kill -9` of an agent under load; draining a node
-//! under load; host-mode publishing; service labels; the agents' event lag, from their
-//! metrics.
+//! under load; host-mode publishing; a service's VIP from another service's tasks;
+//! service labels; the agents' event lag, from their metrics.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,7 +18,6 @@ use std::{
 use mesh_tests::swarm::{http, Load, Swarm};
 
 const IMAGE: &str = "mesh-test/busybox:latest";
-const CLIENT: &str = "10.251.0.100";
 
 /// `docker service create -d ARGS` of the test image's httpd (serving /www, with the
 /// `/cgi-bin/who` page) on port 80.
@@ -52,7 +52,7 @@ fn spread(s: &Swarm, port: u16, n: usize) -> BTreeMap<u32, BTreeMap<String, usiz
                     .unwrap_or_else(|e| panic!("node {node}:{port} did not answer: {e}"));
                 let task = body.split_whitespace().next().unwrap_or("").to_string();
                 assert!(
-                    body.contains(CLIENT),
+                    body.contains(&s.client_addr().to_string()),
                     "the task sees the client's address, not a node's: {body:?}"
                 );
                 *m.entry(task).or_insert(0) += 1;
@@ -143,9 +143,38 @@ fn swarm_three_nodes() {
     if mesh_tests::prereq::privileged("swarm_three_nodes").is_none() {
         return;
     }
-    let Some(s) = Swarm::up(3) else { return };
+    let Some(mut s) = Swarm::up(3) else { return };
+    publish(&s);
+    updates_under_load(&s);
+    unhealthy_out_within_2s(&s);
+    kill_agent_under_load(&mut s, 2);
+    drain_under_load(&s);
+    host_mode(&s);
+    vip_east_west(&s);
+    labels(&s);
+    event_lag(&s);
+}
 
-    // --- A published port answers on every node, from every task, client IP kept.
+/// The same on one node: this machine's own dockerd (started if none runs), with a
+/// client namespace on a veth of the test's as the node's underlay.
+#[test]
+fn swarm_one_node_on_the_machines_dockerd() {
+    if mesh_tests::prereq::privileged("swarm_one_node_on_the_machines_dockerd").is_none() {
+        return;
+    }
+    let Some(mut s) = Swarm::machine() else {
+        return;
+    };
+    publish(&s);
+    vip_east_west(&s);
+    host_mode(&s);
+    updates_under_load(&s);
+    unhealthy_out_within_2s(&s);
+    kill_agent_under_load(&mut s, 1);
+}
+
+/// A published port answers on every node, from every task, client IP kept.
+fn publish(s: &Swarm) {
     let t_create = Instant::now();
     create_httpd(
         &s,
@@ -160,13 +189,13 @@ fn swarm_three_nodes() {
             "{{.Task.Name}}",
         ],
     );
-    let firsts = wait_answering(&s, 8080, Duration::from_secs(60));
+    let firsts = wait_answering(s, 8080, Duration::from_secs(60));
     let create_to_all = t_create.elapsed();
     s.wait_running("web", 3, Duration::from_secs(30));
     // Every node's table holds all three tasks once each agent has seen them (a task
     // reaches the other nodes through Docker's gossip, read on the next resync).
     let all_three = loop {
-        let sp = spread(&s, 8080, 30);
+        let sp = spread(s, 8080, 30);
         if sp.values().all(|m| m.len() == 3) {
             break t_create.elapsed();
         }
@@ -177,17 +206,22 @@ fn swarm_three_nodes() {
         std::thread::sleep(Duration::from_millis(200));
     };
     println!(
-        "swarm: service create -> first answer on nodes 1/2/3 after {:.2}/{:.2}/{:.2} s (all by \
+        "swarm ({} node(s)): service create -> first answer on each node after {} s (all by \
          {:.2} s), every node spreading over all 3 tasks by {:.2} s; client IP kept",
-        firsts[0].as_secs_f64(),
-        firsts[1].as_secs_f64(),
-        firsts[2].as_secs_f64(),
+        s.nodes,
+        firsts
+            .iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join("/"),
         create_to_all.as_secs_f64(),
         all_three.as_secs_f64()
     );
+}
 
-    // --- Scale and rolling updates under load: zero failed requests.
-    let load = Load::start(&s, all_nodes(&s, 8080), "/");
+/// Scale and rolling updates under load: zero failed requests.
+fn updates_under_load(s: &Swarm) {
+    let load = Load::start(s, all_nodes(s, 8080), "/");
     let t = Instant::now();
     load.mark("scale web=5");
     s.docker(1, &["service", "scale", "-d", "web=5"]);
@@ -219,8 +253,10 @@ fn swarm_three_nodes() {
          requests, 0 failed, {:.0} s",
         t.elapsed().as_secs_f64()
     );
+}
 
-    // --- A task whose HEALTHCHECK fails: out of rotation on every node within 2 s.
+/// A task whose HEALTHCHECK fails: out of rotation on every node within 2 s.
+fn unhealthy_out_within_2s(s: &Swarm) {
     s.docker(
         1,
         &[
@@ -251,9 +287,9 @@ fn swarm_three_nodes() {
         ],
     );
     let hc = s.wait_running("hc", 3, Duration::from_secs(60));
-    wait_answering(&s, 8082, Duration::from_secs(30));
+    wait_answering(s, 8082, Duration::from_secs(30));
     let (victim, vnode) = hc[0].clone();
-    let vnode = Swarm::node_index(&vnode);
+    let vnode = s.node_index(&vnode);
     let cid = s.docker(
         vnode,
         &[
@@ -266,7 +302,7 @@ fn swarm_three_nodes() {
         ],
     );
     assert!(!cid.is_empty(), "container of {victim} on node {vnode}");
-    let sp = spread(&s, 8082, 15);
+    let sp = spread(s, 8082, 15);
     assert!(
         sp.values()
             .any(|m| m.keys().any(|t| t.starts_with(&victim))),
@@ -289,42 +325,50 @@ fn swarm_three_nodes() {
     let mut last_hit = None;
     while reported.elapsed() < Duration::from_secs(2) {
         for node in 1..=s.nodes {
-            if who(&s, node, 8082).is_ok_and(|b| b.starts_with(&victim)) {
+            if who(s, node, 8082).is_ok_and(|b| b.starts_with(&victim)) {
                 last_hit = Some(reported.elapsed());
             }
         }
     }
-    let sp = spread(&s, 8082, 20);
+    let sp = spread(s, 8082, 20);
     assert!(
         sp.values()
             .all(|m| !m.keys().any(|t| t.starts_with(&victim))),
         "2 s after Docker reported it unhealthy, {victim} still gets new connections: {sp:?}"
     );
     println!(
-        "swarm: unhealthy task out of rotation on all 3 nodes within 2 s of Docker reporting \
-         it (last new connection to it {})",
+        "swarm: unhealthy task out of rotation on all {} node(s) within 2 s of Docker \
+         reporting it (last new connection to it {})",
+        s.nodes,
         last_hit.map_or("before the report".to_string(), |d| format!(
             "{:.2} s after",
             d.as_secs_f64()
         ))
     );
     s.docker(1, &["service", "rm", "hc"]);
+}
 
-    // --- kill -9 of an agent under load, then its restart: no failed request.
-    let load = Load::start(&s, all_nodes(&s, 8080), "/");
+/// kill -9 of an agent under load, then its restart: no failed request.
+fn kill_agent_under_load(s: &mut Swarm, node: u32) {
+    let load = Load::start(s, all_nodes(s, 8080), "/");
     std::thread::sleep(Duration::from_millis(500));
-    s.agent(2, "kill");
+    s.agent(node, "kill");
     std::thread::sleep(Duration::from_secs(2));
-    s.agent(2, "start");
+    s.agent(node, "start");
     std::thread::sleep(Duration::from_secs(2));
-    let n = assert_no_failures("kill -9 and restart of node 2's agent", load);
-    println!("swarm: kill -9 of node 2's agent under load, 2 s without it, restart: {n} requests, 0 failed");
+    let n = assert_no_failures(&format!("kill -9 and restart of node {node}'s agent"), load);
+    println!(
+        "swarm: kill -9 of node {node}'s agent under load, 2 s without it, restart: {n} \
+         requests, 0 failed"
+    );
+}
 
-    // --- Drain a node under load: its tasks move, traffic follows.
+/// Drain a node under load: its tasks move, traffic follows.
+fn drain_under_load(s: &Swarm) {
     s.docker(1, &["service", "scale", "-d", "web=3"]);
     s.wait_running("web", 3, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
-    let load = Load::start(&s, all_nodes(&s, 8080), "/");
+    let load = Load::start(s, all_nodes(s, 8080), "/");
     let t = Instant::now();
     s.docker(1, &["node", "update", "--availability", "drain", "mc-n3"]);
     let moved = loop {
@@ -340,7 +384,7 @@ fn swarm_three_nodes() {
     };
     std::thread::sleep(Duration::from_secs(3));
     let n = assert_no_failures("drain of node 3", load);
-    let sp = spread(&s, 8080, 15);
+    let sp = spread(s, 8080, 15);
     assert_eq!(sp.len(), 3, "the drained node still answers: {sp:?}");
     println!(
         "swarm: node 3 drained under load, tasks moved to {:?}: {n} requests, 0 failed; every \
@@ -351,10 +395,12 @@ fn swarm_three_nodes() {
             .collect::<BTreeSet<_>>()
     );
     s.docker(1, &["node", "update", "--availability", "active", "mc-n3"]);
+}
 
-    // --- Host-mode publishing answers only where a task runs (Docker's own port
-    // mapping is not there in these nodes; the mesh takes the port from the task's
-    // container). On an overlay network, so that the task has a docker_gwbridge leg.
+/// Host-mode publishing answers only where a task runs (Docker's own port
+/// mapping is not there in these nodes; the mesh takes the port from the task's
+/// container). On an overlay network, so that the task has a docker_gwbridge leg.
+fn host_mode(s: &Swarm) {
     s.docker(1, &["network", "create", "-d", "overlay", "hostnet"]);
     create_httpd(
         &s,
@@ -372,10 +418,10 @@ fn swarm_three_nodes() {
         ],
     );
     let placed = s.wait_running("hostmode", 1, Duration::from_secs(60));
-    let at = Swarm::node_index(&placed[0].1);
+    let at = s.node_index(&placed[0].1);
     let deadline = Instant::now() + Duration::from_secs(20);
     let body = loop {
-        if let Ok(b) = who(&s, at, 8090) {
+        if let Ok(b) = who(s, at, 8090) {
             break b;
         }
         assert!(
@@ -385,23 +431,25 @@ fn swarm_three_nodes() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(
-        body.starts_with("hostmode.1.") && body.contains(CLIENT),
+        body.starts_with("hostmode.1.") && body.contains(&s.client_addr().to_string()),
         "{body}"
     );
     for node in (1..=s.nodes).filter(|n| *n != at) {
         assert!(
-            who(&s, node, 8090).is_err(),
+            who(s, node, 8090).is_err(),
             "node {node} answers a host-mode port it runs no task for"
         );
     }
     println!(
         "swarm: host-mode port 8090 answers on node {at} (its task's, client IP kept) and on no other node"
     );
+}
 
-    // --- East-west: a task of another service reaches a service's VIP by name (Docker's
-    // DNS answers the VIP; nothing in Docker answers it without IPVS) and gets answers
-    // from its tasks on its own node and on the others; plain traffic between tasks on
-    // the overlay is left to Docker's vxlan.
+/// East-west: a task of another service reaches a service's VIP by name (Docker's
+/// DNS answers the VIP; nothing in Docker answers it without IPVS) and gets answers
+/// from its tasks on its own node and on the others; plain traffic between tasks on
+/// the overlay is left to Docker's vxlan.
+fn vip_east_west(s: &Swarm) {
     s.docker(1, &["network", "create", "-d", "overlay", "appnet"]);
     create_httpd(
         &s,
@@ -435,16 +483,16 @@ fn swarm_three_nodes() {
         ],
     );
     let api = s.wait_running("api", 3, Duration::from_secs(60));
-    s.wait_running("caller", 3, Duration::from_secs(60));
+    s.wait_running("caller", s.nodes as usize, Duration::from_secs(60));
     let t = Instant::now();
     for node in 1..=s.nodes {
         let local: Vec<&str> = api
             .iter()
-            .filter(|(_, n)| Swarm::node_index(n) == node)
+            .filter(|(_, n)| s.node_index(n) == node)
             .map(|(t, _)| t.as_str())
             .collect();
         let (answers, me) = loop {
-            let (answers, me) = vip_answers(&s, node, 30);
+            let (answers, me) = vip_answers(s, node, 30);
             let tasks: BTreeSet<&str> = answers.iter().map(|(t, _)| t.as_str()).collect();
             if answers.len() == 30 && tasks.len() == 3 {
                 break (answers, me);
@@ -476,7 +524,7 @@ fn swarm_three_nodes() {
             node,
             &[
                 "exec",
-                &caller(&s, node),
+                &caller(s, node),
                 "sh",
                 "-c",
                 "for a in $(nslookup tasks.api 2>/dev/null | awk '/^Address: /{print $2}'); do \
@@ -493,8 +541,10 @@ fn swarm_three_nodes() {
              task on this node: {local:?}); each task also by its own address"
         );
     }
+}
 
-    // --- Service labels: client-IP affinity, and opting a service out of the mesh.
+/// Service labels: client-IP affinity, and opting a service out of the mesh.
+fn labels(s: &Swarm) {
     s.docker(
         1,
         &[
@@ -508,7 +558,7 @@ fn swarm_three_nodes() {
     );
     let t = Instant::now();
     let sticky = loop {
-        let sp = spread(&s, 8080, 10);
+        let sp = spread(s, 8080, 10);
         let tasks: BTreeSet<&String> = sp.values().flat_map(|m| m.keys()).collect();
         if tasks.len() == 1 {
             break ((*tasks.iter().next().unwrap()).clone(), t.elapsed());
@@ -536,7 +586,7 @@ fn swarm_three_nodes() {
     std::thread::sleep(Duration::from_secs(3));
     for node in 1..=s.nodes {
         assert!(
-            who(&s, node, 8083).is_err(),
+            who(s, node, 8083).is_err(),
             "node {node} answers a service labelled mesh.disable=true"
         );
     }
@@ -547,19 +597,12 @@ fn swarm_three_nodes() {
         sticky.0,
         sticky.1.as_secs_f64()
     );
+}
 
-    // --- What the agents measured: the lag from a Docker event to the maps written.
+/// What the agents measured: the lag from a Docker event to the maps written.
+fn event_lag(s: &Swarm) {
     for node in 1..=s.nodes {
-        let out = s.cli(&[
-            "cluster",
-            "exec",
-            &node.to_string(),
-            "--",
-            "curl",
-            "-s",
-            "http://127.0.0.1:9477/metrics",
-        ]);
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = s.metrics(node).expect("the cluster's agents serve metrics");
         let get = |k: &str| {
             text.lines()
                 .find(|l| l.starts_with(k))

@@ -72,6 +72,13 @@ pub enum Cluster {
     /// Stop only what `up` started (recorded PIDs) and remove every namespace, interface,
     /// mount and directory it made.
     Down,
+    /// Import the test image `mesh-test/busybox:latest` (busybox-static: httpd, nc, sh,
+    /// and the /cgi-bin/who page) into the dockerd at DOCKER, e.g.
+    /// `unix:///var/run/docker.sock` (the single-node test's machine dockerd).
+    Image {
+        #[arg(long)]
+        docker: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -165,7 +172,23 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
             Ok(())
         }
         Cluster::Down => down(),
+        Cluster::Image { docker } => {
+            let dir = tempdir("mesh-image")?;
+            let r = rootfs_in(&dir).and_then(|root| import_image(&root, &docker));
+            let _ = std::fs::remove_dir_all(&dir);
+            r?;
+            println!("cluster: {IMAGE} imported into {docker}");
+            Ok(())
+        }
     }
+}
+
+/// A fresh directory under the system's temporary directory, named for this process.
+fn tempdir(tag: &str) -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
 }
 
 /// What each node's dockerd is started through: in a fresh mount namespace, a sysfs of
@@ -317,17 +340,7 @@ fn up(nodes: u32, managers: u32) -> anyhow::Result<()> {
         wait_node(n)?;
     }
     for n in 1..=nodes {
-        let tar = Command::new("tar")
-            .args(["-C", &rootfs.to_string_lossy(), "-c", "."])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let st = docker(n, &["import", "-", IMAGE])
-            .stdin(tar.stdout.context("tar stdout")?)
-            .stdout(Stdio::null())
-            .status()?;
-        if !st.success() {
-            bail!("importing {IMAGE} into node {n} failed");
-        }
+        import_image(&rootfs, &sock(n))?;
     }
     let a1 = node_addr(1);
     exec(
@@ -391,8 +404,29 @@ fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `docker import` of the test image from `rootfs` into the dockerd at `host`.
+fn import_image(rootfs: &Path, host: &str) -> anyhow::Result<()> {
+    let tar = Command::new("tar")
+        .args(["-C", &rootfs.to_string_lossy(), "-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let st = Command::new("docker")
+        .args(["-H", host, "import", "-", IMAGE])
+        .stdin(tar.stdout.context("tar stdout")?)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("importing {IMAGE} into the dockerd at {host} failed");
+    }
+    Ok(())
+}
+
 fn make_rootfs() -> anyhow::Result<PathBuf> {
-    let r = Path::new(ST).join("bbroot");
+    rootfs_in(Path::new(ST))
+}
+
+fn rootfs_in(dir: &Path) -> anyhow::Result<PathBuf> {
+    let r = dir.join("bbroot");
     let bb = Path::new("/bin/busybox");
     if !bb.exists() {
         bail!("/bin/busybox (busybox-static) missing: run `cargo xtask setup`");

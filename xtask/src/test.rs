@@ -108,7 +108,7 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         summary.push("  SKIP swarm harness: not root".into());
     }
-    println!("\n== tier 3: a real 3-node swarm with the mesh ==");
+    println!("\n== tier 3: real swarms with the mesh (3 nodes in namespaces; 1 on the machine's dockerd) ==");
     cargo_test(
         &["-p", "mesh-tests", "--test", "swarm"],
         &["--nocapture", "--test-threads", "1"],

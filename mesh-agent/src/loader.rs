@@ -338,6 +338,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// The per-backend counters, summed over CPUs, by backend id.
+    pub fn backend_stats(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, mesh_common::stats::BackendCounter>, MeshError>
+    {
+        use mesh_common::stats::{BackendCounter, BACKEND_STATS_MAP};
+        let err = |source| MeshError::Map {
+            map: BACKEND_STATS_MAP,
+            source,
+        };
+        let map = self.ebpf.map(BACKEND_STATS_MAP).ok_or(MeshError::Map {
+            map: BACKEND_STATS_MAP,
+            source: aya::maps::MapError::InvalidName {
+                name: BACKEND_STATS_MAP.into(),
+            },
+        })?;
+        let map: aya::maps::PerCpuHashMap<&MapData, u32, BackendCounter> =
+            aya::maps::PerCpuHashMap::try_from(map).map_err(err)?;
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, cells)| (id, BackendCounter::sum(cells.iter())))
+            .collect())
+    }
+
     /// The per-CPU counters.
     pub fn stats(&self) -> Result<PerCpuArray<&MapData, Counter>, MeshError> {
         let map = self.ebpf.map(STATS_MAP).ok_or(MeshError::Map {

@@ -109,6 +109,13 @@ impl Mesh {
 
     /// Makes the maps match `model`, resolving endpoint interfaces in the calling
     /// thread's network namespace.
+    /// Every backend in the maps: id -> (group name, task address, port).
+    pub fn backend_names(
+        &self,
+    ) -> std::collections::BTreeMap<u32, (String, std::net::Ipv4Addr, u16)> {
+        self.reconciler.backend_names()
+    }
+
     pub fn apply(&mut self, model: &Model) -> Result<Applied, MeshError> {
         let d = model::desired(model, netdev::resolve)?;
         self.apply_desired(&d)

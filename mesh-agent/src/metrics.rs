@@ -5,13 +5,15 @@
 //! GET-only responder bound to localhost by default.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
+    net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use mesh_common::reason::Kind;
+use mesh_common::{reason::Kind, stats::BackendCounter};
 
 /// A cumulative histogram with fixed bucket bounds (seconds).
 #[derive(Clone, Debug)]
@@ -108,6 +110,70 @@ pub struct AgentMetrics {
     pub event_lag_seconds: Histogram,
     /// Unix time of the last successful reconcile.
     pub last_reconcile_unix: f64,
+    /// Every backend in the maps: id -> (group name, task address, port), for the
+    /// per-service and per-backend counters.
+    pub backend_names: BTreeMap<u32, (String, Ipv4Addr, u16)>,
+}
+
+/// Per-service traffic that never goes backwards in Prometheus' eyes: when a backend
+/// leaves, its last reading stays in its service's total.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceTotals {
+    last: BTreeMap<u32, (String, BackendCounter)>,
+    retired: BTreeMap<String, BackendCounter>,
+}
+
+/// One scrape's per-service totals and per-backend rows (service, backend, counter).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub services: BTreeMap<String, BackendCounter>,
+    pub backends: Vec<(String, String, BackendCounter)>,
+}
+
+impl ServiceTotals {
+    /// Folds in a reading of the per-backend map (`read`, by id) for the backends now in
+    /// the maps (`names`). A backend without a cell (no traffic yet, or its cell
+    /// evicted) keeps its last reading.
+    pub fn update(
+        &mut self,
+        names: &BTreeMap<u32, (String, Ipv4Addr, u16)>,
+        read: &BTreeMap<u32, BackendCounter>,
+    ) -> Traffic {
+        let gone: Vec<u32> = self
+            .last
+            .keys()
+            .filter(|id| !names.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some((svc, c)) = self.last.remove(&id) {
+                let r = self.retired.entry(svc).or_default();
+                *r = r.plus(&c);
+            }
+        }
+        let mut t = Traffic {
+            services: self.retired.clone(),
+            ..Default::default()
+        };
+        for (id, (svc, addr, port)) in names {
+            let before = self.last.get(id).map(|(_, c)| *c).unwrap_or_default();
+            let c = read
+                .get(id)
+                .copied()
+                .filter(|c| c.packets >= before.packets)
+                .unwrap_or(before);
+            self.last.insert(*id, (svc.clone(), c));
+            let total = t.services.entry(svc.clone()).or_default();
+            *total = total.plus(&c);
+            let backend = match port {
+                // An every-port VIP's backend: the port is the client's.
+                0 => addr.to_string(),
+                p => format!("{addr}:{p}"),
+            };
+            t.backends.push((svc.clone(), backend, c));
+        }
+        t
+    }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
@@ -127,8 +193,12 @@ pub fn render(
     m: &AgentMetrics,
     stats: Option<&crate::stats::Snapshot>,
     conntrack: Option<usize>,
+    traffic: Option<&Traffic>,
 ) -> String {
     let mut out = String::new();
+    if let Some(t) = traffic {
+        render_traffic(&mut out, t);
+    }
     counter(
         &mut out,
         "mesh_reconciles_total",
@@ -246,6 +316,43 @@ pub fn render(
     out
 }
 
+fn render_traffic(out: &mut String, t: &Traffic) {
+    type Field = fn(&BackendCounter) -> u64;
+    let fields: [(&str, &str, Field); 3] = [
+        (
+            "packets",
+            "Packets both ways of the flows balanced here",
+            |c| c.packets,
+        ),
+        ("bytes", "Bytes both ways of the flows balanced here", |c| {
+            c.bytes
+        }),
+        ("flows", "Flows balanced here", |c| c.flows),
+    ];
+    for (what, help, get) in fields {
+        let name = format!("mesh_service_{what}_total");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}, by service (load-balancing group).\n# TYPE {name} counter"
+        );
+        for (svc, c) in &t.services {
+            let _ = writeln!(out, "{name}{{service=\"{svc}\"}} {}", get(c));
+        }
+        let name = format!("mesh_backend_{what}_total");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}, by backend.\n# TYPE {name} counter"
+        );
+        for (svc, be, c) in &t.backends {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{svc}\",backend=\"{be}\"}} {}",
+                get(c)
+            );
+        }
+    }
+}
+
 /// Counts the conntrack map's entries (walks its keys).
 pub fn conntrack_entries(dir: &std::path::Path) -> Option<usize> {
     use aya::maps::{HashMap, Map, MapData};
@@ -263,6 +370,7 @@ pub async fn serve(
     shared: Arc<Mutex<AgentMetrics>>,
     pins: PathBuf,
 ) {
+    let totals = Arc::new(Mutex::new(ServiceTotals::default()));
     crate::http::serve(listener, move |path| {
         if path != "/metrics" {
             return None;
@@ -270,7 +378,13 @@ pub async fn serve(
         let m = shared.lock().expect("metrics lock").clone();
         let stats = crate::stats::Snapshot::read_pinned(&pins).ok();
         let ct = conntrack_entries(&pins);
-        Some(render(&m, stats.as_ref(), ct))
+        let traffic = crate::stats::backends_pinned(&pins).ok().map(|read| {
+            totals
+                .lock()
+                .expect("totals lock")
+                .update(&m.backend_names, &read)
+        });
+        Some(render(&m, stats.as_ref(), ct, traffic.as_ref()))
     })
     .await
 }
@@ -279,6 +393,57 @@ pub async fn serve(
 mod tests {
     use super::*;
     use mesh_common::{reason::Reason, stats::Counter, stats::Hook};
+
+    fn c(packets: u64, flows: u64) -> BackendCounter {
+        BackendCounter {
+            packets,
+            bytes: packets * 100,
+            flows,
+        }
+    }
+
+    #[test]
+    fn service_totals_never_go_backwards() {
+        let a: Ipv4Addr = "10.0.0.4".parse().unwrap();
+        let b: Ipv4Addr = "10.0.0.5".parse().unwrap();
+        let mut names = BTreeMap::from([
+            (1, ("web/tcp/80".to_string(), a, 80)),
+            (2, ("web/tcp/80".to_string(), b, 80)),
+            (3, ("api@net/vip".to_string(), a, 0)),
+        ]);
+        let mut t = ServiceTotals::default();
+        let r = t.update(
+            &names,
+            &BTreeMap::from([(1, c(10, 2)), (2, c(5, 1)), (3, c(4, 1))]),
+        );
+        assert_eq!(r.services["web/tcp/80"], c(15, 3));
+        assert!(r
+            .backends
+            .contains(&("api@net/vip".into(), "10.0.0.4".into(), c(4, 1))));
+        assert!(r
+            .backends
+            .contains(&("web/tcp/80".into(), "10.0.0.5:80".into(), c(5, 1))));
+        // Backend 2 leaves: its traffic stays in the service's total, its row goes.
+        names.remove(&2);
+        let r = t.update(&names, &BTreeMap::from([(1, c(12, 2)), (3, c(4, 1))]));
+        assert_eq!(r.services["web/tcp/80"], c(17, 3));
+        assert!(!r.backends.iter().any(|(_, be, _)| be == "10.0.0.5:80"));
+        // A cell gone from the map (evicted) keeps its last reading.
+        let r = t.update(&names, &BTreeMap::from([(3, c(6, 2))]));
+        assert_eq!(r.services["web/tcp/80"], c(17, 3));
+        assert_eq!(r.services["api@net/vip"], c(6, 2));
+        let out = render(&AgentMetrics::default(), None, None, Some(&r));
+        assert!(
+            out.contains(
+                "mesh_backend_flows_total{service=\"web/tcp/80\",backend=\"10.0.0.4:80\"} 2\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("mesh_service_packets_total{service=\"api@net/vip\"} 6\n"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_quantiles_come_from_observations() {
@@ -323,7 +488,7 @@ mod tests {
             reconciles: 3,
             ..Default::default()
         };
-        let out = render(&m, Some(&s), Some(12));
+        let out = render(&m, Some(&s), Some(12), None);
         assert!(out.contains("mesh_reconciles_total 3\n"));
         assert!(out.contains(&format!(
             "mesh_drops_total{{hook=\"tc_task\",reason=\"{}\"}} 7\n",

@@ -14,13 +14,18 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
-use mesh_common::{ct::CT_MAP, lb, stats::STATS_MAP};
+use mesh_common::{
+    ct::CT_MAP,
+    lb,
+    stats::{BACKEND_STATS_MAP, STATS_MAP},
+};
 
 use crate::MeshError;
 
 /// Every map the agent pins (and meshctl reads).
 pub const PINNED_MAPS: &[&str] = &[
     STATS_MAP,
+    BACKEND_STATS_MAP,
     CT_MAP,
     lb::FRONTENDS_MAP,
     lb::SERVICES_MAP,

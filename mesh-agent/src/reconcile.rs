@@ -167,6 +167,18 @@ impl Reconciler {
         }
     }
 
+    /// Every backend in the maps: id -> (its group's name, task address, port).
+    pub fn backend_names(&self) -> BTreeMap<u32, (String, Ipv4Addr, u16)> {
+        self.groups
+            .iter()
+            .flat_map(|(name, g)| {
+                g.backend_ids
+                    .iter()
+                    .map(move |((a, p), id)| (*id, (name.0.clone(), *a, *p)))
+            })
+            .collect()
+    }
+
     fn new_id(next: &mut u32, what: &'static str) -> Result<u32, PlanError> {
         let id = *next;
         *next = next.checked_add(1).ok_or(PlanError::IdsExhausted(what))?;

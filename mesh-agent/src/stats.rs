@@ -94,6 +94,28 @@ impl Snapshot {
     }
 }
 
+/// The per-backend counters (summed over CPUs) by backend id, read from the map pinned
+/// under `dir`.
+pub fn backends_pinned(
+    dir: &Path,
+) -> Result<BTreeMap<u32, mesh_common::stats::BackendCounter>, MeshError> {
+    use aya::maps::PerCpuHashMap;
+    use mesh_common::stats::{BackendCounter, BACKEND_STATS_MAP};
+    let err = |source| MeshError::Map {
+        map: BACKEND_STATS_MAP,
+        source,
+    };
+    let data = MapData::from_pin(dir.join(BACKEND_STATS_MAP)).map_err(err)?;
+    // An LRU per-CPU hash (mesh-ebpf/src/stats.rs).
+    let map: PerCpuHashMap<_, u32, BackendCounter> =
+        PerCpuHashMap::try_from(Map::PerCpuLruHashMap(data)).map_err(err)?;
+    Ok(map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(id, cells)| (id, BackendCounter::sum(cells.iter())))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,6 +66,43 @@ crate::assert_size!(Counter, 16);
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Counter {}
 
+/// Name of the per-backend counters map (LRU, per CPU; key: backend id).
+pub const BACKEND_STATS_MAP: &str = "MESH_BESTATS_V1";
+/// Its capacity: the least recently used backend's cell goes first when full.
+pub const BACKEND_STATS_ENTRIES: u32 = 65536;
+
+/// Traffic of one backend, counted where the load balancer decides for it: packets and
+/// bytes both ways (requests and replies, on the node that balanced the flow) and the
+/// flows it was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendCounter {
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+crate::assert_size!(BackendCounter, 24);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BackendCounter {}
+
+impl BackendCounter {
+    /// Sums per-CPU cells.
+    pub fn sum<'a>(cells: impl IntoIterator<Item = &'a BackendCounter>) -> BackendCounter {
+        cells
+            .into_iter()
+            .fold(BackendCounter::default(), |a, c| a.plus(c))
+    }
+
+    pub fn plus(&self, c: &BackendCounter) -> BackendCounter {
+        BackendCounter {
+            packets: self.packets.wrapping_add(c.packets),
+            bytes: self.bytes.wrapping_add(c.bytes),
+            flows: self.flows.wrapping_add(c.flows),
+        }
+    }
+}
+
 impl Counter {
     /// Sums per-CPU cells (user space reads one value per possible CPU).
     pub fn sum<'a>(cells: impl IntoIterator<Item = &'a Counter>) -> Counter {

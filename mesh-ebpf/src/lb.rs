@@ -28,7 +28,7 @@ use crate::{
         MESH_NODE_V1, MESH_SVC_V1, MESH_TUN_V1,
     },
     reply, skb, vxlan,
-    stats::count,
+    stats::{count, note_backend},
 };
 
 /// What the load balancer did with a packet: a TC return code, or "not ours". A plain
@@ -196,6 +196,7 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             return Step::Done(pk.drop(Reason::DropSynRefused));
         } else {
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
+            note_backend(e.backend_id, false);
             e.state = ct::advance(state, pk.f.tcp_flags) as u8;
             e.last_seen_ns = now;
             return if e.flags & CT_TUNNEL != 0 {
@@ -379,9 +380,6 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
         count(pk.hook, Reason::ObsStockSnat, pk.bytes);
     }
     let snat = client != f.saddr;
-    let Ok(macs) = pk.ctx.load::<[u8; 12]>(0) else {
-        return Step::Done(pk.drop(Reason::DropRewriteFailed));
-    };
 
     // One entry in scratch memory, written twice: reverse first, so that a reply can
     // never find a forward entry without its way back.
@@ -407,9 +405,11 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
         vni: 0,
         _pad: 0,
     };
-    // The reply goes back to where this came from: to its source MAC, from our MAC.
-    e.mac_dst.copy_from_slice(&macs[6..12]);
-    e.mac_src.copy_from_slice(&macs[0..6]);
+    // The reply goes back to where this came from: to its source MAC, from our MAC
+    // (loaded straight into the entry: no room for them on this frame).
+    if load6(pk.ctx, 6, &mut e.mac_dst) || load6(pk.ctx, 0, &mut e.mac_src) {
+        return Step::Done(pk.drop(Reason::DropRewriteFailed));
+    }
     let rev_key = CtKey::new(target, client, be.port, f.sport, f.proto);
     if MESH_CT_V1.insert(&rev_key, &*e, 0).is_err() {
         return Step::Done(pk.drop(Reason::DropCtFull));
@@ -425,6 +425,9 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
         return Step::Done(pk.drop(Reason::DropCtFull));
     }
     count(pk.hook, Reason::ObsCtNew, pk.bytes);
+    // What `note_backend` does, with the scratch memory already in hand.
+    s.noted_be = be_id;
+    s.noted_new = 1;
     let nat = Nat {
         addr: target,
         port: be.port,
@@ -434,6 +437,16 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
         (Some(ep), _) => Step::Deliver(ep, nat),
         (None, Some(t)) => Step::Tunnel(t, nat),
         (None, None) => Step::Done(pk.drop(Reason::DropBackendNotLocal)),
+    }
+}
+
+/// Copies 6 bytes at `off` of the packet into `to`; true on failure. (A constant length:
+/// the verifier needs it, which `TcContext::load_bytes` does not give.)
+#[inline(always)]
+fn load6(ctx: &TcContext, off: u32, to: &mut [u8; 6]) -> bool {
+    // SAFETY: the helper writes exactly 6 bytes into `to`.
+    unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(ctx.skb.skb as *const _, off, to.as_mut_ptr() as *mut _, 6) != 0
     }
 }
 
@@ -572,6 +585,7 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
                 return pk.drop(Reason::DropSynRefused).action().unwrap_or(TC_ACT_SHOT);
             }
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
+            note_backend(e.backend_id, false);
             e.state = ct::advance(state, f.tcp_flags) as u8;
             e.last_seen_ns = now;
             return to_client(pk, e).action().unwrap_or(TC_ACT_SHOT);

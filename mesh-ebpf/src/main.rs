@@ -84,7 +84,11 @@ fn overlay(ctx: TcContext, hook: Hook) -> i32 {
 #[inline(always)]
 fn tc(ctx: TcContext, hook: Hook) -> i32 {
     let pkt = pulled(&ctx);
-    datapath::process_tc(&ctx, &pkt, hook, &MESH_CONFIG.load())
+    let action = datapath::process_tc(&ctx, &pkt, hook, &MESH_CONFIG.load());
+    // Per-backend counters, for what the load balancer noted on the way (out here, its
+    // frame adds nothing to the deep path's).
+    stats::count_noted(ctx.len() as usize);
+    action
 }
 
 #[cfg(not(test))]

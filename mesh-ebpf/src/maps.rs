@@ -64,6 +64,11 @@ pub struct Scratch {
     /// `CT_RETRIED` while a retried SYN is given a new backend (set by the retry, read
     /// and cleared where the new entry is written: no extra stack on the deep path).
     pub retry: u8,
+    /// The backend this packet was balanced to, and whether it starts a flow: noted on
+    /// the deep path (`stats::note_backend`), counted at the top of the call chain
+    /// (`stats::count_noted`), where its frame does not add to the deep path's.
+    pub noted_be: u32,
+    pub noted_new: u8,
 }
 
 #[btf_map]

@@ -26,7 +26,7 @@ use crate::{
     lb::{self, Flow, Pkt},
     maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
     skb,
-    stats::count,
+    stats::{count, note_backend},
 };
 
 /// Ingress on a task's overlay veth.
@@ -47,7 +47,9 @@ pub fn from_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
         hook,
         bytes,
     };
-    match forward(&pk).action() {
+    let outcome = forward(&pk);
+    crate::stats::count_noted(bytes);
+    match outcome.action() {
         Some(action) => action,
         None => {
             count(hook, p.verdict(), bytes);
@@ -68,7 +70,9 @@ pub fn to_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
             hook,
             bytes,
         };
-        if let Some(action) = reply(&pk).action() {
+        let outcome = reply(&pk);
+        crate::stats::count_noted(bytes);
+        if let Some(action) = outcome.action() {
             return action;
         }
     }
@@ -133,6 +137,7 @@ fn forward(pk: &Pkt) -> lb::Outcome {
                 && !ct::reopens(state, pk.f.tcp_flags)
             {
                 count(pk.hook, Reason::ObsCtHit, pk.bytes);
+                note_backend(e.backend_id, false);
                 e.state = ct::advance(state, pk.f.tcp_flags) as u8;
                 e.last_seen_ns = now;
                 return toward(pk, e.nat_addr, e.nat_port);
@@ -195,6 +200,7 @@ fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
         return pk.drop(Reason::DropCtFull);
     }
     count(pk.hook, Reason::ObsCtNew, pk.bytes);
+    note_backend(be_id, true);
     toward(pk, addr, port)
 }
 
@@ -259,6 +265,7 @@ fn reply(pk: &Pkt) -> lb::Outcome {
         return lb::Outcome::NotOurs;
     }
     count(pk.hook, Reason::ObsCtHit, pk.bytes);
+    note_backend(e.backend_id, false);
     e.state = ct::advance(state, pk.f.tcp_flags) as u8;
     e.last_seen_ns = now;
     let (ctx, f) = (pk.ctx, &pk.f);

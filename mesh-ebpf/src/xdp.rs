@@ -27,7 +27,7 @@ use crate::{
     lb::{self, Flow},
     maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_NET_V1, MESH_PEER_V1, MESH_SVC_V1},
     pkt::DirectPacket,
-    stats::count,
+    stats::{count, count_backend},
 };
 
 const HOOK: Hook = Hook::XdpUnderlay;
@@ -151,6 +151,7 @@ fn to_local_task(ctx: &XdpContext, p: &Parsed, bytes: usize) -> Option<u32> {
             e.state = ct::advance(state, f.tcp_flags) as u8;
             e.last_seen_ns = now;
             count(HOOK, Reason::ObsCtHit, bytes);
+            count_backend(e.backend_id, bytes, false);
             (e.backend_id, be)
         }
         None => {
@@ -179,6 +180,7 @@ fn to_local_task(ctx: &XdpContext, p: &Parsed, bytes: usize) -> Option<u32> {
             };
             track(ctx, &f, &key, &nf)?;
             count(HOOK, Reason::ObsCtNew, bytes);
+            count_backend(id, bytes, true);
             (id, be)
         }
     };

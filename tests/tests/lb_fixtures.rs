@@ -736,6 +736,11 @@ fn overlay_vip_arp_every_port_and_replies() {
         0,
         &[],
     );
+    let mut sent: std::collections::BTreeMap<[u8; 4], (u64, u64, u64)> = Default::default();
+    let mut add = |t: [u8; 4], len: usize, flow: bool| {
+        let e = sent.entry(t).or_default();
+        *e = (e.0 + 1, e.1 + len as u64, e.2 + flow as u64);
+    };
     let got = rig.step(
         "SYN to the VIP",
         oi,
@@ -761,6 +766,7 @@ fn overlay_vip_arp_every_port_and_replies() {
         .into_iter()
         .find(|t| hex(&got) == hex(&to(*t, Tcp::Syn, 1, 0)))
         .unwrap_or_else(|| panic!("SYN rewritten to neither task: {}", hex(&got)));
+    add(chosen, syn.len(), true);
     let ack = tcp(
         (task_mac(T3), vip_mac),
         T3,
@@ -791,6 +797,7 @@ fn overlay_vip_arp_every_port_and_replies() {
         Some(&ack_out),
         &[FwdVipToTask, ObsCtHit],
     );
+    add(chosen, ack.len(), false);
     let sa = tcp(
         (task_mac(chosen), task_mac(T3)),
         chosen,
@@ -821,6 +828,7 @@ fn overlay_vip_arp_every_port_and_replies() {
         Some(&sa_out),
         &[FwdVipReply, ObsCtHit],
     );
+    add(chosen, sa.len(), false);
 
     // UDP too, with its port kept.
     let q = udp(
@@ -840,8 +848,8 @@ fn overlay_vip_arp_every_port_and_replies() {
         None,
         &[FwdVipToTask, ObsCtNew],
     );
-    assert!(
-        [T1, T2].iter().any(|t| hex(&got)
+    let to_udp = [T1, T2].into_iter().find(|t| {
+        hex(&got)
             == hex(&udp(
                 (task_mac(T3), task_mac(*t)),
                 T3,
@@ -849,11 +857,11 @@ fn overlay_vip_arp_every_port_and_replies() {
                 5300,
                 53,
                 b"query",
-                false
-            ))),
-        "UDP rewritten to neither task: {}",
-        hex(&got)
-    );
+                false,
+            ))
+    });
+    let to_udp = to_udp.unwrap_or_else(|| panic!("UDP rewritten to neither task: {}", hex(&got)));
+    add(to_udp, q.len(), true);
 
     // A backend calling its own VIP is never given itself (it would drop the packet as
     // martian), whatever the ports.
@@ -888,7 +896,26 @@ fn overlay_vip_arp_every_port_and_replies() {
             Some(&want),
             &[FwdVipToTask, ObsCtNew],
         );
+        add(T2, s.len(), true);
     }
+
+    // Per-backend counters: exactly what went to each task, both ways, and its flows.
+    let stats = rig.mesh.dp.backend_stats().unwrap();
+    let mut checked = 0;
+    for (id, (group, addr, _)) in rig.mesh.backend_names() {
+        if group != "api@appnet/vip" {
+            continue;
+        }
+        checked += 1;
+        let (packets, bytes, flows) = sent.get(&addr.octets()).copied().unwrap_or_default();
+        let c = stats.get(&id).copied().unwrap_or_default();
+        assert_eq!(
+            (c.packets, c.bytes, c.flows),
+            (packets, bytes, flows),
+            "backend {addr}"
+        );
+    }
+    assert_eq!(checked, 2, "both tasks of the VIP checked");
 
     // Traffic between tasks that is no VIP's passes untouched both ways; the VIP is no
     // frontend of the other hooks.

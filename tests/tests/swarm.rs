@@ -177,7 +177,7 @@ fn swarm_one_node_on_the_machines_dockerd() {
 fn publish(s: &Swarm) {
     let t_create = Instant::now();
     create_httpd(
-        &s,
+        s,
         &[
             "--name",
             "web",
@@ -403,7 +403,7 @@ fn drain_under_load(s: &Swarm) {
 fn host_mode(s: &Swarm) {
     s.docker(1, &["network", "create", "-d", "overlay", "hostnet"]);
     create_httpd(
-        &s,
+        s,
         &[
             "--name",
             "hostmode",
@@ -452,7 +452,7 @@ fn host_mode(s: &Swarm) {
 fn vip_east_west(s: &Swarm) {
     s.docker(1, &["network", "create", "-d", "overlay", "appnet"]);
     create_httpd(
-        &s,
+        s,
         &[
             "--name",
             "api",
@@ -570,7 +570,7 @@ fn labels(s: &Swarm) {
         std::thread::sleep(Duration::from_millis(300));
     };
     create_httpd(
-        &s,
+        s,
         &[
             "--name",
             "optout",
@@ -610,6 +610,19 @@ fn event_lag(s: &Swarm) {
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or_else(|| panic!("node {node}: no {k} in its metrics:\n{text}"))
         };
+        // Per-service and per-backend traffic: this node balanced flows of web.
+        let web_flows = get("mesh_service_flows_total{service=\"web/tcp/8080\"}");
+        let backends = text
+            .lines()
+            .filter(|l| l.starts_with("mesh_backend_flows_total{service=\"web/tcp/8080\""))
+            .count();
+        assert!(
+            web_flows > 0.0 && backends > 0,
+            "node {node}: per-service counters:\n{text}"
+        );
+        println!(
+            "swarm: node {node}: web balanced {web_flows} flows here, {backends} backend rows"
+        );
         let n = get("mesh_event_lag_seconds_count");
         assert!(n > 0.0, "node {node} applied Docker events");
         println!(

@@ -616,7 +616,18 @@ impl Agent {
         let want: BTreeSet<&model::OverlayPortSpec> = model.overlay_ports.iter().collect();
         self.overlay.retain(|p, _| want.contains(p));
         self.prune_task_links()?;
+        let stale = a.ops > 0
+            || self
+                .metrics
+                .lock()
+                .expect("metrics")
+                .backend_names
+                .is_empty();
+        let names = stale.then(|| self.mesh.backend_names());
         let mut m = self.metrics.lock().expect("metrics");
+        if let Some(n) = names {
+            m.backend_names = n;
+        }
         m.reconciles += 1;
         m.map_writes += a.writes as u64;
         m.reconcile_seconds.observe(t0.elapsed());

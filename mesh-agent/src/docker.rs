@@ -138,8 +138,22 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
 /// Service labels the mesh reads (`mesh.*`), per service name. Managers only.
 pub type MeshLabels = BTreeMap<String, BTreeMap<String, String>>;
 
-/// On a manager: every service's `mesh.*` labels.
-pub async fn mesh_labels(docker: &Docker) -> Result<MeshLabels, DockerError> {
+/// Protocols of each service's ingress-published ports: service -> (published port,
+/// protocol) pairs. Docker's gossiped tables, all a worker has, carry no protocol.
+pub type Protocols = BTreeMap<String, Vec<(u16, crate::model::Protocol)>>;
+
+/// What only a manager's `/services` tells about services.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceFacts {
+    pub labels: MeshLabels,
+    pub protocols: Protocols,
+}
+
+/// On a manager: every service's `mesh.*` labels and published ports' protocols.
+pub async fn service_facts(docker: &Docker) -> Result<ServiceFacts, DockerError> {
+    use bollard::models::{
+        EndpointPortConfigProtocolEnum as P, EndpointPortConfigPublishModeEnum as M,
+    };
     let services = docker
         .list_services(None::<bollard::query_parameters::ListServicesOptions>)
         .await
@@ -147,19 +161,40 @@ pub async fn mesh_labels(docker: &Docker) -> Result<MeshLabels, DockerError> {
             what: "list services",
             source,
         })?;
-    Ok(services
-        .into_iter()
-        .filter_map(|s| {
-            let spec = s.spec?;
-            let labels: BTreeMap<String, String> = spec
-                .labels
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(k, _)| k.starts_with("mesh."))
-                .collect();
-            (!labels.is_empty()).then_some((spec.name?, labels))
-        })
-        .collect())
+    let mut facts = ServiceFacts::default();
+    for s in services {
+        let Some(spec) = s.spec else { continue };
+        let Some(name) = spec.name else { continue };
+        let labels: BTreeMap<String, String> = spec
+            .labels
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("mesh."))
+            .collect();
+        if !labels.is_empty() {
+            facts.labels.insert(name.clone(), labels);
+        }
+        let ports: Vec<(u16, crate::model::Protocol)> = s
+            .endpoint
+            .and_then(|e| e.ports)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !matches!(p.publish_mode, Some(M::HOST)))
+            .filter_map(|p| {
+                let proto = match p.protocol {
+                    Some(P::UDP) => crate::model::Protocol::Udp,
+                    Some(P::TCP) | None => crate::model::Protocol::Tcp,
+                    // SCTP: not balanced by the mesh.
+                    _ => return None,
+                };
+                Some((u16::try_from(p.published_port?).ok()?, proto))
+            })
+            .collect();
+        if !ports.is_empty() {
+            facts.protocols.insert(name, ports);
+        }
+    }
+    Ok(facts)
 }
 
 /// On a manager: the tasks the orchestrator is shutting down or has shut down (desired

@@ -31,17 +31,23 @@ pub struct Report {
     /// On a manager: services' `mesh.*` labels (workers cannot read services).
     #[serde(default)]
     pub labels: crate::docker::MeshLabels,
+    /// On a manager: the protocols of services' published ports (not in the gossip).
+    #[serde(default)]
+    pub protocols: crate::docker::Protocols,
 }
 
-/// The service labels the managers report (the first manager that answers).
-pub fn manager_labels(
+/// The service facts the managers report (the first manager that answers).
+pub fn manager_facts(
     reports: &BTreeMap<Ipv4Addr, Report>,
     managers: &BTreeSet<Ipv4Addr>,
-) -> Option<crate::docker::MeshLabels> {
+) -> Option<crate::docker::ServiceFacts> {
     reports
         .iter()
         .find(|(p, _)| managers.contains(p))
-        .map(|(_, r)| r.labels.clone())
+        .map(|(_, r)| crate::docker::ServiceFacts {
+            labels: r.labels.clone(),
+            protocols: r.protocols.clone(),
+        })
 }
 
 /// Serves this node's report.
@@ -145,6 +151,7 @@ mod tests {
                 not_healthy: all,
                 stopping: BTreeSet::from(["t6".to_string()]),
                 labels: BTreeMap::new(),
+                protocols: BTreeMap::new(),
             },
         )]);
         let five = BTreeSet::from(["10.0.0.5".parse().unwrap()]);
@@ -168,6 +175,10 @@ mod tests {
             labels: BTreeMap::from([(
                 "web".to_string(),
                 BTreeMap::from([("mesh.affinity".to_string(), "client-ip".to_string())]),
+            )]),
+            protocols: BTreeMap::from([(
+                "dns".to_string(),
+                vec![(5353, crate::model::Protocol::Udp)],
             )]),
         };
         let local = Arc::new(Mutex::new(report.clone()));

@@ -228,6 +228,46 @@ pub fn apply_labels(model: &mut Model, labels: &crate::docker::MeshLabels) -> Ve
     bad
 }
 
+/// Gives ingress-published ports the protocols a manager reported (the gossip, which
+/// `model_from` reads, has none and TCP is assumed): a port published for UDP only
+/// becomes UDP, one published for both is both. Ports the manager did not report stay
+/// as they are.
+pub fn apply_protocols(model: &mut Model, protocols: &crate::docker::Protocols) {
+    for s in &mut model.services {
+        if s.name.contains('@') {
+            continue;
+        }
+        let Some(known) = protocols.get(&s.name) else {
+            continue;
+        };
+        let mut ports = Vec::new();
+        for p in &s.ports {
+            let (PublishMode::Ingress, Some(published)) = (p.mode, p.published) else {
+                ports.push(p.clone());
+                continue;
+            };
+            let mut protos: Vec<Protocol> = known
+                .iter()
+                .filter(|(pp, _)| *pp == published)
+                .map(|(_, proto)| *proto)
+                .collect();
+            protos.sort();
+            protos.dedup();
+            if protos.is_empty() {
+                protos.push(p.protocol);
+            }
+            for protocol in protos {
+                ports.push(PortSpec {
+                    protocol,
+                    ..p.clone()
+                });
+            }
+        }
+        ports.dedup();
+        s.ports = ports;
+    }
+}
+
 /// Adds this node's host-mode published ports (from its own containers: Docker's
 /// gossiped tables do not have them): one service per (service, protocol, published
 /// port), answering on this node's addresses with this node's tasks only.
@@ -599,6 +639,43 @@ mod tests {
         assert_eq!(web.backends.len(), 2);
         assert_eq!(web.backends[0].node, None, "the task on this node is local");
         assert_eq!(web.backends[1].node, Some("10.251.0.12".parse().unwrap()));
+    }
+
+    #[test]
+    fn published_ports_take_the_managers_protocols() {
+        let mut m = model_from(&[ingress()], "10.251.0.11".parse().unwrap(), "eth0");
+        assert_eq!(
+            web(&m).ports[0].protocol,
+            Protocol::Tcp,
+            "assumed without a manager"
+        );
+        let published = web(&m).ports[0].published.unwrap();
+        let udp =
+            crate::docker::Protocols::from([("web".into(), vec![(published, Protocol::Udp)])]);
+        let mut only_udp = m.clone();
+        apply_protocols(&mut only_udp, &udp);
+        let p: Vec<Protocol> = web(&only_udp).ports.iter().map(|p| p.protocol).collect();
+        assert_eq!(p, vec![Protocol::Udp]);
+        let both = crate::docker::Protocols::from([(
+            "web".into(),
+            vec![(published, Protocol::Udp), (published, Protocol::Tcp)],
+        )]);
+        apply_protocols(&mut m, &both);
+        let p: Vec<Protocol> = web(&m).ports.iter().map(|p| p.protocol).collect();
+        assert_eq!(p, vec![Protocol::Tcp, Protocol::Udp]);
+        // Two groups, one per protocol (endpoints do not matter here).
+        m.services
+            .iter_mut()
+            .for_each(|s| s.backends.retain(|b| b.node.is_some()));
+        let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).expect("both protocols are valid");
+        assert!(d
+            .groups
+            .keys()
+            .any(|g| g.0 == format!("web/udp/{published}")));
+        assert!(d
+            .groups
+            .keys()
+            .any(|g| g.0 == format!("web/tcp/{published}")));
     }
 
     #[test]

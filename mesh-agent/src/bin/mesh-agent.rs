@@ -270,29 +270,34 @@ impl DockerSource {
             .flatten()
             .copied()
             .collect();
-        let mut labels = if view.manager {
-            Some(docker::mesh_labels(&self.docker).await?)
+        let mut facts = if view.manager {
+            Some(docker::service_facts(&self.docker).await?)
         } else {
             None
         };
         *self.report.lock().expect("report lock") = mesh_agent::peers::Report {
             not_healthy: tasks.not_healthy,
             stopping,
-            labels: labels.clone().unwrap_or_default(),
+            labels: facts.as_ref().map(|f| f.labels.clone()).unwrap_or_default(),
+            protocols: facts
+                .as_ref()
+                .map(|f| f.protocols.clone())
+                .unwrap_or_default(),
         };
         if self.peer_port != 0 {
             let peers: Vec<_> = model.peers.iter().map(|p| p.addr).collect();
             let reports =
                 mesh_agent::peers::poll(&peers, self.peer_port, Duration::from_millis(250)).await;
-            if labels.is_none() {
-                labels = mesh_agent::peers::manager_labels(&reports, &view.managers);
+            if facts.is_none() {
+                facts = mesh_agent::peers::manager_facts(&reports, &view.managers);
             }
             let (sick, stop) = mesh_agent::peers::credible(&model, &reports, &view.managers, &ids);
             not_healthy.extend(sick);
             stopping_addrs.extend(stop);
         }
-        if let Some(l) = &labels {
-            for bad in swarm::apply_labels(&mut model, l) {
+        if let Some(f) = &facts {
+            swarm::apply_protocols(&mut model, &f.protocols);
+            for bad in swarm::apply_labels(&mut model, &f.labels) {
                 if self.label_warned.insert(bad.clone()) {
                     tracing::warn!("service label ignored: {bad}");
                 }

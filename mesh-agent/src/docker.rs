@@ -205,7 +205,6 @@ pub async fn service_facts(docker: &Docker) -> Result<ServiceFacts, DockerError>
 pub async fn stopping_tasks(
     docker: &Docker,
 ) -> Result<std::collections::BTreeSet<String>, DockerError> {
-    use bollard::models::TaskState;
     let tasks = docker
         .list_tasks(None::<bollard::query_parameters::ListTasksOptions>)
         .await
@@ -215,9 +214,30 @@ pub async fn stopping_tasks(
         })?;
     Ok(tasks
         .into_iter()
-        .filter(|t| t.desired_state.is_some_and(|d| d != TaskState::RUNNING))
+        .filter(|t| t.desired_state.is_some_and(stopping_state))
         .filter_map(|t| t.id)
         .collect())
+}
+
+/// A desired state past running: the orchestrator is ending the task. Not the states
+/// before running: a stop-first update's replacement waits with desired state `ready`
+/// until the old task has stopped (found the hard way: counted as stopping, it left
+/// its service with nothing to drain to, and the old task kept taking new flows until
+/// it was killed).
+fn stopping_state(d: bollard::models::TaskState) -> bool {
+    use bollard::models::TaskState as S;
+    matches!(
+        d,
+        S::COMPLETE | S::SHUTDOWN | S::FAILED | S::REJECTED | S::REMOVE | S::ORPHANED
+    )
+}
+
+#[cfg(test)]
+#[test]
+fn a_replacement_waiting_to_start_is_not_stopping() {
+    use bollard::models::TaskState as S;
+    assert!(!stopping_state(S::READY) && !stopping_state(S::RUNNING) && !stopping_state(S::NEW));
+    assert!(stopping_state(S::SHUTDOWN) && stopping_state(S::REMOVE));
 }
 
 /// This node's tasks as their containers show them.

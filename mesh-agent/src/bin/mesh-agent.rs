@@ -303,6 +303,9 @@ impl DockerSource {
                 }
             }
         }
+        if !stopping_addrs.is_empty() {
+            tracing::debug!(?stopping_addrs, ?not_healthy, "settling local tasks");
+        }
         swarm::settle_local(&mut model, &found, &not_healthy, &stopping_addrs);
         self.drain.hold_warming(&mut model, now);
         model.endpoints = tasks.endpoints;

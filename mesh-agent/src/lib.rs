@@ -22,6 +22,7 @@ pub mod peers;
 pub mod pins;
 pub mod preflight;
 pub mod reconcile;
+pub mod settings;
 pub mod stats;
 pub mod swarm;
 

@@ -78,3 +78,56 @@ fn meshctl_says_when_no_mesh_is_pinned() {
     };
     assert!(err.contains(want), "{err}");
 }
+
+/// A settings file: read, the command line and the environment win over it, and a
+/// mistake in it is one line naming the key.
+#[test]
+fn agent_settings_file_and_its_precedence() {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-settings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agent.yaml");
+    let f = file.to_str().unwrap();
+    std::fs::write(&file, "interfce: eth1\n").unwrap();
+    let err = one_line_error(env!("CARGO_BIN_EXE_mesh-agent"), &["--settings", f]);
+    assert!(
+        err.contains("unknown key `interfce`") && err.contains(f),
+        "{err}"
+    );
+    let err = one_line_error(
+        env!("CARGO_BIN_EXE_mesh-agent"),
+        &["--settings", "/nonexistent/agent.yaml"],
+    );
+    assert!(
+        err.contains("settings file /nonexistent/agent.yaml"),
+        "{err}"
+    );
+    if root() && mesh_agent::preflight::on_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+        std::fs::write(
+            &file,
+            "interface: mesh-file0\nbpffs: /sys/fs/bpf/mesh-cli-test2\n",
+        )
+        .unwrap();
+        let err = one_line_error(env!("CARGO_BIN_EXE_mesh-agent"), &["--settings", f]);
+        assert!(
+            err.contains("interface \"mesh-file0\" does not exist"),
+            "file read: {err}"
+        );
+        let err = one_line_error(
+            env!("CARGO_BIN_EXE_mesh-agent"),
+            &["--settings", f, "--interface", "mesh-flag0"],
+        );
+        assert!(
+            err.contains("\"mesh-flag0\""),
+            "the command line wins: {err}"
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["--settings", f])
+            .env("MESH_INTERFACE", "mesh-env0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("\"mesh-env0\""), "the environment wins: {err}");
+        let _ = std::fs::remove_dir("/sys/fs/bpf/mesh-cli-test2");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,9 +51,14 @@ enum LogFormat {
     about = "The mesh's node agent",
     long_about = "The mesh's node agent. On a swarm node: `mesh-agent --from-docker` (the \
                   defaults find the underlay interface from the node's swarm address). Every \
-                  flag can also be set in the environment (MESH_*)."
+                  flag can also be set in the environment (MESH_*) and in a settings file \
+                  (YAML, keys are the long flags: `interface: eth1`); the command line \
+                  wins over the environment, which wins over the file."
 )]
 struct Args {
+    /// Settings file (YAML: `flag: value`); read when present.
+    #[arg(long, default_value = mesh_agent::settings::DEFAULT_PATH, env = "MESH_SETTINGS")]
+    settings: PathBuf,
     /// Follow the Swarm of the local dockerd: services, tasks, networks, nodes and task
     /// health, through /events and a full resync every --resync-ms.
     #[arg(long, env = "MESH_FROM_DOCKER", conflicts_with = "config")]
@@ -80,8 +85,8 @@ struct Args {
     #[arg(long, default_value_t = mesh_common::proto::VXLAN_PORT_DEFAULT,
           value_parser = clap::value_parser!(u16).range(1..), env = "MESH_DATA_PATH_PORT")]
     data_path_port: u16,
-    /// eBPF object (default: $MESH_BPF_OBJECT, next to this binary, /usr/local/lib/mesh).
-    #[arg(long)]
+    /// eBPF object (default: next to this binary, then /usr/local/lib/mesh).
+    #[arg(long, env = "MESH_BPF_OBJECT")]
     object: Option<PathBuf>,
     /// Docker socket.
     #[arg(
@@ -128,7 +133,60 @@ struct Args {
     uninstall: bool,
 }
 
+/// Hands the settings file's values to the flag parser as the flags' environment
+/// variables, where neither the command line nor the environment set them already.
+fn apply_settings_file() -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let argv: Vec<String> = std::env::args().collect();
+    let explicit = argv
+        .iter()
+        .position(|a| a == "--settings")
+        .and_then(|i| argv.get(i + 1).cloned())
+        .or_else(|| {
+            argv.iter()
+                .find_map(|a| a.strip_prefix("--settings=").map(String::from))
+        })
+        .or_else(|| std::env::var("MESH_SETTINGS").ok());
+    let path = explicit
+        .clone()
+        .unwrap_or_else(|| mesh_agent::settings::DEFAULT_PATH.into());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => return Ok(()),
+        Err(e) => anyhow::bail!("settings file {path}: {e}"),
+    };
+    let cmd = Args::command();
+    let flags: std::collections::BTreeMap<String, String> = cmd
+        .get_arguments()
+        .filter(|a| a.get_id() != "settings")
+        .filter_map(|a| {
+            Some((
+                a.get_long()?.to_string(),
+                a.get_env()?.to_string_lossy().into_owned(),
+            ))
+        })
+        .collect();
+    let env = mesh_agent::settings::to_env(&text, &flags)
+        .map_err(|e| anyhow::anyhow!("settings file {path}: {e}"))?;
+    for (k, v) in env {
+        let long = flags.iter().find(|(_, e)| **e == k).map(|(l, _)| l.clone());
+        let on_command_line = long.is_some_and(|l| {
+            argv.iter()
+                .any(|a| *a == format!("--{l}") || a.starts_with(&format!("--{l}=")))
+        });
+        if std::env::var_os(&k).is_none() && !on_command_line {
+            // Single-threaded still: nothing else reads the environment yet.
+            std::env::set_var(k, v);
+        }
+    }
+    Ok(())
+}
+
 fn main() {
+    if let Err(e) = apply_settings_file() {
+        eprintln!("mesh-agent: {e:#}");
+        std::process::exit(1);
+    }
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into());

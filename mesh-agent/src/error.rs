@@ -12,6 +12,14 @@ pub enum MeshError {
     )]
     BpffsNotMounted { path: PathBuf },
 
+    #[error(
+        "kernel {release} is too old: the mesh needs Linux {}.{} or later (tcx links, which \
+         keep the datapath attached while no agent runs)",
+        crate::preflight::MIN_KERNEL.0,
+        crate::preflight::MIN_KERNEL.1
+    )]
+    KernelTooOld { release: String },
+
     #[error("interface {name:?} does not exist in this network namespace: check `ip link`")]
     NoSuchInterface { name: String },
 

@@ -20,6 +20,47 @@ pub fn require_root(what: &'static str) -> Result<(), MeshError> {
     }
 }
 
+/// The oldest kernel the agent runs on: tcx (6.6) is what lets a pinned link keep a TC
+/// program attached with no process holding it.
+pub const MIN_KERNEL: (u32, u32) = (6, 6);
+
+/// (major, minor) of a kernel release string such as `6.18.44-fc-v669`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// Refuses a kernel older than [`MIN_KERNEL`] (an unreadable release is let through:
+/// the attach itself then says what is missing).
+pub fn require_kernel() -> Result<(), MeshError> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    match kernel_version(release) {
+        Some(v) if v < MIN_KERNEL => Err(MeshError::KernelTooOld {
+            release: release.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn kernel_releases_parse() {
+    assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+    assert_eq!(kernel_version("5.15.0-91-generic"), Some((5, 15)));
+    assert_eq!(kernel_version("6.6"), Some((6, 6)));
+    assert_eq!(kernel_version("weird"), None);
+    assert!((5, 15) < MIN_KERNEL && (6, 6) >= MIN_KERNEL && (6, 18) >= MIN_KERNEL);
+    let e = MeshError::KernelTooOld {
+        release: "5.15.0".into(),
+    }
+    .to_string();
+    assert!(
+        e.contains("kernel 5.15.0 is too old") && e.contains("6.6"),
+        "{e}"
+    );
+}
+
 /// True if `path` (or, if it does not exist yet, its parent) is on a bpffs.
 pub fn on_bpffs(path: &Path) -> bool {
     let probe = if path.exists() {

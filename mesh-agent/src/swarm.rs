@@ -679,6 +679,17 @@ mod tests {
     }
 
     #[test]
+    fn a_dnsrr_service_gets_no_vip() {
+        let mut n = ingress();
+        n.ingress = false;
+        n.name = "meshnet".into();
+        // endpoint_mode dnsrr: Docker's DNS answers task addresses; there is no VIP.
+        n.services.get_mut("web").unwrap().vip = String::new();
+        let m = model_from(&[n], "10.251.0.11".parse().unwrap(), "eth0");
+        assert!(m.services.is_empty(), "{:?}", m.services);
+    }
+
+    #[test]
     fn vip_on_a_user_network() {
         let mut n = ingress();
         n.ingress = false;

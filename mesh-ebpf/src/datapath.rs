@@ -112,13 +112,7 @@ pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: 
 #[inline(never)]
 fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, bytes: usize) -> i32 {
     if p.ip_version == 4 && !matches!(p.frag, Frag::NonFirst) && p.l4_off != 0 && !p.vxlan {
-        let pk = lb::Pkt {
-            ctx,
-            p,
-            f: lb::Flow::of(p),
-            hook,
-            bytes,
-        };
+        let pk = lb::Pkt::new(ctx, p, hook, bytes);
         let outcome = match p.l4_proto {
             IPPROTO_TCP | IPPROTO_UDP => lb::process(&pk, cfg),
             IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk),

@@ -67,7 +67,19 @@ pub struct Pkt<'a> {
     pub bytes: usize,
 }
 
-impl Pkt<'_> {
+impl<'a> Pkt<'a> {
+    /// The packet `p` as `hook` saw it (`bytes` long).
+    #[inline(always)]
+    pub fn new(ctx: &'a TcContext, p: &'a Parsed, hook: Hook, bytes: usize) -> Pkt<'a> {
+        Pkt {
+            ctx,
+            p,
+            f: Flow::of(p),
+            hook,
+            bytes,
+        }
+    }
+
     #[inline(always)]
     pub fn done(&self, reason: Reason, action: i32) -> Outcome {
         count(self.hook, reason, self.bytes);
@@ -551,13 +563,7 @@ fn tunnel_reply(pk: &Pkt, e: &CtEntry) -> Outcome {
 /// The parsed inner packet of VXLAN `from` a peer.
 #[inline(never)]
 pub fn from_tunnel_parsed(ctx: &TcContext, p: &Parsed, hook: Hook, from: &vxlan::From) -> i32 {
-    let pk = Pkt {
-        ctx,
-        p,
-        f: Flow::of(p),
-        hook,
-        bytes: from.bytes,
-    };
+    let pk = Pkt::new(ctx, p, hook, from.bytes);
     if p.ip_version != 4 || p.l4_off == 0 || !matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) {
         return pk.drop(Reason::DropVxlanBadInner).action().unwrap_or(TC_ACT_SHOT);
     }

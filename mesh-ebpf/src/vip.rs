@@ -23,7 +23,7 @@ use mesh_common::{
 };
 
 use crate::{
-    lb::{self, Flow, Pkt},
+    lb::{self, Pkt},
     maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
     skb,
     stats::{count, note_backend},
@@ -40,13 +40,7 @@ pub fn from_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
         count(hook, p.verdict(), bytes);
         return TC_ACT_UNSPEC;
     }
-    let pk = Pkt {
-        ctx,
-        p,
-        f: Flow::of(p),
-        hook,
-        bytes,
-    };
+    let pk = Pkt::new(ctx, p, hook, bytes);
     let outcome = forward(&pk);
     crate::stats::count_noted(bytes);
     match outcome.action() {
@@ -63,13 +57,7 @@ pub fn from_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
 pub fn to_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
     let hook = Hook::TcOverlayOut;
     if ipv4_l4(p) {
-        let pk = Pkt {
-            ctx,
-            p,
-            f: Flow::of(p),
-            hook,
-            bytes,
-        };
+        let pk = Pkt::new(ctx, p, hook, bytes);
         let outcome = reply(&pk);
         crate::stats::count_noted(bytes);
         if let Some(action) = outcome.action() {

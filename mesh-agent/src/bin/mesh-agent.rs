@@ -416,6 +416,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     preflight::require_root("mesh-agent loads eBPF programs")?;
+    preflight::require_kernel()?;
     preflight::require_bpffs(&args.bpffs)?;
     let pins = PinDir::new(&args.bpffs);
     if args.uninstall {

@@ -11,6 +11,7 @@
 pub mod docker;
 pub mod error;
 pub mod http;
+pub mod inspect;
 pub mod loader;
 pub mod maglev;
 pub mod maps;

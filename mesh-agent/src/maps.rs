@@ -74,7 +74,21 @@ impl Datapath {
     }
 }
 
-impl Datapath {
+/// Where the load-balancing maps are read from: the loaded object's, or the pins of a
+/// running (or departed) agent, which is how meshctl reads them.
+trait MapSource {
+    fn entries<K: aya::Pod + Ord, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BTreeMap<K, V>, MeshError>;
+    fn slots<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        range: std::ops::Range<u32>,
+    ) -> Result<Vec<V>, MeshError>;
+}
+
+impl MapSource for Datapath {
     fn entries<K: aya::Pod + Ord, V: aya::Pod>(
         &mut self,
         name: &'static str,
@@ -83,39 +97,97 @@ impl Datapath {
         map.iter().map(|r| r.map_err(map_err(name))).collect()
     }
 
+    fn slots<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        range: std::ops::Range<u32>,
+    ) -> Result<Vec<V>, MeshError> {
+        let arr = self.array::<V>(name)?;
+        range
+            .map(|i| arr.get(&i, 0).map_err(map_err(name)))
+            .collect()
+    }
+}
+
+/// The maps pinned under a directory.
+struct Pinned<'a>(&'a std::path::Path);
+
+impl Pinned<'_> {
+    fn open(&self, name: &'static str) -> Result<MapData, MeshError> {
+        let path = self.0.join(name);
+        if !path.exists() {
+            return Err(MeshError::NotPinned {
+                path: self.0.to_path_buf(),
+            });
+        }
+        MapData::from_pin(&path).map_err(map_err(name))
+    }
+}
+
+impl MapSource for Pinned<'_> {
+    fn entries<K: aya::Pod + Ord, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BTreeMap<K, V>, MeshError> {
+        let map: HashMap<MapData, K, V> =
+            HashMap::try_from(aya::maps::Map::HashMap(self.open(name)?)).map_err(map_err(name))?;
+        map.iter().map(|r| r.map_err(map_err(name))).collect()
+    }
+
+    fn slots<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        range: std::ops::Range<u32>,
+    ) -> Result<Vec<V>, MeshError> {
+        let arr: Array<MapData, V> =
+            Array::try_from(aya::maps::Map::Array(self.open(name)?)).map_err(map_err(name))?;
+        range
+            .map(|i| arr.get(&i, 0).map_err(map_err(name)))
+            .collect()
+    }
+}
+
+/// Reads back what the load-balancing maps hold.
+fn snapshot_from(src: &mut impl MapSource) -> Result<Snapshot, MeshError> {
+    let services: BTreeMap<u32, Service> = src.entries(SERVICES_MAP)?;
+    let mut tables = BTreeMap::new();
+    for (id, s) in &services {
+        tables.insert(
+            *id,
+            src.slots::<u32>(MAGLEV_MAP, s.maglev_off..s.maglev_off + s.maglev_size)?,
+        );
+    }
+    let local = src
+        .slots::<Local>(LOCAL_MAP, 0..1)?
+        .pop()
+        .filter(|l| *l != Local::default());
+    Ok(Snapshot {
+        local,
+        peers: src.entries(PEERS_MAP)?,
+        networks: src.entries(NETWORKS_MAP)?,
+        tunnels: src.entries(TUNNELS_MAP)?,
+        node_addrs: src
+            .entries::<u32, NodeAddrFlags>(NODE_ADDRS_MAP)?
+            .into_keys()
+            .collect(),
+        endpoints: src.entries(ENDPOINTS_MAP)?,
+        frontends: src.entries(FRONTENDS_MAP)?,
+        services,
+        backends: src.entries(BACKENDS_MAP)?,
+        tables,
+    })
+}
+
+impl Datapath {
     /// Reads back what the load-balancing maps hold (what a restarted agent adopts).
     pub fn read_snapshot(&mut self) -> Result<Snapshot, MeshError> {
-        let services: BTreeMap<u32, Service> = self.entries(SERVICES_MAP)?;
-        let mut tables = BTreeMap::new();
-        {
-            let arr = self.array::<u32>(MAGLEV_MAP)?;
-            for (id, s) in &services {
-                let t: Result<Vec<u32>, _> = (s.maglev_off..s.maglev_off + s.maglev_size)
-                    .map(|i| arr.get(&i, 0))
-                    .collect();
-                tables.insert(*id, t.map_err(map_err(MAGLEV_MAP))?);
-            }
-        }
-        let local = {
-            let arr = self.array::<Local>(LOCAL_MAP)?;
-            Some(arr.get(&0, 0).map_err(map_err(LOCAL_MAP))?).filter(|l| *l != Local::default())
-        };
-        Ok(Snapshot {
-            local,
-            peers: self.entries(PEERS_MAP)?,
-            networks: self.entries(NETWORKS_MAP)?,
-            tunnels: self.entries(TUNNELS_MAP)?,
-            node_addrs: self
-                .entries::<u32, NodeAddrFlags>(NODE_ADDRS_MAP)?
-                .into_keys()
-                .collect(),
-            endpoints: self.entries(ENDPOINTS_MAP)?,
-            frontends: self.entries(FRONTENDS_MAP)?,
-            services,
-            backends: self.entries(BACKENDS_MAP)?,
-            tables,
-        })
+        snapshot_from(self)
     }
+}
+
+/// What the load-balancing maps pinned under `dir` hold.
+pub fn read_pinned(dir: &std::path::Path) -> Result<Snapshot, MeshError> {
+    snapshot_from(&mut Pinned(dir))
 }
 
 impl MapWriter for Datapath {

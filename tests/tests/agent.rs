@@ -270,7 +270,11 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
         .arg(&pin_dir)
         .output()
         .unwrap();
-    assert_eq!(err.status.code(), Some(1));
+    assert_eq!(
+        err.status.code(),
+        Some(4),
+        "meshctl's exit code for no mesh pinned"
+    );
     assert!(String::from_utf8_lossy(&err.stderr).contains("no mesh is pinned"));
 }
 
@@ -553,4 +557,283 @@ fn agent_refuses_a_pinned_layout_it_does_not_know() {
         "one actionable line: {err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// Runs `meshctl ARGS --bpffs DIR` in the node's namespace `ns` (where the interfaces
+/// it names are): (exit code, stdout, stderr).
+fn meshctl(ns: &str, meshctl: &Path, pin_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(meshctl)
+        .args(args)
+        .arg("--bpffs")
+        .arg(pin_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run meshctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn meshctl_json(ns: &str, bin: &Path, pin_dir: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let (code, out, err) = meshctl(ns, bin, pin_dir, &a);
+    assert_eq!(code, 0, "meshctl {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("meshctl {args:?} --json: {e}: {out}"))
+}
+
+/// meshctl against a live mesh (the agent from a model file, real traffic through it),
+/// every subcommand in both formats, then with the agent gone.
+#[test]
+fn meshctl_explains_a_live_mesh() {
+    use mesh_agent::model::to_yaml;
+    use mesh_tests::lbtopo::{http_get, LbTopo, ALL_ACTIVE, NODE, TASKS};
+    use std::io::{BufRead, Write};
+
+    let Some(object) = prereq::privileged("meshctl_explains_a_live_mesh") else {
+        return;
+    };
+    let Some((agent, bin)) = binaries() else {
+        return;
+    };
+    let topo = LbTopo::new("k");
+    let dir = std::env::temp_dir().join(format!("mesh-meshctl-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, to_yaml(&topo.model(&ALL_ACTIVE))).unwrap();
+    let mut guard = start_agent(
+        &topo.n,
+        &agent,
+        &object,
+        &["--config".as_ref(), config.as_os_str()],
+        "ctl",
+    );
+    let pins = guard.pin_dir.clone();
+    let ns = topo.n.name().to_string();
+    const REQUESTS: u64 = 45;
+    let served: Vec<String> = topo.c.enter(|| {
+        (0..REQUESTS)
+            .map(|_| http_get(NODE, 8080).expect("through the mesh"))
+            .collect()
+    });
+    assert_eq!(served.len() as u64, REQUESTS);
+    // A connection that stays open: a live flow for `conntrack`.
+    let held = topo.c.enter(|| {
+        let mut s = std::net::TcpStream::connect((NODE, 7000)).expect("echo through the mesh");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"hi\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (s, line.trim().to_string())
+    });
+    let (stream, echo_task) = held;
+    let client_port = stream.local_addr().unwrap().port();
+
+    // status: the agent, its programs, what the maps hold.
+    let (code, text, err) = meshctl(&ns, &bin, &pins, &["status"]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("agent: running"), "{text}");
+    assert!(text.contains("program: mesh_tc_ingress on un"), "{text}");
+    for h in ["h1", "h2", "h3"] {
+        assert!(
+            text.contains(&format!("program: mesh_tc_task on {h}")),
+            "{text}"
+        );
+    }
+    let st = meshctl_json(&ns, &bin, &pins, &["status"]);
+    assert_eq!(st["agent"]["running"], true);
+    assert_eq!(st["agent"]["status"]["source"], "config");
+    assert_eq!(st["services"], 7, "{st}");
+    assert!(st["flows"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["maps_missing"].as_array().unwrap().len(), 0);
+
+    // services / service: names, frontends, backends, shares, traffic.
+    let (code, text, _) = meshctl(&ns, &bin, &pins, &["services"]);
+    assert_eq!(code, 0);
+    for name in [
+        "web/tcp/80",
+        "echo/tcp/7000",
+        "dns/udp/53",
+        "webhost/host/tcp/8081",
+    ] {
+        assert!(text.contains(name), "{name} in {text}");
+    }
+    let web = meshctl_json(&ns, &bin, &pins, &["service", "web"]);
+    let web = &web.as_array().unwrap()[0];
+    assert_eq!(web["name"], "web/tcp/80");
+    let fes: Vec<String> = web["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| format!("{}/{}", f["port"], f["kind"]))
+        .collect();
+    assert!(
+        fes.contains(&"8080/\"ingress\"".to_string()) && fes.contains(&"80/\"vip\"".to_string()),
+        "{fes:?}"
+    );
+    let backends = web["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 3);
+    let slots: u64 = backends.iter().map(|b| b["slots"].as_u64().unwrap()).sum();
+    assert_eq!(
+        slots,
+        web["table_size"].as_u64().unwrap(),
+        "every slot names a backend"
+    );
+    let flows: u64 = backends.iter().map(|b| b["flows"].as_u64().unwrap()).sum();
+    assert_eq!(
+        flows, REQUESTS,
+        "one flow per request, counted by the programs"
+    );
+    for b in backends {
+        assert_eq!(
+            (b["state"].as_str(), b["at"].as_str()),
+            (Some("active"), Some("local"))
+        );
+        assert!(b["packets"].as_u64().unwrap() > 0, "every task served: {b}");
+    }
+    let (code, text, _) = meshctl(&ns, &bin, &pins, &["service", "web"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("frontend *:8080/tcp (ingress)") && text.contains(TASKS[0]),
+        "{text}"
+    );
+    let (code, _, err) = meshctl(&ns, &bin, &pins, &["service", "nope"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no service \"nope\"") && err.contains("web/tcp/80"),
+        "{err}"
+    );
+
+    // conntrack: the open connection, with its backend and state.
+    let flows = meshctl_json(&ns, &bin, &pins, &["conntrack", "--service", "echo"]);
+    let mine: Vec<&serde_json::Value> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["client"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!(":{client_port}"))
+        })
+        .collect();
+    assert_eq!(mine.len(), 1, "{flows}");
+    assert_eq!(mine[0]["state"], "established");
+    assert_eq!(mine[0]["frontend"], format!("{NODE}:7000"));
+    let task_addr = TASKS[echo_task.trim_start_matches('t').parse::<usize>().unwrap() - 1];
+    assert_eq!(mine[0]["backend"], format!("{task_addr}:7000"));
+    let (code, text, _) = meshctl(&ns, &bin, &pins, &["conntrack", "--backend", task_addr]);
+    assert_eq!(code, 0);
+    assert!(text.contains(&format!(":{client_port}")), "{text}");
+
+    // maglev: the table's spread.
+    let mg = meshctl_json(&ns, &bin, &pins, &["maglev", "web"]);
+    let shares: Vec<f64> = mg[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["share"].as_f64().unwrap())
+        .collect();
+    assert!(
+        shares.iter().all(|s| (s - 1.0 / 3.0).abs() < 0.02),
+        "{shares:?}"
+    );
+    let (code, text, _) = meshctl(&ns, &bin, &pins, &["maglev", "web"]);
+    assert!(code == 0 && text.contains("VS IDEAL"), "{text}");
+
+    // stats: totals per service; --watch: rates while traffic flows.
+    let st = meshctl_json(&ns, &bin, &pins, &["stats"]);
+    let web_row = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "web/tcp/80")
+        .expect("a row for web")
+        .clone();
+    assert_eq!(web_row["flows"], REQUESTS);
+    let watcher = {
+        let (bin, pins, ns) = (bin.clone(), pins.clone(), ns.clone());
+        std::thread::spawn(move || {
+            meshctl(
+                &ns,
+                &bin,
+                &pins,
+                &[
+                    "stats",
+                    "--watch",
+                    "--interval",
+                    "0.5",
+                    "--count",
+                    "3",
+                    "--json",
+                ],
+            )
+        })
+    };
+    topo.c.enter(|| {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(1600) {
+            let _ = http_get(NODE, 8080);
+        }
+    });
+    let (code, out, err) = watcher.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    let views: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(views.len(), 3);
+    assert!(
+        views
+            .iter()
+            .any(|v| v["services"]["web/tcp/80"]["flows_per_s"].as_f64().unwrap() > 0.0),
+        "new flows per second seen: {out}"
+    );
+
+    // flush asks first; refuses without a terminal; does it with --yes.
+    let (code, _, err) = meshctl(
+        &ns,
+        &bin,
+        &pins,
+        &["conntrack", "flush", "--service", "echo"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("pass --yes"), "{err}");
+    let f = meshctl_json(
+        &ns,
+        &bin,
+        &pins,
+        &["conntrack", "flush", "--service", "echo", "--yes"],
+    );
+    assert!(f["flows_flushed"].as_u64().unwrap() >= 1, "{f}");
+    let left = meshctl_json(&ns, &bin, &pins, &["conntrack", "--service", "echo"]);
+    assert_eq!(left.as_array().unwrap().len(), 0, "{left}");
+    drop(stream);
+
+    // With the agent gone, everything but the agent's own status still reads the pins.
+    assert_eq!(
+        unsafe { libc::kill(guard.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    assert!(guard.child.wait().unwrap().success());
+    let (code, text, _) = meshctl(&ns, &bin, &pins, &["status"]);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("agent: NOT running"), "{text}");
+    let (code, text, _) = meshctl(&ns, &bin, &pins, &["services"]);
+    assert!(code == 0 && text.contains("web/tcp/80"), "{text}");
+    let (code, _, err) = meshctl(
+        &ns,
+        &bin,
+        Path::new("/sys/fs/bpf/mesh-none-here"),
+        &["status"],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no mesh is pinned"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

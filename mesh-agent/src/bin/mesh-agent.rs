@@ -207,12 +207,7 @@ fn main() {
 }
 
 fn names_file(args: &Args) -> PathBuf {
-    let tag = args
-        .bpffs
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "mesh".into());
-    args.state_dir.join(format!("{tag}.names.json"))
+    mesh_agent::inspect::names_path(&args.state_dir, &args.bpffs)
 }
 
 fn read_model(path: &Path) -> anyhow::Result<model::Model> {
@@ -422,6 +417,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.uninstall {
         pins.remove_all()?;
         let _ = std::fs::remove_file(names_file(&args));
+        let _ = std::fs::remove_file(mesh_agent::inspect::status_path(
+            &args.state_dir,
+            &args.bpffs,
+        ));
         // The state directory goes too if nothing else is in it.
         let _ = std::fs::remove_dir(&args.state_dir);
         eprintln!(
@@ -440,6 +439,9 @@ struct Agent {
     /// Tasks' overlay veths with the overlay hooks, and their link pins.
     overlay: BTreeMap<model::OverlayPortSpec, Vec<PathBuf>>,
     metrics: Arc<Mutex<AgentMetrics>>,
+    /// Where `meshctl status` reads how the agent is doing, and what it says there.
+    status_file: PathBuf,
+    status: mesh_agent::inspect::AgentStatus,
 }
 
 async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
@@ -547,6 +549,16 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         attached: BTreeSet::new(),
         overlay: BTreeMap::new(),
         metrics: shared,
+        status_file: mesh_agent::inspect::status_path(&args.state_dir, &args.bpffs),
+        status: mesh_agent::inspect::AgentStatus {
+            pid: std::process::id(),
+            started_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            source: if source.is_some() { "docker" } else { "config" }.into(),
+            ..Default::default()
+        },
     };
     let started = Instant::now();
     agent.apply(&model, None)?;
@@ -705,9 +717,22 @@ impl Agent {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
+        self.status.last_reconcile_unix = m.last_reconcile_unix;
+        self.status.reconciles = m.reconciles;
+        self.status.reconcile_errors = m.reconcile_errors;
+        self.status.events = m.events;
+        // Best effort: a status file that cannot be written costs only meshctl's view.
+        if let Ok(text) = serde_json::to_vec(&self.status) {
+            let tmp = self.status_file.with_extension("tmp");
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, &self.status_file);
+            }
+        }
         if let Some(at) = event {
             let lag = SystemTime::now().duration_since(at).unwrap_or_default();
             m.event_lag_seconds.observe(lag);
+            self.status.event_lag_p50_s = m.event_lag_seconds.quantile(0.5);
+            self.status.event_lag_p99_s = m.event_lag_seconds.quantile(0.99);
             tracing::debug!(
                 lag_ms = lag.as_secs_f64() * 1e3,
                 ops = a.ops,

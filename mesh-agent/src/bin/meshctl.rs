@@ -1,20 +1,54 @@
-//! meshctl: see what the mesh is doing. Reads pinned maps directly, so it works while
-//! the agent is down.
+//! meshctl: see and explain what the mesh is doing. Reads the pinned maps directly, so
+//! everything works while the agent is down; read-only unless a subcommand says
+//! otherwise (`conntrack flush`).
+//!
+//! Exit codes: 0 fine; 1 an error (one line); 2 bad usage; 3 `status`: the agent is not
+//! running (the datapath may still be forwarding); 4 no mesh is pinned there.
 
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
-use std::path::PathBuf;
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_agent::{preflight, stats::Snapshot};
+use mesh_agent::{
+    inspect::{self, ServiceView},
+    pins::PinDir,
+    preflight,
+    stats::Snapshot,
+    MeshError,
+};
 use mesh_common::reason::Kind;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Inspect the mesh datapath")]
+#[command(
+    version,
+    about = "See and explain what the mesh is doing",
+    long_about = "See and explain what the mesh is doing. Reads the maps the agent pinned, so \
+                  it works while the agent is down. Exit codes: 0 fine, 1 error, 2 usage, 3 \
+                  agent not running (status), 4 no mesh pinned."
+)]
 struct Args {
-    /// Directory on bpffs where the agent pins its maps.
-    #[arg(long, global = true, default_value = "/sys/fs/bpf/mesh")]
+    /// Directory on bpffs where the agent pins its maps (the agent's --bpffs).
+    #[arg(
+        long,
+        global = true,
+        default_value = "/sys/fs/bpf/mesh",
+        env = "MESH_BPFFS"
+    )]
     bpffs: PathBuf,
+    /// The agent's --state-dir (service names, the agent's status).
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/mesh",
+        env = "MESH_STATE_DIR"
+    )]
+    state_dir: PathBuf,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -24,38 +58,359 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Packets and bytes by hook and verdict/drop reason (non-zero counters only).
-    Stats,
+    /// Is the agent up, where are the programs attached, what do the maps hold.
+    Status,
+    /// Every service: frontends and backends.
+    Services,
+    /// One service (its name, or its Docker service's: `web`): frontends, and backends
+    /// with their state, where they run, their share of new flows and their traffic.
+    Service { name: String },
+    /// Live flows: client, frontend, backend, state, age and idle time.
+    Conntrack {
+        /// Only this service's flows.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only flows to this backend address.
+        #[arg(long)]
+        backend: Option<std::net::Ipv4Addr>,
+        #[command(subcommand)]
+        action: Option<CtAction>,
+    },
+    /// Packets and bytes by hook and reason, and per service; `--watch` shows rates.
+    Stats {
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between two views with --watch.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many views with --watch (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// How a service's Maglev table spreads new flows over its backends.
+    Maglev { service: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtAction {
+    /// Forget a service's flows (their next packets start new ones; TCP connections in
+    /// the middle are reset by their backends). Asks first, unless --yes.
+    Flush {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() {
     let args = Args::parse();
-    let result = match args.cmd {
-        Cmd::Stats => stats(&args),
-    };
-    if let Err(e) = result {
-        eprintln!("meshctl: {e:#}");
-        std::process::exit(1);
+    let result = run(&args);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("meshctl: {e:#}");
+            let not_pinned = e
+                .downcast_ref::<MeshError>()
+                .is_some_and(|m| matches!(m, MeshError::NotPinned { .. }));
+            std::process::exit(if not_pinned { 4 } else { 1 });
+        }
     }
 }
 
-fn stats(args: &Args) -> anyhow::Result<()> {
+fn run(args: &Args) -> anyhow::Result<i32> {
     preflight::require_root("meshctl reads pinned BPF maps")?;
-    let snap = Snapshot::read_pinned(&args.bpffs)?;
+    match &args.cmd {
+        Cmd::Status => status(args),
+        Cmd::Services => services(args, None).map(|_| 0),
+        Cmd::Service { name } => services(args, Some(name)).map(|_| 0),
+        Cmd::Conntrack {
+            service,
+            backend,
+            action: None,
+        } => conntrack(args, service.as_deref(), *backend).map(|_| 0),
+        Cmd::Conntrack {
+            action: Some(CtAction::Flush { service, yes }),
+            ..
+        } => flush(args, service, *yes).map(|_| 0),
+        Cmd::Stats {
+            watch,
+            interval,
+            count,
+        } => stats(args, *watch, *interval, *count).map(|_| 0),
+        Cmd::Maglev { service } => maglev(args, service).map(|_| 0),
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Every service in the pinned maps, named.
+fn all_services(args: &Args) -> anyhow::Result<Vec<ServiceView>> {
+    let snap = mesh_agent::maps::read_pinned(&args.bpffs)?;
+    let names = inspect::read_names(&inspect::names_path(&args.state_dir, &args.bpffs));
+    let traffic = mesh_agent::stats::backends_pinned(&args.bpffs).unwrap_or_default();
+    Ok(inspect::services(&snap, &names, &traffic))
+}
+
+/// The services `query` names; an error naming the known ones when none.
+fn find(all: Vec<ServiceView>, query: &str) -> anyhow::Result<Vec<ServiceView>> {
+    let known: Vec<String> = all.iter().map(|s| s.name.clone()).collect();
+    let found: Vec<ServiceView> = all.into_iter().filter(|s| s.matches(query)).collect();
+    anyhow::ensure!(
+        !found.is_empty(),
+        "no service {query:?} in the mesh (known: {})",
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    );
+    Ok(found)
+}
+
+fn services(args: &Args, one: Option<&str>) -> anyhow::Result<()> {
+    let mut all = all_services(args)?;
+    if let Some(q) = one {
+        all = find(all, q)?;
+    }
     if args.json {
-        let rows: Vec<_> = snap
-            .iter()
-            .map(|(h, r, c)| {
-                serde_json::json!({
-                    "hook": h.name(), "reason": r.name(),
-                    "kind": format!("{:?}", r.kind()).to_lowercase(),
-                    "packets": c.packets, "bytes": c.bytes,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return print_json(&all);
+    }
+    if one.is_none() {
+        println!(
+            "{:<32} {:<40} {:>7} {:>9} {:>10}",
+            "SERVICE", "FRONTENDS", "ACTIVE", "DRAINING", "FLOWS"
+        );
+        for s in &all {
+            let count = |st: &str| s.backends.iter().filter(|b| b.state == st).count();
+            let fes: Vec<String> = s.frontends.iter().map(|f| f.to_string()).collect();
+            println!(
+                "{:<32} {:<40} {:>7} {:>9} {:>10}",
+                s.name,
+                fes.join(" "),
+                count("active"),
+                count("draining"),
+                s.backends.iter().map(|b| b.flows).sum::<u64>()
+            );
+        }
         return Ok(());
     }
+    for s in &all {
+        println!(
+            "service {} (id {}): table {} slots{}, idle timeout tcp {} s, udp {} s",
+            s.name,
+            s.id,
+            s.table_size,
+            if s.affinity {
+                ", client-ip affinity"
+            } else {
+                ""
+            },
+            s.tcp_idle_s,
+            s.udp_idle_s
+        );
+        for f in &s.frontends {
+            println!("  frontend {f}");
+        }
+        println!(
+            "  {:<22} {:<9} {:<22} {:>7} {:>10} {:>12} {:>8}",
+            "BACKEND", "STATE", "WHERE", "SHARE", "PACKETS", "BYTES", "FLOWS"
+        );
+        for b in &s.backends {
+            let addr = match b.port {
+                Some(p) => format!("{}:{p}", b.addr),
+                None => format!("{}:*", b.addr),
+            };
+            let share = if s.table_size > 0 {
+                format!("{:.1}%", 100.0 * b.slots as f64 / s.table_size as f64)
+            } else {
+                "-".into()
+            };
+            println!(
+                "  {addr:<22} {:<9} {:<22} {share:>7} {:>10} {:>12} {:>8}",
+                b.state, b.at, b.packets, b.bytes, b.flows
+            );
+        }
+    }
+    Ok(())
+}
+
+fn conntrack(
+    args: &Args,
+    service: Option<&str>,
+    backend: Option<std::net::Ipv4Addr>,
+) -> anyhow::Result<()> {
+    let names = inspect::read_names(&inspect::names_path(&args.state_dir, &args.bpffs));
+    let entries = inspect::read_conntrack(&args.bpffs)?;
+    let mut flows = inspect::flows(&entries, inspect::monotonic_ns(), &names);
+    if let Some(q) = service {
+        let ids: Vec<String> = find(all_services(args)?, q)?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        flows.retain(|f| ids.contains(&f.service));
+    }
+    if let Some(b) = backend {
+        let prefix = format!("{b}:");
+        flows.retain(|f| f.backend.starts_with(&prefix));
+    }
+    if args.json {
+        return print_json(&flows);
+    }
+    println!(
+        "{:<5} {:<22} {:<22} {:<22} {:<24} {:<12} {:>8} {:>8}",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SERVICE", "STATE", "AGE", "IDLE"
+    );
+    for f in &flows {
+        println!(
+            "{:<5} {:<22} {:<22} {:<22} {:<24} {:<12} {:>7.1}s {:>7.1}s",
+            f.proto, f.client, f.frontend, f.backend, f.service, f.state, f.age_s, f.idle_s
+        );
+    }
+    eprintln!("{} flows", flows.len());
+    Ok(())
+}
+
+fn flush(args: &Args, service: &str, yes: bool) -> anyhow::Result<()> {
+    let targets = find(all_services(args)?, service)?;
+    let names: Vec<&str> = targets.iter().map(|s| s.name.as_str()).collect();
+    if !yes {
+        use std::io::{BufRead, IsTerminal, Write};
+        anyhow::ensure!(
+            std::io::stdin().is_terminal(),
+            "refusing to flush the flows of {} without a terminal to ask on: pass --yes",
+            names.join(", ")
+        );
+        eprint!(
+            "forget every flow of {} (established TCP connections will be reset)? [y/N] ",
+            names.join(", ")
+        );
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if !matches!(line.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing flushed");
+            return Ok(());
+        }
+    }
+    let mut total = 0;
+    for s in &targets {
+        total += inspect::flush_service(&args.bpffs, s.id)
+            .with_context(|| format!("flushing {}", s.name))?;
+    }
+    if args.json {
+        return print_json(&serde_json::json!({ "services": names, "flows_flushed": total }));
+    }
+    println!("flushed {total} flows of {}", names.join(", "));
+    Ok(())
+}
+
+/// Per-service totals (packets, bytes, flows) from the per-backend counters.
+fn per_service(args: &Args) -> anyhow::Result<BTreeMap<String, (u64, u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for s in all_services(args)? {
+        let t = s.backends.iter().fold((0, 0, 0), |a, b| {
+            (a.0 + b.packets, a.1 + b.bytes, a.2 + b.flows)
+        });
+        out.insert(s.name, t);
+    }
+    Ok(out)
+}
+
+fn stats(args: &Args, watch: bool, interval: f64, count: Option<u64>) -> anyhow::Result<()> {
+    if !watch {
+        let snap = Snapshot::read_pinned(&args.bpffs)?;
+        let svcs = per_service(args)?;
+        if args.json {
+            // One array: a row per (hook, reason), then a row per service.
+            let mut rows: Vec<_> = snap
+                .iter()
+                .map(|(h, r, c)| {
+                    serde_json::json!({
+                        "hook": h.name(), "reason": r.name(),
+                        "kind": format!("{:?}", r.kind()).to_lowercase(),
+                        "packets": c.packets, "bytes": c.bytes,
+                    })
+                })
+                .collect();
+            rows.extend(svcs.iter().map(|(name, (p, b, f))| {
+                serde_json::json!({ "service": name, "packets": p, "bytes": b, "flows": f })
+            }));
+            return print_json(&rows);
+        }
+        print_reasons(&snap, 0.0);
+        print_services(&svcs, None, 0.0);
+        return Ok(());
+    }
+    anyhow::ensure!(interval > 0.0, "--interval must be positive");
+    let mut before = (
+        Snapshot::read_pinned(&args.bpffs)?,
+        per_service(args)?,
+        Instant::now(),
+    );
+    let mut n = 0;
+    while count.is_none_or(|c| n < c) {
+        std::thread::sleep(Duration::from_secs_f64(interval));
+        let now = (
+            Snapshot::read_pinned(&args.bpffs)?,
+            per_service(args)?,
+            Instant::now(),
+        );
+        let secs = now.2.duration_since(before.2).as_secs_f64();
+        let d = now.0.since(&before.0);
+        if args.json {
+            let rows: Vec<_> = d
+                .iter()
+                .map(|(h, r, c)| {
+                    serde_json::json!({
+                        "hook": h.name(), "reason": r.name(),
+                        "packets_per_s": c.packets as f64 / secs,
+                        "bytes_per_s": c.bytes as f64 / secs,
+                    })
+                })
+                .collect();
+            let svcs: BTreeMap<&String, serde_json::Value> = now
+                .1
+                .iter()
+                .map(|(k, v)| {
+                    let b = before.1.get(k).copied().unwrap_or_default();
+                    (
+                        k,
+                        serde_json::json!({
+                            "packets_per_s": v.0.saturating_sub(b.0) as f64 / secs,
+                            "bytes_per_s": v.1.saturating_sub(b.1) as f64 / secs,
+                            "flows_per_s": v.2.saturating_sub(b.2) as f64 / secs,
+                        }),
+                    )
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({ "interval_s": secs, "reasons": rows, "services": svcs })
+            );
+        } else {
+            println!("--- per second over the last {secs:.1} s");
+            print_reasons(&d, secs);
+            print_services(&now.1, Some(&before.1), secs);
+        }
+        before = now;
+        n += 1;
+    }
+    Ok(())
+}
+
+/// Counters (totals), or, with `rate_secs > 0`, the delta `snap` as rates.
+fn print_reasons(snap: &Snapshot, rate_secs: f64) {
+    let per = |v: u64| {
+        if rate_secs > 0.0 {
+            format!("{:.1}", v as f64 / rate_secs)
+        } else {
+            v.to_string()
+        }
+    };
     println!(
         "{:<22} {:<28} {:>12} {:>14}",
         "HOOK", "REASON", "PACKETS", "BYTES"
@@ -66,9 +421,217 @@ fn stats(args: &Args) -> anyhow::Result<()> {
             "{:<22} {mark}{:<27} {:>12} {:>14}",
             h.name(),
             r.name(),
-            c.packets,
-            c.bytes
+            per(c.packets),
+            per(c.bytes)
         );
     }
+}
+
+fn print_services(
+    now: &BTreeMap<String, (u64, u64, u64)>,
+    before: Option<&BTreeMap<String, (u64, u64, u64)>>,
+    secs: f64,
+) {
+    if now.is_empty() {
+        return;
+    }
+    println!(
+        "{:<51} {:>12} {:>14} {:>10}",
+        "SERVICE", "PACKETS", "BYTES", "FLOWS"
+    );
+    for (name, v) in now {
+        let b = before
+            .and_then(|b| b.get(name))
+            .copied()
+            .unwrap_or_default();
+        let f = |x: u64, y: u64| match before {
+            Some(_) => format!("{:.1}", x.saturating_sub(y) as f64 / secs),
+            None => x.to_string(),
+        };
+        println!(
+            "{name:<51} {:>12} {:>14} {:>10}",
+            f(v.0, b.0),
+            f(v.1, b.1),
+            f(v.2, b.2)
+        );
+    }
+}
+
+fn maglev(args: &Args, service: &str) -> anyhow::Result<()> {
+    let found = find(all_services(args)?, service)?;
+    if args.json {
+        let v: Vec<_> = found
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "service": s.name,
+                    "table_size": s.table_size,
+                    "backends": s.backends.iter().map(|b| serde_json::json!({
+                        "addr": b.addr, "port": b.port, "state": b.state, "slots": b.slots,
+                        "share": if s.table_size > 0 { b.slots as f64 / s.table_size as f64 } else { 0.0 },
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return print_json(&v);
+    }
+    for s in &found {
+        let active = s.backends.iter().filter(|b| b.slots > 0).count();
+        println!(
+            "service {}: Maglev table of {} slots over {active} backend(s) taking new flows",
+            s.name, s.table_size
+        );
+        if s.table_size == 0 {
+            println!("  (no backend takes new flows: new connections are refused)");
+            continue;
+        }
+        let ideal = s.table_size as f64 / active.max(1) as f64;
+        println!(
+            "  {:<22} {:<9} {:>7} {:>7} {:>10}",
+            "BACKEND", "STATE", "SLOTS", "SHARE", "VS IDEAL"
+        );
+        for b in &s.backends {
+            let vs = if b.slots > 0 {
+                format!("{:+.1}%", 100.0 * (b.slots as f64 - ideal) / ideal)
+            } else {
+                "-".into()
+            };
+            println!(
+                "  {:<22} {:<9} {:>7} {:>6.1}% {:>10}",
+                b.addr,
+                b.state,
+                b.slots,
+                100.0 * b.slots as f64 / s.table_size as f64,
+                vs
+            );
+        }
+    }
     Ok(())
+}
+
+/// `meshctl status`: 0 when the agent runs, 3 when it does not (the pinned datapath
+/// may still forward), 4 when nothing is pinned.
+fn status(args: &Args) -> anyhow::Result<i32> {
+    let pins = PinDir::new(&args.bpffs);
+    if !pins.has_maps() {
+        return Err(MeshError::NotPinned {
+            path: args.bpffs.clone(),
+        }
+        .into());
+    }
+    let missing: Vec<&str> = mesh_agent::pins::PINNED_MAPS
+        .iter()
+        .copied()
+        .filter(|m| !pins.map(m).exists())
+        .collect();
+    let st: Option<inspect::AgentStatus> =
+        std::fs::read(inspect::status_path(&args.state_dir, &args.bpffs))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let running = st.as_ref().is_some_and(|s| agent_alive(s.pid));
+    let links: Vec<serde_json::Value> = pins
+        .links()
+        .iter()
+        .map(|l| {
+            let (interface, present) = if l.netns == 0 {
+                match preflight::ifname(l.ifindex) {
+                    Some(n) => (n, true),
+                    None => (format!("ifindex {} (gone)", l.ifindex), false),
+                }
+            } else {
+                (format!("ifindex {} in netns {}", l.ifindex, l.netns), true)
+            };
+            serde_json::json!({
+                "hook": l.hook.name(), "program": l.hook.program(),
+                "interface": interface, "present": present,
+                "mode": if l.hook == mesh_agent::pins::Hook::XdpUnderlay { "xdp" } else { "tcx" },
+            })
+        })
+        .collect();
+    let all = all_services(args)?;
+    let backends = all.iter().map(|s| s.backends.len()).sum::<usize>();
+    let draining = all
+        .iter()
+        .flat_map(|s| &s.backends)
+        .filter(|b| b.state == "draining")
+        .count();
+    let frontends = all.iter().map(|s| s.frontends.len()).sum::<usize>();
+    let entries = inspect::read_conntrack(&args.bpffs)?;
+    let flows = inspect::flows(&entries, inspect::monotonic_ns(), &Default::default()).len();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let code = if running { 0 } else { 3 };
+    if args.json {
+        print_json(&serde_json::json!({
+            "agent": { "running": running, "status": st },
+            "layout_version": mesh_common::LAYOUT_VERSION,
+            "maps_missing": missing,
+            "links": links,
+            "services": all.len(), "frontends": frontends, "backends": backends,
+            "draining": draining, "flows": flows,
+            "conntrack_entries": entries.len(), "conntrack_capacity": mesh_common::ct::CT_ENTRIES,
+        }))?;
+        return Ok(code);
+    }
+    match (&st, running) {
+        (Some(s), true) => println!(
+            "agent: running (pid {}, from {}), last reconcile {:.1} s ago, {} reconciles, {} \
+             Docker events, event lag p50 {} / p99 {}",
+            s.pid,
+            s.source,
+            now - s.last_reconcile_unix,
+            s.reconciles,
+            s.events,
+            ms(s.event_lag_p50_s),
+            ms(s.event_lag_p99_s)
+        ),
+        (Some(s), false) => println!(
+            "agent: NOT running (last seen as pid {}, last reconcile {:.0} s ago); the pinned \
+             datapath keeps forwarding what it was last told",
+            s.pid,
+            now - s.last_reconcile_unix
+        ),
+        (None, _) => println!(
+            "agent: NOT running (no status in {}); the pinned datapath keeps forwarding",
+            args.state_dir.display()
+        ),
+    }
+    println!(
+        "maps: layout v{} at {}{}",
+        mesh_common::LAYOUT_VERSION,
+        args.bpffs.display(),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(" (missing: {})", missing.join(", "))
+        }
+    );
+    for l in &links {
+        println!(
+            "program: {} on {} ({}, {})",
+            l["program"].as_str().unwrap_or(""),
+            l["interface"].as_str().unwrap_or(""),
+            l["hook"].as_str().unwrap_or(""),
+            l["mode"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "services: {}, frontends: {frontends}, backends: {backends} ({draining} draining), \
+         flows: {flows} (conntrack {} of {} entries)",
+        all.len(),
+        entries.len(),
+        mesh_common::ct::CT_ENTRIES
+    );
+    Ok(code)
+}
+
+fn ms(s: Option<f64>) -> String {
+    s.map_or("-".into(), |v| format!("{:.0} ms", v * 1e3))
+}
+
+/// Whether `pid` is a live mesh-agent (a reused PID is some other program).
+fn agent_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mesh-agent")
 }

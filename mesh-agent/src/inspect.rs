@@ -1,0 +1,443 @@
+//! What meshctl shows, computed from what the maps hold (read back from pins, so it works
+//! while the agent is down): services with their frontends and backends, live flows,
+//! Maglev spreads. The views are pure functions of a [`Snapshot`], the saved names and
+//! the counters, unit-tested against maps the planner filled.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use mesh_common::{
+    ct::{CtEntry, CtKey, CtState, CT_OVERLAY, CT_REVERSE, CT_TUNNEL},
+    lb::{BackendState, FE_HOST, FE_INGRESS, FE_VIP, SVC_AFFINITY},
+    stats::BackendCounter,
+};
+use serde::Serialize;
+
+use crate::{
+    reconcile::{Names, Snapshot},
+    MeshError,
+};
+
+fn ip(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a.to_ne_bytes())
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        mesh_common::lb::PROTO_TCP => "tcp",
+        mesh_common::lb::PROTO_UDP => "udp",
+        0 => "any",
+        _ => "other",
+    }
+}
+
+/// Where the agent keeps the names the maps cannot hold, for a mesh pinned at `bpffs`.
+pub fn names_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
+    state_file(state_dir, bpffs, "names")
+}
+
+/// Where the agent says how it is doing (rewritten after every reconcile).
+pub fn status_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
+    state_file(state_dir, bpffs, "status")
+}
+
+fn state_file(state_dir: &Path, bpffs: &Path, what: &str) -> std::path::PathBuf {
+    let tag = bpffs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "mesh".into());
+    state_dir.join(format!("{tag}.{what}.json"))
+}
+
+/// What the agent writes to its status file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct AgentStatus {
+    pub pid: u32,
+    pub started_unix: f64,
+    pub last_reconcile_unix: f64,
+    pub reconciles: u64,
+    pub reconcile_errors: u64,
+    pub events: u64,
+    /// Docker event -> maps written, recent quantiles, seconds.
+    pub event_lag_p50_s: Option<f64>,
+    pub event_lag_p99_s: Option<f64>,
+    /// "docker" or "config".
+    pub source: String,
+}
+
+/// The saved names (empty when the file is missing: services then show by id).
+pub fn read_names(path: &Path) -> Names {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendView {
+    /// `None`: every address of this node (a published port).
+    pub addr: Option<Ipv4Addr>,
+    /// `None`: every port (a VIP on Docker's overlay).
+    pub port: Option<u16>,
+    pub proto: &'static str,
+    /// ingress, host or vip.
+    pub kind: &'static str,
+}
+
+impl std::fmt::Display for FrontendView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = self.addr.map_or("*".to_string(), |a| a.to_string());
+        let p = self.port.map_or("*".to_string(), |p| p.to_string());
+        write!(f, "{a}:{p}/{} ({})", self.proto, self.kind)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendView {
+    pub id: u32,
+    pub addr: Ipv4Addr,
+    /// `None`: the port the client dialled (every-port VIP).
+    pub port: Option<u16>,
+    /// active, draining or gone.
+    pub state: &'static str,
+    /// "local" (a task on this node), "node <addr>" (through the tunnel) or "unknown".
+    pub at: String,
+    /// Maglev slots it holds (its share of new flows).
+    pub slots: usize,
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceView {
+    pub id: u32,
+    /// The agent's name for the load-balancing group (`web/tcp/8080`, `api@net/vip`), or
+    /// `#<id>` without the names file.
+    pub name: String,
+    pub frontends: Vec<FrontendView>,
+    pub backends: Vec<BackendView>,
+    pub table_size: u32,
+    pub affinity: bool,
+    pub tcp_idle_s: u32,
+    pub udp_idle_s: u32,
+}
+
+impl ServiceView {
+    /// Whether `query` names this service: its whole name, or the Docker service it
+    /// belongs to (`web` for `web/tcp/8080`, `api` for `api@appnet/vip`).
+    pub fn matches(&self, query: &str) -> bool {
+        self.name == query || docker_service(&self.name) == query
+    }
+}
+
+/// The Docker service a group name belongs to.
+pub fn docker_service(group: &str) -> &str {
+    group.split(['/', '@']).next().unwrap_or(group)
+}
+
+fn state_name(s: u8) -> &'static str {
+    match BackendState::from_u8(s) {
+        Some(BackendState::Active) => "active",
+        Some(BackendState::Draining) => "draining",
+        Some(BackendState::Gone) => "gone",
+        None => "?",
+    }
+}
+
+/// Every service in `snap`, named from `names`, with per-backend traffic from `traffic`.
+pub fn services(
+    snap: &Snapshot,
+    names: &Names,
+    traffic: &BTreeMap<u32, BackendCounter>,
+) -> Vec<ServiceView> {
+    let mut out: Vec<ServiceView> = snap
+        .services
+        .iter()
+        .map(|(id, s)| {
+            let table = snap.tables.get(id).cloned().unwrap_or_default();
+            let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
+            for b in table {
+                if b != 0 {
+                    *slots.entry(b).or_default() += 1;
+                }
+            }
+            let frontends = snap
+                .frontends
+                .iter()
+                .filter(|(_, fe)| fe.svc_id == *id)
+                .map(|(k, fe)| FrontendView {
+                    addr: (k.addr != 0).then(|| ip(k.addr)),
+                    port: (k.port != 0).then(|| u16::from_be(k.port)),
+                    proto: proto_name(k.proto),
+                    kind: if fe.flags & FE_VIP != 0 {
+                        "vip"
+                    } else if fe.flags & FE_HOST != 0 {
+                        "host"
+                    } else if fe.flags & FE_INGRESS != 0 {
+                        "ingress"
+                    } else {
+                        "?"
+                    },
+                })
+                .collect();
+            let backends = snap
+                .backends
+                .iter()
+                .filter(|(_, b)| b.svc_id == *id)
+                .map(|(bid, b)| {
+                    let at = if snap.endpoints.contains_key(&b.addr) {
+                        "local".to_string()
+                    } else if let Some(t) = snap.tunnels.get(&b.addr) {
+                        format!("node {}", ip(t.node))
+                    } else {
+                        "unknown".to_string()
+                    };
+                    let c = traffic.get(bid).copied().unwrap_or_default();
+                    BackendView {
+                        id: *bid,
+                        addr: ip(b.addr),
+                        port: (b.port != 0).then(|| u16::from_be(b.port)),
+                        state: state_name(b.state),
+                        at,
+                        slots: slots.get(bid).copied().unwrap_or(0),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        flows: c.flows,
+                    }
+                })
+                .collect();
+            ServiceView {
+                id: *id,
+                name: names
+                    .groups
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{id}")),
+                frontends,
+                backends,
+                table_size: s.maglev_size,
+                affinity: s.flags & SVC_AFFINITY != 0,
+                tcp_idle_s: s.tcp_idle_s,
+                udp_idle_s: s.udp_idle_s,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// A live flow, from its forward conntrack entry.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FlowView {
+    pub proto: &'static str,
+    pub client: String,
+    /// What the client reached (a published port, a VIP).
+    pub frontend: String,
+    /// Where it goes (the backend's delivery address and port).
+    pub backend: String,
+    pub backend_id: u32,
+    pub service: String,
+    pub state: &'static str,
+    pub age_s: f64,
+    pub idle_s: f64,
+    /// "overlay" for a VIP flow on Docker's overlay, "" otherwise.
+    pub path: &'static str,
+}
+
+/// The flows in conntrack `entries` (forward entries only: one row per flow), with ages
+/// against `now_ns` (CLOCK_MONOTONIC, the programs' clock).
+pub fn flows(entries: &[(CtKey, CtEntry)], now_ns: u64, names: &Names) -> Vec<FlowView> {
+    let mut out: Vec<FlowView> = entries
+        .iter()
+        .filter(|(_, e)| e.flags & (CT_REVERSE | CT_TUNNEL) == 0 && e.backend_id != 0)
+        .map(|(k, e)| {
+            let secs = |t: u64| now_ns.saturating_sub(t) as f64 / 1e9;
+            FlowView {
+                proto: proto_name(k.proto),
+                client: format!("{}:{}", ip(k.saddr), u16::from_be(k.sport)),
+                frontend: format!("{}:{}", ip(k.daddr), u16::from_be(k.dport)),
+                backend: format!("{}:{}", ip(e.nat_addr), u16::from_be(e.nat_port)),
+                backend_id: e.backend_id,
+                service: names
+                    .groups
+                    .get(&e.svc_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", e.svc_id)),
+                state: CtState::from_u8(e.state).map_or("?", |s| s.name()),
+                age_s: (secs(e.created_ns) * 10.0).round() / 10.0,
+                idle_s: (secs(e.last_seen_ns) * 10.0).round() / 10.0,
+                path: if e.flags & CT_OVERLAY != 0 {
+                    "overlay"
+                } else {
+                    ""
+                },
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));
+    out
+}
+
+/// The conntrack map pinned under `dir`, as (key, entry) pairs.
+pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtEntry)>, MeshError> {
+    use aya::maps::{HashMap, Map, MapData};
+    use mesh_common::ct::CT_MAP;
+    let err = |source| MeshError::Map {
+        map: CT_MAP,
+        source,
+    };
+    let path = dir.join(CT_MAP);
+    if !path.exists() {
+        return Err(MeshError::NotPinned {
+            path: dir.to_path_buf(),
+        });
+    }
+    let map: HashMap<MapData, CtKey, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).map_err(err)?)).map_err(err)?;
+    Ok(map.iter().filter_map(Result::ok).collect())
+}
+
+/// Removes every conntrack entry (both directions) of service `svc_id` pinned under
+/// `dir`; returns how many flows (forward entries) went. Their next packet is a new
+/// flow: a TCP connection in the middle is answered with a RST by its backend.
+pub fn flush_service(dir: &Path, svc_id: u32) -> Result<usize, MeshError> {
+    use aya::maps::{HashMap, Map, MapData};
+    use mesh_common::ct::CT_MAP;
+    let err = |source| MeshError::Map {
+        map: CT_MAP,
+        source,
+    };
+    let mut map: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(
+        MapData::from_pin(dir.join(CT_MAP)).map_err(err)?,
+    ))
+    .map_err(err)?;
+    let doomed: Vec<(CtKey, bool)> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, e)| e.svc_id == svc_id)
+        .map(|(k, e)| (k, e.flags & CT_REVERSE == 0))
+        .collect();
+    let mut flows = 0;
+    for (k, forward) in doomed {
+        match map.remove(&k) {
+            Ok(()) => flows += usize::from(forward),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(flows)
+}
+
+/// CLOCK_MONOTONIC now, nanoseconds (`bpf_ktime_get_ns`'s clock).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        maps::MemMaps,
+        model::{desired, from_yaml},
+        reconcile::Reconciler,
+    };
+
+    const MODEL: &str = "node_addrs: [192.168.1.10]
+services:
+  - name: web
+    ports: [{published: 8080, target: 80}]
+    backends:
+      - {addr: 10.0.0.4}
+      - {addr: 10.0.0.5, state: draining}
+  - name: api@appnet
+    vips: [10.0.1.2]
+    every_port: true
+    backends: [{addr: 10.0.0.4}]
+endpoints:
+  - {addr: 10.0.0.4, interface: t1, mac: '02:42:0a:00:00:04'}
+  - {addr: 10.0.0.5, interface: t2, mac: '02:42:0a:00:00:05'}
+";
+
+    fn filled() -> (Snapshot, Names) {
+        let d = desired(&from_yaml(MODEL).unwrap(), |_| Ok((7, [0; 6]))).unwrap();
+        let mut r = Reconciler::new(1 << 16);
+        let mut m = MemMaps::new(1 << 16);
+        for op in r.plan(&d).unwrap() {
+            m.apply(&op);
+        }
+        (m.snapshot(), r.names())
+    }
+
+    #[test]
+    fn services_show_frontends_backends_and_their_share() {
+        let (snap, names) = filled();
+        let v = services(&snap, &names, &BTreeMap::new());
+        let web = v.iter().find(|s| s.name == "web/tcp/80").expect("web");
+        assert!(web.matches("web") && !web.matches("we"));
+        assert_eq!(web.frontends.len(), 1);
+        assert_eq!(web.frontends[0].to_string(), "*:8080/tcp (ingress)");
+        let states: Vec<(String, &str, usize)> = web
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.state, b.slots))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("10.0.0.4".into(), "active", web.table_size as usize),
+                ("10.0.0.5".into(), "draining", 0)
+            ]
+        );
+        assert!(web.backends.iter().all(|b| b.at == "local"));
+        let api = v.iter().find(|s| s.matches("api")).expect("api");
+        assert_eq!(api.frontends[0].to_string(), "10.0.1.2:*/any (vip)");
+        assert_eq!(api.backends[0].port, None, "every port");
+    }
+
+    #[test]
+    fn flows_are_forward_entries_with_their_ages() {
+        let (_, names) = filled();
+        let fwd = CtEntry {
+            created_ns: 1_000_000_000,
+            last_seen_ns: 4_000_000_000,
+            backend_id: 1,
+            svc_id: *names.groups.keys().next().unwrap(),
+            nat_addr: u32::from_ne_bytes([10, 0, 0, 4]),
+            nat_port: 80u16.to_be(),
+            state: CtState::Established as u8,
+            ..Default::default()
+        };
+        let key = CtKey::new(
+            u32::from_ne_bytes([10, 9, 0, 1]),
+            u32::from_ne_bytes([192, 168, 1, 10]),
+            40000u16.to_be(),
+            8080u16.to_be(),
+            6,
+        );
+        let rev = CtEntry {
+            flags: CT_REVERSE,
+            ..fwd
+        };
+        let v = flows(&[(key, fwd), (key, rev)], 5_000_000_000, &names);
+        assert_eq!(v.len(), 1, "one row per flow");
+        assert_eq!(v[0].client, "10.9.0.1:40000");
+        assert_eq!(v[0].frontend, "192.168.1.10:8080");
+        assert_eq!(v[0].backend, "10.0.0.4:80");
+        assert_eq!((v[0].age_s, v[0].idle_s), (4.0, 1.0));
+        assert_eq!(v[0].state, "established");
+    }
+
+    #[test]
+    fn the_names_file_sits_next_to_the_state_of_its_pins() {
+        assert_eq!(
+            names_path(Path::new("/run/mesh"), Path::new("/sys/fs/bpf/mesh-n1")),
+            Path::new("/run/mesh/mesh-n1.names.json")
+        );
+    }
+}

@@ -62,6 +62,9 @@ pub struct AgentStatus {
     pub event_lag_p99_s: Option<f64>,
     /// "docker" or "config".
     pub source: String,
+    /// Docker's task names by task address, for meshctl's tables.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, String>,
 }
 
 /// The saved names (empty when the file is missing: services then show by id).
@@ -95,6 +98,8 @@ impl std::fmt::Display for FrontendView {
 pub struct BackendView {
     pub id: u32,
     pub addr: Ipv4Addr,
+    /// Docker's name of the task, where the agent knows it.
+    pub task: Option<String>,
     /// `None`: the port the client dialled (every-port VIP).
     pub port: Option<u16>,
     /// active, draining or gone.
@@ -144,11 +149,13 @@ fn state_name(s: u8) -> &'static str {
     }
 }
 
-/// Every service in `snap`, named from `names`, with per-backend traffic from `traffic`.
+/// Every service in `snap`, named from `names`, with per-backend traffic from `traffic`
+/// and task names (by address) from `tasks`.
 pub fn services(
     snap: &Snapshot,
     names: &Names,
     traffic: &BTreeMap<u32, BackendCounter>,
+    tasks: &BTreeMap<String, String>,
 ) -> Vec<ServiceView> {
     let mut out: Vec<ServiceView> = snap
         .services
@@ -196,6 +203,7 @@ pub fn services(
                     BackendView {
                         id: *bid,
                         addr: ip(b.addr),
+                        task: tasks.get(&ip(b.addr).to_string()).cloned(),
                         port: (b.port != 0).then(|| u16::from_be(b.port)),
                         state: state_name(b.state),
                         at,
@@ -377,7 +385,8 @@ endpoints:
     #[test]
     fn services_show_frontends_backends_and_their_share() {
         let (snap, names) = filled();
-        let v = services(&snap, &names, &BTreeMap::new());
+        let tasks = BTreeMap::from([("10.0.0.4".to_string(), "web.1.abc".to_string())]);
+        let v = services(&snap, &names, &BTreeMap::new(), &tasks);
         let web = v.iter().find(|s| s.name == "web/tcp/80").expect("web");
         assert!(web.matches("web") && !web.matches("we"));
         assert_eq!(web.frontends.len(), 1);
@@ -395,6 +404,8 @@ endpoints:
             ]
         );
         assert!(web.backends.iter().all(|b| b.at == "local"));
+        assert_eq!(web.backends[0].task.as_deref(), Some("web.1.abc"));
+        assert_eq!(web.backends[1].task, None);
         let api = v.iter().find(|s| s.matches("api")).expect("api");
         assert_eq!(api.frontends[0].to_string(), "10.0.1.2:*/any (vip)");
         assert_eq!(api.backends[0].port, None, "every port");

@@ -194,6 +194,9 @@ pub struct BackendSpec {
     /// Network it is reached on (default: the first of `networks`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Docker's name of the task (`web.2.<task id>`), for people reading the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

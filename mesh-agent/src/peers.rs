@@ -120,6 +120,7 @@ mod tests {
             state: Default::default(),
             node,
             network: None,
+            task: None,
         };
         let m = Model {
             services: vec![ServiceSpec {

@@ -805,6 +805,7 @@ mod tests {
             state: crate::model::Health::Active,
             node: None,
             network: None,
+            task: None,
         }];
         m.services[0].backends.clear();
         apply_checked(&mut maps, &r.plan(&desired(&m, resolve).unwrap()).unwrap());

@@ -126,6 +126,7 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
                         state: Health::Active,
                         node: host.filter(|h| *h != me),
                         network: Some(n.name.clone()),
+                        task: Some(t.name.clone()).filter(|n| !n.is_empty()),
                     })
                 })
                 .collect();
@@ -296,6 +297,7 @@ pub fn add_host_ports(model: &mut Model, ports: &[crate::docker::HostPort]) {
                     state: Health::Active,
                     node: None,
                     network: None,
+                    task: None,
                 })
                 .collect(),
             tcp_idle: None,

@@ -200,6 +200,7 @@ impl Cluster {
             state: Health::Active,
             node: (t != i).then(|| ip(NODES[t])),
             network: None,
+            task: None,
         };
         let port = |published: u16| PortSpec {
             published: Some(published),

@@ -252,6 +252,7 @@ impl LbTopo {
                     state: *h,
                     node: None,
                     network: None,
+                    task: None,
                 })
                 .collect()
         };

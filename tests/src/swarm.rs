@@ -277,6 +277,35 @@ impl Swarm {
         Ipv4Addr::new(10, 251, 0, 10 + n as u8)
     }
 
+    /// `meshctl ARGS` on node `n`, against its agent's pins: (exit code, stdout, stderr).
+    pub fn meshctl(&self, n: u32, args: &[&str]) -> (i32, String, String) {
+        let bin_dir = std::env::var_os("MESH_AGENT_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.xtask.parent().unwrap().to_path_buf());
+        let bin = bin_dir.join("meshctl");
+        let bin = bin.to_str().expect("utf-8 path");
+        let out = match &self.machine {
+            Some(m) => Command::new(bin)
+                .args(args)
+                .args(["--bpffs", &m.bpffs, "--state-dir", &m.state_dir])
+                .output()
+                .expect("run meshctl"),
+            None => {
+                let node = n.to_string();
+                let pins = format!("/sys/fs/bpf/mesh-cluster-n{n}");
+                let mut a = vec!["cluster", "exec", &node, "--", bin];
+                a.extend_from_slice(args);
+                a.extend_from_slice(&["--bpffs", &pins]);
+                self.cli(&a)
+            }
+        };
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// The client's address, as the tasks should see it.
     pub fn client_addr(&self) -> Ipv4Addr {
         if self.machine.is_some() {

@@ -125,6 +125,7 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
             state: *s,
             node: None,
             network: None,
+            task: None,
         })
         .collect();
     let port =

@@ -151,6 +151,7 @@ fn swarm_three_nodes() {
     drain_under_load(&s);
     host_mode(&s);
     vip_east_west(&s);
+    meshctl_views(&s);
     labels(&s);
     event_lag(&s);
 }
@@ -168,6 +169,7 @@ fn swarm_one_node_on_the_machines_dockerd() {
     publish(&s);
     vip_east_west(&s);
     host_mode(&s);
+    meshctl_views(&s);
     updates_under_load(&s);
     unhealthy_out_within_2s(&s);
     kill_agent_under_load(&mut s, 1);
@@ -597,6 +599,67 @@ fn labels(s: &Swarm) {
         sticky.0,
         sticky.1.as_secs_f64()
     );
+}
+
+/// meshctl on every node, both formats: the agent and its programs, the Docker
+/// services with their tasks, the VIP, live flows.
+fn meshctl_views(s: &Swarm) {
+    for node in 1..=s.nodes {
+        let (code, text, err) = s.meshctl(node, &["status"]);
+        assert_eq!(code, 0, "node {node}: meshctl status: {text}{err}");
+        assert!(
+            text.contains("agent: running") && text.contains("program: mesh_tc_ingress on"),
+            "node {node}: {text}"
+        );
+        assert!(
+            text.contains("mesh_tc_overlay_in on"),
+            "node {node}: overlay hooks: {text}"
+        );
+        let (code, out, err) = s.meshctl(node, &["services", "--json"]);
+        assert_eq!(code, 0, "node {node}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let web = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "web/tcp/8080")
+            .unwrap_or_else(|| panic!("node {node}: web in {out}"));
+        let active = web["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["state"] == "active")
+            .count();
+        assert_eq!(active, 3, "node {node}: web's backends: {web}");
+        assert!(
+            web["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|b| b["task"].as_str().is_some_and(|t| t.starts_with("web."))),
+            "node {node}: Docker's task names: {web}"
+        );
+        let api = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "api@appnet/vip")
+            .unwrap_or_else(|| panic!("node {node}: the api VIP in {out}"));
+        assert_eq!(api["frontends"][0]["kind"], "vip", "{api}");
+        let (code, text, _) = s.meshctl(node, &["service", "web"]);
+        assert!(
+            code == 0 && text.contains("frontend *:8080/tcp (ingress)"),
+            "{text}"
+        );
+        let (code, out, err) = s.meshctl(node, &["conntrack", "--service", "web", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let flows: serde_json::Value = serde_json::from_str(&out).expect("json");
+        println!(
+            "swarm: node {node}: meshctl status, services, service web, conntrack ({} web flows \
+             in conntrack) all answer",
+            flows.as_array().map_or(0, Vec::len)
+        );
+    }
 }
 
 /// What the agents measured: the lag from a Docker event to the maps written.

@@ -718,6 +718,14 @@ impl Agent {
             .unwrap_or_default()
             .as_secs_f64();
         self.status.last_reconcile_unix = m.last_reconcile_unix;
+        if a.ops > 0 || self.status.tasks.is_empty() {
+            self.status.tasks = model
+                .services
+                .iter()
+                .flat_map(|s| &s.backends)
+                .filter_map(|b| Some((b.addr.to_string(), b.task.clone()?)))
+                .collect();
+        }
         self.status.reconciles = m.reconciles;
         self.status.reconcile_errors = m.reconcile_errors;
         self.status.events = m.events;

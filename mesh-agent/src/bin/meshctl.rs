@@ -152,7 +152,15 @@ fn all_services(args: &Args) -> anyhow::Result<Vec<ServiceView>> {
     let snap = mesh_agent::maps::read_pinned(&args.bpffs)?;
     let names = inspect::read_names(&inspect::names_path(&args.state_dir, &args.bpffs));
     let traffic = mesh_agent::stats::backends_pinned(&args.bpffs).unwrap_or_default();
-    Ok(inspect::services(&snap, &names, &traffic))
+    let tasks = agent_status(args).map(|s| s.tasks).unwrap_or_default();
+    Ok(inspect::services(&snap, &names, &traffic, &tasks))
+}
+
+/// What the agent last said in its status file.
+fn agent_status(args: &Args) -> Option<inspect::AgentStatus> {
+    std::fs::read(inspect::status_path(&args.state_dir, &args.bpffs))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// The services `query` names; an error naming the known ones when none.
@@ -216,8 +224,8 @@ fn services(args: &Args, one: Option<&str>) -> anyhow::Result<()> {
             println!("  frontend {f}");
         }
         println!(
-            "  {:<22} {:<9} {:<22} {:>7} {:>10} {:>12} {:>8}",
-            "BACKEND", "STATE", "WHERE", "SHARE", "PACKETS", "BYTES", "FLOWS"
+            "  {:<22} {:<32} {:<9} {:<22} {:>7} {:>10} {:>12} {:>8}",
+            "BACKEND", "TASK", "STATE", "WHERE", "SHARE", "PACKETS", "BYTES", "FLOWS"
         );
         for b in &s.backends {
             let addr = match b.port {
@@ -230,8 +238,13 @@ fn services(args: &Args, one: Option<&str>) -> anyhow::Result<()> {
                 "-".into()
             };
             println!(
-                "  {addr:<22} {:<9} {:<22} {share:>7} {:>10} {:>12} {:>8}",
-                b.state, b.at, b.packets, b.bytes, b.flows
+                "  {addr:<22} {:<32} {:<9} {:<22} {share:>7} {:>10} {:>12} {:>8}",
+                b.task.as_deref().unwrap_or("-"),
+                b.state,
+                b.at,
+                b.packets,
+                b.bytes,
+                b.flows
             );
         }
     }
@@ -524,10 +537,7 @@ fn status(args: &Args) -> anyhow::Result<i32> {
         .copied()
         .filter(|m| !pins.map(m).exists())
         .collect();
-    let st: Option<inspect::AgentStatus> =
-        std::fs::read(inspect::status_path(&args.state_dir, &args.bpffs))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+    let st = agent_status(args);
     let running = st.as_ref().is_some_and(|s| agent_alive(s.pid));
     let links: Vec<serde_json::Value> = pins
         .links()

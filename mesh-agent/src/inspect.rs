@@ -62,9 +62,63 @@ pub struct AgentStatus {
     pub event_lag_p99_s: Option<f64>,
     /// "docker" or "config".
     pub source: String,
+    /// The agent's VXLAN data-path port.
+    #[serde(default)]
+    pub data_path_port: u16,
     /// Docker's task names by task address, for meshctl's tables.
     #[serde(default)]
     pub tasks: BTreeMap<String, String>,
+    /// What the agent last wrote: backends by service (`addr:port`, port 0 for every
+    /// port), which `meshctl doctor` compares with the maps.
+    #[serde(default)]
+    pub applied: BTreeMap<String, Vec<String>>,
+}
+
+/// One service's drift between what the agent wrote and what the maps hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    pub service: String,
+    /// Backends the agent wrote that the maps no longer hold.
+    pub missing: Vec<String>,
+    /// Backends in the maps the agent did not write.
+    pub extra: Vec<String>,
+}
+
+/// Compares the agent's record (`applied`) with the services the maps hold.
+pub fn drift(applied: &BTreeMap<String, Vec<String>>, maps: &[ServiceView]) -> Vec<Drift> {
+    let held: BTreeMap<&str, std::collections::BTreeSet<String>> = maps
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.backends
+                    .iter()
+                    .map(|b| format!("{}:{}", b.addr, b.port.unwrap_or(0)))
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    let names: std::collections::BTreeSet<&str> = applied
+        .keys()
+        .map(String::as_str)
+        .chain(held.keys().copied())
+        .collect();
+    for name in names {
+        let want: std::collections::BTreeSet<String> =
+            applied.get(name).into_iter().flatten().cloned().collect();
+        let have = held.get(name).cloned().unwrap_or_default();
+        let missing: Vec<String> = want.difference(&have).cloned().collect();
+        let extra: Vec<String> = have.difference(&want).cloned().collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            out.push(Drift {
+                service: name.to_string(),
+                missing,
+                extra,
+            });
+        }
+    }
+    out
 }
 
 /// The saved names (empty when the file is missing: services then show by id).
@@ -450,5 +504,101 @@ endpoints:
             names_path(Path::new("/run/mesh"), Path::new("/sys/fs/bpf/mesh-n1")),
             Path::new("/run/mesh/mesh-n1.names.json")
         );
+    }
+}
+
+/// Sockets in `/proc/net/udp` (or `udp6`) text bound to local `port`, by inode; the
+/// kernel's own (a vxlan device's, inode 0) are left out.
+pub fn udp_port_holders(proc_net_udp: &str, port: u16) -> Vec<u64> {
+    proc_net_udp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let inode: u64 = f.get(9)?.parse().ok()?;
+            (local_port == port && inode != 0).then_some(inode)
+        })
+        .collect()
+}
+
+/// Virtual services in `/proc/net/ip_vs` text (Docker's IPVS mesh when non-zero).
+pub fn ipvs_services(proc_net_ip_vs: &str) -> usize {
+    proc_net_ip_vs
+        .lines()
+        .filter(|l| l.starts_with("TCP") || l.starts_with("UDP") || l.starts_with("FWM"))
+        .count()
+}
+
+#[cfg(test)]
+mod proc_tests {
+    use super::*;
+
+    #[test]
+    fn udp_holders_skip_the_kernels_own_sockets() {
+        let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  12: 00000000:12B5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 0 2 0000000000000000 0
+  13: 00000000:12B5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 91234 2 0000000000000000 0
+  14: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 555 2 0000000000000000 0
+";
+        assert_eq!(udp_port_holders(t, 4789), vec![91234]);
+        assert_eq!(udp_port_holders(t, 53), vec![555]);
+        assert!(udp_port_holders(t, 4790).is_empty());
+    }
+
+    #[test]
+    fn ipvs_services_are_counted() {
+        let t = "IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port Forward Weight ActiveConn InActConn
+FWM  00000100 rr
+  -> 0A000004:0000      Masq    1      0          0
+TCP  0A000002:0050 rr
+";
+        assert_eq!(ipvs_services(t), 2);
+        assert_eq!(
+            ipvs_services("IP Virtual Server version 1.2.1 (size=4096)\n"),
+            0
+        );
+    }
+
+    #[test]
+    fn drift_names_what_went_missing_and_what_appeared() {
+        let applied = BTreeMap::from([(
+            "web/tcp/80".to_string(),
+            vec!["10.0.0.4:80".to_string(), "10.0.0.5:80".to_string()],
+        )]);
+        let (snap, names) = tests_fill();
+        let v = services(&snap, &names, &BTreeMap::new(), &BTreeMap::new());
+        let d = drift(&applied, &v);
+        assert!(d.iter().all(|x| x.service != "web/tcp/80"), "{d:?}");
+        let mut less = applied.clone();
+        less.get_mut("web/tcp/80").unwrap().pop();
+        let d = drift(&less, &v);
+        let web = d.iter().find(|x| x.service == "web/tcp/80").unwrap();
+        assert_eq!(web.extra, vec!["10.0.0.5:80".to_string()]);
+    }
+
+    fn tests_fill() -> (Snapshot, Names) {
+        use crate::{maps::MemMaps, model::desired, reconcile::Reconciler};
+        let m = crate::model::from_yaml(
+            "node_addrs: [192.168.1.10]
+services:
+  - name: web
+    ports: [{published: 8080, target: 80}]
+    backends: [{addr: 10.0.0.4}, {addr: 10.0.0.5}]
+endpoints:
+  - {addr: 10.0.0.4, interface: t1, mac: '02:42:0a:00:00:04'}
+  - {addr: 10.0.0.5, interface: t2, mac: '02:42:0a:00:00:05'}
+",
+        )
+        .unwrap();
+        let d = desired(&m, |_| Ok((7, [0; 6]))).unwrap();
+        let mut r = Reconciler::new(1 << 16);
+        let mut mm = MemMaps::new(1 << 16);
+        for op in r.plan(&d).unwrap() {
+            mm.apply(&op);
+        }
+        (mm.snapshot(), r.names())
     }
 }

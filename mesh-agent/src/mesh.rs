@@ -107,8 +107,6 @@ impl Mesh {
         Ok(())
     }
 
-    /// Makes the maps match `model`, resolving endpoint interfaces in the calling
-    /// thread's network namespace.
     /// Every backend in the maps: id -> (group name, task address, port).
     pub fn backend_names(
         &self,
@@ -116,6 +114,17 @@ impl Mesh {
         self.reconciler.backend_names()
     }
 
+    /// Takes what the maps hold now as applied (something changed them behind the
+    /// agent's back: `meshctl doctor --fix`), so that the next apply repairs it.
+    pub fn readopt(&mut self) -> Result<(), MeshError> {
+        let snap = self.dp.read_snapshot()?;
+        let names = self.reconciler.names();
+        self.reconciler = Reconciler::adopt(&snap, &names, lb::MAGLEV_SLOTS);
+        Ok(())
+    }
+
+    /// Makes the maps match `model`, resolving endpoint interfaces in the calling
+    /// thread's network namespace.
     pub fn apply(&mut self, model: &Model) -> Result<Applied, MeshError> {
         let d = model::desired(model, netdev::resolve)?;
         self.apply_desired(&d)

@@ -292,3 +292,37 @@ mod link_tests {
         assert!(l.iter().any(|l| l.name == "lo" && l.index == 1), "{l:?}");
     }
 }
+
+/// The MTU of interface `name` in the calling thread's network namespace (SIOCGIFMTU:
+/// sysfs shows the mount namespace's view, not necessarily this network namespace's).
+pub fn mtu(name: &str) -> Option<u32> {
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq is plain data; the name fits (checked above) and stays NUL-terminated.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU fills ifr_ifru.ifru_mtu of the ifreq we own.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut ifr) };
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the union member SIOCGIFMTU wrote.
+    Some(unsafe { ifr.ifr_ifru.ifru_mtu } as u32)
+}
+
+#[cfg(test)]
+#[test]
+fn loopback_has_an_mtu() {
+    assert!(mtu("lo").is_some_and(|m| m >= 1500));
+    assert_eq!(mtu("mesh-nope0"), None);
+}

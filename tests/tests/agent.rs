@@ -816,6 +816,101 @@ fn meshctl_explains_a_live_mesh() {
     assert_eq!(left.as_array().unwrap().len(), 0, "{left}");
     drop(stream);
 
+    // doctor: all well; then each fault it checks, induced, found, and (where the agent
+    // can) repaired by --fix.
+    let doc = |extra: &[&str]| {
+        let mut a = vec!["doctor", "--json"];
+        a.extend_from_slice(extra);
+        let (code, out, err) = meshctl(&ns, &bin, &pins, &a);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("doctor json: {e}: {out}{err}"));
+        let by: std::collections::BTreeMap<String, (String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["check"].as_str().unwrap().to_string(),
+                    (
+                        c["result"].as_str().unwrap().to_string(),
+                        c["detail"].as_str().unwrap().to_string(),
+                    ),
+                )
+            })
+            .collect();
+        (code, by)
+    };
+    let (code, by) = doc(&[]);
+    assert_eq!(code, 0, "a healthy mesh: {by:?}");
+    for c in [
+        "bpffs",
+        "maps",
+        "agent",
+        "underlay",
+        "tasks",
+        "mtu",
+        "data-path port",
+        "ipvs",
+        "drift",
+    ] {
+        assert_eq!(by.get(c).map(|x| x.0.as_str()), Some("ok"), "{c}: {by:?}");
+    }
+    // A socket on the data-path port (a Calico/NSX-style clash).
+    let squatter = topo
+        .n
+        .enter(|| std::net::UdpSocket::bind("0.0.0.0:4789").expect("bind 4789"));
+    // A program detached behind the agent's back.
+    let h1 = topo
+        .n
+        .enter(|| mesh_agent::preflight::ifindex("h1").unwrap());
+    std::fs::remove_file(pins.join(format!("links/tc_task-{h1}"))).expect("unpin h1's link");
+    // A backend removed from the maps behind the agent's back.
+    let web_be = web["backends"][0]["id"].as_u64().unwrap() as u32;
+    {
+        use aya::maps::{HashMap, Map, MapData};
+        let data = MapData::from_pin(pins.join(mesh_common::lb::BACKENDS_MAP)).unwrap();
+        let mut m: HashMap<MapData, u32, mesh_common::lb::Backend> =
+            HashMap::try_from(Map::HashMap(data)).unwrap();
+        m.remove(&web_be).expect("remove a backend");
+    }
+    let (code, by) = doc(&[]);
+    assert_eq!(code, 5, "{by:?}");
+    assert_eq!(by["data-path port"].0, "fail");
+    assert!(
+        by["data-path port"].1.contains("UDP 4789 is held"),
+        "{by:?}"
+    );
+    assert_eq!(by["tasks"].0, "fail");
+    assert!(by["tasks"].1.contains("h1"), "{by:?}");
+    assert_eq!(by["drift"].0, "fail");
+    assert!(by["drift"].1.contains("web/tcp/80: missing"), "{by:?}");
+    drop(squatter);
+    let (code, by) = doc(&["--fix"]);
+    assert_eq!(code, 0, "after --fix: {by:?}");
+    assert_eq!(
+        (by["tasks"].0.as_str(), by["drift"].0.as_str()),
+        ("ok", "ok"),
+        "{by:?}"
+    );
+    assert!(
+        pins.join(format!("links/tc_task-{h1}")).exists(),
+        "h1's program is back"
+    );
+    let after: Vec<String> = topo.c.enter(|| {
+        (0..30)
+            .map(|_| http_get(NODE, 8080).expect("served after the repair"))
+            .map(|b| b.split(' ').next().unwrap().to_string())
+            .collect()
+    });
+    assert_eq!(
+        after
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3,
+        "all three tasks serve after the repair: {after:?}"
+    );
+
     // With the agent gone, everything but the agent's own status still reads the pins.
     assert_eq!(
         unsafe { libc::kill(guard.child.id() as i32, libc::SIGTERM) },

@@ -450,6 +450,8 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // `meshctl doctor --fix`: the maps drifted from what this agent wrote; re-read them.
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
 
     let (mut source, model) = match (&args.config, args.from_docker) {
         (Some(p), _) => (None, read_model(p)?),
@@ -557,6 +559,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
                 .unwrap_or_default()
                 .as_secs_f64(),
             source: if source.is_some() { "docker" } else { "config" }.into(),
+            data_path_port: args.data_path_port,
             ..Default::default()
         },
     };
@@ -607,6 +610,17 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {}
+            _ = sigusr1.recv() => {
+                match agent.mesh.readopt() {
+                    Ok(()) => tracing::info!("re-read the pinned maps (asked to repair drift); reconciling from them"),
+                    Err(e) => tracing::warn!("re-reading the pinned maps failed: {e}"),
+                }
+                // Forget what the planner recorded so that the next status says afresh,
+                // and re-attach every program (a link unpinned behind our back).
+                agent.status.applied.clear();
+                agent.attached.clear();
+                agent.overlay.clear();
+            }
             _ = tick.tick(), if source.is_some() => {}
             _ = quick.tick(), if source.is_some() && args.quick_ms > 0 => {
                 let changed = match source.as_mut() {
@@ -718,6 +732,16 @@ impl Agent {
             .unwrap_or_default()
             .as_secs_f64();
         self.status.last_reconcile_unix = m.last_reconcile_unix;
+        if a.ops > 0 || self.status.applied.is_empty() {
+            let mut applied: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (group, addr, port) in self.mesh.backend_names().into_values() {
+                applied
+                    .entry(group)
+                    .or_default()
+                    .push(format!("{addr}:{port}"));
+            }
+            self.status.applied = applied;
+        }
         if a.ops > 0 || self.status.tasks.is_empty() {
             self.status.tasks = model
                 .services

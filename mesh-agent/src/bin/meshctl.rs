@@ -89,6 +89,23 @@ enum Cmd {
     },
     /// How a service's Maglev table spreads new flows over its backends.
     Maglev { service: String },
+    /// Checks what commonly breaks a mesh: bpffs, the agent, programs on the expected
+    /// interfaces, the data-path port (taken by another socket, filtered), MTU, Docker,
+    /// Docker's IPVS mesh beside this one, and drift between what the agent wrote and
+    /// what the maps hold. Exit code 5 when a check fails.
+    Doctor {
+        /// Ask the agent to repair drift and re-attach programs (SIGUSR1: it re-reads
+        /// the maps and reconciles from them), then check again.
+        #[arg(long)]
+        fix: bool,
+        /// Docker's socket.
+        #[arg(
+            long,
+            default_value = "unix:///var/run/docker.sock",
+            env = "MESH_DOCKER"
+        )]
+        docker: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +156,7 @@ fn run(args: &Args) -> anyhow::Result<i32> {
             count,
         } => stats(args, *watch, *interval, *count).map(|_| 0),
         Cmd::Maglev { service } => maglev(args, service).map(|_| 0),
+        Cmd::Doctor { fix, docker } => doctor(args, *fix, docker),
     }
 }
 
@@ -644,4 +662,373 @@ fn ms(s: Option<f64>) -> String {
 /// Whether `pid` is a live mesh-agent (a reused PID is some other program).
 fn agent_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mesh-agent")
+}
+
+/// One check of `meshctl doctor`.
+#[derive(serde::Serialize)]
+struct Check {
+    check: &'static str,
+    /// ok, warn or fail.
+    result: &'static str,
+    detail: String,
+}
+
+fn check(check: &'static str, result: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        check,
+        result,
+        detail: detail.into(),
+    }
+}
+
+fn doctor(args: &Args, fix: bool, docker: &str) -> anyhow::Result<i32> {
+    let mut checks = diagnose(args, docker);
+    if fix {
+        let st = agent_status(args).filter(|s| agent_alive(s.pid));
+        let Some(st) = st else {
+            anyhow::bail!(
+                "--fix asks the agent to repair, and no agent is running: start mesh-agent"
+            );
+        };
+        let before = st.last_reconcile_unix;
+        // SAFETY: a signal to the running mesh-agent named in its own status file (its
+        // command name checked just above).
+        unsafe { libc::kill(st.pid as i32, libc::SIGUSR1) };
+        let t = Instant::now();
+        // The agent re-reads the maps on the signal and reconciles on its next turn.
+        while t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(200));
+            if agent_status(args).is_some_and(|s| s.last_reconcile_unix > before + 0.0) {
+                std::thread::sleep(Duration::from_millis(200));
+                break;
+            }
+        }
+        checks = diagnose(args, docker);
+    }
+    let failed = checks.iter().any(|c| c.result == "fail");
+    if args.json {
+        print_json(&checks)?;
+    } else {
+        for c in &checks {
+            let mark = match c.result {
+                "ok" => "ok  ",
+                "warn" => "WARN",
+                _ => "FAIL",
+            };
+            println!("{mark} {:<16} {}", c.check, c.detail);
+        }
+    }
+    Ok(if failed { 5 } else { 0 })
+}
+
+fn diagnose(args: &Args, docker: &str) -> Vec<Check> {
+    let mut out = Vec::new();
+    let pins = PinDir::new(&args.bpffs);
+    let bpffs_root = args.bpffs.parent().unwrap_or(&args.bpffs);
+    out.push(if preflight::on_bpffs(bpffs_root) {
+        check(
+            "bpffs",
+            "ok",
+            format!("{} is a bpffs", bpffs_root.display()),
+        )
+    } else {
+        check(
+            "bpffs",
+            "fail",
+            format!(
+                "{} is not a bpffs: `mount -t bpf bpf {}`",
+                bpffs_root.display(),
+                bpffs_root.display()
+            ),
+        )
+    });
+    if !pins.has_maps() {
+        out.push(check(
+            "maps",
+            "fail",
+            format!(
+                "no mesh is pinned at {}: is mesh-agent running?",
+                args.bpffs.display()
+            ),
+        ));
+        return out;
+    }
+    let missing: Vec<&str> = mesh_agent::pins::PINNED_MAPS
+        .iter()
+        .copied()
+        .filter(|m| !pins.map(m).exists())
+        .collect();
+    out.push(if missing.is_empty() {
+        check(
+            "maps",
+            "ok",
+            format!("layout v{}, every map pinned", mesh_common::LAYOUT_VERSION),
+        )
+    } else {
+        check(
+            "maps",
+            "fail",
+            format!(
+                "missing: {} (mesh-agent --uninstall, then start it)",
+                missing.join(", ")
+            ),
+        )
+    });
+    let st = agent_status(args);
+    let running = st.as_ref().is_some_and(|s| agent_alive(s.pid));
+    out.push(if running {
+        check(
+            "agent",
+            "ok",
+            format!("running, pid {}", st.as_ref().unwrap().pid),
+        )
+    } else {
+        check(
+            "agent",
+            "fail",
+            "not running: the pinned datapath forwards what it was last told; start mesh-agent",
+        )
+    });
+    // Programs where the maps say traffic arrives and tasks live.
+    let snap = mesh_agent::maps::read_pinned(&args.bpffs).ok();
+    let links = pins.links();
+    let has = |hook: mesh_agent::pins::Hook, ix: u32| {
+        links
+            .iter()
+            .any(|l| l.hook == hook && l.netns == 0 && l.ifindex == ix)
+    };
+    let underlay = snap
+        .as_ref()
+        .and_then(|s| s.local)
+        .map(|l| l.ifindex)
+        .or_else(|| {
+            links
+                .iter()
+                .find(|l| l.hook == mesh_agent::pins::Hook::TcUnderlay)
+                .map(|l| l.ifindex)
+        });
+    match underlay {
+        Some(ix)
+            if has(mesh_agent::pins::Hook::TcUnderlay, ix) && preflight::ifname(ix).is_some() =>
+        {
+            out.push(check(
+                "underlay",
+                "ok",
+                format!(
+                    "mesh_tc_ingress on {}",
+                    preflight::ifname(ix).unwrap_or_default()
+                ),
+            ))
+        }
+        Some(ix) => out.push(check(
+            "underlay",
+            "fail",
+            format!(
+                "no mesh_tc_ingress on the underlay ({}): published ports and the overlay do \
+                 not work here; restart mesh-agent",
+                preflight::ifname(ix).unwrap_or_else(|| format!("ifindex {ix}, gone"))
+            ),
+        )),
+        None => out.push(check(
+            "underlay",
+            "fail",
+            "no underlay program pinned: restart mesh-agent",
+        )),
+    }
+    if let Some(snap) = &snap {
+        let bare: Vec<String> = snap
+            .endpoints
+            .iter()
+            .filter(|(_, ep)| !has(mesh_agent::pins::Hook::TcTask, ep.ifindex))
+            .map(|(a, ep)| {
+                format!(
+                    "{} ({})",
+                    preflight::ifname(ep.ifindex)
+                        .unwrap_or_else(|| format!("ifindex {}", ep.ifindex)),
+                    std::net::Ipv4Addr::from(a.to_ne_bytes())
+                )
+            })
+            .collect();
+        out.push(if bare.is_empty() {
+            check("tasks", "ok", format!("mesh_tc_task on all {} local task veths", snap.endpoints.len()))
+        } else {
+            check(
+                "tasks",
+                "fail",
+                format!(
+                    "no mesh_tc_task on {}: their replies are not translated (meshctl doctor --fix)",
+                    bare.join(", ")
+                ),
+            )
+        });
+        // MTU: what the underlay leaves for Docker's overlays (VXLAN takes 50 bytes).
+        if let Some(name) = underlay.and_then(preflight::ifname) {
+            let mtu = mesh_agent::netdev::mtu(&name);
+            out.push(match mtu {
+                Some(m) if m >= 1500 => check(
+                    "mtu",
+                    "ok",
+                    format!(
+                        "{name} MTU {m}: room for overlays of {} (Docker's default 1450)",
+                        m - 50
+                    ),
+                ),
+                Some(m) => check(
+                    "mtu",
+                    "warn",
+                    format!(
+                        "{name} MTU {m} leaves {} for overlays, below Docker's default 1450: \
+                         create overlays with --opt com.docker.network.driver.mtu={}",
+                        m.saturating_sub(50),
+                        m.saturating_sub(50)
+                    ),
+                ),
+                None => check("mtu", "warn", format!("cannot read {name}'s MTU")),
+            });
+        }
+    }
+    // The data-path port: another socket on it, or a firewall rule dropping it.
+    let port = st
+        .as_ref()
+        .map(|s| s.data_path_port)
+        .filter(|p| *p != 0)
+        .unwrap_or(4789);
+    let holders: Vec<u64> = ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| inspect::udp_port_holders(&t, port))
+        .collect();
+    out.push(if holders.is_empty() {
+        check(
+            "data-path port",
+            "ok",
+            format!("UDP {port}: no other socket holds it"),
+        )
+    } else {
+        check(
+            "data-path port",
+            "fail",
+            format!(
+                "UDP {port} is held by a process (socket inode {}): another VXLAN user (Calico, \
+                 NSX, ...) clashes with the mesh; free it or use another --data-path-port",
+                holders
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    });
+    if let Ok(o) = std::process::Command::new("iptables")
+        .args(["-S", "INPUT"])
+        .output()
+    {
+        let rules = String::from_utf8_lossy(&o.stdout);
+        let dropped: Vec<&str> = rules
+            .lines()
+            .filter(|l| {
+                l.contains("-p udp")
+                    && l.contains(&format!("--dport {port}"))
+                    && (l.contains("-j DROP") || l.contains("-j REJECT"))
+            })
+            .collect();
+        if !dropped.is_empty() {
+            out.push(check(
+                "firewall",
+                "warn",
+                format!("iptables drops UDP {port} on INPUT ({}): Docker's own overlay traffic will not arrive", dropped.join("; ")),
+            ));
+        }
+    }
+    out.push(match std::fs::read_to_string("/proc/net/ip_vs") {
+        Ok(t) if inspect::ipvs_services(&t) > 0 => check(
+            "ipvs",
+            "warn",
+            format!(
+                "Docker's IPVS mesh is also active ({} virtual services): it and the mesh both \
+                 handle published ports and VIPs; keep ip_vs from loading on swarm nodes",
+                inspect::ipvs_services(&t)
+            ),
+        ),
+        Ok(_) => check("ipvs", "ok", "IPVS loaded but holds no service"),
+        Err(_) => check(
+            "ipvs",
+            "ok",
+            "no IPVS on this kernel: Docker's own mesh is off",
+        ),
+    });
+    if st.as_ref().is_none_or(|s| s.source == "docker") {
+        out.push(docker_check(docker));
+    }
+    if let Some(st) = &st {
+        let views = all_services(args).unwrap_or_default();
+        let d = inspect::drift(&st.applied, &views);
+        out.push(if d.is_empty() {
+            check(
+                "drift",
+                "ok",
+                format!(
+                    "the maps hold what the agent wrote ({} services)",
+                    views.len()
+                ),
+            )
+        } else {
+            check(
+                "drift",
+                "fail",
+                d.iter()
+                    .map(|x| {
+                        format!(
+                            "{}: missing [{}] extra [{}]",
+                            x.service,
+                            x.missing.join(" "),
+                            x.extra.join(" ")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+                    + " (meshctl doctor --fix)",
+            )
+        });
+    }
+    out
+}
+
+/// Docker reachable, and in swarm mode.
+fn docker_check(socket: &str) -> Check {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return check("docker", "warn", format!("cannot ask Docker: {e}")),
+    };
+    rt.block_on(async {
+        let docker = match mesh_agent::docker::connect(socket).await {
+            Ok(d) => d,
+            Err(e) => return check("docker", "fail", format!("{socket}: {e}")),
+        };
+        match tokio::time::timeout(Duration::from_secs(5), docker.info()).await {
+            Ok(Ok(info)) => {
+                let state = info
+                    .swarm
+                    .and_then(|s| s.local_node_state)
+                    .map(|s| format!("{s:?}").to_lowercase())
+                    .unwrap_or_default();
+                if state == "active" {
+                    check("docker", "ok", format!("{socket}: swarm active"))
+                } else {
+                    check(
+                        "docker",
+                        "fail",
+                        format!(
+                            "{socket}: not in a swarm ({state}): `docker swarm init` or `join`"
+                        ),
+                    )
+                }
+            }
+            Ok(Err(e)) => check("docker", "fail", format!("{socket}: {e}")),
+            Err(_) => check("docker", "fail", format!("{socket}: no answer in 5 s")),
+        }
+    })
 }

@@ -65,6 +65,9 @@ pub struct AgentStatus {
     /// The agent's VXLAN data-path port.
     #[serde(default)]
     pub data_path_port: u16,
+    /// The Docker socket it follows (with `source` docker).
+    #[serde(default)]
+    pub docker: String,
     /// Docker's task names by task address, for meshctl's tables.
     #[serde(default)]
     pub tasks: BTreeMap<String, String>,

@@ -26,5 +26,6 @@ pub mod reconcile;
 pub mod settings;
 pub mod stats;
 pub mod swarm;
+pub mod trace;
 
 pub use error::MeshError;

@@ -6,6 +6,7 @@
 // map writes), where a larger Result costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
+pub mod bound;
 pub mod cluster;
 pub mod fixtures;
 pub mod lbtopo;

@@ -591,7 +591,7 @@ fn meshctl_json(ns: &str, bin: &Path, pin_dir: &Path, args: &[&str]) -> serde_js
 #[test]
 fn meshctl_explains_a_live_mesh() {
     use mesh_agent::model::to_yaml;
-    use mesh_tests::lbtopo::{http_get, LbTopo, ALL_ACTIVE, NODE, TASKS};
+    use mesh_tests::lbtopo::{http_get, LbTopo, ALL_ACTIVE, CLIENT, NODE, TASKS};
     use std::io::{BufRead, Write};
 
     let Some(object) = prereq::privileged("meshctl_explains_a_live_mesh") else {
@@ -815,6 +815,94 @@ fn meshctl_explains_a_live_mesh() {
     let left = meshctl_json(&ns, &bin, &pins, &["conntrack", "--service", "echo"]);
     assert_eq!(left.as_array().unwrap().len(), 0, "{left}");
     drop(stream);
+
+    // trace: a synthetic first packet from a client port through the underlay program
+    // names the backend; no conntrack entry stays; a real connection from that very port
+    // then lands on that backend.
+    // Outside the ephemeral range: no earlier request of this test used it.
+    let port = 61_210u16;
+    let t = meshctl_json(
+        &ns,
+        &bin,
+        &pins,
+        &[
+            "trace",
+            "--from",
+            &format!("{CLIENT}:{port}"),
+            "--to",
+            &format!("{NODE}:8080"),
+        ],
+    );
+    assert_eq!(t["return_code"], 7, "redirected into a task: {t}");
+    assert_eq!(t["service"], "web/tcp/80");
+    assert_eq!(t["conntrack"], "new flow");
+    assert_eq!(t["conntrack_entries_removed"], 2, "{t}");
+    let backend = t["backend"]["addr"].as_str().unwrap().to_string();
+    assert_eq!(
+        t["output"]["headers"]["dst"],
+        format!("{backend}:80"),
+        "the rewritten destination is the backend's: {t}"
+    );
+    assert_eq!(
+        t["output"]["headers"]["src"],
+        format!("{CLIENT}:{port}"),
+        "client IP kept"
+    );
+    let left = meshctl_json(&ns, &bin, &pins, &["conntrack"]);
+    assert!(
+        !left
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["client"] == format!("{CLIENT}:{port}")),
+        "no conntrack entry left by the trace: {left}"
+    );
+    let (code, text, _) = meshctl(
+        &ns,
+        &bin,
+        &pins,
+        &[
+            "trace",
+            "--from",
+            &format!("{CLIENT}:{port}"),
+            "--to",
+            &format!("{NODE}:8080"),
+        ],
+    );
+    assert!(
+        code == 0 && text.contains("why:      new flow; Maglev slot"),
+        "{text}"
+    );
+    let real = topo.c.enter(|| {
+        mesh_tests::bound::http_get_from(CLIENT, port, NODE, 8080, "/")
+            .expect("GET from the traced port")
+    });
+    let task = TASKS
+        .iter()
+        .position(|a| *a == backend)
+        .map(|i| format!("t{}", i + 1))
+        .unwrap();
+    assert!(
+        real.starts_with(&task),
+        "trace said {task} ({backend}); real traffic: {real}"
+    );
+    let t = meshctl_json(
+        &ns,
+        &bin,
+        &pins,
+        &[
+            "trace",
+            "--from",
+            &format!("{CLIENT}:61211"),
+            "--to",
+            &format!("{NODE}:8090"),
+        ],
+    );
+    assert_eq!(t["service"], "empty/tcp/80", "{t}");
+    assert_eq!(
+        t["output"]["headers"]["flags"], "ack,rst",
+        "a service without backends refuses: {t}"
+    );
 
     // doctor: all well; then each fault it checks, induced, found, and (where the agent
     // can) repaired by --fix.

@@ -651,6 +651,60 @@ fn meshctl_views(s: &Swarm) {
             code == 0 && text.contains("frontend *:8080/tcp (ingress)"),
             "{text}"
         );
+        // trace agrees with real traffic on the same 5-tuple (a port outside the client's
+        // ephemeral range, so that no earlier request used it).
+        let client = s.client_addr().to_string();
+        let port = 61_300 + node as u16;
+        let from = format!("{client}:{port}");
+        let to = format!("{}:8080", s.addr(node));
+        let (code, out, err) = s.meshctl(node, &["trace", "--from", &from, "--to", &to, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let t: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(t["service"], "web/tcp/8080", "{t}");
+        assert_eq!(t["conntrack_entries_removed"], 2, "{t}");
+        let task = t["backend"]["task"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{t}"))
+            .to_string();
+        let at = t["backend"]["at"].as_str().unwrap().to_string();
+        if let Some(peer) = at.strip_prefix("node ") {
+            assert_eq!(
+                t["output"]["vxlan"]["outer_dst"], peer,
+                "tunnelled to its node: {t}"
+            );
+        } else {
+            assert!(t["output"]["vxlan"].is_null(), "{t}");
+        }
+        let node_addr = s.addr(node).to_string();
+        let real = s
+            .client(|| {
+                mesh_tests::bound::http_get_from(&client, port, &node_addr, 8080, "/cgi-bin/who")
+            })
+            .expect("GET from the traced port");
+        assert!(
+            real.starts_with(&task),
+            "node {node}: trace said {task} ({at}), real traffic reached {real}"
+        );
+        println!("swarm: node {node}: meshctl trace {from} -> {to} named {task} ({at}); a real connection from that port reached it");
+        let (code, out, err) = s.meshctl(node, &["doctor", "--json"]);
+        let checks: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        let result = |c: &str| {
+            checks
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["check"] == c)
+                .map(|x| x["result"].as_str().unwrap().to_string())
+        };
+        assert_eq!(code, 0, "node {node}: doctor: {checks}");
+        for c in ["agent", "underlay", "tasks", "docker", "ipvs", "drift"] {
+            assert_eq!(
+                result(c).as_deref(),
+                Some("ok"),
+                "node {node}: {c}: {checks}"
+            );
+        }
         let (code, out, err) = s.meshctl(node, &["conntrack", "--service", "web", "--json"]);
         assert_eq!(code, 0, "{err}");
         let flows: serde_json::Value = serde_json::from_str(&out).expect("json");

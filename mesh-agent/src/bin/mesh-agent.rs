@@ -560,6 +560,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
                 .as_secs_f64(),
             source: if source.is_some() { "docker" } else { "config" }.into(),
             data_path_port: args.data_path_port,
+            docker: args.docker.clone(),
             ..Default::default()
         },
     };

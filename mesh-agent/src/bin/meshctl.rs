@@ -89,6 +89,20 @@ enum Cmd {
     },
     /// How a service's Maglev table spreads new flows over its backends.
     Maglev { service: String },
+    /// A synthetic first packet from a client through the program on this node's
+    /// underlay (BPF_PROG_TEST_RUN: nothing on the wire, its conntrack entries removed
+    /// after): the verdict, the backend chosen and why, the rewritten headers and, if it
+    /// leaves the node, the VXLAN header around it.
+    Trace {
+        /// The client, ADDR:PORT.
+        #[arg(long)]
+        from: std::net::SocketAddrV4,
+        /// What it reaches, ADDR:PORT (a node address and a published port).
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: mesh_agent::model::Protocol,
+    },
     /// Checks what commonly breaks a mesh: bpffs, the agent, programs on the expected
     /// interfaces, the data-path port (taken by another socket, filtered), MTU, Docker,
     /// Docker's IPVS mesh beside this one, and drift between what the agent wrote and
@@ -98,13 +112,9 @@ enum Cmd {
         /// the maps and reconciles from them), then check again.
         #[arg(long)]
         fix: bool,
-        /// Docker's socket.
-        #[arg(
-            long,
-            default_value = "unix:///var/run/docker.sock",
-            env = "MESH_DOCKER"
-        )]
-        docker: String,
+        /// Docker's socket (default: the one the agent follows, else the usual one).
+        #[arg(long, env = "MESH_DOCKER")]
+        docker: Option<String>,
     },
 }
 
@@ -156,7 +166,18 @@ fn run(args: &Args) -> anyhow::Result<i32> {
             count,
         } => stats(args, *watch, *interval, *count).map(|_| 0),
         Cmd::Maglev { service } => maglev(args, service).map(|_| 0),
-        Cmd::Doctor { fix, docker } => doctor(args, *fix, docker),
+        Cmd::Doctor { fix, docker } => {
+            let docker = docker
+                .clone()
+                .or_else(|| {
+                    agent_status(args)
+                        .map(|s| s.docker)
+                        .filter(|d| !d.is_empty())
+                })
+                .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+            doctor(args, *fix, &docker)
+        }
+        Cmd::Trace { from, to, proto } => trace(args, *from, *to, *proto).map(|_| 0),
     }
 }
 
@@ -1031,4 +1052,174 @@ fn docker_check(socket: &str) -> Check {
             Err(_) => check("docker", "fail", format!("{socket}: no answer in 5 s")),
         }
     })
+}
+
+fn trace(
+    args: &Args,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    proto: mesh_agent::model::Protocol,
+) -> anyhow::Result<()> {
+    use mesh_agent::{pins::Hook, trace as tr};
+    use mesh_common::{
+        ct::{CtKey, CT_HAIRPIN},
+        hash::flow_hash,
+        lb::{FrontendKey, SVC_AFFINITY},
+    };
+    let pins = PinDir::new(&args.bpffs);
+    if !pins.has_maps() {
+        return Err(MeshError::NotPinned {
+            path: args.bpffs.clone(),
+        }
+        .into());
+    }
+    let link = pins
+        .links()
+        .into_iter()
+        .find(|l| l.hook == Hook::TcUnderlay && l.netns == 0)
+        .context("no program is attached to the underlay here (meshctl status)")?;
+    let ifname = preflight::ifname(link.ifindex).context("the underlay interface is gone")?;
+    let node_mac = mesh_agent::netdev::mac(&ifname)?;
+    let proto_n = proto.number();
+    let ne = |a: std::net::Ipv4Addr| u32::from_ne_bytes(a.octets());
+    let snap = mesh_agent::maps::read_pinned(&args.bpffs)?;
+    let views = all_services(args)?;
+    // What the maps say before the run: frontend, service, Maglev slot, backend.
+    let exact = FrontendKey {
+        addr: ne(*to.ip()),
+        port: to.port().to_be(),
+        proto: proto_n,
+        _pad: 0,
+    };
+    let any = FrontendKey { addr: 0, ..exact };
+    let (fe_kind, fe) = match snap.frontends.get(&exact) {
+        Some(fe) => ("this address", Some(*fe)),
+        None if snap.node_addrs.contains(&ne(*to.ip())) => {
+            ("any node address", snap.frontends.get(&any).copied())
+        }
+        None => ("", None),
+    };
+    let service = fe.and_then(|fe| views.iter().find(|s| s.id == fe.svc_id));
+    let key = CtKey::new(
+        ne(*from.ip()),
+        ne(*to.ip()),
+        from.port().to_be(),
+        to.port().to_be(),
+        proto_n,
+    );
+    let before = inspect::read_conntrack(&args.bpffs)?;
+    let tracked = before.iter().find(|(k, _)| *k == key).map(|(_, e)| *e);
+    let maglev = fe.and_then(|fe| {
+        let svc = snap.services.get(&fe.svc_id)?;
+        if svc.maglev_size == 0 {
+            return None;
+        }
+        let h = if svc.flags & SVC_AFFINITY != 0 {
+            flow_hash(key.saddr, 0, 0, 0, proto_n)
+        } else {
+            flow_hash(key.saddr, key.daddr, key.sport, key.dport, proto_n)
+        };
+        let slot = h % svc.maglev_size;
+        let id = snap.tables.get(&fe.svc_id)?.get(slot as usize).copied()?;
+        Some((slot, svc.maglev_size, id))
+    });
+    let frame = tr::first_packet([0x02, 0, 0, 0, 0, 0x01], node_mac, from, to, proto_n);
+    let prog = tr::program_of_link(&link.path)?;
+    let (retval, out) = tr::test_run(&prog, &frame)?;
+    // Leave no conntrack entry behind: the pair the run created (not a real flow's).
+    let mut removed = 0;
+    if tracked.is_none() {
+        use aya::maps::{HashMap, Map, MapData};
+        let data = MapData::from_pin(args.bpffs.join(mesh_common::ct::CT_MAP))?;
+        let mut ct: HashMap<MapData, CtKey, mesh_common::ct::CtEntry> =
+            HashMap::try_from(Map::LruHashMap(data))?;
+        if let Ok(e) = ct.get(&key, 0) {
+            let client = if e.flags & CT_HAIRPIN != 0 {
+                e.hairpin_addr
+            } else {
+                key.saddr
+            };
+            let rev = CtKey::new(e.nat_addr, client, e.nat_port, key.sport, proto_n);
+            for k in [key, rev] {
+                if ct.remove(&k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    let port = agent_status(args)
+        .map(|s| s.data_path_port)
+        .filter(|p| *p != 0)
+        .unwrap_or(4789);
+    let output = tr::read_output(&out, port);
+    let chosen =
+        maglev.and_then(|(_, _, id)| service.and_then(|s| s.backends.iter().find(|b| b.id == id)));
+    let tracked_backend = tracked
+        .and_then(|e| service.and_then(|s| s.backends.iter().find(|b| b.id == e.backend_id)));
+    let backend = tracked_backend.or(chosen);
+    if args.json {
+        return print_json(&serde_json::json!({
+            "packet": { "from": from.to_string(), "to": to.to_string(), "proto": format!("{proto:?}").to_lowercase() },
+            "program": { "name": "mesh_tc_ingress", "interface": ifname },
+            "verdict": tr::verdict(retval), "return_code": retval,
+            "frontend": fe.map(|_| fe_kind),
+            "service": service.map(|s| s.name.clone()),
+            "conntrack": if tracked.is_some() { "hit: an existing flow keeps its backend" } else { "new flow" },
+            "maglev": maglev.map(|(slot, size, id)| serde_json::json!({"slot": slot, "size": size, "backend_id": id})),
+            "backend": backend,
+            "output": output,
+            "conntrack_entries_removed": removed,
+        }));
+    }
+    println!("packet:   {proto:?} {from} -> {to}, a first packet (SYN for TCP)");
+    println!("program:  mesh_tc_ingress on {ifname} (BPF_PROG_TEST_RUN; nothing sent)");
+    println!("verdict:  {} [{retval}]", tr::verdict(retval));
+    match (fe, service) {
+        (Some(_), Some(s)) => println!(
+            "frontend: {to} is {} of service {} ({fe_kind})",
+            s.frontends
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            s.name
+        ),
+        _ => println!("frontend: none for {to}/{proto:?}: not the mesh's"),
+    }
+    if let Some(e) = tracked {
+        println!(
+            "why:      conntrack hit: an existing flow on this tuple keeps backend {}",
+            e.backend_id
+        );
+    } else if let (Some((slot, size, _)), Some(b)) = (maglev, chosen) {
+        println!(
+            "why:      new flow; Maglev slot {slot} of {size} names backend {} (only backends taking new flows are in the table{})",
+            b.id,
+            if service.is_some_and(|s| s.affinity) { "; client-ip affinity hashes the client address alone" } else { "" }
+        );
+    } else if service.is_some() {
+        println!("why:      the service has no backend taking new flows: refused");
+    }
+    if let Some(b) = backend {
+        println!(
+            "backend:  {}{} {} ({}, {})",
+            b.addr,
+            b.port.map(|p| format!(":{p}")).unwrap_or_default(),
+            b.task.as_deref().unwrap_or(""),
+            b.state,
+            b.at
+        );
+    }
+    match &output.headers {
+        Some(h) => println!("out:      {} {} -> {} {}", h.proto, h.src, h.dst, h.flags),
+        None => println!("out:      (nothing readable)"),
+    }
+    if let Some(v) = &output.vxlan {
+        println!(
+            "vxlan:    {} -> {} udp {} -> {} vni {}",
+            v.outer_src, v.outer_dst, v.udp_src_port, v.udp_dst_port, v.vni
+        );
+    }
+    println!("cleanup:  {removed} conntrack entries of the run removed");
+    Ok(())
 }

@@ -1,0 +1,276 @@
+//! `meshctl trace`: a synthetic packet through the program the agent attached, with
+//! BPF_PROG_TEST_RUN (nothing on the wire), and what it did with it. The packet is
+//! built and the result read here (pure, unit-tested); the kernel part finds the
+//! program behind a pinned link and runs it.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use mesh_common::{
+    csum,
+    parse::{self, Bytes},
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
+};
+use serde::Serialize;
+
+use crate::MeshError;
+
+/// A client's first packet: a TCP SYN, or a UDP datagram, in an Ethernet frame from
+/// `src_mac` to `dst_mac`.
+pub fn first_packet(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    proto: u8,
+) -> Vec<u8> {
+    let l4_len: usize = if proto == IPPROTO_TCP { 20 } else { 8 + 4 };
+    let total = 20 + l4_len;
+    let mut f = Vec::with_capacity(14 + total);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&from.ip().octets());
+    ip[16..20].copy_from_slice(&to.ip().octets());
+    let c = csum::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut l4 = vec![0u8; l4_len];
+    l4[0..2].copy_from_slice(&from.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&to.port().to_be_bytes());
+    let csum_at = if proto == IPPROTO_TCP {
+        l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence
+        l4[12] = 5 << 4;
+        l4[13] = 0x02; // SYN
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        16
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l4[8..12].copy_from_slice(b"mesh");
+        6
+    };
+    let pseudo = csum::ipv4_pseudo_sum(from.ip().octets(), to.ip().octets(), proto, l4_len as u16);
+    let mut c = !csum::fold(csum::sum(&l4, pseudo));
+    if proto == IPPROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// The headers of a packet as the program left it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Headers {
+    pub src: String,
+    pub dst: String,
+    pub proto: &'static str,
+    /// TCP flags (syn, rst, ack), or "" for UDP.
+    pub flags: String,
+}
+
+/// What came out: the packet's headers, and the VXLAN tunnel around it if any.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Output {
+    pub headers: Option<Headers>,
+    /// Outer source, destination, UDP source port and VNI of the encapsulation.
+    pub vxlan: Option<Vxlan>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Vxlan {
+    pub outer_src: Ipv4Addr,
+    pub outer_dst: Ipv4Addr,
+    pub udp_src_port: u16,
+    pub udp_dst_port: u16,
+    pub vni: u32,
+}
+
+fn headers_of(p: &parse::Parsed) -> Option<Headers> {
+    if p.ip_version != 4 || p.l4_off == 0 {
+        return None;
+    }
+    let ip = |a: u32| Ipv4Addr::from(a.to_ne_bytes());
+    let flags = if p.l4_proto == IPPROTO_TCP {
+        let mut f = Vec::new();
+        for (bit, name) in [(0x02, "syn"), (0x10, "ack"), (0x04, "rst"), (0x01, "fin")] {
+            if p.tcp_flags & bit != 0 {
+                f.push(name);
+            }
+        }
+        f.join(",")
+    } else {
+        String::new()
+    };
+    Some(Headers {
+        src: format!("{}:{}", ip(p.saddr[0]), p.sport),
+        dst: format!("{}:{}", ip(p.daddr[0]), p.dport),
+        proto: match p.l4_proto {
+            IPPROTO_TCP => "tcp",
+            IPPROTO_UDP => "udp",
+            _ => "other",
+        },
+        flags,
+    })
+}
+
+/// Reads the frame the program left (`vxlan_port`: the data-path port).
+pub fn read_output(frame: &[u8], vxlan_port: u16) -> Output {
+    let Ok(outer) = parse::parse(&Bytes(frame), vxlan_port) else {
+        return Output {
+            headers: None,
+            vxlan: None,
+        };
+    };
+    if outer.vxlan {
+        let inner = frame
+            .get(outer.inner_off as usize..)
+            .and_then(|b| parse::parse(&Bytes(b), vxlan_port).ok());
+        return Output {
+            headers: inner.as_ref().and_then(headers_of),
+            vxlan: Some(Vxlan {
+                outer_src: Ipv4Addr::from(outer.saddr[0].to_ne_bytes()),
+                outer_dst: Ipv4Addr::from(outer.daddr[0].to_ne_bytes()),
+                udp_src_port: outer.sport,
+                udp_dst_port: outer.dport,
+                vni: outer.vni,
+            }),
+        };
+    }
+    Output {
+        headers: headers_of(&outer),
+        vxlan: None,
+    }
+}
+
+/// A raw `bpf(2)` call.
+fn bpf(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a zero-padded bpf_attr of the size the kernel is told.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_long,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn put32(a: &mut [u8; 128], off: usize, v: u32) {
+    a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn put64(a: &mut [u8; 128], off: usize, v: u64) {
+    a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn get32(a: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes(a[off..off + 4].try_into().unwrap())
+}
+
+const BPF_PROG_TEST_RUN: u32 = 10;
+const BPF_PROG_GET_FD_BY_ID: u32 = 13;
+const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_OBJ_GET: u32 = 7;
+
+/// The program attached through the link pinned at `link_pin`.
+pub fn program_of_link(link_pin: &Path) -> Result<OwnedFd, MeshError> {
+    let io = |what: &str| {
+        let what = format!("{what} {}", link_pin.display());
+        move |source| MeshError::Io { what, source }
+    };
+    let path = std::ffi::CString::new(link_pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| io("a path")(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    let mut a = [0u8; 128];
+    put64(&mut a, 0, path.as_ptr() as u64);
+    let link = bpf(BPF_OBJ_GET, &mut a).map_err(io("opening the link pinned at"))?;
+    // SAFETY: a new descriptor the kernel gave us.
+    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    // struct bpf_link_info: type, id, prog_id, ...
+    let mut info = [0u8; 256];
+    let mut a = [0u8; 128];
+    put32(&mut a, 0, link.as_raw_fd() as u32);
+    put32(&mut a, 4, info.len() as u32);
+    put64(&mut a, 8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map_err(io("reading the link"))?;
+    let prog_id = get32(&info, 8);
+    let mut a = [0u8; 128];
+    put32(&mut a, 0, prog_id);
+    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map_err(io("opening the program of"))?;
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(prog as i32) })
+}
+
+/// Runs `frame` once through the program `prog` (BPF_PROG_TEST_RUN): its return code
+/// and the frame as it left it.
+pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> Result<(i32, Vec<u8>), MeshError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut a = [0u8; 128];
+    put32(&mut a, 0, prog.as_raw_fd() as u32);
+    put32(&mut a, 8, frame.len() as u32);
+    put32(&mut a, 12, out.len() as u32);
+    put64(&mut a, 16, frame.as_ptr() as u64);
+    put64(&mut a, 24, out.as_mut_ptr() as u64);
+    put32(&mut a, 32, 1); // repeat
+    bpf(BPF_PROG_TEST_RUN, &mut a).map_err(|source| MeshError::Io {
+        what: "BPF_PROG_TEST_RUN".into(),
+        source,
+    })?;
+    let retval = get32(&a, 4) as i32;
+    out.truncate(get32(&a, 12) as usize);
+    Ok((retval, out))
+}
+
+/// A TC return code in words.
+pub fn verdict(retval: i32) -> &'static str {
+    match retval {
+        -1 => "passed on (TCX_NEXT): not the mesh's, the kernel's stack takes it",
+        0 => "passed (TC_ACT_OK), rewritten for the kernel to deliver",
+        2 => "dropped (TC_ACT_SHOT)",
+        7 => "redirected (TC_ACT_REDIRECT): handed to an interface",
+        _ => "another TC action",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_packet_parses_as_what_it_claims() {
+        let from: SocketAddrV4 = "10.9.0.1:40000".parse().unwrap();
+        let to: SocketAddrV4 = "192.168.1.10:8080".parse().unwrap();
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let f = first_packet([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], from, to, proto);
+            let p = parse::parse(&Bytes(&f), 4789).expect("well-formed");
+            assert_eq!((p.sport, p.dport, p.l4_proto), (40000, 8080, proto));
+            let o = read_output(&f, 4789);
+            assert_eq!(o.headers.as_ref().unwrap().src, "10.9.0.1:40000");
+            assert_eq!(o.headers.as_ref().unwrap().dst, "192.168.1.10:8080");
+            assert_eq!(o.vxlan, None);
+            // The checksums hold: IPv4 header sums to zero, as does L4 with its pseudo
+            // header.
+            assert_eq!(csum::checksum(&f[14..34]), 0);
+            let l4 = &f[34..];
+            let pseudo =
+                csum::ipv4_pseudo_sum(from.ip().octets(), to.ip().octets(), proto, l4.len() as u16);
+            assert_eq!(csum::fold(csum::sum(l4, pseudo)), 0xffff);
+        }
+        let syn = read_output(&first_packet([0; 6], [0; 6], from, to, IPPROTO_TCP), 4789);
+        assert_eq!(syn.headers.unwrap().flags, "syn");
+    }
+}

@@ -510,8 +510,7 @@ endpoints:
     }
 }
 
-/// Sockets in `/proc/net/udp` (or `udp6`) text bound to local `port`, by inode; the
-/// kernel's own (a vxlan device's, inode 0) are left out.
+/// Sockets in `/proc/net/udp` (or `udp6`) text bound to local `port`, by inode.
 pub fn udp_port_holders(proc_net_udp: &str, port: u16) -> Vec<u64> {
     proc_net_udp
         .lines()
@@ -523,6 +522,32 @@ pub fn udp_port_holders(proc_net_udp: &str, port: u16) -> Vec<u64> {
             (local_port == port && inode != 0).then_some(inode)
         })
         .collect()
+}
+
+/// The processes (pid, command) holding the socket of inode `inode`: none for the
+/// kernel's own sockets, such as a vxlan device's (Docker's overlays).
+pub fn socket_owners(inode: u64) -> Vec<(u32, String)> {
+    let target = format!("socket:[{inode}]");
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
+        {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            out.push((pid, comm.trim().to_string()));
+        }
+    }
+    out
 }
 
 /// Virtual services in `/proc/net/ip_vs` text (Docker's IPVS mesh when non-zero).
@@ -538,7 +563,7 @@ mod proc_tests {
     use super::*;
 
     #[test]
-    fn udp_holders_skip_the_kernels_own_sockets() {
+    fn udp_holders_by_port_and_inode() {
         let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
   12: 00000000:12B5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 0 2 0000000000000000 0
   13: 00000000:12B5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 91234 2 0000000000000000 0

@@ -638,6 +638,7 @@ fn meshctl_explains_a_live_mesh() {
     // status: the agent, its programs, what the maps hold.
     let (code, text, err) = meshctl(&ns, &bin, &pins, &["status"]);
     assert_eq!(code, 0, "{text}{err}");
+    println!("\n$ meshctl status\n{text}");
     assert!(text.contains("agent: running"), "{text}");
     assert!(text.contains("program: mesh_tc_ingress on un"), "{text}");
     for h in ["h1", "h2", "h3"] {
@@ -703,6 +704,7 @@ fn meshctl_explains_a_live_mesh() {
         text.contains("frontend *:8080/tcp (ingress)") && text.contains(TASKS[0]),
         "{text}"
     );
+    println!("$ meshctl service web\n{text}");
     let (code, _, err) = meshctl(&ns, &bin, &pins, &["service", "nope"]);
     assert_eq!(code, 1);
     assert!(
@@ -873,6 +875,7 @@ fn meshctl_explains_a_live_mesh() {
         code == 0 && text.contains("why:      new flow; Maglev slot"),
         "{text}"
     );
+    println!("$ meshctl trace --from {CLIENT}:{port} --to {NODE}:8080\n{text}");
     let real = topo.c.enter(|| {
         mesh_tests::bound::http_get_from(CLIENT, port, NODE, 8080, "/")
             .expect("GET from the traced port")
@@ -961,11 +964,16 @@ fn meshctl_explains_a_live_mesh() {
             HashMap::try_from(Map::HashMap(data)).unwrap();
         m.remove(&web_be).expect("remove a backend");
     }
+    let (_, text, _) = meshctl(&ns, &bin, &pins, &["doctor"]);
+    println!("$ meshctl doctor\n{text}");
     let (code, by) = doc(&[]);
     assert_eq!(code, 5, "{by:?}");
     assert_eq!(by["data-path port"].0, "fail");
     assert!(
-        by["data-path port"].1.contains("UDP 4789 is held"),
+        by["data-path port"].1.contains("UDP 4789 is held by")
+            && by["data-path port"]
+                .1
+                .contains(&format!("(pid {})", std::process::id())),
         "{by:?}"
     );
     assert_eq!(by["tasks"].0, "fail");

@@ -914,27 +914,30 @@ fn diagnose(args: &Args, docker: &str) -> Vec<Check> {
         .map(|s| s.data_path_port)
         .filter(|p| *p != 0)
         .unwrap_or(4789);
-    let holders: Vec<u64> = ["/proc/net/udp", "/proc/net/udp6"]
+    // A process's socket on the port; the kernel's own (Docker's vxlan devices) are
+    // expected on a swarm node.
+    let holders: Vec<(u32, String)> = ["/proc/net/udp", "/proc/net/udp6"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
         .flat_map(|t| inspect::udp_port_holders(&t, port))
+        .flat_map(inspect::socket_owners)
         .collect();
     out.push(if holders.is_empty() {
         check(
             "data-path port",
             "ok",
-            format!("UDP {port}: no other socket holds it"),
+            format!("UDP {port}: no process holds it"),
         )
     } else {
         check(
             "data-path port",
             "fail",
             format!(
-                "UDP {port} is held by a process (socket inode {}): another VXLAN user (Calico, \
-                 NSX, ...) clashes with the mesh; free it or use another --data-path-port",
+                "UDP {port} is held by {}: another VXLAN user (Calico, NSX, ...) clashes with \
+                 the mesh; free it or use another --data-path-port",
                 holders
                     .iter()
-                    .map(u64::to_string)
+                    .map(|(pid, comm)| format!("{comm} (pid {pid})"))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -1171,20 +1174,21 @@ fn trace(
             "conntrack_entries_removed": removed,
         }));
     }
-    println!("packet:   {proto:?} {from} -> {to}, a first packet (SYN for TCP)");
+    let proto_name = format!("{proto:?}").to_lowercase();
+    println!("packet:   {proto_name} {from} -> {to}, a first packet (SYN for TCP)");
     println!("program:  mesh_tc_ingress on {ifname} (BPF_PROG_TEST_RUN; nothing sent)");
     println!("verdict:  {} [{retval}]", tr::verdict(retval));
     match (fe, service) {
         (Some(_), Some(s)) => println!(
-            "frontend: {to} is {} of service {} ({fe_kind})",
+            "frontend: {to} matches service {} ({fe_kind}; its frontends: {})",
+            s.name,
             s.frontends
                 .iter()
                 .map(|f| f.to_string())
                 .collect::<Vec<_>>()
-                .join(", "),
-            s.name
+                .join(", ")
         ),
-        _ => println!("frontend: none for {to}/{proto:?}: not the mesh's"),
+        _ => println!("frontend: none for {to}/{proto_name}: not the mesh's"),
     }
     if let Some(e) = tracked {
         println!(

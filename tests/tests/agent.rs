@@ -1007,6 +1007,47 @@ fn meshctl_explains_a_live_mesh() {
         "all three tasks serve after the repair: {after:?}"
     );
 
+    // The other faults doctor checks, each induced and found (Docker's IPVS mesh cannot
+    // be: this kernel has no IPVS).
+    let n = topo.n.name().to_string();
+    let sh = |cmd: &[&str]| {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &n])
+            .args(cmd)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd:?}");
+    };
+    sh(&[
+        "iptables", "-A", "INPUT", "-p", "udp", "--dport", "4789", "-j", "DROP",
+    ]);
+    let (_, by) = doc(&[]);
+    assert_eq!(
+        by.get("firewall").map(|x| x.0.as_str()),
+        Some("warn"),
+        "{by:?}"
+    );
+    sh(&[
+        "iptables", "-D", "INPUT", "-p", "udp", "--dport", "4789", "-j", "DROP",
+    ]);
+    topo.n.ip(&["link", "set", "un", "mtu", "1400"]);
+    let (_, by) = doc(&[]);
+    assert_eq!(by["mtu"].0, "warn", "{by:?}");
+    assert!(by["mtu"].1.contains("MTU 1400"), "{by:?}");
+    topo.n.ip(&["link", "set", "un", "mtu", "1500"]);
+    let (code, by) = doc(&["--docker", "unix:///run/mesh-no-docker-here.sock"]);
+    assert_eq!((code, by["docker"].0.as_str()), (5, "fail"), "{by:?}");
+    let (code, out, _) = meshctl(
+        &ns,
+        &bin,
+        Path::new("/tmp/mesh-not-bpffs/mesh"),
+        &["doctor"],
+    );
+    assert!(
+        code == 5 && out.contains("FAIL bpffs") && out.contains("FAIL maps"),
+        "{out}"
+    );
+
     // With the agent gone, everything but the agent's own status still reads the pins.
     assert_eq!(
         unsafe { libc::kill(guard.child.id() as i32, libc::SIGTERM) },
@@ -1018,6 +1059,26 @@ fn meshctl_explains_a_live_mesh() {
     assert!(text.contains("agent: NOT running"), "{text}");
     let (code, text, _) = meshctl(&ns, &bin, &pins, &["services"]);
     assert!(code == 0 && text.contains("web/tcp/80"), "{text}");
+    let (code, by) = doc(&[]);
+    assert_eq!(
+        (code, by["agent"].0.as_str()),
+        (5, "fail"),
+        "the agent is down: {by:?}"
+    );
+    let underlay = pins
+        .join("links")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("tc_underlay-"))
+        .expect("the underlay link pin")
+        .path();
+    std::fs::remove_file(&underlay).unwrap();
+    let (_, by) = doc(&[]);
+    assert_eq!(
+        by["underlay"].0, "fail",
+        "a detached underlay program: {by:?}"
+    );
     let (code, _, err) = meshctl(
         &ns,
         &bin,

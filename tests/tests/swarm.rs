@@ -705,6 +705,32 @@ fn meshctl_views(s: &Swarm) {
                 "node {node}: {c}: {checks}"
             );
         }
+        // The other format of each, and the rest of the subcommands.
+        for (args, want) in [
+            (&["status", "--json"][..], "\"running\": true"),
+            (&["services"][..], "web/tcp/8080"),
+            (&["service", "web", "--json"][..], "\"task\": \"web."),
+            (&["conntrack", "--service", "web"][..], "web/tcp/8080"),
+            (&["maglev", "web"][..], "VS IDEAL"),
+            (&["maglev", "web", "--json"][..], "\"share\""),
+            (&["stats"][..], "fwd_to_task"),
+            (&["stats", "--json"][..], "\"service\": \"web/tcp/8080\""),
+            (
+                &["stats", "--watch", "--interval", "0.3", "--count", "1"][..],
+                "per second",
+            ),
+            (
+                &["trace", "--from", from.as_str(), "--to", to.as_str()][..],
+                "why:",
+            ),
+            (&["doctor"][..], "ok   drift"),
+        ] {
+            let (code, out, err) = s.meshctl(node, args);
+            assert!(
+                code == 0 && out.contains(want),
+                "node {node}: meshctl {args:?} ({code}): want {want:?} in:\n{out}{err}"
+            );
+        }
         let (code, out, err) = s.meshctl(node, &["conntrack", "--service", "web", "--json"]);
         assert_eq!(code, 0, "{err}");
         let flows: serde_json::Value = serde_json::from_str(&out).expect("json");

@@ -167,6 +167,8 @@ fn run(args: &Args) -> anyhow::Result<i32> {
         } => stats(args, *watch, *interval, *count).map(|_| 0),
         Cmd::Maglev { service } => maglev(args, service).map(|_| 0),
         Cmd::Doctor { fix, docker } => {
+            // Docker is checked when the agent follows it, or when asked by name.
+            let ask = docker.is_some();
             let docker = docker
                 .clone()
                 .or_else(|| {
@@ -175,7 +177,7 @@ fn run(args: &Args) -> anyhow::Result<i32> {
                         .filter(|d| !d.is_empty())
                 })
                 .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
-            doctor(args, *fix, &docker)
+            doctor(args, *fix, &docker, ask)
         }
         Cmd::Trace { from, to, proto } => trace(args, *from, *to, *proto).map(|_| 0),
     }
@@ -702,8 +704,8 @@ fn check(check: &'static str, result: &'static str, detail: impl Into<String>) -
     }
 }
 
-fn doctor(args: &Args, fix: bool, docker: &str) -> anyhow::Result<i32> {
-    let mut checks = diagnose(args, docker);
+fn doctor(args: &Args, fix: bool, docker: &str, ask_docker: bool) -> anyhow::Result<i32> {
+    let mut checks = diagnose(args, docker, ask_docker);
     if fix {
         let st = agent_status(args).filter(|s| agent_alive(s.pid));
         let Some(st) = st else {
@@ -724,7 +726,7 @@ fn doctor(args: &Args, fix: bool, docker: &str) -> anyhow::Result<i32> {
                 break;
             }
         }
-        checks = diagnose(args, docker);
+        checks = diagnose(args, docker, ask_docker);
     }
     let failed = checks.iter().any(|c| c.result == "fail");
     if args.json {
@@ -742,7 +744,7 @@ fn doctor(args: &Args, fix: bool, docker: &str) -> anyhow::Result<i32> {
     Ok(if failed { 5 } else { 0 })
 }
 
-fn diagnose(args: &Args, docker: &str) -> Vec<Check> {
+fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
     let mut out = Vec::new();
     let pins = PinDir::new(&args.bpffs);
     let bpffs_root = args.bpffs.parent().unwrap_or(&args.bpffs);
@@ -981,7 +983,7 @@ fn diagnose(args: &Args, docker: &str) -> Vec<Check> {
             "no IPVS on this kernel: Docker's own mesh is off",
         ),
     });
-    if st.as_ref().is_none_or(|s| s.source == "docker") {
+    if ask_docker || st.as_ref().is_none_or(|s| s.source == "docker") {
         out.push(docker_check(docker));
     }
     if let Some(st) = &st {

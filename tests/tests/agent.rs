@@ -127,6 +127,33 @@ fn start_agent(
     wait_ready(guard, 1)
 }
 
+/// The agent in `topo`'s node, from a model file of it with all three tasks active:
+/// the guard and the file.
+fn start_config_agent(
+    topo: &mesh_tests::lbtopo::LbTopo,
+    agent: &Path,
+    object: &Path,
+    tag: &str,
+) -> (AgentGuard, PathBuf) {
+    use mesh_agent::model::to_yaml;
+    let dir = std::env::temp_dir().join(format!("mesh-{tag}-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mesh.yaml");
+    std::fs::write(
+        &config,
+        to_yaml(&topo.model(&mesh_tests::lbtopo::ALL_ACTIVE)),
+    )
+    .unwrap();
+    let guard = start_agent(
+        &topo.n,
+        agent,
+        object,
+        &["--config".as_ref(), config.as_os_str()],
+        tag,
+    );
+    (guard, config)
+}
+
 fn spawn_agent(
     ns: &mesh_tests::netns::Netns,
     agent: &Path,
@@ -282,7 +309,7 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
 #[test]
 fn agent_config_file_and_reload() {
     use mesh_agent::model::{to_yaml, Health};
-    use mesh_tests::lbtopo::{http_get, LbTopo, ALL_ACTIVE, NODE};
+    use mesh_tests::lbtopo::{http_get, LbTopo, NODE};
 
     let Some(object) = prereq::privileged("agent_config_file_and_reload") else {
         return;
@@ -291,17 +318,8 @@ fn agent_config_file_and_reload() {
         return;
     };
     let topo = LbTopo::new("a");
-    let dir = std::env::temp_dir().join(format!("mesh-agent-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("mesh.yaml");
-    std::fs::write(&config, to_yaml(&topo.model(&ALL_ACTIVE))).unwrap();
-    let mut guard = start_agent(
-        &topo.n,
-        &agent,
-        &object,
-        &["--config".as_ref(), config.as_os_str()],
-        "cfg",
-    );
+    let (mut guard, config) = start_config_agent(&topo, &agent, &object, "cfg");
+    let dir = config.parent().unwrap().to_path_buf();
     let pin_dir = guard.pin_dir.clone();
     let served = |n: usize| -> std::collections::BTreeSet<String> {
         topo.c.enter(|| {
@@ -590,8 +608,7 @@ fn meshctl_json(ns: &str, bin: &Path, pin_dir: &Path, args: &[&str]) -> serde_js
 /// every subcommand in both formats, then with the agent gone.
 #[test]
 fn meshctl_explains_a_live_mesh() {
-    use mesh_agent::model::to_yaml;
-    use mesh_tests::lbtopo::{http_get, LbTopo, ALL_ACTIVE, CLIENT, NODE, TASKS};
+    use mesh_tests::lbtopo::{http_get, LbTopo, CLIENT, NODE, TASKS};
     use std::io::{BufRead, Write};
 
     let Some(object) = prereq::privileged("meshctl_explains_a_live_mesh") else {
@@ -601,17 +618,8 @@ fn meshctl_explains_a_live_mesh() {
         return;
     };
     let topo = LbTopo::new("k");
-    let dir = std::env::temp_dir().join(format!("mesh-meshctl-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("mesh.yaml");
-    std::fs::write(&config, to_yaml(&topo.model(&ALL_ACTIVE))).unwrap();
-    let mut guard = start_agent(
-        &topo.n,
-        &agent,
-        &object,
-        &["--config".as_ref(), config.as_os_str()],
-        "ctl",
-    );
+    let (mut guard, config) = start_config_agent(&topo, &agent, &object, "ctl");
+    let dir = config.parent().unwrap().to_path_buf();
     let pins = guard.pin_dir.clone();
     let ns = topo.n.name().to_string();
     const REQUESTS: u64 = 45;

@@ -686,6 +686,54 @@ fn meshctl_views(s: &Swarm) {
             "node {node}: trace said {task} ({at}), real traffic reached {real}"
         );
         println!("swarm: node {node}: meshctl trace {from} -> {to} named {task} ({at}); a real connection from that port reached it");
+        // East-west: a trace from this node's caller task to the api VIP, through the
+        // overlay program, agrees with the caller's own connection from that port.
+        let vip = api["frontends"][0]["addr"].as_str().unwrap().to_string();
+        let caller_ip = s
+            .docker(
+                node,
+                &[
+                    "exec",
+                    &caller(s, node),
+                    "sh",
+                    "-c",
+                    "ip -4 -o addr show eth0 | awk '{print $4}'",
+                ],
+            )
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let vfrom = format!("{caller_ip}:61400");
+        let vto = format!("{vip}:80");
+        let (code, out, err) =
+            s.meshctl(node, &["trace", "--from", &vfrom, "--to", &vto, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let t: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(t["program"]["name"], "mesh_tc_overlay_in", "{t}");
+        assert_eq!(t["service"], "api@appnet/vip", "{t}");
+        assert_eq!(t["conntrack_entries_removed"], 2, "{t}");
+        let vtask = t["backend"]["task"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{t}"))
+            .to_string();
+        let vback = t["backend"]["addr"].as_str().unwrap().to_string();
+        assert_eq!(t["output"]["headers"]["dst"], format!("{vback}:80"), "{t}");
+        let real = s.docker(
+            node,
+            &[
+                "exec",
+                &caller(s, node),
+                "sh",
+                "-c",
+                &format!("printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -p 61400 -w 3 {vip} 80 | tail -1"),
+            ],
+        );
+        assert!(
+            real.starts_with(&vtask),
+            "node {node}: trace {vfrom} -> {vto} said {vtask}, the caller reached {real:?}"
+        );
+        println!("swarm: node {node}: meshctl trace {vfrom} -> {vto} (a VIP, from a task) named {vtask}; the task's own connection from that port reached it");
         let (code, out, err) = s.meshctl(node, &["doctor", "--json"]);
         let checks: serde_json::Value =
             serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));

@@ -1078,17 +1078,36 @@ fn trace(
         }
         .into());
     }
-    let link = pins
-        .links()
-        .into_iter()
-        .find(|l| l.hook == Hook::TcUnderlay && l.netns == 0)
-        .context("no program is attached to the underlay here (meshctl status)")?;
-    let ifname = preflight::ifname(link.ifindex).context("the underlay interface is gone")?;
-    let node_mac = mesh_agent::netdev::mac(&ifname)?;
     let proto_n = proto.number();
     let ne = |a: std::net::Ipv4Addr| u32::from_ne_bytes(a.octets());
     let snap = mesh_agent::maps::read_pinned(&args.bpffs)?;
     let views = all_services(args)?;
+    // A VIP on Docker's overlay is reached from a task through its overlay veth; anything
+    // else arrives on the underlay.
+    let vip = snap
+        .frontends
+        .get(&mesh_common::lb::any_port_vip(ne(*to.ip())))
+        .copied();
+    let (hook, program) = match vip {
+        Some(_) => (Hook::TcOverlayIn, "mesh_tc_overlay_in"),
+        None => (Hook::TcUnderlay, "mesh_tc_ingress"),
+    };
+    let link = pins
+        .links()
+        .into_iter()
+        .find(|l| l.hook == hook && (l.netns == 0 || hook == Hook::TcOverlayIn))
+        .with_context(|| format!("no {program} is attached here (meshctl status)"))?;
+    let (ifname, macs) = if vip.is_some() {
+        let task = mesh_common::lb::docker_mac(ne(*from.ip()));
+        (
+            "a task's overlay veth".to_string(),
+            (task, mesh_common::arp::vip_mac(ne(*to.ip()))),
+        )
+    } else {
+        let ifname = preflight::ifname(link.ifindex).context("the underlay interface is gone")?;
+        let node_mac = mesh_agent::netdev::mac(&ifname)?;
+        (ifname, ([0x02, 0, 0, 0, 0, 0x01], node_mac))
+    };
     // What the maps say before the run: frontend, service, Maglev slot, backend.
     let exact = FrontendKey {
         addr: ne(*to.ip()),
@@ -1097,12 +1116,13 @@ fn trace(
         _pad: 0,
     };
     let any = FrontendKey { addr: 0, ..exact };
-    let (fe_kind, fe) = match snap.frontends.get(&exact) {
-        Some(fe) => ("this address", Some(*fe)),
-        None if snap.node_addrs.contains(&ne(*to.ip())) => {
+    let (fe_kind, fe) = match (vip, snap.frontends.get(&exact)) {
+        (Some(fe), _) => ("every port of the VIP", Some(fe)),
+        (None, Some(fe)) => ("this address", Some(*fe)),
+        (None, None) if snap.node_addrs.contains(&ne(*to.ip())) => {
             ("any node address", snap.frontends.get(&any).copied())
         }
-        None => ("", None),
+        (None, None) => ("", None),
     };
     let service = fe.and_then(|fe| views.iter().find(|s| s.id == fe.svc_id));
     let key = CtKey::new(
@@ -1128,7 +1148,7 @@ fn trace(
         let id = snap.tables.get(&fe.svc_id)?.get(slot as usize).copied()?;
         Some((slot, svc.maglev_size, id))
     });
-    let frame = tr::first_packet([0x02, 0, 0, 0, 0, 0x01], node_mac, from, to, proto_n);
+    let frame = tr::first_packet(macs.0, macs.1, from, to, proto_n);
     let prog = tr::program_of_link(&link.path)?;
     let (retval, out) = tr::test_run(&prog, &frame)?;
     // Leave no conntrack entry behind: the pair the run created (not a real flow's).
@@ -1165,7 +1185,7 @@ fn trace(
     if args.json {
         return print_json(&serde_json::json!({
             "packet": { "from": from.to_string(), "to": to.to_string(), "proto": format!("{proto:?}").to_lowercase() },
-            "program": { "name": "mesh_tc_ingress", "interface": ifname },
+            "program": { "name": program, "interface": ifname },
             "verdict": tr::verdict(retval), "return_code": retval,
             "frontend": fe.map(|_| fe_kind),
             "service": service.map(|s| s.name.clone()),
@@ -1178,7 +1198,7 @@ fn trace(
     }
     let proto_name = format!("{proto:?}").to_lowercase();
     println!("packet:   {proto_name} {from} -> {to}, a first packet (SYN for TCP)");
-    println!("program:  mesh_tc_ingress on {ifname} (BPF_PROG_TEST_RUN; nothing sent)");
+    println!("program:  {program} on {ifname} (BPF_PROG_TEST_RUN; nothing sent)");
     println!("verdict:  {} [{retval}]", tr::verdict(retval));
     match (fe, service) {
         (Some(_), Some(s)) => println!(

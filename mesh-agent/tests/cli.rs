@@ -6,8 +6,16 @@
 use std::process::Command;
 
 fn one_line_error(bin: &str, args: &[&str]) -> String {
+    one_line_error_code(bin, args, 1)
+}
+
+fn one_line_error_code(bin: &str, args: &[&str], code: i32) -> String {
     let out = Command::new(bin).args(args).output().expect("run binary");
-    assert_eq!(out.status.code(), Some(1), "{bin} {args:?} should exit 1");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{bin} {args:?} should exit {code}"
+    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(err.trim_end().lines().count(), 1, "one line, got: {err}");
     err
@@ -67,16 +75,20 @@ fn agent_rejects_port_zero() {
 
 #[test]
 fn meshctl_says_when_no_mesh_is_pinned() {
-    let err = one_line_error(
-        env!("CARGO_BIN_EXE_meshctl"),
-        &["stats", "--bpffs", "/sys/fs/bpf/mesh-none-here"],
-    );
-    let want = if root() {
-        "no mesh is pinned"
+    // Exit code 4 names "nothing pinned" (1: any other error, such as not being root).
+    let (want, code) = if root() {
+        ("no mesh is pinned", 4)
     } else {
-        "must run as root"
+        ("must run as root", 1)
     };
-    assert!(err.contains(want), "{err}");
+    for cmd in ["stats", "services", "status", "conntrack"] {
+        let err = one_line_error_code(
+            env!("CARGO_BIN_EXE_meshctl"),
+            &[cmd, "--bpffs", "/sys/fs/bpf/mesh-none-here"],
+            code,
+        );
+        assert!(err.contains(want), "{cmd}: {err}");
+    }
 }
 
 /// A settings file: read, the command line and the environment win over it, and a

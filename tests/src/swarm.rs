@@ -306,6 +306,21 @@ impl Swarm {
         )
     }
 
+    /// Runs `f` on a thread inside the network namespace of container `id` on node `n`
+    /// (through its init process, which the node's dockerd shares the PID namespace of).
+    pub fn in_container<R: Send>(&self, n: u32, id: &str, f: impl FnOnce() -> R + Send) -> R {
+        let pid = self.docker(n, &["inspect", "-f", "{{.State.Pid}}", id]);
+        let file = File::open(format!("/proc/{pid}/ns/net")).expect("the container's netns");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter(&file);
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
     /// The client's address, as the tasks should see it.
     pub fn client_addr(&self) -> Ipv4Addr {
         if self.machine.is_some() {

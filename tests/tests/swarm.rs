@@ -719,20 +719,26 @@ fn meshctl_views(s: &Swarm) {
             .to_string();
         let vback = t["backend"]["addr"].as_str().unwrap().to_string();
         assert_eq!(t["output"]["headers"]["dst"], format!("{vback}:80"), "{t}");
-        let real = s.docker(
-            node,
-            &[
-                "exec",
-                &caller(s, node),
-                "sh",
-                "-c",
-                &format!("printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -p 61400 -w 3 {vip} 80 | tail -1"),
-            ],
-        );
-        assert!(
-            real.starts_with(&vtask),
-            "node {node}: trace {vfrom} -> {vto} said {vtask}, the caller reached {real:?}"
-        );
+        // busybox nc ignores -p when it connects: a socket of the test's own, bound to
+        // that port inside the caller's namespace.
+        let real = s
+            .in_container(node, &caller(s, node), || {
+                mesh_tests::bound::http_get_from(&caller_ip, 61400, &vip, 80, "/cgi-bin/who")
+            })
+            .expect("GET from the caller's namespace");
+        if !real.starts_with(&vtask) {
+            let (_, flows, _) = s.meshctl(node, &["conntrack", "--json"]);
+            let (_, svc, _) = s.meshctl(node, &["service", "api", "--json"]);
+            panic!(
+                "node {node}: trace {vfrom} -> {vto} said {vtask} ({t}), the caller reached \
+                 {real:?}; conntrack: {}; api: {svc}",
+                flows
+                    .lines()
+                    .filter(|l| l.contains("61400") || l.contains("backend"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
         println!("swarm: node {node}: meshctl trace {vfrom} -> {vto} (a VIP, from a task) named {vtask}; the task's own connection from that port reached it");
         let (code, out, err) = s.meshctl(node, &["doctor", "--json"]);
         let checks: serde_json::Value =

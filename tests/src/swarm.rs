@@ -310,15 +310,7 @@ impl Swarm {
     /// (through its init process, which the node's dockerd shares the PID namespace of).
     pub fn in_container<R: Send>(&self, n: u32, id: &str, f: impl FnOnce() -> R + Send) -> R {
         let pid = self.docker(n, &["inspect", "-f", "{{.State.Pid}}", id]);
-        let file = File::open(format!("/proc/{pid}/ns/net")).expect("the container's netns");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                enter(&file);
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        in_netns(&format!("/proc/{pid}/ns/net"), f)
     }
 
     /// The client's address, as the tasks should see it.
@@ -349,15 +341,7 @@ impl Swarm {
 
     /// Runs `f` on a thread inside the client namespace.
     pub fn client<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let file = File::open(format!("/run/netns/{}", self.client_netns)).expect("client netns");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                enter(&file);
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        in_netns(&format!("/run/netns/{}", self.client_netns), f)
     }
 
     /// Waits until `service` has exactly `n` tasks running (desired running) and
@@ -536,6 +520,19 @@ impl Drop for Swarm {
             );
         }
     }
+}
+
+/// Runs `f` on a thread inside the network namespace at `path`.
+fn in_netns<R: Send>(path: &str, f: impl FnOnce() -> R + Send) -> R {
+    let file = File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&file);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 fn enter(netns: &File) {

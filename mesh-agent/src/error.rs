@@ -73,6 +73,9 @@ pub enum MeshError {
         source: aya::pin::PinError,
     },
 
+    #[error("trace: {what}")]
+    Trace { what: String },
+
     #[error("no mesh is pinned at {path}: is mesh-agent running? (start it, or pass --bpffs)")]
     NotPinned { path: PathBuf },
 

@@ -10,10 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// runtime stops.
 pub async fn serve<F>(listener: tokio::net::TcpListener, handler: F)
 where
-    F: Fn(&str) -> Option<String> + Send + Sync + Clone + 'static,
+    F: Fn(&str, std::net::IpAddr) -> Option<String> + Send + Sync + Clone + 'static,
 {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
+        let Ok((mut sock, caller)) = listener.accept().await else {
             continue;
         };
         let handler = handler.clone();
@@ -28,7 +28,7 @@ where
                 .strip_prefix("GET ")
                 .and_then(|r| r.split_whitespace().next())
                 .unwrap_or("");
-            let (status, body) = match handler(path) {
+            let (status, body) = match handler(path, caller.ip()) {
                 Some(b) => ("200 OK", b),
                 None => ("404 Not Found", "not found\n".to_string()),
             };

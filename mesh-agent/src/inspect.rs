@@ -48,6 +48,24 @@ fn state_file(state_dir: &Path, bpffs: &Path, what: &str) -> std::path::PathBuf 
     state_dir.join(format!("{tag}.{what}.json"))
 }
 
+/// What the agent last said in its status file (for the mesh pinned at `bpffs`).
+pub fn agent_status(state_dir: &Path, bpffs: &Path) -> Option<AgentStatus> {
+    std::fs::read(status_path(state_dir, bpffs))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Every service the maps pinned at `bpffs` hold, named and with its traffic.
+pub fn services_pinned(state_dir: &Path, bpffs: &Path) -> Result<Vec<ServiceView>, MeshError> {
+    let snap = crate::maps::read_pinned(bpffs)?;
+    let names = read_names(&names_path(state_dir, bpffs));
+    let traffic = crate::stats::backends_pinned(bpffs).unwrap_or_default();
+    let tasks = agent_status(state_dir, bpffs)
+        .map(|s| s.tasks)
+        .unwrap_or_default();
+    Ok(services(&snap, &names, &traffic, &tasks))
+}
+
 /// What the agent writes to its status file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct AgentStatus {
@@ -68,6 +86,9 @@ pub struct AgentStatus {
     /// The Docker socket it follows (with `source` docker).
     #[serde(default)]
     pub docker: String,
+    /// Where it serves its peers (and `meshctl trace --node`); 0: nowhere.
+    #[serde(default)]
+    pub peer_port: u16,
     /// Docker's task names by task address, for meshctl's tables.
     #[serde(default)]
     pub tasks: BTreeMap<String, String>,

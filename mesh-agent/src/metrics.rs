@@ -371,7 +371,7 @@ pub async fn serve(
     pins: PathBuf,
 ) {
     let totals = Arc::new(Mutex::new(ServiceTotals::default()));
-    crate::http::serve(listener, move |path| {
+    crate::http::serve(listener, move |path, _| {
         if path != "/metrics" {
             return None;
         }

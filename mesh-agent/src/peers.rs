@@ -50,13 +50,85 @@ pub fn manager_facts(
         })
 }
 
-/// Serves this node's report.
-pub async fn serve(listener: tokio::net::TcpListener, local: Arc<Mutex<Report>>) {
-    crate::http::serve(listener, move |path| {
-        (path == PATH).then(|| {
+/// Where `meshctl trace --node` asks another node's agent to trace a packet there.
+pub const TRACE_PATH: &str = "/v1/trace";
+
+/// What the trace endpoint needs: the mesh it traces in, and who may ask (this swarm's
+/// nodes, kept current by the agent; loopback always).
+#[derive(Clone, Debug)]
+pub struct TraceAccess {
+    pub state_dir: std::path::PathBuf,
+    pub bpffs: std::path::PathBuf,
+    pub allowed: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+}
+
+/// `from=IP:PORT&to=IP:PORT&proto=tcp|udp` of a trace request.
+pub fn trace_query(
+    query: &str,
+) -> Option<(
+    std::net::SocketAddrV4,
+    std::net::SocketAddrV4,
+    crate::model::Protocol,
+)> {
+    let mut from = None;
+    let mut to = None;
+    let mut proto = crate::model::Protocol::Tcp;
+    for kv in query.split('&') {
+        let (k, v) = kv.split_once('=')?;
+        match k {
+            "from" => from = v.parse().ok(),
+            "to" => to = v.parse().ok(),
+            "proto" => {
+                proto = match v {
+                    "tcp" => crate::model::Protocol::Tcp,
+                    "udp" => crate::model::Protocol::Udp,
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some((from?, to?, proto))
+}
+
+/// One trace at a time: each is a test run plus two conntrack entries made and removed.
+static TRACING: Mutex<()> = Mutex::new(());
+
+fn traced(access: &TraceAccess, query: &str) -> String {
+    let Some((from, to, proto)) = trace_query(query) else {
+        return serde_json::json!({ "error": "want from=IP:PORT&to=IP:PORT[&proto=tcp|udp]" })
+            .to_string();
+    };
+    let _one = TRACING.lock().unwrap_or_else(|p| p.into_inner());
+    match crate::trace::run(&access.state_dir, &access.bpffs, from, to, proto) {
+        Ok(r) => serde_json::json!({ "text": r.render(), "report": r }).to_string(),
+        Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+    }
+}
+
+/// Serves this node's report, and (with `trace`) traces for the swarm's other nodes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    local: Arc<Mutex<Report>>,
+    trace: Option<TraceAccess>,
+) {
+    crate::http::serve(listener, move |path, caller| {
+        if path == PATH {
             let r = local.lock().expect("report lock").clone();
-            serde_json::to_string(&r).expect("report serializes") + "\n"
-        })
+            return Some(serde_json::to_string(&r).expect("report serializes") + "\n");
+        }
+        let query = path.strip_prefix(TRACE_PATH)?.strip_prefix('?')?;
+        let access = trace.as_ref()?;
+        let ok = match caller {
+            std::net::IpAddr::V4(a) => {
+                a.is_loopback() || access.allowed.lock().expect("allowed lock").contains(&a)
+            }
+            std::net::IpAddr::V6(a) => a.is_loopback(),
+        };
+        if !ok {
+            return None;
+        }
+        Some(traced(access, query) + "\n")
     })
     .await
 }
@@ -166,6 +238,19 @@ mod tests {
         );
     }
 
+    #[test]
+    fn trace_queries_parse() {
+        let (f, t, p) = trace_query("from=10.0.0.1:5000&to=10.0.0.2:8080&proto=udp").unwrap();
+        assert_eq!(
+            (f.to_string(), t.to_string()),
+            ("10.0.0.1:5000".into(), "10.0.0.2:8080".into())
+        );
+        assert_eq!(p, crate::model::Protocol::Udp);
+        assert!(trace_query("from=10.0.0.1:5000").is_none());
+        assert!(trace_query("from=x&to=10.0.0.2:80").is_none());
+        assert!(trace_query("from=10.0.0.1:1&to=10.0.0.2:80&rm=-rf").is_none());
+    }
+
     #[tokio::test]
     async fn served_reports_are_read_back() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -183,7 +268,7 @@ mod tests {
             )]),
         };
         let local = Arc::new(Mutex::new(report.clone()));
-        tokio::spawn(serve(listener, local));
+        tokio::spawn(serve(listener, local, None));
         let me: Ipv4Addr = "127.0.0.1".parse().unwrap();
         let got = poll(&[me], port, Duration::from_secs(2)).await;
         assert_eq!(got[&me], report);

@@ -246,6 +246,286 @@ pub fn verdict(retval: i32) -> &'static str {
     }
 }
 
+/// The whole story of one traced packet (what `meshctl trace` prints).
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub packet: serde_json::Value,
+    pub program: serde_json::Value,
+    pub verdict: &'static str,
+    pub return_code: i32,
+    /// How the frontend matched: this address, any node address, every port of a VIP.
+    pub frontend: Option<&'static str>,
+    pub service: Option<String>,
+    /// The service's frontends, for the reader.
+    pub frontends: Vec<String>,
+    pub conntrack: &'static str,
+    pub maglev: Option<serde_json::Value>,
+    /// Why this backend, in words.
+    pub why: String,
+    pub backend: Option<crate::inspect::BackendView>,
+    pub output: Output,
+    pub conntrack_entries_removed: usize,
+}
+
+fn trace_err(what: impl Into<String>) -> MeshError {
+    MeshError::Trace { what: what.into() }
+}
+
+/// Traces a client's first packet `from` -> `to` through this node's program for it (the
+/// underlay's; a task's overlay veth's for a VIP on Docker's overlay), in the mesh pinned
+/// at `bpffs` whose agent keeps its state in `state_dir`; the conntrack entries the run
+/// makes are removed.
+pub fn run(
+    state_dir: &Path,
+    bpffs: &Path,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    proto: crate::model::Protocol,
+) -> Result<Report, MeshError> {
+    use crate::{inspect, pins::Hook, pins::PinDir, preflight};
+    use mesh_common::{
+        ct::{CtKey, CT_HAIRPIN},
+        hash::flow_hash,
+        lb::{FrontendKey, SVC_AFFINITY},
+    };
+    let pins = PinDir::new(bpffs);
+    if !pins.has_maps() {
+        return Err(MeshError::NotPinned {
+            path: bpffs.to_path_buf(),
+        });
+    }
+    let proto_n = proto.number();
+    let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+    let snap = crate::maps::read_pinned(bpffs)?;
+    let views = inspect::services_pinned(state_dir, bpffs)?;
+    // A VIP on Docker's overlay is reached from a task through its overlay veth; anything
+    // else arrives on the underlay.
+    let vip = snap
+        .frontends
+        .get(&mesh_common::lb::any_port_vip(ne(*to.ip())))
+        .copied();
+    let (hook, program) = match vip {
+        Some(_) => (Hook::TcOverlayIn, "mesh_tc_overlay_in"),
+        None => (Hook::TcUnderlay, "mesh_tc_ingress"),
+    };
+    let link = pins
+        .links()
+        .into_iter()
+        .find(|l| l.hook == hook && (l.netns == 0 || hook == Hook::TcOverlayIn))
+        .ok_or_else(|| trace_err(format!("no {program} is attached here (meshctl status)")))?;
+    let (ifname, macs) = if vip.is_some() {
+        let task = mesh_common::lb::docker_mac(ne(*from.ip()));
+        (
+            "a task's overlay veth".to_string(),
+            (task, mesh_common::arp::vip_mac(ne(*to.ip()))),
+        )
+    } else {
+        let ifname = preflight::ifname(link.ifindex)
+            .ok_or_else(|| trace_err("the underlay interface is gone"))?;
+        let node_mac = crate::netdev::mac(&ifname)?;
+        (ifname, ([0x02, 0, 0, 0, 0, 0x01], node_mac))
+    };
+    // What the maps say before the run: frontend, service, Maglev slot, backend.
+    let exact = FrontendKey {
+        addr: ne(*to.ip()),
+        port: to.port().to_be(),
+        proto: proto_n,
+        _pad: 0,
+    };
+    let any = FrontendKey { addr: 0, ..exact };
+    let (fe_kind, fe) = match (vip, snap.frontends.get(&exact)) {
+        (Some(fe), _) => ("every port of the VIP", Some(fe)),
+        (None, Some(fe)) => ("this address", Some(*fe)),
+        (None, None) if snap.node_addrs.contains(&ne(*to.ip())) => {
+            ("any node address", snap.frontends.get(&any).copied())
+        }
+        (None, None) => ("", None),
+    };
+    let service = fe.and_then(|fe| views.iter().find(|s| s.id == fe.svc_id));
+    let key = CtKey::new(
+        ne(*from.ip()),
+        ne(*to.ip()),
+        from.port().to_be(),
+        to.port().to_be(),
+        proto_n,
+    );
+    let before = inspect::read_conntrack(bpffs)?;
+    let tracked = before.iter().find(|(k, _)| *k == key).map(|(_, e)| *e);
+    let maglev = fe.and_then(|fe| {
+        let svc = snap.services.get(&fe.svc_id)?;
+        if svc.maglev_size == 0 {
+            return None;
+        }
+        let h = if svc.flags & SVC_AFFINITY != 0 {
+            flow_hash(key.saddr, 0, 0, 0, proto_n)
+        } else {
+            flow_hash(key.saddr, key.daddr, key.sport, key.dport, proto_n)
+        };
+        let slot = h % svc.maglev_size;
+        let id = snap.tables.get(&fe.svc_id)?.get(slot as usize).copied()?;
+        Some((slot, svc.maglev_size, id))
+    });
+    let frame = first_packet(macs.0, macs.1, from, to, proto_n);
+    let prog = program_of_link(&link.path)?;
+    let (retval, out) = test_run(&prog, &frame)?;
+    // Leave no conntrack entry behind: the pair the run created (not a real flow's).
+    let mut removed = 0;
+    if tracked.is_none() {
+        use aya::maps::{HashMap, Map, MapData};
+        use mesh_common::ct::CT_MAP;
+        let err = |source| MeshError::Map {
+            map: CT_MAP,
+            source,
+        };
+        let data = MapData::from_pin(bpffs.join(CT_MAP)).map_err(err)?;
+        let mut ct: HashMap<MapData, CtKey, mesh_common::ct::CtEntry> =
+            HashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
+        if let Ok(e) = ct.get(&key, 0) {
+            let client = if e.flags & CT_HAIRPIN != 0 {
+                e.hairpin_addr
+            } else {
+                key.saddr
+            };
+            let rev = CtKey::new(e.nat_addr, client, e.nat_port, key.sport, proto_n);
+            for k in [key, rev] {
+                if ct.remove(&k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    let port = inspect::agent_status(state_dir, bpffs)
+        .map(|s| s.data_path_port)
+        .filter(|p| *p != 0)
+        .unwrap_or(mesh_common::proto::VXLAN_PORT_DEFAULT);
+    let output = read_output(&out, port);
+    let chosen =
+        maglev.and_then(|(_, _, id)| service.and_then(|s| s.backends.iter().find(|b| b.id == id)));
+    let tracked_backend = tracked
+        .and_then(|e| service.and_then(|s| s.backends.iter().find(|b| b.id == e.backend_id)));
+    let why = if let Some(e) = tracked {
+        format!(
+            "conntrack hit: an existing flow on this tuple keeps backend {}",
+            e.backend_id
+        )
+    } else if let (Some((slot, size, _)), Some(b)) = (maglev, chosen) {
+        format!(
+            "new flow; Maglev slot {slot} of {size} names backend {} (only backends taking new \
+             flows are in the table{})",
+            b.id,
+            if service.is_some_and(|s| s.affinity) {
+                "; client-ip affinity hashes the client address alone"
+            } else {
+                ""
+            }
+        )
+    } else if service.is_some() {
+        "the service has no backend taking new flows: refused".to_string()
+    } else {
+        "no frontend: not the mesh's".to_string()
+    };
+    Ok(Report {
+        packet: serde_json::json!({
+            "from": from.to_string(), "to": to.to_string(),
+            "proto": format!("{proto:?}").to_lowercase(),
+        }),
+        program: serde_json::json!({ "name": program, "interface": ifname }),
+        verdict: verdict(retval),
+        return_code: retval,
+        frontend: fe.map(|_| fe_kind),
+        service: service.map(|s| s.name.clone()),
+        frontends: service
+            .map(|s| s.frontends.iter().map(|f| f.to_string()).collect())
+            .unwrap_or_default(),
+        conntrack: if tracked.is_some() {
+            "hit: an existing flow keeps its backend"
+        } else {
+            "new flow"
+        },
+        maglev: maglev.map(
+            |(slot, size, id)| serde_json::json!({"slot": slot, "size": size, "backend_id": id}),
+        ),
+        why,
+        backend: tracked_backend.or(chosen).cloned(),
+        output,
+        conntrack_entries_removed: removed,
+    })
+}
+
+impl Report {
+    /// The report as meshctl prints it.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let p = &self.packet;
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+        let _ = writeln!(
+            o,
+            "packet:   {} {} -> {}, a first packet (SYN for TCP)",
+            s(&p["proto"]),
+            s(&p["from"]),
+            s(&p["to"])
+        );
+        let _ = writeln!(
+            o,
+            "program:  {} on {} (BPF_PROG_TEST_RUN; nothing sent)",
+            s(&self.program["name"]),
+            s(&self.program["interface"])
+        );
+        let _ = writeln!(o, "verdict:  {} [{}]", self.verdict, self.return_code);
+        match (&self.frontend, &self.service) {
+            (Some(kind), Some(svc)) => {
+                let _ = writeln!(
+                    o,
+                    "frontend: {} matches service {svc} ({kind}; its frontends: {})",
+                    s(&p["to"]),
+                    self.frontends.join(", ")
+                );
+            }
+            _ => {
+                let _ = writeln!(o, "frontend: none for {}: not the mesh's", s(&p["to"]));
+            }
+        }
+        let _ = writeln!(o, "why:      {}", self.why);
+        if let Some(b) = &self.backend {
+            let _ = writeln!(
+                o,
+                "backend:  {}{} {} ({}, {})",
+                b.addr,
+                b.port.map(|p| format!(":{p}")).unwrap_or_default(),
+                b.task.as_deref().unwrap_or(""),
+                b.state,
+                b.at
+            );
+        }
+        match &self.output.headers {
+            Some(h) => {
+                let _ = writeln!(
+                    o,
+                    "out:      {} {} -> {} {}",
+                    h.proto, h.src, h.dst, h.flags
+                );
+            }
+            None => {
+                let _ = writeln!(o, "out:      (nothing readable)");
+            }
+        }
+        if let Some(v) = &self.output.vxlan {
+            let _ = writeln!(
+                o,
+                "vxlan:    {} -> {} udp {} -> {} vni {}",
+                v.outer_src, v.outer_dst, v.udp_src_port, v.udp_dst_port, v.vni
+            );
+        }
+        let _ = writeln!(
+            o,
+            "cleanup:  {} conntrack entries of the run removed",
+            self.conntrack_entries_removed
+        );
+        o
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

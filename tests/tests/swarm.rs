@@ -686,6 +686,47 @@ fn meshctl_views(s: &Swarm) {
             "node {node}: trace said {task} ({at}), real traffic reached {real}"
         );
         println!("swarm: node {node}: meshctl trace {from} -> {to} named {task} ({at}); a real connection from that port reached it");
+        // From the manager, the same trace run on another node by that node's agent
+        // (`--node`) says what that node says itself.
+        if node == 1 && s.nodes > 1 {
+            let from2 = format!("{client}:61302");
+            let to2 = format!("{}:8080", s.addr(2));
+            let args = [
+                "trace",
+                "--from",
+                from2.as_str(),
+                "--to",
+                to2.as_str(),
+                "--json",
+            ];
+            let mut remote = args.to_vec();
+            remote.extend_from_slice(&["--node", "mc-n2"]);
+            let (code, out, err) = s.meshctl(1, &remote);
+            assert_eq!(code, 0, "trace --node mc-n2 from node 1: {out}{err}");
+            let there: serde_json::Value = serde_json::from_str(&out).expect("json");
+            let (code, out, err) = s.meshctl(2, &args);
+            assert_eq!(code, 0, "{err}");
+            let here: serde_json::Value = serde_json::from_str(&out).expect("json");
+            assert_eq!(
+                there["backend"]["task"], here["backend"]["task"],
+                "{there} vs {here}"
+            );
+            assert_eq!(there["output"], here["output"], "{there} vs {here}");
+            // Only the swarm's nodes may ask: the client (not a node) is refused.
+            let asked = s.client(|| {
+                http(
+                    s.addr(2),
+                    9478,
+                    &format!("/v1/trace?from={from2}&to={to2}"),
+                    Duration::from_secs(2),
+                )
+            });
+            assert!(asked.is_err(), "a non-node got a trace: {asked:?}");
+            println!(
+                "swarm: node 1: meshctl trace --node mc-n2 {from2} -> {to2}: node 2's agent named {}, as node 2's own meshctl does",
+                there["backend"]["task"]
+            );
+        }
         // East-west: a trace from this node's caller task to the api VIP, through the
         // overlay program, agrees with the caller's own connection from that port.
         let vip = api["frontends"][0]["addr"].as_str().unwrap().to_string();

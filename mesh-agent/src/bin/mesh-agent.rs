@@ -238,6 +238,8 @@ struct DockerSource {
     stopping_seen: BTreeMap<String, Instant>,
     /// Label problems already reported (once each).
     label_warned: BTreeSet<String>,
+    /// Who may ask this agent for a trace (`meshctl trace --node`): the swarm's nodes.
+    trace_allowed: Arc<Mutex<BTreeSet<std::net::Ipv4Addr>>>,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -256,6 +258,7 @@ impl DockerSource {
             quick_seen: None,
             stopping_seen: Default::default(),
             label_warned: Default::default(),
+            trace_allowed: Default::default(),
         }
     }
 
@@ -363,6 +366,12 @@ impl DockerSource {
         self.drain.hold_warming(&mut model, now);
         model.endpoints = tasks.endpoints;
         model.overlay_ports = tasks.overlay_ports;
+        *self.trace_allowed.lock().expect("trace_allowed lock") = model
+            .peers
+            .iter()
+            .map(|p| p.addr)
+            .chain(std::iter::once(me))
+            .collect();
         Ok(model)
     }
 }
@@ -538,7 +547,12 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
                     args.peer_port
                 )
             })?;
-        tokio::spawn(mesh_agent::peers::serve(l, src.report.clone()));
+        let trace = mesh_agent::peers::TraceAccess {
+            state_dir: args.state_dir.clone(),
+            bpffs: args.bpffs.clone(),
+            allowed: src.trace_allowed.clone(),
+        };
+        tokio::spawn(mesh_agent::peers::serve(l, src.report.clone(), Some(trace)));
     }
     let shared = Arc::new(Mutex::new(AgentMetrics::default()));
     if let Some(l) = metrics_listener {
@@ -561,6 +575,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             source: if source.is_some() { "docker" } else { "config" }.into(),
             data_path_port: args.data_path_port,
             docker: args.docker.clone(),
+            peer_port: args.peer_port,
             ..Default::default()
         },
     };

@@ -102,6 +102,10 @@ enum Cmd {
         to: std::net::SocketAddrV4,
         #[arg(long, value_enum, default_value = "tcp")]
         proto: mesh_agent::model::Protocol,
+        /// Trace on another swarm node (its name, or its address): that node's agent runs
+        /// it there and answers over the agents' port (--peer-port).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Checks what commonly breaks a mesh: bpffs, the agent, programs on the expected
     /// interfaces, the data-path port (taken by another socket, filtered), MTU, Docker,
@@ -179,7 +183,18 @@ fn run(args: &Args) -> anyhow::Result<i32> {
                 .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
             doctor(args, *fix, &docker, ask)
         }
-        Cmd::Trace { from, to, proto } => trace(args, *from, *to, *proto).map(|_| 0),
+        Cmd::Trace {
+            from,
+            to,
+            proto,
+            node: None,
+        } => trace(args, *from, *to, *proto).map(|_| 0),
+        Cmd::Trace {
+            from,
+            to,
+            proto,
+            node: Some(node),
+        } => trace_on(args, node, *from, *to, *proto).map(|_| 0),
     }
 }
 
@@ -190,18 +205,12 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 /// Every service in the pinned maps, named.
 fn all_services(args: &Args) -> anyhow::Result<Vec<ServiceView>> {
-    let snap = mesh_agent::maps::read_pinned(&args.bpffs)?;
-    let names = inspect::read_names(&inspect::names_path(&args.state_dir, &args.bpffs));
-    let traffic = mesh_agent::stats::backends_pinned(&args.bpffs).unwrap_or_default();
-    let tasks = agent_status(args).map(|s| s.tasks).unwrap_or_default();
-    Ok(inspect::services(&snap, &names, &traffic, &tasks))
+    Ok(inspect::services_pinned(&args.state_dir, &args.bpffs)?)
 }
 
 /// What the agent last said in its status file.
 fn agent_status(args: &Args) -> Option<inspect::AgentStatus> {
-    std::fs::read(inspect::status_path(&args.state_dir, &args.bpffs))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    inspect::agent_status(&args.state_dir, &args.bpffs)
 }
 
 /// The services `query` names; an error naming the known ones when none.
@@ -1065,187 +1074,74 @@ fn trace(
     to: std::net::SocketAddrV4,
     proto: mesh_agent::model::Protocol,
 ) -> anyhow::Result<()> {
-    use mesh_agent::{pins::Hook, trace as tr};
-    use mesh_common::{
-        ct::{CtKey, CT_HAIRPIN},
-        hash::flow_hash,
-        lb::{FrontendKey, SVC_AFFINITY},
-    };
-    let pins = PinDir::new(&args.bpffs);
-    if !pins.has_maps() {
-        return Err(MeshError::NotPinned {
-            path: args.bpffs.clone(),
-        }
-        .into());
-    }
-    let proto_n = proto.number();
-    let ne = |a: std::net::Ipv4Addr| u32::from_ne_bytes(a.octets());
-    let snap = mesh_agent::maps::read_pinned(&args.bpffs)?;
-    let views = all_services(args)?;
-    // A VIP on Docker's overlay is reached from a task through its overlay veth; anything
-    // else arrives on the underlay.
-    let vip = snap
-        .frontends
-        .get(&mesh_common::lb::any_port_vip(ne(*to.ip())))
-        .copied();
-    let (hook, program) = match vip {
-        Some(_) => (Hook::TcOverlayIn, "mesh_tc_overlay_in"),
-        None => (Hook::TcUnderlay, "mesh_tc_ingress"),
-    };
-    let link = pins
-        .links()
-        .into_iter()
-        .find(|l| l.hook == hook && (l.netns == 0 || hook == Hook::TcOverlayIn))
-        .with_context(|| format!("no {program} is attached here (meshctl status)"))?;
-    let (ifname, macs) = if vip.is_some() {
-        let task = mesh_common::lb::docker_mac(ne(*from.ip()));
-        (
-            "a task's overlay veth".to_string(),
-            (task, mesh_common::arp::vip_mac(ne(*to.ip()))),
-        )
-    } else {
-        let ifname = preflight::ifname(link.ifindex).context("the underlay interface is gone")?;
-        let node_mac = mesh_agent::netdev::mac(&ifname)?;
-        (ifname, ([0x02, 0, 0, 0, 0, 0x01], node_mac))
-    };
-    // What the maps say before the run: frontend, service, Maglev slot, backend.
-    let exact = FrontendKey {
-        addr: ne(*to.ip()),
-        port: to.port().to_be(),
-        proto: proto_n,
-        _pad: 0,
-    };
-    let any = FrontendKey { addr: 0, ..exact };
-    let (fe_kind, fe) = match (vip, snap.frontends.get(&exact)) {
-        (Some(fe), _) => ("every port of the VIP", Some(fe)),
-        (None, Some(fe)) => ("this address", Some(*fe)),
-        (None, None) if snap.node_addrs.contains(&ne(*to.ip())) => {
-            ("any node address", snap.frontends.get(&any).copied())
-        }
-        (None, None) => ("", None),
-    };
-    let service = fe.and_then(|fe| views.iter().find(|s| s.id == fe.svc_id));
-    let key = CtKey::new(
-        ne(*from.ip()),
-        ne(*to.ip()),
-        from.port().to_be(),
-        to.port().to_be(),
-        proto_n,
-    );
-    let before = inspect::read_conntrack(&args.bpffs)?;
-    let tracked = before.iter().find(|(k, _)| *k == key).map(|(_, e)| *e);
-    let maglev = fe.and_then(|fe| {
-        let svc = snap.services.get(&fe.svc_id)?;
-        if svc.maglev_size == 0 {
-            return None;
-        }
-        let h = if svc.flags & SVC_AFFINITY != 0 {
-            flow_hash(key.saddr, 0, 0, 0, proto_n)
-        } else {
-            flow_hash(key.saddr, key.daddr, key.sport, key.dport, proto_n)
-        };
-        let slot = h % svc.maglev_size;
-        let id = snap.tables.get(&fe.svc_id)?.get(slot as usize).copied()?;
-        Some((slot, svc.maglev_size, id))
-    });
-    let frame = tr::first_packet(macs.0, macs.1, from, to, proto_n);
-    let prog = tr::program_of_link(&link.path)?;
-    let (retval, out) = tr::test_run(&prog, &frame)?;
-    // Leave no conntrack entry behind: the pair the run created (not a real flow's).
-    let mut removed = 0;
-    if tracked.is_none() {
-        use aya::maps::{HashMap, Map, MapData};
-        let data = MapData::from_pin(args.bpffs.join(mesh_common::ct::CT_MAP))?;
-        let mut ct: HashMap<MapData, CtKey, mesh_common::ct::CtEntry> =
-            HashMap::try_from(Map::LruHashMap(data))?;
-        if let Ok(e) = ct.get(&key, 0) {
-            let client = if e.flags & CT_HAIRPIN != 0 {
-                e.hairpin_addr
-            } else {
-                key.saddr
-            };
-            let rev = CtKey::new(e.nat_addr, client, e.nat_port, key.sport, proto_n);
-            for k in [key, rev] {
-                if ct.remove(&k).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-    }
-    let port = agent_status(args)
-        .map(|s| s.data_path_port)
-        .filter(|p| *p != 0)
-        .unwrap_or(4789);
-    let output = tr::read_output(&out, port);
-    let chosen =
-        maglev.and_then(|(_, _, id)| service.and_then(|s| s.backends.iter().find(|b| b.id == id)));
-    let tracked_backend = tracked
-        .and_then(|e| service.and_then(|s| s.backends.iter().find(|b| b.id == e.backend_id)));
-    let backend = tracked_backend.or(chosen);
+    let report = mesh_agent::trace::run(&args.state_dir, &args.bpffs, from, to, proto)?;
     if args.json {
-        return print_json(&serde_json::json!({
-            "packet": { "from": from.to_string(), "to": to.to_string(), "proto": format!("{proto:?}").to_lowercase() },
-            "program": { "name": program, "interface": ifname },
-            "verdict": tr::verdict(retval), "return_code": retval,
-            "frontend": fe.map(|_| fe_kind),
-            "service": service.map(|s| s.name.clone()),
-            "conntrack": if tracked.is_some() { "hit: an existing flow keeps its backend" } else { "new flow" },
-            "maglev": maglev.map(|(slot, size, id)| serde_json::json!({"slot": slot, "size": size, "backend_id": id})),
-            "backend": backend,
-            "output": output,
-            "conntrack_entries_removed": removed,
-        }));
+        return print_json(&report);
     }
-    let proto_name = format!("{proto:?}").to_lowercase();
-    println!("packet:   {proto_name} {from} -> {to}, a first packet (SYN for TCP)");
-    println!("program:  {program} on {ifname} (BPF_PROG_TEST_RUN; nothing sent)");
-    println!("verdict:  {} [{retval}]", tr::verdict(retval));
-    match (fe, service) {
-        (Some(_), Some(s)) => println!(
-            "frontend: {to} matches service {} ({fe_kind}; its frontends: {})",
-            s.name,
-            s.frontends
-                .iter()
-                .map(|f| f.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        _ => println!("frontend: none for {to}/{proto_name}: not the mesh's"),
-    }
-    if let Some(e) = tracked {
-        println!(
-            "why:      conntrack hit: an existing flow on this tuple keeps backend {}",
-            e.backend_id
+    print!("{}", report.render());
+    Ok(())
+}
+
+/// `trace --node NAME`: the node's agent traces there; its answer is printed here.
+fn trace_on(
+    args: &Args,
+    node: &str,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    proto: mesh_agent::model::Protocol,
+) -> anyhow::Result<()> {
+    let st = agent_status(args);
+    let port = st
+        .as_ref()
+        .map(|s| s.peer_port)
+        .filter(|p| *p != 0)
+        .unwrap_or(9478);
+    let socket = st
+        .as_ref()
+        .map(|s| s.docker.clone())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = rt.block_on(async {
+        let addr: std::net::Ipv4Addr = match node.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                // A node name: its address from Docker (a manager's view).
+                let docker = mesh_agent::docker::connect(&socket).await?;
+                let n = docker
+                    .inspect_node(node)
+                    .await
+                    .with_context(|| format!("no swarm node {node:?} ({socket})"))?;
+                n.status
+                    .and_then(|s| s.addr)
+                    .and_then(|a| a.parse().ok())
+                    .with_context(|| format!("swarm node {node:?} has no address"))?
+            }
+        };
+        let path = format!(
+            "{}?from={from}&to={to}&proto={}",
+            mesh_agent::peers::TRACE_PATH,
+            format!("{proto:?}").to_lowercase()
         );
-    } else if let (Some((slot, size, _)), Some(b)) = (maglev, chosen) {
-        println!(
-            "why:      new flow; Maglev slot {slot} of {size} names backend {} (only backends taking new flows are in the table{})",
-            b.id,
-            if service.is_some_and(|s| s.affinity) { "; client-ip affinity hashes the client address alone" } else { "" }
-        );
-    } else if service.is_some() {
-        println!("why:      the service has no backend taking new flows: refused");
+        mesh_agent::http::get((addr, port).into(), &path, Duration::from_secs(10))
+            .await
+            .with_context(|| {
+                format!(
+                    "node {node} ({addr}:{port}) did not answer the trace: is its agent running \
+                     with --peer-port {port}, and may this node ask (a swarm node)?"
+                )
+            })
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("the node's answer")?;
+    if let Some(e) = v["error"].as_str() {
+        anyhow::bail!("node {node}: {e}");
     }
-    if let Some(b) = backend {
-        println!(
-            "backend:  {}{} {} ({}, {})",
-            b.addr,
-            b.port.map(|p| format!(":{p}")).unwrap_or_default(),
-            b.task.as_deref().unwrap_or(""),
-            b.state,
-            b.at
-        );
+    if args.json {
+        return print_json(&v["report"]);
     }
-    match &output.headers {
-        Some(h) => println!("out:      {} {} -> {} {}", h.proto, h.src, h.dst, h.flags),
-        None => println!("out:      (nothing readable)"),
-    }
-    if let Some(v) = &output.vxlan {
-        println!(
-            "vxlan:    {} -> {} udp {} -> {} vni {}",
-            v.outer_src, v.outer_dst, v.udp_src_port, v.udp_dst_port, v.vni
-        );
-    }
-    println!("cleanup:  {removed} conntrack entries of the run removed");
+    println!("node:     {node}");
+    print!("{}", v["text"].as_str().unwrap_or(""));
     Ok(())
 }

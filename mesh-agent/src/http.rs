@@ -28,7 +28,15 @@ where
                 .strip_prefix("GET ")
                 .and_then(|r| r.split_whitespace().next())
                 .unwrap_or("");
-            let (status, body) = match handler(path, caller.ip()) {
+            // Off the runtime's thread: a handler reads maps (and a trace runs a program),
+            // which must not hold up the agent's loop.
+            let path = path.to_string();
+            let ip = caller.ip();
+            let answer = tokio::task::spawn_blocking(move || handler(&path, ip))
+                .await
+                .ok()
+                .flatten();
+            let (status, body) = match answer {
                 Some(b) => ("200 OK", b),
                 None => ("404 Not Found", "not found\n".to_string()),
             };

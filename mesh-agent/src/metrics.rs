@@ -160,7 +160,11 @@ impl ServiceTotals {
             let c = read
                 .get(id)
                 .copied()
-                .filter(|c| c.packets >= before.packets)
+                .filter(|c| {
+                    c.packets >= before.packets
+                        && c.bytes >= before.bytes
+                        && c.flows >= before.flows
+                })
                 .unwrap_or(before);
             self.last.insert(*id, (svc.clone(), c));
             let total = t.services.entry(svc.clone()).or_default();

@@ -349,8 +349,9 @@ pub fn run(
         to.port().to_be(),
         proto_n,
     );
-    let before = inspect::read_conntrack(bpffs)?;
-    let tracked = before.iter().find(|(k, _)| *k == key).map(|(_, e)| *e);
+    let before: std::collections::HashMap<CtKey, mesh_common::ct::CtEntry> =
+        inspect::read_conntrack(bpffs)?.into_iter().collect();
+    let tracked = before.get(&key).copied();
     let maglev = fe.and_then(|fe| {
         let svc = snap.services.get(&fe.svc_id)?;
         if svc.maglev_size == 0 {
@@ -368,9 +369,11 @@ pub fn run(
     let frame = first_packet(macs.0, macs.1, from, to, proto_n);
     let prog = program_of_link(&link.path)?;
     let (retval, out) = test_run(&prog, &frame)?;
-    // Leave no conntrack entry behind: the pair the run created (not a real flow's).
+    // Leave conntrack as it was: the entries the run created go; an entry it changed (a
+    // real flow's, on the same tuple, or sharing the reply tuple) gets its old value back.
+    // (Real traffic on those very tuples during the run itself can still be disturbed.)
     let mut removed = 0;
-    if tracked.is_none() {
+    {
         use aya::maps::{HashMap, Map, MapData};
         use mesh_common::ct::CT_MAP;
         let err = |source| MeshError::Map {
@@ -388,8 +391,13 @@ pub fn run(
             };
             let rev = CtKey::new(e.nat_addr, client, e.nat_port, key.sport, proto_n);
             for k in [key, rev] {
-                if ct.remove(&k).is_ok() {
-                    removed += 1;
+                match before.get(&k) {
+                    Some(old) => ct.insert(k, old, 0).map_err(err)?,
+                    None => {
+                        if ct.remove(&k).is_ok() {
+                            removed += 1;
+                        }
+                    }
                 }
             }
         }

@@ -198,7 +198,7 @@ fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
 #[inline(never)]
 fn pick(pk: &Pkt, svc_id: u32) -> Option<(u32, u32, u16)> {
     // SAFETY: copied out at once.
-    let svc = unsafe { MESH_SVC_V1.get(&svc_id) }.copied()?;
+    let mut svc = unsafe { MESH_SVC_V1.get(&svc_id) }.copied()?;
     if svc.active == 0 || svc.maglev_size == 0 {
         return None;
     }
@@ -215,6 +215,8 @@ fn pick(pk: &Pkt, svc_id: u32) -> Option<(u32, u32, u16)> {
         if svc.active < 2 {
             return None;
         }
+        // Client-IP affinity ignores the salt; for the caller itself it gives way.
+        svc.flags &= !mesh_common::lb::SVC_AFFINITY;
         salt += 1;
     }
     None

@@ -959,6 +959,44 @@ fn overlay_vip_arp_every_port_and_replies() {
         &[PassTcp],
     );
 
+    // With client-IP affinity (which ignores the retry salt), a backend calling its own
+    // VIP is still given the other task.
+    rig.affinity = true;
+    rig.apply(&[(T1, Health::Active), (T2, Health::Active)]);
+    for sport in 43000..43004 {
+        let s = tcp(
+            (task_mac(T1), vip_mac),
+            T1,
+            VIP_ANY,
+            sport,
+            80,
+            Tcp::Syn,
+            1,
+            0,
+            &[],
+        );
+        let want = tcp(
+            (task_mac(T1), task_mac(T2)),
+            T1,
+            T2,
+            sport,
+            80,
+            Tcp::Syn,
+            1,
+            0,
+            &[],
+        );
+        rig.step(
+            "a backend to its own VIP, with affinity",
+            oi,
+            &s,
+            OK,
+            Some(&want),
+            &[FwdVipToTask, ObsCtNew],
+        );
+    }
+    rig.affinity = false;
+
     // With no backend left: refused, into the task.
     rig.apply(&[]);
     let late = tcp(

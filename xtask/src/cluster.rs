@@ -801,6 +801,8 @@ fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
         .args(["-t", &pid, "-m", "-n", "--"])
         .arg(agent)
         .args(["--from-docker", "--docker", &sock(n)])
+        // A cluster to try the mesh on: `meshctl trace --node` works between its nodes.
+        .arg("--serve-traces")
         .args(["--bpffs", &pins])
         .env("MESH_BPF_OBJECT", object)
         .stdin(Stdio::null())

@@ -108,6 +108,11 @@ struct Args {
     /// 0 turns the exchange off. Open it between nodes like the swarm's own ports.
     #[arg(long, default_value_t = 9478, env = "MESH_PEER_PORT")]
     peer_port: u16,
+    /// Run `meshctl trace --node` requests from the swarm's other nodes (on --peer-port).
+    /// Off by default: the endpoint is unauthenticated, and a container on any node can
+    /// reach it from its node's address.
+    #[arg(long, env = "MESH_SERVE_TRACES")]
+    serve_traces: bool,
     /// Period of the quick check for tasks the orchestrator is shutting down (a
     /// manager's /tasks, or the managers' reports), milliseconds; 0 turns it off.
     #[arg(long, default_value_t = 200, env = "MESH_QUICK_MS")]
@@ -240,6 +245,9 @@ struct DockerSource {
     label_warned: BTreeSet<String>,
     /// Who may ask this agent for a trace (`meshctl trace --node`): the swarm's nodes.
     trace_allowed: Arc<Mutex<BTreeSet<std::net::Ipv4Addr>>>,
+    /// The last service facts a manager gave (a worker keeps them through a missed
+    /// poll: without them its UDP ports would turn TCP for a moment).
+    last_facts: Option<docker::ServiceFacts>,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -259,6 +267,7 @@ impl DockerSource {
             stopping_seen: Default::default(),
             label_warned: Default::default(),
             trace_allowed: Default::default(),
+            last_facts: None,
         }
     }
 
@@ -350,6 +359,10 @@ impl DockerSource {
             let (sick, stop) = mesh_agent::peers::credible(&model, &reports, &view.managers, &ids);
             not_healthy.extend(sick);
             stopping_addrs.extend(stop);
+        }
+        match &facts {
+            Some(f) => self.last_facts = Some(f.clone()),
+            None => facts = self.last_facts.clone(),
         }
         if let Some(f) = &facts {
             swarm::apply_protocols(&mut model, &f.protocols);
@@ -547,12 +560,12 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
                     args.peer_port
                 )
             })?;
-        let trace = mesh_agent::peers::TraceAccess {
+        let trace = args.serve_traces.then(|| mesh_agent::peers::TraceAccess {
             state_dir: args.state_dir.clone(),
             bpffs: args.bpffs.clone(),
             allowed: src.trace_allowed.clone(),
-        };
-        tokio::spawn(mesh_agent::peers::serve(l, src.report.clone(), Some(trace)));
+        });
+        tokio::spawn(mesh_agent::peers::serve(l, src.report.clone(), trace));
     }
     let shared = Arc::new(Mutex::new(AgentMetrics::default()));
     if let Some(l) = metrics_listener {

@@ -1110,14 +1110,25 @@ fn trace_on(
             Err(_) => {
                 // A node name: its address from Docker (a manager's view).
                 let docker = mesh_agent::docker::connect(&socket).await?;
-                let n = docker
-                    .inspect_node(node)
-                    .await
-                    .with_context(|| format!("no swarm node {node:?} ({socket})"))?;
-                n.status
-                    .and_then(|s| s.addr)
-                    .and_then(|a| a.parse().ok())
-                    .with_context(|| format!("swarm node {node:?} has no address"))?
+                let n = docker.inspect_node(node).await.with_context(|| {
+                    format!(
+                        "cannot look up swarm node {node:?} through {socket} (names need a \
+                             manager; give the node's address instead)"
+                    )
+                })?;
+                // A manager's own record of its address is the reliable one (Docker may
+                // report 0.0.0.0 in Status.Addr for managers).
+                let manager = n
+                    .manager_status
+                    .and_then(|m| m.addr)
+                    .and_then(|a| a.rsplit_once(':').map(|(h, _)| h.to_string()));
+                let status = n.status.and_then(|s| s.addr);
+                manager
+                    .into_iter()
+                    .chain(status)
+                    .filter_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+                    .find(|a| !a.is_unspecified() && !a.is_loopback())
+                    .with_context(|| format!("swarm node {node:?} has no usable address"))?
             }
         };
         let path = format!(
@@ -1129,8 +1140,9 @@ fn trace_on(
             .await
             .with_context(|| {
                 format!(
-                    "node {node} ({addr}:{port}) did not answer the trace: is its agent running \
-                     with --peer-port {port}, and may this node ask (a swarm node)?"
+                    "node {node} ({addr}:{port}) did not answer the trace: its agent must run \
+                     with --serve-traces (and --peer-port {port}), and this node must be one of \
+                     the swarm's"
                 )
             })
     })?;

@@ -304,12 +304,23 @@ fn unhealthy_out_within_2s(s: &Swarm) {
         ],
     );
     assert!(!cid.is_empty(), "container of {victim} on node {vnode}");
-    let sp = spread(s, 8082, 15);
-    assert!(
-        sp.values()
-            .any(|m| m.keys().any(|t| t.starts_with(&victim))),
-        "the victim serves before: {sp:?}"
-    );
+    // The victim serves before (its HEALTHCHECK passes after its first interval, and a
+    // new task warms up for a second: wait for it, do not race it).
+    let t_serving = Instant::now();
+    loop {
+        let sp = spread(s, 8082, 15);
+        if sp
+            .values()
+            .any(|m| m.keys().any(|t| t.starts_with(&victim)))
+        {
+            break;
+        }
+        assert!(
+            t_serving.elapsed() < Duration::from_secs(20),
+            "the victim never served: {sp:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     s.docker(vnode, &["exec", &cid, "rm", "/tmp/ok"]);
     let t_exec = Instant::now();
     let reported = loop {

@@ -56,6 +56,11 @@ pub fn http_get_from(
         }
         s
     };
+    get_on(&mut s, path)
+}
+
+/// One HTTP/1.0 GET of `path` on the connected stream `s`: the body (5 s to answer).
+pub fn get_on(s: &mut TcpStream, path: &str) -> std::io::Result<String> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
     let mut out = String::new();

@@ -341,16 +341,7 @@ pub fn http_get(addr: &str, port: u16) -> std::io::Result<String> {
         &(addr.parse::<Ipv4Addr>().unwrap(), port).into(),
         Duration::from_secs(3),
     )?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or("")
-        .trim()
-        .to_string())
+    crate::bound::get_on(&mut s, "/")
 }
 
 /// All three tasks healthy.

@@ -690,6 +690,47 @@ fn arp(t: [u8; 4], target: [u8; 4], reply_mac: Option<[u8; 6]>) -> Vec<u8> {
     f
 }
 
+/// SYNs from T1 to the every-port VIP from each of `sports`: each must be rewritten
+/// toward T2 (never the caller itself). Returns the SYNs' lengths.
+fn own_vip_goes_elsewhere(rig: &mut Rig, what: &str, sports: std::ops::Range<u16>) -> Vec<usize> {
+    let vip_mac = task_mac(VIP_ANY);
+    sports
+        .map(|sport| {
+            let s = tcp(
+                (task_mac(T1), vip_mac),
+                T1,
+                VIP_ANY,
+                sport,
+                80,
+                Tcp::Syn,
+                1,
+                0,
+                &[],
+            );
+            let want = tcp(
+                (task_mac(T1), task_mac(T2)),
+                T1,
+                T2,
+                sport,
+                80,
+                Tcp::Syn,
+                1,
+                0,
+                &[],
+            );
+            rig.step(
+                what,
+                Hook::TcOverlayIn,
+                &s,
+                0,
+                Some(&want),
+                &[FwdVipToTask, ObsCtNew],
+            );
+            s.len()
+        })
+        .collect()
+}
+
 /// East-west over Docker's overlay: ARP for the VIP answered into the task, any port
 /// rewritten toward a task (addressed to its MAC, left to the bridge), the reply's source
 /// made the VIP again, a backend calling its own VIP never sent to itself, and nothing
@@ -866,38 +907,8 @@ fn overlay_vip_arp_every_port_and_replies() {
 
     // A backend calling its own VIP is never given itself (it would drop the packet as
     // martian), whatever the ports.
-    for sport in 42000..42016 {
-        let s = tcp(
-            (task_mac(T1), vip_mac),
-            T1,
-            VIP_ANY,
-            sport,
-            80,
-            Tcp::Syn,
-            1,
-            0,
-            &[],
-        );
-        let want = tcp(
-            (task_mac(T1), task_mac(T2)),
-            T1,
-            T2,
-            sport,
-            80,
-            Tcp::Syn,
-            1,
-            0,
-            &[],
-        );
-        rig.step(
-            "a backend to its own VIP",
-            oi,
-            &s,
-            OK,
-            Some(&want),
-            &[FwdVipToTask, ObsCtNew],
-        );
-        add(T2, s.len(), true);
+    for len in own_vip_goes_elsewhere(&mut rig, "a backend to its own VIP", 42000..42016) {
+        add(T2, len, true);
     }
 
     // Per-backend counters: exactly what went to each task, both ways, and its flows.
@@ -963,38 +974,11 @@ fn overlay_vip_arp_every_port_and_replies() {
     // VIP is still given the other task.
     rig.affinity = true;
     rig.apply(&[(T1, Health::Active), (T2, Health::Active)]);
-    for sport in 43000..43004 {
-        let s = tcp(
-            (task_mac(T1), vip_mac),
-            T1,
-            VIP_ANY,
-            sport,
-            80,
-            Tcp::Syn,
-            1,
-            0,
-            &[],
-        );
-        let want = tcp(
-            (task_mac(T1), task_mac(T2)),
-            T1,
-            T2,
-            sport,
-            80,
-            Tcp::Syn,
-            1,
-            0,
-            &[],
-        );
-        rig.step(
-            "a backend to its own VIP, with affinity",
-            oi,
-            &s,
-            OK,
-            Some(&want),
-            &[FwdVipToTask, ObsCtNew],
-        );
-    }
+    own_vip_goes_elsewhere(
+        &mut rig,
+        "a backend to its own VIP, with affinity",
+        43000..43004,
+    );
     rig.affinity = false;
 
     // With no backend left: refused, into the task.

@@ -738,7 +738,10 @@ impl Agent {
         let want: BTreeSet<&model::OverlayPortSpec> = model.overlay_ports.iter().collect();
         self.overlay.retain(|p, _| want.contains(p));
         self.prune_task_links()?;
+        // The planner's backends, read once for the metrics' names and the status
+        // file's record (which `meshctl doctor` compares with the maps).
         let stale = a.ops > 0
+            || self.status.applied.is_empty()
             || self
                 .metrics
                 .lock()
@@ -746,6 +749,16 @@ impl Agent {
                 .backend_names
                 .is_empty();
         let names = stale.then(|| self.mesh.backend_names());
+        if let Some(n) = &names {
+            let mut applied: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (group, addr, port) in n.values() {
+                applied
+                    .entry(group.clone())
+                    .or_default()
+                    .push(format!("{addr}:{port}"));
+            }
+            self.status.applied = applied;
+        }
         let mut m = self.metrics.lock().expect("metrics");
         if let Some(n) = names {
             m.backend_names = n;
@@ -761,16 +774,6 @@ impl Agent {
             .unwrap_or_default()
             .as_secs_f64();
         self.status.last_reconcile_unix = m.last_reconcile_unix;
-        if a.ops > 0 || self.status.applied.is_empty() {
-            let mut applied: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (group, addr, port) in self.mesh.backend_names().into_values() {
-                applied
-                    .entry(group)
-                    .or_default()
-                    .push(format!("{addr}:{port}"));
-            }
-            self.status.applied = applied;
-        }
         if a.ops > 0 || self.status.tasks.is_empty() {
             self.status.tasks = model
                 .services

@@ -240,6 +240,18 @@ fn a_replacement_waiting_to_start_is_not_stopping() {
     assert!(stopping_state(S::SHUTDOWN) && stopping_state(S::REMOVE));
 }
 
+#[cfg(test)]
+#[test]
+fn a_sandbox_is_found_where_the_netns_directory_is_mounted() {
+    use std::path::{Path, PathBuf};
+    let key = "/var/run/docker/netns/2d5c3e1a9f00";
+    assert_eq!(sandbox_here(key, None), PathBuf::from(key));
+    assert_eq!(
+        sandbox_here(key, Some(Path::new("/run/docker-netns"))),
+        PathBuf::from("/run/docker-netns/2d5c3e1a9f00")
+    );
+}
+
 /// This node's tasks as their containers show them.
 #[derive(Clone, Debug, Default)]
 pub struct LocalTasks {
@@ -345,6 +357,16 @@ pub async fn follow_events(
     Ok(())
 }
 
+/// Where a sandbox Docker names `key` is found by this agent: the same path, or the same
+/// file in `netns_dir` when Docker's netns directory is mounted elsewhere (a container).
+pub fn sandbox_here(key: &str, netns_dir: Option<&std::path::Path>) -> std::path::PathBuf {
+    let key = std::path::Path::new(key);
+    match (netns_dir, key.file_name()) {
+        (Some(dir), Some(name)) => dir.join(name),
+        _ => key.to_path_buf(),
+    }
+}
+
 /// A task's overlay veths: for each network it is on whose namespace Docker keeps next
 /// to the task's sandbox (`1-<first 10 of the network id>`: an overlay), the host side
 /// of the veth that holds the task's address there (the peer of the task's interface).
@@ -397,7 +419,10 @@ fn overlay_ports(
 /// of each task's docker_gwbridge veth, and the task's MAC there. Docker's API does not
 /// show the gwbridge endpoint, so it is found from the links: in the task's sandbox, the
 /// veth whose peer is a port of this node's docker_gwbridge.
-pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError> {
+pub async fn local_endpoints(
+    docker: &Docker,
+    netns_dir: Option<&std::path::Path>,
+) -> Result<LocalTasks, DockerError> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
     let api = |what| move |source| DockerError::Api { what, source };
     let filters = BTreeMap::from([("label", vec!["com.docker.swarm.task.id"])]);
@@ -433,7 +458,11 @@ pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError>
         let Some(ns) = insp.network_settings else {
             continue;
         };
-        let Some(sandbox) = ns.sandbox_key.filter(|k| !k.is_empty()) else {
+        let Some(sandbox) = ns
+            .sandbox_key
+            .filter(|k| !k.is_empty())
+            .map(|k| sandbox_here(&k, netns_dir))
+        else {
             continue;
         };
         let nets = ns.networks.unwrap_or_default();
@@ -476,15 +505,11 @@ pub async fn local_endpoints(docker: &Docker) -> Result<LocalTasks, DockerError>
             )
         );
         // Best effort per task: a sandbox that is going away is skipped, not fatal.
-        let Ok(links) = crate::netdev::links_and_addrs_in(std::path::Path::new(&sandbox)) else {
+        let Ok(links) = crate::netdev::links_and_addrs_in(&sandbox) else {
             continue;
         };
-        out.overlay_ports.extend(overlay_ports(
-            std::path::Path::new(&sandbox),
-            &nets,
-            &links,
-            &mut overlay_links,
-        ));
+        out.overlay_ports
+            .extend(overlay_ports(&sandbox, &nets, &links, &mut overlay_links));
         let found = links.iter().find_map(|(l, addrs)| {
             let host = node_links
                 .iter()

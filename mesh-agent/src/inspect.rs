@@ -66,10 +66,65 @@ pub fn services_pinned(state_dir: &Path, bpffs: &Path) -> Result<Vec<ServiceView
     Ok(services(&snap, &names, &traffic, &tasks))
 }
 
+/// This process's PID namespace (inode of /proc/self/ns/pid; 0 if unreadable).
+pub fn own_pid_ns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+}
+
+/// The live mesh-agent that wrote `st`, as a PID of this PID namespace: the recorded PID
+/// if the agent shares our namespace, else (an agent in a container) the process whose
+/// innermost PID and namespace match. A reused PID is some other program: None.
+pub fn live_agent_pid(st: &AgentStatus) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let is_agent = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mesh-agent")
+    };
+    if st.pid_ns == 0 || st.pid_ns == own_pid_ns() {
+        return is_agent(&st.pid.to_string()).then_some(st.pid);
+    }
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let pid: u32 = name.parse().ok()?;
+        if !is_agent(&name) {
+            return None;
+        }
+        let ns = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?.ino();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        (ns == st.pid_ns && innermost_pid(&status) == Some(st.pid)).then_some(pid)
+    })
+}
+
+/// The last PID of /proc/PID/status's `NSpid:` line (the PID in the innermost namespace).
+fn innermost_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+#[test]
+fn the_innermost_pid_is_the_last_of_nspid() {
+    assert_eq!(
+        innermost_pid("Name:\tmesh-agent\nNSpid:\t48211\t1\n"),
+        Some(1)
+    );
+    assert_eq!(innermost_pid("NSpid:\t77\n"), Some(77));
+    assert_eq!(innermost_pid("Name:\tx\n"), None);
+}
+
 /// What the agent writes to its status file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct AgentStatus {
+    /// In the agent's own PID namespace (1 when it is a container's entrypoint).
     pub pid: u32,
+    /// That PID namespace (inode of /proc/self/ns/pid), to find the agent from another.
+    #[serde(default)]
+    pub pid_ns: u64,
     pub started_unix: f64,
     pub last_reconcile_unix: f64,
     pub reconciles: u64,

@@ -292,7 +292,7 @@ impl Swarm {
                 .expect("run meshctl"),
             None => {
                 let node = n.to_string();
-                let pins = format!("/sys/fs/bpf/mesh-cluster-n{n}");
+                let pins = format!("/sys/fs/bpf/mesh-mc-n{n}");
                 let mut a = vec!["cluster", "exec", &node, "--", bin];
                 a.extend_from_slice(args);
                 a.extend_from_slice(&["--bpffs", &pins]);

@@ -19,9 +19,9 @@ use clap::Subcommand;
 
 use crate::cmd::{self, exec, output};
 
-const ST: &str = "/run/mesh-cluster";
+pub const ST: &str = "/run/mesh-cluster";
 const UL: &str = "mc-ul";
-const CLIENT_NS: &str = "mc-c";
+pub const CLIENT_NS: &str = "mc-c";
 pub const IMAGE: &str = "mesh-test/busybox:latest";
 const NET: &str = "10.251.0";
 const POOL: &str = "10.252.0.0/16";
@@ -91,7 +91,7 @@ pub enum AgentAction {
 
 /// The agent binaries: `$MESH_AGENT_BIN_DIR` (the tests' debug build), else the release
 /// build; the object: `$MESH_BPF_OBJECT`, else the release one.
-fn agent_paths() -> (PathBuf, PathBuf) {
+pub fn agent_paths() -> (PathBuf, PathBuf) {
     let bin = std::env::var_os("MESH_AGENT_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| cmd::root().join("target/release"));
@@ -184,7 +184,7 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
 }
 
 /// A fresh directory under the system's temporary directory, named for this process.
-fn tempdir(tag: &str) -> anyhow::Result<PathBuf> {
+pub fn tempdir(tag: &str) -> anyhow::Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
@@ -210,6 +210,11 @@ mountpoint -q /sys/fs/cgroup || { echo "no /sys/fs/cgroup in node $n" >&2; exit 
 umount -l "$old"; rmdir "$old"
 mkdir -p /run/containerd
 mount -t tmpfs -o mode=0711,size=16m "mesh-swarm$n-containerd" /run/containerd
+# A shared mount at the exec-root, as / is on a systemd host: the agent's container
+# mounts Docker's netns directory with rslave propagation, which Docker refuses on a
+# private mount.
+mount --bind "/run/mesh-swarm$n" "/run/mesh-swarm$n"
+mount --make-rshared "/run/mesh-swarm$n"
 exec "$@"
 "#;
 
@@ -265,6 +270,23 @@ fn dockerd_pid(n: u32) -> Option<u32> {
     (alive(pid) && cmdline(pid).contains(&format!("{}/docker.sock", exec_root(n)))).then_some(pid)
 }
 
+/// `<hostname>` -> the node's exec-root links (see `up`).
+pub fn by_host_dir() -> PathBuf {
+    Path::new(ST).join("by-host")
+}
+
+/// Whether `up --mesh` / `cluster agent start` agents (processes) run on some node.
+pub fn process_agents_running() -> bool {
+    (1..=recorded_nodes().unwrap_or(0))
+        .any(|n| read_pid(&node_dir(n).join("mesh-agent.pid")).is_some_and(alive))
+}
+
+/// The docker sockets of the local cluster's nodes (it must be up).
+pub fn node_socks() -> anyhow::Result<Vec<String>> {
+    let n = recorded_nodes().context("no local cluster: run `cargo xtask cluster up` first")?;
+    Ok((1..=n).map(sock).collect())
+}
+
 fn recorded_nodes() -> Option<u32> {
     std::fs::read_to_string(Path::new(ST).join("nodes"))
         .ok()?
@@ -273,7 +295,7 @@ fn recorded_nodes() -> Option<u32> {
         .ok()
 }
 
-fn docker(n: u32, args: &[&str]) -> Command {
+pub fn docker(n: u32, args: &[&str]) -> Command {
     let mut c = Command::new("docker");
     c.arg("-H").arg(sock(n)).args(args);
     c
@@ -335,6 +357,13 @@ fn up(nodes: u32, managers: u32) -> anyhow::Result<()> {
     plug(CLIENT_NS, "vc", CLIENT_ADDR)?;
     for n in 1..=nodes {
         start_node(n)?;
+        // `by-host/<hostname>`: the node's exec-root under the name Swarm's templates
+        // give (`{{.Node.Hostname}}`), so one stack file mounts each node's own socket.
+        let by_host = by_host_dir();
+        std::fs::create_dir_all(&by_host)?;
+        let link = by_host.join(format!("mc-n{n}"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(exec_root(n), link)?;
     }
     for n in 1..=nodes {
         wait_node(n)?;
@@ -708,12 +737,15 @@ fn down() -> anyhow::Result<()> {
     let nodes = recorded_nodes().unwrap_or(9);
     for n in 1..=nodes {
         stop_agent(n);
-        uninstall_agent(n);
     }
+    // dockerd stops the containers, the stack's agents among them, before their pins go.
     for n in (1..=nodes).rev() {
         if node_dir(n).exists() {
             stop_node(n);
         }
+    }
+    for n in 1..=nodes {
+        uninstall_agent(n);
     }
     for ns in (1..=nodes)
         .map(|n| format!("mc-n{n}"))
@@ -829,8 +861,10 @@ fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
     Ok(agent_pid)
 }
 
+/// Node `n`'s pins: the same for the agent run by `cluster agent` and the one run by the
+/// stack (`MESH_BPFFS=/sys/fs/bpf/mesh-{{.Node.Hostname}}`), so `down` removes both.
 fn agent_pins(n: u32) -> String {
-    format!("/sys/fs/bpf/mesh-cluster-n{n}")
+    format!("/sys/fs/bpf/mesh-mc-n{n}")
 }
 
 /// Removes node `n`'s pinned datapath (after its agent stopped).
@@ -848,7 +882,8 @@ fn uninstall_agent(n: u32) {
     if !ok {
         // No agent binary at hand: the pins are ours all the same.
         let _ = std::fs::remove_dir_all(&pins);
-        let _ = std::fs::remove_file(format!("/run/mesh/mesh-cluster-n{n}.names.json"));
+        let _ = std::fs::remove_file(format!("/run/mesh/mesh-mc-n{n}.names.json"));
+        let _ = std::fs::remove_file(format!("/run/mesh/mesh-mc-n{n}.status.json"));
     }
 }
 
@@ -956,7 +991,7 @@ pub fn self_test() -> anyhow::Result<String> {
                 "stats",
                 "--json",
                 "--bpffs",
-                "/sys/fs/bpf/mesh-cluster-n1",
+                "/sys/fs/bpf/mesh-mc-n1",
             ]),
         )?;
         for reason in ["\"fwd_to_task\"", "\"fwd_to_tunnel\"", "\"obs_decap\""] {

@@ -4,6 +4,8 @@
 mod build;
 mod cluster;
 mod cmd;
+mod demo;
+mod image;
 mod setup;
 mod test;
 
@@ -27,6 +29,12 @@ enum Cmd {
     /// A local multi-node Docker Swarm in network namespaces, to try the mesh on.
     #[command(subcommand)]
     Cluster(cluster::Cluster),
+    /// A local 3-node swarm with the mesh deployed as a global service and a demo web
+    /// service, checked from a client: every node answers, from tasks on every node,
+    /// which see the client's address. Leaves the cluster up (`cluster down` after).
+    Demo,
+    /// The agent's image `mesh/agent:latest` from the release build, by `docker import`.
+    Image(image::Image),
 }
 
 fn main() {
@@ -36,6 +44,8 @@ fn main() {
         Cmd::Build => build::run(),
         Cmd::Test => test::run(),
         Cmd::Cluster(c) => cluster::run(c),
+        Cmd::Image(i) => image::run(i),
+        Cmd::Demo => demo::run(),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

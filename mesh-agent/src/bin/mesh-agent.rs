@@ -95,6 +95,11 @@ struct Args {
         env = "MESH_DOCKER"
     )]
     docker: String,
+    /// Where Docker's netns directory (`<exec-root>/netns`: task sandboxes and overlay
+    /// namespaces) is mounted for this agent, when not at the path Docker reports (the
+    /// agent in a container: deploy/mesh-stack.yml mounts it at /run/docker-netns).
+    #[arg(long, env = "MESH_DOCKER_NETNS")]
+    docker_netns: Option<PathBuf>,
     /// Full resync period with --from-docker, milliseconds (events make most changes
     /// immediate; this heals anything an event did not say, e.g. tasks on other nodes).
     #[arg(long, default_value_t = 1000, env = "MESH_RESYNC_MS")]
@@ -248,6 +253,8 @@ struct DockerSource {
     /// The last service facts a manager gave (a worker keeps them through a missed
     /// poll: without them its UDP ports would turn TCP for a moment).
     last_facts: Option<docker::ServiceFacts>,
+    /// Docker's netns directory as mounted here (`--docker-netns`), if moved.
+    netns_dir: Option<PathBuf>,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -268,7 +275,13 @@ impl DockerSource {
             label_warned: Default::default(),
             trace_allowed: Default::default(),
             last_facts: None,
+            netns_dir: None,
         }
+    }
+
+    fn with_netns_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.netns_dir = dir;
+        self
     }
 
     /// A manager's shutting-down tasks: what /tasks says now and what it said in the
@@ -319,7 +332,7 @@ impl DockerSource {
         let mut model = swarm::model_from(&view.networks, me, &underlay);
         let now = Instant::now();
         self.drain.apply(&mut model, now);
-        let tasks = docker::local_endpoints(&self.docker).await?;
+        let tasks = docker::local_endpoints(&self.docker, self.netns_dir.as_deref()).await?;
         swarm::add_host_ports(&mut model, &tasks.host_ports);
         let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
         let stopping = if view.manager {
@@ -396,6 +409,7 @@ async fn first_docker_model(
     drain: Duration,
     warmup_ms: u64,
     peer_port: u16,
+    netns_dir: Option<PathBuf>,
 ) -> (DockerSource, model::Model) {
     let mut wait = Duration::from_millis(500);
     loop {
@@ -405,7 +419,8 @@ async fn first_docker_model(
                 docker,
                 swarm::DrainTracker::new(drain).with_warmup(Duration::from_millis(warmup_ms)),
                 peer_port,
-            );
+            )
+            .with_netns_dir(netns_dir.clone());
             let m = src.model().await?;
             anyhow::Ok((src, m))
         };
@@ -427,7 +442,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.print_docker_model {
         return rt.block_on(async {
             let docker = docker::connect(&args.docker).await?;
-            let mut src = DockerSource::new(docker, swarm::DrainTracker::new(Duration::ZERO), 0);
+            let mut src = DockerSource::new(docker, swarm::DrainTracker::new(Duration::ZERO), 0)
+                .with_netns_dir(args.docker_netns.clone());
             print!("{}", model::to_yaml(&src.model().await?));
             Ok(())
         });
@@ -483,6 +499,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
                 Duration::from_millis(args.drain_ms),
                 args.warmup_ms,
                 args.peer_port,
+                args.docker_netns.clone(),
             )
             .await;
             (Some(s), m)
@@ -581,6 +598,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         status_file: mesh_agent::inspect::status_path(&args.state_dir, &args.bpffs),
         status: mesh_agent::inspect::AgentStatus {
             pid: std::process::id(),
+            pid_ns: mesh_agent::inspect::own_pid_ns(),
             started_unix: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()

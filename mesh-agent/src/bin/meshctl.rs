@@ -588,7 +588,8 @@ fn status(args: &Args) -> anyhow::Result<i32> {
         .filter(|m| !pins.map(m).exists())
         .collect();
     let st = agent_status(args);
-    let running = st.as_ref().is_some_and(|s| agent_alive(s.pid));
+    let live = st.as_ref().and_then(mesh_agent::inspect::live_agent_pid);
+    let running = live.is_some();
     let links: Vec<serde_json::Value> = pins
         .links()
         .iter()
@@ -639,7 +640,7 @@ fn status(args: &Args) -> anyhow::Result<i32> {
         (Some(s), true) => println!(
             "agent: running (pid {}, from {}), last reconcile {:.1} s ago, {} reconciles, {} \
              Docker events, event lag p50 {} / p99 {}",
-            s.pid,
+            live.unwrap_or(s.pid),
             s.source,
             now - s.last_reconcile_unix,
             s.reconciles,
@@ -691,11 +692,6 @@ fn ms(s: Option<f64>) -> String {
     s.map_or("-".into(), |v| format!("{:.0} ms", v * 1e3))
 }
 
-/// Whether `pid` is a live mesh-agent (a reused PID is some other program).
-fn agent_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mesh-agent")
-}
-
 /// One check of `meshctl doctor`.
 #[derive(serde::Serialize)]
 struct Check {
@@ -716,8 +712,11 @@ fn check(check: &'static str, result: &'static str, detail: impl Into<String>) -
 fn doctor(args: &Args, fix: bool, docker: &str, ask_docker: bool) -> anyhow::Result<i32> {
     let mut checks = diagnose(args, docker, ask_docker);
     if fix {
-        let st = agent_status(args).filter(|s| agent_alive(s.pid));
-        let Some(st) = st else {
+        let st = agent_status(args);
+        let (Some(st), Some(pid)) = (
+            st.clone(),
+            st.as_ref().and_then(mesh_agent::inspect::live_agent_pid),
+        ) else {
             anyhow::bail!(
                 "--fix asks the agent to repair, and no agent is running: start mesh-agent"
             );
@@ -725,7 +724,7 @@ fn doctor(args: &Args, fix: bool, docker: &str, ask_docker: bool) -> anyhow::Res
         let before = st.last_reconcile_unix;
         // SAFETY: a signal to the running mesh-agent named in its own status file (its
         // command name checked just above).
-        unsafe { libc::kill(st.pid as i32, libc::SIGUSR1) };
+        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
         let t = Instant::now();
         // The agent re-reads the maps on the signal and reconciles on its next turn.
         while t.elapsed() < Duration::from_secs(10) {
@@ -807,12 +806,13 @@ fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
         )
     });
     let st = agent_status(args);
-    let running = st.as_ref().is_some_and(|s| agent_alive(s.pid));
+    let live = st.as_ref().and_then(mesh_agent::inspect::live_agent_pid);
+    let running = live.is_some();
     out.push(if running {
         check(
             "agent",
             "ok",
-            format!("running, pid {}", st.as_ref().unwrap().pid),
+            format!("running, pid {}", live.unwrap_or_default()),
         )
     } else {
         check(

@@ -770,6 +770,22 @@ step_settings() {
   fi
 }
 
+# --- 8b. state directory ----------------------------------------------------------------------------
+
+# /run/mesh holds what a restarted agent adopts and what meshctl on the node reads;
+# deploy/mesh-stack.yml bind-mounts it, and Docker refuses a bind whose source is missing.
+# /run is empty after a boot: tmpfiles.d makes it again.
+step_state() {
+  ensure_file "$R/etc/tmpfiles.d/mesh.conf" 0644 \
+    $'# mesh-agent\'s state directory (deploy/mesh-stack.yml mounts it)\nd /run/mesh 0755 root root -\n' \
+    "makes /run/mesh at boot"
+  if [[ -d $R/run/mesh ]]; then
+    ok "$R/run/mesh exists"
+  else
+    change "mkdir $R/run/mesh (the agent's state; the stack mounts it)" run mkdir -p -- "$R/run/mesh"
+  fi
+}
+
 # --- 9. what next ------------------------------------------------------------------------------------
 
 step_next() {
@@ -793,4 +809,5 @@ step_sysctl
 step_firewall
 step_install
 step_settings
+step_state
 step_next

@@ -83,13 +83,42 @@ impl Swarm {
     /// An N-node swarm (1 manager) with mesh-agent on every node. `None`: skip (never
     /// under CI, where a missing prerequisite fails).
     pub fn up(nodes: u32) -> Option<Swarm> {
+        let s = Swarm::fresh(nodes)?;
+        let n = nodes.to_string();
+        // From here on the guard tears down whatever `up` managed to build.
+        let out = s.cli(&["cluster", "up", "--nodes", &n, "--managers", "1", "--mesh"]);
+        assert!(
+            out.status.success(),
+            "cluster up: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(s.with_client())
+    }
+
+    /// `cargo xtask demo`: 3 nodes with the mesh deployed as deploy/mesh-stack.yml's
+    /// global service and the demo web service; the swarm and what the demo printed.
+    pub fn demo() -> Option<(Swarm, String)> {
+        let s = Swarm::fresh(3)?;
+        let out = s.cli(&["demo"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "cargo xtask demo failed:\n{text}");
+        Some((s.with_client(), text))
+    }
+
+    /// The guard for a cluster this test is about to make (none may be up already).
+    fn fresh(nodes: u32) -> Option<Swarm> {
         let Some(x) = xtask() else {
             let why = "xtask binary not found (run through `cargo xtask test`)";
             assert!(!crate::prereq::in_ci(), "{why}");
             eprintln!("SKIP swarm test: {why}");
             return None;
         };
-        let mut s = Swarm {
+        let s = Swarm {
             xtask: x,
             nodes,
             client_netns: "mc-c".into(),
@@ -101,22 +130,17 @@ impl Swarm {
             st["up"] != true,
             "a cluster is up already (`cargo xtask cluster down` first): the swarm test needs its own"
         );
-        let n = nodes.to_string();
-        // From here on the guard tears down whatever `up` managed to build.
-        let out = s.cli(&["cluster", "up", "--nodes", &n, "--managers", "1", "--mesh"]);
-        assert!(
-            out.status.success(),
-            "cluster up: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        Some(s)
+    }
+
+    fn with_client(mut self) -> Swarm {
         let st: serde_json::Value =
-            serde_json::from_slice(&s.cli(&["cluster", "status", "--json"]).stdout).unwrap();
-        s.client_netns = st["client_netns"]
+            serde_json::from_slice(&self.cli(&["cluster", "status", "--json"]).stdout).unwrap();
+        self.client_netns = st["client_netns"]
             .as_str()
             .expect("client_netns")
             .to_string();
-        Some(s)
+        self
     }
 
     /// One node: this machine's dockerd (started if none runs; refused if it is in a

@@ -197,7 +197,8 @@ fn wait_answering(within: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Active backends of the web service in node `n`'s maps (its agent's meshctl).
+/// Active backends of the web service in node `n`'s maps (its agent's meshctl), with
+/// Maglev slots.
 fn active_backends(n: u32) -> usize {
     let Ok(ctr) = agent_container(n) else {
         return 0;
@@ -217,7 +218,7 @@ fn active_backends(n: u32) -> usize {
                 .is_some_and(|n| n.starts_with(&format!("{WEB}/")))
         })
         .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
-        .filter(|b| b["state"] == "active")
+        .filter(|b| b["state"] == "active" && b["slots"].as_u64().unwrap_or(0) > 0)
         .count()
 }
 
@@ -318,6 +319,17 @@ fn prove() -> anyhow::Result<()> {
         problems.push(format!("replies came only from nodes {served_by:?}"));
     }
     if !problems.is_empty() {
+        // What each node's mesh did, to explain the failure.
+        for n in 1..=NODES {
+            if let Ok(ctr) = agent_container(n) {
+                println!("-- node {n}: meshctl stats, meshctl services");
+                let _ = exec(&mut cluster::docker(n, &["exec", &ctr, "meshctl", "stats"]));
+                let _ = exec(&mut cluster::docker(
+                    n,
+                    &["exec", &ctr, "meshctl", "services", "--json"],
+                ));
+            }
+        }
         bail!("demo checks failed:\n  {}", problems.join("\n  "));
     }
     Ok(())

@@ -93,6 +93,8 @@ pub fn run() -> anyhow::Result<()> {
             "overlay",
             "--test",
             "vxlan_wire",
+            "--test",
+            "bootstrap",
         ],
         // One at a time: the load-balancing and overlay tests measure rates.
         &["--nocapture", "--test-threads", "1"],
@@ -108,9 +110,9 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         summary.push("  SKIP swarm harness: not root".into());
     }
-    println!("\n== tier 3: real swarms with the mesh (3 nodes in namespaces; 1 on the machine's dockerd) ==");
+    println!("\n== tier 3: real swarms with the mesh (3 nodes in namespaces; 1 on the machine's dockerd); the deployment kit (cargo xtask demo, the stack's rolling update, bootstrap on a node) ==");
     cargo_test(
-        &["-p", "mesh-tests", "--test", "swarm"],
+        &["-p", "mesh-tests", "--test", "swarm", "--test", "deploy"],
         &["--nocapture", "--test-threads", "1"],
         object.as_deref(),
         &mut summary,

@@ -797,7 +797,7 @@ step_next() {
     echo "done: nothing to change"
   fi
   echo "next: build the agent image with \`cargo xtask image\` (imports mesh/agent:latest into the local Docker); run it on every node, or copy it: \`docker save mesh/agent:latest | ssh NODE docker load\`"
-  echo "next: on a manager, deploy the global service: \`docker stack deploy -c deploy/mesh-stack.yml mesh\`"
+  echo "next: on a manager, deploy the global service: \`docker stack deploy --resolve-image never -c deploy/mesh-stack.yml mesh\`"
   echo "next: check it on any node: \`meshctl status\`"
 }
 

@@ -128,6 +128,35 @@ fn demo_then_a_rolling_update_of_the_mesh_then_bootstrap_on_a_node() {
         assert!(out.contains("agent: running"), "node {n}: {out}");
     }
 
+    // The stack's health check catches a stuck agent: stopped (SIGSTOP, by the PID
+    // Docker gives for its container) it stays "running" but stops reconciling.
+    let pid: i32 = s
+        .docker(2, &["inspect", "-f", "{{.State.Pid}}", &after[&2]])
+        .parse()
+        .expect("agent pid");
+    assert!(pid > 1);
+    let (code, out, _) = s.meshctl(2, &["status", "--max-age", "5"]);
+    assert_eq!(code, 0, "a live agent is healthy: {out}");
+    // SAFETY: signals the agent process of node 2's container, which this test's swarm runs.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(7));
+    let (stuck, out, _) = s.meshctl(2, &["status", "--max-age", "5"]);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(
+        stuck, 6,
+        "a stopped agent must fail the health check: {out}"
+    );
+    assert!(out.contains("unhealthy: no reconcile for"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.meshctl(2, &["status", "--max-age", "5"]).0 != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not recover after SIGCONT"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // The bootstrap script for real on node 1 (its network and mount namespaces: the
     // live checks, bpffs and sysctls are the node's), files under a scratch root.
     let root = Scratch::new("root");

@@ -94,7 +94,7 @@ fn deploy_stack() -> anyhow::Result<()> {
     std::fs::create_dir_all("/run/mesh")?;
     let node = "{{.Node.Hostname}}";
     exec(
-        cluster::docker(1, &["stack", "deploy", "-c"])
+        cluster::docker(1, &["stack", "deploy", "--resolve-image", "never", "-c"])
             .arg(cmd::root().join("deploy/mesh-stack.yml"))
             .arg(STACK)
             .env("MESH_BPFFS", format!("/sys/fs/bpf/mesh-{node}"))

@@ -3,7 +3,8 @@
 //! otherwise (`conntrack flush`).
 //!
 //! Exit codes: 0 fine; 1 an error (one line); 2 bad usage; 3 `status`: the agent is not
-//! running (the datapath may still be forwarding); 4 no mesh is pinned there.
+//! running (the datapath may still be forwarding); 4 no mesh is pinned there; 6 `status
+//! --max-age`: the agent runs but has not reconciled for that long, or a map is missing.
 
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
@@ -30,7 +31,8 @@ use mesh_common::reason::Kind;
     about = "See and explain what the mesh is doing",
     long_about = "See and explain what the mesh is doing. Reads the maps the agent pinned, so \
                   it works while the agent is down. Exit codes: 0 fine, 1 error, 2 usage, 3 \
-                  agent not running (status), 4 no mesh pinned."
+                  agent not running (status), 4 no mesh pinned, 5 doctor found a failing check, \
+                  6 agent stalled or a map missing (status --max-age)."
 )]
 struct Args {
     /// Directory on bpffs where the agent pins its maps (the agent's --bpffs).
@@ -59,7 +61,13 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Is the agent up, where are the programs attached, what do the maps hold.
-    Status,
+    Status {
+        /// A health check: exit 6 unless the agent reconciled within this many seconds
+        /// and every map is pinned (the stack's HEALTHCHECK uses it; an agent following
+        /// Docker reconciles every --resync-ms, one with --config only on a change).
+        #[arg(long)]
+        max_age: Option<f64>,
+    },
     /// Every service: frontends and backends.
     Services,
     /// One service (its name, or its Docker service's: `web`): frontends, and backends
@@ -152,7 +160,7 @@ fn main() {
 fn run(args: &Args) -> anyhow::Result<i32> {
     preflight::require_root("meshctl reads pinned BPF maps")?;
     match &args.cmd {
-        Cmd::Status => status(args),
+        Cmd::Status { max_age } => status(args, *max_age),
         Cmd::Services => services(args, None).map(|_| 0),
         Cmd::Service { name } => services(args, Some(name)).map(|_| 0),
         Cmd::Conntrack {
@@ -573,8 +581,9 @@ fn maglev(args: &Args, service: &str) -> anyhow::Result<()> {
 }
 
 /// `meshctl status`: 0 when the agent runs, 3 when it does not (the pinned datapath
-/// may still forward), 4 when nothing is pinned.
-fn status(args: &Args) -> anyhow::Result<i32> {
+/// may still forward), 4 when nothing is pinned, 6 with `max_age` when the agent has
+/// not reconciled within it or a map is missing.
+fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
     let pins = PinDir::new(&args.bpffs);
     if !pins.has_maps() {
         return Err(MeshError::NotPinned {
@@ -623,7 +632,13 @@ fn status(args: &Args) -> anyhow::Result<i32> {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    let code = if running { 0 } else { 3 };
+    let age = st.as_ref().map(|s| now - s.last_reconcile_unix);
+    let stalled = max_age.is_some_and(|m| age.is_none_or(|a| a > m) || !missing.is_empty());
+    let code = match (running, stalled) {
+        (false, _) => 3,
+        (true, true) => 6,
+        (true, false) => 0,
+    };
     if args.json {
         print_json(&serde_json::json!({
             "agent": { "running": running, "status": st },
@@ -685,6 +700,20 @@ fn status(args: &Args) -> anyhow::Result<i32> {
         entries.len(),
         mesh_common::ct::CT_ENTRIES
     );
+    if code == 6 {
+        println!(
+            "unhealthy: {}",
+            if missing.is_empty() {
+                format!(
+                    "no reconcile for {:.0} s (more than --max-age {:.0} s): the agent is stuck",
+                    age.unwrap_or(f64::INFINITY),
+                    max_age.unwrap_or_default()
+                )
+            } else {
+                format!("maps missing: {}", missing.join(", "))
+            }
+        );
+    }
     Ok(code)
 }
 

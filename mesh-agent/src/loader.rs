@@ -62,13 +62,36 @@ pub fn find_object() -> Result<PathBuf, MeshError> {
 /// The loaded (not necessarily attached) programs and maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// TC attachments made by [`Datapath::attach_tc_ingress`] / `attach_tc_task`, so they
+    /// can be undone without dropping the maps ([`Datapath::detach_tc`]).
+    tc_links: Vec<(&'static str, aya::programs::tc::SchedClassifierLinkId)>,
 }
 
 impl Datapath {
     /// Loads the object with `cfg` baked into its read-only config, and loads every
     /// program into the kernel (which runs the verifier on each).
     pub fn load(object: &Path, cfg: &MeshConfig) -> Result<Self, MeshError> {
-        Self::load_with(object, cfg, None)
+        Self::load_with(object, cfg, None, None)
+    }
+
+    /// As [`Datapath::load`], with room for `maglev_slots` Maglev slots in all (the
+    /// object's default, [`mesh_common::lb::MAGLEV_SLOTS`], holds ~500 services of 3 backends).
+    pub fn load_sized(
+        object: &Path,
+        cfg: &MeshConfig,
+        maglev_slots: u32,
+    ) -> Result<Self, MeshError> {
+        Self::load_with(object, cfg, None, Some(maglev_slots))
+    }
+
+    /// How many Maglev slots the loaded (or adopted) table has.
+    pub fn maglev_slots(&self) -> u32 {
+        match self.ebpf.map(mesh_common::lb::MAGLEV_MAP) {
+            Some(aya::maps::Map::Array(d)) => d
+                .info()
+                .map_or(mesh_common::lb::MAGLEV_SLOTS, |i| i.max_entries()),
+            _ => mesh_common::lb::MAGLEV_SLOTS,
+        }
     }
 
     /// Loads as [`Datapath::load`], with the maps pinned in `pins`: maps already pinned
@@ -78,6 +101,7 @@ impl Datapath {
         object: &Path,
         cfg: &MeshConfig,
         pins: &PinDir,
+        maglev_slots: u32,
     ) -> Result<(Self, bool), MeshError> {
         let bytes = std::fs::read(object).map_err(|source| MeshError::Io {
             what: format!("reading {}", object.display()),
@@ -85,19 +109,26 @@ impl Datapath {
         })?;
         let adopted = pins.has_maps();
         if adopted {
-            pins.check_layout(&bytes)?;
+            pins.check_layout(&bytes, maglev_slots)?;
         }
         pins.create()?;
-        Ok((Self::load_with(object, cfg, Some(pins))?, adopted))
+        Ok((
+            Self::load_with(object, cfg, Some(pins), Some(maglev_slots))?,
+            adopted,
+        ))
     }
 
     fn load_with(
         object: &Path,
         cfg: &MeshConfig,
         pins: Option<&PinDir>,
+        maglev_slots: Option<u32>,
     ) -> Result<Self, MeshError> {
         let mut loader = EbpfLoader::new();
         loader.override_global(CONFIG_GLOBAL, cfg, true);
+        if let Some(n) = maglev_slots {
+            loader.map_max_entries(mesh_common::lb::MAGLEV_MAP, n);
+        }
         if let Some(pins) = pins {
             for m in PINNED_MAPS {
                 loader.map_pin_path(m, pins.map(m));
@@ -107,7 +138,10 @@ impl Datapath {
             path: object.to_path_buf(),
             source,
         })?;
-        let mut dp = Datapath { ebpf };
+        let mut dp = Datapath {
+            ebpf,
+            tc_links: Vec::new(),
+        };
         dp.xdp_mut()?.load().map_err(|source| MeshError::Program {
             program: programs::XDP_UNDERLAY,
             source,
@@ -199,13 +233,30 @@ impl Datapath {
 
     fn attach_tc(&mut self, program: &'static str, interface: &str) -> Result<(), MeshError> {
         preflight::ifindex(interface)?;
-        self.program_mut::<SchedClassifier>(program)?
+        let id = self
+            .program_mut::<SchedClassifier>(program)?
             .attach(interface, TcAttachType::Ingress)
             .map_err(|source| MeshError::Attach {
                 program,
                 interface: interface.into(),
                 source,
             })?;
+        self.tc_links.push((program, id));
+        Ok(())
+    }
+
+    /// Detaches every TC program attached through this `Datapath` (the maps stay): the
+    /// interfaces see no mesh until attached again.
+    pub fn detach_tc(&mut self) -> Result<(), MeshError> {
+        for (program, id) in std::mem::take(&mut self.tc_links) {
+            self.program_mut::<SchedClassifier>(program)?
+                .detach(id)
+                .map_err(|source| MeshError::Attach {
+                    program,
+                    interface: "(detach)".into(),
+                    source,
+                })?;
+        }
         Ok(())
     }
 

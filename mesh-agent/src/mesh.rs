@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use mesh_common::lb;
-
 use crate::{
     loader::Datapath,
     maps::MapWriter,
@@ -43,9 +41,10 @@ pub struct Adopted {
 
 impl Mesh {
     pub fn new(dp: Datapath) -> Self {
+        let slots = dp.maglev_slots();
         Mesh {
             dp,
-            reconciler: Reconciler::new(lb::MAGLEV_SLOTS),
+            reconciler: Reconciler::new(slots),
             names_file: None,
             saved: None,
         }
@@ -60,6 +59,7 @@ impl Mesh {
         adopt: bool,
     ) -> Result<(Self, Option<Adopted>), MeshError> {
         let mut report = None;
+        let slots = dp.maglev_slots();
         let reconciler = if adopt {
             let snap = dp.read_snapshot()?;
             let names: Option<Names> = std::fs::read(&names_file)
@@ -71,9 +71,9 @@ impl Mesh {
                 frontends: snap.frontends.len(),
                 named: names.is_some(),
             });
-            Reconciler::adopt(&snap, &names.unwrap_or_default(), lb::MAGLEV_SLOTS)
+            Reconciler::adopt(&snap, &names.unwrap_or_default(), slots)
         } else {
-            Reconciler::new(lb::MAGLEV_SLOTS)
+            Reconciler::new(slots)
         };
         Ok((
             Mesh {
@@ -119,7 +119,7 @@ impl Mesh {
     pub fn readopt(&mut self) -> Result<(), MeshError> {
         let snap = self.dp.read_snapshot()?;
         let names = self.reconciler.names();
-        self.reconciler = Reconciler::adopt(&snap, &names, lb::MAGLEV_SLOTS);
+        self.reconciler = Reconciler::adopt(&snap, &names, self.dp.maglev_slots());
         Ok(())
     }
 

@@ -147,8 +147,9 @@ impl PinDir {
     }
 
     /// Refuses maps pinned with another layout than `object` defines (another mesh
-    /// version): adopting them would misread every entry.
-    pub fn check_layout(&self, object: &[u8]) -> Result<(), MeshError> {
+    /// version): adopting them would misread every entry. The Maglev table's size is the
+    /// agent's `maglev_slots`, not the object's.
+    pub fn check_layout(&self, object: &[u8], maglev_slots: u32) -> Result<(), MeshError> {
         let obj = aya_obj::Object::parse(object).map_err(|e| MeshError::Layout {
             dir: self.root.clone(),
             detail: format!("cannot parse the eBPF object: {e}"),
@@ -166,16 +167,21 @@ impl PinDir {
                 dir: self.root.clone(),
                 detail: format!("{} is not a readable map pin: {e}", path.display()),
             })?;
+            let want_entries = if *name == mesh_common::lb::MAGLEV_MAP {
+                maglev_slots
+            } else {
+                want.max_entries()
+            };
             let (w, h) = (
-                (want.key_size(), want.value_size(), want.max_entries()),
+                (want.key_size(), want.value_size(), want_entries),
                 (have.key_size(), have.value_size(), have.max_entries()),
             );
             if w != h {
                 return Err(MeshError::Layout {
                     dir: self.root.clone(),
                     detail: format!(
-                        "{name} is pinned with key/value/entries {}/{}/{} but this agent's \
-                         object has {}/{}/{}",
+                        "{name} is pinned with key/value/entries {}/{}/{} but this agent \
+                         wants {}/{}/{} (another version, or another --maglev-slots)",
                         h.0, h.1, h.2, w.0, w.1, w.2
                     ),
                 });

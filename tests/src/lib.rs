@@ -6,10 +6,12 @@
 // map writes), where a larger Result costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
+pub mod bench;
 pub mod bound;
 pub mod cluster;
 pub mod fixtures;
 pub mod lbtopo;
+pub mod measure;
 pub mod netns;
 pub mod packets;
 pub mod prereq;

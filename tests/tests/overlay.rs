@@ -11,7 +11,7 @@ use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
     cluster::{Cluster, CLIENT, NODES, NODE_OVERLAY, TASKS, VIP, VNI},
     lbtopo::{http_get, DIRECT_PORT},
-    prereq,
+    measure, prereq,
 };
 
 fn setup(test: &str, tag: &str) -> Option<(Cluster, Vec<Mesh>)> {
@@ -166,77 +166,12 @@ fn vxlan_from_unknown_senders_and_vnis_is_dropped() {
 }
 
 /// A child process killed (by its PID) when the guard drops.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// An iperf3 server in t2 (killed with the guard).
-fn iperf_server(cl: &Cluster) -> Child {
-    let c = Child(
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                cl.tasks[1].name(),
-                "iperf3",
-                "-s",
-                "-p",
-                "5201",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("iperf3 server in t2"),
-    );
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    c
-}
-
-/// One iperf3 run from the client to `addr:5201`: (Gbit/s, retransmits, slowest 1-s
-/// interval in Gbit/s).
-fn iperf(cl: &Cluster, addr: &str, secs: u32) -> (f64, u64, f64) {
-    let out = cl.c.exec(&[
-        "iperf3",
-        "-c",
-        addr,
-        "-p",
-        "5201",
-        "-t",
-        &secs.to_string(),
-        "-J",
-    ]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
-    let gbps = |v: &serde_json::Value| v["bits_per_second"].as_f64().unwrap() / 1e9;
-    let rate = gbps(&j["end"]["sum_received"]);
-    let retr = j["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    let slowest = j["intervals"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| gbps(&i["sum"]))
-        .fold(f64::INFINITY, f64::min);
-    (rate, retr, slowest)
-}
-
-/// Sequential HTTP connections: connections per second and p99.
-fn conn_rate(cl: &Cluster, addr: &str, port: u16, n: usize) -> (f64, std::time::Duration) {
-    let mut lat = cl.c.enter(|| {
-        (0..n)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                let (task, peer) = split(&http_get(addr, port).expect("request"));
-                assert_eq!((task.as_str(), peer.as_str()), ("t2", CLIENT));
-                t.elapsed()
-            })
-            .collect::<Vec<_>>()
-    });
-    lat.sort();
-    let total: std::time::Duration = lat.iter().sum();
-    (n as f64 / total.as_secs_f64(), lat[n * 99 / 100])
+/// 300 sequential connections, each answered by t2 seeing the client's address.
+fn conn_rate(cl: &Cluster, addr: &str, port: u16) -> (f64, std::time::Duration) {
+    measure::conn_rate(&cl.c, addr, port, 300, |body| {
+        let (task, peer) = split(body);
+        assert_eq!((task.as_str(), peer.as_str()), ("t2", CLIENT));
+    })
 }
 
 /// Across nodes, through the mesh (client -> node 1's published port -> tunnel -> t2 on
@@ -256,10 +191,10 @@ fn throughput_and_connection_rate_mesh_vs_kernel_vxlan() {
             .expect("kernel vxlan path"),
     );
     assert_eq!(t, "t2");
-    let _server = iperf_server(&cl);
+    let _server = measure::iperf_server(&cl.tasks[1]);
     let secs = 30;
-    let mesh = iperf(&cl, NODES[0], secs);
-    let kernel = iperf(&cl, TASKS[1], secs);
+    let mesh = measure::iperf(&cl.c, NODES[0], 5201, secs);
+    let kernel = measure::iperf(&cl.c, TASKS[1], 5201, secs);
     println!(
         "\nbench: overlay iperf3 {secs} s: mesh {:.2} Gbit/s ({} retransmits, slowest second {:.2}), \
          kernel vxlan {:.2} Gbit/s ({} retransmits, slowest second {:.2}), ratio {:.2}",
@@ -274,11 +209,11 @@ fn throughput_and_connection_rate_mesh_vs_kernel_vxlan() {
 
     let (mut m, mut k) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        m.push(conn_rate(&cl, NODES[0], 8086, 300));
+        m.push(conn_rate(&cl, NODES[0], 8086));
         // Its own port: a server-side TIME_WAIT from a mesh connection must not meet a
         // kernel-path connection reusing the tuple (the client's timestamps differ per
         // destination, and PAWS would reject the SYN).
-        k.push(conn_rate(&cl, TASKS[1], DIRECT_PORT, 300));
+        k.push(conn_rate(&cl, TASKS[1], DIRECT_PORT));
     }
     let med = |v: &mut Vec<(f64, std::time::Duration)>| {
         v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
@@ -447,9 +382,9 @@ fn path_mtu_discovery_across_the_overlay() {
     };
     cl.tasks[1].ip(&["link", "set", "eth0", "mtu", "1500"]);
     cl.nodes[1].ip(&["link", "set", "h2", "mtu", "1500"]);
-    let _server = iperf_server(&cl);
+    let _server = measure::iperf_server(&cl.tasks[1]);
     let before = counters(&meshes[0]);
-    let (gbps, _, slowest) = iperf(&cl, NODES[0], 3);
+    let (gbps, _, slowest) = measure::iperf(&cl.c, NODES[0], 5201, 3);
     let d = counters(&meshes[0]).since(&before);
     let frag = d
         .get(Hook::TcUnderlayIngress, Reason::ReplyIcmpFragNeeded)

@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, build and test for the mesh. Everything a fresh machine needs
 //! goes through here, so README's commands are the whole story.
 
+mod bench;
 mod build;
 mod cluster;
 mod cmd;
@@ -33,6 +34,9 @@ enum Cmd {
     /// service, checked from a client: every node answers, from tasks on every node,
     /// which see the client's address. Leaves the cluster up (`cluster down` after).
     Demo,
+    /// The benchmark: the mesh beside direct, iptables, nftables and HAProxy (report and
+    /// plots under bench/results/).
+    Bench(bench::Bench),
     /// The agent's image `mesh/agent:latest` from the release build, by `docker import`.
     Image(image::Image),
 }
@@ -46,6 +50,7 @@ fn main() {
         Cmd::Cluster(c) => cluster::run(c),
         Cmd::Image(i) => image::run(i),
         Cmd::Demo => demo::run(),
+        Cmd::Bench(b) => bench::run(b),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

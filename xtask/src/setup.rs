@@ -51,7 +51,7 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+pub fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         println!("setup: Debian packages present: {}", pkgs.join(" "));

@@ -95,6 +95,12 @@ struct Args {
         env = "MESH_DOCKER"
     )]
     docker: String,
+    /// Maglev slots for all services together (4 bytes each; a service of N backends
+    /// takes the smallest prime above 400 N, e.g. 2039 at 3 backends, so the default
+    /// holds ~500 such services; 1<<25 holds 16,000). Fixed while pins exist.
+    #[arg(long, default_value_t = mesh_common::lb::MAGLEV_SLOTS, env = "MESH_MAGLEV_SLOTS",
+          value_parser = clap::value_parser!(u32).range(4096..=(1 << 28)))]
+    maglev_slots: u32,
     /// Where Docker's netns directory (`<exec-root>/netns`: task sandboxes and overlay
     /// namespaces) is mounted for this agent, when not at the path Docker reports (the
     /// agent in a container: deploy/mesh-stack.yml mounts it at /run/docker-netns).
@@ -524,7 +530,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         vxlan_port: args.data_path_port,
         ..MeshConfig::DEFAULT
     };
-    let (mut dp, adopt) = loader::Datapath::load_pinned(&object, &cfg, &pins)?;
+    let (mut dp, adopt) = loader::Datapath::load_pinned(&object, &cfg, &pins, args.maglev_slots)?;
     // Links of interfaces that are gone do nothing; their pins go.
     for l in pins.links() {
         if l.netns == 0 && preflight::ifname(l.ifindex).is_none() {

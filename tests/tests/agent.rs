@@ -575,6 +575,45 @@ fn agent_refuses_a_pinned_layout_it_does_not_know() {
         "one actionable line: {err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A Maglev table pinned at another size than --maglev-slots asks for.
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    let map = pin_dir.join(mesh_common::lb::MAGLEV_MAP);
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "8192"])
+        .args(["name", "MESH_MAGLEV_V1"])
+        .status()
+        .expect("run bpftool");
+    assert!(st.success(), "bpftool map create");
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", pair.b.name()))
+        .arg(&agent)
+        .args([
+            "--interface",
+            "vb",
+            "--metrics",
+            "off",
+            "--maglev-slots",
+            "16384",
+            "--bpffs",
+        ])
+        .arg(&pin_dir)
+        .env("MESH_BPF_OBJECT", &object)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_file(&map);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("MESH_MAGLEV_V1")
+            && err.contains("4/4/8192")
+            && err.contains("--maglev-slots"),
+        "one actionable line: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 /// Runs `meshctl ARGS --bpffs DIR` in the node's namespace `ns` (where the interfaces

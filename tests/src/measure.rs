@@ -36,19 +36,31 @@ pub fn iperf_server(ns: &Netns) -> Child {
 }
 
 /// One iperf3 run from `client` to `addr:port`: (Gbit/s, retransmits, slowest 1-s
-/// interval in Gbit/s).
+/// interval in Gbit/s). Panics if iperf3 fails (tests).
 pub fn iperf(client: &Netns, addr: &str, port: u16, secs: u32) -> (f64, u64, f64) {
-    let out = client.exec(&[
-        "iperf3",
-        "-c",
-        addr,
-        "-p",
-        &port.to_string(),
-        "-t",
-        &secs.to_string(),
-        "-J",
-    ]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
+    iperf_run(client, addr, port, secs, None).expect("iperf3")
+}
+
+/// As [`iperf`], the client pinned to `cpu` if given, failures as errors (the bench).
+pub fn iperf_run(
+    client: &Netns,
+    addr: &str,
+    port: u16,
+    secs: u32,
+    cpu: Option<&str>,
+) -> anyhow::Result<(f64, u64, f64)> {
+    let (port, secs) = (port.to_string(), secs.to_string());
+    let mut cmd = match cpu {
+        Some(c) => vec!["taskset", "-c", c],
+        None => vec![],
+    };
+    cmd.extend(["iperf3", "-c", addr, "-p", &port, "-t", &secs, "-J"]);
+    let out = client.exec(&cmd);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| anyhow::anyhow!("iperf3 to {addr}:{port}: no JSON output ({e})"))?;
+    if let Some(e) = j["error"].as_str() {
+        anyhow::bail!("iperf3 to {addr}:{port}: {e}");
+    }
     let gbps = |v: &serde_json::Value| v["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
     let rate = gbps(&j["end"]["sum_received"]);
     let retr = j["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
@@ -60,7 +72,7 @@ pub fn iperf(client: &Netns, addr: &str, port: u16, secs: u32) -> (f64, u64, f64
                 .fold(f64::INFINITY, f64::min)
         })
         .unwrap_or(0.0);
-    (rate, retr, slowest)
+    Ok((rate, retr, slowest))
 }
 
 /// `n` sequential HTTP/1.0 connections from `client` to `addr:port`, each answer handed

@@ -537,83 +537,58 @@ fn agent_refuses_a_pinned_layout_it_does_not_know() {
     };
     let pair = VethPair::new("y");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-layout-{}", std::process::id()));
-    std::fs::create_dir_all(&pin_dir).unwrap();
+    // With `map` pinned as `bpftool map create` makes it from `spec`, the agent (with
+    // `args`) must exit 1 with one line on stderr; that line.
+    let refusal = |map: &str, spec: &[&str], args: &[&str]| -> String {
+        std::fs::create_dir_all(&pin_dir).unwrap();
+        let path = pin_dir.join(map);
+        let st = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(spec)
+            .args(["name", map])
+            .status()
+            .expect("run bpftool");
+        assert!(st.success(), "bpftool map create");
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", pair.b.name()))
+            .arg(&agent)
+            .args(["--interface", "vb", "--metrics", "off"])
+            .args(args)
+            .arg("--bpffs")
+            .arg(&pin_dir)
+            .env("MESH_BPF_OBJECT", &object)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
     // MESH_BE_V1 with 8-byte values, as no version of this agent has it.
-    let map = pin_dir.join(mesh_common::lb::BACKENDS_MAP);
-    let st = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&map)
-        .args([
-            "type",
-            "hash",
-            "key",
-            "4",
-            "value",
-            "8",
-            "entries",
-            "16",
-            "name",
-            "MESH_BE_V1",
-        ])
-        .status()
-        .expect("run bpftool");
-    assert!(st.success(), "bpftool map create");
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", pair.b.name()))
-        .arg(&agent)
-        .args(["--interface", "vb", "--metrics", "off", "--bpffs"])
-        .arg(&pin_dir)
-        .env("MESH_BPF_OBJECT", &object)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let _ = std::fs::remove_file(&map);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refusal(
+        mesh_common::lb::BACKENDS_MAP,
+        &["type", "hash", "key", "4", "value", "8", "entries", "16"],
+        &[],
+    );
     assert!(
         err.contains("another layout") && err.contains("MESH_BE_V1") && err.contains("--uninstall"),
         "one actionable line: {err}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-
     // A Maglev table pinned at another size than --maglev-slots asks for.
-    std::fs::create_dir_all(&pin_dir).unwrap();
-    let map = pin_dir.join(mesh_common::lb::MAGLEV_MAP);
-    let st = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&map)
-        .args(["type", "array", "key", "4", "value", "4", "entries", "8192"])
-        .args(["name", "MESH_MAGLEV_V1"])
-        .status()
-        .expect("run bpftool");
-    assert!(st.success(), "bpftool map create");
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", pair.b.name()))
-        .arg(&agent)
-        .args([
-            "--interface",
-            "vb",
-            "--metrics",
-            "off",
-            "--maglev-slots",
-            "16384",
-            "--bpffs",
-        ])
-        .arg(&pin_dir)
-        .env("MESH_BPF_OBJECT", &object)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let _ = std::fs::remove_file(&map);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refusal(
+        mesh_common::lb::MAGLEV_MAP,
+        &["type", "array", "key", "4", "value", "4", "entries", "8192"],
+        &["--maglev-slots", "16384"],
+    );
     assert!(
         err.contains("MESH_MAGLEV_V1")
             && err.contains("4/4/8192")
             && err.contains("--maglev-slots"),
         "one actionable line: {err}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 /// Runs `meshctl ARGS --bpffs DIR` in the node's namespace `ns` (where the interfaces

@@ -360,21 +360,24 @@ impl Installed {
         })
     }
 
+    /// Adds (`-A`) or deletes (`-D`) the PREROUTING jump that switches iptables on.
+    fn kube_services_jump(&self, op: &str) -> anyhow::Result<()> {
+        let cmd = [
+            "iptables-legacy",
+            "-t",
+            "nat",
+            op,
+            "PREROUTING",
+            "-j",
+            "KUBE-SERVICES",
+        ];
+        run_ns(&self.ns, &cmd)
+    }
+
     pub fn enable(&mut self, topo: &LbTopo, k: Kind) -> anyhow::Result<()> {
         match k {
             Kind::Direct => Ok(()),
-            Kind::Iptables => run_ns(
-                &self.ns,
-                &[
-                    "iptables-legacy",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-j",
-                    "KUBE-SERVICES",
-                ],
-            ),
+            Kind::Iptables => self.kube_services_jump("-A"),
             Kind::Nft => run_input(&self.ns, &["nft", "-f", "-"], NFT_JUMP),
             Kind::Haproxy => {
                 let cfg = self.haproxy_cfg.to_string_lossy().into_owned();
@@ -397,18 +400,7 @@ impl Installed {
     pub fn disable(&mut self, topo: &LbTopo, k: Kind) -> anyhow::Result<()> {
         match k {
             Kind::Direct => Ok(()),
-            Kind::Iptables => run_ns(
-                &self.ns,
-                &[
-                    "iptables-legacy",
-                    "-t",
-                    "nat",
-                    "-D",
-                    "PREROUTING",
-                    "-j",
-                    "KUBE-SERVICES",
-                ],
-            ),
+            Kind::Iptables => self.kube_services_jump("-D"),
             Kind::Nft => run_ns(
                 &self.ns,
                 &["nft", "flush", "chain", "ip", "kp", "prerouting"],

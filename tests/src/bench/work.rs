@@ -233,28 +233,7 @@ fn pin_to(cpu: usize) {
 
 /// iperf3 (pinned) from `client` to `addr:port` for `secs`: Gbit/s received.
 pub fn iperf_gbps(client: &Netns, addr: &str, port: u16, secs: u32) -> anyhow::Result<f64> {
-    let out = client.exec(&[
-        "taskset",
-        "-c",
-        LOAD_CPU,
-        "iperf3",
-        "-c",
-        addr,
-        "-p",
-        &port.to_string(),
-        "-t",
-        &secs.to_string(),
-        "-J",
-    ]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("iperf3 to {addr}:{port}: no JSON"))?;
-    if let Some(e) = j["error"].as_str() {
-        bail!("iperf3 to {addr}:{port}: {e}");
-    }
-    Ok(j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9)
+    Ok(crate::measure::iperf_run(client, addr, port, secs, Some(LOAD_CPU))?.0)
 }
 
 #[cfg(test)]

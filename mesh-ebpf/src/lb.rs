@@ -17,7 +17,7 @@ use mesh_common::{
         TCP_IDLE_DEFAULT_S, TUN_STOCK, UDP_IDLE_DEFAULT_S,
     },
     parse::Parsed,
-    proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_RST, TCP_SYN},
+    proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN},
     reason::Reason,
     stats::Hook,
 };
@@ -609,6 +609,17 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
             let same = e.flags & CT_TUNNEL != 0 && e.peer == peer && e.vni == vni;
             if same {
                 e.last_seen_ns = now;
+                if f.proto == IPPROTO_TCP
+                    && f.tcp_flags & TCP_SYN != 0
+                    && f.tcp_flags & TCP_ACK == 0
+                {
+                    // A new flow on a tuple whose last flow finished (the client
+                    // reused its port): without this the task's SYN-ACK would meet a
+                    // finished entry, be taken for someone else's reply and never
+                    // reach the tunnel (a 1 s SYN retransmit for the client).
+                    e.state = CtState::SynSent as u8;
+                    e.created_ns = now;
+                }
             }
             !same
         },

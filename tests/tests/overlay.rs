@@ -226,6 +226,43 @@ fn throughput_and_connection_rate_mesh_vs_kernel_vxlan() {
     );
 }
 
+/// A client that reuses its source port for a new connection through the tunnel (its
+/// last one there finished) is answered at once: on the backend's node the reply entry
+/// starts over with the new SYN, so the task's SYN-ACK goes back through the tunnel
+/// instead of being taken for a stranger's reply (which cost the client a 1 s SYN
+/// retransmit, seen as stalls in the bench's overlay runs).
+#[test]
+fn a_reused_client_port_through_the_tunnel_is_answered_at_once() {
+    let Some((cl, meshes)) = setup(
+        "a_reused_client_port_through_the_tunnel_is_answered_at_once",
+        "r",
+    ) else {
+        return;
+    };
+    let before = counters(&meshes[1]);
+    for i in 0..5 {
+        let t = std::time::Instant::now();
+        let body =
+            cl.c.enter(|| mesh_tests::bound::http_get_from(CLIENT, 43210, NODES[0], 8086, "/"))
+                .unwrap_or_else(|e| panic!("connection {i} from port 43210: {e}"));
+        let took = t.elapsed();
+        assert_eq!(split(&body), ("t2".to_string(), CLIENT.to_string()));
+        assert!(
+            took < std::time::Duration::from_millis(900),
+            "connection {i} from the reused port took {took:?} (a SYN retransmit)"
+        );
+        // The client's side of the last connection leaves LAST_ACK.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let d = counters(&meshes[1]).since(&before);
+    assert_eq!(
+        d.get(Hook::TcTask, Reason::ObsCtReopened).packets,
+        0,
+        "node 2 took the task's SYN-ACK for a stranger's reply"
+    );
+    assert!(d.get(Hook::TcTask, Reason::FwdToTunnel).packets >= 5 * 3);
+}
+
 /// A node disappears: as soon as the model says so, its task leaves the other nodes'
 /// backends; flows to the surviving tasks are untouched, its own are reset, and new
 /// flows avoid it.

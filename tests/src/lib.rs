@@ -15,5 +15,6 @@ pub mod measure;
 pub mod netns;
 pub mod packets;
 pub mod prereq;
+pub mod scratch;
 pub mod swarm;
 pub mod topology;

@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::swarm::{Load, Swarm};
+use mesh_tests::{
+    scratch::Scratch,
+    swarm::{Load, Swarm},
+};
 
 /// The stack's agent container on each node (node -> container id).
 fn agent_containers(s: &Swarm) -> BTreeMap<u32, String> {
@@ -29,23 +32,6 @@ fn agent_containers(s: &Swarm) -> BTreeMap<u32, String> {
             (n, id)
         })
         .collect()
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("mesh-deploy-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
@@ -159,15 +145,15 @@ fn demo_then_a_rolling_update_of_the_mesh_then_bootstrap_on_a_node() {
 
     // The bootstrap script for real on node 1 (its network and mount namespaces: the
     // live checks, bpffs and sysctls are the node's), files under a scratch root.
-    let root = Scratch::new("root");
-    let from = Scratch::new("from");
+    let root = Scratch::new("deploy-root");
+    let from = Scratch::new("deploy-from");
     let bin_dir = std::env::var_os("MESH_AGENT_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
     for b in ["mesh-agent", "meshctl"] {
-        std::os::unix::fs::symlink(bin_dir.join(b), from.0.join(b)).unwrap();
+        std::os::unix::fs::symlink(bin_dir.join(b), from.path().join(b)).unwrap();
     }
-    std::os::unix::fs::symlink(&object, from.0.join("mesh.bpf.o")).unwrap();
+    std::os::unix::fs::symlink(&object, from.path().join("mesh.bpf.o")).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bootstrap-node.sh");
     let bootstrap = |extra: &[&str]| {
         let mut a = vec![
@@ -177,9 +163,9 @@ fn demo_then_a_rolling_update_of_the_mesh_then_bootstrap_on_a_node() {
             "--".into(),
             script.display().to_string(),
             "--root".into(),
-            root.0.display().to_string(),
+            root.path().display().to_string(),
             "--from".into(),
-            from.0.display().to_string(),
+            from.path().display().to_string(),
             "--no-docker-install".into(),
         ];
         a.extend(extra.iter().map(|s| s.to_string()));
@@ -207,15 +193,15 @@ fn demo_then_a_rolling_update_of_the_mesh_then_bootstrap_on_a_node() {
             "bootstrap did not say {want:?}:\n{text}"
         );
     }
-    let meshctl = root.0.join("usr/local/bin/meshctl");
+    let meshctl = root.path().join("usr/local/bin/meshctl");
     assert_eq!(
         std::fs::read(&meshctl).unwrap(),
         std::fs::read(bin_dir.join("meshctl")).unwrap(),
         "installed meshctl differs from the build"
     );
-    let yaml = std::fs::read_to_string(root.0.join("etc/mesh/agent.yaml")).unwrap();
+    let yaml = std::fs::read_to_string(root.path().join("etc/mesh/agent.yaml")).unwrap();
     assert!(yaml.contains("data-path-port: 4789"), "{yaml}");
-    assert!(root.0.join("run/mesh").is_dir());
+    assert!(root.path().join("run/mesh").is_dir());
     let (ok, again) = bootstrap(&[]);
     assert!(
         ok && !again.contains("changed:"),

@@ -97,8 +97,7 @@ fn measure_all(o: &Opts, res: &mut Results, runs: usize, secs: u32) -> anyhow::R
     let topo = LbTopo::new("b");
     let servers = work::Servers::start(&topo.t);
     let _iperf = crate::measure::iperf_server(&topo.t[0]);
-    let scratch = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = crate::scratch::Scratch::new("bench");
     let scales: &[u32] = if o.control_only {
         &[o.large]
     } else {
@@ -106,7 +105,7 @@ fn measure_all(o: &Opts, res: &mut Results, runs: usize, secs: u32) -> anyhow::R
     };
     for &scale in scales {
         eprintln!("bench: installing every contender for {scale} service(s)");
-        let mut inst = Installed::new(&topo, &o.object, scale, &scratch)?;
+        let mut inst = Installed::new(&topo, &o.object, scale, scratch.path())?;
         if scale == o.large {
             res.install_s = inst.install_s.clone();
         }
@@ -140,7 +139,7 @@ fn measure_all(o: &Opts, res: &mut Results, runs: usize, secs: u32) -> anyhow::R
         }
         inst.uninstall();
     }
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch);
     res.bytes_per_service.push(ten_backends(&topo, &o.object)?);
     drop(servers);
     drop(topo);
@@ -329,9 +328,8 @@ fn medians_and_percentiles() {
 pub fn probe(o: &Opts) -> anyhow::Result<()> {
     let topo = LbTopo::new("p");
     let servers = work::Servers::start(&topo.t);
-    let scratch = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
-    let mut inst = Installed::new(&topo, &o.object, 1, &scratch)?;
+    let scratch = crate::scratch::Scratch::new("bench-probe");
+    let mut inst = Installed::new(&topo, &o.object, 1, scratch.path())?;
     for k in [Kind::Direct, Kind::Mesh, Kind::Direct, Kind::Mesh] {
         inst.enable(&topo, k)?;
         let (addr, http, _, _) = k.targets(1);
@@ -365,6 +363,5 @@ pub fn probe(o: &Opts) -> anyhow::Result<()> {
     }
     drop(servers);
     inst.uninstall();
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }

@@ -226,11 +226,19 @@ fn active_backends(n: u32) -> usize {
 /// HEALTHCHECK, Docker's gossip has spread it, and its warm-up is over).
 fn wait_backends(within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
+    // Held for 3 s: a node can list a remote task from Docker's gossip a moment before
+    // that task's node reports its HEALTHCHECK still starting, and drain it again.
+    let mut since: Option<Instant> = None;
     loop {
         let counts: Vec<usize> = (1..=NODES).map(active_backends).collect();
         if counts.iter().all(|&c| c == NODES as usize) {
-            println!("demo: every node's mesh has {NODES} active backends for {WEB}");
-            return Ok(());
+            let t = *since.get_or_insert_with(Instant::now);
+            if t.elapsed() >= Duration::from_secs(3) {
+                println!("demo: every node's mesh has {NODES} active backends for {WEB}");
+                return Ok(());
+            }
+        } else {
+            since = None;
         }
         if Instant::now() > deadline {
             bail!(

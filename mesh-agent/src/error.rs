@@ -92,6 +92,10 @@ pub enum MeshError {
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),
 
+    /// The host port (published ports from the node itself) cannot be set up.
+    #[error("host ports: {0}")]
+    HostPort(String),
+
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -10,6 +10,7 @@
 
 pub mod docker;
 pub mod error;
+pub mod hostport;
 pub mod http;
 pub mod inspect;
 pub mod loader;

@@ -8,7 +8,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -22,6 +22,38 @@ use crate::{
     pins::{Hook, PinDir, PINNED_MAPS},
     preflight, MeshError,
 };
+
+/// The cgroup directory, open, and its inode (what names its link pins).
+fn open_cgroup(cgroup: &Path) -> Result<(std::fs::File, u32), MeshError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |source| MeshError::Io {
+        what: format!("opening the cgroup v2 directory {}", cgroup.display()),
+        source,
+    };
+    let dir = std::fs::File::open(cgroup).map_err(io)?;
+    let ino = dir.metadata().map_err(io)?.ino() as u32;
+    Ok((dir, ino))
+}
+
+/// BPF_LINK_UPDATE: the link pinned at `pin` runs `prog` from now on (aya has no such
+/// call for cgroup links, nor a way to reach a pinned link's descriptor).
+fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: u32 = 7;
+    const BPF_LINK_UPDATE: u32 = 29;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut attr = [0u8; 128];
+    attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let fd = crate::trace::bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: a descriptor the kernel just gave us; owned from here on.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u8; 128];
+    crate::trace::put32(&mut attr, 0, link.as_raw_fd() as u32);
+    crate::trace::put32(&mut attr, 4, prog.as_raw_fd() as u32);
+    crate::trace::bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
 
 /// Environment variable that names the eBPF object explicitly.
 pub const OBJECT_ENV: &str = "MESH_BPF_OBJECT";
@@ -153,6 +185,15 @@ impl Datapath {
             programs::TC_OVERLAY_OUT,
         ] {
             dp.program_mut::<SchedClassifier>(name)?
+                .load()
+                .map_err(|source| MeshError::Program {
+                    program: name,
+                    source,
+                })?;
+        }
+        for hook in Hook::SOCK {
+            let name = hook.program();
+            dp.program_mut::<CgroupSockAddr>(name)?
                 .load()
                 .map_err(|source| MeshError::Program {
                     program: name,
@@ -344,7 +385,21 @@ impl Datapath {
                 let link = prog.take_link(id).map_err(attach_err)?;
                 link.try_into().map_err(unpinnable)?
             }
-            Hook::TcUnderlay | Hook::TcTask | Hook::TcOverlayIn | Hook::TcOverlayOut => {
+            Hook::SockConnect4
+            | Hook::SockSendmsg4
+            | Hook::SockRecvmsg4
+            | Hook::SockGetpeername4 => {
+                return Err(MeshError::Link {
+                    hook: hook.name(),
+                    interface: interface.into(),
+                    detail: "a cgroup program (attach_sock_pinned)".into(),
+                })
+            }
+            Hook::TcUnderlay
+            | Hook::TcTask
+            | Hook::TcHost
+            | Hook::TcOverlayIn
+            | Hook::TcOverlayOut => {
                 let side = if hook == Hook::TcOverlayOut {
                     TcAttachType::Egress
                 } else {
@@ -377,7 +432,22 @@ impl Datapath {
                 // Owned by the pin from here on; dropping our fd leaves it attached.
                 drop(prog.take_link(id).map_err(|e| e.to_string())?);
             }
-            Hook::TcUnderlay | Hook::TcTask | Hook::TcOverlayIn | Hook::TcOverlayOut => {
+            Hook::SockConnect4
+            | Hook::SockSendmsg4
+            | Hook::SockRecvmsg4
+            | Hook::SockGetpeername4 => {
+                let prog = self
+                    .program::<CgroupSockAddr>(hook.program())
+                    .map_err(|e| e.to_string())?;
+                let prog_fd = prog.fd().map_err(|e| e.to_string())?;
+                drop(fd);
+                link_update(path, std::os::fd::AsFd::as_fd(prog_fd)).map_err(|e| e.to_string())?;
+            }
+            Hook::TcUnderlay
+            | Hook::TcTask
+            | Hook::TcHost
+            | Hook::TcOverlayIn
+            | Hook::TcOverlayOut => {
                 let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
                 let prog = self
                     .program_mut::<SchedClassifier>(hook.program())
@@ -387,6 +457,127 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Attaches the cgroup socket programs to the cgroup v2 directory `cgroup` (its root:
+    /// every process of the machine) through links pinned in `pins`; links pinned by an
+    /// earlier agent are taken over in place (BPF_LINK_UPDATE). As links, they run beside
+    /// other programs there (another node's agent, in the namespace cluster).
+    pub fn attach_sock_pinned(&mut self, cgroup: &Path, pins: &PinDir) -> Result<(), MeshError> {
+        let (dir, ino) = open_cgroup(cgroup)?;
+        for hook in Hook::SOCK {
+            let path = pins.link(hook, ino);
+            if path.exists() {
+                match self.take_over(hook, &path) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::warn!(link = %path.display(), "not taking over a pinned link ({e}); attaching afresh");
+                        pins.unpin(&path)?;
+                    }
+                }
+            }
+            let fd = self.attach_sock_one(hook, &dir, cgroup, true)?;
+            if let Some(fd) = fd {
+                fd.pin(&path).map_err(|source| MeshError::Pin {
+                    what: format!("{} link", hook.name()),
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Self::attach_sock_pinned`], unpinned: the programs leave the cgroup when this
+    /// datapath is dropped (tests).
+    pub fn attach_sock(&mut self, cgroup: &Path) -> Result<(), MeshError> {
+        let (dir, _) = open_cgroup(cgroup)?;
+        for hook in Hook::SOCK {
+            self.attach_sock_one(hook, &dir, cgroup, false)?;
+        }
+        Ok(())
+    }
+
+    fn attach_sock_one(
+        &mut self,
+        hook: Hook,
+        dir: &std::fs::File,
+        cgroup: &Path,
+        take: bool,
+    ) -> Result<Option<FdLink>, MeshError> {
+        let program = hook.program();
+        let attach_err = |source| MeshError::Attach {
+            program,
+            interface: cgroup.display().to_string(),
+            source,
+        };
+        let prog = self.program_mut::<CgroupSockAddr>(program)?;
+        // A bpf_link takes no flags (BPF_LINK_CREATE refuses ALLOW_MULTI): links to one
+        // cgroup always run side by side.
+        let id = prog
+            .attach(dir, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        if !take {
+            return Ok(None);
+        }
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| MeshError::Link {
+                hook: hook.name(),
+                interface: cgroup.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        Ok(Some(fd))
+    }
+
+    /// Puts the network namespace with `cookie` in the socket programs' scope as `kind`
+    /// (`NETNS_HOST`, `NETNS_CONTAINER`), or takes it out (`None`).
+    pub fn scope_netns(&mut self, cookie: u64, kind: Option<u32>) -> Result<(), MeshError> {
+        let map = self
+            .ebpf
+            .map_mut(mesh_common::sock::NETNS_MAP)
+            .ok_or(MeshError::Map {
+                map: mesh_common::sock::NETNS_MAP,
+                source: aya::maps::MapError::InvalidName {
+                    name: mesh_common::sock::NETNS_MAP.into(),
+                },
+            })?;
+        let mut m: aya::maps::HashMap<_, u64, u32> =
+            aya::maps::HashMap::try_from(map).map_err(|source| MeshError::Map {
+                map: mesh_common::sock::NETNS_MAP,
+                source,
+            })?;
+        let r = match kind {
+            Some(k) => m.insert(cookie, k, 0),
+            None => match m.remove(&cookie) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            },
+        };
+        r.map_err(|source| MeshError::Map {
+            map: mesh_common::sock::NETNS_MAP,
+            source,
+        })
+    }
+
+    /// The namespaces in the socket programs' scope (cookie -> kind).
+    pub fn scoped_netns(&self) -> Result<std::collections::BTreeMap<u64, u32>, MeshError> {
+        let map = self
+            .ebpf
+            .map(mesh_common::sock::NETNS_MAP)
+            .ok_or(MeshError::Map {
+                map: mesh_common::sock::NETNS_MAP,
+                source: aya::maps::MapError::InvalidName {
+                    name: mesh_common::sock::NETNS_MAP.into(),
+                },
+            })?;
+        let m: aya::maps::HashMap<_, u64, u32> =
+            aya::maps::HashMap::try_from(map).map_err(|source| MeshError::Map {
+                map: mesh_common::sock::NETNS_MAP,
+                source,
+            })?;
+        Ok(m.iter().flatten().collect())
     }
 
     /// The per-backend counters, summed over CPUs, by backend id.

@@ -27,6 +27,8 @@ pub struct Mesh {
     /// Where the names the maps cannot hold are saved (pinned meshes only).
     names_file: Option<PathBuf>,
     saved: Option<Names>,
+    /// Addresses answered as this node's beyond the model's (the host port's).
+    pub extra_node_addrs: Vec<std::net::Ipv4Addr>,
 }
 
 /// What a restarted agent found pinned.
@@ -47,6 +49,7 @@ impl Mesh {
             reconciler: Reconciler::new(slots),
             names_file: None,
             saved: None,
+            extra_node_addrs: Vec::new(),
         }
     }
 
@@ -81,6 +84,7 @@ impl Mesh {
                 reconciler,
                 names_file: Some(names_file),
                 saved: None,
+                extra_node_addrs: Vec::new(),
             },
             report,
         ))
@@ -126,7 +130,8 @@ impl Mesh {
     /// Makes the maps match `model`, resolving endpoint interfaces in the calling
     /// thread's network namespace.
     pub fn apply(&mut self, model: &Model) -> Result<Applied, MeshError> {
-        let d = model::desired(model, netdev::resolve)?;
+        let mut d = model::desired(model, netdev::resolve)?;
+        d.node_addrs.extend(&self.extra_node_addrs);
         self.apply_desired(&d)
     }
 

@@ -247,6 +247,73 @@ pub fn links_and_addrs_in(
     })
 }
 
+/// Every IPv4 address of the calling thread's network namespace (getifaddrs).
+pub fn all_ipv4() -> Vec<std::net::Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates the list, freed below; entries are read only while
+    // it lives, and only AF_INET addresses are read as sockaddr_in.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Request flags for [`request`]: create (and fail if it exists), replace.
+pub const CREATE: u16 = netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL;
+pub const REPLACE: u16 = netlink_packet_core::NLM_F_REPLACE;
+
+/// Sends one rtnetlink request in the calling thread's network namespace and waits for
+/// its acknowledgement; `what` names it in the error.
+pub fn request(
+    msg: netlink_packet_route::RouteNetlinkMessage,
+    flags: u16,
+    what: impl Into<String>,
+) -> Result<(), MeshError> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
+    };
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    let what = what.into();
+    let err = |source: std::io::Error| MeshError::Io {
+        what: what.clone(),
+        source,
+    };
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
+    socket.bind_auto().map_err(err)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+    let mut req = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf[..]);
+    socket.send(&buf, 0).map_err(err)?;
+    let mut rx = vec![0u8; 8192];
+    let size = socket.recv(&mut &mut rx[..], 0).map_err(err)?;
+    let msg: NetlinkMessage<netlink_packet_route::RouteNetlinkMessage> =
+        NetlinkMessage::deserialize(&rx[..size])
+            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    match msg.payload {
+        NetlinkPayload::Error(e) if e.code.is_some() => Err(err(e.to_io())),
+        _ => Ok(()),
+    }
+}
+
 /// The identity of the network namespace at `netns`: its inode.
 pub fn netns_id(netns: &std::path::Path) -> Result<u64, MeshError> {
     use std::os::unix::fs::MetadataExt;

@@ -37,6 +37,8 @@ pub const PINNED_MAPS: &[&str] = &[
     lb::PEERS_MAP,
     lb::NETWORKS_MAP,
     lb::LOCAL_MAP,
+    mesh_common::sock::SOCK_MAP,
+    mesh_common::sock::NETNS_MAP,
 ];
 
 /// Where a program is attached, as named in link pins.
@@ -49,15 +51,35 @@ pub enum Hook {
     TcOverlayIn,
     /// Egress of the same.
     TcOverlayOut,
+    /// Ingress of the host port's far end (the node's own sockets, through the task
+    /// program).
+    TcHost,
+    /// The cgroup socket programs, at the cgroup v2 root ("ifindex": the cgroup's inode).
+    SockConnect4,
+    SockSendmsg4,
+    SockRecvmsg4,
+    SockGetpeername4,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [
+    pub const ALL: [Hook; 10] = [
         Hook::TcUnderlay,
         Hook::XdpUnderlay,
         Hook::TcTask,
         Hook::TcOverlayIn,
         Hook::TcOverlayOut,
+        Hook::TcHost,
+        Hook::SockConnect4,
+        Hook::SockSendmsg4,
+        Hook::SockRecvmsg4,
+        Hook::SockGetpeername4,
+    ];
+    /// The cgroup socket programs.
+    pub const SOCK: [Hook; 4] = [
+        Hook::SockConnect4,
+        Hook::SockSendmsg4,
+        Hook::SockRecvmsg4,
+        Hook::SockGetpeername4,
     ];
 
     /// The program this hook runs.
@@ -69,6 +91,11 @@ impl Hook {
             Hook::TcTask => programs::TC_TASK,
             Hook::TcOverlayIn => programs::TC_OVERLAY_IN,
             Hook::TcOverlayOut => programs::TC_OVERLAY_OUT,
+            Hook::TcHost => programs::TC_TASK,
+            Hook::SockConnect4 => programs::SOCK_CONNECT4,
+            Hook::SockSendmsg4 => programs::SOCK_SENDMSG4,
+            Hook::SockRecvmsg4 => programs::SOCK_RECVMSG4,
+            Hook::SockGetpeername4 => programs::SOCK_GETPEERNAME4,
         }
     }
 
@@ -79,7 +106,17 @@ impl Hook {
             Hook::TcTask => "tc_task",
             Hook::TcOverlayIn => "tc_ovl_in",
             Hook::TcOverlayOut => "tc_ovl_out",
+            Hook::TcHost => "tc_host",
+            Hook::SockConnect4 => "sock_connect4",
+            Hook::SockSendmsg4 => "sock_sendmsg4",
+            Hook::SockRecvmsg4 => "sock_recvmsg4",
+            Hook::SockGetpeername4 => "sock_getpeername4",
         }
+    }
+
+    /// Whether it is attached to a cgroup rather than an interface.
+    pub fn sock(self) -> bool {
+        Hook::SOCK.contains(&self)
     }
 
     /// Whether it lives on a task's overlay veth, in another network namespace.

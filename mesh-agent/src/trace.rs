@@ -153,7 +153,7 @@ pub fn read_output(frame: &[u8], vxlan_port: u16) -> Output {
 }
 
 /// A raw `bpf(2)` call.
-fn bpf(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+pub(crate) fn bpf(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i64> {
     // SAFETY: `attr` is a zero-padded bpf_attr of the size the kernel is told.
     let r = unsafe {
         libc::syscall(
@@ -170,7 +170,7 @@ fn bpf(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i64> {
     }
 }
 
-fn put32(a: &mut [u8; 128], off: usize, v: u32) {
+pub(crate) fn put32(a: &mut [u8; 128], off: usize, v: u32) {
     a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 

@@ -6,6 +6,10 @@ pub const CONFIG_GLOBAL: &str = "MESH_CONFIG";
 /// Default hairpin SNAT address: link-local, never routed, as Cilium's 169.254.42.1.
 pub const HAIRPIN_ADDR_DEFAULT: [u8; 4] = [169, 254, 42, 1];
 
+/// Default host-port address: where sockets on the node that dial a published port are
+/// pointed (routed into the mesh's veth pair; see [`crate::sock`]). Link-local too.
+pub const HOST_ADDR_DEFAULT: [u8; 4] = [169, 254, 42, 2];
+
 /// Load-time configuration of the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,7 +22,9 @@ pub struct MeshConfig {
     /// Address (network order) a task is SNATed to when it reaches its own service and
     /// lands on itself: a packet from its own address would be dropped as martian.
     pub hairpin_addr: u32,
-    pub _pad2: u32,
+    /// Address (network order) sockets of the node that dial a published port are
+    /// pointed at by the cgroup programs; 0 turns them off.
+    pub host_addr: u32,
 }
 crate::assert_size!(MeshConfig, 16);
 
@@ -28,7 +34,7 @@ impl MeshConfig {
         _pad: 0,
         flags: 0,
         hairpin_addr: u32::from_ne_bytes(HAIRPIN_ADDR_DEFAULT),
-        _pad2: 0,
+        host_addr: u32::from_ne_bytes(HOST_ADDR_DEFAULT),
     };
 }
 
@@ -48,4 +54,8 @@ pub mod programs {
     pub const TC_TASK: &str = "mesh_tc_task";
     pub const TC_OVERLAY_IN: &str = "mesh_tc_overlay_in";
     pub const TC_OVERLAY_OUT: &str = "mesh_tc_overlay_out";
+    pub const SOCK_CONNECT4: &str = "mesh_sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "mesh_sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "mesh_sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "mesh_sock_getpeername4";
 }

@@ -15,6 +15,7 @@ pub mod parse;
 pub mod proto;
 pub mod reason;
 pub mod reply;
+pub mod sock;
 pub mod stats;
 pub mod vxlan;
 

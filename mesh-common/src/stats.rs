@@ -20,6 +20,9 @@ pub enum Hook {
     TcOverlayIn = 3,
     /// TC egress on the same veth: what reaches the task (replies from VIP flows).
     TcOverlayOut = 4,
+    /// The cgroup socket programs: `fwd_to_task` counts a connect() or sendmsg() pointed
+    /// at the host port (nothing else is counted there).
+    Sock = 5,
 }
 
 impl Hook {
@@ -29,6 +32,7 @@ impl Hook {
         Hook::TcTask,
         Hook::TcOverlayIn,
         Hook::TcOverlayOut,
+        Hook::Sock,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -38,6 +42,7 @@ impl Hook {
             Hook::TcTask => "tc_task",
             Hook::TcOverlayIn => "tc_overlay_in",
             Hook::TcOverlayOut => "tc_overlay_out",
+            Hook::Sock => "sock",
         }
     }
 }
@@ -115,7 +120,7 @@ impl Counter {
     }
 }
 
-const _: () = assert!((Hook::TcOverlayOut as u32) < HOOK_SLOTS);
+const _: () = assert!((Hook::Sock as u32) < HOOK_SLOTS);
 
 #[cfg(test)]
 mod tests {

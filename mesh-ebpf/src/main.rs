@@ -10,14 +10,15 @@ mod maps;
 mod pkt;
 mod reply;
 mod skb;
+mod sock;
 mod stats;
 mod vip;
 mod vxlan;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
     Global,
 };
 use mesh_common::{config::MeshConfig, stats::Hook};
@@ -62,6 +63,32 @@ pub fn mesh_tc_overlay_in(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mesh_tc_overlay_out(ctx: TcContext) -> i32 {
     overlay(ctx, Hook::TcOverlayOut)
+}
+
+/// cgroup connect() (IPv4): a socket of this node dialling a published port is pointed
+/// at the host port (TCP, connected UDP).
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::point(&ctx, &MESH_CONFIG.load())
+}
+
+/// cgroup sendmsg() (IPv4): the same for unconnected UDP, per datagram.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::point(&ctx, &MESH_CONFIG.load())
+}
+
+/// cgroup recvmsg() (IPv4): a datagram from the host port reads as from the address the
+/// application dialled.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, &MESH_CONFIG.load())
+}
+
+/// cgroup getpeername() (IPv4): the peer is the address the application dialled.
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, &MESH_CONFIG.load())
 }
 
 #[inline(always)]

@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ct::{CtEntry, CtKey},
+    sock::{SockKey, SockOrig},
     lb::{Backend, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags, Service, Tunnel},
 };
 
@@ -48,6 +49,15 @@ pub static MESH_NET_V1: HashMap<u32, Network, 4096> = HashMap::new();
 /// This node on the underlay.
 #[btf_map]
 pub static MESH_LOCAL_V1: Array<Local, 1> = Array::new();
+
+/// Sockets pointed at the host port: (socket cookie, dialled port, proto) -> dialled address.
+#[btf_map]
+pub static MESH_SOCK_V1: LruHashMap<SockKey, SockOrig, 65536> = LruHashMap::new();
+
+/// This node's network namespaces (cookie -> `NETNS_HOST` / `NETNS_CONTAINER`): the
+/// socket programs' scope.
+#[btf_map]
+pub static MESH_NETNS_V1: HashMap<u64, u32, 4096> = HashMap::new();
 
 /// Per-CPU working memory for what does not fit the 512-byte stack: the parsed headers,
 /// a conntrack entry being built, the answer being built. Only programs attached at

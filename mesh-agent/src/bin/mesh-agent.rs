@@ -29,6 +29,12 @@ use mesh_agent::{
 };
 use mesh_common::config::MeshConfig;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Xdp {
     /// No XDP program (TC only; the right choice on veth).
@@ -133,6 +139,23 @@ struct Args {
     /// when the service has no other backend.
     #[arg(long, default_value_t = 1000, env = "MESH_WARMUP_MS")]
     warmup_ms: u64,
+    /// Published ports (and VIPs with ports) dialled from the node itself and from its
+    /// containers: cgroup socket programs point such sockets at the host port (a veth
+    /// pair, mesh-host0/1) where the task program balances them.
+    #[arg(long, value_enum, default_value = "on", env = "MESH_HOST_PORTS")]
+    host_ports: Switch,
+    /// The cgroup v2 directory the socket programs attach to (default: /sys/fs/cgroup or
+    /// /sys/fs/cgroup/unified, whichever is a cgroup v2 mount).
+    #[arg(long, env = "MESH_CGROUP")]
+    cgroup: Option<PathBuf>,
+    /// Network namespaces (files) whose sockets reach published ports through the mesh,
+    /// beyond this node's own and, with --from-docker, every one in Docker's netns
+    /// directory (its containers). Comma-separated in the environment.
+    #[arg(long = "host-netns", env = "MESH_HOST_NETNS", value_delimiter = ',')]
+    host_netns: Vec<PathBuf>,
+    /// The host port's address (link-local; never leaves the node).
+    #[arg(long, default_value = "169.254.42.2", env = "MESH_HOST_ADDR")]
+    host_addr: std::net::Ipv4Addr,
     /// Prometheus endpoint (`/metrics`), or `off`.
     #[arg(long, default_value = "127.0.0.1:9477", env = "MESH_METRICS")]
     metrics: String,
@@ -460,6 +483,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let pins = PinDir::new(&args.bpffs);
     if args.uninstall {
         pins.remove_all()?;
+        mesh_agent::hostport::remove_device()?;
         let _ = std::fs::remove_file(names_file(&args));
         let _ = std::fs::remove_file(mesh_agent::inspect::status_path(
             &args.state_dir,
@@ -478,6 +502,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 struct Agent {
     mesh: Mesh,
+    /// The host port, when on; and where the namespaces it serves are (directories,
+    /// files).
+    host: Option<mesh_agent::hostport::HostPorts>,
+    host_netns: (Vec<PathBuf>, Vec<PathBuf>),
     pins: PinDir,
     attached: BTreeSet<String>,
     /// Tasks' overlay veths with the overlay hooks, and their link pins.
@@ -528,12 +556,16 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     };
     let cfg = MeshConfig {
         vxlan_port: args.data_path_port,
+        host_addr: match args.host_ports {
+            Switch::On => u32::from_ne_bytes(args.host_addr.octets()),
+            Switch::Off => 0,
+        },
         ..MeshConfig::DEFAULT
     };
     let (mut dp, adopt) = loader::Datapath::load_pinned(&object, &cfg, &pins, args.maglev_slots)?;
     // Links of interfaces that are gone do nothing; their pins go.
     for l in pins.links() {
-        if l.netns == 0 && preflight::ifname(l.ifindex).is_none() {
+        if l.netns == 0 && !l.hook.sock() && preflight::ifname(l.ifindex).is_none() {
             pins.unpin(&l.path)?;
         }
     }
@@ -544,6 +576,11 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             Hook::XdpUnderlay => l.ifindex != underlay_ix || matches!(args.xdp, Xdp::Off),
             // Checked against the tasks after the first model is applied.
             Hook::TcTask | Hook::TcOverlayIn | Hook::TcOverlayOut => false,
+            Hook::TcHost => args.host_ports == Switch::Off,
+            Hook::SockConnect4
+            | Hook::SockSendmsg4
+            | Hook::SockRecvmsg4
+            | Hook::SockGetpeername4 => args.host_ports == Switch::Off,
         };
         if stale {
             pins.unpin(&l.path)?;
@@ -555,6 +592,41 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         Xdp::Native => dp.attach_pinned(Hook::XdpUnderlay, &underlay, &pins, XdpMode::Driver)?,
         Xdp::Generic => dp.attach_pinned(Hook::XdpUnderlay, &underlay, &pins, XdpMode::Skb)?,
     }
+    let host = match args.host_ports {
+        Switch::Off => {
+            // Turned off: the host port goes with its programs' links (unpinned above).
+            mesh_agent::hostport::remove_device()?;
+            None
+        }
+        Switch::On => {
+            let node = source
+                .as_ref()
+                .and_then(|s| s.me)
+                .or(model.node.as_ref().map(|n| n.addr))
+                .or(model.node_addrs.first().copied())
+                .or(mesh_agent::netdev::ipv4_of(&underlay).first().copied())
+                .with_context(|| {
+                    format!(
+                        "host ports need this node's address: {underlay} has none and the \
+                         config sets no `node:`; add one, or pass --host-ports off"
+                    )
+                })?;
+            let h = mesh_agent::hostport::HostPorts::setup(
+                &mut dp,
+                args.cgroup.as_deref(),
+                &underlay,
+                node,
+                args.host_addr,
+                Some(&pins),
+            )?;
+            tracing::info!(
+                cgroup = %h.cgroup.display(),
+                host_addr = %h.host_addr,
+                "host ports: the node's own sockets and its containers' reach published ports"
+            );
+            Some(h)
+        }
+    };
     let (mesh, adopted) = Mesh::pinned(dp, names_file(&args), adopt)?;
     if let Some(a) = adopted {
         if a.named {
@@ -597,6 +669,18 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     }
     let mut agent = Agent {
         mesh,
+        host,
+        host_netns: {
+            let mut dirs = Vec::new();
+            if args.from_docker {
+                dirs.push(
+                    args.docker_netns
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("/var/run/docker/netns")),
+                );
+            }
+            (dirs, args.host_netns.clone())
+        },
         pins: pins.clone(),
         attached: BTreeSet::new(),
         overlay: BTreeMap::new(),
@@ -744,7 +828,18 @@ impl Agent {
             }
         }
         self.attach_overlay(&model.overlay_ports);
+        if let Some(h) = &self.host {
+            self.mesh.extra_node_addrs = h.node_addrs();
+        }
         let a = self.mesh.apply(model)?;
+        if let Some(h) = &mut self.host {
+            let ns = mesh_agent::hostport::namespaces(&self.host_netns.0, &self.host_netns.1);
+            h.sync(
+                &mut self.mesh.dp,
+                &ns,
+                &mesh_agent::hostport::port_vips(model),
+            )?;
+        }
         let want: BTreeSet<&String> = model.endpoints.iter().map(|e| &e.interface).collect();
         let gone: Vec<String> = self
             .attached

@@ -603,7 +603,9 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
         .links()
         .iter()
         .map(|l| {
-            let (interface, present) = if l.netns == 0 {
+            let (interface, present) = if l.hook.sock() {
+                (format!("cgroup inode {}", l.ifindex), true)
+            } else if l.netns == 0 {
                 match preflight::ifname(l.ifindex) {
                     Some(n) => (n, true),
                     None => (format!("ifindex {} (gone)", l.ifindex), false),
@@ -614,7 +616,11 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
             serde_json::json!({
                 "hook": l.hook.name(), "program": l.hook.program(),
                 "interface": interface, "present": present,
-                "mode": if l.hook == mesh_agent::pins::Hook::XdpUnderlay { "xdp" } else { "tcx" },
+                "mode": match l.hook {
+                    mesh_agent::pins::Hook::XdpUnderlay => "xdp",
+                    h if h.sock() => "cgroup",
+                    _ => "tcx",
+                },
             })
         })
         .collect();

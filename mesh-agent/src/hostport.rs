@@ -163,7 +163,7 @@ pub fn route(dst: Ipv4Addr, src: Ipv4Addr) -> Result<(), MeshError> {
     let dev = crate::preflight::ifindex(HOST_DEV)?;
     crate::netdev::request(
         netlink_packet_route::RouteNetlinkMessage::NewRoute(route_msg(dst, Some((dev, src)))),
-        crate::netdev::CREATE | crate::netdev::REPLACE,
+        crate::netdev::REPLACE,
         format!("routing {dst} into {HOST_DEV}"),
     )
 }

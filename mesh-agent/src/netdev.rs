@@ -273,9 +273,9 @@ pub fn all_ipv4() -> Vec<std::net::Ipv4Addr> {
     out
 }
 
-/// Request flags for [`request`]: create (and fail if it exists), replace.
+/// Request flags for [`request`]: create (and fail if it exists); create or replace.
 pub const CREATE: u16 = netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL;
-pub const REPLACE: u16 = netlink_packet_core::NLM_F_REPLACE;
+pub const REPLACE: u16 = netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE;
 
 /// Sends one rtnetlink request in the calling thread's network namespace and waits for
 /// its acknowledgement; `what` names it in the error.

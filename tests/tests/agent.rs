@@ -440,7 +440,16 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
 
     let stop = AtomicBool::new(false);
     let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    // Stops the load generator however the scope ends: a failed assertion must fail the
+    // test, not leave the scope waiting on the generator for ever.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|sc| {
+        let _stop = StopOnDrop(&stop);
         sc.spawn(|| {
             topo.c.enter(|| {
                 while !stop.load(Ordering::Relaxed) {

@@ -262,6 +262,8 @@ pub struct LocalTasks {
     pub host_ports: Vec<HostPort>,
     /// The tasks' overlay veths, where east-west flows to VIPs start.
     pub overlay_ports: Vec<crate::model::OverlayPortSpec>,
+    /// Where Docker's network namespaces are, as seen here (from a sandbox's path).
+    pub netns_dir: Option<std::path::PathBuf>,
 }
 
 /// A host-mode published port of a task on this node, delivered to the task's address
@@ -465,6 +467,9 @@ pub async fn local_endpoints(
         else {
             continue;
         };
+        if out.netns_dir.is_none() {
+            out.netns_dir = sandbox.parent().map(std::path::Path::to_path_buf);
+        }
         let nets = ns.networks.unwrap_or_default();
         let mut mine: Vec<Ipv4Addr> = nets
             .values()

@@ -34,6 +34,14 @@ impl Hook {
         Hook::TcOverlayOut,
         Hook::Sock,
     ];
+    /// The hooks that see packets (every one but the socket programs').
+    pub const PACKET: &'static [Hook] = &[
+        Hook::XdpUnderlay,
+        Hook::TcUnderlayIngress,
+        Hook::TcTask,
+        Hook::TcOverlayIn,
+        Hook::TcOverlayOut,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {

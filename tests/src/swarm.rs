@@ -363,6 +363,15 @@ impl Swarm {
         Some(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `f` on a thread inside node `n`'s own network namespace (the machine's, for
+    /// the single node on this machine's dockerd).
+    pub fn on_node<R: Send>(&self, n: u32, f: impl FnOnce() -> R + Send) -> R {
+        if self.machine.is_some() {
+            return in_netns("/proc/1/ns/net", f);
+        }
+        in_netns(&format!("/run/netns/mc-n{n}"), f)
+    }
+
     /// Runs `f` on a thread inside the client namespace.
     pub fn client<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         in_netns(&format!("/run/netns/{}", self.client_netns), f)

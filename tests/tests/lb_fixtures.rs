@@ -266,6 +266,7 @@ impl Rig {
             Hook::XdpUnderlay => self.mesh.dp.xdp().unwrap().test_run(opts),
             Hook::TcOverlayIn => self.mesh.dp.tc_overlay_in().unwrap().test_run(opts),
             Hook::TcOverlayOut => self.mesh.dp.tc_overlay_out().unwrap().test_run(opts),
+            Hook::Sock => unreachable!("not a packet program"),
         }
         .unwrap_or_else(|e| panic!("{what}: test run: {e:?}"));
         if r.return_value != ret {
@@ -1298,6 +1299,7 @@ fn per_packet_cost_of_the_pass_through_paths() {
             Hook::XdpUnderlay => rig.mesh.dp.xdp().unwrap().test_run(opts),
             Hook::TcOverlayIn => rig.mesh.dp.tc_overlay_in().unwrap().test_run(opts),
             Hook::TcOverlayOut => rig.mesh.dp.tc_overlay_out().unwrap().test_run(opts),
+            Hook::Sock => unreachable!("not a packet program"),
         }
         .unwrap();
         (r.return_value, r.duration)

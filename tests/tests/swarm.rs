@@ -150,6 +150,7 @@ fn swarm_three_nodes() {
     kill_agent_under_load(&mut s, 2);
     drain_under_load(&s);
     host_mode(&s);
+    from_the_node(&s);
     vip_east_west(&s);
     meshctl_views(&s);
     labels(&s);
@@ -169,6 +170,7 @@ fn swarm_one_node_on_the_machines_dockerd() {
     publish(&s);
     vip_east_west(&s);
     host_mode(&s);
+    from_the_node(&s);
     meshctl_views(&s);
     updates_under_load(&s);
     unhealthy_out_within_2s(&s);
@@ -881,4 +883,218 @@ fn event_lag(s: &Swarm) {
             get("mesh_reconciles_total")
         );
     }
+}
+
+const ASK: Duration = Duration::from_secs(2);
+
+/// The task that answered (its name without the task id: "near.2") from a `who`
+/// answer ("near.2.<id> <client>"), and the client address it saw.
+fn task_and_client(body: &str) -> (String, String) {
+    let (host, client) = body.trim().split_once(' ').unwrap_or((body.trim(), ""));
+    let task = host.splitn(3, '.').take(2).collect::<Vec<_>>().join(".");
+    (task, client.trim().to_string())
+}
+
+/// GET /cgi-bin/who from the calling thread's namespace: (task, client it saw, the
+/// peer the socket reports).
+fn who_at(to: std::net::SocketAddr) -> std::io::Result<(String, String, std::net::SocketAddr)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect_timeout(&to, ASK)?;
+    let peer = c.peer_addr()?;
+    c.set_read_timeout(Some(ASK))?;
+    c.write_all(b"GET /cgi-bin/who HTTP/1.0\r\n\r\n")?;
+    let mut buf = String::new();
+    c.read_to_string(&mut buf)?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let (t, cl) = task_and_client(body);
+    Ok((t, cl, peer))
+}
+
+/// One datagram to `to` (connected or sendto) and the answer: (task, client it saw,
+/// where the answer came from).
+fn udp_who(
+    to: std::net::SocketAddr,
+    connected: bool,
+) -> std::io::Result<(String, String, std::net::SocketAddr)> {
+    let u = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    u.set_read_timeout(Some(ASK))?;
+    if connected {
+        u.connect(to)?;
+        assert_eq!(u.peer_addr()?, to, "getpeername of a connected UDP socket");
+        u.send(b"q")?;
+    } else {
+        u.send_to(b"q", to)?;
+    }
+    let mut buf = [0u8; 512];
+    let (n, from) = u.recv_from(&mut buf)?;
+    let (t, cl) = task_and_client(&String::from_utf8_lossy(&buf[..n]));
+    Ok((t, cl, from))
+}
+
+/// From the calling thread's namespace, through each of `addrs`: the TCP service `near`
+/// (8081) reaches every task in `near`, UDP `udpwho` (5353) every task in `udp`, the
+/// host-mode UDP port (5390) the task `local_udp` only; every client sees what it
+/// dialled as its peer (getpeername, recvfrom). `me`: the client address the tasks must
+/// see, when known. Waits up to 20 s for the first answer (the agent's next pass puts
+/// a new container's namespace in its scope).
+fn check_from(
+    who: &str,
+    addrs: &[std::net::Ipv4Addr],
+    me: Option<std::net::Ipv4Addr>,
+    near: &BTreeSet<String>,
+    udp: &BTreeSet<String>,
+    local_udp: &str,
+) {
+    for a in addrs {
+        let tcp = std::net::SocketAddr::from((*a, 8081));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while who_at(tcp).is_err() {
+            assert!(Instant::now() < deadline, "{who}: {tcp} never answered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mut seen = BTreeSet::new();
+        for _ in 0..30 {
+            let (t, cl, peer) = who_at(tcp).unwrap_or_else(|e| panic!("{who}: {tcp}: {e}"));
+            assert_eq!(peer, tcp, "{who}: getpeername is what was dialled");
+            if let Some(me) = me {
+                assert_eq!(
+                    cl,
+                    me.to_string(),
+                    "{who}: the client address the task sees"
+                );
+            }
+            seen.insert(t);
+        }
+        assert_eq!(
+            &seen, near,
+            "{who} via {tcp}: every task, on this node and the others"
+        );
+        let to = std::net::SocketAddr::from((*a, 5353));
+        let mut seen = BTreeSet::new();
+        for i in 0..30 {
+            let (t, _, from) =
+                udp_who(to, i % 2 == 0).unwrap_or_else(|e| panic!("{who}: {to}/udp: {e}"));
+            assert_eq!(from, to, "{who}: the answer comes from what was dialled");
+            seen.insert(t);
+        }
+        assert_eq!(&seen, udp, "{who} via {to}/udp: every task");
+        let host = std::net::SocketAddr::from((*a, 5390));
+        for connected in [false, true] {
+            let (t, _, from) =
+                udp_who(host, connected).unwrap_or_else(|e| panic!("{who}: {host}/udp: {e}"));
+            assert_eq!(
+                (t.as_str(), from),
+                (local_udp, host),
+                "{who}: host-mode UDP"
+            );
+        }
+    }
+}
+
+/// Published ports from each node itself (localhost and its own address) and from
+/// containers on node 1 (one on a user bridge network, one task on docker_gwbridge),
+/// TCP and UDP, ingress and host mode, tasks on the same node and on the others.
+fn from_the_node(s: &Swarm) {
+    let n = s.nodes.to_string();
+    let spread = ["--replicas", &n, "--replicas-max-per-node", "1"];
+    let mut args = vec![
+        "--name",
+        "near",
+        "-p",
+        "8081:80",
+        "--hostname",
+        "{{.Task.Name}}",
+    ];
+    args.extend_from_slice(&spread);
+    create_httpd(s, &args);
+    let mut udp = vec![
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "udpwho",
+        "--hostname",
+        "{{.Task.Name}}",
+        "-p",
+        "5353:53/udp",
+        "--publish",
+        "mode=host,published=5390,target=53,protocol=udp",
+    ];
+    udp.extend_from_slice(&spread);
+    udp.extend_from_slice(&["--no-resolve-image", IMAGE, "udp-who", "53"]);
+    s.docker(1, &udp);
+    let near = s.wait_running("near", s.nodes as usize, Duration::from_secs(60));
+    let udp = s.wait_running("udpwho", s.nodes as usize, Duration::from_secs(60));
+    let names = |v: &[(String, String)]| v.iter().map(|(t, _)| t.clone()).collect::<BTreeSet<_>>();
+    let (near_names, udp_names) = (names(&near), names(&udp));
+    let local_udp = |node: u32| {
+        udp.iter()
+            .find(|(_, h)| s.node_index(h) == node)
+            .map(|(t, _)| t.clone())
+            .expect("a udpwho task on every node")
+    };
+    let local = std::net::Ipv4Addr::LOCALHOST;
+    for node in 1..=s.nodes {
+        let me = s.addr(node);
+        let lu = local_udp(node);
+        s.on_node(node, || {
+            check_from(
+                &format!("node {node}"),
+                &[local, me],
+                Some(me),
+                &near_names,
+                &udp_names,
+                &lu,
+            )
+        });
+    }
+    // The host-mode TCP port of `hostmode` (host_mode's), from its own node.
+    let placed = s.wait_running("hostmode", 1, Duration::from_secs(10));
+    let at = s.node_index(&placed[0].1);
+    let (t, _, peer) = s
+        .on_node(at, || who_at((local, 8090).into()))
+        .expect("host-mode port from its node");
+    assert_eq!((t.as_str(), peer), ("hostmode.1", (local, 8090).into()));
+
+    // Containers on node 1: a plain one on a user bridge network, and a task (its
+    // docker_gwbridge side), both dialling the node's address.
+    s.docker(1, &["network", "create", "-d", "bridge", "probenet"]);
+    let probe = s.docker(
+        1,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "probe",
+            "--network",
+            "probenet",
+            IMAGE,
+            "sleep",
+            "600",
+        ],
+    );
+    let task = s.docker(1, &["ps", "-q", "-f", "name=near"]);
+    let lu = local_udp(1);
+    let me = s.addr(1);
+    for (what, id) in [("a bridge container", &probe), ("a task container", &task)] {
+        s.in_container(1, id, || {
+            check_from(
+                &format!("node 1, {what}"),
+                &[me],
+                None,
+                &near_names,
+                &udp_names,
+                &lu,
+            )
+        });
+    }
+    s.docker(1, &["rm", "-f", "probe"]);
+    s.docker(1, &["network", "rm", "probenet"]);
+    println!(
+        "swarm: from every node (localhost and its address) and from a bridge and a task \
+         container on node 1: TCP 8081 and UDP 5353 reach all {} tasks, host-mode UDP 5390 \
+         the local one, host-mode TCP 8090 on node {at}; getpeername/recvfrom give what \
+         was dialled",
+        s.nodes
+    );
 }

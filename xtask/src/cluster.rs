@@ -477,6 +477,23 @@ fn rootfs_in(dir: &Path) -> anyhow::Result<PathBuf> {
         "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s %s\\n' \"$(hostname)\" \"$REMOTE_ADDR\"\n",
     )?;
     std::fs::set_permissions(&who, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    // `udp-who PORT`: the same answer over UDP (busybox has no UDP server), std only,
+    // linked statically so the image needs no libraries.
+    let src = crate::cmd::root().join("xtask/fixtures/udp_who.rs");
+    exec(
+        Command::new("rustc")
+            .args([
+                "-O",
+                "-C",
+                "target-feature=+crt-static",
+                "--edition",
+                "2021",
+                "-o",
+            ])
+            .arg(r.join("bin/udp-who"))
+            .arg(&src),
+    )
+    .context("building the test image's udp-who")?;
     Ok(r)
 }
 

@@ -284,6 +284,8 @@ struct DockerSource {
     last_facts: Option<docker::ServiceFacts>,
     /// Docker's netns directory as mounted here (`--docker-netns`), if moved.
     netns_dir: Option<PathBuf>,
+    /// Docker's netns directory as its sandboxes' paths show it.
+    seen_netns_dir: Option<PathBuf>,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -305,7 +307,17 @@ impl DockerSource {
             trace_allowed: Default::default(),
             last_facts: None,
             netns_dir: None,
+            seen_netns_dir: None,
         }
+    }
+
+    /// Docker's netns directory: where it is mounted for us, else where its sandboxes
+    /// were seen, else Docker's default.
+    fn netns_dir(&self) -> PathBuf {
+        self.netns_dir
+            .clone()
+            .or_else(|| self.seen_netns_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("/var/run/docker/netns"))
     }
 
     fn with_netns_dir(mut self, dir: Option<PathBuf>) -> Self {
@@ -362,6 +374,9 @@ impl DockerSource {
         let now = Instant::now();
         self.drain.apply(&mut model, now);
         let tasks = docker::local_endpoints(&self.docker, self.netns_dir.as_deref()).await?;
+        if tasks.netns_dir.is_some() {
+            self.seen_netns_dir = tasks.netns_dir.clone();
+        }
         swarm::add_host_ports(&mut model, &tasks.host_ports);
         let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
         let stopping = if view.manager {
@@ -670,17 +685,10 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     let mut agent = Agent {
         mesh,
         host,
-        host_netns: {
-            let mut dirs = Vec::new();
-            if args.from_docker {
-                dirs.push(
-                    args.docker_netns
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from("/var/run/docker/netns")),
-                );
-            }
-            (dirs, args.host_netns.clone())
-        },
+        host_netns: (
+            source.iter().map(|s| s.netns_dir()).collect(),
+            args.host_netns.clone(),
+        ),
         pins: pins.clone(),
         attached: BTreeSet::new(),
         overlay: BTreeMap::new(),
@@ -786,7 +794,10 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         if let Some(src) = source.as_mut() {
             // A Docker hiccup is reported and the running state kept.
             let r = match src.model().await {
-                Ok(m) => agent.apply(&m, event),
+                Ok(m) => {
+                    agent.host_netns.0 = vec![src.netns_dir()];
+                    agent.apply(&m, event)
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = r {

@@ -45,13 +45,19 @@ agent. Run as root. Idempotent; every change is printed (changed: ...).
   --prefix DIR          install prefix (default /usr/local): DIR/bin/{mesh-agent,meshctl},
                         DIR/lib/mesh/mesh.bpf.o
   --no-docker-install   fail instead of installing Docker when it is absent
+  --keep-ipvs-off       keep the ip_vs module from loading (/etc/modprobe.d/
+                        mesh-no-ipvs.conf), so Docker's own IPVS mesh stays off and the
+                        mesh alone serves published ports and VIPs; takes full effect at
+                        the next boot if ip_vs is loaded now. Undo: --allow-ipvs
+  --allow-ipvs          remove that file again (ip_vs loads when Docker asks for it)
   -h, --help            this text
 
 Steps: root check; kernel checks (>= 6.6, bpf syscall, BTF, tc clsact, VXLAN; cgroup v2
 noted); Docker; bpffs at $BPFFS (mounted, and in /etc/fstab); sysctls
 (/etc/sysctl.d/90-mesh.conf and live); firewall (ufw, firewalld, or iptables/nft when
 input is filtered): 2377/tcp, 7946/tcp, 7946/udp, the data-path port/udp, the peer
-port/tcp; install the binaries; /etc/mesh/agent.yaml.
+port/tcp; install the binaries; /etc/mesh/agent.yaml; /run/mesh; whether Docker's IPVS
+mesh can run here (and, with --keep-ipvs-off, keeping it off).
 EOF
 }
 
@@ -212,6 +218,8 @@ ROOT=/
 FROM=""
 PREFIX=/usr/local
 DOCKER_INSTALL=1
+IPVS=""
+IPVS_FLAGS=0
 
 need_value() {
   (($# >= 2)) || die "$1 needs a value (see --help)"
@@ -221,6 +229,8 @@ while (($#)); do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
     --no-docker-install) DOCKER_INSTALL=0 ;;
+    --keep-ipvs-off) IPVS=off ;;
+    --allow-ipvs) IPVS=allow ;;
     -h | --help)
       usage
       exit 0
@@ -252,8 +262,10 @@ while (($#)); do
       ;;
     *) die "unknown argument \`$1\` (see --help)" ;;
   esac
+  [[ $1 == --keep-ipvs-off || $1 == --allow-ipvs ]] && IPVS_FLAGS=$((IPVS_FLAGS + 1))
   shift
 done
+((IPVS_FLAGS <= 1)) || die "--keep-ipvs-off and --allow-ipvs contradict each other: pass one"
 
 [[ $ROOT == /* ]] || die "--root must be an absolute path, not \`$ROOT\`"
 [[ -d $ROOT ]] || die "--root $ROOT is not a directory (create it first)"
@@ -786,6 +798,43 @@ step_state() {
   fi
 }
 
+# Docker's own mesh balances published ports and VIPs with IPVS; beside the mesh it would
+# hold rules for the same ports (the mesh's hooks run first, so they stay unused, but
+# two meshes on one node confuse whoever debugs it). Offered, never done unasked.
+NO_IPVS_CONF=/etc/modprobe.d/mesh-no-ipvs.conf
+step_ipvs() {
+  local conf="$R$NO_IPVS_CONF" st
+  st=$(module_status ip_vs)
+  case $IPVS in
+    off)
+      ensure_file "$conf" 0644 \
+        $'# Written by bootstrap-node.sh --keep-ipvs-off: keeps Docker\'s IPVS mesh off, so the\n# mesh alone serves published ports and VIPs. Undo: bootstrap-node.sh --allow-ipvs\n# (or delete this file).\nblacklist ip_vs\ninstall ip_vs /bin/false\n' \
+        "keeps ip_vs from loading"
+      if [[ $st == loaded ]]; then
+        note "ip_vs is loaded now: Docker's IPVS mesh stays until the next boot (or stop Docker, \`modprobe -r ip_vs\`, start Docker)"
+      fi
+      ;;
+    allow)
+      if [[ -e $conf ]]; then
+        change "remove $conf (ip_vs may load again)" run rm -f -- "$conf"
+      else
+        ok "nothing keeps ip_vs from loading ($conf absent)"
+      fi
+      ;;
+    *)
+      if [[ -e $conf ]]; then
+        ok "ip_vs kept from loading ($conf): Docker's IPVS mesh stays off"
+      elif [[ $st == loaded ]]; then
+        note "ip_vs is loaded: Docker's IPVS mesh can run beside the mesh; rerun with --keep-ipvs-off to keep it off (undo: --allow-ipvs)"
+      elif [[ $st == module || $st == builtin ]]; then
+        note "ip_vs can load here ($st): Docker's IPVS mesh would start with its first published port; rerun with --keep-ipvs-off to keep it off (undo: --allow-ipvs)"
+      else
+        ok "no ip_vs on this kernel ($st): Docker's IPVS mesh stays off"
+      fi
+      ;;
+  esac
+}
+
 # --- 9. what next ------------------------------------------------------------------------------------
 
 step_next() {
@@ -810,4 +859,5 @@ step_firewall
 step_install
 step_settings
 step_state
+step_ipvs
 step_next

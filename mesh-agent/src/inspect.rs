@@ -151,6 +151,21 @@ pub struct AgentStatus {
     /// port), which `meshctl doctor` compares with the maps.
     #[serde(default)]
     pub applied: BTreeMap<String, Vec<String>>,
+    /// Docker's IPVS mesh as the agent last saw it (with `source` docker).
+    #[serde(default)]
+    pub docker_mesh: Option<crate::ipvs::DockerMesh>,
+    /// The host port, when on: where the socket programs are attached, its address,
+    /// how many network namespaces are in its scope.
+    #[serde(default)]
+    pub host_ports: Option<HostPortsStatus>,
+}
+
+/// The host port as the status file records it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct HostPortsStatus {
+    pub cgroup: String,
+    pub host_addr: String,
+    pub namespaces: usize,
 }
 
 /// One service's drift between what the agent wrote and what the maps hold.
@@ -626,14 +641,6 @@ pub fn socket_owners(inode: u64) -> Vec<(u32, String)> {
     out
 }
 
-/// Virtual services in `/proc/net/ip_vs` text (Docker's IPVS mesh when non-zero).
-pub fn ipvs_services(proc_net_ip_vs: &str) -> usize {
-    proc_net_ip_vs
-        .lines()
-        .filter(|l| l.starts_with("TCP") || l.starts_with("UDP") || l.starts_with("FWM"))
-        .count()
-}
-
 #[cfg(test)]
 mod proc_tests {
     use super::*;
@@ -648,22 +655,6 @@ mod proc_tests {
         assert_eq!(udp_port_holders(t, 4789), vec![91234]);
         assert_eq!(udp_port_holders(t, 53), vec![555]);
         assert!(udp_port_holders(t, 4790).is_empty());
-    }
-
-    #[test]
-    fn ipvs_services_are_counted() {
-        let t = "IP Virtual Server version 1.2.1 (size=4096)
-Prot LocalAddress:Port Scheduler Flags
-  -> RemoteAddress:Port Forward Weight ActiveConn InActConn
-FWM  00000100 rr
-  -> 0A000004:0000      Masq    1      0          0
-TCP  0A000002:0050 rr
-";
-        assert_eq!(ipvs_services(t), 2);
-        assert_eq!(
-            ipvs_services("IP Virtual Server version 1.2.1 (size=4096)\n"),
-            0
-        );
     }
 
     #[test]

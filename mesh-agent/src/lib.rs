@@ -13,6 +13,7 @@ pub mod error;
 pub mod hostport;
 pub mod http;
 pub mod inspect;
+pub mod ipvs;
 pub mod loader;
 pub mod maglev;
 pub mod maps;

@@ -360,7 +360,10 @@ boot first --data-path-port 4790
 fw_dump first
 boot second --data-path-port 4790
 fw_dump second
-boot third"
+boot third
+boot ipvs_off --keep-ipvs-off
+boot ipvs_again --keep-ipvs-off
+boot ipvs_allow --allow-ipvs"
         ),
     );
     assert_fresh_start(&s);
@@ -473,6 +476,38 @@ boot third"
         settings.lines().any(|l| l == "data-path-port: 4790"),
         "agent.yaml after a run without --data-path-port: {settings:?}"
     );
+
+    // Docker's IPVS mesh: said without a flag, kept off on request, allowed again.
+    assert!(
+        first.stdout.lines().any(|l| l.contains("ip_vs")),
+        "nothing said about ip_vs:\n{}",
+        first.stdout
+    );
+    let conf = root.join("etc/modprobe.d/mesh-no-ipvs.conf");
+    let off = Run::read(&s, "ipvs_off");
+    off.assert_ok();
+    assert_eq!(
+        off.lines("changed:"),
+        vec![format!(
+            "changed: write {} (keeps ip_vs from loading)",
+            conf.display()
+        )
+        .as_str()],
+        "{}",
+        off.stdout
+    );
+    let text = fs::read_to_string(&conf).expect("mesh-no-ipvs.conf");
+    for l in ["blacklist ip_vs", "install ip_vs /bin/false"] {
+        assert!(text.lines().any(|x| x == l), "{l}: {text:?}");
+    }
+    assert!(text.contains("--allow-ipvs"), "says how to undo: {text:?}");
+    let again = Run::read(&s, "ipvs_again");
+    again.assert_ok();
+    assert!(again.lines("changed:").is_empty(), "{}", again.stdout);
+    let allow = Run::read(&s, "ipvs_allow");
+    allow.assert_ok();
+    assert_eq!(allow.lines("changed:").len(), 1, "{}", allow.stdout);
+    assert!(!conf.exists(), "--allow-ipvs removes {}", conf.display());
 }
 
 #[test]
@@ -495,6 +530,7 @@ fn bootstrap_fails_with_one_line() {
         &format!(
             "boot port --data-path-port 70000
 boot from --from /nonexistent
+boot both --keep-ipvs-off --allow-ipvs
 PATH={shim}:$PATH boot trap --dry-run
 {nonroot}",
             shim = shim.display(),
@@ -510,6 +546,8 @@ PATH={shim}:$PATH boot trap --dry-run
     Run::read(&s, "port")
         .assert_one_line_error("--data-path-port must be a port number 1..65535, not `70000`");
     Run::read(&s, "from").assert_one_line_error("--from /nonexistent");
+    Run::read(&s, "both")
+        .assert_one_line_error("--keep-ipvs-off and --allow-ipvs contradict each other: pass one");
     Run::read(&s, "trap").assert_one_line_error("unexpected failure of `uname -r`");
     if nonroot {
         Run::read(&s, "user").assert_one_line_error("must run as root");
@@ -521,7 +559,7 @@ PATH={shim}:$PATH boot trap --dry-run
         Vec::<PathBuf>::new(),
         "a failed run wrote files"
     );
-    for tag in ["port", "from", "trap"] {
+    for tag in ["port", "from", "both", "trap"] {
         let st = state(&fs::read_to_string(s.out().join(format!("{tag}.state"))).expect("state"));
         assert_eq!(st["ip_forward"], "0", "failed run `{tag}` set ip_forward");
         assert_ne!(st["bpffs"], "bpf_fs", "failed run `{tag}` mounted bpffs");

@@ -892,7 +892,12 @@ const ASK: Duration = Duration::from_secs(2);
 fn task_and_client(body: &str) -> (String, String) {
     let (host, client) = body.trim().split_once(' ').unwrap_or((body.trim(), ""));
     let task = host.splitn(3, '.').take(2).collect::<Vec<_>>().join(".");
-    (task, client.trim().to_string())
+    // httpd's REMOTE_ADDR is "[::ffff:10.0.0.5]".
+    let client = client
+        .trim()
+        .trim_start_matches("[::ffff:")
+        .trim_end_matches(']');
+    (task, client.to_string())
 }
 
 /// GET /cgi-bin/who from the calling thread's namespace: (task, client it saw, the

@@ -850,6 +850,24 @@ impl Agent {
                 &ns,
                 &mesh_agent::hostport::port_vips(model),
             )?;
+            self.status.host_ports = Some(mesh_agent::inspect::HostPortsStatus {
+                cgroup: h.cgroup.display().to_string(),
+                host_addr: h.host_addr.to_string(),
+                namespaces: h.scope_len(),
+            });
+        }
+        if let Some(dir) = self.host_netns.0.first() {
+            let d = mesh_agent::ipvs::detect(Path::new("/sys"), dir);
+            if d.active() && self.status.docker_mesh.as_ref().is_none_or(|p| !p.active()) {
+                tracing::warn!(
+                    ipvs_services = d.ipvs_services,
+                    "Docker's IPVS mesh is also active on this node: the mesh's hooks see \
+                     published-port and VIP traffic first, so Docker's rules stay unused; \
+                     `meshctl doctor` lists the ports; bootstrap-node.sh --keep-ipvs-off \
+                     keeps ip_vs from loading"
+                );
+            }
+            self.status.docker_mesh = Some(d);
         }
         let want: BTreeSet<&String> = model.endpoints.iter().map(|e| &e.interface).collect();
         let gone: Vec<String> = self

@@ -1010,23 +1010,77 @@ fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
             ));
         }
     }
-    out.push(match std::fs::read_to_string("/proc/net/ip_vs") {
-        Ok(t) if inspect::ipvs_services(&t) > 0 => check(
-            "ipvs",
-            "warn",
-            format!(
-                "Docker's IPVS mesh is also active ({} virtual services): it and the mesh both \
-                 handle published ports and VIPs; keep ip_vs from loading on swarm nodes",
-                inspect::ipvs_services(&t)
+    // Docker's IPVS mesh, as the agent saw it (it knows where Docker's namespaces are),
+    // else as seen from here; and what the mesh holds.
+    let dm = st
+        .as_ref()
+        .and_then(|s| s.docker_mesh.clone())
+        .unwrap_or_else(|| {
+            mesh_agent::ipvs::detect(
+                std::path::Path::new("/sys"),
+                std::path::Path::new("/var/run/docker/netns"),
+            )
+        });
+    let (mut ports, mut vips) = (Vec::new(), Vec::new());
+    if let Some(snap) = &snap {
+        for k in snap.frontends.keys() {
+            let proto = match k.proto {
+                mesh_common::proto::IPPROTO_TCP => "tcp",
+                mesh_common::proto::IPPROTO_UDP => "udp",
+                _ => "any",
+            };
+            if k.addr == 0 {
+                ports.push(format!("{}/{proto}", u16::from_be(k.port)));
+            } else {
+                vips.push(std::net::Ipv4Addr::from(u32::from_be(k.addr)).to_string());
+            }
+        }
+    }
+    ports.sort();
+    ports.dedup();
+    vips.sort();
+    vips.dedup();
+    let (fine, line) = mesh_agent::ipvs::ownership(&dm, &ports, &vips);
+    out.push(check("ipvs", if fine { "ok" } else { "warn" }, line));
+    if let Some(st) = &st {
+        let have: Vec<mesh_agent::pins::Hook> = links.iter().map(|l| l.hook).collect();
+        let want = mesh_agent::pins::Hook::SOCK
+            .into_iter()
+            .chain([mesh_agent::pins::Hook::TcHost]);
+        let missing: Vec<&str> = want
+            .filter(|h| !have.contains(h))
+            .map(|h| h.name())
+            .collect();
+        out.push(match (&st.host_ports, missing.is_empty()) {
+            (Some(h), true) => check(
+                "host ports",
+                "ok",
+                format!(
+                    "the node's own sockets and its containers' ({} namespaces) reach published \
+                     ports: socket programs on {}, host port {} ({})",
+                    h.namespaces,
+                    h.cgroup,
+                    mesh_agent::hostport::HOST_DEV,
+                    h.host_addr
+                ),
             ),
-        ),
-        Ok(_) => check("ipvs", "ok", "IPVS loaded but holds no service"),
-        Err(_) => check(
-            "ipvs",
-            "ok",
-            "no IPVS on this kernel: Docker's own mesh is off",
-        ),
-    });
+            (Some(_), false) => check(
+                "host ports",
+                "fail",
+                format!(
+                    "{} not attached: published ports do not answer from this node; restart \
+                     mesh-agent",
+                    missing.join(", ")
+                ),
+            ),
+            (None, _) => check(
+                "host ports",
+                "warn",
+                "off (mesh-agent --host-ports off): published ports answer from other hosts \
+                 only, not from this node or its containers",
+            ),
+        });
+    }
     if ask_docker || st.as_ref().is_none_or(|s| s.source == "docker") {
         out.push(docker_check(docker));
     }

@@ -376,9 +376,11 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
         (None, None) => return Step::Done(pk.drop(Reason::DropBackendNotLocal)),
     };
     // A task that lands on itself would see its own address as the source and drop the
-    // packet as martian: it sees the hairpin address instead. A stock Docker node can
-    // only answer overlay addresses: the client becomes this node's address there.
-    let hairpin = f.saddr == be.addr || f.saddr == target;
+    // packet as martian: it sees the hairpin address instead. So does one that calls
+    // from another of its addresses (its docker_gwbridge one, to a published port): it
+    // would answer itself through its loopback, never through us. A stock Docker node
+    // can only answer overlay addresses: the client becomes this node's address there.
+    let hairpin = f.saddr == be.addr || f.saddr == target || back_where_it_came(pk, ifindex);
     let mut client = f.saddr;
     if hairpin {
         client = cfg.hairpin_addr;
@@ -450,6 +452,14 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
         (None, Some(t)) => Step::Tunnel(t, nat),
         (None, None) => Step::Done(pk.drop(Reason::DropBackendNotLocal)),
     }
+}
+
+/// Whether a task's packet would be delivered back into the veth it came from (the
+/// task calling itself from another of its addresses). Its own BPF function: inlined,
+/// the comparison made LLVM hand the verifier a stack pointer as a return value.
+#[inline(never)]
+fn back_where_it_came(pk: &Pkt, ifindex: u32) -> bool {
+    pk.hook == Hook::TcTask && ifindex != 0 && ifindex == pk.ifindex()
 }
 
 /// Copies 6 bytes at `off` of the packet into `to`; true on failure. (A constant length:

@@ -380,12 +380,13 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
     // from another of its addresses (its docker_gwbridge one, to a published port): it
     // would answer itself through its loopback, never through us. A stock Docker node
     // can only answer overlay addresses: the client becomes this node's address there.
-    let hairpin = f.saddr == be.addr || f.saddr == target || back_where_it_came(pk, ifindex);
+    let how = client_rewrite(pk, ifindex);
+    let hairpin = f.saddr == be.addr || f.saddr == target || how == REWRITE_HAIRPIN;
     let mut client = f.saddr;
     if hairpin {
         client = cfg.hairpin_addr;
         count(pk.hook, Reason::ObsHairpin, pk.bytes);
-    } else if let Some(t) = tun.filter(|t| t.flags & TUN_STOCK != 0) {
+    } else if let Some(t) = tun.filter(|t| t.flags & TUN_STOCK != 0 || how == REWRITE_LOCAL) {
         // SAFETY: copied out at once.
         let Some(net) = (unsafe { MESH_NET_V1.get(&t.vni) }).copied() else {
             return Step::Done(pk.drop(Reason::DropTunnelFailed));
@@ -454,12 +455,31 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
     }
 }
 
-/// Whether a task's packet would be delivered back into the veth it came from (the
-/// task calling itself from another of its addresses). Its own BPF function: inlined,
-/// the comparison made LLVM hand the verifier a stack pointer as a return value.
+const REWRITE_HAIRPIN: u8 = 1;
+const REWRITE_LOCAL: u8 = 2;
+
+/// How a task-side flow's client must be rewritten beyond the usual cases:
+/// `REWRITE_HAIRPIN` when the packet would be delivered back into the veth it came from
+/// (the task calling itself from another of its addresses: it would answer itself
+/// through its loopback); `REWRITE_LOCAL` when the client's address means nothing on
+/// other nodes (not a task's overlay address, not one of the node's: a task's
+/// docker_gwbridge address, a container's bridge address; every node has its own 172.x
+/// of the same name, maybe the remote task's own), so a tunnelled flow is SNATed to the
+/// node's overlay address; else 0. Its own BPF function (the deep path's frame).
 #[inline(never)]
-fn back_where_it_came(pk: &Pkt, ifindex: u32) -> bool {
-    pk.hook == Hook::TcTask && ifindex != 0 && ifindex == pk.ifindex()
+fn client_rewrite(pk: &Pkt, ifindex: u32) -> u8 {
+    if pk.hook != Hook::TcTask {
+        return 0;
+    }
+    if ifindex != 0 && ifindex == pk.ifindex() {
+        return REWRITE_HAIRPIN;
+    }
+    let a = pk.f.saddr;
+    // SAFETY: lookups only, nothing kept.
+    if unsafe { MESH_EP_V1.get(&a) }.is_none() && unsafe { MESH_NODE_V1.get(&a) }.is_none() {
+        return REWRITE_LOCAL;
+    }
+    0
 }
 
 /// Copies 6 bytes at `off` of the packet into `to`; true on failure. (A constant length:

@@ -367,7 +367,7 @@ impl Swarm {
     /// the single node on this machine's dockerd).
     pub fn on_node<R: Send>(&self, n: u32, f: impl FnOnce() -> R + Send) -> R {
         if self.machine.is_some() {
-            return in_netns("/proc/1/ns/net", f);
+            return in_netns("/proc/self/ns/net", f);
         }
         in_netns(&format!("/run/netns/mc-n{n}"), f)
     }

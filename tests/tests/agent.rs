@@ -973,6 +973,7 @@ fn meshctl_explains_a_live_mesh() {
         "mtu",
         "data-path port",
         "ipvs",
+        "host ports",
         "drift",
     ] {
         assert_eq!(by.get(c).map(|x| x.0.as_str()), Some("ok"), "{c}: {by:?}");

@@ -25,7 +25,7 @@ use mesh_agent::{
 };
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
-    cluster::{Cluster, NODES, TASKS, VIP},
+    cluster::{Cluster, NODES, NODE_OVERLAY, TASKS, VIP},
     netns::Netns,
     prereq,
 };
@@ -206,8 +206,10 @@ fn udp_ask(to: SocketAddr, connected: bool) -> (String, String, SocketAddr) {
 
 /// Checks, from the calling thread's namespace, every kind of destination through
 /// `addrs` (the addresses this client dials published ports on); `me` is the address
-/// the tasks must see as the client.
-fn check_all(addrs: &[&str], me: &str, who: &str) {
+/// node 1's task must see as the client, `remote` the one the other nodes' tasks see
+/// (a container's bridge address means nothing there: node 1's overlay address).
+fn check_all(addrs: &[&str], me: &str, remote: &str, who: &str) {
+    let seen_as = |t: &str| if t == "t1" { me } else { remote };
     let all: BTreeSet<String> = ["t1", "t2", "t3"].map(String::from).into();
     for a in addrs {
         let to = |port| SocketAddr::from((ip(a), port));
@@ -216,7 +218,7 @@ fn check_all(addrs: &[&str], me: &str, who: &str) {
         for _ in 0..40 {
             let (t, p, peer) = tcp_get(to(8080));
             assert_eq!(peer, to(8080), "{who}: getpeername is what was dialled");
-            assert_eq!(p, me, "{who}: the task sees the client's address");
+            assert_eq!(p, seen_as(&t), "{who}: the client's address as {t} sees it");
             seen.insert(t);
         }
         assert_eq!(seen, all, "{who} via {a}:8080 reaches every node's task");
@@ -237,7 +239,11 @@ fn check_all(addrs: &[&str], me: &str, who: &str) {
                 to(5353),
                 "{who}: the answer comes from what was dialled"
             );
-            assert_eq!(p, me, "{who}: the task sees the client's address (UDP)");
+            assert_eq!(
+                p,
+                seen_as(&t),
+                "{who}: the client's address as {t} sees it (UDP)"
+            );
             seen.insert(t);
         }
         assert_eq!(
@@ -261,9 +267,13 @@ fn check_all(addrs: &[&str], me: &str, who: &str) {
     let mut seen = BTreeSet::new();
     for i in 0..40 {
         let (t, p, peer) = tcp_get(vip);
-        assert_eq!((p.as_str(), peer), (me, vip), "{who}: VIP {vip}");
+        assert_eq!((p.as_str(), peer), (seen_as(&t), vip), "{who}: VIP {vip}");
         let (u, p, from) = udp_ask(udp_vip, i % 2 == 1);
-        assert_eq!((p.as_str(), from), (me, udp_vip), "{who}: VIP {udp_vip}");
+        assert_eq!(
+            (p.as_str(), from),
+            (seen_as(&u), udp_vip),
+            "{who}: VIP {udp_vip}"
+        );
         seen.insert(t);
         seen.insert(u);
     }
@@ -279,8 +289,22 @@ fn the_node_and_its_containers_reach_published_ports_and_vips() {
         return;
     };
     let (n1, k) = (&s.cl.nodes[0], &s.k);
-    n1.enter(|| check_all(&["127.0.0.1", NODES[0], BRIDGE_GW], NODES[0], "node 1"));
-    k.enter(|| check_all(&[NODES[0], BRIDGE_GW], CONTAINER, "node 1's container"));
+    n1.enter(|| {
+        check_all(
+            &["127.0.0.1", NODES[0], BRIDGE_GW],
+            NODES[0],
+            NODES[0],
+            "node 1",
+        )
+    });
+    k.enter(|| {
+        check_all(
+            &[NODES[0], BRIDGE_GW],
+            CONTAINER,
+            NODE_OVERLAY[0],
+            "node 1's container",
+        )
+    });
     let snap = Snapshot::read(&s.meshes[0].dp.stats().unwrap()).unwrap();
     let pointed = snap.get(Hook::Sock, Reason::FwdToTask).packets;
     assert!(

@@ -806,7 +806,15 @@ fn meshctl_views(s: &Swarm) {
                 .map(|x| x["result"].as_str().unwrap().to_string())
         };
         assert_eq!(code, 0, "node {node}: doctor: {checks}");
-        for c in ["agent", "underlay", "tasks", "docker", "ipvs", "drift"] {
+        for c in [
+            "agent",
+            "underlay",
+            "tasks",
+            "docker",
+            "ipvs",
+            "host ports",
+            "drift",
+        ] {
             assert_eq!(
                 result(c).as_deref(),
                 Some("ok"),

@@ -163,10 +163,11 @@ reasons! {
     ObsHairpin = 57, "obs_hairpin", Observation;
     /// A VXLAN packet from a known peer was decapsulated.
     ObsDecap = 59, "obs_decap", Observation;
-    /// A flow to a backend on another node was SNATed to this node's overlay address: the
-    /// backend's node is a stock Docker node, or the client's address means nothing
-    /// there (a task calling from its docker_gwbridge address, a container's bridge
-    /// address: every node has its own 172.x of the same name).
+    /// A flow to a backend on another node was SNATed: to this node's overlay address
+    /// when the backend's node is a stock Docker node, to its underlay address when the
+    /// client's address means nothing there (a task calling from its docker_gwbridge
+    /// address, a container's bridge address: every node has its own 172.x of the same
+    /// name).
     ObsStockSnat = 60, "obs_stock_snat", Observation;
     /// A packet too big for the underlay once encapsulated: answered with ICMP
     /// fragmentation needed (the overlay MTU), so the sender's path MTU discovery works.

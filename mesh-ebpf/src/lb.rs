@@ -380,18 +380,24 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
     // from another of its addresses (its docker_gwbridge one, to a published port): it
     // would answer itself through its loopback, never through us. A stock Docker node
     // can only answer overlay addresses: the client becomes this node's address there.
-    let how = client_rewrite(pk, ifindex);
+    let how = client_rewrite(pk, ifindex, tun.is_some());
     let hairpin = f.saddr == be.addr || f.saddr == target || how == REWRITE_HAIRPIN;
     let mut client = f.saddr;
     if hairpin {
         client = cfg.hairpin_addr;
         count(pk.hook, Reason::ObsHairpin, pk.bytes);
-    } else if let Some(t) = tun.filter(|t| t.flags & TUN_STOCK != 0 || how == REWRITE_LOCAL) {
+    } else if let Some(t) = tun.filter(|t| t.flags & TUN_STOCK != 0) {
         // SAFETY: copied out at once.
         let Some(net) = (unsafe { MESH_NET_V1.get(&t.vni) }).copied() else {
             return Step::Done(pk.drop(Reason::DropTunnelFailed));
         };
         client = net.local_addr;
+        count(pk.hook, Reason::ObsStockSnat, pk.bytes);
+    } else if how != 0 {
+        // The node's own address: the remote task answers it through its gwbridge veth,
+        // where the tunnel's reply entry waits (an overlay address would be answered
+        // over Docker's overlay instead).
+        client = how;
         count(pk.hook, Reason::ObsStockSnat, pk.bytes);
     }
     let snat = client != f.saddr;
@@ -455,19 +461,19 @@ fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
     }
 }
 
-const REWRITE_HAIRPIN: u8 = 1;
-const REWRITE_LOCAL: u8 = 2;
+/// [`client_rewrite`]'s answer for a hairpin (never an address a client has).
+const REWRITE_HAIRPIN: u32 = 1;
 
 /// How a task-side flow's client must be rewritten beyond the usual cases:
-/// `REWRITE_HAIRPIN` when the packet would be delivered back into the veth it came from
-/// (the task calling itself from another of its addresses: it would answer itself
-/// through its loopback); `REWRITE_LOCAL` when the client's address means nothing on
-/// other nodes (not a task's overlay address, not one of the node's: a task's
-/// docker_gwbridge address, a container's bridge address; every node has its own 172.x
-/// of the same name, maybe the remote task's own), so a tunnelled flow is SNATed to the
-/// node's overlay address; else 0. Its own BPF function (the deep path's frame).
+/// [`REWRITE_HAIRPIN`] when the packet would be delivered back into the veth it came
+/// from (the task calling itself from another of its addresses: it would answer itself
+/// through its loopback); this node's underlay address when the flow is `tunnelled` and
+/// the client's address means nothing on other nodes (not a task's overlay address, not
+/// one of the node's: a task's docker_gwbridge address, a container's bridge address;
+/// every node has its own 172.x of the same name, maybe the remote task's own); else 0.
+/// Its own BPF function (the deep path's frame).
 #[inline(never)]
-fn client_rewrite(pk: &Pkt, ifindex: u32) -> u8 {
+fn client_rewrite(pk: &Pkt, ifindex: u32, tunnelled: bool) -> u32 {
     if pk.hook != Hook::TcTask {
         return 0;
     }
@@ -476,10 +482,13 @@ fn client_rewrite(pk: &Pkt, ifindex: u32) -> u8 {
     }
     let a = pk.f.saddr;
     // SAFETY: lookups only, nothing kept.
-    if unsafe { MESH_EP_V1.get(&a) }.is_none() && unsafe { MESH_NODE_V1.get(&a) }.is_none() {
-        return REWRITE_LOCAL;
+    if !tunnelled
+        || unsafe { MESH_EP_V1.get(&a) }.is_some()
+        || unsafe { MESH_NODE_V1.get(&a) }.is_some()
+    {
+        return 0;
     }
-    0
+    crate::maps::MESH_LOCAL_V1.get(0).map_or(0, |l| l.addr)
 }
 
 /// Copies 6 bytes at `off` of the packet into `to`; true on failure. (A constant length:

@@ -25,7 +25,7 @@ use mesh_agent::{
 };
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
-    cluster::{Cluster, NODES, NODE_OVERLAY, TASKS, VIP},
+    cluster::{Cluster, NODES, TASKS, VIP},
     netns::Netns,
     prereq,
 };
@@ -207,7 +207,7 @@ fn udp_ask(to: SocketAddr, connected: bool) -> (String, String, SocketAddr) {
 /// Checks, from the calling thread's namespace, every kind of destination through
 /// `addrs` (the addresses this client dials published ports on); `me` is the address
 /// node 1's task must see as the client, `remote` the one the other nodes' tasks see
-/// (a container's bridge address means nothing there: node 1's overlay address).
+/// (a container's bridge address means nothing there: node 1's own address).
 fn check_all(addrs: &[&str], me: &str, remote: &str, who: &str) {
     let seen_as = |t: &str| if t == "t1" { me } else { remote };
     let all: BTreeSet<String> = ["t1", "t2", "t3"].map(String::from).into();
@@ -301,7 +301,7 @@ fn the_node_and_its_containers_reach_published_ports_and_vips() {
         check_all(
             &[NODES[0], BRIDGE_GW],
             CONTAINER,
-            NODE_OVERLAY[0],
+            NODES[0],
             "node 1's container",
         )
     });

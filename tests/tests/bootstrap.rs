@@ -362,6 +362,7 @@ boot second --data-path-port 4790
 fw_dump second
 boot third
 boot ipvs_off --keep-ipvs-off
+cp \"$root/etc/modprobe.d/mesh-no-ipvs.conf\" \"$out/ipvs.conf\"
 boot ipvs_again --keep-ipvs-off
 boot ipvs_allow --allow-ipvs"
         ),
@@ -496,7 +497,8 @@ boot ipvs_allow --allow-ipvs"
         "{}",
         off.stdout
     );
-    let text = fs::read_to_string(&conf).expect("mesh-no-ipvs.conf");
+    // As the run wrote it (the last run removed it again).
+    let text = fs::read_to_string(s.out().join("ipvs.conf")).expect("mesh-no-ipvs.conf");
     for l in ["blacklist ip_vs", "install ip_vs /bin/false"] {
         assert!(text.lines().any(|x| x == l), "{l}: {text:?}");
     }

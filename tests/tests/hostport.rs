@@ -141,8 +141,12 @@ fn setup(test: &str, tag: &str) -> Option<Setup> {
                         .expect("host ports on node 1");
                 mesh.extra_node_addrs = h.node_addrs();
                 mesh.apply(&m).expect("apply model");
-                h.sync(&mut mesh.dp, &[k_path.clone()], &hostport::port_vips(&m))
-                    .expect("host ports' scope and routes");
+                h.sync(
+                    &mut mesh.dp,
+                    std::slice::from_ref(&k_path),
+                    &hostport::port_vips(&m),
+                )
+                .expect("host ports' scope and routes");
                 assert_eq!(h.scope_len(), 2, "node 1 and its container");
             } else {
                 mesh.apply(&m).expect("apply model");

@@ -92,6 +92,8 @@ pub fn run() -> anyhow::Result<()> {
             "--test",
             "overlay",
             "--test",
+            "hostport",
+            "--test",
             "vxlan_wire",
             "--test",
             "bootstrap",

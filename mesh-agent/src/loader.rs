@@ -23,6 +23,21 @@ use crate::{
     preflight, MeshError,
 };
 
+/// An error of the scope map (`MESH_NETNS_V1`).
+fn netns_err(source: aya::maps::MapError) -> MeshError {
+    MeshError::Map {
+        map: mesh_common::sock::NETNS_MAP,
+        source,
+    }
+}
+
+/// The scope map is not in the object.
+fn netns_absent() -> MeshError {
+    netns_err(aya::maps::MapError::InvalidName {
+        name: mesh_common::sock::NETNS_MAP.into(),
+    })
+}
+
 /// The cgroup directory, open, and its inode (what names its link pins).
 fn open_cgroup(cgroup: &Path) -> Result<(std::fs::File, u32), MeshError> {
     use std::os::unix::fs::MetadataExt;
@@ -534,20 +549,9 @@ impl Datapath {
     /// Puts the network namespace with `cookie` in the socket programs' scope as `kind`
     /// (`NETNS_HOST`, `NETNS_CONTAINER`), or takes it out (`None`).
     pub fn scope_netns(&mut self, cookie: u64, kind: Option<u32>) -> Result<(), MeshError> {
-        let map = self
-            .ebpf
-            .map_mut(mesh_common::sock::NETNS_MAP)
-            .ok_or(MeshError::Map {
-                map: mesh_common::sock::NETNS_MAP,
-                source: aya::maps::MapError::InvalidName {
-                    name: mesh_common::sock::NETNS_MAP.into(),
-                },
-            })?;
+        let map = self.ebpf.map_mut(mesh_common::sock::NETNS_MAP);
         let mut m: aya::maps::HashMap<_, u64, u32> =
-            aya::maps::HashMap::try_from(map).map_err(|source| MeshError::Map {
-                map: mesh_common::sock::NETNS_MAP,
-                source,
-            })?;
+            aya::maps::HashMap::try_from(map.ok_or_else(netns_absent)?).map_err(netns_err)?;
         let r = match kind {
             Some(k) => m.insert(cookie, k, 0),
             None => match m.remove(&cookie) {
@@ -555,28 +559,14 @@ impl Datapath {
                 r => r,
             },
         };
-        r.map_err(|source| MeshError::Map {
-            map: mesh_common::sock::NETNS_MAP,
-            source,
-        })
+        r.map_err(netns_err)
     }
 
     /// The namespaces in the socket programs' scope (cookie -> kind).
     pub fn scoped_netns(&self) -> Result<std::collections::BTreeMap<u64, u32>, MeshError> {
-        let map = self
-            .ebpf
-            .map(mesh_common::sock::NETNS_MAP)
-            .ok_or(MeshError::Map {
-                map: mesh_common::sock::NETNS_MAP,
-                source: aya::maps::MapError::InvalidName {
-                    name: mesh_common::sock::NETNS_MAP.into(),
-                },
-            })?;
+        let map = self.ebpf.map(mesh_common::sock::NETNS_MAP);
         let m: aya::maps::HashMap<_, u64, u32> =
-            aya::maps::HashMap::try_from(map).map_err(|source| MeshError::Map {
-                map: mesh_common::sock::NETNS_MAP,
-                source,
-            })?;
+            aya::maps::HashMap::try_from(map.ok_or_else(netns_absent)?).map_err(netns_err)?;
         Ok(m.iter().flatten().collect())
     }
 

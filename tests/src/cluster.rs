@@ -43,6 +43,18 @@ fn mac_str(m: [u8; 6]) -> String {
     MacAddr(m).to_string()
 }
 
+/// Task `t` as a healthy backend in node `i`'s model (on another node unless t == i).
+pub fn backend(i: usize, t: usize) -> BackendSpec {
+    let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+    BackendSpec {
+        addr: ip(TASKS[t]),
+        state: Health::Active,
+        node: (t != i).then(|| ip(NODES[t])),
+        network: None,
+        task: None,
+    }
+}
+
 pub struct Cluster {
     pub servers: Servers,
     pub c: Netns,
@@ -195,13 +207,7 @@ impl Cluster {
     /// whether task t is still listed.
     pub fn model(&self, i: usize, present: &[bool; 3]) -> Model {
         let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
-        let backend = |t: usize| BackendSpec {
-            addr: ip(TASKS[t]),
-            state: Health::Active,
-            node: (t != i).then(|| ip(NODES[t])),
-            network: None,
-            task: None,
-        };
+        let backend = |t: usize| backend(i, t);
         let port = |published: u16| PortSpec {
             published: Some(published),
             target: 80,

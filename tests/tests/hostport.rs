@@ -20,12 +20,12 @@ use mesh_agent::{
     hostport::{self, HostPorts},
     loader::Datapath,
     mesh::Mesh,
-    model::{BackendSpec, Health, Model, PortSpec, Protocol, PublishMode, ServiceSpec},
+    model::{Model, PortSpec, Protocol, PublishMode, ServiceSpec},
     stats::Snapshot,
 };
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
-    cluster::{Cluster, NODES, TASKS, VIP},
+    cluster::{backend, Cluster, NODES, VIP},
     netns::Netns,
     prereq,
 };
@@ -45,18 +45,11 @@ fn ip(a: &str) -> Ipv4Addr {
 /// 10.0.1.20:53), host-mode `hweb` (8090 -> 80) and `hdns` (5390/udp -> 53) on t1 only.
 fn model(cl: &Cluster, i: usize) -> Model {
     let mut m = cl.model(i, &[true; 3]);
-    let backend = |t: usize| BackendSpec {
-        addr: ip(TASKS[t]),
-        state: Health::Active,
-        node: (t != i).then(|| ip(NODES[t])),
-        network: None,
-        task: None,
-    };
     let svc = |name: &str, port: PortSpec, vips: Vec<Ipv4Addr>, tasks: &[usize]| ServiceSpec {
         name: name.into(),
         ports: vec![port],
         vips,
-        backends: tasks.iter().map(|t| backend(*t)).collect(),
+        backends: tasks.iter().map(|t| backend(i, *t)).collect(),
         tcp_idle: None,
         udp_idle: None,
         affinity: false,

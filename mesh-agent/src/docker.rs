@@ -258,6 +258,8 @@ pub struct LocalTasks {
     pub endpoints: Vec<crate::model::EndpointSpec>,
     /// Task addresses whose HEALTHCHECK is not passing.
     pub not_healthy: std::collections::BTreeSet<Ipv4Addr>,
+    /// Every address of every local task container (its health is known here).
+    pub known: std::collections::BTreeSet<Ipv4Addr>,
     /// Host-mode published ports of local tasks (not in Docker's gossiped tables).
     pub host_ports: Vec<HostPort>,
     /// The tasks' overlay veths, where east-west flows to VIPs start.
@@ -475,6 +477,7 @@ pub async fn local_endpoints(
             .values()
             .filter_map(|e| e.ip_address.as_deref()?.parse().ok())
             .collect();
+        out.known.extend(mine.iter().copied());
         let bindings: Vec<(crate::model::Protocol, u16, Vec<u16>)> = insp
             .host_config
             .as_ref()

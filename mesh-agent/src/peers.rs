@@ -34,6 +34,10 @@ pub struct Report {
     /// On a manager: the protocols of services' published ports (not in the gossip).
     #[serde(default)]
     pub protocols: crate::docker::Protocols,
+    /// Every address of its local tasks: their health is in `not_healthy` (absent: an
+    /// agent that does not say).
+    #[serde(default)]
+    pub known: Option<BTreeSet<Ipv4Addr>>,
 }
 
 /// The service facts the managers report (the first manager that answers).
@@ -176,10 +180,76 @@ pub fn credible(
     (sick, stopping)
 }
 
+/// Backends on other nodes that their node's agent has not looked at yet: Docker's
+/// gossip can list a task a moment before its own node's report says whether its
+/// HEALTHCHECK passes (a task still "starting" would take flows, then drain). Only for
+/// nodes whose report lists what it knows.
+pub fn unseen(
+    model: &crate::model::Model,
+    reports: &BTreeMap<Ipv4Addr, Report>,
+) -> BTreeSet<Ipv4Addr> {
+    model
+        .services
+        .iter()
+        .flat_map(|s| &s.backends)
+        .filter_map(|b| {
+            let known = reports.get(&b.node?)?.known.as_ref()?;
+            (!known.contains(&b.addr)).then_some(b.addr)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{BackendSpec, Model, ServiceSpec};
+
+    #[test]
+    fn a_remote_task_is_unseen_until_its_node_reports_it() {
+        let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+        let (n2, n3) = (ip("10.251.0.12"), ip("10.251.0.13"));
+        let b = |addr: &str, node: Option<Ipv4Addr>| BackendSpec {
+            addr: ip(addr),
+            state: Default::default(),
+            node,
+            network: None,
+            task: None,
+        };
+        let m = Model {
+            services: vec![ServiceSpec {
+                name: "web".into(),
+                ports: vec![],
+                vips: vec![],
+                backends: vec![
+                    b("10.0.0.5", None),
+                    b("10.0.0.6", Some(n2)),
+                    b("10.0.0.7", Some(n2)),
+                    b("10.0.0.8", Some(n3)),
+                ],
+                tcp_idle: None,
+                udp_idle: None,
+                affinity: false,
+                every_port: false,
+            }],
+            ..Default::default()
+        };
+        let reports = BTreeMap::from([
+            (
+                n2,
+                Report {
+                    known: Some(BTreeSet::from([ip("10.0.0.6")])),
+                    ..Default::default()
+                },
+            ),
+            // An agent that does not say what it knows holds nothing back.
+            (n3, Report::default()),
+        ]);
+        assert_eq!(unseen(&m, &reports), BTreeSet::from([ip("10.0.0.7")]));
+        assert!(
+            unseen(&m, &BTreeMap::new()).is_empty(),
+            "no reports, nothing held"
+        );
+    }
 
     #[test]
     fn a_peer_speaks_only_for_its_own_tasks() {
@@ -225,6 +295,7 @@ mod tests {
                 stopping: BTreeSet::from(["t6".to_string()]),
                 labels: BTreeMap::new(),
                 protocols: BTreeMap::new(),
+                known: None,
             },
         )]);
         let five = BTreeSet::from(["10.0.0.5".parse().unwrap()]);
@@ -266,6 +337,7 @@ mod tests {
                 "dns".to_string(),
                 vec![(5353, crate::model::Protocol::Udp)],
             )]),
+            known: Some(BTreeSet::from(["10.0.0.9".parse().unwrap()])),
         };
         let local = Arc::new(Mutex::new(report.clone()));
         tokio::spawn(serve(listener, local, None));

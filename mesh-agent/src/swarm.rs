@@ -463,12 +463,25 @@ impl DrainTracker {
     /// without a backend taking new flows. Runs once health and shutdowns are settled,
     /// so that "another backend is ready" means ready.
     pub fn hold_warming(&mut self, model: &mut Model, now: std::time::Instant) {
+        self.hold_warming_and(model, now, &BTreeSet::new());
+    }
+
+    /// As [`Self::hold_warming`], holding back `unseen` backends too (remote tasks their
+    /// own node's agent has not looked at yet: [`crate::peers::unseen`]).
+    pub fn hold_warming_and(
+        &mut self,
+        model: &mut Model,
+        now: std::time::Instant,
+        unseen: &BTreeSet<Ipv4Addr>,
+    ) {
         for s in &mut model.services {
             let warming = |b: &BackendSpec| {
-                self.seen
-                    .get(&(s.name.clone(), b.addr))
-                    .and_then(|x| x.since)
-                    .is_some_and(|t| now.duration_since(t) < self.warmup)
+                unseen.contains(&b.addr)
+                    || self
+                        .seen
+                        .get(&(s.name.clone(), b.addr))
+                        .and_then(|x| x.since)
+                        .is_some_and(|t| now.duration_since(t) < self.warmup)
             };
             let hold: Vec<bool> = s.backends.iter().map(warming).collect();
             let ready = s

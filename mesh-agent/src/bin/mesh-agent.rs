@@ -405,7 +405,9 @@ impl DockerSource {
                 .as_ref()
                 .map(|f| f.protocols.clone())
                 .unwrap_or_default(),
+            known: Some(tasks.known.clone()),
         };
+        let mut unseen = BTreeSet::new();
         if self.peer_port != 0 {
             let peers: Vec<_> = model.peers.iter().map(|p| p.addr).collect();
             let reports =
@@ -414,6 +416,7 @@ impl DockerSource {
                 facts = mesh_agent::peers::manager_facts(&reports, &view.managers);
             }
             let (sick, stop) = mesh_agent::peers::credible(&model, &reports, &view.managers, &ids);
+            unseen = mesh_agent::peers::unseen(&model, &reports);
             not_healthy.extend(sick);
             stopping_addrs.extend(stop);
         }
@@ -433,7 +436,7 @@ impl DockerSource {
             tracing::debug!(?stopping_addrs, ?not_healthy, "settling local tasks");
         }
         swarm::settle_local(&mut model, &found, &not_healthy, &stopping_addrs);
-        self.drain.hold_warming(&mut model, now);
+        self.drain.hold_warming_and(&mut model, now, &unseen);
         model.endpoints = tasks.endpoints;
         model.overlay_ports = tasks.overlay_ports;
         *self.trace_allowed.lock().expect("trace_allowed lock") = model

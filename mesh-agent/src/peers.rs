@@ -204,35 +204,42 @@ mod tests {
     use super::*;
     use crate::model::{BackendSpec, Model, ServiceSpec};
 
-    #[test]
-    fn a_remote_task_is_unseen_until_its_node_reports_it() {
-        let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
-        let (n2, n3) = (ip("10.251.0.12"), ip("10.251.0.13"));
-        let b = |addr: &str, node: Option<Ipv4Addr>| BackendSpec {
-            addr: ip(addr),
-            state: Default::default(),
-            node,
-            network: None,
-            task: None,
-        };
-        let m = Model {
+    /// One service `web` over `backends`: (address, node; `None`: this one).
+    fn web(backends: &[(&str, Option<Ipv4Addr>)]) -> Model {
+        Model {
             services: vec![ServiceSpec {
                 name: "web".into(),
                 ports: vec![],
                 vips: vec![],
-                backends: vec![
-                    b("10.0.0.5", None),
-                    b("10.0.0.6", Some(n2)),
-                    b("10.0.0.7", Some(n2)),
-                    b("10.0.0.8", Some(n3)),
-                ],
+                backends: backends
+                    .iter()
+                    .map(|(addr, node)| BackendSpec {
+                        addr: addr.parse().unwrap(),
+                        state: Default::default(),
+                        node: *node,
+                        network: None,
+                        task: None,
+                    })
+                    .collect(),
                 tcp_idle: None,
                 udp_idle: None,
                 affinity: false,
                 every_port: false,
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_remote_task_is_unseen_until_its_node_reports_it() {
+        let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+        let (n2, n3) = (ip("10.251.0.12"), ip("10.251.0.13"));
+        let m = web(&[
+            ("10.0.0.5", None),
+            ("10.0.0.6", Some(n2)),
+            ("10.0.0.7", Some(n2)),
+            ("10.0.0.8", Some(n3)),
+        ]);
         let reports = BTreeMap::from([
             (
                 n2,
@@ -257,30 +264,11 @@ mod tests {
             "10.251.0.12".parse().unwrap(),
             "10.251.0.13".parse().unwrap(),
         );
-        let b = |addr: &str, node: Option<Ipv4Addr>| BackendSpec {
-            addr: addr.parse().unwrap(),
-            state: Default::default(),
-            node,
-            network: None,
-            task: None,
-        };
-        let m = Model {
-            services: vec![ServiceSpec {
-                name: "web".into(),
-                ports: vec![],
-                vips: vec![],
-                backends: vec![
-                    b("10.0.0.4", None),
-                    b("10.0.0.5", Some(n2)),
-                    b("10.0.0.6", Some(n3)),
-                ],
-                tcp_idle: None,
-                udp_idle: None,
-                affinity: false,
-                every_port: false,
-            }],
-            ..Default::default()
-        };
+        let m = web(&[
+            ("10.0.0.4", None),
+            ("10.0.0.5", Some(n2)),
+            ("10.0.0.6", Some(n3)),
+        ]);
         let all: BTreeSet<Ipv4Addr> = ["10.0.0.4", "10.0.0.5", "10.0.0.6"]
             .iter()
             .map(|a| a.parse().unwrap())

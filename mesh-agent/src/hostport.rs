@@ -110,8 +110,7 @@ pub fn netns_cookie_of(netns: &Path) -> Result<u64, MeshError> {
 /// Kept across agent restarts: sockets connected through it keep working.
 pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
     use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo};
-    let links = crate::netdev::links()?;
-    if !links.iter().any(|l| l.name == HOST_DEV) {
+    if crate::preflight::ifindex(HOST_DEV).is_err() {
         let mut peer = netlink_packet_route::link::LinkMessage::default();
         peer.attributes
             .push(LinkAttribute::IfName(HOST_PEER.into()));
@@ -127,15 +126,10 @@ pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
             "creating the host port (veth mesh-host0/mesh-host1)",
         )?;
     }
-    let links = crate::netdev::links()?;
-    let index = |name: &str| {
-        links
-            .iter()
-            .find(|l| l.name == name)
-            .map(|l| l.index)
-            .ok_or_else(|| MeshError::HostPort(format!("{name} vanished while being set up")))
-    };
-    let (dev, peer) = (index(HOST_DEV)?, index(HOST_PEER)?);
+    let (dev, peer) = (
+        crate::preflight::ifindex(HOST_DEV)?,
+        crate::preflight::ifindex(HOST_PEER)?,
+    );
     for (ix, noarp) in [(dev, true), (peer, false)] {
         use netlink_packet_route::link::LinkFlags;
         let mut m = netlink_packet_route::link::LinkMessage::default();
@@ -162,7 +156,7 @@ pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
 pub fn route(dst: Ipv4Addr, src: Ipv4Addr) -> Result<(), MeshError> {
     let dev = crate::preflight::ifindex(HOST_DEV)?;
     crate::netdev::request(
-        netlink_packet_route::RouteNetlinkMessage::NewRoute(route_msg(dst, Some((dev, src)))),
+        netlink_packet_route::RouteNetlinkMessage::NewRoute(route_msg(dst, dev, Some(src))),
         crate::netdev::REPLACE,
         format!("routing {dst} into {HOST_DEV}"),
     )
@@ -174,7 +168,7 @@ pub fn unroute(dst: Ipv4Addr) -> Result<(), MeshError> {
         return Ok(());
     };
     match crate::netdev::request(
-        netlink_packet_route::RouteNetlinkMessage::DelRoute(route_msg(dst, Some((dev, dst)))),
+        netlink_packet_route::RouteNetlinkMessage::DelRoute(route_msg(dst, dev, None)),
         0,
         format!("removing the route to {dst}"),
     ) {
@@ -183,9 +177,11 @@ pub fn unroute(dst: Ipv4Addr) -> Result<(), MeshError> {
     }
 }
 
+/// RTM_*ROUTE for `dst`/32 out of `dev` (table main, link scope), from `src` if given.
 fn route_msg(
     dst: Ipv4Addr,
-    via: Option<(u32, Ipv4Addr)>,
+    dev: u32,
+    src: Option<Ipv4Addr>,
 ) -> netlink_packet_route::route::RouteMessage {
     use netlink_packet_route::{
         route::{
@@ -203,12 +199,10 @@ fn route_msg(
     m.header.kind = RouteType::Unicast;
     m.attributes
         .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
-    if let Some((dev, src)) = via {
-        m.attributes.push(RouteAttribute::Oif(dev));
-        if src != dst {
-            m.attributes
-                .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
-        }
+    m.attributes.push(RouteAttribute::Oif(dev));
+    if let Some(src) = src {
+        m.attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
     }
     m
 }

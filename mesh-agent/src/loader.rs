@@ -23,21 +23,6 @@ use crate::{
     preflight, MeshError,
 };
 
-/// An error of the scope map (`MESH_NETNS_V1`).
-fn netns_err(source: aya::maps::MapError) -> MeshError {
-    MeshError::Map {
-        map: mesh_common::sock::NETNS_MAP,
-        source,
-    }
-}
-
-/// The scope map is not in the object.
-fn netns_absent() -> MeshError {
-    netns_err(aya::maps::MapError::InvalidName {
-        name: mesh_common::sock::NETNS_MAP.into(),
-    })
-}
-
 /// The cgroup directory, open, and its inode (what names its link pins).
 fn open_cgroup(cgroup: &Path) -> Result<(std::fs::File, u32), MeshError> {
     use std::os::unix::fs::MetadataExt;
@@ -436,6 +421,13 @@ impl Datapath {
     }
 
     fn take_over(&mut self, hook: Hook, path: &Path) -> Result<(), String> {
+        if hook.sock() {
+            let prog = self
+                .program::<CgroupSockAddr>(hook.program())
+                .map_err(|e| e.to_string())?;
+            let prog_fd = prog.fd().map_err(|e| e.to_string())?;
+            return link_update(path, std::os::fd::AsFd::as_fd(prog_fd)).map_err(|e| e.to_string());
+        }
         let fd: FdLink = PinnedLink::from_pin(path)
             .map_err(|e| e.to_string())?
             .into();
@@ -450,14 +442,7 @@ impl Datapath {
             Hook::SockConnect4
             | Hook::SockSendmsg4
             | Hook::SockRecvmsg4
-            | Hook::SockGetpeername4 => {
-                let prog = self
-                    .program::<CgroupSockAddr>(hook.program())
-                    .map_err(|e| e.to_string())?;
-                let prog_fd = prog.fd().map_err(|e| e.to_string())?;
-                drop(fd);
-                link_update(path, std::os::fd::AsFd::as_fd(prog_fd)).map_err(|e| e.to_string())?;
-            }
+            | Hook::SockGetpeername4 => unreachable!("taken over above"),
             Hook::TcUnderlay
             | Hook::TcTask
             | Hook::TcHost
@@ -544,30 +529,6 @@ impl Datapath {
                 detail: e.to_string(),
             })?;
         Ok(Some(fd))
-    }
-
-    /// Puts the network namespace with `cookie` in the socket programs' scope as `kind`
-    /// (`NETNS_HOST`, `NETNS_CONTAINER`), or takes it out (`None`).
-    pub fn scope_netns(&mut self, cookie: u64, kind: Option<u32>) -> Result<(), MeshError> {
-        let map = self.ebpf.map_mut(mesh_common::sock::NETNS_MAP);
-        let mut m: aya::maps::HashMap<_, u64, u32> =
-            aya::maps::HashMap::try_from(map.ok_or_else(netns_absent)?).map_err(netns_err)?;
-        let r = match kind {
-            Some(k) => m.insert(cookie, k, 0),
-            None => match m.remove(&cookie) {
-                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                r => r,
-            },
-        };
-        r.map_err(netns_err)
-    }
-
-    /// The namespaces in the socket programs' scope (cookie -> kind).
-    pub fn scoped_netns(&self) -> Result<std::collections::BTreeMap<u64, u32>, MeshError> {
-        let map = self.ebpf.map(mesh_common::sock::NETNS_MAP);
-        let m: aya::maps::HashMap<_, u64, u32> =
-            aya::maps::HashMap::try_from(map.ok_or_else(netns_absent)?).map_err(netns_err)?;
-        Ok(m.iter().flatten().collect())
     }
 
     /// The per-backend counters, summed over CPUs, by backend id.

@@ -74,6 +74,26 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// Puts the network namespace with `cookie` in the socket programs' scope as `kind`
+    /// (`NETNS_HOST`, `NETNS_CONTAINER`), or takes it out (`None`).
+    pub fn scope_netns(&mut self, cookie: u64, kind: Option<u32>) -> Result<(), MeshError> {
+        let name = mesh_common::sock::NETNS_MAP;
+        match kind {
+            Some(k) => self
+                .hash_map::<u64, u32>(name)?
+                .insert(cookie, k, 0)
+                .map_err(map_err(name)),
+            None => self.remove::<u64, u32>(name, &cookie),
+        }
+    }
+
+    /// The namespaces in the socket programs' scope (cookie -> kind).
+    pub fn scoped_netns(&mut self) -> Result<BTreeMap<u64, u32>, MeshError> {
+        self.entries(mesh_common::sock::NETNS_MAP)
+    }
+}
+
 /// Where the load-balancing maps are read from: the loaded object's, or the pins of a
 /// running (or departed) agent, which is how meshctl reads them.
 trait MapSource {

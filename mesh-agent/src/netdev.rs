@@ -61,34 +61,43 @@ mod tests {
 
 /// The interface that holds `addr` in the calling thread's network namespace.
 pub fn interface_with_addr(addr: std::net::Ipv4Addr) -> Option<String> {
+    ipv4_addrs()
+        .into_iter()
+        .find(|(_, a)| *a == addr)
+        .map(|(name, _)| name)
+}
+
+/// Every (interface, IPv4 address) of the calling thread's network namespace
+/// (getifaddrs).
+fn ipv4_addrs() -> Vec<(String, std::net::Ipv4Addr)> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut out = Vec::new();
     let mut cur = head;
     while !cur.is_null() {
         // SAFETY: walking the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            if sin.sin_addr.s_addr == u32::from_ne_bytes(addr.octets()) {
-                // SAFETY: a NUL-terminated interface name.
-                found = Some(
-                    unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-                break;
-            }
+            // SAFETY: an AF_INET address is a sockaddr_in; the name is NUL-terminated.
+            let (sin, name) = unsafe {
+                (
+                    &*(ifa.ifa_addr as *const libc::sockaddr_in),
+                    std::ffi::CStr::from_ptr(ifa.ifa_name),
+                )
+            };
+            out.push((
+                name.to_string_lossy().into_owned(),
+                std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+            ));
         }
         cur = ifa.ifa_next;
     }
     // SAFETY: the list getifaddrs allocated.
     unsafe { libc::freeifaddrs(head) };
-    found
+    out
 }
 
 #[cfg(test)]
@@ -199,31 +208,11 @@ pub fn links() -> Result<Vec<Link>, MeshError> {
 
 /// The IPv4 addresses of interface `name` in the calling thread's network namespace.
 pub fn ipv4_of(name: &str) -> Vec<std::net::Ipv4Addr> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: walking the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        // SAFETY: a NUL-terminated interface name.
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if !ifa.ifa_addr.is_null()
-            && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET
-            && ifname.to_bytes() == name.as_bytes()
-        {
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            out.push(std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated.
-    unsafe { libc::freeifaddrs(head) };
-    out
+    ipv4_addrs()
+        .into_iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, a)| a)
+        .collect()
 }
 
 /// As [`links`], in the network namespace at `netns` (a path such as a container's
@@ -247,27 +236,9 @@ pub fn links_and_addrs_in(
     })
 }
 
-/// Every IPv4 address of the calling thread's network namespace (getifaddrs).
+/// Every IPv4 address of the calling thread's network namespace, once each.
 pub fn all_ipv4() -> Vec<std::net::Ipv4Addr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates the list, freed below; entries are read only while
-    // it lives, and only AF_INET addresses are read as sockaddr_in.
-    unsafe {
-        if libc::getifaddrs(&mut head) != 0 {
-            return out;
-        }
-        let mut p = head;
-        while !p.is_null() {
-            let a = (*p).ifa_addr;
-            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            }
-            p = (*p).ifa_next;
-        }
-        libc::freeifaddrs(head);
-    }
+    let mut out: Vec<_> = ipv4_addrs().into_iter().map(|(_, a)| a).collect();
     out.sort();
     out.dedup();
     out

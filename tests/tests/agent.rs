@@ -484,6 +484,12 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
             "{}",
             guard.log()
         );
+        // Every pinned link, the cgroup socket programs' too, taken over in place.
+        assert!(
+            !guard.log().contains("not taking over a pinned link"),
+            "{}",
+            guard.log()
+        );
         assert_eq!(
             ask(&mut w),
             first,

@@ -374,8 +374,8 @@ impl DockerSource {
         let now = Instant::now();
         self.drain.apply(&mut model, now);
         let tasks = docker::local_endpoints(&self.docker, self.netns_dir.as_deref()).await?;
-        if tasks.netns_dir.is_some() {
-            self.seen_netns_dir = tasks.netns_dir.clone();
+        if let Some(d) = &tasks.netns_dir {
+            self.seen_netns_dir = Some(d.clone());
         }
         swarm::add_host_ports(&mut model, &tasks.host_ports);
         let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
@@ -520,10 +520,13 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 struct Agent {
     mesh: Mesh,
-    /// The host port, when on; and where the namespaces it serves are (directories,
-    /// files).
+    /// The host port, when on.
     host: Option<mesh_agent::hostport::HostPorts>,
-    host_netns: (Vec<PathBuf>, Vec<PathBuf>),
+    /// Docker's netns directory (its containers' namespaces: the host port serves them
+    /// all), with --from-docker.
+    docker_netns: Option<PathBuf>,
+    /// More namespaces the host port serves (`--host-netns`).
+    host_netns: Vec<PathBuf>,
     pins: PinDir,
     attached: BTreeSet<String>,
     /// Tasks' overlay veths with the overlay hooks, and their link pins.
@@ -594,8 +597,8 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             Hook::XdpUnderlay => l.ifindex != underlay_ix || matches!(args.xdp, Xdp::Off),
             // Checked against the tasks after the first model is applied.
             Hook::TcTask | Hook::TcOverlayIn | Hook::TcOverlayOut => false,
-            Hook::TcHost => args.host_ports == Switch::Off,
-            Hook::SockConnect4
+            Hook::TcHost
+            | Hook::SockConnect4
             | Hook::SockSendmsg4
             | Hook::SockRecvmsg4
             | Hook::SockGetpeername4 => args.host_ports == Switch::Off,
@@ -688,10 +691,8 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
     let mut agent = Agent {
         mesh,
         host,
-        host_netns: (
-            source.iter().map(|s| s.netns_dir()).collect(),
-            args.host_netns.clone(),
-        ),
+        docker_netns: source.as_ref().map(|s| s.netns_dir()),
+        host_netns: args.host_netns.clone(),
         pins: pins.clone(),
         attached: BTreeSet::new(),
         overlay: BTreeMap::new(),
@@ -798,7 +799,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             // A Docker hiccup is reported and the running state kept.
             let r = match src.model().await {
                 Ok(m) => {
-                    agent.host_netns.0 = vec![src.netns_dir()];
+                    agent.docker_netns = Some(src.netns_dir());
                     agent.apply(&m, event)
                 }
                 Err(e) => Err(e),
@@ -847,7 +848,8 @@ impl Agent {
         }
         let a = self.mesh.apply(model)?;
         if let Some(h) = &mut self.host {
-            let ns = mesh_agent::hostport::namespaces(&self.host_netns.0, &self.host_netns.1);
+            let dirs: Vec<PathBuf> = self.docker_netns.iter().cloned().collect();
+            let ns = mesh_agent::hostport::namespaces(&dirs, &self.host_netns);
             h.sync(
                 &mut self.mesh.dp,
                 &ns,
@@ -859,7 +861,7 @@ impl Agent {
                 namespaces: h.scope_len(),
             });
         }
-        if let Some(dir) = self.host_netns.0.first() {
+        if let Some(dir) = &self.docker_netns {
             let d = mesh_agent::ipvs::detect(Path::new("/sys"), dir);
             if d.active() && self.status.docker_mesh.as_ref().is_none_or(|p| !p.active()) {
                 tracing::warn!(

@@ -16,8 +16,12 @@ pub const HOST_ADDR_DEFAULT: [u8; 4] = [169, 254, 42, 2];
 pub struct MeshConfig {
     /// VXLAN data-path port, host byte order (Docker's `--data-path-port`).
     pub vxlan_port: u16,
-    pub _pad: u16,
-    /// Reserved for feature flags; zero today.
+    /// The underlay interface's MTU when the agent loaded the programs: the datapath's
+    /// own MTU check where the kernel has no `bpf_check_mtu` (0: no check).
+    pub underlay_mtu: u16,
+    /// What the running kernel offers ([`FEAT_CHECK_MTU`], ...), probed by the loader.
+    /// The programs read it straight from the frozen global, so the verifier knows it
+    /// as a constant and never looks at the path a kernel cannot run.
     pub flags: u32,
     /// Address (network order) a task is SNATed to when it reaches its own service and
     /// lands on itself: a packet from its own address would be dropped as martian.
@@ -28,10 +32,27 @@ pub struct MeshConfig {
 }
 crate::assert_size!(MeshConfig, 16);
 
+/// `MeshConfig::flags`: `bpf_check_mtu` (Linux 5.12); without it, the datapath compares
+/// against `underlay_mtu` itself.
+pub const FEAT_CHECK_MTU: u32 = 1 << 0;
+/// `bpf_xdp_load_bytes` / `bpf_xdp_store_bytes` (Linux 5.18); without them, XDP reads and
+/// writes the frame by direct packet access.
+pub const FEAT_XDP_BYTES: u32 = 1 << 1;
+/// `bpf_xdp_adjust_meta` in XDP programs (Linux 4.15, but some kernels' builds refuse
+/// it): without it, XDP validates VXLAN and leaves taking it apart to TC (no metadata
+/// can carry the peer and VNI across).
+pub const FEAT_XDP_META: u32 = 1 << 2;
+/// Every feature.
+pub const FEAT_ALL: u32 = FEAT_CHECK_MTU | FEAT_XDP_BYTES | FEAT_XDP_META;
+/// Offset of `flags` in [`MeshConfig`] (the programs read that word alone).
+pub const FLAGS_OFFSET: usize = 4;
+
 impl MeshConfig {
     pub const DEFAULT: MeshConfig = MeshConfig {
         vxlan_port: crate::proto::VXLAN_PORT_DEFAULT,
-        _pad: 0,
+        underlay_mtu: 0,
+        // The object assumes nothing: the loader sets what it probed, and a plain
+        // `bpftool prog loadall` verifies the paths every kernel can run.
         flags: 0,
         hairpin_addr: u32::from_ne_bytes(HAIRPIN_ADDR_DEFAULT),
         host_addr: u32::from_ne_bytes(HOST_ADDR_DEFAULT),

@@ -6,7 +6,6 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    config::MeshConfig,
     parse::{self, Frag, Packet, Parsed},
     proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
@@ -14,7 +13,7 @@ use mesh_common::{
 };
 
 use crate::{
-    icmp,
+    config, icmp,
     lb::{self, Outcome},
     maps,
     pkt::DirectPacket,
@@ -22,49 +21,53 @@ use crate::{
 };
 
 /// TC (underlay ingress and task veths): validate, count, load-balance. The parsed
-/// headers live in per-CPU scratch memory; parsing and dispatch are separate BPF
-/// functions so that their stack frames never add up.
+/// headers live in per-CPU scratch memory; parsing, decapsulation, the tunnel's way in
+/// and dispatch are separate BPF functions called from here, so that their stack frames
+/// never add up.
 #[inline(always)]
-pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshConfig) -> i32 {
+pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
     let Some(s) = maps::scratch() else {
         return TC_ACT_UNSPEC;
     };
-    if parse_into_scratch(pkt, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
+    let bytes = pkt.frame_len();
+    if parse_into_scratch(pkt, hook, config::vxlan_port(), &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
-    let p = &s.parsed;
-    if hook == Hook::TcUnderlayIngress {
-        if let Some(from) = xdp_decapsulated(ctx, pkt.frame_len()) {
-            // XDP took the VXLAN apart already; what it learnt is in the metadata.
-            return lb::from_tunnel_parsed(ctx, p, hook, &from);
-        }
+    if hook != Hook::TcUnderlayIngress {
+        return dispatch(ctx, &s.parsed, hook, bytes);
     }
-    if !(p.vxlan && hook == Hook::TcUnderlayIngress && p.ip_version == 4) {
-        return dispatch(ctx, p, hook, cfg, pkt.frame_len());
+    if xdp_decapsulated(ctx, &mut s.from) {
+        // XDP took the VXLAN apart already; what it learnt is in the metadata.
+        s.from.bytes = bytes as u32;
+        return lb::from_tunnel(ctx, hook);
+    }
+    let p = &s.parsed;
+    if !(p.vxlan && p.ip_version == 4) {
+        return dispatch(ctx, p, hook, bytes);
     }
     // The overlay: validate and take apart, then parse the inner packet in its place.
-    let from = vxlan::From {
+    s.from = vxlan::From {
         peer: p.saddr[0],
         vni: p.vni,
-        bytes: pkt.frame_len(),
+        bytes: bytes as u32,
     };
-    if let Err(action) = vxlan::decap(ctx, p, hook, from.bytes) {
+    if let Err(action) = vxlan::decap(ctx, p, hook, bytes) {
         return action;
     }
     let inner = DirectPacket::new(ctx.data(), ctx.data_end(), ctx.len() as usize);
-    if parse_into_scratch(&inner, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
+    if parse_into_scratch(&inner, hook, config::vxlan_port(), &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
-    lb::from_tunnel_parsed(ctx, &s.parsed, hook, &from)
+    lb::from_tunnel(ctx, hook)
 }
 
 /// The overlay hooks (a task's overlay veth): parse and count, then VIPs.
 #[inline(always)]
-pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &MeshConfig) -> i32 {
+pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
     let Some(s) = maps::scratch() else {
         return TC_ACT_UNSPEC;
     };
-    if parse_into_scratch(pkt, hook, cfg.vxlan_port, &mut s.parsed).is_err() {
+    if parse_into_scratch(pkt, hook, config::vxlan_port(), &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
     if hook == Hook::TcOverlayIn {
@@ -74,27 +77,28 @@ pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook, cfg: &Me
     }
 }
 
-/// (peer, VNI) left by the XDP program in front of a frame it decapsulated.
+/// (peer, VNI) left by the XDP program in front of a frame it decapsulated, into `to`.
 #[inline(always)]
-fn xdp_decapsulated(ctx: &TcContext, bytes: usize) -> Option<vxlan::From> {
+fn xdp_decapsulated(ctx: &TcContext, to: &mut vxlan::From) -> bool {
     // SAFETY: reading fields of the context.
     let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
     if meta + core::mem::size_of::<crate::xdp::TunnelMeta>() > data {
-        return None;
+        return false;
     }
     // SAFETY: bounds checked against data just above.
     let m = unsafe { core::ptr::read_unaligned(meta as *const crate::xdp::TunnelMeta) };
-    (m.magic == crate::xdp::META_MAGIC).then_some(vxlan::From {
-        peer: m.peer,
-        vni: m.vni,
-        bytes,
-    })
+    if m.magic != crate::xdp::META_MAGIC {
+        return false;
+    }
+    to.peer = m.peer;
+    to.vni = m.vni;
+    true
 }
 
 #[inline(never)]
 pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut Parsed) -> Result<(), ()> {
     let bytes = pkt.frame_len();
-    *out = Parsed::default();
+    maps::zero(out);
     match parse::parse_into(pkt, vxlan_port, out) {
         Ok(()) => {
             for obs in out.observations().into_iter().flatten() {
@@ -110,11 +114,11 @@ pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: 
 }
 
 #[inline(never)]
-fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, bytes: usize) -> i32 {
+fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> i32 {
     if p.ip_version == 4 && !matches!(p.frag, Frag::NonFirst) && p.l4_off != 0 && !p.vxlan {
         let pk = lb::Pkt::new(ctx, p, hook, bytes);
         let outcome = match p.l4_proto {
-            IPPROTO_TCP | IPPROTO_UDP => lb::process(&pk, cfg),
+            IPPROTO_TCP | IPPROTO_UDP => lb::process(&pk),
             IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk),
             _ => Outcome::NotOurs,
         };
@@ -122,8 +126,7 @@ fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, cfg: &MeshConfig, bytes: us
             let Some(s) = maps::scratch() else {
                 return TC_ACT_SHOT;
             };
-            let to = s.encap_to;
-            return match vxlan::encap(ctx, &pk.f, &to, cfg) {
+            return match vxlan::encap(ctx, &pk.f, &s.encap_to) {
                 TC_ACT_SHOT => pk.drop(Reason::DropTunnelFailed).action().unwrap_or(TC_ACT_SHOT),
                 action => pk.done(Reason::FwdToTunnel, action).action().unwrap_or(TC_ACT_SHOT),
             };

@@ -79,8 +79,8 @@ pub fn translate(pk: &Pkt) -> Outcome {
         u16::from_ne_bytes([q[20], q[21]]),
         q[9],
     );
-    // SAFETY: copied out at once.
-    let Some(e) = (unsafe { MESH_CT_V1.get(&key) }).copied() else {
+    // SAFETY: a map value read in place (no copy on this frame), nothing kept.
+    let Some(e) = (unsafe { MESH_CT_V1.get(&key) }) else {
         return Outcome::NotOurs;
     };
     if e.flags & CT_HAIRPIN != 0 {
@@ -98,10 +98,9 @@ pub fn translate(pk: &Pkt) -> Outcome {
     } else {
         // From the client's side, about a reply (frontend -> client): the task must see
         // its own packet (task -> client), addressed to it.
-        // SAFETY: copied out at once.
+        // SAFETY: map values read in place, nothing kept.
         let ep = unsafe { MESH_BE_V1.get(&e.backend_id) }
-            .copied()
-            .and_then(|b| unsafe { MESH_EP_V1.get(&b.addr) }.copied());
+            .and_then(|b| unsafe { MESH_EP_V1.get(&b.addr) });
         match ep {
             None => Err(()),
             Some(ep) => rewrite_quote(ctx, icmp, inner, &q, 12, 0, e.nat_addr, e.nat_port)

@@ -2,12 +2,13 @@
 //! local task, reverse NAT of its replies, and the answers for flows nobody serves.
 //! Runs at TC on the underlay (clients) and on tasks' veths (replies, east-west).
 //!
-//! The steps are separate BPF functions (`inline(never)`): each gets its own stack
-//! frame, which keeps every frame well under the verifier's 512 bytes.
+//! The steps are separate BPF functions (`inline(never)`) called one after the other
+//! from [`process`], never from each other where that can be helped: their frames do not
+//! add up. What they hand each other lives in per-CPU scratch memory (`Scratch::go`,
+//! `Scratch::nf`), and a step returns a plain code ([`Outcome`]).
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
 use mesh_common::{
-    config::MeshConfig,
     ct::{
         self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_OVERLAY, CT_RETRIED, CT_REVERSE, CT_TUNNEL,
     },
@@ -24,10 +25,10 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_FE_V1, MESH_MAGLEV_V1, MESH_NET_V1,
-        MESH_NODE_V1, MESH_SVC_V1, MESH_TUN_V1,
+        scratch, Scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_FE_V1, MESH_MAGLEV_V1,
+        MESH_NET_V1, MESH_NODE_V1, MESH_SVC_V1, MESH_TUN_V1,
     },
-    reply, skb, vxlan,
+    reply, skb, track, vxlan,
     stats::{count, note_backend},
 };
 
@@ -44,6 +45,15 @@ impl Outcome {
 
     /// Rewritten; the caller encapsulates toward `Scratch::encap_to` and counts.
     pub const ENCAP: Outcome = Outcome(i32::MIN + 1);
+
+    /// Steps inside the load balancer, their payload in `Scratch::go`: to the local
+    /// task, into the tunnel, refused; and a new flow's stage done, on to the next.
+    const DELIVER: Outcome = Outcome(i32::MIN + 2);
+    const TUNNEL: Outcome = Outcome(i32::MIN + 3);
+    const REFUSE: Outcome = Outcome(i32::MIN + 4);
+    const CHOSEN: Outcome = Outcome(i32::MIN + 5);
+    /// A VIP's new flow found no backend: the caller refuses it.
+    pub const NO_BACKEND: Outcome = Outcome(i32::MIN + 6);
 
     /// Handled and counted; the TC return code.
     #[allow(non_snake_case)]
@@ -128,42 +138,49 @@ impl Flow {
     }
 }
 
-/// What a step decided; the caller acts on it, so that the heavy steps (choosing, and
-/// building answers) never sit on the same call chain and their frames don't add up.
-enum Step {
-    Done(Outcome),
-    Deliver(Endpoint, Nat),
-    /// The backend (or the destination task) is on another node.
-    Tunnel(Tunnel, Nat),
-    Refuse(Reason),
+/// Where a packet is sent on, for the step codes [`Outcome::DELIVER`], [`Outcome::TUNNEL`]
+/// and [`Outcome::REFUSE`]: per-CPU scratch memory (`Scratch::go`), so that a step
+/// returns a plain integer and no payload sits on any frame of the call chain.
+pub struct Go {
+    /// The local task (DELIVER).
+    pub ep: Endpoint,
+    /// The node and VNI to tunnel to (TUNNEL).
+    pub tun: Tunnel,
+    /// The DNAT target.
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    /// Whether the backend is a local task (`ep`) or on another node (`tun`).
+    pub local: u8,
+    /// Whom the client is made to look like (0: itself).
+    pub hairpin: u32,
+    /// Why a flow is refused (REFUSE, TCP).
+    pub reason: Reason,
+    /// The backend's task address (for the hairpin rules).
+    pub be_addr: u32,
 }
 
-/// Where a flow is NATed to, and for a hairpin whom the client is made to look like.
-struct Nat {
-    addr: u32,
-    port: u16,
-    hairpin: u32,
-}
-
-/// Runs the load balancer on an IPv4 TCP/UDP packet.
+/// Runs the load balancer on an IPv4 TCP/UDP packet: the conntrack lookup, or the new
+/// flow's stages (each its own BPF function, called from here, so that their frames
+/// never add up), then the step.
 #[inline(never)]
-pub fn process(pk: &Pkt, cfg: &MeshConfig) -> Outcome {
-    let step = lookup(pk, cfg);
+pub fn process(pk: &Pkt) -> Outcome {
+    let step = lookup(pk);
     act(pk, step)
 }
 
 #[inline(always)]
-fn act(pk: &Pkt, step: Step) -> Outcome {
+fn act(pk: &Pkt, step: Outcome) -> Outcome {
     match step {
-        Step::Done(o) => o,
-        Step::Deliver(ep, nat) => deliver(pk, &ep, &nat),
-        Step::Tunnel(t, nat) => tunnel_out(pk, &t, &nat),
-        Step::Refuse(reason) => refuse(pk, reason),
+        Outcome::DELIVER => deliver(pk),
+        Outcome::TUNNEL => tunnel_out(pk),
+        Outcome::REFUSE => refuse_go(pk),
+        o => o,
     }
 }
 
+/// The step for a packet of a tracked flow, or the new flow's.
 #[inline(always)]
-fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
+fn lookup(pk: &Pkt) -> Outcome {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = pk.f.key();
@@ -175,13 +192,13 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
         let reverse = e.flags & CT_REVERSE != 0;
         if e.flags & CT_OVERLAY != 0 {
             // A VIP flow on Docker's overlay: the overlay hooks' own.
-            return Step::Done(Outcome::NotOurs);
+            return Outcome::NotOurs;
         }
         if reverse && pk.hook != Hook::TcTask {
             // Reply entries match what tasks send. On the underlay such a tuple is a
             // spoof of a task's address (genuine replies come back through the tunnel,
             // which has its own path): not ours.
-            return Step::Done(Outcome::NotOurs);
+            return Outcome::NotOurs;
         }
         if ct::expired(state, e.idle_s, e.last_seen_ns, now) {
             count(pk.hook, Reason::ObsCtExpired, pk.bytes);
@@ -199,28 +216,38 @@ fn lookup(pk: &Pkt, cfg: &MeshConfig) -> Step {
             // translate the new one.
             count(pk.hook, Reason::ObsCtReopened, pk.bytes);
             let _ = MESH_CT_V1.remove(&key);
-            return Step::Done(Outcome::NotOurs);
+            return Outcome::NotOurs;
         } else if reverse
             && e.flags & CT_TUNNEL == 0
             && pk.f.tcp_flags & TCP_RST != 0
             && hold_refusal(pk, e)
         {
-            return Step::Done(pk.drop(Reason::DropSynRefused));
+            return pk.drop(Reason::DropSynRefused);
         } else {
             count(pk.hook, Reason::ObsCtHit, pk.bytes);
             note_backend(e.backend_id, false);
             e.state = ct::advance(state, pk.f.tcp_flags) as u8;
             e.last_seen_ns = now;
             return if e.flags & CT_TUNNEL != 0 {
-                Step::Done(tunnel_reply(pk, e))
+                tunnel_reply(pk, e)
             } else if e.flags & CT_REVERSE != 0 {
-                Step::Done(to_client(pk, e))
+                to_client(pk, e)
             } else {
                 tracked_to_task(pk, e)
             };
         }
     }
-    new_flow(pk, cfg, now, salt)
+    // A packet that starts (or restarts) a flow: find its service and backend, decide
+    // how its client must look, track both directions, then deliver or tunnel.
+    let step = choose(pk, now, salt);
+    if step != Outcome::CHOSEN {
+        return step;
+    }
+    let step = client(pk);
+    if step != Outcome::CHOSEN {
+        return step;
+    }
+    track_new(pk)
 }
 
 /// A backend refused a new connection (RST to the SYN it was sent; `e` is the reply
@@ -288,27 +315,44 @@ fn retry_salt(pk: &Pkt, e: &CtEntry, now: u64) -> u32 {
 
 /// A packet of a tracked flow from the client side.
 #[inline(never)]
-fn tracked_to_task(pk: &Pkt, e: &mut CtEntry) -> Step {
-    // SAFETY: copied out at once.
-    let be = unsafe { MESH_BE_V1.get(&e.backend_id) }.copied();
-    let Some(be) = be.filter(|b| b.state != BackendState::Gone as u8) else {
+fn tracked_to_task(pk: &Pkt, e: &mut CtEntry) -> Outcome {
+    // SAFETY: a map value read at once.
+    let live = unsafe { MESH_BE_V1.get(&e.backend_id) }
+        .filter(|b| b.state != BackendState::Gone as u8)
+        .map(|b| b.addr);
+    let Some(s) = scratch() else {
+        return pk.drop(Reason::DropCtFull);
+    };
+    let Some(be_addr) = live else {
         // Close the entry: a retried SYN reopens the flow on a live backend.
         e.state = CtState::Closed as u8;
-        return Step::Refuse(Reason::ReplyRstBackendGone);
+        s.go.reason = Reason::ReplyRstBackendGone;
+        return Outcome::REFUSE;
     };
-    let nat = Nat {
-        addr: e.nat_addr,
-        port: e.nat_port,
-        hairpin: if e.flags & CT_HAIRPIN != 0 { e.hairpin_addr } else { 0 },
-    };
-    // SAFETY: copied out at once.
-    if let Some(ep) = (unsafe { MESH_EP_V1.get(&be.addr) }).copied() {
-        return Step::Deliver(ep, nat);
+    s.go.nat_addr = e.nat_addr;
+    s.go.nat_port = e.nat_port;
+    s.go.hairpin = if e.flags & CT_HAIRPIN != 0 { e.hairpin_addr } else { 0 };
+    go_to(pk, s, be_addr)
+}
+
+/// Points `s.go` at the task `addr`: a local one (its endpoint) or one on another node
+/// (its tunnel).
+#[inline(always)]
+fn go_to(pk: &Pkt, s: &mut Scratch, addr: u32) -> Outcome {
+    // SAFETY: map values copied out at once.
+    if let Some(ep) = unsafe { MESH_EP_V1.get(&addr) } {
+        s.go.ep = *ep;
+        s.go.local = 1;
+        return Outcome::DELIVER;
     }
-    // SAFETY: copied out at once.
-    match unsafe { MESH_TUN_V1.get(&be.addr) }.copied() {
-        Some(t) => Step::Tunnel(t, nat),
-        None => Step::Done(pk.drop(Reason::DropBackendNotLocal)),
+    // SAFETY: as above.
+    match unsafe { MESH_TUN_V1.get(&addr) } {
+        Some(t) => {
+            s.go.tun = *t;
+            s.go.local = 0;
+            Outcome::TUNNEL
+        }
+        None => pk.drop(Reason::DropBackendNotLocal),
     }
 }
 
@@ -345,119 +389,129 @@ pub fn frontend_for(f: &Flow, hook: Hook) -> Option<Frontend> {
     Some(fe)
 }
 
-/// A packet that starts (or restarts) a flow: find its service, pick a backend, track
-/// both directions, deliver.
+/// New flow, stage 1: its service and backend (Maglev, moved by `salt` for a retried
+/// SYN), where that backend is, and the start of its conntrack entries, all in scratch
+/// memory. [`Outcome::CHOSEN`], or the flow's final step (not ours, refused, dropped,
+/// or a task-to-task flow tunnelled as it is).
 #[inline(never)]
-fn new_flow(pk: &Pkt, cfg: &MeshConfig, now: u64, salt: u32) -> Step {
+fn choose(pk: &Pkt, now: u64, salt: u32) -> Outcome {
     let f = &pk.f;
     let Some(fe) = frontend(pk) else {
         return overlay_route(pk);
     };
-    // SAFETY: copied out at once.
-    let svc = unsafe { MESH_SVC_V1.get(&fe.svc_id) }.copied();
+    let Some(s) = scratch() else {
+        return pk.drop(Reason::DropCtFull);
+    };
+    // SAFETY: a map value read in place, nothing kept.
+    let svc = unsafe { MESH_SVC_V1.get(&fe.svc_id) };
     let Some(svc) = svc.filter(|s| s.active > 0 && s.maglev_size > 0) else {
-        return Step::Refuse(Reason::ReplyRstNoBackend);
+        s.go.reason = Reason::ReplyRstNoBackend;
+        return Outcome::REFUSE;
     };
-    let Some(be_id) = maglev_pick_salted(&svc, f, salt) else {
-        return Step::Done(pk.drop(Reason::DropNoBackendSlot));
+    let Some(be_id) = maglev_pick_salted(svc, f, salt) else {
+        return pk.drop(Reason::DropNoBackendSlot);
     };
-    // SAFETY: copied out at once.
-    let Some(be) = (unsafe { MESH_BE_V1.get(&be_id) }).copied() else {
-        return Step::Done(pk.drop(Reason::DropNoBackendSlot));
+    let idle_s = if f.proto == IPPROTO_TCP { svc.tcp_idle_s } else { svc.udp_idle_s };
+    // SAFETY: as above.
+    let Some(be) = (unsafe { MESH_BE_V1.get(&be_id) }) else {
+        return pk.drop(Reason::DropNoBackendSlot);
     };
-    // Local task (an endpoint), or a task on another node (a tunnel).
-    // SAFETY: copied out at once.
-    let ep = unsafe { MESH_EP_V1.get(&be.addr) }.copied();
-    // SAFETY: copied out at once.
-    let tun = if ep.is_none() { unsafe { MESH_TUN_V1.get(&be.addr) }.copied() } else { None };
-    let (target, ifindex) = match (&ep, &tun) {
-        (Some(ep), _) => (ep.delivery_addr, ep.ifindex),
-        (None, Some(_)) => (be.addr, 0),
-        (None, None) => return Step::Done(pk.drop(Reason::DropBackendNotLocal)),
+    s.go.be_addr = be.addr;
+    s.go.nat_port = be.port;
+    let step = go_to(pk, s, be.addr);
+    // A local task is reached at its delivery address; a remote one at its own.
+    s.go.nat_addr = if step == Outcome::DELIVER { s.go.ep.delivery_addr } else { be.addr };
+    track::begin(&mut s.nf, &f.key(), f.tcp_flags, now, idle_s);
+    s.nf.rev.backend_id = be_id;
+    s.nf.rev.svc_id = fe.svc_id;
+    s.nf.fwd.backend_id = be_id;
+    s.nf.fwd.svc_id = fe.svc_id;
+    if step == Outcome::DELIVER || step == Outcome::TUNNEL {
+        Outcome::CHOSEN
+    } else {
+        step
+    }
+}
+
+/// New flow, stage 2: whom the client is made to look like (`Scratch::go.hairpin`). A
+/// task that lands on itself would see its own address as the source and drop the
+/// packet as martian: it sees the hairpin address instead. So does one that calls from
+/// another of its addresses (its docker_gwbridge one, to a published port): it would
+/// answer itself through its loopback, never through us. A stock Docker node can only
+/// answer overlay addresses: the client becomes this node's address there.
+#[inline(never)]
+fn client(pk: &Pkt) -> Outcome {
+    let Some(s) = scratch() else {
+        return pk.drop(Reason::DropCtFull);
     };
-    // A task that lands on itself would see its own address as the source and drop the
-    // packet as martian: it sees the hairpin address instead. So does one that calls
-    // from another of its addresses (its docker_gwbridge one, to a published port): it
-    // would answer itself through its loopback, never through us. A stock Docker node
-    // can only answer overlay addresses: the client becomes this node's address there.
-    let how = client_rewrite(pk, ifindex, tun.is_some());
-    let hairpin = f.saddr == be.addr || f.saddr == target || how == REWRITE_HAIRPIN;
-    let mut client = f.saddr;
-    if hairpin {
-        client = cfg.hairpin_addr;
+    let f = &pk.f;
+    let local = s.go.local != 0;
+    let how = client_rewrite(pk, if local { s.go.ep.ifindex } else { 0 }, !local);
+    s.go.hairpin = 0;
+    if f.saddr == s.go.be_addr || f.saddr == s.go.nat_addr || how == REWRITE_HAIRPIN {
+        s.go.hairpin = crate::config::hairpin_addr();
         count(pk.hook, Reason::ObsHairpin, pk.bytes);
-    } else if let Some(t) = tun.filter(|t| t.flags & TUN_STOCK != 0) {
-        // SAFETY: copied out at once.
-        let Some(net) = (unsafe { MESH_NET_V1.get(&t.vni) }).copied() else {
-            return Step::Done(pk.drop(Reason::DropTunnelFailed));
+    } else if !local && s.go.tun.flags & TUN_STOCK != 0 {
+        // SAFETY: a map value read at once.
+        let Some(net) = (unsafe { MESH_NET_V1.get(&s.go.tun.vni) }) else {
+            return pk.drop(Reason::DropTunnelFailed);
         };
-        client = net.local_addr;
+        s.go.hairpin = net.local_addr;
         count(pk.hook, Reason::ObsStockSnat, pk.bytes);
     } else if how != 0 {
         // The node's own address: the remote task answers it through its gwbridge veth,
         // where the tunnel's reply entry waits (an overlay address would be answered
         // over Docker's overlay instead).
-        client = how;
+        s.go.hairpin = how;
         count(pk.hook, Reason::ObsStockSnat, pk.bytes);
     }
-    let snat = client != f.saddr;
+    if s.go.hairpin == f.saddr {
+        s.go.hairpin = 0;
+    }
+    Outcome::CHOSEN
+}
 
-    // One entry in scratch memory, written twice: reverse first, so that a reply can
-    // never find a forward entry without its way back.
+/// New flow, stage 3: both conntrack entries (the reply goes back to where the request
+/// came from: to its source MAC, from our MAC), written by [`track::commit`]; then the
+/// step toward the backend.
+#[inline(never)]
+fn track_new(pk: &Pkt) -> Outcome {
     let Some(s) = scratch() else {
-        return Step::Done(pk.drop(Reason::DropCtFull));
+        return pk.drop(Reason::DropCtFull);
     };
-    let e = &mut s.ct;
-    *e = CtEntry {
-        last_seen_ns: now,
-        created_ns: now,
-        backend_id: be_id,
-        svc_id: fe.svc_id,
-        nat_addr: f.daddr,
-        nat_port: f.dport,
-        state: if f.proto == IPPROTO_TCP { CtState::SynSent as u8 } else { CtState::Udp as u8 },
-        flags: CT_REVERSE | if snat { CT_HAIRPIN } else { 0 },
-        hairpin_addr: if snat { f.saddr } else { 0 },
-        ifindex: pk.ifindex(),
-        idle_s: if f.proto == IPPROTO_TCP { svc.tcp_idle_s } else { svc.udp_idle_s },
-        mac_dst: [0; 6],
-        mac_src: [0; 6],
-        peer: 0,
-        vni: 0,
-        _pad: 0,
-    };
-    // The reply goes back to where this came from: to its source MAC, from our MAC
-    // (loaded straight into the entry: no room for them on this frame).
-    if load6(pk.ctx, 6, &mut e.mac_dst) || load6(pk.ctx, 0, &mut e.mac_src) {
-        return Step::Done(pk.drop(Reason::DropRewriteFailed));
+    let f = &pk.f;
+    let snat = s.go.hairpin != 0;
+    let client = if snat { s.go.hairpin } else { f.saddr };
+    let nf = &mut s.nf;
+    if load6(pk.ctx, 6, &mut nf.rev.mac_dst) || load6(pk.ctx, 0, &mut nf.rev.mac_src) {
+        return pk.drop(Reason::DropRewriteFailed);
     }
-    let rev_key = CtKey::new(target, client, be.port, f.sport, f.proto);
-    if MESH_CT_V1.insert(&rev_key, &*e, 0).is_err() {
-        return Step::Done(pk.drop(Reason::DropCtFull));
-    }
-    e.nat_addr = target;
-    e.nat_port = be.port;
-    e.state = ct::initial(f.proto, f.tcp_flags) as u8;
-    e.flags = if snat { CT_HAIRPIN } else { 0 } | s.retry;
+    nf.rev_key = CtKey::new(s.go.nat_addr, client, s.go.nat_port, f.sport, f.proto);
+    nf.rev.nat_addr = f.daddr;
+    nf.rev.nat_port = f.dport;
+    nf.rev.ifindex = pk.ifindex();
+    nf.fwd.nat_addr = s.go.nat_addr;
+    nf.fwd.nat_port = s.go.nat_port;
+    nf.fwd.flags = s.retry;
     s.retry = 0;
-    e.hairpin_addr = if snat { client } else { 0 };
-    e.ifindex = ifindex;
-    if MESH_CT_V1.insert(&f.key(), &*e, 0).is_err() {
-        return Step::Done(pk.drop(Reason::DropCtFull));
+    nf.fwd.ifindex = if s.go.local != 0 { s.go.ep.ifindex } else { 0 };
+    if snat {
+        nf.rev.flags |= CT_HAIRPIN;
+        nf.rev.hairpin_addr = f.saddr;
+        nf.fwd.flags |= CT_HAIRPIN;
+        nf.fwd.hairpin_addr = client;
+    }
+    if track::commit(true).is_err() {
+        return pk.drop(Reason::DropCtFull);
     }
     count(pk.hook, Reason::ObsCtNew, pk.bytes);
     // What `note_backend` does, with the scratch memory already in hand.
-    s.noted_be = be_id;
+    s.noted_be = s.nf.fwd.backend_id;
     s.noted_new = 1;
-    let nat = Nat {
-        addr: target,
-        port: be.port,
-        hairpin: if snat { client } else { 0 },
-    };
-    match (ep, tun) {
-        (Some(ep), _) => Step::Deliver(ep, nat),
-        (None, Some(t)) => Step::Tunnel(t, nat),
-        (None, None) => Step::Done(pk.drop(Reason::DropBackendNotLocal)),
+    if s.go.local != 0 {
+        Outcome::DELIVER
+    } else {
+        Outcome::TUNNEL
     }
 }
 
@@ -528,22 +582,20 @@ pub(crate) fn maglev_pick_salted(svc: &mesh_common::lb::Service, f: &Flow, salt:
 /// No frontend: a task sending to a task on another node is tunnelled there as it is
 /// (the overlay's plain routing); anything else is not ours.
 #[inline(always)]
-fn overlay_route(pk: &Pkt) -> Step {
+fn overlay_route(pk: &Pkt) -> Outcome {
     if pk.hook != Hook::TcTask {
-        return Step::Done(Outcome::NotOurs);
+        return Outcome::NotOurs;
     }
-    // SAFETY: copied out at once.
-    match unsafe { MESH_TUN_V1.get(&pk.f.daddr) }.copied() {
-        Some(t) => Step::Tunnel(
-            t,
-            Nat {
-                addr: pk.f.daddr,
-                port: pk.f.dport,
-                hairpin: 0,
-            },
-        ),
-        None => Step::Done(Outcome::NotOurs),
-    }
+    // SAFETY: a map value copied out at once.
+    let (Some(t), Some(s)) = (unsafe { MESH_TUN_V1.get(&pk.f.daddr) }, scratch()) else {
+        return Outcome::NotOurs;
+    };
+    s.go.tun = *t;
+    s.go.local = 0;
+    s.go.nat_addr = pk.f.daddr;
+    s.go.nat_port = pk.f.dport;
+    s.go.hairpin = 0;
+    Outcome::TUNNEL
 }
 
 /// The packet will not fit the underlay once encapsulated: tell its sender the overlay
@@ -556,16 +608,21 @@ fn too_big(pk: &Pkt, mtu: u32) -> Outcome {
     pk.done(Reason::ReplyIcmpFragNeeded, skb::redirect(pk.ifindex()))
 }
 
-/// NAT as for a local delivery, then into the tunnel toward the backend's node.
+/// NAT as for a local delivery (`Scratch::go`), then into the tunnel toward the
+/// backend's node.
 #[inline(never)]
-fn tunnel_out(pk: &Pkt, t: &Tunnel, nat: &Nat) -> Outcome {
+fn tunnel_out(pk: &Pkt) -> Outcome {
     if let Some(mtu) = vxlan::too_big(pk.ctx, pk.p.l4_off as usize) {
         return too_big(pk, mtu);
     }
-    if pk.p.l3_off != 14 || toward_backend(pk, nat).is_err() {
+    let Some(s) = scratch() else {
+        return pk.drop(Reason::DropRewriteFailed);
+    };
+    let (node, vni) = (s.go.tun.node, s.go.tun.vni);
+    if pk.p.l3_off != 14 || toward_backend(pk, s.go.nat_addr, s.go.nat_port, s.go.hairpin).is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
-    encap_later(t.node, t.vni)
+    encap_later(node, vni)
 }
 
 /// Asks the caller to encapsulate toward (node, vni): the encapsulation runs at the top
@@ -599,21 +656,25 @@ fn tunnel_reply(pk: &Pkt, e: &CtEntry) -> Outcome {
     encap_later(e.peer, e.vni)
 }
 
-/// The parsed inner packet of VXLAN `from` a peer.
+/// The parsed inner packet of VXLAN from a peer (`Scratch::parsed`, `Scratch::from`).
 #[inline(never)]
-pub fn from_tunnel_parsed(ctx: &TcContext, p: &Parsed, hook: Hook, from: &vxlan::From) -> i32 {
-    let pk = Pkt::new(ctx, p, hook, from.bytes);
+pub fn from_tunnel(ctx: &TcContext, hook: Hook) -> i32 {
+    let Some(s) = scratch() else {
+        return TC_ACT_SHOT;
+    };
+    let (p, from) = (&s.parsed, &s.from);
+    let pk = Pkt::new(ctx, p, hook, from.bytes as usize);
     if p.ip_version != 4 || p.l4_off == 0 || !matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) {
         return pk.drop(Reason::DropVxlanBadInner).action().unwrap_or(TC_ACT_SHOT);
     }
-    from_tunnel(&pk, from.peer, from.vni)
+    from_tunnel_flow(&pk, from.peer, from.vni)
 }
 
 /// The inner packet of VXLAN from `peer`: a reply to a flow this node balanced (back to
 /// its client), or a packet for a task on this node (delivered; its replies will go
 /// back through the tunnel to `peer`).
 #[inline(always)]
-fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
+fn from_tunnel_flow(pk: &Pkt, peer: u32, vni: u32) -> i32 {
     let f = &pk.f;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -636,10 +697,23 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
             return to_client(pk, e).action().unwrap_or(TC_ACT_SHOT);
         }
     }
-    // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { MESH_EP_V1.get(&f.daddr) }).copied() else {
-        return pk.drop(Reason::DropVxlanNoTarget).action().unwrap_or(TC_ACT_SHOT);
+    tunnelled_to_task(pk, peer, vni, now).action().unwrap_or(TC_ACT_SHOT)
+}
+
+/// A packet for a task on this node from `peer`'s tunnel: delivered, with a reply entry
+/// that sends what the task answers back through the tunnel (written afresh unless the
+/// same flow already has it).
+#[inline(never)]
+fn tunnelled_to_task(pk: &Pkt, peer: u32, vni: u32, now: u64) -> Outcome {
+    let f = &pk.f;
+    let Some(s) = scratch() else {
+        return pk.drop(Reason::DropCtFull);
     };
+    // SAFETY: a map value copied out at once.
+    let Some(ep) = (unsafe { MESH_EP_V1.get(&f.daddr) }) else {
+        return pk.drop(Reason::DropVxlanNoTarget);
+    };
+    s.go.ep = *ep;
     let rkey = CtKey::new(ep.delivery_addr, f.saddr, f.dport, f.sport, f.proto);
     let fresh = match MESH_CT_V1.get_ptr_mut(&rkey) {
         // SAFETY: a map value pointer for this run.
@@ -665,51 +739,39 @@ fn from_tunnel(pk: &Pkt, peer: u32, vni: u32) -> i32 {
         None => true,
     };
     if fresh {
-        let Some(s) = scratch() else {
-            return TC_ACT_SHOT;
-        };
         let tcp = f.proto == IPPROTO_TCP;
-        s.ct = CtEntry {
-            last_seen_ns: now,
-            created_ns: now,
-            backend_id: 0,
-            svc_id: 0,
-            nat_addr: f.daddr,
-            nat_port: f.dport,
-            state: if !tcp {
-                CtState::Udp as u8
-            } else if f.tcp_flags & TCP_SYN != 0 {
-                CtState::SynSent as u8
-            } else {
-                CtState::Established as u8
-            },
-            flags: CT_REVERSE | CT_TUNNEL,
-            hairpin_addr: 0,
-            ifindex: 0,
-            idle_s: if tcp { TCP_IDLE_DEFAULT_S } else { UDP_IDLE_DEFAULT_S },
-            mac_dst: [0; 6],
-            mac_src: [0; 6],
-            peer,
-            vni,
-            _pad: 0,
-        };
-        if MESH_CT_V1.insert(&rkey, &s.ct, 0).is_err() {
-            return pk.drop(Reason::DropCtFull).action().unwrap_or(TC_ACT_SHOT);
+        let idle_s = if tcp { TCP_IDLE_DEFAULT_S } else { UDP_IDLE_DEFAULT_S };
+        track::begin(&mut s.nf, &f.key(), f.tcp_flags, now, idle_s);
+        let nf = &mut s.nf;
+        nf.rev_key = rkey;
+        nf.rev.nat_addr = f.daddr;
+        nf.rev.nat_port = f.dport;
+        // Picked up mid-flow (this node's agent restarted, the LRU forgot): established.
+        if tcp && f.tcp_flags & TCP_SYN == 0 {
+            nf.rev.state = CtState::Established as u8;
+        }
+        nf.rev.flags = CT_REVERSE | CT_TUNNEL;
+        nf.rev.peer = peer;
+        nf.rev.vni = vni;
+        if track::commit(false).is_err() {
+            return pk.drop(Reason::DropCtFull);
         }
     }
-    let nat = Nat {
-        addr: ep.delivery_addr,
-        port: f.dport,
-        hairpin: 0,
-    };
-    deliver(pk, &ep, &nat).action().unwrap_or(TC_ACT_SHOT)
+    s.go.nat_addr = s.go.ep.delivery_addr;
+    s.go.nat_port = f.dport;
+    s.go.hairpin = 0;
+    deliver(pk)
 }
 
 /// DNAT to the backend (and SNAT a hairpinned client), then hand the packet to the task
-/// behind `ep`.
+/// (`Scratch::go`).
 #[inline(never)]
-fn deliver(pk: &Pkt, ep: &Endpoint, nat: &Nat) -> Outcome {
-    if toward_backend(pk, nat)
+fn deliver(pk: &Pkt) -> Outcome {
+    let Some(s) = scratch() else {
+        return pk.drop(Reason::DropRewriteFailed);
+    };
+    let ep = s.go.ep;
+    if toward_backend(pk, s.go.nat_addr, s.go.nat_port, s.go.hairpin)
         .and_then(|_| skb::set_macs(pk.ctx, &ep.mac, &ep.host_mac))
         .is_err()
     {
@@ -718,16 +780,16 @@ fn deliver(pk: &Pkt, ep: &Endpoint, nat: &Nat) -> Outcome {
     pk.done(Reason::FwdToTask, skb::redirect(ep.ifindex))
 }
 
-/// The forward NAT: destination to `nat.addr:nat.port`, and the source to `nat.hairpin`
-/// when the client is SNATed.
+/// The forward NAT: destination to `addr:port`, and the source to `hairpin` when the
+/// client is SNATed (0: unchanged).
 #[inline(always)]
-fn toward_backend(pk: &Pkt, nat: &Nat) -> skb::Res {
+fn toward_backend(pk: &Pkt, addr: u32, port: u16, hairpin: u32) -> skb::Res {
     let (ctx, f) = (pk.ctx, &pk.f);
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
-    skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, nat.addr)?;
-    skb::set_port(ctx, l4, 2, f.proto, f.dport, nat.port)?;
-    if nat.hairpin != 0 {
-        skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, nat.hairpin)?;
+    skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, addr)?;
+    skb::set_port(ctx, l4, 2, f.proto, f.dport, port)?;
+    if hairpin != 0 {
+        skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, hairpin)?;
     }
     Ok(())
 }
@@ -758,6 +820,13 @@ fn to_client(pk: &Pkt, e: &CtEntry) -> Outcome {
         return pk.drop(Reason::DropRewriteFailed);
     }
     pk.done(Reason::FwdReplyToClient, skb::redirect(e.ifindex))
+}
+
+/// [`refuse`] for the reason in `Scratch::go`.
+#[inline(always)]
+fn refuse_go(pk: &Pkt) -> Outcome {
+    let reason = scratch().map_or(Reason::ReplyRstNoBackend, |s| s.go.reason);
+    refuse(pk, reason)
 }
 
 /// Nobody will serve this flow: answer it (TCP RST, ICMP port unreachable for UDP) back

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod config;
 mod datapath;
 mod icmp;
 mod lb;
@@ -12,6 +13,7 @@ mod reply;
 mod skb;
 mod sock;
 mod stats;
+mod track;
 mod vip;
 mod vxlan;
 mod xdp;
@@ -19,15 +21,10 @@ mod xdp;
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
-    Global,
 };
-use mesh_common::{config::MeshConfig, stats::Hook};
+use mesh_common::stats::Hook;
 
 use crate::pkt::DirectPacket;
-
-/// Set by the loader (`mesh_common::config::CONFIG_GLOBAL`).
-#[no_mangle]
-static MESH_CONFIG: Global<MeshConfig> = Global::new(MeshConfig::DEFAULT);
 
 /// How much of the frame TC pulls into the linear area before parsing: enough for
 /// Ethernet, two VLAN tags, IPv4 with options, UDP, VXLAN and the inner headers.
@@ -36,7 +33,7 @@ const TC_PULL_LEN: u32 = 256;
 /// XDP on the underlay interface.
 #[xdp]
 pub fn mesh_xdp(ctx: XdpContext) -> u32 {
-    xdp::process(&ctx, &MESH_CONFIG.load())
+    xdp::process(&ctx)
 }
 
 /// TC ingress on the underlay interface: clients reaching published ports.
@@ -69,26 +66,26 @@ pub fn mesh_tc_overlay_out(ctx: TcContext) -> i32 {
 /// at the host port (TCP, connected UDP).
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::point(&ctx, &MESH_CONFIG.load())
+    sock::point(&ctx)
 }
 
 /// cgroup sendmsg() (IPv4): the same for unconnected UDP, per datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn mesh_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::point(&ctx, &MESH_CONFIG.load())
+    sock::point(&ctx)
 }
 
 /// cgroup recvmsg() (IPv4): a datagram from the host port reads as from the address the
 /// application dialled.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn mesh_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx, &MESH_CONFIG.load())
+    sock::restore(&ctx)
 }
 
 /// cgroup getpeername() (IPv4): the peer is the address the application dialled.
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx, &MESH_CONFIG.load())
+    sock::restore(&ctx)
 }
 
 #[inline(always)]
@@ -105,13 +102,13 @@ fn pulled(ctx: &TcContext) -> DirectPacket {
 #[inline(always)]
 fn overlay(ctx: TcContext, hook: Hook) -> i32 {
     let pkt = pulled(&ctx);
-    datapath::process_overlay(&ctx, &pkt, hook, &MESH_CONFIG.load())
+    datapath::process_overlay(&ctx, &pkt, hook)
 }
 
 #[inline(always)]
 fn tc(ctx: TcContext, hook: Hook) -> i32 {
     let pkt = pulled(&ctx);
-    let action = datapath::process_tc(&ctx, &pkt, hook, &MESH_CONFIG.load());
+    let action = datapath::process_tc(&ctx, &pkt, hook);
     // Per-backend counters, for what the load balancer noted on the way (out here, its
     // frame adds nothing to the deep path's).
     stats::count_noted(ctx.len() as usize);

@@ -64,11 +64,18 @@ pub static MESH_NETNS_V1: HashMap<u64, u32, 4096> = HashMap::new();
 /// ingress (softirq, never nested on one CPU) use it.
 pub struct Scratch {
     pub parsed: mesh_common::parse::Parsed,
-    pub ct: CtEntry,
+    /// A new flow's conntrack entries, for `track::commit`.
+    pub nf: crate::track::NewFlow,
+    /// Where the load balancer sends the packet in hand (`lb::Go`).
+    pub go: crate::lb::Go,
     pub quote: [u8; mesh_common::reply::QUOTE_LEN],
     pub rst: [u8; mesh_common::reply::RST_LEN],
     pub unreach: [u8; mesh_common::reply::UNREACH_LEN],
     pub encap: [u8; mesh_common::vxlan::ENCAP_LEN],
+    /// A frame's MACs, swapped for an answer.
+    pub macs: [u8; 12],
+    /// Where the packet in hand came from, when it came through the tunnel.
+    pub from: crate::vxlan::From,
     /// Where the load balancer wants the packet tunnelled (see `lb::Outcome::ENCAP`).
     pub encap_to: Tunnel,
     /// `CT_RETRIED` while a retried SYN is given a new backend (set by the retry, read
@@ -90,4 +97,26 @@ pub static MESH_SCRATCH: aya_ebpf::btf_maps::PerCpuArray<Scratch, 1> =
 pub fn scratch() -> Option<&'static mut Scratch> {
     // SAFETY: a per-CPU slot; see `Scratch` for why nothing else uses it concurrently.
     MESH_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Zeroes `v` (scratch memory) word by word. Volatile stores: the compiler would merge
+/// plain ones into a call of `memset`, a BPF function of its own, whose frame the
+/// verifier adds to the deepest call chain (32 bytes on Linux 6.1).
+#[inline(always)]
+pub fn zero<T>(v: &mut T) {
+    let words = core::mem::size_of::<T>() / 8;
+    let p = v as *mut T as *mut u64;
+    let mut i = 0;
+    while i < words {
+        // SAFETY: within `v`; scratch values are 8-byte aligned map memory.
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+        i += 1;
+    }
+    let b = v as *mut T as *mut u8;
+    let mut j = words * 8;
+    while j < core::mem::size_of::<T>() {
+        // SAFETY: within `v`.
+        unsafe { core::ptr::write_volatile(b.add(j), 0) };
+        j += 1;
+    }
 }

@@ -9,18 +9,25 @@ use mesh_common::{parse::Parsed, reply as build};
 
 use crate::{lb::Flow, maps::scratch};
 
-/// Swaps the MACs, resizes the frame to `l3 + N` and writes `hdr` at `l3`.
+/// Swaps the MACs, resizes the frame to `l3 + N` and writes `hdr` at `l3` (the MACs
+/// pass through scratch memory: nothing on this frame).
 #[inline(always)]
 fn rewrite<const N: usize>(ctx: &TcContext, l3: usize, hdr: &[u8; N]) -> Result<(), ()> {
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
+    let s = scratch().ok_or(())?;
+    // SAFETY: the helper writes exactly 12 bytes into scratch memory of that size.
+    if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, s.macs.as_mut_ptr().cast(), 12) } != 0 {
+        return Err(());
+    }
+    let mut i = 0;
+    while i < 6 {
+        s.macs.swap(i, i + 6);
+        i += 1;
+    }
     // SAFETY: resizing the skb this program owns.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (l3 + N) as u32, 0) } != 0 {
         return Err(());
     }
-    ctx.store(0, &swapped, 0).map_err(|_| ())?;
+    ctx.store(0, &s.macs, 0).map_err(|_| ())?;
     ctx.store(l3, hdr, 0).map_err(|_| ())
 }
 
@@ -29,10 +36,9 @@ fn rewrite<const N: usize>(ctx: &TcContext, l3: usize, hdr: &[u8; N]) -> Result<
 pub fn tcp_rst(ctx: &TcContext, p: &Parsed, f: &Flow) -> Result<(), ()> {
     let l3 = p.l3_off as usize;
     let l4 = p.l4_off as usize;
-    let t: [u8; 13] = ctx.load(l4).map_err(|_| ())?;
-    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
-    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
-    let doff = ((t[12] >> 4) as u32) * 4;
+    let seq = u32::from_be(ctx.load::<u32>(l4 + 4).map_err(|_| ())?);
+    let ack = u32::from_be(ctx.load::<u32>(l4 + 8).map_err(|_| ())?);
+    let doff = ((ctx.load::<u8>(l4 + 12).map_err(|_| ())? >> 4) as u32) * 4;
     let payload = (p.l3_end as u32).saturating_sub(l4 as u32 + doff);
     let s = scratch().ok_or(())?;
     build::tcp_rst_into(&mut s.rst, f.saddr, f.daddr, f.sport, f.dport, seq, ack, f.tcp_flags, payload);

@@ -7,7 +7,6 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    config::MeshConfig,
     lb::{FrontendKey, FE_VIP},
     proto::{IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
@@ -29,16 +28,17 @@ const ALLOW: i32 = 1;
 /// remembered for `restore`. The port is kept: the TC program on the host port finds
 /// the frontend by it, as it does for any node address.
 #[inline(always)]
-pub fn point(ctx: &SockAddrContext, cfg: &MeshConfig) -> i32 {
+pub fn point(ctx: &SockAddrContext) -> i32 {
+    let host_addr = crate::config::host_addr();
     // SAFETY: the context the kernel passed; the fields read and written are the ones
     // these attach points allow.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if cfg.host_addr == 0 || sa.user_family != AF_INET {
+    if host_addr == 0 || sa.user_family != AF_INET {
         return ALLOW;
     }
     let proto = sa.protocol as u8;
     let addr = sa.user_ip4;
-    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) || addr == cfg.host_addr {
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) || addr == host_addr {
         return ALLOW;
     }
     let loopback = is_loopback(addr);
@@ -88,7 +88,7 @@ pub fn point(ctx: &SockAddrContext, cfg: &MeshConfig) -> i32 {
         // its peer: leave this socket alone.
         return ALLOW;
     }
-    sa.user_ip4 = cfg.host_addr;
+    sa.user_ip4 = host_addr;
     count(Hook::Sock, Reason::FwdToTask, 0);
     ALLOW
 }
@@ -96,10 +96,11 @@ pub fn point(ctx: &SockAddrContext, cfg: &MeshConfig) -> i32 {
 /// getpeername() and recvmsg() of a socket `point` redirected: the host port's address
 /// becomes the one the application dialled.
 #[inline(always)]
-pub fn restore(ctx: &SockAddrContext, cfg: &MeshConfig) -> i32 {
+pub fn restore(ctx: &SockAddrContext) -> i32 {
+    let host_addr = crate::config::host_addr();
     // SAFETY: as in `point`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if cfg.host_addr == 0 || sa.user_family != AF_INET || sa.user_ip4 != cfg.host_addr {
+    if host_addr == 0 || sa.user_family != AF_INET || sa.user_ip4 != host_addr {
         return ALLOW;
     }
     // SAFETY: a helper on the context the kernel passed.

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     arp,
-    ct::{self, CtEntry, CtKey, CtState, CT_OVERLAY, CT_REVERSE},
+    ct::{self, CtKey, CtState, CT_OVERLAY, CT_REVERSE},
     lb::{any_port_vip, docker_mac, BackendState, FE_VIP},
     parse::{Frag, Parsed},
     proto::{IPPROTO_TCP, IPPROTO_UDP},
@@ -27,6 +27,7 @@ use crate::{
     maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
     skb,
     stats::{count, note_backend},
+    track,
 };
 
 /// Ingress on a task's overlay veth.
@@ -41,7 +42,11 @@ pub fn from_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
         return TC_ACT_UNSPEC;
     }
     let pk = Pkt::new(ctx, p, hook, bytes);
-    let outcome = forward(&pk);
+    let mut outcome = forward(&pk);
+    if outcome == lb::Outcome::NO_BACKEND {
+        // Called from here, not from the new flow's frame: the frames never add up.
+        outcome = lb::refuse(&pk, Reason::ReplyRstNoBackend);
+    }
     crate::stats::count_noted(bytes);
     match outcome.action() {
         Some(action) => action,
@@ -147,44 +152,28 @@ fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
         return lb::Outcome::NotOurs;
     }
     let Some((be_id, addr, port)) = pick(pk, fe.svc_id) else {
-        return lb::refuse(pk, Reason::ReplyRstNoBackend);
+        return lb::Outcome::NO_BACKEND;
     };
     let Some(s) = scratch() else {
         return pk.drop(Reason::DropCtFull);
     };
-    // SAFETY: copied out at once.
-    let svc = unsafe { MESH_SVC_V1.get(&fe.svc_id) }.copied().unwrap_or_default();
-    let tcp = f.proto == IPPROTO_TCP;
-    // Reverse first: a reply never finds a forward entry without its way back.
-    s.ct = CtEntry {
-        last_seen_ns: now,
-        created_ns: now,
-        backend_id: be_id,
-        svc_id: fe.svc_id,
-        nat_addr: f.daddr,
-        nat_port: f.dport,
-        state: if tcp { CtState::SynSent as u8 } else { CtState::Udp as u8 },
-        flags: CT_REVERSE | CT_OVERLAY,
-        hairpin_addr: 0,
-        ifindex: 0,
-        idle_s: if tcp { svc.tcp_idle_s } else { svc.udp_idle_s },
-        mac_dst: [0; 6],
-        mac_src: [0; 6],
-        peer: 0,
-        vni: 0,
-        _pad: 0,
-    };
-    if MESH_CT_V1
-        .insert(&CtKey::new(addr, f.saddr, port, f.sport, f.proto), &s.ct, 0)
-        .is_err()
-    {
-        return pk.drop(Reason::DropCtFull);
-    }
-    s.ct.nat_addr = addr;
-    s.ct.nat_port = port;
-    s.ct.state = ct::initial(f.proto, f.tcp_flags) as u8;
-    s.ct.flags = CT_OVERLAY;
-    if MESH_CT_V1.insert(&f.key(), &s.ct, 0).is_err() {
+    // SAFETY: a map value read at once.
+    let idle_s = unsafe { MESH_SVC_V1.get(&fe.svc_id) }
+        .map_or(0, |svc| if f.proto == IPPROTO_TCP { svc.tcp_idle_s } else { svc.udp_idle_s });
+    let nf = &mut s.nf;
+    track::begin(nf, &f.key(), f.tcp_flags, now, idle_s);
+    nf.rev_key = CtKey::new(addr, f.saddr, port, f.sport, f.proto);
+    nf.rev.backend_id = be_id;
+    nf.rev.svc_id = fe.svc_id;
+    nf.rev.nat_addr = f.daddr;
+    nf.rev.nat_port = f.dport;
+    nf.rev.flags = CT_REVERSE | CT_OVERLAY;
+    nf.fwd.backend_id = be_id;
+    nf.fwd.svc_id = fe.svc_id;
+    nf.fwd.nat_addr = addr;
+    nf.fwd.nat_port = port;
+    nf.fwd.flags = CT_OVERLAY;
+    if track::commit(true).is_err() {
         return pk.drop(Reason::DropCtFull);
     }
     count(pk.hook, Reason::ObsCtNew, pk.bytes);

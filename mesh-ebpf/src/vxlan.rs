@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    config::MeshConfig,
+    config::FEAT_CHECK_MTU,
     hash::flow_hash,
     lb::{Tunnel, NET_DOCKER},
     parse::Parsed,
@@ -19,6 +19,7 @@ use mesh_common::{
 };
 
 use crate::{
+    config,
     lb::Flow,
     maps::{scratch, MESH_LOCAL_V1, MESH_NET_V1, MESH_PEER_V1},
     stats::count,
@@ -47,15 +48,15 @@ const fn encap_l2(len: u64) -> u64 {
 /// failure. `f` is the flow, for the outer source port. (Four arguments and a scalar
 /// result: a BPF function takes at most five, and returns in a register.)
 #[inline(never)]
-pub fn encap(ctx: &TcContext, f: &Flow, to: &Tunnel, cfg: &MeshConfig) -> i32 {
-    match try_encap(ctx, f, to.node, to.vni, cfg) {
+pub fn encap(ctx: &TcContext, f: &Flow, to: &Tunnel) -> i32 {
+    match try_encap(ctx, f, to.node, to.vni) {
         Ok(()) => TC_ACT_REDIRECT,
         Err(()) => TC_ACT_SHOT,
     }
 }
 
 #[inline(always)]
-fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -> Result<(), ()> {
+fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32) -> Result<(), ()> {
     let local = MESH_LOCAL_V1.get(0).copied().ok_or(())?;
     if local.ifindex == 0 {
         return Err(());
@@ -82,7 +83,7 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -
         local.addr,
         node,
         vxlan::source_port(h),
-        cfg.vxlan_port,
+        crate::config::vxlan_port(),
         vni,
         inner_src,
         inner_dst,
@@ -120,29 +121,40 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32, cfg: &MeshConfig) -
 #[inline(always)]
 pub fn too_big(ctx: &TcContext, l4_off: usize) -> Option<u32> {
     let local = MESH_LOCAL_V1.get(0).copied()?;
-    let mut mtu: u32 = 0;
     // SAFETY: reading a field of the context.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let own = !config::has(FEAT_CHECK_MTU);
+    let mut mtu: u32 = 0;
     if gso_size == 0 {
+        if own {
+            // No `bpf_check_mtu` (before 5.12): the underlay's MTU as loaded.
+            mtu = config::underlay_mtu();
+            let l3_len = ctx.len().saturating_sub(14);
+            return (mtu != 0 && l3_len + OVERHEAD as u32 > mtu).then(|| mtu - OVERHEAD as u32);
+        }
         // SAFETY: the skb this program owns; `mtu` is an out-parameter on our stack.
         let r = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), local.ifindex, &mut mtu, OVERHEAD as i32, 0) };
         return (r == BPF_MTU_CHK_RET_FRAG_NEEDED as i64).then(|| mtu.saturating_sub(OVERHEAD as u32));
     }
     // GSO: the helper only reads the device's MTU here; the segment is IP + L4 headers
     // + gso_size of payload.
-    // SAFETY: as above.
-    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), local.ifindex, &mut mtu, 0, 0) };
+    if own {
+        mtu = config::underlay_mtu();
+    } else {
+        // SAFETY: as above.
+        unsafe { bpf_check_mtu(ctx.skb.skb.cast(), local.ifindex, &mut mtu, 0, 0) };
+    }
     let doff: u8 = ctx.load(l4_off + 12).unwrap_or(0x50);
     let seg = (l4_off - 14) as u32 + ((doff >> 4) as u32) * 4 + gso_size;
     (mtu != 0 && seg + OVERHEAD as u32 > mtu).then(|| mtu - OVERHEAD as u32)
 }
 
-/// Where a decapsulated packet came from.
+/// Where a decapsulated packet came from (per-CPU scratch memory: `Scratch::from`).
 pub struct From {
     pub peer: u32,
     pub vni: u32,
     /// Size of the frame as it arrived (for the counters).
-    pub bytes: usize,
+    pub bytes: u32,
 }
 
 /// Writes the outer UDP checksum (LCO) into the header. Its own BPF function: a frame

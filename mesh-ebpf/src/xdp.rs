@@ -13,9 +13,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use mesh_common::{
-    config::MeshConfig,
+    config::{FEAT_XDP_BYTES, FEAT_XDP_META},
     csum,
-    ct::{self, CtEntry, CtKey, CtState, CT_REVERSE},
+    ct::{self, CtKey, CtState},
     lb::{BackendState, NET_DOCKER},
     parse::{Frag, Parsed},
     proto::{IPPROTO_TCP, IPPROTO_UDP},
@@ -24,10 +24,12 @@ use mesh_common::{
 };
 
 use crate::{
+    config,
     lb::{self, Flow},
     maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_NET_V1, MESH_PEER_V1, MESH_SVC_V1},
     pkt::DirectPacket,
     stats::{count, count_backend},
+    track,
 };
 
 const HOOK: Hook = Hook::XdpUnderlay;
@@ -46,13 +48,13 @@ pub struct TunnelMeta {
 pub const META_MAGIC: u32 = 0x6d65_7368;
 
 #[inline(always)]
-pub fn process(ctx: &XdpContext, cfg: &MeshConfig) -> u32 {
+pub fn process(ctx: &XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
     let pkt = DirectPacket::new(ctx.data(), ctx.data_end(), bytes);
     let Some(s) = scratch() else {
         return XDP_PASS;
     };
-    if crate::datapath::parse_into_scratch(&pkt, HOOK, cfg.vxlan_port, &mut s.parsed).is_err() {
+    if crate::datapath::parse_into_scratch(&pkt, HOOK, crate::config::vxlan_port(), &mut s.parsed).is_err() {
         return XDP_DROP;
     }
     step(ctx, &s.parsed, bytes)
@@ -91,6 +93,12 @@ fn decap(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
     };
     if net.flags & NET_DOCKER != 0 {
         count(HOOK, Reason::PassVxlanDocker, bytes);
+        return XDP_PASS;
+    }
+    if !config::has(FEAT_XDP_META) {
+        // No metadata to carry (peer, VNI) to TC on this kernel: TC validates the
+        // frame again and takes it apart itself.
+        count(HOOK, Reason::PassVxlan, bytes);
         return XDP_PASS;
     }
     count(HOOK, Reason::ObsDecap, bytes);
@@ -212,50 +220,42 @@ struct NewFlow {
     now: u64,
 }
 
-/// Both conntrack entries of a new flow (reverse first), as TC's `new_flow` writes them.
+/// Both conntrack entries of a new flow, as TC's load balancer writes them (by the one
+/// writer, `track`).
 #[inline(never)]
 fn track(ctx: &XdpContext, f: &Flow, key: &CtKey, nf: &NewFlow) -> Option<()> {
     let NewFlow { svc_id, be_id, target, port, ifindex, idle_s, now } = *nf;
     let s = scratch()?;
     let macs: [u8; 12] = xload(ctx, 0).ok()?;
-    let tcp = f.proto == IPPROTO_TCP;
-    let e = &mut s.ct;
-    *e = CtEntry {
-        last_seen_ns: now,
-        created_ns: now,
-        backend_id: be_id,
-        svc_id,
-        nat_addr: f.daddr,
-        nat_port: f.dport,
-        state: if tcp { CtState::SynSent as u8 } else { CtState::Udp as u8 },
-        flags: CT_REVERSE,
-        hairpin_addr: 0,
-        // SAFETY: reading a field of the XDP context.
-        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
-        idle_s,
-        mac_dst: [0; 6],
-        mac_src: [0; 6],
-        peer: 0,
-        vni: 0,
-        _pad: 0,
-    };
-    e.mac_dst.copy_from_slice(&macs[6..12]);
-    e.mac_src.copy_from_slice(&macs[0..6]);
-    MESH_CT_V1
-        .insert(&CtKey::new(target, f.saddr, port, f.sport, f.proto), &*e, 0)
-        .ok()?;
-    e.nat_addr = target;
-    e.nat_port = port;
-    e.state = ct::initial(f.proto, f.tcp_flags) as u8;
-    e.flags = 0;
-    e.ifindex = ifindex;
-    MESH_CT_V1.insert(key, &*e, 0).ok()
+    let t = &mut s.nf;
+    track::begin(t, key, f.tcp_flags, now, idle_s);
+    t.rev_key = CtKey::new(target, f.saddr, port, f.sport, f.proto);
+    t.rev.backend_id = be_id;
+    t.rev.svc_id = svc_id;
+    t.rev.nat_addr = f.daddr;
+    t.rev.nat_port = f.dport;
+    // SAFETY: reading a field of the XDP context.
+    t.rev.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    t.rev.mac_dst.copy_from_slice(&macs[6..12]);
+    t.rev.mac_src.copy_from_slice(&macs[0..6]);
+    t.fwd.backend_id = be_id;
+    t.fwd.svc_id = svc_id;
+    t.fwd.nat_addr = target;
+    t.fwd.nat_port = port;
+    t.fwd.ifindex = ifindex;
+    track::commit(true).ok()
 }
 
-/// Reads through the kernel's bounds-checked helper (offsets vary with IP options and
-/// VLAN tags; the helper spares the verifier the range proofs).
+/// Reads `T` at `off`: through the kernel's bounds-checked helper (offsets vary with IP
+/// options and VLAN tags; the helper spares the verifier the range proofs), or by direct
+/// packet access where the kernel has no such helper (before 5.18).
 #[inline(always)]
 fn xload<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, ()> {
+    if !config::has(FEAT_XDP_BYTES) {
+        let at = direct::<T>(ctx, off)?;
+        // SAFETY: `direct` checked `size_of::<T>()` bytes at `at` against data_end.
+        return Ok(unsafe { core::ptr::read_unaligned(at as *const T) });
+    }
     let mut v = core::mem::MaybeUninit::<T>::uninit();
     // SAFETY: the helper writes exactly size_of::<T>() bytes into `v`, or fails.
     let r = unsafe {
@@ -267,11 +267,28 @@ fn xload<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, ()> {
 
 #[inline(always)]
 fn xstore<T: Copy>(ctx: &XdpContext, off: usize, v: &T) -> Result<(), ()> {
+    if !config::has(FEAT_XDP_BYTES) {
+        let at = direct::<T>(ctx, off)?;
+        // SAFETY: as in `xload`.
+        unsafe { core::ptr::write_unaligned(at as *mut T, *v) };
+        return Ok(());
+    }
     // SAFETY: the helper reads size_of::<T>() bytes from `v`.
     let r = unsafe {
         bpf_xdp_store_bytes(ctx.ctx, off as u32, v as *const T as *mut _, core::mem::size_of::<T>() as u32)
     };
     (r == 0).then_some(()).ok_or(())
+}
+
+/// The address of `size_of::<T>()` bytes at `off` in the frame, checked against its end
+/// the way the verifier tracks it (the offset bounded first, so that its range is known).
+#[inline(always)]
+fn direct<T>(ctx: &XdpContext, off: usize) -> Result<usize, ()> {
+    let at = ctx.data() + (off & 0x1ff);
+    if at + core::mem::size_of::<T>() > ctx.data_end() {
+        return Err(());
+    }
+    Ok(at)
 }
 
 /// DNAT in place with incremental checksums (XDP has no checksum helpers).

@@ -42,8 +42,12 @@ pub const FEAT_XDP_BYTES: u32 = 1 << 1;
 /// it): without it, XDP validates VXLAN and leaves taking it apart to TC (no metadata
 /// can carry the peer and VNI across).
 pub const FEAT_XDP_META: u32 = 1 << 2;
+/// `bpf_skb_adjust_room`'s `BPF_F_ADJ_ROOM_ENCAP_L2_ETH` (Linux 5.13), which tells the
+/// kernel the tunnel carries Ethernet (for GSO); without it the flag is left out (the
+/// helper refuses a flag it does not know, at run time: the verifier cannot tell).
+pub const FEAT_ENCAP_L2_ETH: u32 = 1 << 3;
 /// Every feature.
-pub const FEAT_ALL: u32 = FEAT_CHECK_MTU | FEAT_XDP_BYTES | FEAT_XDP_META;
+pub const FEAT_ALL: u32 = FEAT_CHECK_MTU | FEAT_XDP_BYTES | FEAT_XDP_META | FEAT_ENCAP_L2_ETH;
 /// Offset of `flags` in [`MeshConfig`] (the programs read that word alone).
 pub const FLAGS_OFFSET: usize = 4;
 

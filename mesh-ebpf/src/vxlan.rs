@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    config::FEAT_CHECK_MTU,
+    config::{FEAT_CHECK_MTU, FEAT_ENCAP_L2_ETH},
     hash::flow_hash,
     lb::{Tunnel, NET_DOCKER},
     parse::Parsed,
@@ -72,7 +72,10 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32) -> Result<(), ()> {
     // SAFETY: reading a field of the context.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     let h = flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto);
-    let flags = ENCAP_L3_IPV4 | ENCAP_L4_UDP | ENCAP_L2_ETH | encap_l2(14) | FIXED_GSO;
+    let mut flags = ENCAP_L3_IPV4 | ENCAP_L4_UDP | encap_l2(14) | FIXED_GSO;
+    if config::has(FEAT_ENCAP_L2_ETH) {
+        flags |= ENCAP_L2_ETH;
+    }
     // SAFETY: the skb this program owns; room is inserted after the MAC header.
     if unsafe { bpf_skb_adjust_room(ctx.skb.skb, OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags) } != 0 {
         return Err(());

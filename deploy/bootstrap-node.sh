@@ -52,8 +52,8 @@ agent. Run as root. Idempotent; every change is printed (changed: ...).
   --allow-ipvs          remove that file again (ip_vs loads when Docker asks for it)
   -h, --help            this text
 
-Steps: root check; kernel checks (>= 6.6, bpf syscall, BTF, tc clsact, VXLAN; cgroup v2
-noted); Docker; bpffs at $BPFFS (mounted, and in /etc/fstab); sysctls
+Steps: root check; kernel checks (>= 5.10, with what 5.10..6.5 fall back to noted; bpf
+syscall, BTF, tc clsact, VXLAN; cgroup v2 noted); Docker; bpffs at $BPFFS (mounted, and in /etc/fstab); sysctls
 (/etc/sysctl.d/90-mesh.conf and live); firewall (ufw, firewalld, or iptables/nft when
 input is filtered): 2377/tcp, 7946/tcp, 7946/udp, the data-path port/udp, the peer
 port/tcp; install the binaries; /etc/mesh/agent.yaml; /run/mesh; whether Docker's IPVS
@@ -415,18 +415,39 @@ check_tristate() {
   fi
 }
 
+# The agent's rules (mesh-agent/src/preflight.rs and features.rs): below 5.10 it refuses,
+# naming what is missing; from 5.10 on, what a release lacks has a fallback, which the
+# agent picks by probing the kernel at load time (so a backport is used where present).
+check_kernel_version() {
+  if [[ ! $KREL =~ ^([0-9]+)\.([0-9]+) ]]; then
+    note "cannot tell the kernel version from \`$KREL\`; the agent needs >= 5.10 and probes the rest"
+    return 0
+  fi
+  local v=$((BASH_REMATCH[1] * 1000 + BASH_REMATCH[2])) lacks=() list="" m
+  if ((v < 5010)); then
+    ((v < 5007)) && lacks+=("cgroup bpf links and BPF_LINK_UPDATE (5.7)" "bpf_get_netns_cookie in socket programs (5.7)")
+    ((v < 5008)) && lacks+=("getpeername socket hooks (5.8)")
+    ((v < 5009)) && lacks+=("XDP bpf links (5.9)")
+    lacks+=("bpf_redirect_neigh (5.10)")
+    for m in "${lacks[@]}"; do list+="${list:+, }$m"; done
+    MISSING+=("kernel >= 5.10 (this is $KREL, which lacks $list)")
+    return 0
+  fi
+  if ((v >= 6006)); then
+    ok "kernel $KREL (>= 6.6: tcx links and every helper the datapath uses)"
+    return 0
+  fi
+  ok "kernel $KREL (>= 5.10)"
+  note "kernel $KREL: no tcx links before 6.6: the agent attaches TC programs as netlink clsact filters instead (a restarted agent replaces them in place)"
+  ((v < 5012)) && note "kernel $KREL: no bpf_check_mtu before 5.12: the datapath checks the underlay's MTU itself"
+  ((v < 5014)) && note "kernel $KREL: no SO_NETNS_COOKIE before 5.14: the host port stays off (published ports answer from other hosts, not from this node or its containers)"
+  ((v < 5018)) && note "kernel $KREL: no bpf_xdp_load_bytes before 5.18: XDP uses direct packet access"
+  note "the agent probes these at load time (a backported one is used); \`meshctl status\` lists the fallbacks in force"
+}
+
 step_kernel() {
   load_kconfig
-  if [[ $KREL =~ ^([0-9]+)\.([0-9]+) ]]; then
-    local major=${BASH_REMATCH[1]} minor=${BASH_REMATCH[2]}
-    if ((major > 6 || (major == 6 && minor >= 6))); then
-      ok "kernel $KREL (>= 6.6, for tcx links)"
-    else
-      MISSING+=("kernel >= 6.6 for tcx links (this is $KREL)")
-    fi
-  else
-    note "cannot tell the kernel version from \`$KREL\`; the agent needs >= 6.6 (tcx links)"
-  fi
+  check_kernel_version
 
   if [[ $(kconfig CONFIG_BPF_SYSCALL) == y ]]; then
     ok "bpf() syscall (CONFIG_BPF_SYSCALL=y)"

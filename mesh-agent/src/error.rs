@@ -13,12 +13,15 @@ pub enum MeshError {
     BpffsNotMounted { path: PathBuf },
 
     #[error(
-        "kernel {release} is too old: the mesh needs Linux {}.{} or later (tcx links, which \
-         keep the datapath attached while no agent runs)",
+        "kernel {release} is too old: the mesh needs Linux {}.{} or later (missing: {missing})",
         crate::preflight::MIN_KERNEL.0,
         crate::preflight::MIN_KERNEL.1
     )]
-    KernelTooOld { release: String },
+    KernelTooOld { release: String, missing: String },
+
+    /// A setting the agent cannot honour here.
+    #[error("{what}")]
+    Setting { what: String },
 
     #[error("interface {name:?} does not exist in this network namespace: check `ip link`")]
     NoSuchInterface { name: String },
@@ -50,7 +53,7 @@ pub enum MeshError {
 
     #[error(
         "{hook} link on {interface} cannot be pinned ({detail}): the mesh needs bpf links \
-             (TC via tcx: Linux >= 6.6; XDP: Linux >= 5.9) to outlive the agent"
+             (XDP: Linux >= 5.9; cgroup: 5.7; TC: tcx links, 6.6, or netlink filters)"
     )]
     Link {
         hook: &'static str,

@@ -158,6 +158,12 @@ pub struct AgentStatus {
     /// how many network namespaces are in its scope.
     #[serde(default)]
     pub host_ports: Option<HostPortsStatus>,
+    /// The kernel's release (`uname -r`) where the agent loaded the datapath.
+    #[serde(default)]
+    pub kernel: String,
+    /// What that kernel lacks and what the mesh does instead (empty: nothing).
+    #[serde(default)]
+    pub fallbacks: Vec<crate::features::Fallback>,
 }
 
 /// The host port as the status file records it.

@@ -10,6 +10,7 @@
 
 pub mod docker;
 pub mod error;
+pub mod features;
 pub mod hostport;
 pub mod http;
 pub mod inspect;
@@ -28,6 +29,7 @@ pub mod reconcile;
 pub mod settings;
 pub mod stats;
 pub mod swarm;
+pub mod tcnl;
 pub mod trace;
 
 pub use error::MeshError;

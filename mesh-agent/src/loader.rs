@@ -18,8 +18,9 @@ use mesh_common::{
 };
 
 use crate::{
+    features::{Feature, Features, TcAttach},
     netdev,
-    pins::{Hook, PinDir, PINNED_MAPS},
+    pins::{Hook, LinkKind, PinDir, PINNED_MAPS},
     preflight, MeshError,
 };
 
@@ -53,6 +54,16 @@ fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result
     crate::trace::put32(&mut attr, 0, link.as_raw_fd() as u32);
     crate::trace::put32(&mut attr, 4, prog.as_raw_fd() as u32);
     crate::trace::bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Says once per process which fallbacks are in force (the first load decides them).
+fn log_fallbacks(features: &Features) {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| {
+        for f in features.fallbacks() {
+            tracing::info!(feature = %f.feature, why = ?f.why, "fallback in force: {f}");
+        }
+    });
 }
 
 /// Environment variable that names the eBPF object explicitly.
@@ -97,13 +108,16 @@ pub struct Datapath {
     /// TC attachments made by [`Datapath::attach_tc_ingress`] / `attach_tc_task`, so they
     /// can be undone without dropping the maps ([`Datapath::detach_tc`]).
     tc_links: Vec<(&'static str, aya::programs::tc::SchedClassifierLinkId)>,
+    /// What the kernel offers (and the fallbacks in force), as loaded.
+    features: Features,
 }
 
 impl Datapath {
-    /// Loads the object with `cfg` baked into its read-only config, and loads every
-    /// program into the kernel (which runs the verifier on each).
+    /// Loads the object with `cfg` baked into its read-only config (less the features
+    /// this kernel lacks, [`Features::detect`]), and loads every program into the kernel
+    /// (which runs the verifier on each).
     pub fn load(object: &Path, cfg: &MeshConfig) -> Result<Self, MeshError> {
-        Self::load_with(object, cfg, None, None)
+        Self::load_with(object, cfg, None, None, Features::detect(TcAttach::Auto)?)
     }
 
     /// As [`Datapath::load`], with room for `maglev_slots` Maglev slots in all (the
@@ -113,7 +127,13 @@ impl Datapath {
         cfg: &MeshConfig,
         maglev_slots: u32,
     ) -> Result<Self, MeshError> {
-        Self::load_with(object, cfg, None, Some(maglev_slots))
+        Self::load_with(
+            object,
+            cfg,
+            None,
+            Some(maglev_slots),
+            Features::detect(TcAttach::Auto)?,
+        )
     }
 
     /// How many Maglev slots the loaded (or adopted) table has.
@@ -128,12 +148,14 @@ impl Datapath {
 
     /// Loads as [`Datapath::load`], with the maps pinned in `pins`: maps already pinned
     /// there (by an agent that is gone) are adopted as they are, after a layout check;
-    /// the others are created and pinned. Returns whether anything was adopted.
+    /// the others are created and pinned. TC programs are attached as `features` says
+    /// (tcx links, or netlink filters). Returns whether anything was adopted.
     pub fn load_pinned(
         object: &Path,
         cfg: &MeshConfig,
         pins: &PinDir,
         maglev_slots: u32,
+        features: Features,
     ) -> Result<(Self, bool), MeshError> {
         let bytes = std::fs::read(object).map_err(|source| MeshError::Io {
             what: format!("reading {}", object.display()),
@@ -145,7 +167,7 @@ impl Datapath {
         }
         pins.create()?;
         Ok((
-            Self::load_with(object, cfg, Some(pins), Some(maglev_slots))?,
+            Self::load_with(object, cfg, Some(pins), Some(maglev_slots), features)?,
             adopted,
         ))
     }
@@ -155,9 +177,17 @@ impl Datapath {
         cfg: &MeshConfig,
         pins: Option<&PinDir>,
         maglev_slots: Option<u32>,
+        features: Features,
     ) -> Result<Self, MeshError> {
+        log_fallbacks(&features);
+        // The programs read the flags as a constant: a kernel without a helper never
+        // sees the call to it. The object assumes no feature; the probes decide.
+        let cfg = MeshConfig {
+            flags: features.flags(),
+            ..*cfg
+        };
         let mut loader = EbpfLoader::new();
-        loader.override_global(CONFIG_GLOBAL, cfg, true);
+        loader.override_global(CONFIG_GLOBAL, &cfg, true);
         if let Some(n) = maglev_slots {
             loader.map_max_entries(mesh_common::lb::MAGLEV_MAP, n);
         }
@@ -173,6 +203,7 @@ impl Datapath {
         let mut dp = Datapath {
             ebpf,
             tc_links: Vec::new(),
+            features,
         };
         dp.xdp_mut()?.load().map_err(|source| MeshError::Program {
             program: programs::XDP_UNDERLAY,
@@ -201,6 +232,11 @@ impl Datapath {
                 })?;
         }
         Ok(dp)
+    }
+
+    /// What the kernel offers, and the fallbacks in force.
+    pub fn features(&self) -> &Features {
+        &self.features
     }
 
     pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -259,9 +295,9 @@ impl Datapath {
         self.program_mut(programs::XDP_UNDERLAY)
     }
 
-    /// Attaches the underlay program to `interface`'s TC ingress (tcx on kernels >= 6.6,
-    /// where it coexists with other programs; netlink clsact before). The attachment
-    /// lives as long as this `Datapath`.
+    /// Attaches the underlay program to `interface`'s TC ingress (a tcx link, or a
+    /// netlink clsact filter where the kernel has none). The attachment lives as long as
+    /// this `Datapath`.
     pub fn attach_tc_ingress(&mut self, interface: &str) -> Result<(), MeshError> {
         self.attach_tc(programs::TC_UNDERLAY_INGRESS, interface)
     }
@@ -273,10 +309,20 @@ impl Datapath {
     }
 
     fn attach_tc(&mut self, program: &'static str, interface: &str) -> Result<(), MeshError> {
-        preflight::ifindex(interface)?;
+        use aya::programs::{
+            tc::{NlOptions, TcAttachOptions},
+            LinkOrder,
+        };
+        let ifindex = preflight::ifindex(interface)?;
+        let options = if self.features.has(Feature::Tcx) {
+            TcAttachOptions::TcxOrder(LinkOrder::default())
+        } else {
+            crate::tcnl::add_clsact(ifindex)?;
+            TcAttachOptions::Netlink(NlOptions::default())
+        };
         let id = self
             .program_mut::<SchedClassifier>(program)?
-            .attach(interface, TcAttachType::Ingress)
+            .attach_with_options(interface, TcAttachType::Ingress, options)
             .map_err(|source| MeshError::Attach {
                 program,
                 interface: interface.into(),
@@ -325,7 +371,7 @@ impl Datapath {
         pins: &PinDir,
         xdp_mode: XdpMode,
     ) -> Result<(), MeshError> {
-        self.attach_pinned_as(hook, interface, pins, xdp_mode, 0)
+        self.attach_pinned_as(hook, interface, pins, xdp_mode, (0, None))
             .map(|_| ())
     }
 
@@ -342,41 +388,49 @@ impl Datapath {
         // The interface name, and the link's target, resolve in the calling thread's
         // namespace: attach from a thread inside it.
         netdev::in_netns(netns, || {
-            self.attach_pinned_as(hook, interface, pins, XdpMode::default(), id)
+            self.attach_pinned_as(hook, interface, pins, XdpMode::default(), (id, Some(netns)))
         })
     }
 
+    /// `netns`: the namespace's inode (0: the agent's own) and path.
     fn attach_pinned_as(
         &mut self,
         hook: Hook,
         interface: &str,
         pins: &PinDir,
         xdp_mode: XdpMode,
-        netns: u64,
+        netns: (u64, Option<&Path>),
     ) -> Result<PathBuf, MeshError> {
         let ifindex = preflight::ifindex(interface)?;
-        let path = pins.link_in(hook, netns, ifindex);
+        let path = pins.link_in(hook, netns.0, ifindex);
+        if hook.tc() && !self.features.has(Feature::Tcx) {
+            return self.attach_netlink(hook, ifindex, &path, pins, netns.1);
+        }
         let program = hook.program();
         let attach_err = |source| MeshError::Attach {
             program,
             interface: interface.into(),
             source,
         };
-        // Netlink (clsact) attachments, before kernel 6.6, cannot be pinned.
         let unpinnable = |e: aya::programs::links::LinkError| MeshError::Link {
             hook: hook.name(),
             interface: interface.into(),
             detail: e.to_string(),
         };
-        if path.exists() {
-            match self.take_over(hook, &path) {
+        let mut was_netlink = false;
+        match pins.pin(&path).map(|p| p.kind) {
+            Some(LinkKind::Link) => match self.take_over(hook, &path) {
                 Ok(()) => return Ok(path),
                 Err(e) => {
                     // A link whose interface went away, or a foreign pin: replace it.
                     tracing::warn!(link = %path.display(), "not taking over a pinned link ({e}); attaching afresh");
                     pins.unpin(&path)?;
                 }
-            }
+            },
+            // An earlier agent's netlink filter (forced, or before a kernel upgrade that
+            // kept bpffs): it goes once the link, which runs first, is in place.
+            Some(LinkKind::Netlink { .. }) => was_netlink = true,
+            None => {}
         }
         let fd: FdLink = match hook {
             Hook::XdpUnderlay => {
@@ -411,6 +465,9 @@ impl Datapath {
                 link.try_into().map_err(unpinnable)?
             }
         };
+        if was_netlink {
+            pins.unpin(&path)?;
+        }
         // The pin is the link's only owner once `fd` is dropped.
         fd.pin(&path).map_err(|source| MeshError::Pin {
             what: format!("{} link", hook.name()),
@@ -418,6 +475,37 @@ impl Datapath {
             source,
         })?;
         Ok(path)
+    }
+
+    /// [`Self::attach_pinned`] for a TC hook where TC programs are netlink filters: the
+    /// hook's filter (fixed priority and handle) is created, or, left by an earlier
+    /// agent, given this agent's program in place (never a moment without one); the
+    /// filter is recorded at the link's pin name for whoever lists the pins.
+    fn attach_netlink(
+        &mut self,
+        hook: Hook,
+        ifindex: u32,
+        path: &Path,
+        pins: &PinDir,
+        netns: Option<&Path>,
+    ) -> Result<PathBuf, MeshError> {
+        let program = hook.program();
+        let filter = hook.tc_filter(ifindex).ok_or(MeshError::Program {
+            program,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+        let prog = self.program::<SchedClassifier>(program)?;
+        let fd = prog
+            .fd()
+            .map_err(|source| MeshError::Program { program, source })?;
+        filter.attach(std::os::fd::AsFd::as_fd(fd), program)?;
+        // A tcx link pinned here by an agent that had them ran first; it goes now that
+        // the filter is there.
+        if pins.pin(path).is_some_and(|p| p.kind == LinkKind::Link) {
+            pins.unpin(path)?;
+        }
+        pins.record_netlink(path, netns)?;
+        Ok(path.to_path_buf())
     }
 
     fn take_over(&mut self, hook: Hook, path: &Path) -> Result<(), String> {

@@ -255,34 +255,68 @@ pub fn request(
     flags: u16,
     what: impl Into<String>,
 ) -> Result<(), MeshError> {
-    use netlink_packet_core::{
-        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
-    };
-    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    use netlink_packet_core::{NetlinkPayload, NLM_F_ACK};
     let what = what.into();
+    match exchange(msg, NLM_F_ACK | flags, &what)? {
+        NetlinkPayload::Error(e) if e.code.is_some() => Err(MeshError::Io {
+            what,
+            source: e.to_io(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Sends one rtnetlink GET of a single object (a link, a tc filter) in the calling
+/// thread's network namespace: the kernel's answer, or `None` where it has no such
+/// object (ENOENT, or ENODEV for a device that is gone).
+pub fn get(
+    msg: netlink_packet_route::RouteNetlinkMessage,
+    what: impl Into<String>,
+) -> Result<Option<netlink_packet_route::RouteNetlinkMessage>, MeshError> {
+    use netlink_packet_core::NetlinkPayload;
+    let what = what.into();
+    match exchange(msg, 0, &what)? {
+        NetlinkPayload::InnerMessage(m) => Ok(Some(m)),
+        NetlinkPayload::Error(e) => match e.to_io() {
+            io if matches!(io.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) => Ok(None),
+            source => Err(MeshError::Io { what, source }),
+        },
+        other => Err(MeshError::Io {
+            what,
+            source: std::io::Error::other(format!("unexpected answer {other:?}")),
+        }),
+    }
+}
+
+/// One request, one answer (the first message the kernel sends back).
+fn exchange(
+    msg: netlink_packet_route::RouteNetlinkMessage,
+    flags: u16,
+    what: &str,
+) -> Result<netlink_packet_core::NetlinkPayload<netlink_packet_route::RouteNetlinkMessage>, MeshError>
+{
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
     let err = |source: std::io::Error| MeshError::Io {
-        what: what.clone(),
+        what: what.to_string(),
         source,
     };
     let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
     socket.bind_auto().map_err(err)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
     let mut req = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(msg));
-    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    req.header.flags = NLM_F_REQUEST | flags;
     req.header.sequence_number = 1;
     req.finalize();
     let mut buf = vec![0; req.buffer_len()];
     req.serialize(&mut buf[..]);
     socket.send(&buf, 0).map_err(err)?;
-    let mut rx = vec![0u8; 8192];
+    let mut rx = vec![0u8; 16384];
     let size = socket.recv(&mut &mut rx[..], 0).map_err(err)?;
     let msg: NetlinkMessage<netlink_packet_route::RouteNetlinkMessage> =
         NetlinkMessage::deserialize(&rx[..size])
             .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-    match msg.payload {
-        NetlinkPayload::Error(e) if e.code.is_some() => Err(err(e.to_io())),
-        _ => Ok(()),
-    }
+    Ok(msg.payload)
 }
 
 /// The identity of the network namespace at `netns`: its inode.

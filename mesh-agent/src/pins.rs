@@ -10,6 +10,13 @@
 //!                              links in another namespace (its inode): tc_ovl_in,
 //!                              tc_ovl_out on tasks' overlay veths
 //! ```
+//!
+//! Where TC programs are netlink clsact filters (no tcx links, see [`crate::tcnl`]),
+//! nothing can be pinned; the same names are then symlinks (which bpffs holds) whose
+//! target records the filter: `tc-netlink:` and the path of its network namespace (empty
+//! for the agent's own). So everything that lists the pins (status, doctor, trace, the
+//! agent's pruning, uninstall) sees those attachments too, and [`PinDir::unpin`] removes
+//! the filter; a reboot clears both, as it clears the filters.
 
 use std::path::{Path, PathBuf};
 
@@ -123,7 +130,38 @@ impl Hook {
     pub fn overlay(self) -> bool {
         matches!(self, Hook::TcOverlayIn | Hook::TcOverlayOut)
     }
+
+    /// Whether it runs a TC program.
+    pub fn tc(self) -> bool {
+        !self.sock() && self != Hook::XdpUnderlay
+    }
+
+    /// Its netlink filter on `ifindex` (TC hooks): priority 1, so the mesh runs before
+    /// any other filter as with tcx, and a handle of its own per hook, which a restarted
+    /// agent finds again.
+    pub fn tc_filter(self, ifindex: u32) -> Option<crate::tcnl::Filter> {
+        self.tc().then(|| crate::tcnl::Filter {
+            ifindex,
+            egress: self == Hook::TcOverlayOut,
+            priority: 1,
+            // "MES" and the hook.
+            handle: 0x4d45_5300 | (self as u32 + 1),
+        })
+    }
 }
+
+/// How a pinned attachment holds its program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// A bpf link pinned on bpffs (tcx, XDP, cgroup).
+    Link,
+    /// A netlink clsact filter, recorded by a symlink: the path of its network namespace
+    /// (`None`: the agent's own).
+    Netlink { netns: Option<PathBuf> },
+}
+
+/// Target prefix of the symlinks that record netlink filters.
+const NETLINK_RECORD: &str = "tc-netlink:";
 
 /// A pinned link: which hook, on which interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,6 +171,86 @@ pub struct LinkPin {
     pub netns: u64,
     pub ifindex: u32,
     pub path: PathBuf,
+    pub kind: LinkKind,
+}
+
+impl LinkPin {
+    /// Reads the pin at `path` (named `<hook>-[<netns>-]<ifindex>`).
+    fn read(path: &Path) -> Option<LinkPin> {
+        let name = path.file_name()?.to_str()?;
+        let (hook, rest) = name.split_once('-')?;
+        let hook = Hook::ALL.into_iter().find(|h| h.name() == hook)?;
+        let (netns, ifindex) = match rest.split_once('-') {
+            Some((ns, ix)) => (ns.parse().ok()?, ix),
+            None => (0, rest),
+        };
+        let kind = match std::fs::read_link(path) {
+            Ok(target) => {
+                let ns = target.to_str()?.strip_prefix(NETLINK_RECORD)?;
+                LinkKind::Netlink {
+                    netns: (!ns.is_empty()).then(|| PathBuf::from(ns)),
+                }
+            }
+            Err(_) => LinkKind::Link,
+        };
+        Some(LinkPin {
+            hook,
+            netns,
+            ifindex: ifindex.parse().ok()?,
+            path: path.to_path_buf(),
+            kind,
+        })
+    }
+
+    /// Its netlink filter, if it is one.
+    fn filter(&self) -> Option<(crate::tcnl::Filter, Option<&Path>)> {
+        match &self.kind {
+            LinkKind::Netlink { netns } => {
+                Some((self.hook.tc_filter(self.ifindex)?, netns.as_deref()))
+            }
+            LinkKind::Link => None,
+        }
+    }
+
+    /// Runs `f` in the filter's network namespace; `None` when that namespace is gone
+    /// (and the filter with it).
+    fn in_netns<R: Send>(
+        &self,
+        netns: Option<&Path>,
+        f: impl FnOnce() -> Result<R, MeshError> + Send,
+    ) -> Result<Option<R>, MeshError> {
+        match netns {
+            None if self.netns == 0 => f().map(Some),
+            None => Ok(None),
+            Some(p) => match crate::netdev::netns_id(p) {
+                Ok(id) if id == self.netns => crate::netdev::in_netns(p, f).map(Some),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// The id of the program attached there now (a netlink filter's: `None` when the
+    /// filter is gone, e.g. deleted behind the agent's back).
+    pub fn program_id(&self) -> Result<Option<u32>, MeshError> {
+        match self.filter() {
+            None => crate::trace::link_program_id(&self.path).map(Some),
+            Some((filter, netns)) => Ok(self
+                .in_netns(netns, || filter.program())?
+                .flatten()
+                .filter(|a| a.name == self.hook.program())
+                .map(|a| a.id)),
+        }
+    }
+
+    /// How it is attached, in one word: tcx, xdp, cgroup or netlink.
+    pub fn mode(&self) -> &'static str {
+        match (&self.kind, self.hook) {
+            (LinkKind::Netlink { .. }, _) => "netlink",
+            (_, Hook::XdpUnderlay) => "xdp",
+            (_, h) if h.sock() => "cgroup",
+            _ => "tcx",
+        }
+    }
 }
 
 /// The agent's directory on bpffs.
@@ -234,29 +352,45 @@ impl PinDir {
         };
         let mut out: Vec<LinkPin> = dir
             .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let (hook, rest) = name.split_once('-')?;
-                let hook = Hook::ALL.into_iter().find(|h| h.name() == hook)?;
-                let (netns, ifindex) = match rest.split_once('-') {
-                    Some((ns, ix)) => (ns.parse().ok()?, ix),
-                    None => (0, rest),
-                };
-                Some(LinkPin {
-                    hook,
-                    netns,
-                    ifindex: ifindex.parse().ok()?,
-                    path: e.path(),
-                })
-            })
+            .filter_map(|e| LinkPin::read(&e.path()))
             .collect();
         out.sort_by_key(|l| (l.hook, l.netns, l.ifindex));
         out
     }
 
+    /// The pin at `path`, if there is one.
+    pub fn pin(&self, path: &Path) -> Option<LinkPin> {
+        path.symlink_metadata().ok()?;
+        LinkPin::read(path)
+    }
+
+    /// Records a netlink filter at `path`, its pin's name (`link_in`), with the path of
+    /// its network namespace (`None`: the agent's own), which unpinning enters.
+    pub fn record_netlink(&self, path: &Path, netns_path: Option<&Path>) -> Result<(), MeshError> {
+        let target = format!(
+            "{NETLINK_RECORD}{}",
+            netns_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        if std::fs::read_link(path).is_ok_and(|t| t.as_os_str() == target.as_str()) {
+            return Ok(());
+        }
+        // A record of another namespace path: rewritten (never the filter removed).
+        let _ = std::fs::remove_file(path);
+        std::os::unix::fs::symlink(&target, path)
+            .map_err(io(format!("recording the tc filter at {}", path.display())))
+    }
+
     /// Removes a link pin: the program leaves that interface (unless something else
-    /// holds the link).
+    /// holds the link). For a netlink filter's record, the filter goes first.
     pub fn unpin(&self, path: &Path) -> Result<(), MeshError> {
+        if let Some(pin) = self.pin(path) {
+            if let Some((filter, netns)) = pin.filter() {
+                let ours = pin.hook.program();
+                pin.in_netns(netns, || filter.detach(ours))?;
+            }
+        }
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(io(format!("removing {}", path.display()))(e))

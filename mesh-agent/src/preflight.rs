@@ -20,9 +20,18 @@ pub fn require_root(what: &'static str) -> Result<(), MeshError> {
     }
 }
 
-/// The oldest kernel the agent runs on: tcx (6.6) is what lets a pinned link keep a TC
-/// program attached with no process holding it.
-pub const MIN_KERNEL: (u32, u32) = (6, 6);
+/// The oldest kernel the agent runs on. Newer facilities are probed at load time, each
+/// with its fallback ([`crate::features`]); these have none.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+
+/// What the mesh needs with no fallback, and the Linux release that brought it.
+const NEEDS: &[((u32, u32), &str)] = &[
+    ((5, 7), "cgroup bpf links and BPF_LINK_UPDATE (5.7)"),
+    ((5, 7), "bpf_get_netns_cookie in socket programs (5.7)"),
+    ((5, 8), "getpeername socket hooks (5.8)"),
+    ((5, 9), "XDP bpf links (5.9)"),
+    ((5, 10), "bpf_redirect_neigh (5.10)"),
+];
 
 /// (major, minor) of a kernel release string such as `6.18.44-fc-v669`.
 pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
@@ -30,14 +39,34 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-/// Refuses a kernel older than [`MIN_KERNEL`] (an unreadable release is let through:
-/// the attach itself then says what is missing).
+/// What a kernel of `version` lacks of [`NEEDS`].
+pub fn missing(version: (u32, u32)) -> Vec<&'static str> {
+    NEEDS
+        .iter()
+        .filter(|(since, _)| version < *since)
+        .map(|(_, what)| *what)
+        .collect()
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Refuses a kernel older than [`MIN_KERNEL`], naming what it lacks (an unreadable
+/// release is let through: the load itself then says what is missing).
 pub fn require_kernel() -> Result<(), MeshError> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim();
+    check_kernel(&kernel_release())
+}
+
+fn check_kernel(release: &str) -> Result<(), MeshError> {
     match kernel_version(release) {
         Some(v) if v < MIN_KERNEL => Err(MeshError::KernelTooOld {
             release: release.to_string(),
+            missing: missing(v).join(", "),
         }),
         _ => Ok(()),
     }
@@ -48,17 +77,33 @@ pub fn require_kernel() -> Result<(), MeshError> {
 fn kernel_releases_parse() {
     assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
     assert_eq!(kernel_version("5.15.0-91-generic"), Some((5, 15)));
+    assert_eq!(kernel_version("5.10.0-46-amd64"), Some((5, 10)));
     assert_eq!(kernel_version("6.6"), Some((6, 6)));
     assert_eq!(kernel_version("weird"), None);
-    assert!((5, 15) < MIN_KERNEL && (6, 6) >= MIN_KERNEL && (6, 18) >= MIN_KERNEL);
-    let e = MeshError::KernelTooOld {
-        release: "5.15.0".into(),
+    for ok in [
+        "5.10.0-46-amd64",
+        "5.14.0-570.el9.x86_64",
+        "6.1.0-57-amd64",
+        "6.18.44",
+        "weird",
+    ] {
+        assert!(check_kernel(ok).is_ok(), "{ok}");
     }
-    .to_string();
     assert!(
-        e.contains("kernel 5.15.0 is too old") && e.contains("6.6"),
+        missing(MIN_KERNEL).is_empty(),
+        "the minimum lacks nothing it needs"
+    );
+    let e = check_kernel("5.4.0-200-generic").unwrap_err().to_string();
+    assert!(
+        e.contains("kernel 5.4.0-200-generic is too old")
+            && e.contains("Linux 5.10 or later")
+            && e.contains("getpeername socket hooks (5.8)")
+            && e.contains("bpf_redirect_neigh (5.10)")
+            && !e.contains('\n'),
         "{e}"
     );
+    let e = check_kernel("5.9.16").unwrap_err().to_string();
+    assert!(e.ends_with("(missing: bpf_redirect_neigh (5.10))"), "{e}");
 }
 
 /// True if `path` (or, if it does not exist yet, its parent) is on a bpffs.

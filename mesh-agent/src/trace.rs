@@ -174,7 +174,7 @@ pub(crate) fn put32(a: &mut [u8; 128], off: usize, v: u32) {
     a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn put64(a: &mut [u8; 128], off: usize, v: u64) {
+pub(crate) fn put64(a: &mut [u8; 128], off: usize, v: u64) {
     a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
@@ -187,8 +187,8 @@ const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_OBJ_GET: u32 = 7;
 
-/// The program attached through the link pinned at `link_pin`.
-pub fn program_of_link(link_pin: &Path) -> Result<OwnedFd, MeshError> {
+/// The id of the program attached through the link pinned at `link_pin`.
+pub fn link_program_id(link_pin: &Path) -> Result<u32, MeshError> {
     let io = |what: &str| {
         let what = format!("{what} {}", link_pin.display());
         move |source| MeshError::Io { what, source }
@@ -207,10 +207,24 @@ pub fn program_of_link(link_pin: &Path) -> Result<OwnedFd, MeshError> {
     put32(&mut a, 4, info.len() as u32);
     put64(&mut a, 8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map_err(io("reading the link"))?;
-    let prog_id = get32(&info, 8);
+    Ok(get32(&info, 8))
+}
+
+/// The program attached through the pinned link or netlink filter `pin`.
+pub fn program_of(pin: &crate::pins::LinkPin) -> Result<OwnedFd, MeshError> {
+    let prog_id = pin.program_id()?.ok_or_else(|| {
+        trace_err(format!(
+            "{} is recorded on ifindex {} but its tc filter is gone (meshctl doctor --fix)",
+            pin.hook.program(),
+            pin.ifindex
+        ))
+    })?;
     let mut a = [0u8; 128];
     put32(&mut a, 0, prog_id);
-    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map_err(io("opening the program of"))?;
+    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map_err(|source| MeshError::Io {
+        what: format!("opening program {prog_id} of {}", pin.path.display()),
+        source,
+    })?;
     // SAFETY: as above.
     Ok(unsafe { OwnedFd::from_raw_fd(prog as i32) })
 }
@@ -238,7 +252,10 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> Result<(i32, Vec<u8>), MeshErro
 /// A TC return code in words.
 pub fn verdict(retval: i32) -> &'static str {
     match retval {
-        -1 => "passed on (TCX_NEXT): not the mesh's, the kernel's stack takes it",
+        -1 => {
+            "passed on (TCX_NEXT, or TC_ACT_UNSPEC for a netlink filter): not the mesh's, \
+             the kernel's stack takes it"
+        }
         0 => "passed (TC_ACT_OK), rewritten for the kernel to deliver",
         2 => "dropped (TC_ACT_SHOT)",
         7 => "redirected (TC_ACT_REDIRECT): handed to an interface",
@@ -367,7 +384,7 @@ pub fn run(
         Some((slot, svc.maglev_size, id))
     });
     let frame = first_packet(macs.0, macs.1, from, to, proto_n);
-    let prog = program_of_link(&link.path)?;
+    let prog = program_of(&link)?;
     let (retval, out) = test_run(&prog, &frame)?;
     // Leave conntrack as it was: the entries the run created go; an entry it changed (a
     // real flow's, on the same tuple, or sharing the reply tuple) gets its old value back.

@@ -26,3 +26,14 @@ pub fn privileged(test: &str) -> Option<PathBuf> {
     eprintln!("SKIP {test}: {why} (run `cargo xtask test` as root)");
     None
 }
+
+/// How much slower than a real machine the tests run (`MESH_TEST_TIME_SCALE`, default
+/// 1): the kernel matrix's guests emulate their CPU (qemu TCG), so waits for an agent to
+/// start and windows counted in requests per second stretch by this factor there.
+pub fn time_scale() -> u32 {
+    std::env::var("MESH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}

@@ -161,6 +161,18 @@ fn spawn_agent(
     args: &[&std::ffi::OsStr],
     pin_dir: &Path,
 ) -> AgentGuard {
+    spawn_agent_env(ns, agent, object, args, pin_dir, &[])
+}
+
+/// As [`spawn_agent`], with more environment for the agent.
+fn spawn_agent_env(
+    ns: &mesh_tests::netns::Netns,
+    agent: &Path,
+    object: &Path,
+    args: &[&std::ffi::OsStr],
+    pin_dir: &Path,
+    env: &[(&str, &str)],
+) -> AgentGuard {
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", ns.name()))
         .arg(agent)
@@ -169,6 +181,7 @@ fn spawn_agent(
         .arg(pin_dir)
         .env("MESH_BPF_OBJECT", object)
         .env("MESH_LOG_FORMAT", "text")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start mesh-agent");
@@ -198,7 +211,8 @@ fn spawn_agent(
 
 /// Waits until the agent's log says "datapath attached" for the `nth` time.
 fn wait_ready(mut guard: AgentGuard, nth: usize) -> AgentGuard {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let within = 10 * prereq::time_scale();
+    let deadline = Instant::now() + Duration::from_secs(within.into());
     while guard.log().matches("datapath attached").count() < nth {
         if let Some(st) = guard.child.try_wait().unwrap() {
             std::thread::sleep(Duration::from_millis(100));
@@ -206,7 +220,7 @@ fn wait_ready(mut guard: AgentGuard, nth: usize) -> AgentGuard {
         }
         assert!(
             Instant::now() < deadline,
-            "mesh-agent not ready in 10 s: {}",
+            "mesh-agent not ready in {within} s: {}",
             guard.log()
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -394,6 +408,59 @@ fn agent_config_file_and_reload() {
 /// (the same connection is still answered by the same task), then reconciles changes.
 #[test]
 fn agent_kill9_keeps_traffic_and_restart_adopts() {
+    kill9_and_adopt("agent_kill9_keeps_traffic_and_restart_adopts", "auto");
+}
+
+/// The same with TC programs as netlink clsact filters (kernels before 6.6 have no tcx
+/// links; forced here): no filter can be pinned, so the restarted agent replaces the
+/// program in each filter in place, and `--uninstall` removes the filters.
+#[test]
+fn agent_kill9_with_netlink_filters_keeps_traffic_and_restart_adopts() {
+    kill9_and_adopt(
+        "agent_kill9_with_netlink_filters_keeps_traffic_and_restart_adopts",
+        "netlink",
+    );
+}
+
+/// The program ids behind every TC attachment the agent pinned in `pin_dir`, by pin
+/// name, read in `ns` (where the filters are), with how each is attached.
+fn tc_programs(
+    ns: &mesh_tests::netns::Netns,
+    pin_dir: &Path,
+) -> std::collections::BTreeMap<String, (&'static str, Option<u32>)> {
+    let pins = mesh_agent::pins::PinDir::new(pin_dir);
+    ns.enter(|| {
+        pins.links()
+            .into_iter()
+            .filter(|l| l.hook.tc())
+            .map(|l| {
+                let name = l.path.file_name().unwrap().to_string_lossy().into_owned();
+                (
+                    name,
+                    (l.mode(), l.program_id().expect("read the attachment")),
+                )
+            })
+            .collect()
+    })
+}
+
+/// The ids of the BPF programs process `pid` holds open (its fdinfo).
+fn programs_held(pid: u32) -> std::collections::BTreeSet<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("prog_id:"))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn kill9_and_adopt(test: &str, tc_attach: &str) {
     use mesh_agent::model::{to_yaml, Health};
     use mesh_tests::lbtopo::{http_get, LbTopo, ALL_ACTIVE, NODE};
     use std::{
@@ -401,20 +468,87 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
         sync::atomic::{AtomicBool, AtomicU64, Ordering},
     };
 
-    let Some(object) = prereq::privileged("agent_kill9_keeps_traffic_and_restart_adopts") else {
+    let Some(object) = prereq::privileged(test) else {
         return;
     };
     let Some((agent, _)) = binaries() else {
         return;
     };
-    let topo = LbTopo::new("k");
-    let dir = std::env::temp_dir().join(format!("mesh-agent-k9-{}", std::process::id()));
+    let netlink = tc_attach == "netlink";
+    let tag = if netlink { "kn" } else { "k" };
+    let topo = LbTopo::new(tag);
+    let dir = std::env::temp_dir().join(format!("mesh-agent-{tag}9-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("mesh.yaml");
     std::fs::write(&config, to_yaml(&topo.model(&ALL_ACTIVE))).unwrap();
-    let args: [&std::ffi::OsStr; 2] = ["--config".as_ref(), config.as_os_str()];
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-k9-{}", std::process::id()));
-    let mut guard = wait_ready(spawn_agent(&topo.n, &agent, &object, &args, &pin_dir), 1);
+    let args: [&std::ffi::OsStr; 4] = [
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--tc-attach".as_ref(),
+        tc_attach.as_ref(),
+    ];
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-{tag}9-{}", std::process::id()));
+    // With netlink filters, the datapath's own MTU check and XDP's direct access too:
+    // what a 5.10 kernel gets (the programs' fallback paths through the verifier).
+    let env: &[(&str, &str)] = if netlink {
+        &[("MESH_FORCE_FALLBACKS", "check_mtu,xdp_bytes")]
+    } else {
+        &[]
+    };
+    let spawn = || spawn_agent_env(&topo.n, &agent, &object, &args, &pin_dir, env);
+    let mut guard = wait_ready(spawn(), 1);
+    // Every TC hook attached as asked: the underlay, three task veths, and the host port
+    // where the kernel lets the agent scope it (SO_NETNS_COOKIE, 5.14; else no-host-ports).
+    let features =
+        mesh_agent::features::Features::detect(mesh_agent::features::TcAttach::Auto).unwrap();
+    let host_port = features.has(mesh_agent::features::Feature::NetnsCookie);
+    let before = tc_programs(&topo.n, &pin_dir);
+    assert_eq!(before.len(), 4 + host_port as usize, "{before:?}");
+    // auto: tcx links where this kernel has them (a guest of the kernel matrix may not).
+    let tcx = mesh_agent::features::Features::detect(mesh_agent::features::TcAttach::Auto)
+        .unwrap()
+        .has(mesh_agent::features::Feature::Tcx);
+    let mode = if netlink || !tcx { "netlink" } else { "tcx" };
+    assert!(
+        before.values().all(|(m, id)| *m == mode && id.is_some()),
+        "{before:?}"
+    );
+    let first_agent = programs_held(guard.child.id());
+    assert!(
+        before
+            .values()
+            .all(|(_, id)| first_agent.contains(&id.unwrap())),
+        "the first agent's programs run: {before:?} {first_agent:?}"
+    );
+    if netlink {
+        assert!(
+            guard
+                .log()
+                .contains("fallback in force: tc-netlink: tcx links (Linux 6.6) forced off"),
+            "{}",
+            guard.log()
+        );
+        // The status file says which, and meshctl shows it.
+        let (_, ctl) = binaries().unwrap();
+        let st = meshctl_json(topo.n.name(), &ctl, &pin_dir, &["status"]);
+        // Forced here; an older kernel lacks them anyway ("missing").
+        let names: Vec<&str> = st["fallbacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["why"] == "forced" || f["why"] == "missing")
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        for want in ["tc-netlink", "own-mtu-check", "xdp-direct-access"] {
+            assert!(names.contains(&want), "{want}: {st}");
+        }
+        let (_, text, _) = meshctl(topo.n.name(), &ctl, &pin_dir, &["status"]);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("fallback: own-mtu-check: ")),
+            "{text}"
+        );
+    }
 
     // An established connection through the mesh (line echo on :7000).
     let echo = topo.c.enter(|| {
@@ -465,7 +599,7 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
         guard.child.kill().expect("kill -9 mesh-agent");
         guard.child.wait().unwrap();
         let at_kill = ok.load(Ordering::Relaxed);
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_secs(prereq::time_scale().into()));
         assert!(
             ok.load(Ordering::Relaxed) > at_kill + 50,
             "requests keep being answered with no agent"
@@ -476,7 +610,7 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
             "the connection keeps its task with no agent"
         );
 
-        let restarted = spawn_agent(&topo.n, &agent, &object, &args, &pin_dir);
+        let restarted = spawn();
         guard.handed_over = true;
         guard = wait_ready(restarted, 1);
         assert!(
@@ -490,6 +624,27 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
             "{}",
             guard.log()
         );
+        // Every TC hook now runs the new agent's program, in the same link or filter.
+        let after = tc_programs(&topo.n, &pin_dir);
+        let second_agent = programs_held(guard.child.id());
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>(),
+            "the same attachments"
+        );
+        for (pin, (m, id)) in &after {
+            let id = id.unwrap_or_else(|| panic!("{pin}: nothing attached after the restart"));
+            assert_eq!(*m, mode, "{pin}");
+            assert_ne!(
+                Some(id),
+                before[pin].1,
+                "{pin}: the old agent's program still runs"
+            );
+            assert!(
+                second_agent.contains(&id),
+                "{pin}: program {id} is not the new agent's ({second_agent:?})"
+            );
+        }
         assert_eq!(
             ask(&mut w),
             first,
@@ -537,7 +692,127 @@ fn agent_kill9_keeps_traffic_and_restart_adopts() {
         "the draining task takes no new connections"
     );
     assert!(!guard.log().contains("without the agent's state file"));
+    // --uninstall takes every program off its interface: the netlink filters too, which
+    // no pin held.
+    guard.stop_child();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", topo.n.name()))
+        .arg(&agent)
+        .args(["--uninstall", "--bpffs"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    guard.handed_over = true;
+    let left = topo.n.enter(|| {
+        ["un", "h1", "h2", "h3"]
+            .iter()
+            .filter(|i| {
+                let ix = mesh_agent::preflight::ifindex(i).unwrap();
+                let f = mesh_agent::pins::Hook::TcUnderlay.tc_filter(ix).unwrap();
+                let t = mesh_agent::pins::Hook::TcTask.tc_filter(ix).unwrap();
+                f.program().unwrap().is_some() || t.program().unwrap().is_some()
+            })
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        left.is_empty(),
+        "filters left after --uninstall on {left:?}"
+    );
+    assert!(!pin_dir.exists(), "pin directory removed");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Netlink filters on an interface of another network namespace (a task's overlay veth
+/// in Docker's namespace of its network) are recorded with that namespace's path: a
+/// second datapath replaces their programs in place, and removing the pins removes the
+/// filters there.
+#[test]
+fn netlink_filters_in_another_namespace_are_recorded_and_removed() {
+    use mesh_agent::{
+        features::{Features, TcAttach},
+        loader::Datapath,
+        pins::{Hook, LinkKind, PinDir},
+    };
+    let Some(object) =
+        prereq::privileged("netlink_filters_in_another_namespace_are_recorded_and_removed")
+    else {
+        return;
+    };
+    let pair = VethPair::new("o");
+    let netns = PathBuf::from(format!("/run/netns/{}", pair.b.name()));
+    let pins = PinDir::new(Path::new(&format!(
+        "/sys/fs/bpf/mesh-ovl-{}",
+        std::process::id()
+    )));
+    struct Unpin<'a>(&'a PinDir);
+    impl Drop for Unpin<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.remove_all();
+        }
+    }
+    let _unpin = Unpin(&pins);
+    let attach = || {
+        let features = Features::detect(TcAttach::Netlink).unwrap();
+        let (mut dp, _) = Datapath::load_pinned(
+            &object,
+            &mesh_common::config::MeshConfig::DEFAULT,
+            &pins,
+            mesh_common::lb::MAGLEV_SLOTS,
+            features,
+        )
+        .expect("load");
+        for hook in [Hook::TcOverlayIn, Hook::TcOverlayOut] {
+            dp.attach_pinned_in(hook, &netns, "vb", &pins)
+                .expect("attach in the other namespace");
+        }
+        // The datapath goes; the filters stay.
+    };
+    let ids = || -> Vec<(Hook, Option<u32>)> {
+        pins.links()
+            .iter()
+            .map(|l| {
+                assert_eq!(
+                    l.kind,
+                    LinkKind::Netlink {
+                        netns: Some(netns.clone())
+                    }
+                );
+                (l.hook, l.program_id().unwrap())
+            })
+            .collect()
+    };
+    attach();
+    let first = ids();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(first.iter().all(|(_, id)| id.is_some()), "{first:?}");
+    attach();
+    let second = ids();
+    assert_eq!(second.len(), 2);
+    for ((h1, a), (h2, b)) in first.iter().zip(&second) {
+        assert_eq!(h1, h2);
+        assert!(
+            b.is_some() && a != b,
+            "{h1:?}: replaced in place ({a:?} -> {b:?})"
+        );
+    }
+    let vb = pair
+        .b
+        .enter(|| mesh_agent::preflight::ifindex("vb").unwrap());
+    pins.remove_all().expect("remove the pins");
+    for hook in [Hook::TcOverlayIn, Hook::TcOverlayOut] {
+        let f = hook.tc_filter(vb).unwrap();
+        assert_eq!(
+            pair.b.enter(|| f.program()).unwrap(),
+            None,
+            "{hook:?}'s filter removed with its record"
+        );
+    }
 }
 
 /// Maps pinned by another mesh version (another layout) are refused with one line that
@@ -1027,7 +1302,10 @@ fn meshctl_explains_a_live_mesh() {
         "{by:?}"
     );
     assert!(
-        pins.join(format!("links/tc_task-{h1}")).exists(),
+        // (symlink_metadata: a netlink filter's record is a symlink to no file.)
+        pins.join(format!("links/tc_task-{h1}"))
+            .symlink_metadata()
+            .is_ok(),
         "h1's program is back"
     );
     let after: Vec<String> = topo.c.enter(|| {

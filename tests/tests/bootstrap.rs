@@ -567,3 +567,70 @@ PATH={shim}:$PATH boot trap --dry-run
         assert_ne!(st["bpffs"], "bpf_fs", "failed run `{tag}` mounted bpffs");
     }
 }
+
+/// The kernel check follows the agent's rules (a `uname` shim plays each release): below
+/// 5.10 one line naming what is missing; 5.10..6.5 pass with the fallbacks the agent
+/// will use noted; 6.6 and later need none.
+#[test]
+fn bootstrap_kernel_check_follows_the_agent() {
+    if !privileged("bootstrap_kernel_check_follows_the_agent") {
+        return;
+    }
+    let s = Scratch::new("kernel");
+    let from = s.from();
+    let mut body = String::new();
+    for (tag, release) in [
+        ("k54", "5.4.0-200-generic"),
+        ("k510", "5.10.0-46-amd64"),
+        ("k61", "6.1.0-57-amd64"),
+        ("k66", "6.6.30"),
+    ] {
+        let shim = s.dir.join(format!("shim-{tag}"));
+        fs::create_dir_all(&shim).expect("shim dir");
+        fs::write(shim.join("uname"), format!("#!/bin/sh\necho {release}\n")).expect("shim");
+        fs::set_permissions(shim.join("uname"), fs::Permissions::from_mode(0o755)).expect("chmod");
+        body.push_str(&format!(
+            "PATH={}:$PATH boot {tag} --dry-run\n",
+            shim.display()
+        ));
+    }
+    sandbox(&s, &from, &body);
+
+    Run::read(&s, "k54").assert_one_line_error(
+        "kernel >= 5.10 (this is 5.4.0-200-generic, which lacks cgroup bpf links and \
+         BPF_LINK_UPDATE (5.7), bpf_get_netns_cookie in socket programs (5.7), getpeername \
+         socket hooks (5.8), XDP bpf links (5.9), bpf_redirect_neigh (5.10))",
+    );
+    let notes = |r: &Run| -> [bool; 4] {
+        let n = r.lines("note: ").join("\n");
+        [
+            n.contains(
+                "no tcx links before 6.6: the agent attaches TC programs as netlink clsact filters",
+            ),
+            n.contains("no bpf_check_mtu before 5.12"),
+            n.contains("no SO_NETNS_COOKIE before 5.14: the host port stays off"),
+            n.contains("no bpf_xdp_load_bytes before 5.18"),
+        ]
+    };
+    let k510 = Run::read(&s, "k510");
+    k510.assert_ok();
+    assert!(k510.lines("ok: kernel 5.10.0-46-amd64 (>= 5.10)").len() == 1);
+    assert_eq!(notes(&k510), [true; 4], "{}", k510.stdout);
+    let k61 = Run::read(&s, "k61");
+    k61.assert_ok();
+    assert_eq!(notes(&k61), [true, false, false, false], "{}", k61.stdout);
+    let k66 = Run::read(&s, "k66");
+    k66.assert_ok();
+    assert_eq!(
+        k66.lines("ok: kernel 6.6.30 (>= 6.6").len(),
+        1,
+        "{}",
+        k66.stdout
+    );
+    assert_eq!(notes(&k66), [false; 4], "{}", k66.stdout);
+    assert_eq!(
+        s.root_entries(),
+        Vec::<PathBuf>::new(),
+        "a dry run wrote files"
+    );
+}

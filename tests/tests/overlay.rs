@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeSet, net::UdpSocket};
 
-use mesh_agent::{loader::Datapath, mesh::Mesh, stats::Snapshot};
+use mesh_agent::{features::Feature, loader::Datapath, mesh::Mesh, stats::Snapshot};
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
     cluster::{Cluster, CLIENT, NODES, NODE_OVERLAY, TASKS, VIP, VNI},
@@ -334,7 +334,9 @@ fn a_node_that_disappears_leaves_the_backends() {
 
 /// The same paths with XDP on node 1's underlay (native mode on the veth): published
 /// ports, mesh-to-mesh flows arriving through the tunnel, and unknown VXLAN dropped at
-/// XDP.
+/// XDP. Where the kernel lets XDP call bpf_xdp_adjust_meta, XDP takes the tunnel's
+/// VXLAN apart; where not (fallback tc-decap), XDP validates it and passes it whole,
+/// and TC takes it apart. The branch taken is printed.
 #[test]
 fn xdp_on_the_underlay_serves_the_same_paths() {
     let Some((cl, mut meshes)) = setup("xdp_on_the_underlay_serves_the_same_paths", "q") else {
@@ -384,27 +386,68 @@ fn xdp_on_the_underlay_serves_the_same_paths() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let d = counters(&meshes[0]).since(&before);
     let x = Hook::XdpUnderlay;
+    let tc = Hook::TcUnderlayIngress;
+    let meta = meshes[0].dp.features().has(Feature::XdpMeta);
+    println!(
+        "\nxdp: node 1 {}",
+        if meta {
+            "has bpf_xdp_adjust_meta: XDP takes VXLAN apart, (peer, VNI) in the metadata"
+        } else {
+            "has no bpf_xdp_adjust_meta (fallback tc-decap): XDP passes VXLAN whole, TC takes it apart"
+        }
+    );
     assert!(
         d.get(x, Reason::FwdToTask).packets > 0,
         "xdp delivered to t1: {d:?}"
     );
-    assert!(
-        d.get(x, Reason::ObsDecap).packets > 0,
-        "xdp took vxlan apart"
-    );
-    assert!(
-        d.get(Hook::TcUnderlayIngress, Reason::FwdToTask).packets > 0,
-        "tc delivered what xdp decapsulated"
-    );
+    if meta {
+        assert!(
+            d.get(x, Reason::ObsDecap).packets > 0,
+            "xdp took vxlan apart"
+        );
+        assert!(
+            d.get(tc, Reason::FwdToTask).packets > 0,
+            "tc delivered what xdp decapsulated"
+        );
+    } else {
+        assert_eq!(
+            d.get(x, Reason::ObsDecap).packets,
+            0,
+            "xdp took no vxlan apart: {d:?}"
+        );
+        assert!(
+            d.get(x, Reason::PassVxlan).packets > 0,
+            "xdp validated the tunnel's vxlan and passed it whole: {d:?}"
+        );
+        assert!(
+            d.get(tc, Reason::ObsDecap).packets > 0,
+            "tc took the vxlan xdp passed apart: {d:?}"
+        );
+        assert!(
+            d.get(tc, Reason::FwdToTask).packets > 0,
+            "tc delivered what it decapsulated: {d:?}"
+        );
+    }
     assert!(
         d.get(x, Reason::DropVxlanUnknownPeer).packets
             + d.get(x, Reason::DropVxlanTruncated).packets
             >= 1
     );
+    let vxlan = if meta {
+        format!(
+            "{} VXLAN packets taken apart at XDP",
+            d.get(x, Reason::ObsDecap).packets
+        )
+    } else {
+        format!(
+            "{} VXLAN packets passed whole by XDP, {} taken apart at TC",
+            d.get(x, Reason::PassVxlan).packets,
+            d.get(tc, Reason::ObsDecap).packets
+        )
+    };
     println!(
-        "\nxdp: node 1 with XDP: {} packets NATed and redirected at XDP, {} VXLAN packets taken apart at XDP",
-        d.get(x, Reason::FwdToTask).packets,
-        d.get(x, Reason::ObsDecap).packets
+        "xdp: node 1 with XDP: {} packets NATed and redirected at XDP, {vxlan}",
+        d.get(x, Reason::FwdToTask).packets
     );
 }
 

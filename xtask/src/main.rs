@@ -6,8 +6,11 @@ mod build;
 mod cluster;
 mod cmd;
 mod demo;
+mod fresh;
 mod image;
+mod kernels;
 mod setup;
+mod stack;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +42,14 @@ enum Cmd {
     Bench(bench::Bench),
     /// The agent's image `mesh/agent:latest` from the release build, by `docker import`.
     Image(image::Image),
+    /// Per program of the eBPF object, the deepest BPF-to-BPF call chain and its stack as
+    /// each kernel rounds it (static analysis); fails below the headroom.
+    Stack(stack::Stack),
+    /// Debian's 5.10, 6.1 and 6.12 kernels under qemu: every program through the loader,
+    /// tier 2 and a tier-3 subset inside each guest; a table per kernel.
+    Kernels(kernels::Kernels),
+    /// README's setup and build on a fresh Debian 12 root (debootstrap, rustup bound in).
+    FreshRoot(fresh::FreshRoot),
 }
 
 fn main() {
@@ -49,8 +60,11 @@ fn main() {
         Cmd::Test => test::run(),
         Cmd::Cluster(c) => cluster::run(c),
         Cmd::Image(i) => image::run(i),
+        Cmd::Stack(s) => stack::run(s),
+        Cmd::Kernels(k) => kernels::run(k),
         Cmd::Demo => demo::run(),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::FreshRoot(f) => fresh::run(f),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

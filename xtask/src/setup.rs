@@ -8,8 +8,9 @@ use crate::cmd::{self, cargo_bin_dir, exec, output};
 
 /// bpf-linker version we build the kernel side with (0.13 knows LLVM 21, 22, 23).
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian's rustc for the BPF target (and the prebuilt core for bpfel/bpfeb).
-const TOOLCHAIN_PKGS: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf"];
+/// Debian's rustc for the BPF target (and the prebuilt core for bpfel/bpfeb), and the
+/// cargo that drives it (`/usr/bin/cargo`: rustup's cargo would pick rustup's rustc).
+const TOOLCHAIN_PKGS: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
 /// Everything else the build, the tests and later the agent and benches use.
 const TOOL_PKGS: &[&str] = &[
     "zlib1g-dev",
@@ -23,6 +24,12 @@ const TOOL_PKGS: &[&str] = &[
     "tcpdump",
     "busybox-static",
     "docker.io",
+    // `cargo xtask fresh-root` makes its fresh Debian 12 root with it.
+    "debootstrap",
+    // The kernel matrix (`cargo xtask kernels`): its guests, and Debian 13's modules
+    // (xz-compressed) unpacked into their initramfs.
+    "qemu-system-x86",
+    "xz-utils",
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -2,7 +2,10 @@
 //!
 //! 1. host unit tests (no root): layouts, parser, checksums, fixture table vs the parser;
 //! 2. the fixture table through BPF_PROG_TEST_RUN on the XDP and TC entry points;
-//! 3. real traffic across network namespaces with the programs attached.
+//! 3. real traffic across network namespaces with the programs attached;
+//!
+//! then the kernel matrix (Debian's 5.10, 6.1 and 6.12 under qemu, `kernels`), and the
+//! real swarms.
 //!
 //! Without root, tiers 2 and 3 skip with a printed reason; under `CI=true` a missing
 //! privileged prerequisite fails the run instead.
@@ -43,6 +46,25 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     let mut summary = Vec::new();
+    // Every program's deepest call chain against the verifier's 512 bytes, by each
+    // kernel's rounding: under 64 bytes of headroom anywhere fails the run.
+    if let Some(obj) = &object {
+        println!("\n== stack: the deepest call chain of every program ==");
+        for line in crate::stack::check(obj, crate::stack::MIN_HEADROOM)? {
+            println!("{line}");
+            summary.push(format!("  {line}"));
+        }
+    }
+    // A fresh Debian 12 root runs README's setup and build from nothing: what this
+    // machine has installed by hand cannot stand in for what setup installs.
+    if privileged {
+        println!("\n== fresh root: setup and build on a fresh Debian 12 ==");
+        let line = crate::fresh::self_test()?;
+        println!("fresh-root: {line}");
+        summary.push(format!("  fresh-root: {line}"));
+    } else {
+        summary.push("  SKIP fresh-root: not root".into());
+    }
     println!("\n== tier 1: host unit tests ==");
     cargo_test(
         &["--workspace", "--exclude", "mesh-tests"],
@@ -103,6 +125,16 @@ pub fn run() -> anyhow::Result<()> {
         object.as_deref(),
         &mut summary,
     )?;
+
+    println!("\n== the kernel matrix: Debian's 5.10, 6.1 and 6.12 under qemu (every program through the loader, tier 2, a tier-3 subset) ==");
+    match (&object, privileged) {
+        (Some(obj), true) => crate::kernels::for_test(obj, &mut summary)?,
+        // Under CI=true both are there (checked above).
+        _ => {
+            println!("kernels: SKIP: not root");
+            summary.push("kernels: SKIP: not root".into());
+        }
+    }
 
     if privileged {
         println!("\n== tier 3: the real-swarm harness (cargo xtask cluster) ==");

@@ -80,6 +80,11 @@ struct Args {
     /// Also attach the XDP program to the underlay interface.
     #[arg(long, value_enum, default_value = "off", env = "MESH_XDP")]
     xdp: Xdp,
+    /// How TC programs are attached: tcx links (Linux 6.6), netlink clsact filters, or
+    /// whichever the kernel offers. Features can also be turned off for tests with
+    /// MESH_FORCE_FALLBACKS=tcx,check_mtu,xdp_bytes,xdp_meta,encap_l2_eth,netns_cookie.
+    #[arg(long, value_enum, default_value = "auto", env = "MESH_TC_ATTACH")]
+    tc_attach: mesh_agent::features::TcAttach,
     /// Directory on bpffs where maps and program links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/mesh", env = "MESH_BPFFS")]
     bpffs: PathBuf,
@@ -575,15 +580,29 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             format!("metrics endpoint {addr} (pass --metrics ADDR or --metrics off)")
         })?),
     };
+    let features = mesh_agent::features::Features::detect(args.tc_attach)?;
+    // Without namespace cookies the socket programs cannot be scoped: the host port
+    // stays off (a named fallback, in the status).
+    let host_ports = if features.has(mesh_agent::features::Feature::NetnsCookie) {
+        args.host_ports
+    } else {
+        Switch::Off
+    };
     let cfg = MeshConfig {
         vxlan_port: args.data_path_port,
-        host_addr: match args.host_ports {
+        // For the datapath's own MTU check where the kernel has no bpf_check_mtu (read
+        // at load: a changed MTU takes a restart of the agent).
+        underlay_mtu: mesh_agent::netdev::mtu(&underlay)
+            .map_or(0, |m| m.min(u32::from(u16::MAX)) as u16),
+        host_addr: match host_ports {
             Switch::On => u32::from_ne_bytes(args.host_addr.octets()),
             Switch::Off => 0,
         },
         ..MeshConfig::DEFAULT
     };
-    let (mut dp, adopt) = loader::Datapath::load_pinned(&object, &cfg, &pins, args.maglev_slots)?;
+    let (mut dp, adopt) =
+        loader::Datapath::load_pinned(&object, &cfg, &pins, args.maglev_slots, features)?;
+    let fallbacks = dp.features().fallbacks();
     // Links of interfaces that are gone do nothing; their pins go.
     for l in pins.links() {
         if l.netns == 0 && !l.hook.sock() && preflight::ifname(l.ifindex).is_none() {
@@ -601,7 +620,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             | Hook::SockConnect4
             | Hook::SockSendmsg4
             | Hook::SockRecvmsg4
-            | Hook::SockGetpeername4 => args.host_ports == Switch::Off,
+            | Hook::SockGetpeername4 => host_ports == Switch::Off,
         };
         if stale {
             pins.unpin(&l.path)?;
@@ -613,7 +632,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         Xdp::Native => dp.attach_pinned(Hook::XdpUnderlay, &underlay, &pins, XdpMode::Driver)?,
         Xdp::Generic => dp.attach_pinned(Hook::XdpUnderlay, &underlay, &pins, XdpMode::Skb)?,
     }
-    let host = match args.host_ports {
+    let host = match host_ports {
         Switch::Off => {
             // Turned off: the host port goes with its programs' links (unpinned above).
             mesh_agent::hostport::remove_device()?;
@@ -709,6 +728,8 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
             data_path_port: args.data_path_port,
             docker: args.docker.clone(),
             peer_port: args.peer_port,
+            kernel: preflight::kernel_release(),
+            fallbacks,
             ..Default::default()
         },
     };

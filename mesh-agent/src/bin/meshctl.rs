@@ -613,14 +613,15 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
             } else {
                 (format!("ifindex {} in netns {}", l.ifindex, l.netns), true)
             };
+            // A netlink filter can be deleted behind the record's back: present only if
+            // the kernel still runs the mesh's program there.
+            let program_id = l.program_id().ok().flatten();
+            let present =
+                present && (l.kind == mesh_agent::pins::LinkKind::Link || program_id.is_some());
             serde_json::json!({
                 "hook": l.hook.name(), "program": l.hook.program(),
                 "interface": interface, "present": present,
-                "mode": match l.hook {
-                    mesh_agent::pins::Hook::XdpUnderlay => "xdp",
-                    h if h.sock() => "cgroup",
-                    _ => "tcx",
-                },
+                "mode": l.mode(), "program_id": program_id,
             })
         })
         .collect();
@@ -648,6 +649,7 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
     if args.json {
         print_json(&serde_json::json!({
             "agent": { "running": running, "status": st },
+            "fallbacks": st.as_ref().map(|s| s.fallbacks.clone()).unwrap_or_default(),
             "layout_version": mesh_common::LAYOUT_VERSION,
             "maps_missing": missing,
             "links": links,
@@ -679,6 +681,21 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
             "agent: NOT running (no status in {}); the pinned datapath keeps forwarding",
             args.state_dir.display()
         ),
+    }
+    // (A status file from an agent before fallbacks existed records no kernel.)
+    if let Some(s) = st.as_ref().filter(|s| !s.kernel.is_empty()) {
+        println!(
+            "kernel: {}, fallbacks in force: {}",
+            s.kernel,
+            if s.fallbacks.is_empty() {
+                "none".to_string()
+            } else {
+                s.fallbacks.len().to_string()
+            }
+        );
+        for f in &s.fallbacks {
+            println!("fallback: {f}");
+        }
     }
     println!(
         "maps: layout v{} at {}{}",
@@ -787,6 +804,46 @@ fn doctor(args: &Args, fix: bool, docker: &str, ask_docker: bool) -> anyhow::Res
     Ok(if failed { 5 } else { 0 })
 }
 
+/// The kernel the agent loaded on, and the fallbacks in force there: expected on an
+/// older kernel (ok), a warning where they were forced (tests, not production).
+fn kernel_check(st: &inspect::AgentStatus) -> Check {
+    use mesh_agent::features::Why;
+    let kernel = if st.kernel.is_empty() {
+        "this kernel".to_string()
+    } else {
+        format!("Linux {}", st.kernel)
+    };
+    if st.fallbacks.is_empty() {
+        return check(
+            "kernel",
+            "ok",
+            format!("{kernel}: every feature the datapath uses, no fallback in force"),
+        );
+    }
+    let list = st
+        .fallbacks
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if st.fallbacks.iter().any(|f| f.why == Why::Forced) {
+        check(
+            "kernel",
+            "warn",
+            format!(
+                "{kernel}: fallbacks in force: {list}; forced ones come from \
+                 MESH_FORCE_FALLBACKS or --tc-attach netlink (for tests)"
+            ),
+        )
+    } else {
+        check(
+            "kernel",
+            "ok",
+            format!("{kernel}: fallbacks in force: {list}"),
+        )
+    }
+}
+
 fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
     let mut out = Vec::new();
     let pins = PinDir::new(&args.bpffs);
@@ -856,9 +913,19 @@ fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
             "not running: the pinned datapath forwards what it was last told; start mesh-agent",
         )
     });
-    // Programs where the maps say traffic arrives and tasks live.
+    if let Some(st) = &st {
+        out.push(kernel_check(st));
+    }
+    // Programs where the maps say traffic arrives and tasks live (a netlink filter's
+    // record counts only while the kernel still runs the mesh's program there).
     let snap = mesh_agent::maps::read_pinned(&args.bpffs).ok();
-    let links = pins.links();
+    let links: Vec<mesh_agent::pins::LinkPin> = pins
+        .links()
+        .into_iter()
+        .filter(|l| {
+            l.kind == mesh_agent::pins::LinkKind::Link || l.program_id().ok().flatten().is_some()
+        })
+        .collect();
     let has = |hook: mesh_agent::pins::Hook, ix: u32| {
         links
             .iter()
@@ -1072,6 +1139,13 @@ fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
                      mesh-agent",
                     missing.join(", ")
                 ),
+            ),
+            (None, _) if st.fallbacks.iter().any(|f| f.feature == "netns_cookie") => check(
+                "host ports",
+                "warn",
+                "off: this kernel has no SO_NETNS_COOKIE (Linux 5.14), which the socket \
+                 programs' scope needs: published ports answer from other hosts only, not \
+                 from this node or its containers",
             ),
             (None, _) => check(
                 "host ports",

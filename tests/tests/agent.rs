@@ -165,6 +165,23 @@ fn spawn_agent(
 }
 
 /// As [`spawn_agent`], with more environment for the agent.
+/// `mesh-agent --uninstall` of the datapath pinned in `pin_dir`, in namespace `netns`;
+/// it must succeed.
+fn uninstall(netns: &str, agent: &Path, pin_dir: &Path) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg(agent)
+        .args(["--uninstall", "--bpffs"])
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn spawn_agent_env(
     ns: &mesh_tests::netns::Netns,
     agent: &Path,
@@ -291,18 +308,7 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
             .packets
     };
     assert_eq!(udp(&held), 70);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", pair.b.name()))
-        .arg(&agent)
-        .args(["--uninstall", "--bpffs"])
-        .arg(&pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    uninstall(pair.b.name(), &agent, &pin_dir);
     assert!(!pin_dir.exists(), "pin directory removed");
     udp_ping(&pair, 7070, 20, 64);
     assert_eq!(udp(&held), 70, "detached by --uninstall");
@@ -695,18 +701,7 @@ fn kill9_and_adopt(test: &str, tc_attach: &str) {
     // --uninstall takes every program off its interface: the netlink filters too, which
     // no pin held.
     guard.stop_child();
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", topo.n.name()))
-        .arg(&agent)
-        .args(["--uninstall", "--bpffs"])
-        .arg(&pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    uninstall(topo.n.name(), &agent, &pin_dir);
     guard.handed_over = true;
     let left = topo.n.enter(|| {
         ["un", "h1", "h2", "h3"]

@@ -73,3 +73,26 @@ pub fn path_with_cargo_bin() -> String {
         std::env::var("PATH").unwrap_or_default()
     )
 }
+
+/// Builds the agent's binaries (`mesh-agent`, `meshctl`) in debug: the tests that run
+/// them, on the host and in the kernel matrix's guests, find them in `target/debug`.
+pub fn build_agent_bins() -> anyhow::Result<()> {
+    exec(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--locked",
+        "-p",
+        "mesh-agent",
+        "--bins",
+    ]))
+}
+
+/// Removes `p`, a file or a directory tree.
+pub fn remove_path(p: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+    .with_context(|| format!("removing {}", p.display()))
+}

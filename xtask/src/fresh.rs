@@ -215,12 +215,7 @@ fn empty_cache(cache: &Path) -> anyhow::Result<()> {
         if p.file_name().is_some_and(|n| n == "lock") {
             continue;
         }
-        if p.is_dir() {
-            fs::remove_dir_all(&p)
-        } else {
-            fs::remove_file(&p)
-        }
-        .with_context(|| format!("removing {}", p.display()))?;
+        crate::cmd::remove_path(&p)?;
     }
     Ok(())
 }

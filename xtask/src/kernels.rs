@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use crate::cmd::{self, exec, root};
+use crate::cmd::{self, root};
 
 #[derive(clap::Args)]
 pub struct Kernels {
@@ -285,13 +285,7 @@ fn matrix(
 /// Builds the test binaries the guests run (and the agent's binaries the kill -9 test
 /// starts); returns `--test` name -> executable.
 fn test_binaries(steps: &[Step]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
-    exec(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--locked",
-        "-p",
-        "mesh-agent",
-        "--bins",
-    ]))?;
+    cmd::build_agent_bins()?;
     let mut c = Command::new("cargo");
     c.current_dir(root())
         .args(["test", "--no-run", "--locked", "-p", "mesh-tests"])

@@ -94,13 +94,7 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     println!("\n== tier 3: real traffic across network namespaces ==");
     // The agent test runs the real binaries.
-    exec(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--locked",
-        "-p",
-        "mesh-agent",
-        "--bins",
-    ]))?;
+    cmd::build_agent_bins()?;
     cargo_test(
         &[
             "-p",

@@ -297,12 +297,7 @@ fn prune(cache: &Path, s: &Series, keep: &str) -> anyhow::Result<()> {
             let pkg = name.split('_').next().unwrap_or("");
             if s.number(pkg).is_some() && pkg != keep {
                 println!("kernels: {}: removing the older {}", s.name, p.display());
-                if p.is_dir() {
-                    fs::remove_dir_all(&p)
-                } else {
-                    fs::remove_file(&p)
-                }
-                .with_context(|| format!("removing {}", p.display()))?;
+                crate::cmd::remove_path(&p)?;
             }
         }
     }

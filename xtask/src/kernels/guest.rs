@@ -13,6 +13,7 @@ use std::{
 use anyhow::Context;
 
 use super::debian::Kernel;
+use crate::cmd::root;
 
 pub struct Guest<'a> {
     pub kernel: &'a Kernel,
@@ -66,11 +67,15 @@ impl Guest<'_> {
         .arg(&self.kernel.vmlinuz)
         .arg("-initrd")
         .arg(&self.initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off",
-        ])
+        // The checkout is shared on its own too: it may live under a directory the
+        // guest covers with tmpfs (a CI clone in /tmp).
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off mesh.src={}",
+            root().display()
+        ))
         .args(share("hostroot", Path::new("/"), true))
+        .args(share("meshsrc", &root(), true))
         .args(share("meshrun", &self.run_dir, false))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

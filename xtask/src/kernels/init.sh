@@ -30,6 +30,11 @@ mkdir -p $R/dev/shm
 for d in tmp run var/tmp dev/shm; do
 	mount -t tmpfs tmpfs "$R/$d" || fail "tmpfs on /$d"
 done
+# The checkout, at its own path (under /tmp it would be hidden by the tmpfs above).
+SRC=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^mesh\.src=//p')
+[ -n "$SRC" ] || fail "no mesh.src= on the kernel command line"
+mkdir -p "$R$SRC" 2>/dev/null
+mount -t 9p -o "$P9,ro,cache=loose" meshsrc "$R$SRC" || fail "mounting the checkout (9p)"
 mkdir -p $R/run/mesh-kernels
 mount -t 9p -o "$P9" meshrun $R/run/mesh-kernels || fail "mounting the run's share (9p)"
 say "boot: root ready after $(cut -d' ' -f1 /proc/uptime) s"

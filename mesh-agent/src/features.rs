@@ -196,8 +196,10 @@ impl Features {
     /// attachment asked for. `TcAttach::Tcx` on a kernel without tcx links is an error.
     pub fn detect(tc: TcAttach) -> Result<Features, crate::MeshError> {
         static PROBED: std::sync::OnceLock<Vec<Feature>> = std::sync::OnceLock::new();
-        let missing =
-            PROBED.get_or_init(|| Feature::ALL.into_iter().filter(|f| !f.probe()).collect());
+        let missing = PROBED.get_or_init(|| {
+            lift_memlock();
+            Feature::ALL.into_iter().filter(|f| !f.probe()).collect()
+        });
         let forced = std::env::var(FORCE_ENV).unwrap_or_default();
         Self::resolve(missing, &forced, tc)
     }
@@ -327,11 +329,37 @@ fn prog_load(
 /// `libbpf_probe_bpf_helper` asks: a program that only calls it; the verifier names a
 /// helper it does not know ("invalid func unknown#163") or one this program type may
 /// not call ("unknown func ...", since 6.x "program of this type cannot use helper
-/// ..."); any other verdict (even a refusal of the arguments) means it may.
+/// ..."); any other verdict of the verifier (even a refusal of the arguments) means it
+/// may. A refusal before the verifier ran (no log: EPERM, a memlock limit) tells
+/// nothing: the fallback, which every kernel runs, is taken.
 fn probe_helper(prog_type: u32, id: i32) -> bool {
     match prog_load(prog_type, &[insn(CALL, 0, 0, id), insn(EXIT, 0, 0, 0)]) {
         Ok(_) => true,
+        Err((e, log)) if log.trim().is_empty() => {
+            tracing::warn!(
+                "probing helper {id}: load refused before verification ({e}); taken as missing"
+            );
+            false
+        }
         Err((_, log)) => !helper_unknown(&log),
+    }
+}
+
+/// Lifts RLIMIT_MEMLOCK: before Linux 5.11 BPF programs and maps are charged to it (from
+/// 5.11 to the memory cgroup), and its usual 64 KiB or 8 MiB refuse the mesh's maps, and
+/// the probes once an earlier agent's pinned maps hold the user's share. Best effort:
+/// where it cannot be raised, the load says so.
+fn lift_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct for this process.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            "RLIMIT_MEMLOCK stays as it is ({}); kernels before 5.11 charge BPF memory to it",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

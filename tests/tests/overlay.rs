@@ -19,7 +19,16 @@ fn setup(test: &str, tag: &str) -> Option<(Cluster, Vec<Mesh>)> {
     let cluster = Cluster::new(tag);
     let mut meshes = Vec::new();
     for i in 0..3 {
-        let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load datapath");
+        // As the agent loads it: with the underlay's MTU, which the datapath's own MTU
+        // check uses where the kernel has no bpf_check_mtu (own-mtu-check).
+        let mtu = cluster.nodes[i]
+            .enter(|| mesh_agent::netdev::mtu("u"))
+            .expect("underlay mtu");
+        let cfg = MeshConfig {
+            underlay_mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
+            ..MeshConfig::DEFAULT
+        };
+        let dp = Datapath::load(&object, &cfg).expect("load datapath");
         let mut mesh = Mesh::new(dp);
         let model = cluster.model(i, &[true; 3]);
         cluster.nodes[i].enter(|| {

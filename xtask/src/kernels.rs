@@ -85,6 +85,8 @@ const STEPS: [Step; 6] = [
         args: &[
             "--exact",
             "every_node_serves_tasks_on_every_node_with_the_client_ip",
+            // The tunnel's MTU: bpf_check_mtu, or on 5.10 the own-mtu-check fallback.
+            "path_mtu_discovery_across_the_overlay",
             "--nocapture",
         ],
     },

@@ -15,8 +15,8 @@ use mesh_common::{
 use crate::{
     config, icmp,
     lb::{self, Outcome},
-    maps,
     pkt::DirectPacket,
+    scratch::{self, From},
     stats, vip, vxlan,
 };
 
@@ -26,7 +26,7 @@ use crate::{
 /// never add up.
 #[inline(always)]
 pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
-    let Some(s) = maps::scratch() else {
+    let Some(s) = scratch::scratch() else {
         return TC_ACT_UNSPEC;
     };
     let bytes = pkt.frame_len();
@@ -46,7 +46,7 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
         return dispatch(ctx, p, hook, bytes);
     }
     // The overlay: validate and take apart, then parse the inner packet in its place.
-    s.from = vxlan::From {
+    s.from = From {
         peer: p.saddr[0],
         vni: p.vni,
         bytes: bytes as u32,
@@ -64,7 +64,7 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
 /// The overlay hooks (a task's overlay veth): parse and count, then VIPs.
 #[inline(always)]
 pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
-    let Some(s) = maps::scratch() else {
+    let Some(s) = scratch::scratch() else {
         return TC_ACT_UNSPEC;
     };
     if parse_into_scratch(pkt, hook, config::vxlan_port(), &mut s.parsed).is_err() {
@@ -79,7 +79,7 @@ pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
 
 /// (peer, VNI) left by the XDP program in front of a frame it decapsulated, into `to`.
 #[inline(always)]
-fn xdp_decapsulated(ctx: &TcContext, to: &mut vxlan::From) -> bool {
+fn xdp_decapsulated(ctx: &TcContext, to: &mut From) -> bool {
     // SAFETY: reading fields of the context.
     let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
     if meta + core::mem::size_of::<crate::xdp::TunnelMeta>() > data {
@@ -98,7 +98,7 @@ fn xdp_decapsulated(ctx: &TcContext, to: &mut vxlan::From) -> bool {
 #[inline(never)]
 pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut Parsed) -> Result<(), ()> {
     let bytes = pkt.frame_len();
-    maps::zero(out);
+    scratch::zero(out);
     match parse::parse_into(pkt, vxlan_port, out) {
         Ok(()) => {
             for obs in out.observations().into_iter().flatten() {
@@ -123,7 +123,7 @@ fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> i32 {
             _ => Outcome::NotOurs,
         };
         if outcome == Outcome::ENCAP {
-            let Some(s) = maps::scratch() else {
+            let Some(s) = scratch::scratch() else {
                 return TC_ACT_SHOT;
             };
             return match vxlan::encap(ctx, &pk.f, &s.encap_to) {

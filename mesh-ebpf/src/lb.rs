@@ -14,7 +14,7 @@ use mesh_common::{
     },
     hash::flow_hash,
     lb::{
-        BackendState, Endpoint, Frontend, FrontendKey, Tunnel, FE_VIP, SVC_AFFINITY,
+        BackendState, Frontend, FrontendKey, Tunnel, FE_VIP, SVC_AFFINITY,
         TCP_IDLE_DEFAULT_S, TUN_STOCK, UDP_IDLE_DEFAULT_S,
     },
     parse::Parsed,
@@ -25,10 +25,12 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        scratch, Scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_FE_V1, MESH_MAGLEV_V1,
-        MESH_NET_V1, MESH_NODE_V1, MESH_SVC_V1, MESH_TUN_V1,
+        MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_FE_V1, MESH_MAGLEV_V1, MESH_NET_V1,
+        MESH_NODE_V1, MESH_SVC_V1, MESH_TUN_V1,
     },
-    reply, skb, track, vxlan,
+    reply,
+    scratch::{scratch, Scratch},
+    skb, track, vxlan,
     stats::{count, note_backend},
 };
 
@@ -136,27 +138,6 @@ impl Flow {
     pub fn key(&self) -> CtKey {
         CtKey::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
     }
-}
-
-/// Where a packet is sent on, for the step codes [`Outcome::DELIVER`], [`Outcome::TUNNEL`]
-/// and [`Outcome::REFUSE`]: per-CPU scratch memory (`Scratch::go`), so that a step
-/// returns a plain integer and no payload sits on any frame of the call chain.
-pub struct Go {
-    /// The local task (DELIVER).
-    pub ep: Endpoint,
-    /// The node and VNI to tunnel to (TUNNEL).
-    pub tun: Tunnel,
-    /// The DNAT target.
-    pub nat_addr: u32,
-    pub nat_port: u16,
-    /// Whether the backend is a local task (`ep`) or on another node (`tun`).
-    pub local: u8,
-    /// Whom the client is made to look like (0: itself).
-    pub hairpin: u32,
-    /// Why a flow is refused (REFUSE, TCP).
-    pub reason: Reason,
-    /// The backend's task address (for the hairpin rules).
-    pub be_addr: u32,
 }
 
 /// Runs the load balancer on an IPv4 TCP/UDP packet: the conntrack lookup, or the new

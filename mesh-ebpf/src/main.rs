@@ -10,6 +10,7 @@ mod lb;
 mod maps;
 mod pkt;
 mod reply;
+mod scratch;
 mod skb;
 mod sock;
 mod stats;

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{parse::Parsed, reply as build};
 
-use crate::{lb::Flow, maps::scratch};
+use crate::{lb::Flow, scratch::scratch};
 
 /// Swaps the MACs, resizes the frame to `l3 + N` and writes `hdr` at `l3` (the MACs
 /// pass through scratch memory: nothing on this frame).
@@ -48,7 +48,7 @@ pub fn tcp_rst(ctx: &TcContext, p: &Parsed, f: &Flow) -> Result<(), ()> {
 /// Copies what an ICMP error quotes of the packet (its option-less IPv4 header and 8
 /// bytes of L4) into scratch memory.
 #[inline(always)]
-fn quote(ctx: &TcContext, p: &Parsed) -> Result<&'static mut crate::maps::Scratch, ()> {
+fn quote(ctx: &TcContext, p: &Parsed) -> Result<&'static mut crate::scratch::Scratch, ()> {
     if p.ipv4_options {
         // The quote would need the options; such packets are rare enough to drop.
         return Err(());

@@ -59,7 +59,7 @@ pub fn count_backend(id: u32, bytes: usize, new_flow: bool) {
 /// [`count_noted`].
 #[inline(always)]
 pub fn note_backend(id: u32, new_flow: bool) {
-    if let Some(s) = crate::maps::scratch() {
+    if let Some(s) = crate::scratch::scratch() {
         s.noted_be = id;
         s.noted_new = new_flow as u8;
     }
@@ -69,7 +69,7 @@ pub fn note_backend(id: u32, new_flow: bool) {
 /// own BPF function: it adds nothing to its caller's frame.
 #[inline(never)]
 pub fn count_noted(bytes: usize) {
-    if let Some(s) = crate::maps::scratch() {
+    if let Some(s) = crate::scratch::scratch() {
         let id = core::mem::take(&mut s.noted_be);
         let new = core::mem::take(&mut s.noted_new) != 0;
         if id != 0 {

@@ -6,21 +6,14 @@
 //! but a flag: their frames stay small wherever they sit on a call chain.
 
 use mesh_common::{
-    ct::{self, CtEntry, CtKey, CtState, CT_REVERSE},
+    ct::{self, CtKey, CtState, CT_REVERSE},
     proto::IPPROTO_TCP,
 };
 
-use crate::maps::{scratch, zero, MESH_CT_V1};
-
-/// A flow's pair of entries being built (scratch memory: `Scratch::nf`).
-pub struct NewFlow {
-    /// The reply's tuple (task -> client), and what a reply needs.
-    pub rev_key: CtKey,
-    pub rev: CtEntry,
-    /// The request's tuple (client -> frontend), and what a request needs.
-    pub fwd_key: CtKey,
-    pub fwd: CtEntry,
-}
+use crate::{
+    maps::MESH_CT_V1,
+    scratch::{scratch, zero, NewFlow},
+};
 
 /// Starts the entries of a new flow whose request has tuple `fwd_key` and TCP flags
 /// `tcp_flags`, seen at `now`: both entries idle out after `idle_s`; the reverse one is

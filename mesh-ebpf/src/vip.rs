@@ -24,7 +24,8 @@ use mesh_common::{
 
 use crate::{
     lb::{self, Pkt},
-    maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
+    maps::{MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
+    scratch::scratch,
     skb,
     stats::{count, note_backend},
     track,

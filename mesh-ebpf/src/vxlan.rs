@@ -21,7 +21,8 @@ use mesh_common::{
 use crate::{
     config,
     lb::Flow,
-    maps::{scratch, MESH_LOCAL_V1, MESH_NET_V1, MESH_PEER_V1},
+    maps::{MESH_LOCAL_V1, MESH_NET_V1, MESH_PEER_V1},
+    scratch::scratch,
     stats::count,
 };
 
@@ -150,14 +151,6 @@ pub fn too_big(ctx: &TcContext, l4_off: usize) -> Option<u32> {
     let doff: u8 = ctx.load(l4_off + 12).unwrap_or(0x50);
     let seg = (l4_off - 14) as u32 + ((doff >> 4) as u32) * 4 + gso_size;
     (mtu != 0 && seg + OVERHEAD as u32 > mtu).then(|| mtu - OVERHEAD as u32)
-}
-
-/// Where a decapsulated packet came from (per-CPU scratch memory: `Scratch::from`).
-pub struct From {
-    pub peer: u32,
-    pub vni: u32,
-    /// Size of the frame as it arrived (for the counters).
-    pub bytes: u32,
 }
 
 /// Writes the outer UDP checksum (LCO) into the header. Its own BPF function: a frame

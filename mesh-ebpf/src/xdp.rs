@@ -26,7 +26,8 @@ use mesh_common::{
 use crate::{
     config,
     lb::{self, Flow},
-    maps::{scratch, MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_NET_V1, MESH_PEER_V1, MESH_SVC_V1},
+    maps::{MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_NET_V1, MESH_PEER_V1, MESH_SVC_V1},
+    scratch::scratch,
     pkt::DirectPacket,
     stats::{count, count_backend},
     track,

@@ -164,6 +164,9 @@ pub struct AgentStatus {
     /// What that kernel lacks and what the mesh does instead (empty: nothing).
     #[serde(default)]
     pub fallbacks: Vec<crate::features::Fallback>,
+    /// What the model asks for that the agent left out, and why (empty: nothing).
+    #[serde(default)]
+    pub problems: Vec<crate::model::Problem>,
 }
 
 /// The host port as the status file records it.

@@ -29,6 +29,10 @@ pub struct Mesh {
     saved: Option<Names>,
     /// Addresses answered as this node's beyond the model's (the host port's).
     pub extra_node_addrs: Vec<std::net::Ipv4Addr>,
+    /// The services of the last applied model: they keep their ports against newcomers.
+    prior: std::collections::BTreeSet<String>,
+    /// What the last applied model asked for that could not be programmed.
+    problems: Vec<model::Problem>,
 }
 
 /// What a restarted agent found pinned.
@@ -50,6 +54,8 @@ impl Mesh {
             names_file: None,
             saved: None,
             extra_node_addrs: Vec::new(),
+            prior: Default::default(),
+            problems: Vec::new(),
         }
     }
 
@@ -85,6 +91,8 @@ impl Mesh {
                 names_file: Some(names_file),
                 saved: None,
                 extra_node_addrs: Vec::new(),
+                prior: Default::default(),
+                problems: Vec::new(),
             },
             report,
         ))
@@ -129,10 +137,20 @@ impl Mesh {
 
     /// Makes the maps match `model`, resolving endpoint interfaces in the calling
     /// thread's network namespace.
+    /// What the model asked for cannot be programmed is left out (see
+    /// [`Self::problems`]) and everything else applied.
     pub fn apply(&mut self, model: &Model) -> Result<Applied, MeshError> {
-        let mut d = model::desired(model, netdev::resolve)?;
+        let mut d = model::desired_with(model, netdev::resolve, &self.prior)?;
         d.node_addrs.extend(&self.extra_node_addrs);
-        self.apply_desired(&d)
+        let applied = self.apply_desired(&d)?;
+        self.prior = model.services.iter().map(|s| s.name.clone()).collect();
+        self.problems = d.problems;
+        Ok(applied)
+    }
+
+    /// What the last applied model asked for that could not be programmed.
+    pub fn problems(&self) -> &[model::Problem] {
+        &self.problems
     }
 
     pub fn apply_desired(&mut self, d: &Desired) -> Result<Applied, MeshError> {

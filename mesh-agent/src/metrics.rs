@@ -110,6 +110,8 @@ pub struct AgentMetrics {
     pub event_lag_seconds: Histogram,
     /// Unix time of the last successful reconcile.
     pub last_reconcile_unix: f64,
+    /// What the model asked for that the agent left out (each logged once).
+    pub problems: Vec<crate::model::Problem>,
     /// Every backend in the maps: id -> (group name, task address, port), for the
     /// per-service and per-backend counters.
     pub backend_names: BTreeMap<u32, (String, Ipv4Addr, u16)>,
@@ -245,6 +247,21 @@ pub fn render(
         "Tasks on this node.",
         m.endpoints,
     );
+    let name = "mesh_model_problems";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Parts of the model left out because they cannot be programmed \
+         (`meshctl doctor` says why); every other service is applied.\n# TYPE {name} gauge"
+    );
+    let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+    for p in &m.problems {
+        let _ = writeln!(
+            out,
+            "{name}{{service=\"{}\",left_out=\"{}\"}} 1",
+            esc(&p.service),
+            esc(&p.left_out)
+        );
+    }
     gauge(
         &mut out,
         "mesh_last_reconcile_timestamp_seconds",

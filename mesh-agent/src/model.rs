@@ -346,21 +346,44 @@ pub struct Desired {
     pub networks: BTreeMap<u32, mesh_common::lb::Network>,
     /// Tasks on other nodes.
     pub tunnels: BTreeMap<Ipv4Addr, mesh_common::lb::Tunnel>,
+    /// What the model asked for that cannot be programmed (left out of the above).
+    pub problems: Vec<Problem>,
 }
 
 /// Turns `model` into kernel terms; `resolve` gives an endpoint interface's (ifindex,
-/// host-side MAC).
+/// host-side MAC). What cannot be programmed is left out and listed in
+/// [`Desired::problems`]; the rest is applied.
 pub fn desired(
     model: &Model,
-    mut resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
+    resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
 ) -> Result<Desired, crate::MeshError> {
-    validate(model).map_err(crate::MeshError::Model)?;
+    desired_with(model, resolve, &BTreeSet::new())
+}
+
+/// As [`desired`]; where two services claim one port, one of `prior` (the services
+/// applied last time) keeps it, so that a newcomer never takes a running service's port.
+pub fn desired_with(
+    model: &Model,
+    mut resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
+    prior: &BTreeSet<String>,
+) -> Result<Desired, crate::MeshError> {
     let mut d = Desired {
         node_addrs: model.node_addrs.iter().copied().collect(),
         ..Default::default()
     };
+    let mut eps = BTreeSet::new();
     for ep in &model.endpoints {
-        let (ifindex, host_mac) = resolve(&ep.interface)?;
+        if !eps.insert(ep.addr) {
+            return Err(ModelError::DuplicateEndpoint(ep.addr).into());
+        }
+        // A veth gone between listing and applying costs only its task.
+        let (ifindex, host_mac) = match resolve(&ep.interface) {
+            Ok(r) => r,
+            Err(e) => {
+                d.problems.push(Problem::new("", format!("endpoint {}", ep.addr), e));
+                continue;
+            }
+        };
         d.endpoints.insert(
             ep.addr,
             ResolvedEndpoint {
@@ -371,6 +394,10 @@ pub fn desired(
             },
         );
     }
+    let local: BTreeSet<Ipv4Addr> = d.endpoints.keys().copied().collect();
+    let (admitted, problems) = admit(model, &local, prior);
+    d.problems.extend(problems);
+    let model = &admitted;
     overlay(model, &mut d, &mut resolve)?;
     for svc in &model.services {
         let backends = |port: u16, local_only: bool| -> BTreeMap<(Ipv4Addr, u16), BackendState> {
@@ -543,60 +570,182 @@ fn fe_key(addr: u32, port: u16, proto: u8) -> FrontendKey {
     }
 }
 
-fn validate(model: &Model) -> Result<(), ModelError> {
+/// What the agent could not program, left out of what it applies (logged once,
+/// counted, shown by `meshctl doctor`); everything else in the model is applied.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Problem {
+    /// The service ("" for a part of the node's plumbing).
+    pub service: String,
+    /// What was left out: "port 8080/tcp", "backend 10.0.0.5", "the service".
+    pub left_out: String,
+    pub reason: String,
+}
+
+impl Problem {
+    fn new(service: &str, left_out: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Problem {
+            service: service.into(),
+            left_out: left_out.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.service.is_empty() {
+            write!(f, "{} left out: {}", self.left_out, self.reason)
+        } else {
+            write!(
+                f,
+                "service {:?}: {} left out: {}",
+                self.service, self.left_out, self.reason
+            )
+        }
+    }
+}
+
+/// The part of `model` that can be programmed, and what was left out and why. One
+/// service's fault never holds back another: a port two services claim stays with the
+/// one in `prior` (else the first by name), a backend the node cannot reach is left
+/// out of its service alone. `local`: the addresses of this node's resolved endpoints.
+pub fn admit(
+    model: &Model,
+    local: &BTreeSet<Ipv4Addr>,
+    prior: &BTreeSet<String>,
+) -> (Model, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut out = Model {
+        services: Vec::new(),
+        remote_tasks: Vec::new(),
+        ..model.clone()
+    };
+    let peers: BTreeSet<Ipv4Addr> = model.peers.iter().map(|p| p.addr).collect();
+    let networks: BTreeSet<&str> = model.networks.iter().map(|n| n.name.as_str()).collect();
+    // Where a task on another node is reached; `None` when it cannot be.
+    let unreachable = |what: &'static str, addr, node, network: &Option<String>| {
+        if !peers.contains(&node) {
+            return Some(ModelError::UnknownPeer { what, addr, node });
+        }
+        match network {
+            Some(n) if !networks.contains(n.as_str()) => Some(ModelError::UnknownNetwork {
+                what,
+                addr,
+                network: n.clone(),
+            }),
+            None if networks.is_empty() => Some(ModelError::UnknownNetwork {
+                what,
+                addr,
+                network: String::new(),
+            }),
+            _ => None,
+        }
+    };
+    // Claims are settled in this order: services applied before, then by name.
+    let mut order: Vec<&ServiceSpec> = model.services.iter().collect();
+    order.sort_by_key(|s| (!prior.contains(&s.name), s.name.as_str()));
     let mut names = BTreeSet::new();
     let mut published: BTreeMap<(u16, Protocol), &str> = BTreeMap::new();
     let mut vip_ports: BTreeMap<(Ipv4Addr, u16, Protocol), &str> = BTreeMap::new();
-    for svc in &model.services {
+    for svc in order {
         if !names.insert(svc.name.as_str()) {
-            return Err(ModelError::DuplicateService(svc.name.clone()));
+            let e = ModelError::DuplicateService(svc.name.clone());
+            problems.push(Problem::new(&svc.name, "a second definition", e));
+            continue;
         }
+        let mut s = ServiceSpec {
+            ports: Vec::new(),
+            backends: Vec::new(),
+            ..svc.clone()
+        };
         let mut seen = BTreeSet::new();
         for b in &svc.backends {
-            if !seen.insert(b.addr) {
-                return Err(ModelError::DuplicateBackend {
+            let what = format!("backend {}", b.addr);
+            let fault = if !seen.insert(b.addr) {
+                Some(ModelError::DuplicateBackend {
                     service: svc.name.clone(),
                     addr: b.addr,
-                });
+                })
+            } else if let Some(node) = b.node {
+                unreachable("backend", b.addr, node, &b.network)
+            } else if !local.contains(&b.addr) {
+                Some(ModelError::NoEndpoint(b.addr))
+            } else {
+                None
+            };
+            match fault {
+                Some(e) => problems.push(Problem::new(&svc.name, what, e)),
+                None => s.backends.push(b.clone()),
             }
         }
         for p in &svc.ports {
+            // The same port written twice (Docker lists a port once per protocol) is one.
+            if s.ports.contains(p) {
+                continue;
+            }
+            let what = format!(
+                "port {}/{}",
+                p.published.unwrap_or(p.target),
+                format!("{:?}", p.protocol).to_lowercase()
+            );
             if p.target == 0 || p.published == Some(0) {
-                return Err(ModelError::PortZero(svc.name.clone()));
+                let e = ModelError::PortZero(svc.name.clone());
+                problems.push(Problem::new(&svc.name, what, e));
+                continue;
+            }
+            let clash = |what: &'static str, port, other: &str| ModelError::PortClash {
+                what,
+                port,
+                proto: p.protocol,
+                a: other.into(),
+                b: svc.name.clone(),
+            };
+            if let Some(pp) = p.published {
+                match published.get(&(pp, p.protocol)) {
+                    Some(other) if *other != svc.name => {
+                        let e = clash("published port", pp, other);
+                        problems.push(Problem::new(&svc.name, what, e));
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            let taken = svc
+                .vips
+                .iter()
+                .find_map(|v| vip_ports.get(&(*v, p.target, p.protocol)).filter(|o| **o != svc.name));
+            if let Some(other) = taken {
+                let e = clash("VIP port", p.target, other);
+                problems.push(Problem::new(&svc.name, what, e));
+                continue;
             }
             if let Some(pp) = p.published {
-                if let Some(other) = published.insert((pp, p.protocol), &svc.name) {
-                    return Err(ModelError::PortClash {
-                        what: "published port",
-                        port: pp,
-                        proto: p.protocol,
-                        a: other.into(),
-                        b: svc.name.clone(),
-                    });
-                }
+                published.insert((pp, p.protocol), &svc.name);
             }
-            for vip in &svc.vips {
-                if let Some(other) = vip_ports.insert((*vip, p.target, p.protocol), &svc.name) {
-                    if other != svc.name {
-                        return Err(ModelError::PortClash {
-                            what: "VIP port",
-                            port: p.target,
-                            proto: p.protocol,
-                            a: other.into(),
-                            b: svc.name.clone(),
-                        });
-                    }
-                }
+            for v in &svc.vips {
+                vip_ports.insert((*v, p.target, p.protocol), &svc.name);
             }
+            s.ports.push(p.clone());
+        }
+        out.services.push(s);
+    }
+    // Back in the model's order: the planner's output does not depend on it, people do.
+    out.services.sort_by_key(|s| {
+        model
+            .services
+            .iter()
+            .position(|m| m.name == s.name)
+            .unwrap_or(usize::MAX)
+    });
+    for t in &model.remote_tasks {
+        match unreachable("remote task", t.addr, t.node, &t.network) {
+            Some(e) => problems.push(Problem::new("", format!("remote task {}", t.addr), e)),
+            None => out.remote_tasks.push(t.clone()),
         }
     }
-    let mut eps = BTreeSet::new();
-    for ep in &model.endpoints {
-        if !eps.insert(ep.addr) {
-            return Err(ModelError::DuplicateEndpoint(ep.addr));
-        }
-    }
-    Ok(())
+    problems.sort();
+    problems.dedup();
+    (out, problems)
 }
 
 /// Writes a model as YAML (the `--config` format).
@@ -712,43 +861,112 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.1.2}]
         assert!(d.frontends.contains_key(&fe_key(0, 8080, PROTO_TCP)));
     }
 
+    /// Problems name what to fix, and cost only what they concern.
     #[test]
-    fn errors_name_what_to_fix() {
+    fn errors_name_what_to_fix_and_leave_the_rest() {
+        let problems = |m: &Model| -> (Desired, String) {
+            let d = desired(m, resolve).unwrap();
+            let text = d.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+            (d, text)
+        };
         let mut m = from_yaml(YAML).unwrap();
         m.services.push(m.services[0].clone());
-        let e = desired(&m, resolve).unwrap_err().to_string();
+        let (d, e) = problems(&m);
         assert!(e.contains("\"web\" is defined twice"), "{e}");
+        assert!(d.frontends.contains_key(&fe_key(0, 8080, PROTO_TCP)), "the first stays");
 
         let mut m = from_yaml(YAML).unwrap();
         let mut other = m.services[0].clone();
-        other.name = "api".into();
+        other.name = "www".into();
         other.vips.clear();
+        other.ports.push(PortSpec {
+            published: Some(9000),
+            target: 90,
+            protocol: Protocol::Tcp,
+            mode: PublishMode::Ingress,
+        });
         m.services.push(other);
-        let e = desired(&m, resolve).unwrap_err().to_string();
+        let (d, e) = problems(&m);
         assert!(
-            e.contains("published port 8080") && e.contains("\"api\""),
+            e.contains("published port 8080") && e.contains("\"www\": port 8080/tcp left out"),
             "{e}"
         );
+        // `www` loses only the ports `web` holds (first by name); `web` keeps them, `www` its own.
+        assert_eq!(d.frontends[&fe_key(0, 8080, PROTO_TCP)].0 .0, "web/tcp/80");
+        assert_eq!(d.frontends[&fe_key(0, 9000, PROTO_TCP)].0 .0, "www/tcp/90");
+        // A service applied before keeps its port against a newcomer, whatever the names.
+        let prior = BTreeSet::from(["www".to_string()]);
+        let d = desired_with(&m, resolve, &prior).unwrap();
+        assert_eq!(d.frontends[&fe_key(0, 8080, PROTO_TCP)].0 .0, "www/tcp/80");
 
         let mut m = from_yaml(YAML).unwrap();
         m.services[0].backends[1].node = Some("192.168.1.99".parse().unwrap());
-        let e = desired(&m, resolve).unwrap_err().to_string();
+        let (d, e) = problems(&m);
         assert!(
-            e.contains("node 192.168.1.99, which is not in `peers`"),
+            e.contains("backend 10.0.1.5 left out: backend 10.0.1.5 is on node 192.168.1.99, which is not in `peers`"),
             "{e}"
         );
+        assert_eq!(d.groups[&GroupName("web/tcp/80".into())].backends.len(), 2);
 
         let mut m = from_yaml(YAML).unwrap();
         m.services[0].backends[0].addr = "10.0.1.40".parse().unwrap();
-        let e = desired(&m, resolve).unwrap_err().to_string();
+        let (_, e) = problems(&m);
         assert!(
             e.contains("10.0.1.40 is on this node but has no endpoint"),
             "{e}"
         );
 
+        // An interface that cannot be resolved costs its endpoint (and so its backend).
+        let m = from_yaml(YAML).unwrap();
+        let d = desired(&m, |name| {
+            if name == "veth4" {
+                Err(crate::MeshError::NoSuchInterface { name: name.into() })
+            } else {
+                resolve(name)
+            }
+        })
+        .unwrap();
+        assert!(d.endpoints.is_empty());
+        assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
+        assert!(d.frontends.contains_key(&fe_key(0, 8080, PROTO_TCP)));
+
+        let mut m = from_yaml(YAML).unwrap();
+        m.endpoints.push(m.endpoints[0].clone());
+        let e = desired(&m, resolve).unwrap_err().to_string();
+        assert!(e.contains("endpoint 10.0.1.4 is listed twice"), "{e}");
+
         let e = from_yaml("services: [{name: x, portz: []}]").unwrap_err();
         assert!(e.contains("unknown field `portz`"), "{e}");
         let e = from_yaml("endpoints: [{addr: 10.0.0.1, interface: v, mac: zz}]").unwrap_err();
         assert!(e.contains("not a MAC address"), "{e}");
+    }
+
+    /// `-p 5353:53/tcp -p 5353:53/udp` (every DNS server): one service, both protocols,
+    /// and a port written twice is one port, not a clash with itself.
+    #[test]
+    fn one_port_on_tcp_and_udp() {
+        let mut m = from_yaml(YAML).unwrap();
+        let p = |protocol| PortSpec {
+            published: Some(5300),
+            target: 53,
+            protocol,
+            mode: PublishMode::Ingress,
+        };
+        m.services[0].ports = vec![p(Protocol::Tcp), p(Protocol::Udp), p(Protocol::Tcp), p(Protocol::Udp)];
+        let d = desired(&m, resolve).unwrap();
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert!(d.frontends.contains_key(&fe_key(0, 5300, PROTO_TCP)));
+        assert!(d.frontends.contains_key(&fe_key(0, 5300, PROTO_UDP)));
+        // Across services: TCP in one, UDP in the other.
+        let mut other = m.services[0].clone();
+        other.name = "dns-udp".into();
+        other.vips.clear();
+        other.ports = vec![PortSpec { published: Some(5301), ..p(Protocol::Udp) }];
+        m.services[0].ports = vec![PortSpec { published: Some(5301), ..p(Protocol::Tcp) }];
+        m.services.push(other);
+        let d = desired(&m, resolve).unwrap();
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(d.frontends[&fe_key(0, 5301, PROTO_TCP)].0 .0, "web/tcp/53");
+        assert_eq!(d.frontends[&fe_key(0, 5301, PROTO_UDP)].0 .0, "dns-udp/udp/53");
     }
 }

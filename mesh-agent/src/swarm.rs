@@ -264,8 +264,14 @@ pub fn apply_protocols(model: &mut Model, protocols: &crate::docker::Protocols) 
                 });
             }
         }
-        ports.dedup();
-        s.ports = ports;
+        // Docker lists a port once per protocol, and each became both above.
+        let mut unique: Vec<PortSpec> = Vec::new();
+        for p in ports {
+            if !unique.contains(&p) {
+                unique.push(p);
+            }
+        }
+        s.ports = unique;
     }
 }
 
@@ -691,6 +697,32 @@ mod tests {
             .groups
             .keys()
             .any(|g| g.0 == format!("web/tcp/{published}")));
+    }
+
+    /// `-p 5353:53/tcp -p 5353:53/udp`: the gossip lists the port twice, without
+    /// protocols. With the managers' facts both are served; without them, TCP; never a
+    /// clash of the service with itself (which once froze every service on the node).
+    #[test]
+    fn one_port_on_tcp_and_udp_in_one_service() {
+        let mut n = ingress();
+        n.services.get_mut("web").unwrap().ports = Some(vec![
+            "Target: 53, Publish: 5353".into(),
+            "Target: 53, Publish: 5353".into(),
+        ]);
+        let m = model_from(&[n], "10.251.0.99".parse().unwrap(), "eth0");
+        let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).unwrap();
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        let both = crate::docker::Protocols::from([(
+            "web".into(),
+            vec![(5353, Protocol::Tcp), (5353, Protocol::Udp)],
+        )]);
+        let mut m = m;
+        apply_protocols(&mut m, &both);
+        let p: Vec<Protocol> = web(&m).ports.iter().map(|p| p.protocol).collect();
+        assert_eq!(p, vec![Protocol::Tcp, Protocol::Udp]);
+        let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).unwrap();
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(d.frontends.len(), 2);
     }
 
     #[test]

@@ -848,6 +848,20 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
 }
 
 impl Agent {
+    /// Says once what the model asked for that cannot be programmed (the rest is
+    /// applied), and once when it is programmed again.
+    fn report_problems(&mut self) {
+        let now: Vec<model::Problem> = self.mesh.problems().to_vec();
+        for p in now.iter().filter(|p| !self.status.problems.contains(p)) {
+            tracing::error!(service = %p.service, "{p}; every other service is applied");
+        }
+        for p in self.status.problems.iter().filter(|p| !now.contains(p)) {
+            tracing::info!(service = %p.service, "{}: no longer left out", p.left_out);
+        }
+        self.metrics.lock().expect("metrics").problems = now.clone();
+        self.status.problems = now;
+    }
+
     /// Attaches the task program to new endpoints' interfaces, applies the model, and
     /// detaches from interfaces that no longer hold a task.
     fn apply(&mut self, model: &model::Model, event: Option<SystemTime>) -> anyhow::Result<()> {
@@ -868,6 +882,7 @@ impl Agent {
             self.mesh.extra_node_addrs = h.node_addrs();
         }
         let a = self.mesh.apply(model)?;
+        self.report_problems();
         if let Some(h) = &mut self.host {
             let dirs: Vec<PathBuf> = self.docker_netns.iter().cloned().collect();
             let ns = mesh_agent::hostport::namespaces(&dirs, &self.host_netns);

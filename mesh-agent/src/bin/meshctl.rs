@@ -844,6 +844,24 @@ fn kernel_check(st: &inspect::AgentStatus) -> Check {
     }
 }
 
+/// What the agent left out of the model (every other service is applied).
+fn model_check(st: &inspect::AgentStatus) -> Check {
+    if st.problems.is_empty() {
+        return check("model", "ok", "every service in the model is programmed");
+    }
+    let list = st
+        .problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    check(
+        "model",
+        "fail",
+        format!("left out (every other service is applied): {list}"),
+    )
+}
+
 fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
     let mut out = Vec::new();
     let pins = PinDir::new(&args.bpffs);
@@ -915,6 +933,7 @@ fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
     });
     if let Some(st) = &st {
         out.push(kernel_check(st));
+        out.push(model_check(st));
     }
     // Programs where the maps say traffic arrives and tasks live (a netlink filter's
     // record counts only while the kernel still runs the mesh's program there).

@@ -89,11 +89,12 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
             .await
             .map_err(api("inspect network"))?;
         let name = v.name.unwrap_or_default();
-        let vni = v
+        let vnis = v
             .options
             .as_ref()
             .and_then(|o| o.get("com.docker.network.driver.overlay.vxlanid_list"))
-            .and_then(|s| s.split(',').next()?.parse().ok());
+            .map(|s| crate::swarm::parse_vnis(s))
+            .unwrap_or_default();
         let ingress = v.ingress.unwrap_or(false);
         let endpoint = if ingress {
             "ingress-sbox".to_string()
@@ -121,7 +122,7 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
         out.push(NetworkView {
             name,
             ingress,
-            vni,
+            vnis,
             local_addr,
             peers,
             services,

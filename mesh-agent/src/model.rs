@@ -77,8 +77,13 @@ pub struct PeerSpec {
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     pub name: String,
-    /// Docker's `com.docker.network.driver.overlay.vxlanid_list`.
+    /// Docker's `com.docker.network.driver.overlay.vxlanid_list`: the first subnet's
+    /// VNI (the mesh's own tunnels use it)...
     pub vni: u32,
+    /// ...and the other subnets' (a network created with `--subnet` twice), whose
+    /// VXLAN is Docker's and must pass as the first one's does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_vnis: Vec<u32>,
     /// This node's own address on the network (Docker's per-node endpoint, e.g. the
     /// ingress sandbox's): the source of flows SNATed toward stock nodes.
     pub local_addr: Ipv4Addr,
@@ -485,17 +490,19 @@ fn overlay(
             .insert(p.addr, if p.stock { PEER_STOCK } else { PEER_MESH });
     }
     for n in &model.networks {
-        d.networks.insert(
-            n.vni,
-            Network {
-                local_addr: ne(n.local_addr),
-                flags: if n.docker {
-                    mesh_common::lb::NET_DOCKER
-                } else {
-                    0
+        for vni in std::iter::once(n.vni).chain(n.more_vnis.iter().copied()) {
+            d.networks.insert(
+                vni,
+                Network {
+                    local_addr: ne(n.local_addr),
+                    flags: if n.docker {
+                        mesh_common::lb::NET_DOCKER
+                    } else {
+                        0
+                    },
                 },
-            },
-        );
+            );
+        }
     }
     let remote = model
         .services

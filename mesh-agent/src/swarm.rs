@@ -23,7 +23,8 @@ use crate::model::{
 pub struct NetworkView {
     pub name: String,
     pub ingress: bool,
-    pub vni: Option<u32>,
+    /// One VNI per subnet (`vxlanid_list`), the first subnet's first; empty: unknown.
+    pub vnis: Vec<u32>,
     /// This node's own endpoint on the network (ingress-sbox / lb-<name>).
     pub local_addr: Option<Ipv4Addr>,
     pub peers: Vec<Ipv4Addr>,
@@ -67,6 +68,17 @@ pub fn parse_port(s: &str) -> Option<(u16, u16)> {
     Some((target?, publish?))
 }
 
+/// Docker's `vxlanid_list` ("4097,4098": one VNI per subnet, in the subnets' order).
+/// A list that does not read as VNIs gives none: the network is then skipped whole
+/// rather than half known.
+pub fn parse_vnis(s: &str) -> Vec<u32> {
+    let vnis: Option<Vec<u32>> = s
+        .split(',')
+        .map(|v| v.trim().parse().ok().filter(|v| *v > 0 && *v < 1 << 24))
+        .collect();
+    vnis.unwrap_or_default()
+}
+
 fn addr(s: &str) -> Option<Ipv4Addr> {
     s.split('/').next()?.parse().ok()
 }
@@ -92,19 +104,20 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
         .map(|addr| PeerSpec { addr, stock: false })
         .collect();
     for n in networks {
-        let (Some(vni), Some(local_addr)) = (n.vni, n.local_addr) else {
+        let (Some(&vni), Some(local_addr)) = (n.vnis.first(), n.local_addr) else {
             continue;
         };
         m.networks.push(NetworkSpec {
             name: n.name.clone(),
             vni,
+            more_vnis: n.vnis[1..].to_vec(),
             local_addr,
             // The mesh tunnels its own flows on the ingress network only.
             docker: !n.ingress,
         });
     }
     for n in networks {
-        if n.vni.is_none() || n.local_addr.is_none() {
+        if n.vnis.is_empty() || n.local_addr.is_none() {
             continue;
         }
         for (svc_name, s) in &n.services {
@@ -559,7 +572,7 @@ mod tests {
         NetworkView {
             name: "ingress".into(),
             ingress: true,
-            vni: Some(4096),
+            vnis: vec![4096],
             local_addr: Some("10.0.0.2".parse().unwrap()),
             peers: vec![
                 "10.251.0.11".parse().unwrap(),
@@ -723,6 +736,30 @@ mod tests {
         let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).unwrap();
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         assert_eq!(d.frontends.len(), 2);
+    }
+
+    /// `--subnet` twice: Docker carries each subnet on its own VNI, and VXLAN for any
+    /// of them must pass the underlay hook (only the first once did: the second
+    /// subnet's containers could not reach each other across nodes).
+    #[test]
+    fn every_vni_of_a_multi_subnet_network_is_known() {
+        assert_eq!(parse_vnis("5101,5102"), vec![5101, 5102]);
+        assert_eq!(parse_vnis("4097"), vec![4097]);
+        assert!(parse_vnis("5101,x").is_empty(), "half a list is no list");
+        assert!(parse_vnis("16777216").is_empty(), "VNIs have 24 bits");
+        let mut n = ingress();
+        n.ingress = false;
+        n.name = "two".into();
+        n.vnis = vec![5101, 5102];
+        let m = model_from(&[n], "10.251.0.11".parse().unwrap(), "eth0");
+        let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).unwrap();
+        for vni in [5101, 5102] {
+            assert_eq!(
+                d.networks.get(&vni).map(|n| n.flags),
+                Some(mesh_common::lb::NET_DOCKER),
+                "VNI {vni}"
+            );
+        }
     }
 
     #[test]

@@ -285,6 +285,7 @@ impl Cluster {
             networks: vec![NetworkSpec {
                 name: "ingress".into(),
                 vni: VNI,
+                more_vnis: vec![],
                 local_addr: ip(NODE_OVERLAY[i]),
                 docker: false,
             }],

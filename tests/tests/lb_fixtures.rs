@@ -205,6 +205,7 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
         networks: vec![mesh_agent::model::NetworkSpec {
             name: "appnet".into(),
             vni: APPNET_VNI,
+            more_vnis: vec![],
             local_addr: Ipv4Addr::new(10, 221, 0, 3),
             docker: true,
         }],

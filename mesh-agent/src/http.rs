@@ -49,18 +49,48 @@ where
     }
 }
 
+/// How a peer answered a `GET`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The body of a 200 answer.
+    Body(String),
+    /// Nothing listens there: the host answered the connection with a reset.
+    Refused,
+    /// No answer in time, or not a 200 (a host that may be down or cut off).
+    Silent,
+}
+
 /// `GET path` from `addr`, the body of a 200 answer, within `timeout`.
 pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
+    match ask(addr, path, timeout).await {
+        Answer::Body(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// `GET path` from `addr` within `timeout`, telling a refusal from silence.
+pub async fn ask(addr: SocketAddr, path: &str, timeout: Duration) -> Answer {
     let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        let text = String::from_utf8(out).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+        let mut s = match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Answer::Refused
+            }
+            Err(_) => return Answer::Silent,
+        };
+        let body = async {
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await
+                .ok()?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.ok()?;
+            let text = String::from_utf8(out).ok()?;
+            let (head, body) = text.split_once("\r\n\r\n")?;
+            head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+        };
+        body.await.map_or(Answer::Silent, Answer::Body)
     };
-    tokio::time::timeout(timeout, fetch).await.ok().flatten()
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .unwrap_or(Answer::Silent)
 }

@@ -167,6 +167,9 @@ pub struct AgentStatus {
     /// What the model asks for that the agent left out, and why (empty: nothing).
     #[serde(default)]
     pub problems: Vec<crate::model::Problem>,
+    /// The swarm's nodes that run no mesh agent (stock Docker), by underlay address.
+    #[serde(default)]
+    pub stock_peers: Vec<String>,
 }
 
 /// The host port as the status file records it.

@@ -139,15 +139,81 @@ pub async fn serve(
 
 /// Each peer's report (peers that did not answer in `timeout` are left out).
 pub async fn poll(peers: &[Ipv4Addr], port: u16, timeout: Duration) -> BTreeMap<Ipv4Addr, Report> {
+    poll_all(peers, port, timeout).await.reports
+}
+
+/// One round of asking every peer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Poll {
+    pub reports: BTreeMap<Ipv4Addr, Report>,
+    /// Peers whose host refused the connection: nothing listens on the port there.
+    pub refused: BTreeSet<Ipv4Addr>,
+}
+
+/// Each peer's report, and which peers refused.
+pub async fn poll_all(peers: &[Ipv4Addr], port: u16, timeout: Duration) -> Poll {
+    use crate::http::Answer;
     let asks = peers.iter().map(|p| async move {
-        let body = crate::http::get(SocketAddr::from((*p, port)), PATH, timeout).await?;
-        Some((*p, serde_json::from_str::<Report>(&body).ok()?))
+        let a = crate::http::ask(SocketAddr::from((*p, port)), PATH, timeout).await;
+        (*p, a)
     });
-    futures_util::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    let mut out = Poll::default();
+    for (p, a) in futures_util::future::join_all(asks).await {
+        match a {
+            Answer::Body(b) => {
+                if let Ok(r) = serde_json::from_str::<Report>(&b) {
+                    out.reports.insert(p, r);
+                }
+            }
+            Answer::Refused => {
+                out.refused.insert(p);
+            }
+            Answer::Silent => {}
+        }
+    }
+    out
+}
+
+/// How many rounds in a row a peer must refuse the exchange to be taken as a stock
+/// Docker node: an agent restarting (kill -9, an upgrade) is back within a round or
+/// two, and its pinned datapath serves meanwhile.
+pub const STOCK_AFTER: u32 = 3;
+
+/// Which peers run no mesh agent: a node of the swarm whose host refuses the agents'
+/// port (stock Docker, as during a rollout, or a node where the mesh was removed). The
+/// mesh reaches their tasks as Docker does (SNAT to this node's address on the overlay,
+/// so that the reply comes back through the tunnel). A peer that is silent (down, cut
+/// off) keeps what it was; one that answers is a mesh node at once.
+#[derive(Clone, Debug, Default)]
+pub struct StockPeers {
+    refusals: BTreeMap<Ipv4Addr, u32>,
+}
+
+impl StockPeers {
+    /// Folds in one round over `peers`; returns the peers whose kind changed, with
+    /// whether they are stock now.
+    pub fn observe(&mut self, peers: &[Ipv4Addr], round: &Poll) -> Vec<(Ipv4Addr, bool)> {
+        let mut changed = Vec::new();
+        self.refusals.retain(|p, _| peers.contains(p));
+        for p in peers {
+            let was = self.is_stock(*p);
+            let n = self.refusals.entry(*p).or_default();
+            if round.reports.contains_key(p) {
+                *n = 0;
+            } else if round.refused.contains(p) {
+                *n = n.saturating_add(1);
+            }
+            let now = self.is_stock(*p);
+            if now != was {
+                changed.push((*p, now));
+            }
+        }
+        changed
+    }
+
+    pub fn is_stock(&self, peer: Ipv4Addr) -> bool {
+        self.refusals.get(&peer).is_some_and(|n| *n >= STOCK_AFTER)
+    }
 }
 
 /// The task addresses the reports credibly take out of rotation: (a peer's own tasks
@@ -202,6 +268,39 @@ pub fn unseen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node whose host refuses the exchange is taken as stock after STOCK_AFTER
+    /// rounds; one that answers is a mesh node at once; silence changes nothing.
+    #[test]
+    fn peers_that_refuse_the_exchange_are_stock() {
+        let a: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let b: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        let peers = [a, b];
+        let refused = Poll {
+            refused: BTreeSet::from([a]),
+            ..Default::default()
+        };
+        let answered = Poll {
+            reports: BTreeMap::from([(a, Report::default())]),
+            ..Default::default()
+        };
+        let mut s = StockPeers::default();
+        for _ in 1..STOCK_AFTER {
+            assert!(s.observe(&peers, &refused).is_empty());
+        }
+        assert_eq!(s.observe(&peers, &refused), vec![(a, true)]);
+        assert!(s.is_stock(a) && !s.is_stock(b));
+        // Silent: a stock node stays stock, a mesh node stays mesh.
+        assert!(s.observe(&peers, &Poll::default()).is_empty());
+        assert!(s.is_stock(a));
+        assert_eq!(s.observe(&peers, &answered), vec![(a, false)]);
+        // A peer that leaves the swarm is forgotten.
+        for _ in 0..STOCK_AFTER {
+            s.observe(&peers, &refused);
+        }
+        s.observe(&[b], &Poll::default());
+        assert!(!s.is_stock(a));
+    }
     use crate::model::{BackendSpec, Model, ServiceSpec};
 
     /// One service `web` over `backends`: (address, node; `None`: this one).

@@ -291,6 +291,8 @@ struct DockerSource {
     netns_dir: Option<PathBuf>,
     /// Docker's netns directory as its sandboxes' paths show it.
     seen_netns_dir: Option<PathBuf>,
+    /// Peers that run no mesh agent (stock Docker nodes).
+    stock: mesh_agent::peers::StockPeers,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -313,6 +315,7 @@ impl DockerSource {
             last_facts: None,
             netns_dir: None,
             seen_netns_dir: None,
+            stock: Default::default(),
         }
     }
 
@@ -415,8 +418,26 @@ impl DockerSource {
         let mut unseen = BTreeSet::new();
         if self.peer_port != 0 {
             let peers: Vec<_> = model.peers.iter().map(|p| p.addr).collect();
-            let reports =
-                mesh_agent::peers::poll(&peers, self.peer_port, Duration::from_millis(250)).await;
+            let round =
+                mesh_agent::peers::poll_all(&peers, self.peer_port, Duration::from_millis(250))
+                    .await;
+            for (peer, stock) in self.stock.observe(&peers, &round) {
+                if stock {
+                    tracing::warn!(
+                        %peer,
+                        port = self.peer_port,
+                        "no mesh agent answers on this node: taken as a stock Docker node \
+                         (flows to its tasks are SNATed to this node's overlay address, as \
+                         Docker does, so that they answer through the tunnel)"
+                    );
+                } else {
+                    tracing::info!(%peer, "a mesh agent answers on this node again");
+                }
+            }
+            for p in &mut model.peers {
+                p.stock = self.stock.is_stock(p.addr);
+            }
+            let reports = round.reports;
             if facts.is_none() {
                 facts = mesh_agent::peers::manager_facts(&reports, &view.managers);
             }
@@ -883,6 +904,12 @@ impl Agent {
         }
         let a = self.mesh.apply(model)?;
         self.report_problems();
+        self.status.stock_peers = model
+            .peers
+            .iter()
+            .filter(|p| p.stock)
+            .map(|p| p.addr.to_string())
+            .collect();
         if let Some(h) = &mut self.host {
             let dirs: Vec<PathBuf> = self.docker_netns.iter().cloned().collect();
             let ns = mesh_agent::hostport::namespaces(&dirs, &self.host_netns);

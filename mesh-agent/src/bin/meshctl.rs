@@ -697,6 +697,16 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
             println!("fallback: {f}");
         }
     }
+    if let Some(s) = st.as_ref().filter(|s| !s.stock_peers.is_empty()) {
+        println!(
+            "stock Docker nodes (no mesh agent answers; their tasks are reached through \
+             Docker's overlay, SNATed): {}",
+            s.stock_peers.join(", ")
+        );
+    }
+    for p in st.iter().flat_map(|s| &s.problems) {
+        println!("left out: {p}");
+    }
     println!(
         "maps: layout v{} at {}{}",
         mesh_common::LAYOUT_VERSION,

@@ -330,13 +330,14 @@ pub async fn follow_events(
         let action = ev.action.unwrap_or_default();
         let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
         let relevant = match kind.as_str() {
-            // Only swarm tasks' containers, and only what changes reachability.
+            // What changes reachability: swarm tasks starting, stopping and changing
+            // health; any container starting or going (it may call VIPs from an
+            // attachable overlay).
             "container" => {
-                attrs.contains_key("com.docker.swarm.task.id")
-                    && (matches!(
-                        action.as_str(),
-                        "start" | "die" | "kill" | "stop" | "destroy"
-                    ) || action.starts_with("health_status"))
+                matches!(action.as_str(), "start" | "die" | "destroy")
+                    || (attrs.contains_key("com.docker.swarm.task.id")
+                        && (matches!(action.as_str(), "kill" | "stop")
+                            || action.starts_with("health_status")))
             }
             _ => true,
         };
@@ -418,6 +419,21 @@ fn overlay_ports(
     out
 }
 
+/// Whether a listed container is on one of the `overlays` (network ids): a cheap look
+/// before entering its sandbox.
+fn on_an_overlay(
+    c: &bollard::models::ContainerSummary,
+    overlays: &std::collections::BTreeSet<String>,
+) -> bool {
+    c.network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, e)| e.network_id.as_ref())
+        .any(|id| overlays.contains(id))
+}
+
 /// The delivery interfaces of this node's tasks (all of them, also those the gossiped
 /// view does not list yet: another node may learn of a new task first and send it a
 /// flow, which must find its endpoint here): the host side
@@ -430,13 +446,10 @@ pub async fn local_endpoints(
 ) -> Result<LocalTasks, DockerError> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
     let api = |what| move |source| DockerError::Api { what, source };
-    let filters = BTreeMap::from([("label", vec!["com.docker.swarm.task.id"])]);
+    // Every running container: tasks are backends, and any container on an overlay
+    // (a task, or a plain `docker run --network X` on an attachable one) calls VIPs.
     let list = docker
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .filters(&filters.into_iter().collect())
-                .build(),
-        ))
+        .list_containers(Some(ListContainersOptionsBuilder::default().build()))
         .await
         .map_err(api("list containers"))?;
     let node_links = crate::netdev::links().unwrap_or_default();
@@ -450,7 +463,25 @@ pub async fn local_endpoints(
     let mut out = LocalTasks::default();
     // Links of each overlay network's namespace, listed once per call.
     let mut overlay_links = BTreeMap::new();
+    let overlays: std::collections::BTreeSet<String> = docker
+        .list_networks(Some(
+            bollard::query_parameters::ListNetworksOptionsBuilder::default()
+                .filters(&[("driver", vec!["overlay"])].into_iter().collect())
+                .build(),
+        ))
+        .await
+        .map_err(api("list networks"))?
+        .into_iter()
+        .filter_map(|n| n.id)
+        .collect();
     for c in list {
+        let task = c
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key("com.docker.swarm.task.id"));
+        if !task && !on_an_overlay(&c, &overlays) {
+            continue;
+        }
         let Some(id) = c.id else { continue };
         let insp = match docker.inspect_container(&id, None).await {
             Ok(i) => i,
@@ -474,6 +505,15 @@ pub async fn local_endpoints(
             out.netns_dir = sandbox.parent().map(std::path::Path::to_path_buf);
         }
         let nets = ns.networks.unwrap_or_default();
+        if !task {
+            // A plain container: only its overlay veths, where its VIP calls start (it
+            // is no backend, and its `-p` ports are Docker's own mapping).
+            if let Ok(links) = crate::netdev::links_and_addrs_in(&sandbox) {
+                out.overlay_ports
+                    .extend(overlay_ports(&sandbox, &nets, &links, &mut overlay_links));
+            }
+            continue;
+        }
         let mut mine: Vec<Ipv4Addr> = nets
             .values()
             .filter_map(|e| e.ip_address.as_deref()?.parse().ok())

@@ -49,6 +49,9 @@ pub struct SwarmView {
     /// The managers' addresses.
     pub managers: std::collections::BTreeSet<Ipv4Addr>,
     pub networks: Vec<NetworkView>,
+    /// The swarm's VXLAN port (`docker swarm init --data-path-port`), where Docker says
+    /// (API 1.40 on; 0 there means 4789).
+    pub data_path_port: Option<u16>,
 }
 
 /// This node's swarm address and role, the managers, and its view of every overlay
@@ -62,6 +65,15 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
         .as_deref()
         .and_then(|a| a.parse().ok())
         .ok_or(DockerError::NotSwarm)?;
+    let data_path_port = swarm
+        .cluster
+        .as_ref()
+        .and_then(|c| c.data_path_port)
+        .map(|p| match u16::try_from(p) {
+            Ok(0) => mesh_common::proto::VXLAN_PORT_DEFAULT,
+            Ok(p) => p,
+            Err(_) => mesh_common::proto::VXLAN_PORT_DEFAULT,
+        });
     let manager = swarm.control_available.unwrap_or(false);
     let managers = swarm
         .remote_managers
@@ -129,6 +141,7 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
         });
     }
     Ok(SwarmView {
+        data_path_port,
         me,
         manager,
         managers,

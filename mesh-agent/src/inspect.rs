@@ -138,6 +138,9 @@ pub struct AgentStatus {
     /// The agent's VXLAN data-path port.
     #[serde(default)]
     pub data_path_port: u16,
+    /// How a --data-path-port that differs from the swarm's was overruled.
+    #[serde(default)]
+    pub data_path_port_mismatch: Option<String>,
     /// The Docker socket it follows (with `source` docker).
     #[serde(default)]
     pub docker: String,

@@ -38,6 +38,9 @@ pub struct Report {
     /// agent that does not say).
     #[serde(default)]
     pub known: Option<BTreeSet<Ipv4Addr>>,
+    /// On a manager: the swarm's data-path port (Docker tells only managers).
+    #[serde(default)]
+    pub data_path_port: Option<u16>,
 }
 
 /// The service facts the managers report (the first manager that answers).
@@ -383,6 +386,7 @@ mod tests {
                 labels: BTreeMap::new(),
                 protocols: BTreeMap::new(),
                 known: None,
+                data_path_port: None,
             },
         )]);
         let five = BTreeSet::from(["10.0.0.5".parse().unwrap()]);
@@ -425,6 +429,7 @@ mod tests {
                 vec![(5353, crate::model::Protocol::Udp)],
             )]),
             known: Some(BTreeSet::from(["10.0.0.9".parse().unwrap()])),
+            data_path_port: Some(7789),
         };
         let local = Arc::new(Mutex::new(report.clone()));
         tokio::spawn(serve(listener, local, None));

@@ -182,6 +182,25 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
     m
 }
 
+/// The data-path port to use: the swarm's when Docker says it, else the flag's, else
+/// 4789; and, when the flag names another port than the swarm's, what to tell the user
+/// (Docker's own overlays use the swarm's port, and the mesh must meet them there).
+pub fn data_path_port(flag: Option<u16>, swarm: Option<u16>) -> (u16, Option<String>) {
+    let default = mesh_common::proto::VXLAN_PORT_DEFAULT;
+    match (flag, swarm) {
+        (Some(f), Some(s)) if f != s => (
+            s,
+            Some(format!(
+                "--data-path-port {f} differs from the swarm's data-path port {s} (docker \
+                 info; set by `docker swarm init --data-path-port`): using {s}; drop the flag"
+            )),
+        ),
+        (_, Some(s)) => (s, None),
+        (Some(f), None) => (f, None),
+        (None, None) => (default, None),
+    }
+}
+
 /// A duration label: seconds, or a number with s, m, h or d.
 fn duration_s(v: &str) -> Option<u32> {
     let v = v.trim();
@@ -760,6 +779,18 @@ mod tests {
                 "VNI {vni}"
             );
         }
+    }
+
+    /// The swarm's data-path port wins over the flag, and a mismatch is said.
+    #[test]
+    fn the_data_path_port_comes_from_the_swarm() {
+        assert_eq!(data_path_port(None, None), (4789, None));
+        assert_eq!(data_path_port(Some(7789), None), (7789, None));
+        assert_eq!(data_path_port(None, Some(7789)), (7789, None));
+        assert_eq!(data_path_port(Some(7789), Some(7789)), (7789, None));
+        let (p, why) = data_path_port(Some(4789), Some(7789));
+        assert_eq!(p, 7789);
+        assert!(why.unwrap().contains("--data-path-port 4789 differs from the swarm's data-path port 7789"));
     }
 
     #[test]

@@ -93,9 +93,11 @@ struct Args {
     #[arg(long, default_value = "/run/mesh", env = "MESH_STATE_DIR")]
     state_dir: PathBuf,
     /// VXLAN data-path port (as `docker swarm init --data-path-port`).
-    #[arg(long, default_value_t = mesh_common::proto::VXLAN_PORT_DEFAULT,
-          value_parser = clap::value_parser!(u16).range(1..), env = "MESH_DATA_PATH_PORT")]
-    data_path_port: u16,
+    /// With --from-docker the swarm's own port is used (a different one given here is
+    /// reported); this is for Docker that does not say (before API 1.40) and --config.
+    /// Default 4789.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..), env = "MESH_DATA_PATH_PORT")]
+    data_path_port: Option<u16>,
     /// eBPF object (default: next to this binary, then /usr/local/lib/mesh).
     #[arg(long, env = "MESH_BPF_OBJECT")]
     object: Option<PathBuf>,
@@ -293,6 +295,8 @@ struct DockerSource {
     seen_netns_dir: Option<PathBuf>,
     /// Peers that run no mesh agent (stock Docker nodes).
     stock: mesh_agent::peers::StockPeers,
+    /// The swarm's data-path port, from Docker on a manager, else from a manager's report.
+    data_path_port: Option<u16>,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -316,6 +320,7 @@ impl DockerSource {
             netns_dir: None,
             seen_netns_dir: None,
             stock: Default::default(),
+            data_path_port: None,
         }
     }
 
@@ -414,7 +419,11 @@ impl DockerSource {
                 .map(|f| f.protocols.clone())
                 .unwrap_or_default(),
             known: Some(tasks.known.clone()),
+            data_path_port: view.data_path_port,
         };
+        if view.data_path_port.is_some() {
+            self.data_path_port = view.data_path_port;
+        }
         let mut unseen = BTreeSet::new();
         if self.peer_port != 0 {
             let peers: Vec<_> = model.peers.iter().map(|p| p.addr).collect();
@@ -438,6 +447,12 @@ impl DockerSource {
                 p.stock = self.stock.is_stock(p.addr);
             }
             let reports = round.reports;
+            if self.data_path_port.is_none() {
+                self.data_path_port = reports
+                    .iter()
+                    .filter(|(p, _)| view.managers.contains(p))
+                    .find_map(|(_, r)| r.data_path_port);
+            }
             if facts.is_none() {
                 facts = mesh_agent::peers::manager_facts(&reports, &view.managers);
             }
@@ -587,6 +602,13 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         }
         (None, false) => (None, model::Model::default()),
     };
+    let (data_path_port, mismatch) = swarm::data_path_port(
+        args.data_path_port,
+        source.as_ref().and_then(|s| s.data_path_port),
+    );
+    if let Some(m) = &mismatch {
+        tracing::error!("{m}");
+    }
     let Some(underlay) = args.interface.clone().or_else(|| model.underlay.clone()) else {
         anyhow::bail!("no underlay interface: pass --interface or set `underlay:` in the config");
     };
@@ -610,7 +632,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         Switch::Off
     };
     let cfg = MeshConfig {
-        vxlan_port: args.data_path_port,
+        vxlan_port: data_path_port,
         // For the datapath's own MTU check where the kernel has no bpf_check_mtu (read
         // at load: a changed MTU takes a restart of the agent).
         underlay_mtu: mesh_agent::netdev::mtu(&underlay)
@@ -746,7 +768,8 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
                 .unwrap_or_default()
                 .as_secs_f64(),
             source: if source.is_some() { "docker" } else { "config" }.into(),
-            data_path_port: args.data_path_port,
+            data_path_port,
+            data_path_port_mismatch: mismatch,
             docker: args.docker.clone(),
             peer_port: args.peer_port,
             kernel: preflight::kernel_release(),
@@ -762,7 +785,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         object = %object.display(),
         interface = %underlay,
         xdp = ?args.xdp,
-        data_path_port = args.data_path_port,
+        data_path_port,
         pinned = %args.bpffs.display(),
         ready_ms = started.elapsed().as_millis() as u64,
         "datapath attached"

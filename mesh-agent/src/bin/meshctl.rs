@@ -944,6 +944,14 @@ fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
     if let Some(st) = &st {
         out.push(kernel_check(st));
         out.push(model_check(st));
+        out.push(match &st.data_path_port_mismatch {
+            Some(m) => check("data-path port", "warn", m.clone()),
+            None => check(
+                "data-path port",
+                "ok",
+                format!("{}/udp", st.data_path_port),
+            ),
+        });
     }
     // Programs where the maps say traffic arrives and tasks live (a netlink filter's
     // record counts only while the kernel still runs the mesh's program there).

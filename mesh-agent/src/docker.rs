@@ -522,8 +522,12 @@ pub async fn local_endpoints(
             // A plain container: only its overlay veths, where its VIP calls start (it
             // is no backend, and its `-p` ports are Docker's own mapping).
             if let Ok(links) = crate::netdev::links_and_addrs_in(&sandbox) {
-                out.overlay_ports
-                    .extend(overlay_ports(&sandbox, &nets, &links, &mut overlay_links));
+                out.overlay_ports.extend(overlay_ports(
+                    &sandbox,
+                    &nets,
+                    &links,
+                    &mut overlay_links,
+                ));
             }
             continue;
         }

@@ -73,9 +73,7 @@ pub async fn ask(addr: SocketAddr, path: &str, timeout: Duration) -> Answer {
     let fetch = async {
         let mut s = match tokio::net::TcpStream::connect(addr).await {
             Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Answer::Refused
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Answer::Refused,
             Err(_) => return Answer::Silent,
         };
         let body = async {

@@ -173,6 +173,13 @@ pub struct AgentStatus {
     /// The swarm's nodes that run no mesh agent (stock Docker), by underlay address.
     #[serde(default)]
     pub stock_peers: Vec<String>,
+    /// Published ports a process of this node also listens on (as far as the agent's
+    /// PID namespace shows their owners).
+    #[serde(default)]
+    pub ports_in_use: Vec<crate::listeners::PortInUse>,
+    /// The ports this node publishes, "8080/tcp" -> service (for `meshctl doctor`).
+    #[serde(default)]
+    pub published: BTreeMap<String, String>,
 }
 
 /// The host port as the status file records it.

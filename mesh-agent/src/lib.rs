@@ -15,6 +15,7 @@ pub mod hostport;
 pub mod http;
 pub mod inspect;
 pub mod ipvs;
+pub mod listeners;
 pub mod loader;
 pub mod maglev;
 pub mod maps;

@@ -112,6 +112,8 @@ pub struct AgentMetrics {
     pub last_reconcile_unix: f64,
     /// What the model asked for that the agent left out (each logged once).
     pub problems: Vec<crate::model::Problem>,
+    /// Published ports a process of this node also listens on.
+    pub ports_in_use: Vec<crate::listeners::PortInUse>,
     /// Every backend in the maps: id -> (group name, task address, port), for the
     /// per-service and per-backend counters.
     pub backend_names: BTreeMap<u32, (String, Ipv4Addr, u16)>,
@@ -260,6 +262,23 @@ pub fn render(
             "{name}{{service=\"{}\",left_out=\"{}\"}} 1",
             esc(&p.service),
             esc(&p.left_out)
+        );
+    }
+    let name = "mesh_port_in_use";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Published ports a process of this node also listens on (it gets no \
+         new connection on the node's addresses while the service publishes the port).\n\
+         # TYPE {name} gauge"
+    );
+    for p in &m.ports_in_use {
+        let _ = writeln!(
+            out,
+            "{name}{{port=\"{}\",protocol=\"{}\",service=\"{}\",process=\"{}\"}} 1",
+            p.port,
+            format!("{:?}", p.protocol).to_lowercase(),
+            esc(&p.service),
+            esc(&p.process)
         );
     }
     gauge(

@@ -385,7 +385,8 @@ pub fn desired_with(
         let (ifindex, host_mac) = match resolve(&ep.interface) {
             Ok(r) => r,
             Err(e) => {
-                d.problems.push(Problem::new("", format!("endpoint {}", ep.addr), e));
+                d.problems
+                    .push(Problem::new("", format!("endpoint {}", ep.addr), e));
                 continue;
             }
         };
@@ -717,10 +718,11 @@ pub fn admit(
                     _ => {}
                 }
             }
-            let taken = svc
-                .vips
-                .iter()
-                .find_map(|v| vip_ports.get(&(*v, p.target, p.protocol)).filter(|o| **o != svc.name));
+            let taken = svc.vips.iter().find_map(|v| {
+                vip_ports
+                    .get(&(*v, p.target, p.protocol))
+                    .filter(|o| **o != svc.name)
+            });
             if let Some(other) = taken {
                 let e = clash("VIP port", p.target, other);
                 problems.push(Problem::new(&svc.name, what, e));
@@ -873,14 +875,22 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.1.2}]
     fn errors_name_what_to_fix_and_leave_the_rest() {
         let problems = |m: &Model| -> (Desired, String) {
             let d = desired(m, resolve).unwrap();
-            let text = d.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+            let text = d
+                .problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
             (d, text)
         };
         let mut m = from_yaml(YAML).unwrap();
         m.services.push(m.services[0].clone());
         let (d, e) = problems(&m);
         assert!(e.contains("\"web\" is defined twice"), "{e}");
-        assert!(d.frontends.contains_key(&fe_key(0, 8080, PROTO_TCP)), "the first stays");
+        assert!(
+            d.frontends.contains_key(&fe_key(0, 8080, PROTO_TCP)),
+            "the first stays"
+        );
 
         let mut m = from_yaml(YAML).unwrap();
         let mut other = m.services[0].clone();
@@ -959,7 +969,12 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.1.2}]
             protocol,
             mode: PublishMode::Ingress,
         };
-        m.services[0].ports = vec![p(Protocol::Tcp), p(Protocol::Udp), p(Protocol::Tcp), p(Protocol::Udp)];
+        m.services[0].ports = vec![
+            p(Protocol::Tcp),
+            p(Protocol::Udp),
+            p(Protocol::Tcp),
+            p(Protocol::Udp),
+        ];
         let d = desired(&m, resolve).unwrap();
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         assert!(d.frontends.contains_key(&fe_key(0, 5300, PROTO_TCP)));
@@ -968,12 +983,21 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.1.2}]
         let mut other = m.services[0].clone();
         other.name = "dns-udp".into();
         other.vips.clear();
-        other.ports = vec![PortSpec { published: Some(5301), ..p(Protocol::Udp) }];
-        m.services[0].ports = vec![PortSpec { published: Some(5301), ..p(Protocol::Tcp) }];
+        other.ports = vec![PortSpec {
+            published: Some(5301),
+            ..p(Protocol::Udp)
+        }];
+        m.services[0].ports = vec![PortSpec {
+            published: Some(5301),
+            ..p(Protocol::Tcp)
+        }];
         m.services.push(other);
         let d = desired(&m, resolve).unwrap();
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         assert_eq!(d.frontends[&fe_key(0, 5301, PROTO_TCP)].0 .0, "web/tcp/53");
-        assert_eq!(d.frontends[&fe_key(0, 5301, PROTO_UDP)].0 .0, "dns-udp/udp/53");
+        assert_eq!(
+            d.frontends[&fe_key(0, 5301, PROTO_UDP)].0 .0,
+            "dns-udp/udp/53"
+        );
     }
 }

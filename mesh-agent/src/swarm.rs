@@ -790,7 +790,9 @@ mod tests {
         assert_eq!(data_path_port(Some(7789), Some(7789)), (7789, None));
         let (p, why) = data_path_port(Some(4789), Some(7789));
         assert_eq!(p, 7789);
-        assert!(why.unwrap().contains("--data-path-port 4789 differs from the swarm's data-path port 7789"));
+        assert!(why
+            .unwrap()
+            .contains("--data-path-port 4789 differs from the swarm's data-path port 7789"));
     }
 
     #[test]

@@ -576,6 +576,8 @@ struct Agent {
     /// Where `meshctl status` reads how the agent is doing, and what it says there.
     status_file: PathBuf,
     status: mesh_agent::inspect::AgentStatus,
+    /// The listening sockets on published ports last looked at, and their owners.
+    port_owners: (BTreeSet<u64>, BTreeMap<u64, (u32, String)>),
 }
 
 async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
@@ -759,6 +761,7 @@ async fn agent(args: Args, pins: PinDir) -> anyhow::Result<()> {
         attached: BTreeSet::new(),
         overlay: BTreeMap::new(),
         metrics: shared,
+        port_owners: Default::default(),
         status_file: mesh_agent::inspect::status_path(&args.state_dir, &args.bpffs),
         status: mesh_agent::inspect::AgentStatus {
             pid: std::process::id(),
@@ -906,6 +909,41 @@ impl Agent {
         self.status.problems = now;
     }
 
+    /// Finds published ports that a process of this node also listens on, and says
+    /// so once each (and once when they are free again). Owners are looked up only
+    /// when the listening sockets on published ports change.
+    fn check_ports(&mut self, model: &model::Model) {
+        use mesh_agent::listeners;
+        let published = listeners::published(model);
+        let proc = Path::new("/proc");
+        let listening: Vec<listeners::Listener> = listeners::listeners(proc)
+            .into_iter()
+            .filter(|l| published.contains_key(&(l.protocol, l.port)))
+            .collect();
+        let inodes: BTreeSet<u64> = listening.iter().map(|l| l.inode).collect();
+        if inodes != self.port_owners.0 {
+            self.port_owners = (inodes.clone(), listeners::owners(proc, &inodes));
+        }
+        let now = listeners::in_use(&published, &listening, &self.port_owners.1, false);
+        for p in now.iter().filter(|p| !self.status.ports_in_use.contains(p)) {
+            tracing::error!(port = p.port, service = %p.service, "{p}");
+        }
+        for p in self.status.ports_in_use.iter().filter(|p| !now.contains(p)) {
+            tracing::info!(port = p.port, service = %p.service, "port {} no longer shared with {}", p.port, p.process);
+        }
+        self.metrics.lock().expect("metrics").ports_in_use = now.clone();
+        self.status.ports_in_use = now;
+        self.status.published = published
+            .into_iter()
+            .map(|((proto, port), svc)| {
+                (
+                    format!("{port}/{}", format!("{proto:?}").to_lowercase()),
+                    svc,
+                )
+            })
+            .collect();
+    }
+
     /// Attaches the task program to new endpoints' interfaces, applies the model, and
     /// detaches from interfaces that no longer hold a task.
     fn apply(&mut self, model: &model::Model, event: Option<SystemTime>) -> anyhow::Result<()> {
@@ -927,6 +965,7 @@ impl Agent {
         }
         let a = self.mesh.apply(model)?;
         self.report_problems();
+        self.check_ports(model);
         self.status.stock_peers = model
             .peers
             .iter()

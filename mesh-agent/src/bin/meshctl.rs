@@ -854,6 +854,50 @@ fn kernel_check(st: &inspect::AgentStatus) -> Check {
     }
 }
 
+/// Published ports that a process of this node also listens on: looked up here (meshctl
+/// on the host sees every process) and as the agent saw them.
+fn ports_check(st: &inspect::AgentStatus) -> Check {
+    use mesh_agent::{listeners, model::Protocol};
+    let published: std::collections::BTreeMap<(Protocol, u16), String> = st
+        .published
+        .iter()
+        .filter_map(|(k, svc)| {
+            let (port, proto) = k.split_once('/')?;
+            let proto = match proto {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                _ => return None,
+            };
+            Some(((proto, port.parse().ok()?), svc.clone()))
+        })
+        .collect();
+    let mut found = listeners::scan(std::path::Path::new("/proc"), &published);
+    for p in &st.ports_in_use {
+        if !found
+            .iter()
+            .any(|f| f.port == p.port && f.protocol == p.protocol)
+        {
+            found.push(p.clone());
+        }
+    }
+    if found.is_empty() {
+        return check(
+            "ports",
+            "ok",
+            format!(
+                "no process of this node listens on the {} published ports",
+                published.len()
+            ),
+        );
+    }
+    let list = found
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    check("ports", "fail", list)
+}
+
 /// What the agent left out of the model (every other service is applied).
 fn model_check(st: &inspect::AgentStatus) -> Check {
     if st.problems.is_empty() {
@@ -944,13 +988,10 @@ fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check> {
     if let Some(st) = &st {
         out.push(kernel_check(st));
         out.push(model_check(st));
+        out.push(ports_check(st));
         out.push(match &st.data_path_port_mismatch {
             Some(m) => check("data-path port", "warn", m.clone()),
-            None => check(
-                "data-path port",
-                "ok",
-                format!("{}/udp", st.data_path_port),
-            ),
+            None => check("data-path port", "ok", format!("{}/udp", st.data_path_port)),
         });
     }
     // Programs where the maps say traffic arrives and tasks live (a netlink filter's

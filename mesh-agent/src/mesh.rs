@@ -29,8 +29,8 @@ pub struct Mesh {
     saved: Option<Names>,
     /// Addresses answered as this node's beyond the model's (the host port's).
     pub extra_node_addrs: Vec<std::net::Ipv4Addr>,
-    /// The services of the last applied model: they keep their ports against newcomers.
-    prior: std::collections::BTreeSet<String>,
+    /// The published ports the last apply programmed: their holders keep them.
+    prior: model::Claims,
     /// What the last applied model asked for that could not be programmed.
     problems: Vec<model::Problem>,
 }
@@ -143,8 +143,8 @@ impl Mesh {
         let mut d = model::desired_with(model, netdev::resolve, &self.prior)?;
         d.node_addrs.extend(&self.extra_node_addrs);
         let applied = self.apply_desired(&d)?;
-        self.prior = model.services.iter().map(|s| s.name.clone()).collect();
-        self.problems = d.problems;
+        self.prior = std::mem::take(&mut d.claims);
+        self.problems = std::mem::take(&mut d.problems);
         Ok(applied)
     }
 

@@ -353,6 +353,8 @@ pub struct Desired {
     pub tunnels: BTreeMap<Ipv4Addr, mesh_common::lb::Tunnel>,
     /// What the model asked for that cannot be programmed (left out of the above).
     pub problems: Vec<Problem>,
+    /// The published ports programmed, and their services.
+    pub claims: Claims,
 }
 
 /// Turns `model` into kernel terms; `resolve` gives an endpoint interface's (ifindex,
@@ -362,15 +364,19 @@ pub fn desired(
     model: &Model,
     resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
 ) -> Result<Desired, crate::MeshError> {
-    desired_with(model, resolve, &BTreeSet::new())
+    desired_with(model, resolve, &Claims::new())
 }
 
-/// As [`desired`]; where two services claim one port, one of `prior` (the services
-/// applied last time) keeps it, so that a newcomer never takes a running service's port.
+/// Published ports and who holds them.
+pub type Claims = BTreeMap<(u16, Protocol), String>;
+
+/// As [`desired`]; where two services claim one port, the holder in `prior` (the
+/// claims applied last time, [`Desired::claims`]) keeps it, so that a newcomer never
+/// takes a running service's port.
 pub fn desired_with(
     model: &Model,
     mut resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
-    prior: &BTreeSet<String>,
+    prior: &Claims,
 ) -> Result<Desired, crate::MeshError> {
     let mut d = Desired {
         node_addrs: model.node_addrs.iter().copied().collect(),
@@ -403,6 +409,11 @@ pub fn desired_with(
     let local: BTreeSet<Ipv4Addr> = d.endpoints.keys().copied().collect();
     let (admitted, problems) = admit(model, &local, prior);
     d.problems.extend(problems);
+    d.claims = admitted
+        .services
+        .iter()
+        .flat_map(|s| s.ports.iter().filter_map(|p| Some(((p.published?, p.protocol), s.name.clone()))))
+        .collect();
     let model = &admitted;
     overlay(model, &mut d, &mut resolve)?;
     for svc in &model.services {
@@ -615,12 +626,12 @@ impl std::fmt::Display for Problem {
 
 /// The part of `model` that can be programmed, and what was left out and why. One
 /// service's fault never holds back another: a port two services claim stays with the
-/// one in `prior` (else the first by name), a backend the node cannot reach is left
+/// one that held it in `prior` (else the first by name), a backend the node cannot reach is left
 /// out of its service alone. `local`: the addresses of this node's resolved endpoints.
 pub fn admit(
     model: &Model,
     local: &BTreeSet<Ipv4Addr>,
-    prior: &BTreeSet<String>,
+    prior: &Claims,
 ) -> (Model, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut out = Model {
@@ -649,11 +660,23 @@ pub fn admit(
             _ => None,
         }
     };
-    // Claims are settled in this order: services applied before, then by name.
+    // A port stays with its holder while the holder still asks for it; the rest is
+    // settled by name.
     let mut order: Vec<&ServiceSpec> = model.services.iter().collect();
-    order.sort_by_key(|s| (!prior.contains(&s.name), s.name.as_str()));
+    order.sort_by_key(|s| s.name.as_str());
     let mut names = BTreeSet::new();
-    let mut published: BTreeMap<(u16, Protocol), &str> = BTreeMap::new();
+    let mut published: BTreeMap<(u16, Protocol), &str> = prior
+        .iter()
+        .filter(|((port, proto), holder)| {
+            model.services.iter().any(|s| {
+                &s.name == *holder
+                    && s.ports
+                        .iter()
+                        .any(|p| p.published == Some(*port) && p.protocol == *proto)
+            })
+        })
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
     let mut vip_ports: BTreeMap<(Ipv4Addr, u16, Protocol), &str> = BTreeMap::new();
     for svc in order {
         if !names.insert(svc.name.as_str()) {
@@ -912,8 +935,10 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.1.2}]
         assert_eq!(d.frontends[&fe_key(0, 8080, PROTO_TCP)].0 .0, "web/tcp/80");
         assert_eq!(d.frontends[&fe_key(0, 9000, PROTO_TCP)].0 .0, "www/tcp/90");
         // A service applied before keeps its port against a newcomer, whatever the names.
-        let prior = BTreeSet::from(["www".to_string()]);
+        let prior = Claims::from([((8080, Protocol::Tcp), "www".to_string())]);
         let d = desired_with(&m, resolve, &prior).unwrap();
+        // And again with what that apply held: stable (no flip back by name).
+        let d = desired_with(&m, resolve, &d.claims).unwrap();
         assert_eq!(d.frontends[&fe_key(0, 8080, PROTO_TCP)].0 .0, "www/tcp/80");
 
         let mut m = from_yaml(YAML).unwrap();

@@ -412,7 +412,11 @@ pub fn desired_with(
     d.claims = admitted
         .services
         .iter()
-        .flat_map(|s| s.ports.iter().filter_map(|p| Some(((p.published?, p.protocol), s.name.clone()))))
+        .flat_map(|s| {
+            s.ports
+                .iter()
+                .filter_map(|p| Some(((p.published?, p.protocol), s.name.clone())))
+        })
         .collect();
     let model = &admitted;
     overlay(model, &mut d, &mut resolve)?;
@@ -628,11 +632,7 @@ impl std::fmt::Display for Problem {
 /// service's fault never holds back another: a port two services claim stays with the
 /// one that held it in `prior` (else the first by name), a backend the node cannot reach is left
 /// out of its service alone. `local`: the addresses of this node's resolved endpoints.
-pub fn admit(
-    model: &Model,
-    local: &BTreeSet<Ipv4Addr>,
-    prior: &Claims,
-) -> (Model, Vec<Problem>) {
+pub fn admit(model: &Model, local: &BTreeSet<Ipv4Addr>, prior: &Claims) -> (Model, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut out = Model {
         services: Vec::new(),

@@ -1,8 +1,9 @@
 //! A real Docker Swarm for tests: either N nodes driven through `cargo xtask cluster`'s
-//! command line (the interface users have: up with the mesh on every node, the docker
-//! CLI per node, requests from the cluster's client namespace, `down` on drop, also on
-//! failure), or one node on this machine's own dockerd (started if none runs) with a
-//! client namespace on a veth of its own, torn down the same way.
+//! command line (the interface users have: up with the mesh on every node but the stock
+//! ones, each node on the Docker engine asked for, the node engine's docker CLI per node,
+//! requests from the cluster's client namespace, `down` on drop, also on failure), or one
+//! node on this machine's own dockerd (started if none runs) with a client namespace on a
+//! veth of its own, torn down the same way.
 
 use std::{
     fs::File,
@@ -23,6 +24,33 @@ pub struct Swarm {
     pub nodes: u32,
     client_netns: String,
     machine: Option<Machine>,
+    /// Per node (index 0 is node 1): its engine ("20.10", "28.5", "26.1"), the dockerd's
+    /// version, and whether it is a stock Docker node (no mesh-agent).
+    engines: Vec<String>,
+    versions: Vec<String>,
+    stock: Vec<bool>,
+    /// When `cluster up` was asked for (the test's wall time is reported on drop).
+    t0: Instant,
+}
+
+/// What `Swarm::up_with` makes: `nodes` nodes (node 1 the only manager) on `engines`
+/// (one name for every node, or one per node; none: the harness's default, the system's
+/// 20.10), with mesh-agent on every node but the `stock` ones.
+#[derive(Clone, Copy, Debug)]
+pub struct Opts<'a> {
+    pub nodes: u32,
+    pub engines: &'a [&'a str],
+    pub stock: &'a [u32],
+}
+
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Opts {
+            nodes: 3,
+            engines: &[],
+            stock: &[],
+        }
+    }
 }
 
 /// The single-node swarm on this machine's dockerd, and what the test made for it.
@@ -80,20 +108,81 @@ fn xtask() -> Option<PathBuf> {
 }
 
 impl Swarm {
-    /// An N-node swarm (1 manager) with mesh-agent on every node. `None`: skip (never
-    /// under CI, where a missing prerequisite fails).
+    /// An N-node swarm (1 manager) on the default engine with mesh-agent on every node.
+    /// `None`: skip (never under CI, where a missing prerequisite fails).
     pub fn up(nodes: u32) -> Option<Swarm> {
-        let s = Swarm::fresh(nodes)?;
-        let n = nodes.to_string();
+        Swarm::up_with(Opts {
+            nodes,
+            ..Opts::default()
+        })
+    }
+
+    /// A swarm as `o` says (engines per node, stock nodes). An engine not cached yet is
+    /// fetched by `cluster up` first (about 15 s). `None`: skip (never under CI).
+    pub fn up_with(o: Opts) -> Option<Swarm> {
+        assert!(
+            o.engines.len() <= 1 || o.engines.len() == o.nodes as usize,
+            "Opts.engines: one engine, or one per node"
+        );
+        let s = Swarm::fresh(o.nodes)?;
+        let n = o.nodes.to_string();
+        let mut args = vec!["cluster", "up", "--nodes", &n, "--managers", "1", "--mesh"];
+        let engines = o.engines.join(",");
+        match o.engines.len() {
+            0 => {}
+            1 => args.extend(["--engine", &engines]),
+            _ => args.extend(["--engines", &engines]),
+        }
+        let stock = o
+            .stock
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        if !o.stock.is_empty() {
+            args.extend(["--stock", &stock]);
+        }
         // From here on the guard tears down whatever `up` managed to build.
-        let out = s.cli(&["cluster", "up", "--nodes", &n, "--managers", "1", "--mesh"]);
+        let t = Instant::now();
+        let out = s.cli(&args);
         assert!(
             out.status.success(),
-            "cluster up: {}{}",
+            "{}: {}{}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Some(s.with_client())
+        let s = s.with_client();
+        println!(
+            "swarm: `{}` in {:.1} s: {}",
+            args.join(" "),
+            t.elapsed().as_secs_f64(),
+            (1..=s.nodes)
+                .map(|n| format!(
+                    "node {n} Docker {}{}",
+                    s.engine_version(n),
+                    if s.is_stock(n) { " (stock)" } else { "" }
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Some(s)
+    }
+
+    /// Node `n`'s engine as `cluster up` took it: "20.10", "28.5", "26.1" (on the
+    /// machine's own dockerd: its major.minor).
+    pub fn engine(&self, n: u32) -> &str {
+        &self.engines[n as usize - 1]
+    }
+
+    /// Node `n`'s dockerd version ("28.5.2+dfsg4").
+    pub fn engine_version(&self, n: u32) -> &str {
+        &self.versions[n as usize - 1]
+    }
+
+    /// Whether node `n` is a stock Docker node (no mesh-agent).
+    pub fn is_stock(&self, n: u32) -> bool {
+        self.stock[n as usize - 1]
     }
 
     /// `cargo xtask demo`: 3 nodes with the mesh deployed as deploy/mesh-stack.yml's
@@ -123,6 +212,10 @@ impl Swarm {
             nodes,
             client_netns: "mc-c".into(),
             machine: None,
+            engines: Vec::new(),
+            versions: Vec::new(),
+            stock: Vec::new(),
+            t0: Instant::now(),
         };
         let out = s.cli(&["cluster", "status", "--json"]);
         let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -140,6 +233,19 @@ impl Swarm {
             .as_str()
             .expect("client_netns")
             .to_string();
+        let nodes = st["nodes"].as_array().expect("nodes");
+        let field = |k: &str| -> Vec<String> {
+            nodes
+                .iter()
+                .map(|n| n[k].as_str().unwrap_or("?").to_string())
+                .collect()
+        };
+        self.engines = field("engine");
+        self.versions = field("engine_version");
+        self.stock = nodes
+            .iter()
+            .map(|n| n["stock"].as_bool().unwrap_or(false))
+            .collect();
         self
     }
 
@@ -165,6 +271,10 @@ impl Swarm {
         let mut s = Swarm {
             xtask: x,
             nodes: 1,
+            engines: Vec::new(),
+            versions: Vec::new(),
+            stock: vec![false],
+            t0: Instant::now(),
             client_netns: client.name().to_string(),
             machine: Some(Machine {
                 client,
@@ -220,6 +330,10 @@ impl Swarm {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+        let v = machine_docker(&["version", "--format", "{{.Server.Version}}"]);
+        let v = String::from_utf8_lossy(&v.stdout).trim().to_string();
+        s.engines = vec![v.split('.').take(2).collect::<Vec<_>>().join(".")];
+        s.versions = vec![v];
         let state = machine_docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
         let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
         assert_eq!(
@@ -552,6 +666,12 @@ impl Drop for Swarm {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        println!(
+            "swarm: {} nodes on Docker {}: {:.0} s from `cluster up` to `cluster down` done",
+            self.nodes,
+            self.engines.join(","),
+            self.t0.elapsed().as_secs_f64()
+        );
     }
 }
 

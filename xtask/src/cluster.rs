@@ -4,11 +4,24 @@
 //! pitfalls: ../shared/notes/docker-here.md. Nothing gets a default route: no traffic
 //! leaves the machine.
 //!
-//! Layout: state in /run/mesh-cluster (node count, PIDs, logs, rootfs); namespaces
-//! `mc-ul` (bridge), `mc-n<i>` (nodes), `mc-c` (client); per node exec-root
-//! /run/mesh-swarm<i> (docker.sock) and data-root /var/lib/mesh-swarm<i>.
+//! Layout: state in /run/mesh-cluster (node count, PIDs, logs, rootfs, each node's
+//! engine and stock flag); namespaces `mc-ul` (bridge), `mc-n<i>` (nodes), `mc-c`
+//! (client); per node exec-root /run/mesh-swarm<i> (docker.sock) and data-root
+//! /var/lib/mesh-swarm<i>.
+//!
+//! Engines: each node runs one of `crate::engines` (the system's docker.io 20.10 by
+//! default, or Debian's 28.5 or 26.1 from the engines' cache), with that engine's bin
+//! directory first on its dockerd's PATH and that engine's own docker CLI for everything
+//! the harness asks of the node. Nodes run dockerd as real nodes do: with docker0
+//! (172.17.0.1/16 in each node's namespace), iptables and the userland proxy on.
+//! Stock nodes (`--stock`) never run mesh-agent: a plain Docker node beside mesh nodes,
+//! as during a rollout.
+
+mod self_test;
+pub use self_test::self_test;
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -17,7 +30,10 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Subcommand;
 
-use crate::cmd::{self, exec, output};
+use crate::{
+    cmd::{self, exec, output},
+    engines::{self, Engine},
+};
 
 pub const ST: &str = "/run/mesh-cluster";
 const UL: &str = "mc-ul";
@@ -35,10 +51,21 @@ pub enum Cluster {
         nodes: u32,
         #[arg(long, default_value_t = 1)]
         managers: u32,
-        /// Also run `mesh-agent --from-docker` on every node (release build; `cargo
-        /// xtask build` first).
+        /// Also run `mesh-agent --from-docker` on every node but the stock ones (release
+        /// build; `cargo xtask build` first).
         #[arg(long)]
         mesh: bool,
+        /// The Docker engine of every node: 20.10 (the system's docker.io), 28.5 (Debian
+        /// unstable's, fetched into $MESH_ENGINES_CACHE on first use), 26.1 (Debian 13's).
+        #[arg(long)]
+        engine: Option<String>,
+        /// One engine per node, in node order (`28.5,20.10,20.10`); overrides --engine.
+        #[arg(long, value_delimiter = ',')]
+        engines: Vec<String>,
+        /// Stock Docker nodes (`--stock 3` or `2,3`): no mesh-agent there, even with
+        /// --mesh, as on a node a rollout has not reached yet.
+        #[arg(long, value_delimiter = ',')]
+        stock: Vec<u32>,
     },
     /// Nodes, their underlay addresses, roles and dockerd state; the client's address.
     Status {
@@ -63,15 +90,24 @@ pub enum Cluster {
         cmd: Vec<String>,
     },
     /// Control node NODE's mesh-agent: `start`, `stop` (SIGTERM: the pinned datapath
-    /// keeps forwarding), `kill` (SIGKILL, as a crash would), `restart`.
+    /// keeps forwarding), `kill` (SIGKILL, as a crash would), `restart`. `start` and
+    /// `restart` refuse on a stock node (`up --stock`) unless `--force` (the rollout
+    /// reaching that node; it stays recorded as stock).
     Agent {
         node: u32,
         #[arg(value_enum)]
         action: AgentAction,
+        /// Start the agent on a stock node all the same.
+        #[arg(long)]
+        force: bool,
     },
     /// Stop only what `up` started (recorded PIDs) and remove every namespace, interface,
     /// mount and directory it made.
     Down,
+    /// The harness's own check, as `cargo xtask test` runs it (2 nodes, a service, the
+    /// agents' Docker source, the mesh on both, `down` leaving nothing behind).
+    #[command(hide = true)]
+    SelfTest,
     /// Import the test image `mesh-test/busybox:latest` (busybox-static: httpd, nc, sh,
     /// and the /cgi-bin/who page) into the dockerd at DOCKER, e.g.
     /// `unix:///var/run/docker.sock` (the single-node test's machine dockerd).
@@ -107,25 +143,41 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
             nodes,
             managers,
             mesh,
+            engine,
+            engines,
+            stock,
         } => {
-            up(nodes, managers)?;
+            let names = engine_plan(nodes, engine.as_deref(), &engines)?;
+            let stock: BTreeSet<u32> = stock.into_iter().collect();
+            if let Some(bad) = stock.iter().find(|s| !(1..=nodes).contains(*s)) {
+                bail!("--stock {bad}: nodes are 1..{nodes}");
+            }
+            up(nodes, managers, &names, &stock)?;
             if mesh {
                 let (agent, object) = agent_paths();
-                for n in 1..=nodes {
+                for n in (1..=nodes).filter(|n| !stock.contains(n)) {
                     if read_pid(&node_dir(n).join("mesh-agent.pid")).is_some_and(alive) {
                         continue;
                     }
                     start_agent(n, &agent, &object)?;
                 }
-                println!("cluster: mesh-agent running on every node (logs in {ST}/node<N>/mesh-agent.log)");
+                if stock.is_empty() {
+                    println!("cluster: mesh-agent running on every node (logs in {ST}/node<N>/mesh-agent.log)");
+                } else {
+                    println!(
+                        "cluster: mesh-agent running on every node but the stock ones ({}) (logs in {ST}/node<N>/mesh-agent.log)",
+                        stock.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                    );
+                }
             }
             Ok(())
         }
         Cluster::Status { json } => status(json),
         Cluster::Docker { node, args } => {
-            let st = std::process::Command::new("docker")
-                .arg("-H")
-                .arg(sock(node))
+            if !node_dir(node).exists() {
+                bail!("node {node} is not up (`cargo xtask cluster up` first)");
+            }
+            let st = docker(node, &[])
                 .args(&args)
                 .status()
                 .context("running docker")?;
@@ -147,9 +199,20 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
                 .status()?;
             std::process::exit(st.code().unwrap_or(1));
         }
-        Cluster::Agent { node, action } => {
+        Cluster::Agent {
+            node,
+            action,
+            force,
+        } => {
             if !node_dir(node).exists() {
                 bail!("node {node} is not up (`cargo xtask cluster up` first)");
+            }
+            let starts = matches!(action, AgentAction::Start | AgentAction::Restart);
+            if starts && is_stock(node) && !force {
+                bail!(
+                    "node {node} is a stock Docker node (`cluster up --stock`): it runs no \
+                     mesh-agent; `cluster agent {node} start --force` starts one all the same"
+                );
             }
             let (agent, object) = agent_paths();
             match action {
@@ -172,9 +235,14 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
             Ok(())
         }
         Cluster::Down => down(),
+        Cluster::SelfTest => {
+            println!("swarm: {}", self_test()?);
+            Ok(())
+        }
         Cluster::Image { docker } => {
             let dir = tempdir("mesh-image")?;
-            let r = rootfs_in(&dir).and_then(|root| import_image(&root, &docker));
+            let r =
+                rootfs_in(&dir).and_then(|root| import_image(&root, Path::new("docker"), &docker));
             let _ = std::fs::remove_dir_all(&dir);
             r?;
             println!("cluster: {IMAGE} imported into {docker}");
@@ -191,32 +259,8 @@ pub fn tempdir(tag: &str) -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
-/// What each node's dockerd is started through: in a fresh mount namespace, a sysfs of
-/// the node's network namespace with the host's cgroup hierarchies and bpffs bound back
-/// in (`ip netns exec` would lose them and dockerd would die), and a private tmpfs on
-/// /run/containerd (containerd's shim socket directory is hard-coded).
-const NODE_ENTRY: &str = r#"
-set -e
-n=$1; shift
-hostname "mc-n$n"
-old=/run/mesh-swarm$n/.oldsys
-mkdir -p "$old"
-mount --rbind /sys "$old"
-mount -t sysfs sysfs /sys
-for sub in fs/cgroup fs/bpf kernel/debug kernel/tracing; do
-  if [ -d "$old/$sub" ] && mountpoint -q "$old/$sub"; then mount --rbind "$old/$sub" "/sys/$sub"; fi
-done
-mountpoint -q /sys/fs/cgroup || { echo "no /sys/fs/cgroup in node $n" >&2; exit 1; }
-umount -l "$old"; rmdir "$old"
-mkdir -p /run/containerd
-mount -t tmpfs -o mode=0711,size=16m "mesh-swarm$n-containerd" /run/containerd
-# A shared mount at the exec-root, as / is on a systemd host: the agent's container
-# mounts Docker's netns directory with rslave propagation, which Docker refuses on a
-# private mount.
-mount --bind "/run/mesh-swarm$n" "/run/mesh-swarm$n"
-mount --make-rshared "/run/mesh-swarm$n"
-exec "$@"
-"#;
+/// What each node's dockerd is started through (see the script's header).
+const NODE_ENTRY: &str = include_str!("cluster/node-entry.sh");
 
 fn node_dir(n: u32) -> PathBuf {
     Path::new(ST).join(format!("node{n}"))
@@ -295,38 +339,149 @@ fn recorded_nodes() -> Option<u32> {
         .ok()
 }
 
+/// The docker CLI of node `n`'s engine, against its dockerd (any CLI on PATH if the
+/// node has no record).
 pub fn docker(n: u32, args: &[&str]) -> Command {
-    let mut c = Command::new("docker");
+    let cli = node_rec(n)
+        .map(|r| r.bin.join("docker"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("docker"));
+    let mut c = Command::new(cli);
     c.arg("-H").arg(sock(n)).args(args);
     c
+}
+
+/// What `up` recorded of a node: its engine and whether it is a stock Docker node.
+#[derive(Debug)]
+pub struct NodeRec {
+    pub engine: String,
+    pub bin: PathBuf,
+    pub version: String,
+    pub stock: bool,
+}
+
+fn write_rec(n: u32, e: &Engine, stock: bool) -> anyhow::Result<()> {
+    let d = node_dir(n);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(
+        d.join("engine"),
+        format!(
+            "name {}\nbin {}\nversion {}\n",
+            e.name,
+            e.bin.display(),
+            e.version
+        ),
+    )?;
+    if stock {
+        std::fs::write(d.join("stock"), "")?;
+    }
+    Ok(())
+}
+
+pub fn node_rec(n: u32) -> Option<NodeRec> {
+    let text = std::fs::read_to_string(node_dir(n).join("engine")).ok()?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")))
+            .map(str::to_string)
+    };
+    Some(NodeRec {
+        engine: field("name")?,
+        bin: PathBuf::from(field("bin")?),
+        version: field("version").unwrap_or_default(),
+        stock: is_stock(n),
+    })
+}
+
+fn is_stock(n: u32) -> bool {
+    node_dir(n).join("stock").exists()
+}
+
+/// The engine of each node: `--engines` (one per node), else `--engine` for all, else
+/// the default.
+fn engine_plan(
+    nodes: u32,
+    engine: Option<&str>,
+    engines: &[String],
+) -> anyhow::Result<Vec<String>> {
+    if engines.is_empty() {
+        let e = engine.unwrap_or(engines::DEFAULT);
+        return Ok((1..=nodes).map(|_| e.to_string()).collect());
+    }
+    if engines.len() != nodes as usize {
+        bail!(
+            "--engines names {} engines for {nodes} nodes: one per node, in node order",
+            engines.len()
+        );
+    }
+    Ok(engines.iter().map(|e| e.trim().to_string()).collect())
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     exec(Command::new("ip").args(args))
 }
 
-fn up(nodes: u32, managers: u32) -> anyhow::Result<()> {
+/// `names`: the engine of each node; `stock`: the nodes that will run no agent.
+fn up(nodes: u32, managers: u32, names: &[String], stock: &BTreeSet<u32>) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("cluster up must run as root: it creates namespaces and runs dockerd");
     }
     if !(1..=9).contains(&nodes) || managers < 1 || managers > nodes {
         bail!("--nodes must be 1..9 and --managers 1..nodes");
     }
+    assert_eq!(names.len(), nodes as usize);
     if let Some(have) = recorded_nodes() {
-        if have == nodes && (1..=nodes).all(|n| dockerd_pid(n).is_some()) {
+        let same = have == nodes
+            && (1..=nodes).all(|n| {
+                node_rec(n).is_some_and(|r| {
+                    r.engine == names[n as usize - 1] && r.stock == stock.contains(&n)
+                })
+            });
+        if same && (1..=nodes).all(|n| dockerd_pid(n).is_some()) {
             println!("cluster: already up with {nodes} nodes");
             return Ok(());
         }
-        bail!("a cluster of {have} nodes is (partly) up: run `cargo xtask cluster down` first");
+        let what: Vec<String> = (1..=have)
+            .map(|n| match node_rec(n) {
+                Some(r) => format!("{}{}", r.engine, if r.stock { " stock" } else { "" }),
+                None => "?".into(),
+            })
+            .collect();
+        bail!(
+            "a cluster of {have} nodes ({}) is (partly) up: run `cargo xtask cluster down` first",
+            what.join(", ")
+        );
     }
-    for need in ["dockerd", "docker", "nsenter", "unshare"] {
+    for need in ["nsenter", "unshare"] {
         if which(need).is_none() {
-            bail!("{need} not found: run `cargo xtask setup` (docker.io, util-linux)");
+            bail!("{need} not found: run `cargo xtask setup` (util-linux)");
         }
     }
+    // Every engine first (a fetch can fail; then nothing was made).
+    let mut resolved: Vec<Engine> = Vec::new();
+    for name in names {
+        if !resolved.iter().any(|e| &e.name == name) {
+            let t = Instant::now();
+            let e = engines::resolve(name)?;
+            println!(
+                "cluster: engine {name}: dockerd {} from {} ({:.1} s)",
+                e.version,
+                e.bin.display(),
+                t.elapsed().as_secs_f64()
+            );
+            resolved.push(e);
+        }
+    }
+    let engine_of = |n: u32| -> &Engine {
+        let name = &names[n as usize - 1];
+        resolved.iter().find(|e| &e.name == name).expect("resolved")
+    };
     let t0 = Instant::now();
     std::fs::create_dir_all(ST)?;
     std::fs::write(Path::new(ST).join("nodes"), nodes.to_string())?;
+    for n in 1..=nodes {
+        write_rec(n, engine_of(n), stock.contains(&n))?;
+    }
     let rootfs = make_rootfs()?;
     // Underlay: a bridge in its own namespace (no host iptables involved).
     ip(&["netns", "add", UL])?;
@@ -356,7 +511,7 @@ fn up(nodes: u32, managers: u32) -> anyhow::Result<()> {
     }
     plug(CLIENT_NS, "vc", CLIENT_ADDR)?;
     for n in 1..=nodes {
-        start_node(n)?;
+        start_node(n, engine_of(n))?;
         // `by-host/<hostname>`: the node's exec-root under the name Swarm's templates
         // give (`{{.Node.Hostname}}`), so one stack file mounts each node's own socket.
         let by_host = by_host_dir();
@@ -369,7 +524,7 @@ fn up(nodes: u32, managers: u32) -> anyhow::Result<()> {
         wait_node(n)?;
     }
     for n in 1..=nodes {
-        import_image(&rootfs, &sock(n))?;
+        import_image(&rootfs, &engine_of(n).cli(), &sock(n))?;
     }
     let a1 = node_addr(1);
     exec(
@@ -417,9 +572,19 @@ fn up(nodes: u32, managers: u32) -> anyhow::Result<()> {
             .stdout(Stdio::null()),
         )?;
     }
+    let engines_line: Vec<String> = (1..=nodes)
+        .map(|n| {
+            format!(
+                "{}{}",
+                engine_of(n).name,
+                if stock.contains(&n) { " (stock)" } else { "" }
+            )
+        })
+        .collect();
     println!(
-        "cluster: {nodes} nodes ({managers} managers) up in {:.1} s; client namespace {CLIENT_NS} at {CLIENT_ADDR}; export DOCKER_HOST={}",
+        "cluster: {nodes} nodes ({managers} managers) up in {:.1} s, engines {}; client namespace {CLIENT_NS} at {CLIENT_ADDR}; export DOCKER_HOST={}",
         t0.elapsed().as_secs_f64(),
+        engines_line.join(", "),
         sock(1)
     );
     Ok(())
@@ -433,13 +598,14 @@ fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// `docker import` of the test image from `rootfs` into the dockerd at `host`.
-fn import_image(rootfs: &Path, host: &str) -> anyhow::Result<()> {
+/// `docker import` of the test image from `rootfs` into the dockerd at `host`, with the
+/// docker CLI `cli`.
+fn import_image(rootfs: &Path, cli: &Path, host: &str) -> anyhow::Result<()> {
     let tar = Command::new("tar")
         .args(["-C", &rootfs.to_string_lossy(), "-c", "."])
         .stdout(Stdio::piped())
         .spawn()?;
-    let st = Command::new("docker")
+    let st = Command::new(cli)
         .args(["-H", host, "import", "-", IMAGE])
         .stdin(tar.stdout.context("tar stdout")?)
         .stdout(Stdio::null())
@@ -497,16 +663,20 @@ fn rootfs_in(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(r)
 }
 
-fn start_node(n: u32) -> anyhow::Result<()> {
+fn start_node(n: u32, engine: &Engine) -> anyhow::Result<()> {
     let d = node_dir(n);
     std::fs::create_dir_all(&d)?;
     std::fs::create_dir_all(exec_root(n))?;
     std::fs::create_dir_all(data_root(n))?;
+    // The engine ID file per node (20.10 keeps it in key.json, by default shared); the
+    // engine's own tini and userland proxy, whatever its dockerd would look for.
     std::fs::write(
         d.join("daemon.json"),
         format!(
-            "{{ \"deprecated-key-path\": \"{}/key.json\" }}\n",
-            data_root(n)
+            "{{ \"deprecated-key-path\": \"{}/key.json\", \"init-path\": \"{}\", \"userland-proxy-path\": \"{}\" }}\n",
+            data_root(n),
+            engine.bin.join("docker-init").display(),
+            engine.bin.join("docker-proxy").display(),
         ),
     )?;
     let log = std::fs::File::create(d.join("dockerd.log"))?;
@@ -526,7 +696,8 @@ fn start_node(n: u32) -> anyhow::Result<()> {
             "entry",
         ])
         .arg(n.to_string())
-        .args(["dockerd", "--config-file"])
+        .arg(engine.dockerd())
+        .arg("--config-file")
         .arg(d.join("daemon.json"))
         .args(["--data-root", &data_root(n), "--exec-root", &exec_root(n)])
         .args([
@@ -535,14 +706,22 @@ fn start_node(n: u32) -> anyhow::Result<()> {
             "--pidfile",
             &format!("{}/docker.pid", exec_root(n)),
         ])
+        // docker0 as on any node (172.17.0.1/16, each node in its own namespace).
         .args([
-            "--bridge",
-            "none",
             "--cgroup-parent",
             &format!("/mesh-swarm{n}"),
             "--iptables=true",
         ])
         .args(["--swarm-default-advertise-addr", &node_addr(n)])
+        // The engine's binaries first: containerd, its shim, runc, docker-proxy.
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                engine.bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -617,27 +796,59 @@ fn status(json: bool) -> anyhow::Result<()> {
                 }
             })
             .unwrap_or_else(|| "unknown".into());
-        rows.push((n, node_addr(n), role, dockerd_pid(n), agent_state(n)));
+        rows.push((
+            n,
+            node_addr(n),
+            role,
+            dockerd_pid(n),
+            agent_state(n),
+            node_rec(n),
+        ));
     }
     if json {
-        let nodes: Vec<String> = rows
+        let nodes: Vec<serde_json::Value> = rows
             .iter()
-            .map(|(n, a, r, p, ag)| {
-                format!(
-                    "{{\"node\": {n}, \"name\": \"mc-n{n}\", \"addr\": \"{a}\", \"role\": \"{r}\", \"dockerd\": {}, \"docker_host\": \"{}\", \"agent\": \"{}\", \"agent_pid\": {}}}",
-                    p.map(|p| p.to_string()).unwrap_or("null".into()),
-                    sock(*n),
-                    ag.0,
-                    ag.1.map(|p| p.to_string()).unwrap_or("null".into()),
-                )
+            .map(|(n, a, r, p, ag, rec)| {
+                serde_json::json!({
+                    "node": n,
+                    "name": format!("mc-n{n}"),
+                    "addr": a,
+                    "role": r,
+                    "dockerd": p,
+                    "docker_host": sock(*n),
+                    "engine": rec.as_ref().map(|r| r.engine.clone()),
+                    "engine_version": rec.as_ref().map(|r| r.version.clone()),
+                    "docker_cli": rec.as_ref().map(|r| r.bin.join("docker")),
+                    "stock": rec.as_ref().is_some_and(|r| r.stock),
+                    "agent": ag.0,
+                    "agent_pid": ag.1,
+                })
             })
             .collect();
-        println!("{{\"up\": true, \"client\": \"{CLIENT_ADDR}\", \"client_netns\": \"{CLIENT_NS}\", \"nodes\": [{}]}}", nodes.join(", "));
+        let st = serde_json::json!({
+            "up": true,
+            "client": CLIENT_ADDR,
+            "client_netns": CLIENT_NS,
+            "engines_cache": engines::cache_dir(),
+            "nodes": nodes,
+        });
+        println!("{st}");
     } else {
-        println!("NODE   NAME     ADDRESS        ROLE     DOCKERD      MESH-AGENT");
-        for (n, a, r, p, ag) in rows {
+        println!(
+            "NODE   NAME     ADDRESS        ROLE     ENGINE                      DOCKERD      MESH-AGENT"
+        );
+        for (n, a, r, p, ag, rec) in rows {
+            let engine = match &rec {
+                Some(r) => format!(
+                    "{} ({}){}",
+                    r.engine,
+                    r.version,
+                    if r.stock { " stock" } else { "" }
+                ),
+                None => "?".into(),
+            };
             println!(
-                "{n:<6} mc-n{n:<4} {a:<14} {r:<8} {:<12} {}",
+                "{n:<6} mc-n{n:<4} {a:<14} {r:<8} {engine:<27} {:<12} {}",
                 p.map(|p| format!("pid {p}")).unwrap_or("down".into()),
                 match ag.1 {
                     Some(pid) => format!("{} (pid {pid})", ag.0),
@@ -683,27 +894,20 @@ fn stop_node(n: u32) {
         let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
     };
     if let Some(pid) = dockerd_pid(n) {
-        quiet(
-            Command::new("timeout")
-                .arg("20")
-                .arg("docker")
-                .arg("-H")
-                .arg(sock(n))
-                .args(["swarm", "leave", "--force"]),
-        );
+        // The node's own CLI, under a timeout.
+        let timed = |secs: &str, args: &[&str]| {
+            let d = docker(n, args);
+            let mut c = Command::new("timeout");
+            c.arg(secs).arg(d.get_program()).args(d.get_args());
+            c
+        };
+        quiet(&mut timed("20", &["swarm", "leave", "--force"]));
         if let Ok(ids) = output(&mut docker(n, &["ps", "-aq"])) {
             let ids: Vec<&str> = ids.split_whitespace().collect();
             if !ids.is_empty() {
-                quiet(
-                    Command::new("timeout")
-                        .arg("30")
-                        .arg("docker")
-                        .arg("-H")
-                        .arg(sock(n))
-                        .arg("rm")
-                        .arg("-f")
-                        .args(&ids),
-                );
+                let mut args = vec!["rm", "-f"];
+                args.extend(&ids);
+                quiet(&mut timed("30", &args));
             }
         }
         let must = format!("{}/docker.sock", exec_root(n));
@@ -915,166 +1119,4 @@ fn stop_agent(n: u32) {
         wait_gone(pid, 5);
     }
     let _ = std::fs::remove_file(node_dir(n).join("mesh-agent.pid"));
-}
-
-/// The harness checked for real (part of `cargo xtask test`): two nodes up, a
-/// two-replica service scheduled on both, `up` again is a no-op, and `down` leaves no
-/// namespace, directory or dockerd behind. Always tears down, also on failure.
-pub fn self_test() -> anyhow::Result<String> {
-    if recorded_nodes().is_some() {
-        bail!("a cluster is up already (`cargo xtask cluster down` first): the harness test needs its own");
-    }
-    let t0 = Instant::now();
-    let result = (|| -> anyhow::Result<String> {
-        up(2, 1)?;
-        up(2, 1)?;
-        create_web("harness", 8080)?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ps = output(&mut docker(
-                1,
-                &[
-                    "service",
-                    "ps",
-                    "harness",
-                    "--format",
-                    "{{.Node}} {{.CurrentState}}",
-                ],
-            ))?;
-            let running: std::collections::BTreeSet<&str> = ps
-                .lines()
-                .filter(|l| l.contains("Running"))
-                .filter_map(|l| l.split_whitespace().next())
-                .collect();
-            if running.len() == 2 {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the harness service did not run on both nodes in 60 s:\n{ps}");
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        let running = t0.elapsed();
-        // The agent's Docker source, on each node (a manager and a worker): the model it
-        // derives from Docker's gossip has the published port and both tasks, one local.
-        let agent = crate::cmd::root().join("target/debug/mesh-agent");
-        for n in 1..=2 {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let pid = dockerd_pid(n).context("dockerd gone")?.to_string();
-            loop {
-                // In dockerd's mount namespace: the task sandboxes are mounted there.
-                let yaml = output(
-                    Command::new("nsenter")
-                        .args(["-t", &pid, "-m", "-n"])
-                        .arg(&agent)
-                        .args(["--print-docker-model", "--docker", &sock(n)]),
-                )?;
-                let ok = yaml.contains("published: 8080")
-                    && yaml.matches("network: ingress").count() == 2
-                    && yaml.matches("node: ").count() == 1
-                    && yaml.contains(&format!("addr: {}", node_addr(3 - n)))
-                    && yaml.contains("interface: veth");
-                if ok {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("node {n}: the Docker source did not show the service in 30 s:\n{yaml}");
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-        // Now the mesh itself on both nodes. First the premise:
-        // Docker has no IPVS here, so without the mesh nothing answers on 8080.
-        let curl = |n: u32| http_code(n, 8080, 3);
-        if curl(1) == "200" {
-            bail!("node 1's 8080 answers without the mesh: is IPVS there after all?");
-        }
-        let object = crate::build::object_path();
-        // The agents follow the Swarm themselves (--from-docker), deriving the models
-        // checked above. (Debug build: the tests built it.)
-        for n in 1..=2u32 {
-            start_agent(n, &agent, &object)?;
-        }
-        for n in 1..=2 {
-            for _ in 0..20 {
-                let code = curl(n);
-                if code != "200" {
-                    bail!("node {n}'s published port through the mesh answered {code:?}");
-                }
-            }
-        }
-        let stats = output(
-            Command::new(crate::cmd::root().join("target/debug/meshctl")).args([
-                "stats",
-                "--json",
-                "--bpffs",
-                "/sys/fs/bpf/mesh-mc-n1",
-            ]),
-        )?;
-        for reason in ["\"fwd_to_task\"", "\"fwd_to_tunnel\"", "\"obs_decap\""] {
-            if !stats.contains(reason) {
-                bail!("node 1's counters lack {reason}: {stats}");
-            }
-        }
-        // A new service while the agents run: time from `docker service create` to the
-        // first answer on every node's published port.
-        let t_create = Instant::now();
-        create_web("second", 8081)?;
-        let mut first = Vec::new();
-        for n in 1..=2 {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let code = http_code(n, 8081, 1);
-                if code == "200" {
-                    first.push(t_create.elapsed());
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("node {n}'s 8081 did not answer within 60 s of service create");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        for n in 1..=2 {
-            stop_agent(n);
-        }
-        Ok(format!(
-            "2 nodes up and a 2-replica service running on both in {:.1} s; each node's Docker \
-             source derives the published port with one local and one remote task and the \
-             task's veth; without the mesh 8080 does not answer (no IPVS); with mesh-agent \
-             --from-docker on both nodes, 40 of 40 requests answered, served locally and \
-             through the VXLAN tunnel; a new service answered on node 1 {:.1} s and node 2 \
-             {:.1} s after `docker service create` (Docker events, 1 s resync)",
-            running.as_secs_f64(),
-            first[0].as_secs_f64(),
-            first[1].as_secs_f64()
-        ))
-    })();
-    let t1 = Instant::now();
-    let torn = down();
-    let summary = result?;
-    torn?;
-    let leftovers: Vec<String> = ["mc-n1", "mc-n2", CLIENT_NS, UL]
-        .iter()
-        .filter(|ns| Path::new(&format!("/run/netns/{ns}")).exists())
-        .map(|s| s.to_string())
-        .chain(
-            [
-                ST.to_string(),
-                exec_root(1),
-                exec_root(2),
-                data_root(1),
-                data_root(2),
-            ]
-            .into_iter()
-            .filter(|d| Path::new(d).exists()),
-        )
-        .collect();
-    if !leftovers.is_empty() {
-        bail!("cluster down left {leftovers:?}");
-    }
-    Ok(format!(
-        "{summary}; down in {:.1} s, nothing left behind",
-        t1.elapsed().as_secs_f64()
-    ))
 }

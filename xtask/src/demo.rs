@@ -46,6 +46,9 @@ pub fn run() -> anyhow::Result<()> {
         nodes: NODES,
         managers: 1,
         mesh: false,
+        engine: None,
+        engines: Vec::new(),
+        stock: Vec::new(),
     })?;
     let socks = cluster::node_socks()?;
     step("the agent's image mesh/agent:latest in every node (cargo xtask image, docker import)");

@@ -6,6 +6,7 @@ mod build;
 mod cluster;
 mod cmd;
 mod demo;
+mod engines;
 mod fresh;
 mod image;
 mod kernels;

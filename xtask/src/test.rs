@@ -138,7 +138,24 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         summary.push("  SKIP swarm harness: not root".into());
     }
-    println!("\n== tier 3: real swarms with the mesh (3 nodes in namespaces; 1 on the machine's dockerd); the deployment kit (cargo xtask demo, the stack's rolling update, bootstrap on a node) ==");
+    // The swarms' engines beforehand (a first fetch takes ~15 s), so that their time
+    // and any failure to fetch show here rather than inside a test.
+    if privileged {
+        println!("\n== Docker engines for the swarms (cargo xtask cluster up --engine) ==");
+        for name in ["20.10", "28.5"] {
+            let t = std::time::Instant::now();
+            let e = crate::engines::resolve(name)?;
+            let line = format!(
+                "engines: {name}: dockerd {} from {} ({:.1} s)",
+                e.version,
+                e.bin.display(),
+                t.elapsed().as_secs_f64()
+            );
+            println!("{line}");
+            summary.push(format!("  {line}"));
+        }
+    }
+    println!("\n== tier 3: real swarms with the mesh (3 nodes in namespaces on Docker 20.10, the same on 28.5, a mixed 28.5/20.10 swarm with a stock node; 1 node on the machine's dockerd); the deployment kit (cargo xtask demo, the stack's rolling update, bootstrap on a node) ==");
     cargo_test(
         &["-p", "mesh-tests", "--test", "swarm", "--test", "deploy"],
         &["--nocapture", "--test-threads", "1"],

@@ -308,7 +308,24 @@ impl Datapath {
         self.attach_tc(programs::TC_TASK, interface)
     }
 
+    /// Attaches the overlay programs to a task's overlay veth (host side, in the calling
+    /// thread's namespace): ingress, what the task sends; egress, what reaches it. As
+    /// [`Self::attach_tc_ingress`], unpinned (the agent pins them, `attach_pinned_in`).
+    pub fn attach_tc_overlay(&mut self, interface: &str) -> Result<(), MeshError> {
+        self.attach_tc_as(programs::TC_OVERLAY_IN, interface, TcAttachType::Ingress)?;
+        self.attach_tc_as(programs::TC_OVERLAY_OUT, interface, TcAttachType::Egress)
+    }
+
     fn attach_tc(&mut self, program: &'static str, interface: &str) -> Result<(), MeshError> {
+        self.attach_tc_as(program, interface, TcAttachType::Ingress)
+    }
+
+    fn attach_tc_as(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        at: TcAttachType,
+    ) -> Result<(), MeshError> {
         use aya::programs::{
             tc::{NlOptions, TcAttachOptions},
             LinkOrder,
@@ -322,7 +339,7 @@ impl Datapath {
         };
         let id = self
             .program_mut::<SchedClassifier>(program)?
-            .attach_with_options(interface, TcAttachType::Ingress, options)
+            .attach_with_options(interface, at, options)
             .map_err(|source| MeshError::Attach {
                 program,
                 interface: interface.into(),

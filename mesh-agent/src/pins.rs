@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use mesh_common::{
-    ct::CT_MAP,
+    ct::{CT_MAP, FRAG_MAP},
     lb,
     stats::{BACKEND_STATS_MAP, STATS_MAP},
 };
@@ -34,6 +34,7 @@ pub const PINNED_MAPS: &[&str] = &[
     STATS_MAP,
     BACKEND_STATS_MAP,
     CT_MAP,
+    FRAG_MAP,
     lb::FRONTENDS_MAP,
     lb::SERVICES_MAP,
     lb::MAGLEV_MAP,

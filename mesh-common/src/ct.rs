@@ -88,7 +88,51 @@ crate::assert_size!(CtEntry, 72);
 mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragPorts {}
 }
+
+/// The fragment table: an IPv4 datagram's fragments after the first carry no L4 header,
+/// so conntrack cannot place them. When a first fragment is translated, its ports are
+/// recorded under what all its fragments share; the others find them there and take
+/// the same conntrack path, with only their L3 header rewritten (Cilium's way).
+pub const FRAG_MAP: &str = "MESH_FRAG_V1";
+/// Entries of [`FRAG_MAP`] (an LRU: a record is needed for the life of one datagram).
+pub const FRAG_ENTRIES: u32 = 8192;
+
+/// A datagram, as each of its fragments shows it at one hook (before translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IPv4 identification, host order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+crate::assert_size!(FragKey, 12);
+
+impl FragKey {
+    pub const fn new(saddr: u32, daddr: u32, id: u16, proto: u8) -> Self {
+        FragKey {
+            saddr,
+            daddr,
+            id,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Its first fragment's ports (host order, as `parse::Parsed` holds them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+crate::assert_size!(FragPorts, 4);
 
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -46,6 +46,11 @@ pub enum Frag {
     First = 1,
     /// Offset > 0: no L4 header.
     NonFirst = 2,
+    /// Never the parser's: a non-first fragment whose first one was translated, its
+    /// ports taken from the record that first one left (the datapath's fragment table).
+    /// Its L4 header is elsewhere (`l4_off` stays 0): only its L3 header is rewritten.
+    /// Passed on, it counts as a packet of its protocol.
+    Followed = 3,
 }
 
 /// What the parser found. Addresses are kept in network byte order exactly as on the
@@ -66,6 +71,9 @@ pub struct Parsed {
     pub l4_off: u16,
     pub l4_proto: u8,
     pub frag: Frag,
+    /// IPv4 identification (host order): with the addresses and protocol, what the
+    /// fragments of one datagram share.
+    pub ip_id: u16,
     pub ipv4_options: bool,
     pub ipv6_ext: bool,
     pub saddr: [u32; 4],
@@ -100,7 +108,12 @@ impl Parsed {
             return Reason::PassNonIp;
         }
         if matches!(self.frag, Frag::NonFirst) {
-            return Reason::PassFragment;
+            // TCP/UDP fragments after the first follow it where it was translated
+            // (`Frag::Followed`, then counted as their protocol's).
+            return match self.l4_proto {
+                IPPROTO_TCP | IPPROTO_UDP => Reason::PassFragmentUnmatched,
+                _ => Reason::PassFragment,
+            };
         }
         if self.ipv6_ext {
             return Reason::PassIpv6Ext;
@@ -122,7 +135,7 @@ impl Parsed {
             self.vlan_tags > 0,
             self.ipv4_options,
             matches!(self.frag, Frag::First),
-            matches!(self.frag, Frag::NonFirst),
+            matches!(self.frag, Frag::NonFirst | Frag::Followed),
             self.ipv6_ext,
         ];
         let mut out = [None; 5];
@@ -224,6 +237,7 @@ fn parse_ipv4<P: Packet>(
     out.saddr[0] = word(&h, 12);
     out.daddr[0] = word(&h, 16);
     out.ipv4_options = hlen > IPV4_MIN_HLEN;
+    out.ip_id = be16(h[4], h[5]);
     let frag = be16(h[6], h[7]);
     if frag & IP_OFFSET_MASK != 0 {
         out.frag = Frag::NonFirst;
@@ -340,4 +354,48 @@ fn parse_vxlan<P: Packet>(
     out.vni = u32::from_be_bytes([0, h[4], h[5], h[6]]);
     out.inner_off = (off + VXLAN_HLEN) as u16;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A UDP fragment at `offset` (8-byte units) of datagram `id`, 8 bytes of payload.
+    fn udp_fragment(id: u16, offset: u16, proto: u8) -> [u8; 42] {
+        let mut f = [0u8; 42];
+        f[12] = 0x08;
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&28u16.to_be_bytes());
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+        ip[6..8].copy_from_slice(&(IP_MF | offset).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = proto;
+        f[34..36].copy_from_slice(&1000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&53u16.to_be_bytes());
+        f[38..40].copy_from_slice(&3000u16.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn fragments_keep_their_datagram_id_and_name_what_follows() {
+        let first = parse(&Bytes(&udp_fragment(0xbeef, 0, IPPROTO_UDP)), 4789).unwrap();
+        assert_eq!((first.frag, first.ip_id), (Frag::First, 0xbeef));
+        assert_eq!(
+            (first.sport, first.dport, first.verdict()),
+            (1000, 53, Reason::PassUdp)
+        );
+        let mut next = parse(&Bytes(&udp_fragment(0xbeef, 185, IPPROTO_UDP)), 4789).unwrap();
+        assert_eq!(
+            (next.frag, next.ip_id, next.l4_off),
+            (Frag::NonFirst, 0xbeef, 0)
+        );
+        assert_eq!(next.verdict(), Reason::PassFragmentUnmatched);
+        // Given its first one's ports, it passes as the UDP packet it belongs to.
+        next.frag = Frag::Followed;
+        assert_eq!(next.verdict(), Reason::PassUdp);
+        assert_eq!(next.observations()[3], Some(Reason::ObsFragmentNonFirst));
+        let other = parse(&Bytes(&udp_fragment(1, 185, 47)), 4789).unwrap();
+        assert_eq!(other.verdict(), Reason::PassFragment);
+    }
 }

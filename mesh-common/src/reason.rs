@@ -61,7 +61,8 @@ reasons! {
     PassIcmpv6 = 4, "pass_icmpv6", Pass;
     /// Well-formed VXLAN on the data-path port.
     PassVxlan = 5, "pass_vxlan", Pass;
-    /// A non-first IPv4 fragment: no L4 header, left to the stack's reassembly.
+    /// A non-first IPv4 fragment of another protocol than TCP/UDP: no L4 header, left
+    /// to the stack's reassembly.
     PassFragment = 6, "pass_fragment", Pass;
     /// IPv6 with extension headers: passed through untouched.
     PassIpv6Ext = 7, "pass_ipv6_ext", Pass;
@@ -119,7 +120,9 @@ reasons! {
     DropCtFull = 35, "drop_ct_full", Drop;
     /// A Maglev slot pointed at no backend (table being rewritten or corrupt).
     DropNoBackendSlot = 36, "drop_no_backend_slot", Drop;
-    /// A reply could not be built (IP options or a frame too short to answer).
+    /// A reply could not be built (IP options or a frame too short to answer), or the
+    /// packet is a fragment after the first, which cannot be answered (its flow refused,
+    /// or too big for the tunnel: the first fragment carries the answer).
     DropCannotReply = 37, "drop_cannot_reply", Drop;
     /// VXLAN from an address that is not a known swarm node.
     DropVxlanUnknownPeer = 38, "drop_vxlan_unknown_peer", Drop;
@@ -128,7 +131,8 @@ reasons! {
     /// Decapsulated frame for an address that is not a task on this node (nor a flow we
     /// track).
     DropVxlanNoTarget = 40, "drop_vxlan_no_target", Drop;
-    /// The inner frame of a VXLAN packet is malformed (or not IPv4).
+    /// The inner frame of a VXLAN packet is malformed, not IPv4 TCP/UDP, an ICMP error
+    /// about no flow of ours, or a fragment after the first that follows no first one.
     DropVxlanBadInner = 41, "drop_vxlan_bad_inner", Drop;
     /// Encapsulation or decapsulation failed (no room, no underlay configured).
     DropTunnelFailed = 42, "drop_tunnel_failed", Drop;
@@ -140,6 +144,10 @@ reasons! {
     FwdVipReply = 45, "fwd_vip_reply", Forward;
     /// VXLAN of a network Docker's own vxlan device carries (a user overlay): left to it.
     PassVxlanDocker = 46, "pass_vxlan_docker", Pass;
+    /// A non-first TCP/UDP fragment that follows no translated first fragment (it came
+    /// before its first one, its first one was not ours, or its record was evicted):
+    /// passed untouched, to the stack's reassembly.
+    PassFragmentUnmatched = 47, "pass_fragment_unmatched", Pass;
 
     /// One or two 802.1Q/802.1ad tags were followed.
     ObsVlan = 48, "obs_vlan", Observation;

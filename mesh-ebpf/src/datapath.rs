@@ -17,7 +17,7 @@ use crate::{
     lb::{self, Outcome},
     pkt::DirectPacket,
     scratch::{self, From},
-    stats, vip, vxlan,
+    stats, track, vip, vxlan,
 };
 
 /// TC (underlay ingress and task veths): validate, count, load-balance. The parsed
@@ -104,6 +104,8 @@ pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: 
             for obs in out.observations().into_iter().flatten() {
                 stats::count(hook, obs, bytes);
             }
+            // A fragment after the first: its ports, if its first one was translated.
+            track::follow(out);
             Ok(())
         }
         Err(reason) => {
@@ -115,11 +117,14 @@ pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: 
 
 #[inline(never)]
 fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> i32 {
-    if p.ip_version == 4 && !matches!(p.frag, Frag::NonFirst) && p.l4_off != 0 && !p.vxlan {
+    // A fragment after the first has no L4 header: it goes on only where it follows its
+    // first one (`track::follow`).
+    let l4 = p.l4_off != 0 || p.frag == Frag::Followed;
+    if p.ip_version == 4 && !matches!(p.frag, Frag::NonFirst) && l4 && !p.vxlan {
         let pk = lb::Pkt::new(ctx, p, hook, bytes);
         let outcome = match p.l4_proto {
             IPPROTO_TCP | IPPROTO_UDP => lb::process(&pk),
-            IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk),
+            IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk, false),
             _ => Outcome::NotOurs,
         };
         if outcome == Outcome::ENCAP {

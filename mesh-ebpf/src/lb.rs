@@ -17,9 +17,9 @@ use mesh_common::{
         BackendState, Frontend, FrontendKey, Tunnel, FE_VIP, SVC_AFFINITY,
         TCP_IDLE_DEFAULT_S, TUN_STOCK, UDP_IDLE_DEFAULT_S,
     },
-    parse::Parsed,
-    proto::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN},
-    reason::Reason,
+    parse::{Frag, Parsed},
+    proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN},
+    reason::{Kind, Reason},
     stats::Hook,
 };
 
@@ -28,7 +28,7 @@ use crate::{
         MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_FE_V1, MESH_MAGLEV_V1, MESH_NET_V1,
         MESH_NODE_V1, MESH_SVC_V1, MESH_TUN_V1,
     },
-    reply,
+    icmp, reply,
     scratch::{scratch, Scratch},
     skb, track, vxlan,
     stats::{count, note_backend},
@@ -95,7 +95,22 @@ impl<'a> Pkt<'a> {
     #[inline(always)]
     pub fn done(&self, reason: Reason, action: i32) -> Outcome {
         count(self.hook, reason, self.bytes);
+        // A first fragment translated: the rest of its datagram will follow it.
+        if matches!(reason.kind(), Kind::Forward) && self.p.frag == Frag::First {
+            track::record_first(self.p);
+        }
         Outcome::Done(action)
+    }
+
+    /// The L4 protocol for the checksum helpers and the port rewrites: none for a
+    /// fragment that follows its first one (its L4 header is in that first one).
+    #[inline(always)]
+    pub fn l4_proto(&self) -> u8 {
+        if self.p.frag == Frag::Followed {
+            0
+        } else {
+            self.f.proto
+        }
     }
 
     #[inline(always)]
@@ -380,6 +395,11 @@ fn choose(pk: &Pkt, now: u64, salt: u32) -> Outcome {
     let Some(fe) = frontend(pk) else {
         return overlay_route(pk);
     };
+    if pk.p.frag == Frag::Followed {
+        // Its first fragment's flow is gone (expired, evicted): a fragment never starts
+        // one.
+        return Outcome::NotOurs;
+    }
     let Some(s) = scratch() else {
         return pk.drop(Reason::DropCtFull);
     };
@@ -583,7 +603,7 @@ fn overlay_route(pk: &Pkt) -> Outcome {
 /// MTU (ICMP fragmentation needed, built from the packet as the sender sent it).
 #[inline(never)]
 fn too_big(pk: &Pkt, mtu: u32) -> Outcome {
-    if reply::frag_needed(pk.ctx, pk.p, mtu).is_err() {
+    if pk.p.frag == Frag::Followed || reply::frag_needed(pk.ctx, pk.p, mtu).is_err() {
         return pk.drop(Reason::DropCannotReply);
     }
     pk.done(Reason::ReplyIcmpFragNeeded, skb::redirect(pk.ifindex()))
@@ -609,7 +629,7 @@ fn tunnel_out(pk: &Pkt) -> Outcome {
 /// Asks the caller to encapsulate toward (node, vni): the encapsulation runs at the top
 /// of the call chain, where its stack frame does not add to the load balancer's.
 #[inline(always)]
-fn encap_later(node: u32, vni: u32) -> Outcome {
+pub(crate) fn encap_later(node: u32, vni: u32) -> Outcome {
     match scratch() {
         Some(s) => {
             s.encap_to = Tunnel {
@@ -645,10 +665,23 @@ pub fn from_tunnel(ctx: &TcContext, hook: Hook) -> i32 {
     };
     let (p, from) = (&s.parsed, &s.from);
     let pk = Pkt::new(ctx, p, hook, from.bytes as usize);
-    if p.ip_version != 4 || p.l4_off == 0 || !matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) {
-        return pk.drop(Reason::DropVxlanBadInner).action().unwrap_or(TC_ACT_SHOT);
+    if p.ip_version == 4 {
+        match p.l4_proto {
+            // (A fragment after the first: where it follows its first one.)
+            IPPROTO_TCP | IPPROTO_UDP if p.l4_off != 0 || p.frag == Frag::Followed => {
+                return from_tunnel_flow(&pk, from.peer, from.vni);
+            }
+            // A task's ICMP error about a flow this node balanced (its port unreachable,
+            // through its node's tunnel): translated for the client.
+            IPPROTO_ICMP if p.l4_off != 0 && icmp::is_error(p.icmp_type) => {
+                if let Some(action) = icmp::translate(&pk, true).action() {
+                    return action;
+                }
+            }
+            _ => {}
+        }
     }
-    from_tunnel_flow(&pk, from.peer, from.vni)
+    pk.drop(Reason::DropVxlanBadInner).action().unwrap_or(TC_ACT_SHOT)
 }
 
 /// The inner packet of VXLAN from `peer`: a reply to a flow this node balanced (back to
@@ -765,12 +798,14 @@ fn deliver(pk: &Pkt) -> Outcome {
 /// client is SNATed (0: unchanged).
 #[inline(always)]
 fn toward_backend(pk: &Pkt, addr: u32, port: u16, hairpin: u32) -> skb::Res {
-    let (ctx, f) = (pk.ctx, &pk.f);
+    let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
-    skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, addr)?;
-    skb::set_port(ctx, l4, 2, f.proto, f.dport, port)?;
+    skb::set_addr(ctx, l3, 16, l4, proto, f.daddr, addr)?;
+    if proto != 0 {
+        skb::set_port(ctx, l4, 2, proto, f.dport, port)?;
+    }
     if hairpin != 0 {
-        skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, hairpin)?;
+        skb::set_addr(ctx, l3, 12, l4, proto, f.saddr, hairpin)?;
     }
     Ok(())
 }
@@ -779,12 +814,14 @@ fn toward_backend(pk: &Pkt, addr: u32, port: u16, hairpin: u32) -> skb::Res {
 /// to `client` when the client was SNATed (0: unchanged).
 #[inline(always)]
 fn toward_client(pk: &Pkt, addr: u32, port: u16, client: u32) -> skb::Res {
-    let (ctx, f) = (pk.ctx, &pk.f);
+    let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
-    skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, addr)?;
-    skb::set_port(ctx, l4, 0, f.proto, f.sport, port)?;
+    skb::set_addr(ctx, l3, 12, l4, proto, f.saddr, addr)?;
+    if proto != 0 {
+        skb::set_port(ctx, l4, 0, proto, f.sport, port)?;
+    }
     if client != 0 {
-        skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, client)?;
+        skb::set_addr(ctx, l3, 16, l4, proto, f.daddr, client)?;
     }
     Ok(())
 }
@@ -815,6 +852,10 @@ fn refuse_go(pk: &Pkt) -> Outcome {
 /// why, for TCP.
 #[inline(never)]
 pub(crate) fn refuse(pk: &Pkt, tcp_reason: Reason) -> Outcome {
+    if pk.p.frag == Frag::Followed {
+        // No answer from a fragment after the first: its first one had it.
+        return pk.drop(Reason::DropCannotReply);
+    }
     let (reason, built) = if pk.f.proto == IPPROTO_TCP {
         if pk.f.tcp_flags & TCP_RST != 0 {
             // Never answer a RST.

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    ct::{CtEntry, CtKey},
+    ct::{CtEntry, CtKey, FragKey, FragPorts, FRAG_ENTRIES},
     sock::{SockKey, SockOrig},
     lb::{Backend, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags, Service, Tunnel},
 };
@@ -33,6 +33,11 @@ pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, 256> = HashMap::new();
 
 #[btf_map]
 pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, 131072> = LruHashMap::new();
+
+/// A translated first fragment's ports, for the rest of its datagram (`track::follow`).
+#[btf_map]
+pub static MESH_FRAG_V1: LruHashMap<FragKey, FragPorts, { FRAG_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// Tasks on other nodes: task address -> where to tunnel.
 #[btf_map]

@@ -4,14 +4,19 @@
 //! then [`commit`] writes them: the reverse entry first, so that a reply can never find
 //! a forward entry without its way back. Neither function takes anything on the stack
 //! but a flag: their frames stay small wherever they sit on a call chain.
+//!
+//! Fragments: a datagram's fragments after the first have no L4 header. When a first
+//! fragment is translated its ports are recorded ([`record_first`]); the others get
+//! them back right after parsing ([`follow`]) and take the same conntrack path.
 
 use mesh_common::{
-    ct::{self, CtKey, CtState, CT_REVERSE},
-    proto::IPPROTO_TCP,
+    ct::{self, CtKey, CtState, FragKey, FragPorts, CT_REVERSE},
+    parse::{Frag, Parsed},
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{
-    maps::MESH_CT_V1,
+    maps::{MESH_CT_V1, MESH_FRAG_V1},
     scratch::{scratch, zero, NewFlow},
 };
 
@@ -48,4 +53,43 @@ pub fn commit(both: bool) -> Result<(), ()> {
         MESH_CT_V1.insert(&nf.fwd_key, &nf.fwd, 0).map_err(|_| ())?;
     }
     Ok(())
+}
+
+/// The fragment table's key for the datagram `p` belongs to (as this hook sees it).
+#[inline(always)]
+fn frag_key(p: &Parsed) -> FragKey {
+    FragKey::new(p.saddr[0], p.daddr[0], p.ip_id, p.l4_proto)
+}
+
+/// A first fragment (TCP/UDP) was translated: records its ports for the rest of its
+/// datagram. A failed insert only leaves those unmatched (counted where they pass).
+#[inline(never)]
+pub fn record_first(p: &Parsed) {
+    if p.frag != Frag::First || !matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) {
+        return;
+    }
+    let ports = FragPorts {
+        sport: p.sport,
+        dport: p.dport,
+    };
+    let _ = MESH_FRAG_V1.insert(&frag_key(p), &ports, 0);
+}
+
+/// A non-first TCP/UDP fragment whose first one was translated here: its ports back
+/// from the record, and `Frag::Followed` (only its L3 header will be rewritten). Any
+/// other packet is left as parsed.
+#[inline(never)]
+pub fn follow(p: &mut Parsed) {
+    if p.frag != Frag::NonFirst
+        || p.ip_version != 4
+        || !matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP)
+    {
+        return;
+    }
+    // SAFETY: copied out at once.
+    if let Some(ports) = unsafe { MESH_FRAG_V1.get(&frag_key(p)) }.copied() {
+        p.sport = ports.sport;
+        p.dport = ports.dport;
+        p.frag = Frag::Followed;
+    }
 }

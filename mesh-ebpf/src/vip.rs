@@ -17,12 +17,13 @@ use mesh_common::{
     ct::{self, CtKey, CtState, CT_OVERLAY, CT_REVERSE},
     lb::{any_port_vip, docker_mac, BackendState, FE_VIP},
     parse::{Frag, Parsed},
-    proto::{IPPROTO_TCP, IPPROTO_UDP},
+    proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
     stats::Hook,
 };
 
 use crate::{
+    icmp,
     lb::{self, Pkt},
     maps::{MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
     scratch::scratch,
@@ -58,7 +59,8 @@ pub fn from_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
     }
 }
 
-/// Egress on a task's overlay veth: replies of the task's VIP flows.
+/// Egress on a task's overlay veth: replies of the task's VIP flows, and ICMP errors
+/// about them (the chosen task's port unreachable: the caller must see it from the VIP).
 #[inline(never)]
 pub fn to_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
     let hook = Hook::TcOverlayOut;
@@ -69,18 +71,33 @@ pub fn to_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
         if let Some(action) = outcome.action() {
             return action;
         }
+    } else if icmp_error(p) {
+        let pk = Pkt::new(ctx, p, hook, bytes);
+        if let Some(action) = icmp::translate(&pk, false).action() {
+            return action;
+        }
     }
     count(hook, p.verdict(), bytes);
     TC_ACT_UNSPEC
 }
 
+/// IPv4 TCP/UDP with its ports: an L4 header, or a fragment that follows its first one.
 #[inline(always)]
 fn ipv4_l4(p: &Parsed) -> bool {
     p.ip_version == 4
         && p.l3_off == 14
-        && p.l4_off != 0
+        && (p.l4_off != 0 || p.frag == Frag::Followed)
         && !matches!(p.frag, Frag::NonFirst)
         && matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP)
+}
+
+#[inline(always)]
+fn icmp_error(p: &Parsed) -> bool {
+    p.ip_version == 4
+        && p.l3_off == 14
+        && p.l4_off != 0
+        && p.l4_proto == IPPROTO_ICMP
+        && icmp::is_error(p.icmp_type)
 }
 
 /// "Who has VIP?" from the task: "at `vip_mac(VIP)`", sent straight back into the task.
@@ -145,6 +162,10 @@ fn forward(pk: &Pkt) -> lb::Outcome {
 #[inline(never)]
 fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
     let f = &pk.f;
+    if pk.p.frag == Frag::Followed {
+        // Its first fragment's flow is gone: a fragment never starts one.
+        return lb::Outcome::NotOurs;
+    }
     // SAFETY: copied out at once.
     let Some(fe) = (unsafe { MESH_FE_V1.get(&any_port_vip(f.daddr)) }).copied() else {
         return lb::Outcome::NotOurs;
@@ -215,10 +236,13 @@ fn pick(pk: &Pkt, svc_id: u32) -> Option<(u32, u32, u16)> {
 /// Destination to the backend task, and its MAC, so that the bridge hands it on.
 #[inline(never)]
 fn toward(pk: &Pkt, addr: u32, port: u16) -> lb::Outcome {
-    let (ctx, f) = (pk.ctx, &pk.f);
+    let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
-    let done = skb::set_addr(ctx, l3, 16, l4, f.proto, f.daddr, addr)
-        .and_then(|_| skb::set_port(ctx, l4, 2, f.proto, f.dport, port))
+    let done = skb::set_addr(ctx, l3, 16, l4, proto, f.daddr, addr)
+        .and_then(|_| match proto {
+            0 => Ok(()),
+            _ => skb::set_port(ctx, l4, 2, proto, f.dport, port),
+        })
         .and_then(|_| ctx.store(0, &docker_mac(addr), 0).map_err(|_| ()));
     if done.is_err() {
         return pk.drop(Reason::DropRewriteFailed);
@@ -248,10 +272,13 @@ fn reply(pk: &Pkt) -> lb::Outcome {
     note_backend(e.backend_id, false);
     e.state = ct::advance(state, pk.f.tcp_flags) as u8;
     e.last_seen_ns = now;
-    let (ctx, f) = (pk.ctx, &pk.f);
+    let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
-    if skb::set_addr(ctx, l3, 12, l4, f.proto, f.saddr, e.nat_addr)
-        .and_then(|_| skb::set_port(ctx, l4, 0, f.proto, f.sport, e.nat_port))
+    if skb::set_addr(ctx, l3, 12, l4, proto, f.saddr, e.nat_addr)
+        .and_then(|_| match proto {
+            0 => Ok(()),
+            _ => skb::set_port(ctx, l4, 0, proto, f.sport, e.nat_port),
+        })
         .is_err()
     {
         return pk.drop(Reason::DropRewriteFailed);

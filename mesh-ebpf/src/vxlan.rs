@@ -12,7 +12,7 @@ use mesh_common::{
     hash::flow_hash,
     lb::{Tunnel, NET_DOCKER},
     parse::Parsed,
-    proto::{IPPROTO_TCP, IPPROTO_UDP},
+    proto::{IPPROTO_TCP, IPPROTO_UDP, IP_MF, IP_OFFSET_MASK},
     reason::Reason,
     stats::Hook,
     vxlan::{self, OVERHEAD},
@@ -68,8 +68,11 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32) -> Result<(), ()> {
     let vihl: u8 = ctx.load(14).map_err(|_| ())?;
     let proto: u8 = ctx.load(14 + 9).map_err(|_| ())?;
     let ihl = ((vihl & 0x0f) as u32) * 4;
-    // A UDP datagram sent without a checksum gives LCO nothing to stand on.
-    let udp_no_csum = proto == IPPROTO_UDP && ctx.load::<u16>(14 + ihl as usize + 6).map_err(|_| ())? == 0;
+    // A fragment's L4 bytes do not sum to its pseudo-header, nor does a UDP datagram
+    // sent without a checksum: LCO has nothing to stand on (the outer checksum stays 0).
+    let frag: u16 = ctx.load(14 + 6).map_err(|_| ())?;
+    let lco = u16::from_be(frag) & (IP_MF | IP_OFFSET_MASK) == 0
+        && (proto != IPPROTO_UDP || ctx.load::<u16>(14 + ihl as usize + 6).map_err(|_| ())? != 0);
     // SAFETY: reading a field of the context.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     let h = flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto);
@@ -97,7 +100,7 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32) -> Result<(), ()> {
     // The outer UDP checksum, as Linux's vxlan device sets it by default, by local
     // checksum offload. GSO packets keep zero (RFC 7348 §5 allows it): each segment
     // would need its own, and bpf_skb_adjust_room cannot ask for SKB_GSO_UDP_TUNNEL_CSUM.
-    if !gso && !udp_no_csum {
+    if !gso && lco {
         let l4_len = inner_len.saturating_sub(ihl);
         let (a, b) = (u32::from_be(inner_src) as u64, u32::from_be(inner_dst) as u64);
         let pseudo = match proto {

@@ -67,7 +67,9 @@ fn step(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
         if p.vxlan {
             return decap(ctx, p, bytes);
         }
-        if matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) && p.l4_off != 0 && !matches!(p.frag, Frag::NonFirst) {
+        // (A fragment after the first: where it follows its first one.)
+        let l4 = p.l4_off != 0 || p.frag == Frag::Followed;
+        if matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) && l4 && !matches!(p.frag, Frag::NonFirst) {
             if let Some(action) = to_local_task(ctx, p, bytes) {
                 return action;
             }
@@ -163,6 +165,7 @@ fn to_local_task(ctx: &XdpContext, p: &Parsed, bytes: usize) -> Option<u32> {
             count_backend(e.backend_id, bytes, false);
             (e.backend_id, be)
         }
+        None if p.frag == Frag::Followed => return None,
         None => {
             let fe = lb::frontend_for(&f, HOOK)?;
             // SAFETY: copied out.
@@ -206,6 +209,8 @@ fn to_local_task(ctx: &XdpContext, p: &Parsed, bytes: usize) -> Option<u32> {
     // SAFETY: a helper call with plain integer arguments.
     let r = unsafe { bpf_redirect(ep.ifindex, 0) } as u32;
     count(HOOK, Reason::FwdToTask, bytes);
+    // A first fragment translated: the rest of its datagram will follow it.
+    track::record_first(p);
     Some(if r == XDP_REDIRECT { XDP_REDIRECT } else { XDP_DROP })
 }
 
@@ -302,6 +307,10 @@ fn dnat(ctx: &XdpContext, p: &Parsed, f: &Flow, addr: u32, port: u16) -> Result<
     let ip_ck = u16::from_be(xload::<u16>(ctx, l3 + 10)?);
     xstore(ctx, l3 + 10, &csum::replace32(ip_ck, old_a, new_a).to_be())?;
     xstore(ctx, l3 + 16, &addr)?;
+    if p.frag == Frag::Followed {
+        // A fragment after the first: its L4 header (and checksum) is in the first.
+        return Ok(());
+    }
     let (off, udp) = if f.proto == IPPROTO_TCP { (l4 + 16, false) } else { (l4 + 6, true) };
     let ck = u16::from_be(xload::<u16>(ctx, off)?);
     let ck = if udp {

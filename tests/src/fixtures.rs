@@ -108,15 +108,29 @@ pub fn all() -> Vec<Fixture> {
             PassUdp,
             &[ObsFragmentFirst],
         ),
+        // A TCP/UDP fragment after the first with no translated first one (here, none
+        // at all: it came first) is passed under its own name.
         fo(
             "ipv4 non-first fragment",
             ipv4_fragment(udp4(7, 8, &[0xab; 32]), false, 3),
-            PassFragment,
+            PassFragmentUnmatched,
             &[ObsFragmentNonFirst],
         ),
         fo(
             "ipv4 middle fragment (MF and offset)",
             ipv4_fragment(udp4(7, 8, &[0xab; 32]), true, 2),
+            PassFragmentUnmatched,
+            &[ObsFragmentNonFirst],
+        ),
+        fo(
+            "ipv4 tcp non-first fragment",
+            ipv4_fragment(tcp4(7, 8, &[0xab; 32]), false, 4),
+            PassFragmentUnmatched,
+            &[ObsFragmentNonFirst],
+        ),
+        fo(
+            "ipv4 icmp non-first fragment",
+            ipv4_fragment(icmp4_echo(), false, 1),
             PassFragment,
             &[ObsFragmentNonFirst],
         ),

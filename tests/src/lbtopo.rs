@@ -11,12 +11,13 @@
 //! holds), so everything they send crosses their veth's TC hook. The node routes between
 //! client and tasks (for the "direct" baseline). Every task runs small servers on
 //! threads of this process: HTTP on :80 (answers `<task> <peer address>`), a line echo
-//! on :7000 that keeps its connections (answers each line with the task's name), and a
-//! UDP responder on :53 (answers `<task> <peer address>`).
+//! on :7000 that keeps its connections (answers each line with the task's name), a
+//! UDP responder on :53 (answers `<task> <peer address>`), and a UDP echo on :54 that
+//! answers a datagram of any size with one as long (nothing listens on UDP :59).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -40,6 +41,11 @@ pub const VIP: &str = "10.212.0.10";
 pub const DIRECT_PORT: u16 = 8000;
 /// A VIP whose only backend is t1: t1 reaching it lands on itself.
 pub const SOLO_VIP: &str = "10.212.0.20";
+/// The tasks' UDP echo: a datagram of any size is answered with one as long that
+/// starts `<task> <peer address>\n` and goes on with the datagram's own bytes.
+pub const ECHO_UDP_PORT: u16 = 54;
+/// A UDP port no task listens on: a task's kernel answers with port unreachable.
+pub const CLOSED_UDP_PORT: u16 = 59;
 
 pub fn task_mac(i: usize) -> [u8; 6] {
     [0x02, 0x42, 10, 211, 0, 11 + i as u8]
@@ -172,13 +178,30 @@ impl Servers {
     /// Starts, in `ns`, HTTP on :80 and on [`DIRECT_PORT`], the line echo on :7000 and the
     /// UDP responder on :53, all answering as `name`.
     pub fn serve(&self, ns: &Netns, name: &str) {
-        let (http, direct, echo, udp) = ns.enter(|| {
+        let (http, direct, echo, udp, big) = ns.enter(|| {
             (
                 TcpListener::bind(("0.0.0.0", 80)).expect("bind :80"),
                 TcpListener::bind(("0.0.0.0", DIRECT_PORT)).expect("bind direct port"),
                 TcpListener::bind(("0.0.0.0", 7000)).expect("bind :7000"),
                 UdpSocket::bind(("0.0.0.0", 53)).expect("bind :53"),
+                UdpSocket::bind(("0.0.0.0", ECHO_UDP_PORT)).expect("bind udp echo"),
             )
+        });
+        let stop = self.stop.clone();
+        let n = name.to_string();
+        std::thread::spawn(move || {
+            let _ = big.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((len, peer)) = big.recv_from(&mut buf) {
+                    let head = format!("{n} {}\n", peer.ip());
+                    let mut answer = buf[..len].to_vec();
+                    if len >= head.len() {
+                        answer[..head.len()].copy_from_slice(head.as_bytes());
+                    }
+                    let _ = big.send_to(&answer, peer);
+                }
+            }
         });
         for http in [http, direct] {
             self.serve_http(http, name.to_string());
@@ -350,3 +373,97 @@ pub const ALL_ACTIVE: [(usize, Health); 3] = [
     (1, Health::Active),
     (2, Health::Active),
 ];
+
+/// A UDP service `name` over `backends`: published on `published` (ingress mode) if
+/// given, on its `vips` (port `target`) otherwise or as well.
+pub fn udp_service(
+    name: &str,
+    published: Option<u16>,
+    target: u16,
+    vips: Vec<Ipv4Addr>,
+    backends: Vec<BackendSpec>,
+) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        ports: vec![PortSpec {
+            published,
+            target,
+            protocol: Protocol::Udp,
+            mode: PublishMode::Ingress,
+        }],
+        vips,
+        backends,
+        tcp_idle: None,
+        udp_idle: None,
+        affinity: false,
+        every_port: false,
+    }
+}
+
+/// A `len`-byte datagram to the UDP echo at `to` from the current namespace, and its
+/// answer: (task, peer address the task saw, sends it took). Each send waits up to a
+/// second; up to `tries` sends (a datagram too big for the path teaches the sender's
+/// kernel its MTU, by ICMP fragmentation needed, and is lost once). The answer must come
+/// from `to`, be as long and carry the datagram's own bytes.
+pub fn udp_echo(
+    to: SocketAddr,
+    len: usize,
+    tries: usize,
+) -> Result<(String, String, usize), String> {
+    let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 65536];
+    for attempt in 1..=tries {
+        // The bytes after the answer's header, and the attempt, are checked.
+        let mut data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        data[64..68].copy_from_slice(&(attempt as u32).to_be_bytes());
+        s.send_to(&data, to)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                break;
+            };
+            if n < 68 || buf[64..68] != data[64..68] {
+                continue; // an earlier attempt's answer
+            }
+            if from != to {
+                return Err(format!("answer from {from}, not {to}"));
+            }
+            if n != len {
+                return Err(format!("answer of {n} bytes to {len}"));
+            }
+            let text = String::from_utf8_lossy(&buf[..64]).to_string();
+            let head = text.split('\n').next().unwrap_or("").to_string();
+            if buf[head.len() + 1..n] != data[head.len() + 1..] {
+                return Err(format!(
+                    "answer's bytes differ from the datagram's ({head})"
+                ));
+            }
+            let (task, peer) = head
+                .split_once(' ')
+                .ok_or_else(|| format!("unexpected answer {head:?}"))?;
+            return Ok((task.to_string(), peer.to_string(), attempt));
+        }
+    }
+    Err(format!(
+        "no answer from {to} to {tries} datagrams of {len} bytes"
+    ))
+}
+
+/// A datagram from `from_port` (0: any) of the current namespace to `to`, where nothing
+/// listens, on a connected socket: `Ok` when the socket learns it (ECONNREFUSED, the
+/// ICMP port unreachable translated back to `to`), else what happened instead.
+pub fn udp_refused(from_port: u16, to: SocketAddr) -> Result<(), String> {
+    let s = UdpSocket::bind(("0.0.0.0", from_port)).map_err(|e| e.to_string())?;
+    s.connect(to).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.send(b"anyone there?").map_err(|e| e.to_string())?;
+    match s.recv(&mut [0u8; 256]) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+        Err(e) => Err(format!("{to}: {e} (no port unreachable)")),
+        Ok(n) => Err(format!("{to}: an answer of {n} bytes")),
+    }
+}

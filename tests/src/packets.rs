@@ -270,3 +270,34 @@ pub fn pad60(mut p: Vec<u8>) -> Vec<u8> {
     }
     p
 }
+
+/// Cuts the IPv4 datagram in `frame` (Ethernet + IPv4 without options + payload) into
+/// fragments of at most `mtu` IP bytes, as Linux's ip_fragment does: every fragment
+/// keeps the Ethernet header, gets IP id `id` (DF cleared), its offset and MF, and its
+/// own header checksum; all but the last carry a multiple of 8 bytes. One fragment
+/// (no MF, offset 0) when the datagram fits.
+pub fn ipv4_fragments(frame: &[u8], id: u16, mtu: usize) -> Vec<Vec<u8>> {
+    let ihl = ((frame[L3] & 0x0f) as usize) * 4;
+    let total = be16_at(frame, L3 + 2) as usize;
+    let data = &frame[L3 + ihl..L3 + total];
+    let per = (mtu - ihl) & !7;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < data.len() || out.is_empty() {
+        let end = (off + per).min(data.len());
+        let more = end < data.len();
+        let mut f = frame[..L3 + ihl].to_vec();
+        f.extend_from_slice(&data[off..end]);
+        set_be16(&mut f, L3 + 2, (ihl + end - off) as u16);
+        set_be16(&mut f, L3 + 4, id);
+        set_be16(
+            &mut f,
+            L3 + 6,
+            if more { 0x2000 } else { 0 } | (off / 8) as u16,
+        );
+        ipv4_fix_csum(&mut f, L3);
+        out.push(f);
+        off = end;
+    }
+    out
+}

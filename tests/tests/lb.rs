@@ -13,7 +13,10 @@ use std::{
 use mesh_agent::{loader::Datapath, mesh::Mesh, model::Health, stats::Snapshot};
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
-    lbtopo::{http_get, LbTopo, ALL_ACTIVE, CLIENT, DIRECT_PORT, NODE, SOLO_VIP, TASKS, VIP},
+    lbtopo::{
+        http_get, udp_echo, udp_refused, udp_service, LbTopo, ALL_ACTIVE, CLIENT, CLOSED_UDP_PORT,
+        DIRECT_PORT, ECHO_UDP_PORT, NODE, SOLO_VIP, TASKS, VIP,
+    },
     prereq,
 };
 
@@ -448,4 +451,408 @@ fn a_refused_syn_gets_another_backend_once() {
         held > 0 && retried >= held,
         "held {held}, retried {retried}"
     );
+}
+
+/// Published UDP ports and VIPs of the datagram tests: `big` (the tasks' echo) and
+/// `closed` (a port nobody listens on) on every task.
+const BIG_PORT: u16 = 5356;
+const BIG_VIP: &str = "10.212.0.30";
+const CLOSED_PORT: u16 = 5357;
+/// `closed` on t2 and t3 only (t1 calls it), and on t1 only (t1 lands on itself).
+const CLOSED_VIP: &str = "10.212.0.31";
+const CLOSED_SOLO_VIP: &str = "10.212.0.32";
+
+fn sock(addr: &str, port: u16) -> std::net::SocketAddr {
+    (addr.parse::<Ipv4Addr>().unwrap(), port).into()
+}
+
+/// UDP datagrams bigger than the MTU (4,000 bytes: three IPv4 fragments) through a
+/// published port to each local task and back, at TC and with XDP on the underlay, and
+/// through a VIP from a task; UDP to a port where the chosen task has no listener gives
+/// the sender's socket ECONNREFUSED (the task's port unreachable, translated), from the
+/// client through the published port and from a task through a VIP, also when the task
+/// lands on itself.
+#[test]
+fn datagrams_bigger_than_the_mtu_and_port_unreachable() {
+    let Some(object) = prereq::privileged("datagrams_bigger_than_the_mtu_and_port_unreachable")
+    else {
+        return;
+    };
+    let topo = LbTopo::new("f");
+    let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+    let mut model = topo.model(&ALL_ACTIVE);
+    let tasks = |list: &[usize]| {
+        let m = topo.model(
+            &list
+                .iter()
+                .map(|i| (*i, Health::Active))
+                .collect::<Vec<_>>(),
+        );
+        m.services[0].backends.clone()
+    };
+    model.services.extend([
+        udp_service(
+            "big",
+            Some(BIG_PORT),
+            ECHO_UDP_PORT,
+            vec![ip(BIG_VIP)],
+            tasks(&[0, 1, 2]),
+        ),
+        udp_service(
+            "closed",
+            Some(CLOSED_PORT),
+            CLOSED_UDP_PORT,
+            vec![],
+            tasks(&[0, 1, 2]),
+        ),
+        udp_service(
+            "closedvip",
+            None,
+            CLOSED_UDP_PORT,
+            vec![ip(CLOSED_VIP)],
+            tasks(&[1, 2]),
+        ),
+        udp_service(
+            "closedsolo",
+            None,
+            CLOSED_UDP_PORT,
+            vec![ip(CLOSED_SOLO_VIP)],
+            tasks(&[0]),
+        ),
+    ]);
+    let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load datapath");
+    let mut mesh = Mesh::new(dp);
+    topo.n.enter(|| {
+        mesh.dp.attach_tc_ingress("un").expect("attach un");
+        for h in ["h1", "h2", "h3"] {
+            mesh.dp.attach_tc_task(h).expect("attach task veth");
+        }
+        mesh.apply(&model).expect("apply model");
+    });
+    let (u, t) = (Hook::TcUnderlayIngress, Hook::TcTask);
+    let show = |d: &Snapshot| {
+        d.iter()
+            .map(|(h, r, c)| format!("{}/{}={}", h.name(), r.name(), c.packets))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+
+    // No listener: the task's port unreachable reaches the client as ECONNREFUSED. (The
+    // tasks' kernels would send one per second per destination after a burst of six.)
+    for ts in &topo.t {
+        ts.exec(&["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]);
+    }
+    let before = counters(&mesh);
+    topo.c.enter(|| {
+        for _ in 0..12 {
+            udp_refused(0, sock(NODE, CLOSED_PORT))
+                .unwrap_or_else(|e| panic!("{e}; {}", show(&counters(&mesh).since(&before))));
+        }
+    });
+    topo.t[0].enter(|| {
+        for _ in 0..6 {
+            udp_refused(0, sock(CLOSED_VIP, CLOSED_UDP_PORT))
+                .unwrap_or_else(|e| panic!("t1: {e}; {}", show(&counters(&mesh).since(&before))));
+            udp_refused(0, sock(CLOSED_SOLO_VIP, CLOSED_UDP_PORT)).unwrap_or_else(|e| {
+                panic!(
+                    "t1 landing on itself: {e}; {}",
+                    show(&counters(&mesh).since(&before))
+                )
+            });
+        }
+    });
+    let d = counters(&mesh).since(&before);
+    println!(
+        "lb: 24 datagrams to ports where nothing listens refused: {}",
+        show(&d)
+    );
+    assert_eq!(d.get(t, Reason::FwdIcmpError).packets, 24, "{}", show(&d));
+
+    // From the client through the published port: each flow (a source port of its
+    // own) to one task, the datagram and its answer in one go.
+    let before = counters(&mesh);
+    let mut seen = BTreeMap::new();
+    topo.c.enter(|| {
+        for _ in 0..24 {
+            let (task, peer, sends) = udp_echo(sock(NODE, BIG_PORT), 4000, 3).unwrap_or_else(|e| {
+                panic!(
+                    "4,000 bytes via {NODE}:{BIG_PORT}: {e}; {}",
+                    show(&counters(&mesh).since(&before))
+                )
+            });
+            assert_eq!((peer.as_str(), sends), (CLIENT, 1), "via {task}");
+            *seen.entry(task).or_insert(0) += 1;
+        }
+    });
+    assert_eq!(seen.len(), 3, "every task answered: {seen:?}");
+    let d = counters(&mesh).since(&before);
+    println!("\nlb: 24 datagrams of 4,000 bytes via {NODE}:{BIG_PORT} and their answers, landed {seen:?}: {}", show(&d));
+    // Three fragments each way, every one translated.
+    assert!(
+        d.get(u, Reason::FwdToTask).packets >= 24 * 3,
+        "{}",
+        show(&d)
+    );
+    assert!(
+        d.get(u, Reason::ObsFragmentNonFirst).packets >= 24 * 2,
+        "{}",
+        show(&d)
+    );
+    assert!(
+        d.get(t, Reason::FwdReplyToClient).packets >= 24 * 3,
+        "{}",
+        show(&d)
+    );
+    assert!(
+        d.get(t, Reason::ObsFragmentNonFirst).packets >= 24 * 2,
+        "{}",
+        show(&d)
+    );
+    for h in [u, t] {
+        assert_eq!(
+            d.get(h, Reason::PassFragmentUnmatched).packets,
+            0,
+            "{}",
+            show(&d)
+        );
+    }
+
+    // From t1 through the VIP (t1 itself answers as seen from the hairpin address).
+    let before = counters(&mesh);
+    let mut seen = BTreeMap::new();
+    topo.t[0].enter(|| {
+        for _ in 0..24 {
+            let (task, peer, sends) = udp_echo(sock(BIG_VIP, ECHO_UDP_PORT), 4000, 3)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "4,000 bytes to the VIP: {e}; {}",
+                        show(&counters(&mesh).since(&before))
+                    )
+                });
+            let want = if task == "t1" {
+                "169.254.42.1"
+            } else {
+                TASKS[0]
+            };
+            assert_eq!((peer.as_str(), sends), (want, 1), "via {task}");
+            *seen.entry(task).or_insert(0) += 1;
+        }
+    });
+    assert_eq!(seen.len(), 3, "the VIP reached every task: {seen:?}");
+    let d = counters(&mesh).since(&before);
+    println!("lb: 24 datagrams of 4,000 bytes from t1 to {BIG_VIP}:{ECHO_UDP_PORT} and their answers, landed {seen:?}");
+    assert!(
+        d.get(t, Reason::FwdToTask).packets >= 24 * 3,
+        "{}",
+        show(&d)
+    );
+    assert_eq!(
+        d.get(t, Reason::PassFragmentUnmatched).packets,
+        0,
+        "{}",
+        show(&d)
+    );
+
+    // XDP on the underlay: fragments follow their first one there too.
+    topo.c.exec(&["ethtool", "-K", "uc", "tx", "off"]);
+    for ts in &topo.t {
+        ts.exec(&["ethtool", "-K", "eth0", "gro", "on"]);
+    }
+    topo.n.enter(|| {
+        mesh.dp
+            .attach_xdp("un", aya::programs::XdpMode::Driver)
+            .expect("attach xdp")
+    });
+    let before = counters(&mesh);
+    topo.c.enter(|| {
+        for _ in 0..12 {
+            let (task, peer, sends) = udp_echo(sock(NODE, BIG_PORT), 4000, 3).unwrap_or_else(|e| {
+                panic!(
+                    "4,000 bytes via XDP: {e}; {}",
+                    show(&counters(&mesh).since(&before))
+                )
+            });
+            assert_eq!((peer.as_str(), sends), (CLIENT, 1), "via {task}");
+        }
+    });
+    let d = counters(&mesh).since(&before);
+    let x = Hook::XdpUnderlay;
+    println!(
+        "lb: with XDP, 12 datagrams of 4,000 bytes and their answers: {}",
+        show(&d)
+    );
+    assert!(
+        d.get(x, Reason::FwdToTask).packets >= 12 * 3,
+        "{}",
+        show(&d)
+    );
+    assert!(
+        d.get(x, Reason::ObsFragmentNonFirst).packets >= 12 * 2,
+        "{}",
+        show(&d)
+    );
+    assert_eq!(
+        d.get(x, Reason::PassFragmentUnmatched).packets,
+        0,
+        "{}",
+        show(&d)
+    );
+}
+
+/// A VIP on Docker's overlay (every port), reached through the overlay veth hooks as on
+/// a swarm's user overlay network: a bridge in the overlay's namespace with three tasks
+/// on the overlay's MTU (1450). t1's 4,000-byte datagrams to the VIP are rewritten
+/// fragment by fragment toward t2 or t3, their 4,000-byte answers come back from the
+/// VIP; a port nobody listens on gives t1's socket ECONNREFUSED.
+#[test]
+fn an_overlay_vip_takes_big_datagrams_and_answers_port_unreachable() {
+    use mesh_agent::model::{BackendSpec, EndpointSpec, MacAddr, Model, ServiceSpec};
+    use mesh_tests::{lbtopo::Servers, netns::Netns};
+    let Some(object) =
+        prereq::privileged("an_overlay_vip_takes_big_datagrams_and_answers_port_unreachable")
+    else {
+        return;
+    };
+    const OVL_TASKS: [&str; 3] = ["10.0.2.11", "10.0.2.12", "10.0.2.13"];
+    const OVL_VIP: &str = "10.0.2.10";
+    let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+    let mac = |a: &str| {
+        let o = ip(a).octets();
+        format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+    };
+    // Docker's namespace of the overlay network: its bridge and one veth per task.
+    let o = Netns::new("vo");
+    o.ip(&["link", "add", "br0", "type", "bridge"]);
+    o.ip(&["link", "set", "br0", "up"]);
+    let tasks: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("vt{i}"))).collect();
+    for (i, t) in tasks.iter().enumerate() {
+        t.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        let host = format!("v{}", i + 1);
+        t.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "address",
+            &mac(OVL_TASKS[i]),
+            "mtu",
+            "1450",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &host,
+            "netns",
+            o.name(),
+        ]);
+        t.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", OVL_TASKS[i]),
+            "dev",
+            "eth0",
+        ]);
+        t.ip(&["link", "set", "eth0", "up"]);
+        o.ip(&["link", "set", &host, "mtu", "1450", "master", "br0", "up"]);
+        // The tasks' kernels would send one port unreachable per second per
+        // destination after a burst of six.
+        t.exec(&["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]);
+    }
+    let servers = Servers::new();
+    for (i, t) in tasks.iter().enumerate() {
+        servers.serve(t, &format!("t{}", i + 1));
+    }
+    let backend = |a: &str| BackendSpec {
+        addr: ip(a),
+        state: Health::Active,
+        node: None,
+        network: None,
+        task: None,
+    };
+    let model = Model {
+        services: vec![ServiceSpec {
+            name: "api".into(),
+            ports: vec![],
+            vips: vec![ip(OVL_VIP)],
+            backends: vec![backend(OVL_TASKS[1]), backend(OVL_TASKS[2])],
+            tcp_idle: None,
+            udp_idle: None,
+            affinity: false,
+            every_port: true,
+        }],
+        // The tasks of this node (here reached on their overlay veths).
+        endpoints: (0..3)
+            .map(|i| EndpointSpec {
+                addr: ip(OVL_TASKS[i]),
+                interface: format!("v{}", i + 1),
+                mac: MacAddr({
+                    let o = ip(OVL_TASKS[i]).octets();
+                    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+                }),
+                delivery_addr: None,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load datapath");
+    let mut mesh = Mesh::new(dp);
+    o.enter(|| {
+        for h in ["v1", "v2", "v3"] {
+            mesh.dp.attach_tc_overlay(h).expect("attach overlay veth");
+        }
+        mesh.apply(&model).expect("apply model");
+    });
+    let show = |d: &Snapshot| {
+        d.iter()
+            .map(|(h, r, c)| format!("{}/{}={}", h.name(), r.name(), c.packets))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let before = counters(&mesh);
+    // First a port nobody listens on, then the big datagrams.
+    let mut refused = 0;
+    tasks[0].enter(|| {
+        for _ in 0..6 {
+            udp_refused(0, sock(OVL_VIP, CLOSED_UDP_PORT))
+                .unwrap_or_else(|e| panic!("t1: {e}; {}", show(&counters(&mesh).since(&before))));
+            refused += 1;
+        }
+    });
+    let mut seen = BTreeMap::new();
+    tasks[0].enter(|| {
+        for _ in 0..16 {
+            let (task, peer, sends) = udp_echo(sock(OVL_VIP, ECHO_UDP_PORT), 4000, 3)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "4,000 bytes to the overlay VIP: {e}; {}",
+                        show(&counters(&mesh).since(&before))
+                    )
+                });
+            assert_eq!((peer.as_str(), sends), (OVL_TASKS[0], 1), "via {task}");
+            *seen.entry(task).or_insert(0) += 1;
+        }
+    });
+    assert_eq!(seen.len(), 2, "both tasks answered: {seen:?}");
+    let d = counters(&mesh).since(&before);
+    let (oi, oo) = (Hook::TcOverlayIn, Hook::TcOverlayOut);
+    println!(
+        "\nlb: overlay VIP {OVL_VIP}: 16 datagrams of 4,000 bytes from t1 and their answers, landed {seen:?}; {refused} datagrams to a closed port refused: {}",
+        show(&d)
+    );
+    assert!(
+        d.get(oi, Reason::FwdVipToTask).packets >= 16 * 3,
+        "{}",
+        show(&d)
+    );
+    assert!(
+        d.get(oi, Reason::ObsFragmentNonFirst).packets >= 16 * 2,
+        "{}",
+        show(&d)
+    );
+    assert!(
+        d.get(oo, Reason::FwdVipReply).packets >= 16 * 3,
+        "{}",
+        show(&d)
+    );
+    assert_eq!(d.get(oo, Reason::FwdIcmpError).packets, 6, "{}", show(&d));
+    drop(servers);
 }

@@ -1412,3 +1412,329 @@ fn per_packet_cost_of_the_pass_through_paths() {
         tc, xdp, task
     );
 }
+
+/// A datagram too big for one frame: `payload_len` bytes of a pattern.
+fn big(payload_len: usize) -> Vec<u8> {
+    (0..payload_len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Fragments of a UDP datagram (IP id `id`, at most 1500 IP bytes each).
+#[allow(clippy::too_many_arguments)]
+fn udp_frags(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    id: u16,
+) -> Vec<Vec<u8>> {
+    mesh_tests::packets::ipv4_fragments(
+        &udp(macs, src, dst, sport, dport, payload, false),
+        id,
+        1500,
+    )
+}
+
+/// The observation the parser counts for fragment `i`.
+fn frag_obs(i: usize) -> Reason {
+    if i == 0 {
+        ObsFragmentFirst
+    } else {
+        ObsFragmentNonFirst
+    }
+}
+
+/// Fragments follow their first one: a 3,000-byte UDP datagram (first, middle and last
+/// fragment) through a published port to a local task at TC and at XDP, and the task's
+/// 3,000-byte answer, reverse-NATed at the task's veth; a TCP segment fragmented with
+/// DF cleared on a tracked flow. Only the first fragment's L4 header is rewritten, every
+/// fragment's L3 header is. A fragment that comes before its first one, or whose flow's
+/// backend is gone, is never translated and is counted.
+#[test]
+fn fragments_follow_their_first_one() {
+    let Some(object) = prereq::privileged("fragments_follow_their_first_one") else {
+        return;
+    };
+    let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
+    let (u, t, x) = (Hook::TcUnderlayIngress, Hook::TcTask, Hook::XdpUnderlay);
+    let data = big(3000);
+
+    let q = udp_frags(C2N, CLIENT, NODE, 5100, 5353, &data, 0x1234);
+    let q_out = udp_frags(to_task(T1), CLIENT, T1, 5100, 53, &data, 0x1234);
+    assert_eq!(q.len(), 3, "first, middle, last");
+    rig.step(
+        "udp: first fragment to the published port",
+        u,
+        &q[0],
+        REDIRECT,
+        Some(&q_out[0]),
+        &[FwdToTask, ObsCtNew, ObsFragmentFirst],
+    );
+    for (i, what) in [
+        (1, "udp: middle fragment follows"),
+        (2, "udp: last fragment follows"),
+    ] {
+        rig.step(
+            what,
+            u,
+            &q[i],
+            REDIRECT,
+            Some(&q_out[i]),
+            &[FwdToTask, ObsCtHit, ObsFragmentNonFirst],
+        );
+    }
+    // Another datagram of the flow whose last fragment comes first: nothing to follow
+    // yet, passed untouched and counted; its first fragment then goes through.
+    let o = udp_frags(C2N, CLIENT, NODE, 5100, 5353, &data, 0x1240);
+    let o_out = udp_frags(to_task(T1), CLIENT, T1, 5100, 53, &data, 0x1240);
+    rig.step(
+        "udp: last fragment before its first",
+        u,
+        &o[2],
+        PASS,
+        Some(&o[2]),
+        &[PassFragmentUnmatched, ObsFragmentNonFirst],
+    );
+    rig.step(
+        "udp: then its first",
+        u,
+        &o[0],
+        REDIRECT,
+        Some(&o_out[0]),
+        &[FwdToTask, ObsCtHit, ObsFragmentFirst],
+    );
+    // The task's answer, as big, fragmented by its kernel: reverse NAT on every fragment.
+    let a = udp_frags(from_task(T1), T1, CLIENT, 53, 5100, &data, 0x4321);
+    let a_out = udp_frags(N2C, NODE, CLIENT, 5353, 5100, &data, 0x4321);
+    for i in 0..a.len() {
+        rig.step(
+            "udp: the task's answer, fragment by fragment",
+            t,
+            &a[i],
+            REDIRECT,
+            Some(&a_out[i]),
+            &[FwdReplyToClient, ObsCtHit, frag_obs(i)],
+        );
+    }
+
+    // The same at XDP, a new flow (another IP id, another source port).
+    let xq = udp_frags(C2N, CLIENT, NODE, 5101, 5353, &data, 0x1235);
+    let xq_out = udp_frags(to_task(T1), CLIENT, T1, 5101, 53, &data, 0x1235);
+    for i in 0..xq.len() {
+        let ct = if i == 0 { ObsCtNew } else { ObsCtHit };
+        rig.step(
+            "xdp: fragments to the published port",
+            x,
+            &xq[i],
+            XDP_REDIRECT,
+            Some(&xq_out[i]),
+            &[FwdToTask, ct, frag_obs(i)],
+        );
+    }
+    // A fragment after the first whose first one XDP never saw: passed, counted.
+    let stray = &udp_frags(C2N, CLIENT, NODE, 5102, 5353, &data, 0x1236)[1];
+    rig.step(
+        "xdp: a fragment without its first one",
+        x,
+        stray,
+        XDP_PASS,
+        Some(stray),
+        &[PassFragmentUnmatched, ObsFragmentNonFirst],
+    );
+
+    // TCP with DF cleared, fragmented on a tracked flow: the same mechanism.
+    let syn = tcp(C2N, CLIENT, NODE, 46000, 8080, Tcp::Syn, 100, 0, &[]);
+    rig.step("tcp: syn", u, &syn, REDIRECT, None, &[FwdToTask, ObsCtNew]);
+    let frags = |macs, src, dst, sport, dport| {
+        mesh_tests::packets::ipv4_fragments(
+            &tcp(macs, src, dst, sport, dport, Tcp::Ack, 101, 901, &data),
+            0x2222,
+            1500,
+        )
+    };
+    let seg = frags(C2N, CLIENT, NODE, 46000, 8080);
+    let seg_out = frags(to_task(T1), CLIENT, T1, 46000, 80);
+    for i in 0..seg.len() {
+        rig.step(
+            "tcp: a fragmented segment",
+            u,
+            &seg[i],
+            REDIRECT,
+            Some(&seg_out[i]),
+            &[FwdToTask, ObsCtHit, frag_obs(i)],
+        );
+    }
+
+    // The backend goes away between a datagram's first fragment and the rest: the first
+    // is delivered, the rest cannot be (nor answered: the flow's next datagram is).
+    let g = udp_frags(C2N, CLIENT, NODE, 5103, 5353, &data, 0x1237);
+    rig.step(
+        "udp: first fragment, then the backend goes",
+        u,
+        &g[0],
+        REDIRECT,
+        None,
+        &[FwdToTask, ObsCtNew, ObsFragmentFirst],
+    );
+    rig.apply(&[(T2, Health::Active)]);
+    rig.step(
+        "udp: a fragment of a flow whose backend is gone",
+        u,
+        &g[1],
+        SHOT,
+        None,
+        &[DropCannotReply, ObsCtHit, ObsFragmentNonFirst],
+    );
+    println!("\nlb fixtures: fragments, {} steps", rig.steps);
+}
+
+/// On Docker's overlay: a 3,000-byte UDP datagram from a task to an every-port VIP is
+/// rewritten fragment by fragment toward the chosen task, its answer's fragments get the
+/// VIP back as their source.
+#[test]
+fn overlay_vip_fragments_follow_their_first_one() {
+    let Some(object) = prereq::privileged("overlay_vip_fragments_follow_their_first_one") else {
+        return;
+    };
+    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
+    let (oi, oo) = (Hook::TcOverlayIn, Hook::TcOverlayOut);
+    const OK: u32 = 0;
+    let vip_mac = task_mac(VIP_ANY);
+    let data = big(3000);
+    let q = udp_frags(
+        (task_mac(T3), vip_mac),
+        T3,
+        VIP_ANY,
+        5400,
+        5300,
+        &data,
+        0x5151,
+    );
+    let got = rig.step(
+        "overlay: first fragment to the VIP",
+        oi,
+        &q[0],
+        OK,
+        None,
+        &[FwdVipToTask, ObsCtNew, ObsFragmentFirst],
+    );
+    let toward = |t: [u8; 4]| {
+        udp_frags(
+            (task_mac(T3), task_mac(t)),
+            T3,
+            t,
+            5400,
+            5300,
+            &data,
+            0x5151,
+        )
+    };
+    let chosen = [T1, T2]
+        .into_iter()
+        .find(|t| hex(&got) == hex(&toward(*t)[0]))
+        .unwrap_or_else(|| panic!("first fragment rewritten to neither task: {}", hex(&got)));
+    let q_out = toward(chosen);
+    for i in 1..q.len() {
+        rig.step(
+            "overlay: the rest follows",
+            oi,
+            &q[i],
+            OK,
+            Some(&q_out[i]),
+            &[FwdVipToTask, ObsCtHit, ObsFragmentNonFirst],
+        );
+    }
+    let a = udp_frags(
+        (task_mac(chosen), task_mac(T3)),
+        chosen,
+        T3,
+        5300,
+        5400,
+        &data,
+        0x6161,
+    );
+    let a_out = udp_frags(
+        (task_mac(chosen), task_mac(T3)),
+        VIP_ANY,
+        T3,
+        5300,
+        5400,
+        &data,
+        0x6161,
+    );
+    for i in 0..a.len() {
+        rig.step(
+            "overlay: the answer comes from the VIP, fragment by fragment",
+            oo,
+            &a[i],
+            OK,
+            Some(&a_out[i]),
+            &[FwdVipReply, ObsCtHit, frag_obs(i)],
+        );
+    }
+    println!("\nlb fixtures: overlay fragments, {} steps", rig.steps);
+}
+
+/// On Docker's overlay: the task a VIP flow went to has no listener; its kernel's ICMP
+/// port unreachable is translated at the caller's overlay veth, so that the caller sees
+/// it from the VIP about what it sent.
+#[test]
+fn overlay_vip_port_unreachable() {
+    let Some(object) = prereq::privileged("overlay_vip_port_unreachable") else {
+        return;
+    };
+    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
+    let (oi, oo) = (Hook::TcOverlayIn, Hook::TcOverlayOut);
+    const OK: u32 = 0;
+    let vip_mac = task_mac(VIP_ANY);
+    // Nothing listens where the datagram went: the chosen task's kernel answers with a
+    // port unreachable quoting (T3 -> chosen:5300); T3 must see (T3 -> VIP:5300), from
+    // the VIP, or its socket never learns.
+    let small = udp(
+        (task_mac(T3), vip_mac),
+        T3,
+        VIP_ANY,
+        5401,
+        5300,
+        b"anyone?",
+        false,
+    );
+    let got = rig.step(
+        "overlay: a small datagram to the VIP",
+        oi,
+        &small,
+        OK,
+        None,
+        &[FwdVipToTask, ObsCtNew],
+    );
+    let to = [got[30], got[31], got[32], got[33]];
+    let unreach = |src: [u8; 4], quoted: &[u8]| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(task_mac(to), task_mac(T3))
+            .ipv4(src, T3, 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ))
+            .write(&mut v, &quoted[14..14 + 28])
+            .unwrap();
+        v
+    };
+    let icmp = unreach(to, &got);
+    // The quoted UDP checksum stays the one the task saw (nobody checks a quote's).
+    let mut quoted = small.clone();
+    quoted[40..42].copy_from_slice(&got[40..42]);
+    let icmp_out = unreach(VIP_ANY, &quoted);
+    rig.step(
+        "overlay: the chosen task's port unreachable, from the VIP",
+        oo,
+        &icmp,
+        OK,
+        Some(&icmp_out),
+        &[FwdIcmpError],
+    );
+    println!(
+        "\nlb fixtures: overlay port unreachable, {} steps",
+        rig.steps
+    );
+}

@@ -9,12 +9,23 @@ use std::{collections::BTreeSet, net::UdpSocket};
 use mesh_agent::{features::Feature, loader::Datapath, mesh::Mesh, stats::Snapshot};
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
-    cluster::{Cluster, CLIENT, NODES, NODE_OVERLAY, TASKS, VIP, VNI},
-    lbtopo::{http_get, DIRECT_PORT},
+    cluster::{backend, Cluster, CLIENT, NODES, NODE_OVERLAY, TASKS, VIP, VNI},
+    lbtopo::{
+        http_get, udp_echo, udp_refused, udp_service, CLOSED_UDP_PORT, DIRECT_PORT, ECHO_UDP_PORT,
+    },
     measure, prereq,
 };
 
 fn setup(test: &str, tag: &str) -> Option<(Cluster, Vec<Mesh>)> {
+    setup_with(test, tag, |_, _| {})
+}
+
+/// As [`setup`], with node `i`'s model changed by `extend(i, model)` first.
+fn setup_with(
+    test: &str,
+    tag: &str,
+    extend: impl Fn(usize, &mut mesh_agent::model::Model),
+) -> Option<(Cluster, Vec<Mesh>)> {
     let object = prereq::privileged(test)?;
     let cluster = Cluster::new(tag);
     let mut meshes = Vec::new();
@@ -30,7 +41,8 @@ fn setup(test: &str, tag: &str) -> Option<(Cluster, Vec<Mesh>)> {
         };
         let dp = Datapath::load(&object, &cfg).expect("load datapath");
         let mut mesh = Mesh::new(dp);
-        let model = cluster.model(i, &[true; 3]);
+        let mut model = cluster.model(i, &[true; 3]);
+        extend(i, &mut model);
         cluster.nodes[i].enter(|| {
             mesh.dp.attach_tc_ingress("u").expect("attach underlay");
             mesh.dp
@@ -488,5 +500,232 @@ fn path_mtu_discovery_across_the_overlay() {
     assert!(
         gbps > 0.1 && slowest > 0.0,
         "the transfer ran ({gbps} Gbit/s, slowest second {slowest})"
+    );
+}
+
+/// UDP services of the datagram tests: `big` (the tasks' echo) published on
+/// [`BIG_PORT`] over t2 only, and on [`BIG_VIP`] over t2 and t3 (t1 calls it: every
+/// backend on another node); `closed<k>` ([`CLOSED_PORT`] + k, where nothing listens)
+/// over t<k> only, and on [`CLOSED_VIP`] over t2 and t3.
+const BIG_PORT: u16 = 5356;
+const BIG_VIP: &str = "10.0.1.30";
+const CLOSED_PORT: u16 = 5360;
+const CLOSED_VIP: &str = "10.0.1.31";
+
+fn datagram_services(i: usize, m: &mut mesh_agent::model::Model) {
+    let ip = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap();
+    let on = |tasks: &[usize]| tasks.iter().map(|t| backend(i, *t)).collect::<Vec<_>>();
+    m.services.extend([
+        udp_service("bigport", Some(BIG_PORT), ECHO_UDP_PORT, vec![], on(&[1])),
+        udp_service(
+            "bigvip",
+            None,
+            ECHO_UDP_PORT,
+            vec![ip(BIG_VIP)],
+            on(&[1, 2]),
+        ),
+        udp_service(
+            "closedvip",
+            None,
+            CLOSED_UDP_PORT,
+            vec![ip(CLOSED_VIP)],
+            on(&[1, 2]),
+        ),
+    ]);
+    for k in 0..3 {
+        let name = format!("closed{}", k + 1);
+        let port = CLOSED_PORT + 1 + k as u16;
+        m.services.push(udp_service(
+            &name,
+            Some(port),
+            CLOSED_UDP_PORT,
+            vec![],
+            on(&[k]),
+        ));
+    }
+}
+
+fn show(d: &Snapshot) -> String {
+    d.iter()
+        .map(|(h, r, c)| format!("{}/{}={}", h.name(), r.name(), c.packets))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn sock(addr: &str, port: u16) -> std::net::SocketAddr {
+    (addr.parse::<std::net::Ipv4Addr>().unwrap(), port).into()
+}
+
+/// 4,000-byte UDP datagrams (IPv4 fragments) through the tunnel and back: from the
+/// client through node 1's and node 3's published port to t2 on node 2, and from t1
+/// through a VIP to the tasks on nodes 2 and 3. The client's link (1500) is wider than
+/// the overlay (1450): its first datagram to each node does not fit the tunnel, is
+/// answered with ICMP fragmentation needed (the path MTU the client's kernel then uses)
+/// and is lost; the next fits, fragment by fragment.
+#[test]
+fn datagrams_bigger_than_the_mtu_cross_the_tunnel_both_ways() {
+    let Some((cl, meshes)) = setup_with(
+        "datagrams_bigger_than_the_mtu_cross_the_tunnel_both_ways",
+        "d",
+        datagram_services,
+    ) else {
+        return;
+    };
+    let before: Vec<Snapshot> = meshes.iter().map(counters).collect();
+    let since = |i: usize| counters(&meshes[i]).since(&before[i]);
+    let all = || {
+        (0..3)
+            .map(|i| format!("n{}: {}", i + 1, show(&since(i))))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    // (Through node 2 the task is local, behind a veth of the overlay's MTU in this
+    // topology: a 1500-byte fragment cannot be delivered there; on Docker the delivery
+    // veth is docker_gwbridge's, as wide as the underlay.)
+    for node in [NODES[0], NODES[2]] {
+        cl.c.enter(|| {
+            for round in 0..4 {
+                let (task, peer, sends) = udp_echo(sock(node, BIG_PORT), 4000, 3)
+                    .unwrap_or_else(|e| panic!("4,000 bytes via {node}: {e}; {}", all()));
+                assert_eq!((task.as_str(), peer.as_str()), ("t2", CLIENT), "via {node}");
+                // The first teaches the client the tunnel's MTU; the others fit at once.
+                let most = if round == 0 { 2 } else { 1 };
+                assert!(
+                    sends <= most,
+                    "via {node}, datagram {round}: {sends} sends; {}",
+                    all()
+                );
+            }
+        });
+    }
+    let route = String::from_utf8_lossy(&cl.c.ip(&["route", "get", NODES[0]]).stdout).to_string();
+    assert!(
+        route.contains("mtu 1450"),
+        "the client learnt the overlay MTU: {route}"
+    );
+    let (u, t) = (Hook::TcUnderlayIngress, Hook::TcTask);
+    let (n1, n2) = (since(0), since(1));
+    println!(
+        "\noverlay: 8 datagrams of 4,000 bytes via {} and {} to t2 on node 2 and their answers; node 1: {}; node 2: {}",
+        NODES[0], NODES[2], show(&n1), show(&n2)
+    );
+    assert!(
+        n1.get(u, Reason::ReplyIcmpFragNeeded).packets >= 1,
+        "{}",
+        all()
+    );
+    // Node 1: 3 fragments of each of 4 datagrams into the tunnel, 3 of each answer out
+    // of it, reverse-NATed.
+    assert!(n1.get(u, Reason::FwdToTunnel).packets >= 4 * 3, "{}", all());
+    assert!(
+        n1.get(u, Reason::FwdReplyToClient).packets >= 4 * 3,
+        "{}",
+        all()
+    );
+    // Node 2: delivered from the tunnel, answered into it.
+    assert!(n2.get(u, Reason::FwdToTask).packets >= 8 * 3, "{}", all());
+    assert!(
+        n2.get(u, Reason::ObsFragmentNonFirst).packets >= 8 * 2,
+        "{}",
+        all()
+    );
+    assert!(n2.get(t, Reason::FwdToTunnel).packets >= 8 * 3, "{}", all());
+    for i in 0..3 {
+        let d = since(i);
+        for r in [Reason::DropVxlanBadInner, Reason::DropCannotReply] {
+            assert_eq!(
+                d.get(u, r).packets + d.get(t, r).packets,
+                0,
+                "n{}: {}",
+                i + 1,
+                all()
+            );
+        }
+        // Only the rest of a datagram whose first fragment was answered (too big for
+        // the tunnel) passes untranslated, to the node's own reassembly.
+        assert_eq!(
+            d.get(u, Reason::PassFragmentUnmatched).packets
+                + d.get(t, Reason::PassFragmentUnmatched).packets,
+            2 * d.get(u, Reason::ReplyIcmpFragNeeded).packets,
+            "n{}: {}",
+            i + 1,
+            all()
+        );
+    }
+
+    // From t1 (on the overlay's MTU) through the VIP: every backend on another node.
+    let mut seen = BTreeSet::new();
+    cl.tasks[0].enter(|| {
+        for _ in 0..16 {
+            let (task, peer, sends) = udp_echo(sock(BIG_VIP, ECHO_UDP_PORT), 4000, 3)
+                .unwrap_or_else(|e| panic!("4,000 bytes to the VIP: {e}; {}", all()));
+            assert_eq!((peer.as_str(), sends), (TASKS[0], 1), "via {task}");
+            seen.insert(task);
+        }
+    });
+    assert_eq!(seen, BTreeSet::from(["t2".to_string(), "t3".to_string()]));
+    println!("overlay: 16 datagrams of 4,000 bytes from t1 to {BIG_VIP}:{ECHO_UDP_PORT} and their answers, through the tunnel to {seen:?}");
+}
+
+/// UDP to a port where the chosen task has no listener: the task's kernel answers with
+/// port unreachable, and the sender's socket gets ECONNREFUSED, whether the task is on
+/// the node the client came through or on another (through the tunnel both ways), and
+/// from a task through a VIP.
+#[test]
+fn port_unreachable_from_local_and_remote_tasks() {
+    let Some((cl, meshes)) = setup_with(
+        "port_unreachable_from_local_and_remote_tasks",
+        "u",
+        datagram_services,
+    ) else {
+        return;
+    };
+    // The tasks' kernels would send one per second per destination after a burst of six.
+    for t in &cl.tasks {
+        t.exec(&["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]);
+    }
+    let before: Vec<Snapshot> = meshes.iter().map(counters).collect();
+    let all = || {
+        (0..3)
+            .map(|i| {
+                format!(
+                    "n{}: {}",
+                    i + 1,
+                    show(&counters(&meshes[i]).since(&before[i]))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut failed = Vec::new();
+    for (n, node) in NODES.iter().take(3).enumerate() {
+        for k in 0..3 {
+            let port = CLOSED_PORT + 1 + k as u16;
+            let r = cl.c.enter(|| udp_refused(0, sock(node, port)));
+            let how = if n == k {
+                "local"
+            } else {
+                "through the tunnel"
+            };
+            match r {
+                Ok(()) => println!("overlay: via node {} to t{} ({how}): refused", n + 1, k + 1),
+                Err(e) => failed.push(format!("via node {} to t{} ({how}): {e}", n + 1, k + 1)),
+            }
+        }
+    }
+    for _ in 0..6 {
+        if let Err(e) = cl.tasks[0].enter(|| udp_refused(0, sock(CLOSED_VIP, CLOSED_UDP_PORT))) {
+            failed.push(format!("t1 through the VIP: {e}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "no ECONNREFUSED:\n{}\n{}",
+        failed.join("\n"),
+        all()
+    );
+    println!(
+        "\noverlay: port unreachable from local and remote tasks reached the sender: {}",
+        all()
     );
 }

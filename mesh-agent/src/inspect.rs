@@ -177,7 +177,8 @@ pub struct AgentStatus {
     /// PID namespace shows their owners).
     #[serde(default)]
     pub ports_in_use: Vec<crate::listeners::PortInUse>,
-    /// The ports this node publishes, "8080/tcp" -> service (for `meshctl doctor`).
+    /// The ports this node publishes, "8080/tcp" -> "service ingress|host" (for
+    /// `meshctl doctor`).
     #[serde(default)]
     pub published: BTreeMap<String, String>,
 }

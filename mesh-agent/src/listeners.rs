@@ -1,8 +1,9 @@
 //! Ports a published service shares with a process on this node. The mesh's hooks take
 //! a published port on every node address ahead of the node's stack, so a process that
-//! already listens there (nginx on :80, a `docker run -p`) silently gets nothing while
-//! the service publishes the port. Docker itself holds ingress ports with listeners of
-//! its own (dockerd) and host-mode ones with docker-proxy: those are not in the way.
+//! already listens there (nginx on :80, a `docker run -p` container's docker-proxy)
+//! silently gets nothing while the service publishes the port. Docker holds ingress
+//! ports with listeners of its own (dockerd), and the host-mode ports the mesh serves
+//! with docker-proxy: those are not in the way.
 //! Read from `/proc/net/{tcp,udp}{,6}` of this network namespace; owners from
 //! `/proc/<pid>/fd` where this PID namespace can see them.
 
@@ -11,7 +12,10 @@ use std::{
     path::Path,
 };
 
-use crate::model::Protocol;
+use crate::model::{Protocol, PublishMode};
+
+/// The ports published on this node: (protocol, port) -> (service, mode).
+pub type Published = BTreeMap<(Protocol, u16), (String, PublishMode)>;
 
 /// A socket bound for listening (TCP LISTEN, or UDP bound and unconnected).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -128,27 +132,29 @@ pub fn owners(proc: &Path, inodes: &BTreeSet<u64>) -> BTreeMap<u64, (u32, String
     out
 }
 
-/// Docker's own holders of published ports.
-fn docker_owned(comm: &str) -> bool {
-    matches!(comm, "dockerd" | "docker-proxy")
+/// Docker's own holders of a published port: dockerd reserves ingress ports, and
+/// docker-proxy holds the host-mode ports of the tasks the mesh serves (on any other
+/// port it stands for a `docker run -p` container, which the mesh would cut off).
+fn docker_owned(comm: &str, mode: PublishMode) -> bool {
+    comm == "dockerd" || (comm == "docker-proxy" && mode == PublishMode::Host)
 }
 
 /// The `published` ports ((protocol, port) -> service) that a process other than
 /// Docker's listens on. A listener whose owner this PID namespace cannot see is left
 /// out unless `unseen_counts` (it may be dockerd's own, which holds every ingress port).
 pub fn in_use(
-    published: &BTreeMap<(Protocol, u16), String>,
+    published: &Published,
     listening: &[Listener],
     owners: &BTreeMap<u64, (u32, String)>,
     unseen_counts: bool,
 ) -> Vec<PortInUse> {
     let mut out = BTreeSet::new();
     for l in listening {
-        let Some(service) = published.get(&(l.protocol, l.port)) else {
+        let Some((service, mode)) = published.get(&(l.protocol, l.port)) else {
             continue;
         };
         let process = match owners.get(&l.inode) {
-            Some((_, comm)) if docker_owned(comm) => continue,
+            Some((_, comm)) if docker_owned(comm, *mode) => continue,
             Some((pid, comm)) => format!("{comm} (pid {pid})"),
             None if unseen_counts => "a process this agent cannot see".to_string(),
             None => continue,
@@ -163,15 +169,15 @@ pub fn in_use(
     out.into_iter().collect()
 }
 
-/// The ports `model` publishes on this node: (protocol, port) -> service.
-pub fn published(model: &crate::model::Model) -> BTreeMap<(Protocol, u16), String> {
+/// The ports `model` publishes on this node.
+pub fn published(model: &crate::model::Model) -> Published {
     let mut out = BTreeMap::new();
     for s in &model.services {
         let service = s.name.split('@').next().unwrap_or(&s.name);
         for p in &s.ports {
             if let Some(pp) = p.published {
                 out.entry((p.protocol, pp))
-                    .or_insert_with(|| service.to_string());
+                    .or_insert_with(|| (service.to_string(), p.mode));
             }
         }
     }
@@ -179,7 +185,7 @@ pub fn published(model: &crate::model::Model) -> BTreeMap<(Protocol, u16), Strin
 }
 
 /// What [`in_use`] finds in this namespace now, for `published`.
-pub fn scan(proc: &Path, published: &BTreeMap<(Protocol, u16), String>) -> Vec<PortInUse> {
+pub fn scan(proc: &Path, published: &Published) -> Vec<PortInUse> {
     let listening: Vec<Listener> = listeners(proc)
         .into_iter()
         .filter(|l| published.contains_key(&(l.protocol, l.port)))
@@ -220,10 +226,11 @@ mod tests {
 
     #[test]
     fn docker_s_own_listeners_are_not_in_the_way() {
-        let published = BTreeMap::from([
-            ((Protocol::Tcp, 8080), "web".to_string()),
-            ((Protocol::Tcp, 80), "front".to_string()),
-            ((Protocol::Udp, 5353), "dns".to_string()),
+        let ingress = |s: &str| (s.to_string(), PublishMode::Ingress);
+        let mut published = BTreeMap::from([
+            ((Protocol::Tcp, 8080), ingress("web")),
+            ((Protocol::Tcp, 80), ingress("front")),
+            ((Protocol::Udp, 5353), ingress("dns")),
         ]);
         let mut l = parse(TCP, Protocol::Tcp);
         l.extend(parse(UDP, Protocol::Udp));
@@ -241,5 +248,11 @@ mod tests {
         // The UDP socket's owner is not visible: counted only when asked to.
         let all = in_use(&published, &l, &owners, true);
         assert_eq!(all.len(), 2, "{all:?}");
+        // docker-proxy: Docker's own for a host-mode port the mesh serves; for an
+        // ingress port, a `docker run -p` container that the mesh cuts off.
+        let owners = BTreeMap::from([(2001, (90, "docker-proxy".to_string()))]);
+        assert_eq!(in_use(&published, &l, &owners, false).len(), 1);
+        published.insert((Protocol::Tcp, 80), ("front".into(), PublishMode::Host));
+        assert!(in_use(&published, &l, &owners, false).is_empty());
     }
 }

@@ -935,10 +935,15 @@ impl Agent {
         self.status.ports_in_use = now;
         self.status.published = published
             .into_iter()
-            .map(|((proto, port), svc)| {
+            .map(|((proto, port), (svc, mode))| {
+                let mode = if mode == model::PublishMode::Host {
+                    "host"
+                } else {
+                    "ingress"
+                };
                 (
                     format!("{port}/{}", format!("{proto:?}").to_lowercase()),
-                    svc,
+                    format!("{svc} {mode}"),
                 )
             })
             .collect();

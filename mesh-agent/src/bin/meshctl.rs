@@ -858,17 +858,23 @@ fn kernel_check(st: &inspect::AgentStatus) -> Check {
 /// on the host sees every process) and as the agent saw them.
 fn ports_check(st: &inspect::AgentStatus) -> Check {
     use mesh_agent::{listeners, model::Protocol};
-    let published: std::collections::BTreeMap<(Protocol, u16), String> = st
+    let published: listeners::Published = st
         .published
         .iter()
-        .filter_map(|(k, svc)| {
+        .filter_map(|(k, v)| {
             let (port, proto) = k.split_once('/')?;
             let proto = match proto {
                 "tcp" => Protocol::Tcp,
                 "udp" => Protocol::Udp,
                 _ => return None,
             };
-            Some(((proto, port.parse().ok()?), svc.clone()))
+            let (svc, mode) = v.split_once(' ').unwrap_or((v, "ingress"));
+            let mode = if mode == "host" {
+                mesh_agent::model::PublishMode::Host
+            } else {
+                mesh_agent::model::PublishMode::Ingress
+            };
+            Some(((proto, port.parse().ok()?), (svc.to_string(), mode)))
         })
         .collect();
     let mut found = listeners::scan(std::path::Path::new("/proc"), &published);

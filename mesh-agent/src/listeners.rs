@@ -148,7 +148,9 @@ pub fn in_use(
     owners: &BTreeMap<u64, (u32, String)>,
     unseen_counts: bool,
 ) -> Vec<PortInUse> {
-    let mut out = BTreeSet::new();
+    // One report per port, naming every process on it (IPv4 and IPv6 listeners of one
+    // program, or several programs).
+    let mut by_port: BTreeMap<(Protocol, u16), (String, BTreeSet<String>)> = BTreeMap::new();
     for l in listening {
         let Some((service, mode)) = published.get(&(l.protocol, l.port)) else {
             continue;
@@ -159,29 +161,40 @@ pub fn in_use(
             None if unseen_counts => "a process this agent cannot see".to_string(),
             None => continue,
         };
-        out.insert(PortInUse {
-            port: l.port,
-            protocol: l.protocol,
-            service: service.clone(),
-            process,
-        });
+        by_port
+            .entry((l.protocol, l.port))
+            .or_insert_with(|| (service.clone(), BTreeSet::new()))
+            .1
+            .insert(process);
     }
-    out.into_iter().collect()
+    by_port
+        .into_iter()
+        .map(|((protocol, port), (service, procs))| PortInUse {
+            port,
+            protocol,
+            service,
+            process: procs.into_iter().collect::<Vec<_>>().join(", "),
+        })
+        .collect()
 }
 
-/// The ports `model` publishes on this node.
-pub fn published(model: &crate::model::Model) -> Published {
-    let mut out = BTreeMap::new();
-    for s in &model.services {
-        let service = s.name.split('@').next().unwrap_or(&s.name);
-        for p in &s.ports {
-            if let Some(pp) = p.published {
-                out.entry((p.protocol, pp))
-                    .or_insert_with(|| (service.to_string(), p.mode));
-            }
-        }
-    }
-    out
+/// The ports programmed on this node: `claims` (what the last apply programmed, see
+/// [`crate::model::Desired::claims`]), with each one's mode from `model`.
+pub fn published(model: &crate::model::Model, claims: &crate::model::Claims) -> Published {
+    claims
+        .iter()
+        .map(|((port, protocol), name)| {
+            let mode = model
+                .services
+                .iter()
+                .filter(|s| &s.name == name)
+                .flat_map(|s| &s.ports)
+                .find(|p| p.published == Some(*port) && p.protocol == *protocol)
+                .map_or(PublishMode::Ingress, |p| p.mode);
+            let service = name.split('@').next().unwrap_or(name).to_string();
+            ((*protocol, *port), (service, mode))
+        })
+        .collect()
 }
 
 /// What [`in_use`] finds in this namespace now, for `published`.
@@ -248,6 +261,19 @@ mod tests {
         // The UDP socket's owner is not visible: counted only when asked to.
         let all = in_use(&published, &l, &owners, true);
         assert_eq!(all.len(), 2, "{all:?}");
+        // Two listeners of one port (IPv4 and IPv6): one report naming both.
+        let mut twice = l.clone();
+        twice.push(Listener {
+            inode: 2002,
+            ..l[1]
+        });
+        let owners2 = BTreeMap::from([
+            (2001, (812, "nginx".to_string())),
+            (2002, (813, "nginx".to_string())),
+        ]);
+        let found = in_use(&published, &twice, &owners2, false);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].process, "nginx (pid 812), nginx (pid 813)");
         // docker-proxy: Docker's own for a host-mode port the mesh serves; for an
         // ingress port, a `docker run -p` container that the mesh cuts off.
         let owners = BTreeMap::from([(2001, (90, "docker-proxy".to_string()))]);

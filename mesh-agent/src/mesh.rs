@@ -153,6 +153,11 @@ impl Mesh {
         &self.problems
     }
 
+    /// The published ports the last apply programmed, and their services.
+    pub fn claims(&self) -> &model::Claims {
+        &self.prior
+    }
+
     pub fn apply_desired(&mut self, d: &Desired) -> Result<Applied, MeshError> {
         let ops = self.reconciler.plan(d).map_err(MeshError::Plan)?;
         // Before the writes: a restarted agent must know every id they may leave behind.

@@ -1,14 +1,16 @@
-//! Tier 3: real Docker Swarms (Docker 20.10 without IPVS) with `mesh-agent
-//! --from-docker` on every node: 3 nodes (`cargo xtask cluster`, one dockerd per network
-//! namespace), and 1 node on this machine's own dockerd. Docker alone answers on no
-//! published port and no VIP here; every check below is the mesh's.
+//! Tier 3: real Docker Swarms with `mesh-agent --from-docker` on every node: 3 nodes
+//! (`cargo xtask cluster`, one dockerd per network namespace) on Docker 20.10 and again on
+//! Docker 28.5; a mixed swarm (28.5 and 20.10 nodes, one stock node without the mesh);
+//! and 1 node on this machine's own dockerd. This kernel has no IPVS: Docker alone
+//! answers on no published port and no VIP here, so every check below is the mesh's.
 //!
 //! One swarm per test, phases in order (a swarm costs ~20 s to build and tear down):
 //! published port on every node with the client's IP kept; scale and rolling updates
 //! under load with zero failed requests; an unhealthy task out of rotation on every node
 //! within 2 s of Docker reporting it; `kill -9` of an agent under load; draining a node
 //! under load; host-mode publishing; a service's VIP from another service's tasks;
-//! service labels; the agents' event lag, from their metrics.
+//! service labels; the agents' event lag, from their metrics; then moby's Swarm
+//! networking spec rows (`swarm/conformance.rs`, README's conformance table).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,6 +18,9 @@ use std::{
 };
 
 use mesh_tests::swarm::{http, Load, Swarm};
+
+#[path = "swarm/conformance.rs"]
+mod conformance;
 
 const IMAGE: &str = "mesh-test/busybox:latest";
 
@@ -184,6 +189,23 @@ fn three_node_phases(s: &mut Swarm) {
     meshctl_views(s);
     labels(s);
     event_lag(s);
+    conformance_phases(s);
+}
+
+/// moby's spec rows on a swarm with the mesh on every node (tests/swarm/conformance.rs).
+fn conformance_phases(s: &Swarm) {
+    conformance::tcp_and_udp_on_one_port(s);
+    conformance::a_model_problem_costs_only_its_service(s);
+    conformance::beyond_the_mtu(s);
+    conformance::udp_without_listener(s);
+    conformance::two_subnets(s);
+    conformance::vip_from_a_plain_container(s);
+    conformance::lone_task_calls_its_own_vip(s);
+    conformance::port_in_use(s);
+    conformance::docker_s_own_port_mappings(s);
+    conformance::network_add_and_remove(s);
+    conformance::vip_and_dnsrr(s);
+    conformance::published_port_lifecycle(s);
 }
 
 /// A swarm in the middle of a rollout, on mixed engines: node 1 (the manager) on Docker
@@ -294,7 +316,8 @@ fn swarm_mixed() {
         s.engine_version(3),
         t_create.elapsed().as_secs_f64()
     );
-    // phases for the mixed swarm are added by the conformance work
+    conformance::stock_node_tasks_from_mesh_nodes(&s, 3);
+    conformance::overlay_across_mesh_and_stock_nodes(&s, 3);
 }
 
 /// The same on one node: this machine's own dockerd (started if none runs), with a

@@ -914,7 +914,7 @@ impl Agent {
     /// when the listening sockets on published ports change.
     fn check_ports(&mut self, model: &model::Model) {
         use mesh_agent::listeners;
-        let published = listeners::published(model);
+        let published = listeners::published(model, self.mesh.claims());
         let proc = Path::new("/proc");
         let listening: Vec<listeners::Listener> = listeners::listeners(proc)
             .into_iter()

@@ -53,6 +53,17 @@ fn doctor(s: &Swarm, n: u32) -> std::collections::BTreeMap<String, (String, Stri
         .collect()
 }
 
+/// Lines of node `n`'s agent log (a process of the harness) that contain every one of
+/// `words`.
+fn agent_log(n: u32, words: &[&str]) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/run/mesh-cluster/node{n}/mesh-agent.log"))
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .map(str::to_string)
+        .collect()
+}
+
 /// A UDP datagram of `size` bytes to `to` ("big..."), and the answer: (task, client it
 /// saw, answer's length).
 fn udp_big(to: SocketAddr, size: usize) -> std::io::Result<(String, String, usize)> {
@@ -75,8 +86,8 @@ fn udp_big(to: SocketAddr, size: usize) -> std::io::Result<(String, String, usiz
     Ok((t, c, n))
 }
 
-/// The VIP of `service` on `network`.
-fn vip_of(s: &Swarm, service: &str, network: &str) -> Ipv4Addr {
+/// The VIP of `service` on `network`, if it has one there now.
+fn try_vip_of(s: &Swarm, service: &str, network: &str) -> Option<Ipv4Addr> {
     let net = s.docker(1, &["network", "inspect", "-f", "{{.Id}}", network]);
     let vips = s.docker(
         1,
@@ -88,12 +99,15 @@ fn vip_of(s: &Swarm, service: &str, network: &str) -> Ipv4Addr {
             service,
         ],
     );
-    vips.lines()
-        .find_map(|l| {
-            let (id, addr) = l.split_once(' ')?;
-            (id == net).then(|| addr.split('/').next()?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("{service} has no VIP on {network}: {vips}"))
+    vips.lines().find_map(|l| {
+        let (id, addr) = l.split_once(' ')?;
+        (id == net).then(|| addr.split('/').next()?.parse().ok())?
+    })
+}
+
+/// The VIP of `service` on `network`.
+fn vip_of(s: &Swarm, service: &str, network: &str) -> Ipv4Addr {
+    try_vip_of(s, service, network).unwrap_or_else(|| panic!("{service} has no VIP on {network}"))
 }
 
 /// Rows 7/protocols, 11.4/tcp-udp-both, 11.4/tcp-udp-rm, and the model rows: a service
@@ -117,7 +131,10 @@ pub fn tcp_and_udp_on_one_port(s: &Swarm) {
         "udp-who 53 & exec httpd -f -p 53 -h /www",
     );
     create_httpd(s, &["--name", "after", "-p", "8099:80", "--replicas", "2"]);
-    create_httpd(s, &["--name", "tcpside", "-p", "5355:80", "--replicas", "2"]);
+    create_httpd(
+        s,
+        &["--name", "tcpside", "-p", "5355:80", "--replicas", "2"],
+    );
     create_sh(
         s,
         &["--name", "udpside", "--replicas", "2", "-p", "5355:53/udp"],
@@ -129,17 +146,27 @@ pub fn tcp_and_udp_on_one_port(s: &Swarm) {
     for node in 1..=s.nodes {
         let a = s.addr(node);
         for (port, what) in [(5354, "dns/tcp"), (8099, "after"), (5355, "tcpside")] {
-            let body = eventually(&format!("node {node}: {what}"), Duration::from_secs(15), || {
-                s.client(|| http(a, port, "/cgi-bin/who", Duration::from_secs(2))).ok()
-            });
+            let body = eventually(
+                &format!("node {node}: {what}"),
+                Duration::from_secs(15),
+                || {
+                    s.client(|| http(a, port, "/cgi-bin/who", Duration::from_secs(2)))
+                        .ok()
+                },
+            );
             let (_, client) = task_and_client(&body);
             assert_eq!(client, s.client_addr().to_string(), "{what} on node {node}");
         }
         for (port, what) in [(5354, "dns/udp"), (5355, "udpside")] {
-            let (task, client, _) = eventually(&format!("node {node}: {what}"), Duration::from_secs(15), || {
-                s.client(|| udp_who((a, port).into(), true)).ok()
-            });
-            assert!(task.starts_with(what.split('/').next().unwrap()), "{what}: {task}");
+            let (task, client, _) = eventually(
+                &format!("node {node}: {what}"),
+                Duration::from_secs(15),
+                || s.client(|| udp_who((a, port).into(), true)).ok(),
+            );
+            assert!(
+                task.starts_with(what.split('/').next().unwrap()),
+                "{what}: {task}"
+            );
             assert_eq!(client, s.client_addr().to_string(), "{what} on node {node}");
         }
         let d = doctor(s, node);
@@ -180,7 +207,11 @@ pub fn tcp_and_udp_on_one_port(s: &Swarm) {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         h.join().expect("load thread")
     });
-    assert!(load.1.is_empty(), "udpside while tcpside left: {:?}", load.1);
+    assert!(
+        load.1.is_empty(),
+        "udpside while tcpside left: {:?}",
+        load.1
+    );
     assert!(load.0 > 10, "udpside answered only {} times", load.0);
     println!(
         "swarm: TCP and UDP on 5354 in one service, 8099 after it, 5355 TCP and UDP in two \
@@ -219,37 +250,95 @@ pub fn a_model_problem_costs_only_its_service(s: &Swarm) {
         ],
     );
     s.wait_running("clash-b", 1, Duration::from_secs(60));
-    create_httpd(s, &["--name", "clash-a", "-p", "80", "--replicas", "1"]);
+    create_httpd(
+        s,
+        &[
+            "--name",
+            "clash-a",
+            "-p",
+            "80",
+            "--replicas",
+            "1",
+            "--hostname",
+            "{{.Task.Name}}",
+        ],
+    );
     s.wait_running("clash-a", 1, Duration::from_secs(60));
     let port = s.docker(
         1,
-        &["service", "inspect", "-f", "{{range .Endpoint.Ports}}{{.PublishedPort}}{{end}}", "clash-a"],
+        &[
+            "service",
+            "inspect",
+            "-f",
+            "{{range .Endpoint.Ports}}{{.PublishedPort}}{{end}}",
+            "clash-a",
+        ],
     );
-    assert_eq!(port, "30000", "clash-a's auto-assigned port (the first of Docker's range)");
-    let problem = eventually("node 2: doctor's model check names the clash", Duration::from_secs(15), || {
-        let d = doctor(s, 2);
-        (d["model"].0 == "fail" && d["model"].1.contains("30000")).then(|| d["model"].1.clone())
-    });
+    assert_eq!(
+        port, "30000",
+        "clash-a's auto-assigned port (the first of Docker's range)"
+    );
+    for node in [1, 3] {
+        let body = eventually(
+            &format!("node {node}: the auto-assigned 30000"),
+            Duration::from_secs(15),
+            || who(s, node, 30000).ok(),
+        );
+        assert!(body.starts_with("clash-a."), "{body}");
+    }
+    let problem = eventually(
+        "node 2: doctor's model check names the clash",
+        Duration::from_secs(15),
+        || {
+            let d = doctor(s, 2);
+            (d["model"].0 == "fail" && d["model"].1.contains("30000")).then(|| d["model"].1.clone())
+        },
+    );
     // Everything else on node 2 is still reconciled: a new service answers there.
-    create_httpd(s, &["--name", "afterclash", "-p", "8202:80", "--replicas", "1"]);
+    create_httpd(
+        s,
+        &["--name", "afterclash", "-p", "8202:80", "--replicas", "1"],
+    );
     s.wait_running("afterclash", 1, Duration::from_secs(60));
     let a = s.addr(2);
-    eventually("node 2: afterclash answers", Duration::from_secs(15), || {
-        s.client(|| http(a, 8202, "/cgi-bin/who", Duration::from_secs(2))).ok()
-    });
+    eventually(
+        "node 2: afterclash answers",
+        Duration::from_secs(15),
+        || {
+            s.client(|| http(a, 8202, "/cgi-bin/who", Duration::from_secs(2)))
+                .ok()
+        },
+    );
     let metrics = s.metrics(2).unwrap_or_default();
     assert!(
-        metrics.lines().any(|l| l.starts_with("mesh_model_problems{") && l.contains("30000")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_model_problems{") && l.contains("30000")),
         "node 2: mesh_model_problems names it:\n{metrics}"
     );
     for node in [1, 3] {
         assert_eq!(doctor(s, node)["model"].0, "ok", "node {node} has no clash");
     }
+    let logged = agent_log(2, &["ERROR", "clash-a", "30000"]);
+    assert_eq!(
+        logged.len(),
+        1,
+        "node 2: logged once, at error level: {logged:?}"
+    );
     s.docker(1, &["service", "rm", "clash-b"]);
     eventually("node 2: the clash clears", Duration::from_secs(15), || {
         (doctor(s, 2)["model"].0 == "ok").then_some(())
     });
-    println!("swarm: node 2: {problem}; afterclash still answered there; cleared when clash-b left");
+    // Recovered: clash-a's port answers on node 2 now.
+    let body = eventually(
+        "node 2: 30000 answers once the clash is gone",
+        Duration::from_secs(15),
+        || who(s, 2, 30000).ok(),
+    );
+    assert!(body.starts_with("clash-a."), "{body}");
+    println!(
+        "swarm: node 2: {problem}; afterclash still answered there; cleared when clash-b left"
+    );
 }
 
 /// Rows 7/protocols (beyond the MTU), 6/protocols: a 4,000-byte UDP datagram (three IP
@@ -307,17 +396,33 @@ pub fn beyond_the_mtu(s: &Swarm) {
     s.docker(
         1,
         &[
-            "service", "create", "-d", "--name", "bigcall", "--mode", "global", "--network",
-            "bignet", "--no-resolve-image", IMAGE, "sleep", "1000000",
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "bigcall",
+            "--mode",
+            "global",
+            "--network",
+            "bignet",
+            "--no-resolve-image",
+            IMAGE,
+            "sleep",
+            "1000000",
         ],
     );
     s.wait_running("bigcall", s.nodes as usize, Duration::from_secs(60));
     let vip = vip_of(s, "bigudp", "bignet");
     for node in 1..=s.nodes {
         let id = s.docker(node, &["ps", "-q", "-f", "name=bigcall"]);
-        let (task, _, n) = eventually(&format!("node {node}: 4000 bytes to the VIP"), Duration::from_secs(15), || {
-            s.in_container(node, &id, || udp_big((vip, 53).into(), 4000)).ok()
-        });
+        let (task, _, n) = eventually(
+            &format!("node {node}: 4000 bytes to the VIP"),
+            Duration::from_secs(15),
+            || {
+                s.in_container(node, &id, || udp_big((vip, 53).into(), 4000))
+                    .ok()
+            },
+        );
         assert_eq!(n, 4000);
         assert!(names.contains(&task), "{task} is a bigudp task");
         let body = s
@@ -342,12 +447,14 @@ pub fn udp_without_listener(s: &Swarm) {
     s.wait_running("deaf", 1, Duration::from_secs(60));
     for node in 1..=s.nodes {
         let a = s.addr(node);
-        let err = eventually(&format!("node {node}: port unreachable"), Duration::from_secs(15), || {
-            match s.client(|| udp_who((a, 5358).into(), true)) {
+        let err = eventually(
+            &format!("node {node}: port unreachable"),
+            Duration::from_secs(15),
+            || match s.client(|| udp_who((a, 5358).into(), true)) {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(e),
                 _ => None,
-            }
-        });
+            },
+        );
         println!("swarm: node {node}: UDP to 5358 with no listener: {err}");
     }
 }
@@ -360,17 +467,41 @@ pub fn two_subnets(s: &Swarm) {
     s.docker(
         1,
         &[
-            "network", "create", "-d", "overlay", "--attachable", "--subnet", "10.60.1.0/24",
-            "--subnet", "10.60.2.0/24", "-o",
-            "com.docker.network.driver.overlay.vxlanid_list=5101,5102", "two",
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "--subnet",
+            "10.60.1.0/24",
+            "--subnet",
+            "10.60.2.0/24",
+            "-o",
+            "com.docker.network.driver.overlay.vxlanid_list=5101,5102",
+            "two",
         ],
     );
     let run = |node: u32, name: &str, ip: &str| {
         s.docker(
             node,
             &[
-                "run", "-d", "--name", name, "--hostname", name, "--network", "two", "--ip", ip,
-                IMAGE, "httpd", "-f", "-p", "80", "-h", "/www",
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--hostname",
+                name,
+                "--network",
+                "two",
+                "--ip",
+                ip,
+                IMAGE,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/www",
             ],
         )
     };
@@ -381,8 +512,13 @@ pub fn two_subnets(s: &Swarm) {
         let out = s.try_docker(
             node,
             &[
-                "exec", ctr, "sh", "-c",
-                &format!("printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {to} 80 | tail -1"),
+                "exec",
+                ctr,
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {to} 80 | tail -1"
+                ),
             ],
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -393,10 +529,14 @@ pub fn two_subnets(s: &Swarm) {
         (3, "sub1c", "10.60.2.11", "sub2a"),
         (1, "sub2a", "10.60.1.13", "sub1c"),
     ] {
-        let body = eventually(&format!("{from} (node {node}) -> {to}"), Duration::from_secs(30), || {
-            let b = get(node, from, to);
-            b.starts_with(who).then_some(b)
-        });
+        let body = eventually(
+            &format!("{from} (node {node}) -> {to}"),
+            Duration::from_secs(30),
+            || {
+                let b = get(node, from, to);
+                b.starts_with(who).then_some(b)
+            },
+        );
         println!("swarm: two subnets (VNIs 5101, 5102): {from} on node {node} -> {to}: {body}");
     }
 }
@@ -415,26 +555,56 @@ pub fn vip_from_a_plain_container(s: &Swarm) {
         let name = format!("plain{node}");
         let id = s.docker(
             node,
-            &["run", "-d", "--name", &name, "--network", "two", IMAGE, "sleep", "1000000"],
+            &[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                "two",
+                IMAGE,
+                "sleep",
+                "1000000",
+            ],
         );
-        let me = s.docker(node, &["inspect", "-f", "{{.NetworkSettings.Networks.two.IPAddress}}", &id]);
+        let me = s.docker(
+            node,
+            &[
+                "inspect",
+                "-f",
+                "{{.NetworkSettings.Networks.two.IPAddress}}",
+                &id,
+            ],
+        );
         let vip = vip_of(s, "ctrapi", "two");
-        let body = eventually(&format!("node {node}: {name} -> ctrapi by name"), Duration::from_secs(20), || {
-            let out = s.try_docker(
+        let body = eventually(
+            &format!("node {node}: {name} -> ctrapi by name"),
+            Duration::from_secs(20),
+            || {
+                let out = s.try_docker(
                 node,
                 &[
                     "exec", &id, "sh", "-c",
                     "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 ctrapi 80 | tail -1",
                 ],
             );
-            let b = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            b.starts_with("ctrapi.").then_some(b)
-        });
+                let b = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                b.starts_with("ctrapi.").then_some(b)
+            },
+        );
         let (_, client) = task_and_client(&body);
-        assert_eq!(client, me, "node {node}: the task sees the container's address");
-        let (task, client, _) = eventually(&format!("node {node}: UDP to the VIP"), Duration::from_secs(10), || {
-            s.in_container(node, &id, || udp_who((vip, 53).into(), true)).ok()
-        });
+        assert_eq!(
+            client, me,
+            "node {node}: the task sees the container's address"
+        );
+        let (task, client, _) = eventually(
+            &format!("node {node}: UDP to the VIP"),
+            Duration::from_secs(10),
+            || {
+                s.in_container(node, &id, || udp_who((vip, 53).into(), true))
+                    .ok()
+            },
+        );
         assert!(task.starts_with("ctrapi."), "{task}");
         assert_eq!(client, me);
         println!("swarm: node {node}: plain container {me} -> ctrapi (VIP {vip}) TCP and UDP: answered by its tasks, seeing {client}");
@@ -452,25 +622,46 @@ pub fn port_in_use(s: &Swarm) {
         let ready = &ready;
         let h = sc.spawn(move || {
             s.on_node(2, move || {
-                let l = std::net::TcpListener::bind(("0.0.0.0", 8205)).expect("bind 8205 on node 2");
+                let l =
+                    std::net::TcpListener::bind(("0.0.0.0", 8205)).expect("bind 8205 on node 2");
                 ready.wait();
                 let _ = wait.recv();
                 drop(l);
             })
         });
         ready.wait();
-        create_httpd(s, &["--name", "busyport", "-p", "8205:80", "--replicas", "1"]);
+        create_httpd(
+            s,
+            &["--name", "busyport", "-p", "8205:80", "--replicas", "1"],
+        );
         s.wait_running("busyport", 1, Duration::from_secs(60));
-        let found = eventually("node 2: doctor finds 8205 in use", Duration::from_secs(15), || {
-            let d = doctor(s, 2);
-            (d["ports"].0 == "fail" && d["ports"].1.contains("8205")).then(|| d["ports"].1.clone())
-        });
+        let found = eventually(
+            "node 2: doctor finds 8205 in use",
+            Duration::from_secs(15),
+            || {
+                let d = doctor(s, 2);
+                (d["ports"].0 == "fail" && d["ports"].1.contains("8205"))
+                    .then(|| d["ports"].1.clone())
+            },
+        );
         let metrics = s.metrics(2).unwrap_or_default();
         assert!(
-            metrics.lines().any(|l| l.starts_with("mesh_port_in_use{port=\"8205\"")),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("mesh_port_in_use{port=\"8205\"")),
             "node 2: mesh_port_in_use names it:\n{metrics}"
         );
-        assert_eq!(doctor(s, 1)["ports"].0, "ok", "nothing listens on 8205 on node 1");
+        assert_eq!(
+            doctor(s, 1)["ports"].0,
+            "ok",
+            "nothing listens on 8205 on node 1"
+        );
+        let logged = agent_log(2, &["ERROR", "port 8205/tcp", "busyport"]);
+        assert_eq!(
+            logged.len(),
+            1,
+            "node 2: logged once, at error level, naming the port: {logged:?}"
+        );
         let _ = done.send(());
         h.join().expect("holder");
         found
@@ -492,7 +683,10 @@ pub fn lone_task_calls_its_own_vip(s: &Swarm) {
         let out = s.try_docker(
             node,
             &[
-                "exec", &id, "sh", "-c",
+                "exec",
+                &id,
+                "sh",
+                "-c",
                 "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 loner 80 | tail -1",
             ],
         );
@@ -509,8 +703,15 @@ pub fn docker_s_own_port_mappings(s: &Swarm) {
     create_httpd(
         s,
         &[
-            "--name", "bridged", "--publish", "mode=host,published=8206,target=80",
-            "--replicas", "1", "--constraint", "node.hostname==mc-n3", "--hostname",
+            "--name",
+            "bridged",
+            "--publish",
+            "mode=host,published=8206,target=80",
+            "--replicas",
+            "1",
+            "--constraint",
+            "node.hostname==mc-n3",
+            "--hostname",
             "{{.Task.Name}}",
         ],
     );
@@ -518,17 +719,36 @@ pub fn docker_s_own_port_mappings(s: &Swarm) {
     s.docker(
         2,
         &[
-            "run", "-d", "--name", "mapped", "--hostname", "mapped", "-p", "8207:80", IMAGE,
-            "httpd", "-f", "-p", "80", "-h", "/www",
+            "run",
+            "-d",
+            "--name",
+            "mapped",
+            "--hostname",
+            "mapped",
+            "-p",
+            "8207:80",
+            IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
         ],
     );
     for (node, port, want) in [(3, 8206, "bridged.1"), (2, 8207, "mapped")] {
-        let body = eventually(&format!("node {node}:{port}"), Duration::from_secs(20), || {
-            who(s, node, port).ok()
-        });
+        let body = eventually(
+            &format!("node {node}:{port}"),
+            Duration::from_secs(20),
+            || who(s, node, port).ok(),
+        );
         let (task, client) = task_and_client(&body);
         assert_eq!(task, want, "node {node}:{port}");
-        assert_eq!(client, s.client_addr().to_string(), "Docker's DNAT keeps the client's address");
+        assert_eq!(
+            client,
+            s.client_addr().to_string(),
+            "Docker's DNAT keeps the client's address"
+        );
         println!("swarm: node {node}:{port} (Docker's own port mapping on docker0) answered by {task}, seeing {client}");
     }
 }
@@ -542,22 +762,36 @@ pub fn stock_node_tasks_from_mesh_nodes(s: &Swarm, stock: u32) {
     create_httpd(
         s,
         &[
-            "--name", "onstock", "-p", "8210:80", "--replicas", "1", "--constraint", &on_stock,
-            "--hostname", "{{.Task.Name}}",
+            "--name",
+            "onstock",
+            "-p",
+            "8210:80",
+            "--replicas",
+            "1",
+            "--constraint",
+            &on_stock,
+            "--hostname",
+            "{{.Task.Name}}",
         ],
     );
     s.wait_running("onstock", 1, Duration::from_secs(60));
     let stock_addr = s.addr(stock).to_string();
     for node in (1..=s.nodes).filter(|n| *n != stock) {
-        let status = eventually(&format!("node {node} takes node {stock} as stock"), Duration::from_secs(20), || {
-            let (_, out, _) = s.meshctl(node, &["status"]);
-            out.lines()
-                .find(|l| l.starts_with("stock Docker nodes") && l.contains(&stock_addr))
-                .map(str::to_string)
-        });
-        let body = eventually(&format!("node {node}:8210 -> the stock node's task"), Duration::from_secs(20), || {
-            who(s, node, 8210).ok()
-        });
+        let status = eventually(
+            &format!("node {node} takes node {stock} as stock"),
+            Duration::from_secs(20),
+            || {
+                let (_, out, _) = s.meshctl(node, &["status"]);
+                out.lines()
+                    .find(|l| l.starts_with("stock Docker nodes") && l.contains(&stock_addr))
+                    .map(str::to_string)
+            },
+        );
+        let body = eventually(
+            &format!("node {node}:8210 -> the stock node's task"),
+            Duration::from_secs(20),
+            || who(s, node, 8210).ok(),
+        );
         let (task, client) = task_and_client(&body);
         assert_eq!(task, "onstock.1");
         println!("swarm: node {node}: {status}; 8210 answered by {task} there (it saw {client}, this node's ingress address, as with Docker)");
@@ -569,19 +803,48 @@ pub fn stock_node_tasks_from_mesh_nodes(s: &Swarm, stock: u32) {
 /// VXLAN through the mesh's underlay hook), and a mesh node's task reaches, through the
 /// VIP, every task of a service with one on the stock node.
 pub fn overlay_across_mesh_and_stock_nodes(s: &Swarm, stock: u32) {
-    s.docker(1, &["network", "create", "-d", "overlay", "--attachable", "mixnet"]);
+    s.docker(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "mixnet",
+        ],
+    );
     create_httpd(
         s,
         &[
-            "--name", "mixapi", "--replicas", &s.nodes.to_string(), "--replicas-max-per-node",
-            "1", "--network", "mixnet", "--hostname", "{{.Task.Name}}",
+            "--name",
+            "mixapi",
+            "--replicas",
+            &s.nodes.to_string(),
+            "--replicas-max-per-node",
+            "1",
+            "--network",
+            "mixnet",
+            "--hostname",
+            "{{.Task.Name}}",
         ],
     );
     s.docker(
         1,
         &[
-            "service", "create", "-d", "--name", "mixcaller", "--mode", "global", "--network",
-            "mixnet", "--no-resolve-image", IMAGE, "sleep", "1000000",
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "mixcaller",
+            "--mode",
+            "global",
+            "--network",
+            "mixnet",
+            "--no-resolve-image",
+            IMAGE,
+            "sleep",
+            "1000000",
         ],
     );
     let api = s.wait_running("mixapi", s.nodes as usize, Duration::from_secs(60));
@@ -590,8 +853,11 @@ pub fn overlay_across_mesh_and_stock_nodes(s: &Swarm, stock: u32) {
     for node in 1..=s.nodes {
         let id = s.docker(node, &["ps", "-q", "-f", "name=mixcaller"]);
         // Every task by its own address, from every node (stock included).
-        let direct = eventually(&format!("node {node}: every mixapi task by address"), Duration::from_secs(30), || {
-            let out = s.try_docker(
+        let direct = eventually(
+            &format!("node {node}: every mixapi task by address"),
+            Duration::from_secs(30),
+            || {
+                let out = s.try_docker(
                 node,
                 &[
                     "exec", &id, "sh", "-c",
@@ -599,20 +865,22 @@ pub fn overlay_across_mesh_and_stock_nodes(s: &Swarm, stock: u32) {
                      printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 $a 80 | tail -1; done",
                 ],
             );
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let seen: BTreeSet<String> = text
-                .lines()
-                .map(|l| task_and_client(l).0)
-                .collect();
-            (seen.len() == all.len()).then_some(seen)
-        });
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let seen: BTreeSet<String> = text.lines().map(|l| task_and_client(l).0).collect();
+                (seen.len() == all.len()).then_some(seen)
+            },
+        );
         if node == stock {
             println!("swarm: stock node {node}: its caller reached every mixapi task by address: {direct:?}");
             continue;
         }
         // The VIP from a mesh node: every task, the stock node's too.
-        let seen = eventually(&format!("node {node}: mixapi VIP reaches every task"), Duration::from_secs(30), || {
-            let out = s.try_docker(
+        let seen =
+            eventually(
+                &format!("node {node}: mixapi VIP reaches every task"),
+                Duration::from_secs(30),
+                || {
+                    let out = s.try_docker(
                 node,
                 &[
                     "exec", &id, "sh", "-c",
@@ -620,10 +888,272 @@ pub fn overlay_across_mesh_and_stock_nodes(s: &Swarm, stock: u32) {
                      nc -w 2 mixapi 80 | tail -1; done",
                 ],
             );
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let seen: BTreeSet<String> = text.lines().map(|l| task_and_client(l).0).collect();
-            (seen.len() == all.len()).then_some(seen)
-        });
-        println!("swarm: mesh node {node}: every mixapi task by address, and through the VIP: {seen:?}");
+                    let text = String::from_utf8_lossy(&out.stdout).to_string();
+                    let seen: BTreeSet<String> =
+                        text.lines().map(|l| task_and_client(l).0).collect();
+                    (seen.len() == all.len()).then_some(seen)
+                },
+            );
+        println!(
+            "swarm: mesh node {node}: every mixapi task by address, and through the VIP: {seen:?}"
+        );
     }
+}
+
+/// Rows 11.3/net-add and 11.3/net-rm: a service that joins a network (`service update
+/// --network-add`) is reachable there by name from a task as soon as its new task runs,
+/// every call answered; after `--network-rm` its VIP there answers no more.
+pub fn network_add_and_remove(s: &Swarm) {
+    s.docker(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "joinnet",
+        ],
+    );
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "joincaller",
+            "--mode",
+            "global",
+            "--network",
+            "joinnet",
+            "--no-resolve-image",
+            IMAGE,
+            "sleep",
+            "1000000",
+        ],
+    );
+    create_httpd(
+        s,
+        &[
+            "--name",
+            "late",
+            "--replicas",
+            "2",
+            "--hostname",
+            "{{.Task.Name}}",
+        ],
+    );
+    s.wait_running("joincaller", s.nodes as usize, Duration::from_secs(60));
+    s.wait_running("late", 2, Duration::from_secs(60));
+    s.docker(
+        1,
+        &["service", "update", "--network-add", "joinnet", "late"],
+    );
+    let t0 = Instant::now();
+    s.wait_running("late", 2, Duration::from_secs(60));
+    let vip = vip_of(s, "late", "joinnet");
+    let converged = t0.elapsed();
+    for node in 1..=s.nodes {
+        let id = s.docker(node, &["ps", "-q", "-f", "name=joincaller"]);
+        let out = s.docker(
+            node,
+            &[
+                "exec",
+                &id,
+                "sh",
+                "-c",
+                "for i in $(seq 10); do printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | \
+                 nc -w 2 late 80 | tail -1; echo; done",
+            ],
+        );
+        let answered = out.lines().filter(|l| l.starts_with("late.")).count();
+        assert_eq!(
+            answered, 10,
+            "node {node}: calls to late (VIP {vip}) right after it joined joinnet \
+             ({converged:?} after the update): {out:?}"
+        );
+    }
+    println!("swarm: late joined joinnet (VIP {vip}), its tasks running {converged:?} after the update: 10 of 10 calls by name answered from every node");
+    s.docker(1, &["service", "update", "--network-rm", "joinnet", "late"]);
+    let id = s.docker(1, &["ps", "-q", "-f", "name=joincaller"]);
+    eventually(
+        "late's old VIP on joinnet answers no more",
+        Duration::from_secs(20),
+        || {
+            let out = s.try_docker(
+            1,
+            &[
+                "exec", &id, "sh", "-c",
+                &format!("printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {vip} 80 | tail -1"),
+            ],
+        );
+            (!String::from_utf8_lossy(&out.stdout).contains("late.")).then_some(())
+        },
+    );
+}
+
+/// Is anything answering TCP on node `n`'s `port`? (`Err` kinds: refused or silent.)
+fn tcp_refused(s: &Swarm, n: u32, port: u16) -> bool {
+    let a = s.addr(n);
+    s.client(|| {
+        matches!(
+            std::net::TcpStream::connect_timeout(&(a, port).into(), Duration::from_secs(1)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+}
+
+/// Rows 7/unpublished, 7/new-port, 7/old-port-closed, 7/rm-closed, 7.2.1/reach-reported:
+/// a port a task listens on but the service does not publish is closed at the nodes;
+/// after a port change the new port answers on every node and the old one is closed;
+/// once the service is removed nothing answers on its port.
+pub fn published_port_lifecycle(s: &Swarm) {
+    // httpd on 80 and 81; only 80 published, as 8220.
+    create_sh(
+        s,
+        &["--name", "mover", "--replicas", "2", "-p", "8220:80"],
+        "httpd -p 81 -h /www; exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("mover", 2, Duration::from_secs(60));
+    for node in 1..=s.nodes {
+        eventually(
+            &format!("node {node}: 8220"),
+            Duration::from_secs(15),
+            || who(s, node, 8220).ok(),
+        );
+        for port in [80, 81] {
+            assert!(
+                tcp_refused(s, node, port),
+                "node {node}: the tasks' unpublished {port} is closed"
+            );
+        }
+    }
+    s.docker(
+        1,
+        // (--publish-rm takes the target port.)
+        &[
+            "service",
+            "update",
+            "-d",
+            "--publish-rm",
+            "80",
+            "--publish-add",
+            "8221:80",
+            "mover",
+        ],
+    );
+    for node in 1..=s.nodes {
+        eventually(
+            &format!("node {node}: 8221 after the change"),
+            Duration::from_secs(20),
+            || who(s, node, 8221).ok(),
+        );
+        eventually(
+            &format!("node {node}: 8220 closed after the change"),
+            Duration::from_secs(20),
+            || tcp_refused(s, node, 8220).then_some(()),
+        );
+    }
+    s.docker(1, &["service", "rm", "mover"]);
+    for node in 1..=s.nodes {
+        eventually(
+            &format!("node {node}: 8221 closed after rm"),
+            Duration::from_secs(30),
+            || tcp_refused(s, node, 8221).then_some(()),
+        );
+    }
+    println!("swarm: unpublished ports closed; 8220 -> 8221: the new port answers and the old is closed on every node; after rm nothing answers");
+}
+
+/// Rows 11.3/vip-to-dnsrr and 11.3/dnsrr-to-vip: after vip -> dnsrr the old VIP reaches
+/// the service no more; after dnsrr -> vip the new VIP balances over its tasks.
+pub fn vip_and_dnsrr(s: &Swarm) {
+    create_httpd(
+        s,
+        &[
+            "--name",
+            "modal",
+            "--replicas",
+            "2",
+            "--network",
+            "joinnet",
+            "--hostname",
+            "{{.Task.Name}}",
+        ],
+    );
+    s.wait_running("modal", 2, Duration::from_secs(60));
+    let id = s.docker(1, &["ps", "-q", "-f", "name=joincaller"]);
+    let get = |to: &str| -> String {
+        let out = s.try_docker(
+            1,
+            &[
+                "exec",
+                &id,
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {to} 80 | tail -1"
+                ),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let old = vip_of(s, "modal", "joinnet").to_string();
+    eventually("modal's VIP answers", Duration::from_secs(20), || {
+        get(&old).starts_with("modal.").then_some(())
+    });
+    s.docker(
+        1,
+        &[
+            "service",
+            "update",
+            "-d",
+            "--endpoint-mode",
+            "dnsrr",
+            "modal",
+        ],
+    );
+    eventually(
+        "the old VIP reaches modal no more",
+        Duration::from_secs(20),
+        || (!get(&old).starts_with("modal.")).then_some(()),
+    );
+    // Wait for dnsrr to settle (no VIP) before going back.
+    eventually(
+        "modal in dnsrr mode has no VIP",
+        Duration::from_secs(30),
+        || {
+            s.docker(
+                1,
+                &[
+                    "service",
+                    "inspect",
+                    "-f",
+                    "{{len .Endpoint.VirtualIPs}}",
+                    "modal",
+                ],
+            )
+            .eq("0")
+            .then_some(())
+        },
+    );
+    s.docker(
+        1,
+        &["service", "update", "-d", "--endpoint-mode", "vip", "modal"],
+    );
+    let new = eventually("modal has a VIP again", Duration::from_secs(30), || {
+        try_vip_of(s, "modal", "joinnet").map(|v| v.to_string())
+    });
+    let seen = eventually(
+        "the new VIP balances over both tasks",
+        Duration::from_secs(30),
+        || {
+            let seen: BTreeSet<String> = (0..12).map(|_| task_and_client(&get(&new)).0).collect();
+            (seen.len() == 2 && seen.iter().all(|t| t.starts_with("modal."))).then_some(seen)
+        },
+    );
+    println!(
+        "swarm: modal vip ({old}) -> dnsrr: the old VIP answers no more; -> vip ({new}): {seen:?}"
+    );
 }

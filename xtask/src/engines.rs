@@ -21,12 +21,15 @@ use std::{
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant, SystemTime},
+    time::Instant,
 };
 
 use anyhow::{bail, Context};
 
-use crate::cmd::{exec, output};
+use crate::{
+    apt::Apt,
+    cmd::{exec, output},
+};
 
 /// The engine of a node when none is asked for: the system's docker.io.
 pub const DEFAULT: &str = "20.10";
@@ -104,7 +107,6 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Lists older than this are refreshed before a fetch (never on a cache hit).
-const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Marks a complete engine (written last, before the rename into place).
 const COMPLETE: &str = ".mesh-complete";
@@ -332,8 +334,9 @@ fn fetch(spec: &Spec, cache: &Path) -> anyhow::Result<Engine> {
     if !Path::new(KEYRING).is_file() {
         bail!("{KEYRING} missing: the engines are fetched from Debian's archive, checked with its keys (apt-get install debian-archive-keyring)");
     }
-    let apt = Apt::new(cache)?;
-    apt.refresh()?;
+    let apt = Apt::new(cache, SOURCES)?;
+    apt.refresh("engines: refreshing the Debian package lists (sid, trixie)")
+        .context("apt-get update with the engines' own sources (deb.debian.org)")?;
     let mut chosen = Vec::new();
     for (pkg, prefix) in spec.packages {
         chosen.push((*pkg, apt.newest(pkg, suite, prefix)?));
@@ -434,64 +437,12 @@ fn fetch(spec: &Spec, cache: &Path) -> anyhow::Result<Engine> {
     })
 }
 
-/// apt-get / apt-cache with our own sources list, lists and cache under the cache dir.
-struct Apt {
-    dir: PathBuf,
-    opts: Vec<String>,
+/// What the engines need of apt beyond [`Apt`].
+trait Newest {
+    fn newest(&self, pkg: &str, suite: &str, prefix: &str) -> anyhow::Result<String>;
 }
 
-impl Apt {
-    fn new(cache: &Path) -> anyhow::Result<Self> {
-        let dir = cache.join("apt");
-        for d in ["lists/partial", "cache/archives/partial", "preferences.d"] {
-            fs::create_dir_all(dir.join(d))
-                .with_context(|| format!("creating {}", dir.join(d).display()))?;
-        }
-        let list = dir.join("sources.list");
-        if fs::read_to_string(&list).ok().as_deref() != Some(SOURCES) {
-            fs::write(&list, SOURCES).with_context(|| format!("writing {}", list.display()))?;
-            let _ = fs::remove_file(dir.join("lists/.mesh-updated"));
-        }
-        let d = |p: &str| dir.join(p).display().to_string();
-        let opts = [
-            format!("Dir::Etc::sourcelist={}", d("sources.list")),
-            "Dir::Etc::sourceparts=-".into(),
-            // No pinning of the host's applies to our lists.
-            format!("Dir::Etc::preferences={}", d("preferences")),
-            format!("Dir::Etc::preferencesparts={}", d("preferences.d")),
-            format!("Dir::State::lists={}", d("lists")),
-            format!("Dir::Cache={}", d("cache")),
-            // Our files are root's; apt's sandbox user could not write them.
-            "APT::Sandbox::User=root".into(),
-        ]
-        .into_iter()
-        .flat_map(|o| ["-o".to_string(), o])
-        .collect();
-        Ok(Apt { dir, opts })
-    }
-
-    fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new(prog);
-        c.args(&self.opts);
-        c
-    }
-
-    /// `apt-get update` unless the lists are younger than [`LISTS_MAX_AGE`].
-    fn refresh(&self) -> anyhow::Result<()> {
-        let stamp = self.dir.join("lists/.mesh-updated");
-        let age = fs::metadata(&stamp)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok());
-        if age.is_some_and(|a| a < LISTS_MAX_AGE) {
-            return Ok(());
-        }
-        println!("engines: refreshing the Debian package lists (sid, trixie)");
-        exec(self.cmd("apt-get").args(["-qq", "update"]))
-            .context("apt-get update with the engines' own sources (deb.debian.org)")?;
-        fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
-    }
-
+impl Newest for Apt {
     /// The newest version of `pkg` in `suite` starting with `prefix`.
     fn newest(&self, pkg: &str, suite: &str, prefix: &str) -> anyhow::Result<String> {
         let text = output(self.cmd("apt-cache").args(["madison", pkg]))?;

@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, build and test for the mesh. Everything a fresh machine needs
 //! goes through here, so README's commands are the whole story.
 
+mod apt;
 mod bench;
 mod build;
 mod cluster;

@@ -64,6 +64,21 @@ fn agent_log(n: u32, words: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// From container `ctr` on node `n` (busybox's nc), `GET /cgi-bin/who` of `to` port 80,
+/// `times` times: the last line of each answer ("" where none came).
+fn who_from(s: &Swarm, n: u32, ctr: &str, to: &str, times: usize) -> Vec<String> {
+    let script = format!(
+        "for i in $(seq {times}); do r=$(printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | \
+         nc -w 2 {to} 80 | tail -1); echo \"got:$r\"; done"
+    );
+    let out = s.try_docker(n, &["exec", ctr, "sh", "-c", &script]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("got:"))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
 /// A UDP datagram of `size` bytes to `to` ("big..."), and the answer: (task, client it
 /// saw, answer's length).
 fn udp_big(to: SocketAddr, size: usize) -> std::io::Result<(String, String, usize)> {
@@ -508,21 +523,7 @@ pub fn two_subnets(s: &Swarm) {
     run(1, "sub2a", "10.60.2.11");
     run(2, "sub2b", "10.60.2.12");
     run(3, "sub1c", "10.60.1.13");
-    let get = |node: u32, ctr: &str, to: &str| -> String {
-        let out = s.try_docker(
-            node,
-            &[
-                "exec",
-                ctr,
-                "sh",
-                "-c",
-                &format!(
-                    "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {to} 80 | tail -1"
-                ),
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let get = |node: u32, ctr: &str, to: &str| -> String { who_from(s, node, ctr, to, 1).concat() };
     for (node, from, to, who) in [
         (1, "sub2a", "10.60.2.12", "sub2b"),
         (2, "sub2b", "10.60.2.11", "sub2a"),
@@ -581,14 +582,7 @@ pub fn vip_from_a_plain_container(s: &Swarm) {
             &format!("node {node}: {name} -> ctrapi by name"),
             Duration::from_secs(20),
             || {
-                let out = s.try_docker(
-                node,
-                &[
-                    "exec", &id, "sh", "-c",
-                    "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 ctrapi 80 | tail -1",
-                ],
-            );
-                let b = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                let b = who_from(s, node, &id, "ctrapi", 1).concat();
                 b.starts_with("ctrapi.").then_some(b)
             },
         );
@@ -680,17 +674,7 @@ pub fn lone_task_calls_its_own_vip(s: &Swarm) {
     let node = s.node_index(&placed[0].1);
     let id = s.docker(node, &["ps", "-q", "-f", "name=loner"]);
     let body = eventually("loner -> its own VIP", Duration::from_secs(15), || {
-        let out = s.try_docker(
-            node,
-            &[
-                "exec",
-                &id,
-                "sh",
-                "-c",
-                "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 loner 80 | tail -1",
-            ],
-        );
-        let b = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let b = who_from(s, node, &id, "loner", 1).concat();
         b.starts_with("loner.1").then_some(b)
     });
     println!("swarm: a lone task calling its own VIP is answered by itself: {body}");
@@ -875,25 +859,17 @@ pub fn overlay_across_mesh_and_stock_nodes(s: &Swarm, stock: u32) {
             continue;
         }
         // The VIP from a mesh node: every task, the stock node's too.
-        let seen =
-            eventually(
-                &format!("node {node}: mixapi VIP reaches every task"),
-                Duration::from_secs(30),
-                || {
-                    let out = s.try_docker(
-                node,
-                &[
-                    "exec", &id, "sh", "-c",
-                    "for i in $(seq 30); do printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | \
-                     nc -w 2 mixapi 80 | tail -1; done",
-                ],
-            );
-                    let text = String::from_utf8_lossy(&out.stdout).to_string();
-                    let seen: BTreeSet<String> =
-                        text.lines().map(|l| task_and_client(l).0).collect();
-                    (seen.len() == all.len()).then_some(seen)
-                },
-            );
+        let seen = eventually(
+            &format!("node {node}: mixapi VIP reaches every task"),
+            Duration::from_secs(30),
+            || {
+                let seen: BTreeSet<String> = who_from(s, node, &id, "mixapi", 30)
+                    .iter()
+                    .map(|l| task_and_client(l).0)
+                    .collect();
+                (seen.len() == all.len()).then_some(seen)
+            },
+        );
         println!(
             "swarm: mesh node {node}: every mixapi task by address, and through the VIP: {seen:?}"
         );
@@ -956,18 +932,8 @@ pub fn network_add_and_remove(s: &Swarm) {
     let converged = t0.elapsed();
     for node in 1..=s.nodes {
         let id = s.docker(node, &["ps", "-q", "-f", "name=joincaller"]);
-        let out = s.docker(
-            node,
-            &[
-                "exec",
-                &id,
-                "sh",
-                "-c",
-                "for i in $(seq 10); do printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | \
-                 nc -w 2 late 80 | tail -1; echo; done",
-            ],
-        );
-        let answered = out.lines().filter(|l| l.starts_with("late.")).count();
+        let out = who_from(s, node, &id, "late", 10);
+        let answered = out.iter().filter(|l| l.starts_with("late.")).count();
         assert_eq!(
             answered, 10,
             "node {node}: calls to late (VIP {vip}) right after it joined joinnet \
@@ -981,14 +947,10 @@ pub fn network_add_and_remove(s: &Swarm) {
         "late's old VIP on joinnet answers no more",
         Duration::from_secs(20),
         || {
-            let out = s.try_docker(
-            1,
-            &[
-                "exec", &id, "sh", "-c",
-                &format!("printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {vip} 80 | tail -1"),
-            ],
-        );
-            (!String::from_utf8_lossy(&out.stdout).contains("late.")).then_some(())
+            (!who_from(s, 1, &id, &vip.to_string(), 1)
+                .concat()
+                .contains("late."))
+            .then_some(())
         },
     );
 }
@@ -1084,21 +1046,7 @@ pub fn vip_and_dnsrr(s: &Swarm) {
     );
     s.wait_running("modal", 2, Duration::from_secs(60));
     let id = s.docker(1, &["ps", "-q", "-f", "name=joincaller"]);
-    let get = |to: &str| -> String {
-        let out = s.try_docker(
-            1,
-            &[
-                "exec",
-                &id,
-                "sh",
-                "-c",
-                &format!(
-                    "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {to} 80 | tail -1"
-                ),
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let get = |to: &str| -> String { who_from(s, 1, &id, to, 1).concat() };
     let old = vip_of(s, "modal", "joinnet").to_string();
     eventually("modal's VIP answers", Duration::from_secs(20), || {
         get(&old).starts_with("modal.").then_some(())

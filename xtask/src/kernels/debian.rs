@@ -6,12 +6,14 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, SystemTime},
 };
 
 use anyhow::{bail, Context};
 
-use crate::cmd::{exec, output};
+use crate::{
+    apt::Apt,
+    cmd::{exec, output},
+};
 
 /// A kernel series of the matrix: the newest `linux-image-<prefix>N<suffix>` (N all
 /// digits) in the suites below is the one booted.
@@ -57,7 +59,6 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 
 /// Package lists older than this are refreshed (a new point release or security
 /// update then gets booted); a failed refresh falls back to what is cached.
-const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Marks a completely unpacked tree (an interrupted `dpkg -x` leaves none).
 const COMPLETE: &str = ".mesh-complete";
@@ -86,9 +87,14 @@ pub fn cache_dir() -> PathBuf {
 /// The newest kernel of each series, downloaded and unpacked unless cached.
 pub fn fetch(series: &[&'static Series]) -> anyhow::Result<Vec<Kernel>> {
     let cache = cache_dir();
-    let apt = Apt::new(&cache)?;
+    let apt = Apt::new(&cache, SOURCES)?;
     let _lock = lock(&cache)?;
-    let fresh = apt.refresh();
+    let fresh = apt.refresh(
+        "kernels: refreshing the Debian package lists (bullseye-security, bookworm, trixie)",
+    );
+    if let Err(e) = &fresh {
+        println!("kernels: apt-get update failed ({e:#}); using the cache");
+    }
     let mut kernels = Vec::new();
     for s in series {
         let newest = match &fresh {
@@ -127,75 +133,12 @@ pub fn fetch(series: &[&'static Series]) -> anyhow::Result<Vec<Kernel>> {
     Ok(kernels)
 }
 
-/// apt-get / apt-cache with our own sources list, lists and cache under the cache dir.
-struct Apt {
-    dir: PathBuf,
-    opts: Vec<String>,
+/// What the kernel matrix needs of apt beyond [`Apt`].
+trait Newest {
+    fn newest(&self, s: &Series) -> anyhow::Result<Option<String>>;
 }
 
-impl Apt {
-    fn new(cache: &Path) -> anyhow::Result<Self> {
-        let dir = cache.join("apt");
-        for d in ["lists/partial", "cache/archives/partial", "preferences.d"] {
-            fs::create_dir_all(dir.join(d))
-                .with_context(|| format!("creating {}", dir.join(d).display()))?;
-        }
-        let list = dir.join("sources.list");
-        if fs::read_to_string(&list).ok().as_deref() != Some(SOURCES) {
-            fs::write(&list, SOURCES).with_context(|| format!("writing {}", list.display()))?;
-            // New sources: the lists on disk are for others.
-            let _ = fs::remove_file(dir.join("lists/.mesh-updated"));
-        }
-        let d = |p: &str| dir.join(p).display().to_string();
-        let opts = [
-            format!("Dir::Etc::sourcelist={}", d("sources.list")),
-            "Dir::Etc::sourceparts=-".into(),
-            // No pinning of the host's applies to our lists.
-            format!("Dir::Etc::preferences={}", d("preferences")),
-            format!("Dir::Etc::preferencesparts={}", d("preferences.d")),
-            format!("Dir::State::lists={}", d("lists")),
-            format!("Dir::Cache={}", d("cache")),
-            // Our files are root's; apt's sandbox user could not write them.
-            "APT::Sandbox::User=root".into(),
-        ]
-        .into_iter()
-        .flat_map(|o| ["-o".to_string(), o])
-        .collect();
-        Ok(Apt { dir, opts })
-    }
-
-    fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new(prog);
-        c.args(&self.opts);
-        c
-    }
-
-    /// `apt-get update` unless the lists are younger than [`LISTS_MAX_AGE`].
-    fn refresh(&self) -> anyhow::Result<()> {
-        let stamp = self.dir.join("lists/.mesh-updated");
-        let age = fs::metadata(&stamp)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok());
-        if age.is_some_and(|a| a < LISTS_MAX_AGE) {
-            return Ok(());
-        }
-        println!(
-            "kernels: refreshing the Debian package lists (bullseye-security, bookworm, trixie)"
-        );
-        let r = exec(self.cmd("apt-get").args(["-qq", "update"]));
-        match r {
-            Ok(()) => {
-                fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))?;
-                Ok(())
-            }
-            Err(e) => {
-                println!("kernels: apt-get update failed ({e:#}); using the cache");
-                Err(e)
-            }
-        }
-    }
-
+impl Newest for Apt {
     /// The newest package of `s` the lists hold.
     fn newest(&self, s: &Series) -> anyhow::Result<Option<String>> {
         let names = output(self.cmd("apt-cache").args(["pkgnames", s.prefix]))?;

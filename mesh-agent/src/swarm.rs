@@ -182,6 +182,24 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
     m
 }
 
+/// Fills in each network's own endpoint address (`local_addr`) where this view lacks it
+/// from what earlier views showed (`seen`, updated here; networks no longer listed are
+/// forgotten). Docker's verbose inspect now and then leaves an endpoint out (it logs
+/// "Inconsistent driver and libnetwork state for endpoint"), and a network without its
+/// local endpoint is skipped whole: every published port of the node would go for a
+/// resync. The address does not change while the network exists.
+pub fn remember_local_addrs(networks: &mut [NetworkView], seen: &mut BTreeMap<String, Ipv4Addr>) {
+    seen.retain(|name, _| networks.iter().any(|n| &n.name == name));
+    for n in networks {
+        match n.local_addr {
+            Some(a) => {
+                seen.insert(n.name.clone(), a);
+            }
+            None => n.local_addr = seen.get(&n.name).copied(),
+        }
+    }
+}
+
 /// The data-path port to use: the swarm's when Docker says it, else the flag's, else
 /// 4789; and, when the flag names another port than the swarm's, what to tell the user
 /// (Docker's own overlays use the swarm's port, and the mesh must meet them there).
@@ -793,6 +811,23 @@ mod tests {
         assert!(why
             .unwrap()
             .contains("--data-path-port 4789 differs from the swarm's data-path port 7789"));
+    }
+
+    /// A view that leaves the node's endpoint out (Docker does, now and then) keeps the
+    /// network, and so the node's published ports; a network gone is forgotten.
+    #[test]
+    fn a_local_endpoint_left_out_of_one_view_is_remembered() {
+        let mut seen = BTreeMap::new();
+        let mut first = vec![ingress()];
+        remember_local_addrs(&mut first, &mut seen);
+        let mut second = vec![ingress()];
+        second[0].local_addr = None;
+        remember_local_addrs(&mut second, &mut seen);
+        assert_eq!(second[0].local_addr, Some("10.0.0.2".parse().unwrap()));
+        let m = model_from(&second, "10.251.0.11".parse().unwrap(), "eth0");
+        assert_eq!(m.services.len(), 1, "the published port stays");
+        remember_local_addrs(&mut [], &mut seen);
+        assert!(seen.is_empty());
     }
 
     #[test]

@@ -647,8 +647,12 @@ impl Drop for Swarm {
             return;
         }
         if std::thread::panicking() {
-            // Keep the agents' and dockerds' logs for the post-mortem.
-            let keep = std::env::temp_dir().join("mesh-swarm-test-logs");
+            // Keep the agents' and dockerds' logs for the post-mortem, per test.
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("swarm")
+                .replace("::", "-");
+            let keep = std::env::temp_dir().join("mesh-swarm-test-logs").join(test);
             let _ = std::fs::remove_dir_all(&keep);
             for n in 1..=self.nodes {
                 let dir = keep.join(format!("node{n}"));

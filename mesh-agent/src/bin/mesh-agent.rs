@@ -297,6 +297,8 @@ struct DockerSource {
     stock: mesh_agent::peers::StockPeers,
     /// The swarm's data-path port, from Docker on a manager, else from a manager's report.
     data_path_port: Option<u16>,
+    /// Each network's own endpoint address on this node, as last seen.
+    local_addrs: BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 /// How long a task seen shutting down is remembered as such.
@@ -321,6 +323,7 @@ impl DockerSource {
             seen_netns_dir: None,
             stock: Default::default(),
             data_path_port: None,
+            local_addrs: BTreeMap::new(),
         }
     }
 
@@ -376,7 +379,8 @@ impl DockerSource {
 
     /// The model of this node that the Swarm implies, with its tasks' veths and health.
     async fn model(&mut self) -> anyhow::Result<model::Model> {
-        let view = docker::snapshot(&self.docker).await?;
+        let mut view = docker::snapshot(&self.docker).await?;
+        swarm::remember_local_addrs(&mut view.networks, &mut self.local_addrs);
         let me = view.me;
         self.me = Some(me);
         self.managers = view.managers.clone();

@@ -1213,6 +1213,21 @@ fn from_the_node(s: &Swarm) {
     let udp = s.wait_running("udpwho", s.nodes as usize, Duration::from_secs(60));
     let names = |v: &[(String, String)]| v.iter().map(|(t, _)| t.clone()).collect::<BTreeSet<_>>();
     let (near_names, udp_names) = (names(&near), names(&udp));
+    // "Running" is before udp-who has bound its port: until every task has answered once
+    // (from the client, through node 1), a datagram may meet the task's port
+    // unreachable, which the mesh now rightly hands back (ECONNREFUSED).
+    let first = s.addr(1);
+    let t0 = Instant::now();
+    let mut ready = BTreeSet::new();
+    while ready != udp_names {
+        if let Ok((t, _, _)) = s.client(|| udp_who((first, 5353).into(), true)) {
+            ready.insert(t);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "udpwho: only {ready:?} of {udp_names:?} answered within 30 s"
+        );
+    }
     let local_udp = |node: u32| {
         udp.iter()
             .find(|(_, h)| s.node_index(h) == node)

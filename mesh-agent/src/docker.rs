@@ -132,6 +132,7 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
             .filter_map(|(k, val)| Some((k, serde_json::from_value::<GossipService>(val).ok()?)))
             .collect();
         out.push(NetworkView {
+            id: id.clone(),
             name,
             ingress,
             vnis,
@@ -456,6 +457,7 @@ fn on_an_overlay(
 pub async fn local_endpoints(
     docker: &Docker,
     netns_dir: Option<&std::path::Path>,
+    overlays: &std::collections::BTreeSet<String>,
 ) -> Result<LocalTasks, DockerError> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
     let api = |what| move |source| DockerError::Api { what, source };
@@ -476,23 +478,12 @@ pub async fn local_endpoints(
     let mut out = LocalTasks::default();
     // Links of each overlay network's namespace, listed once per call.
     let mut overlay_links = BTreeMap::new();
-    let overlays: std::collections::BTreeSet<String> = docker
-        .list_networks(Some(
-            bollard::query_parameters::ListNetworksOptionsBuilder::default()
-                .filters(&[("driver", vec!["overlay"])].into_iter().collect())
-                .build(),
-        ))
-        .await
-        .map_err(api("list networks"))?
-        .into_iter()
-        .filter_map(|n| n.id)
-        .collect();
     for c in list {
         let task = c
             .labels
             .as_ref()
             .is_some_and(|l| l.contains_key("com.docker.swarm.task.id"));
-        if !task && !on_an_overlay(&c, &overlays) {
+        if !task && !on_an_overlay(&c, overlays) {
             continue;
         }
         let Some(id) = c.id else { continue };

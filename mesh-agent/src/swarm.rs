@@ -21,6 +21,8 @@ use crate::model::{
 /// One overlay network as this node sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NetworkView {
+    /// Docker's network id.
+    pub id: String,
     pub name: String,
     pub ingress: bool,
     /// One VNI per subnet (`vxlanid_list`), the first subnet's first; empty: unknown.
@@ -607,6 +609,7 @@ mod tests {
 
     fn ingress() -> NetworkView {
         NetworkView {
+            id: "ingressid".into(),
             name: "ingress".into(),
             ingress: true,
             vnis: vec![4096],

@@ -76,3 +76,17 @@ impl Apt {
         fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
     }
 }
+
+/// Serialises the runs that fetch into one cache (two xtasks downloading at once would
+/// race); held until the file is dropped.
+pub fn lock(cache: &Path) -> anyhow::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = cache.join(".lock");
+    let f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; released when the file is dropped.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(f)
+}

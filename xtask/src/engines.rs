@@ -27,7 +27,7 @@ use std::{
 use anyhow::{bail, Context};
 
 use crate::{
-    apt::Apt,
+    apt::{lock, Apt},
     cmd::{exec, output},
 };
 
@@ -486,19 +486,6 @@ impl Newest for Apt {
             ),
         }
     }
-}
-
-/// Serialises fetches into one cache.
-fn lock(cache: &Path) -> anyhow::Result<fs::File> {
-    use std::os::fd::AsRawFd;
-    let path = cache.join(".lock");
-    let f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; released when the file is dropped.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("locking {}", path.display()));
-    }
-    Ok(f)
 }
 
 #[cfg(test)]

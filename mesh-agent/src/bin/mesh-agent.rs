@@ -390,7 +390,10 @@ impl DockerSource {
         let mut model = swarm::model_from(&view.networks, me, &underlay);
         let now = Instant::now();
         self.drain.apply(&mut model, now);
-        let tasks = docker::local_endpoints(&self.docker, self.netns_dir.as_deref()).await?;
+        // The overlays the snapshot listed (a plain container on one calls VIPs).
+        let overlays = view.networks.iter().map(|n| n.id.clone()).collect();
+        let tasks =
+            docker::local_endpoints(&self.docker, self.netns_dir.as_deref(), &overlays).await?;
         if let Some(d) = &tasks.netns_dir {
             self.seen_netns_dir = Some(d.clone());
         }

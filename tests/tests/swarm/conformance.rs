@@ -21,6 +21,30 @@ fn create_sh(s: &Swarm, args: &[&str], script: &str) {
     s.docker(1, &a);
 }
 
+/// A global service `name` on `network` that only sleeps: a task on every node to
+/// call from; returns once every node runs one.
+fn global_caller(s: &Swarm, name: &str, network: &str) {
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            name,
+            "--mode",
+            "global",
+            "--network",
+            network,
+            "--no-resolve-image",
+            IMAGE,
+            "sleep",
+            "1000000",
+        ],
+    );
+    s.wait_running(name, s.nodes as usize, Duration::from_secs(60));
+}
+
 /// Retries `f` until it returns `Some`, for at most `within`; panics with `what`.
 fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let t0 = Instant::now();
@@ -408,25 +432,7 @@ pub fn beyond_the_mtu(s: &Swarm) {
         assert_eq!(body.len(), 65536, "node {node}: the whole body");
     }
     // Through the VIP, from a task on every node (the `bigcall` global service).
-    s.docker(
-        1,
-        &[
-            "service",
-            "create",
-            "-d",
-            "--name",
-            "bigcall",
-            "--mode",
-            "global",
-            "--network",
-            "bignet",
-            "--no-resolve-image",
-            IMAGE,
-            "sleep",
-            "1000000",
-        ],
-    );
-    s.wait_running("bigcall", s.nodes as usize, Duration::from_secs(60));
+    global_caller(s, "bigcall", "bignet");
     let vip = vip_of(s, "bigudp", "bignet");
     for node in 1..=s.nodes {
         let id = s.docker(node, &["ps", "-q", "-f", "name=bigcall"]);
@@ -814,26 +820,8 @@ pub fn overlay_across_mesh_and_stock_nodes(s: &Swarm, stock: u32) {
             "{{.Task.Name}}",
         ],
     );
-    s.docker(
-        1,
-        &[
-            "service",
-            "create",
-            "-d",
-            "--name",
-            "mixcaller",
-            "--mode",
-            "global",
-            "--network",
-            "mixnet",
-            "--no-resolve-image",
-            IMAGE,
-            "sleep",
-            "1000000",
-        ],
-    );
+    global_caller(s, "mixcaller", "mixnet");
     let api = s.wait_running("mixapi", s.nodes as usize, Duration::from_secs(60));
-    s.wait_running("mixcaller", s.nodes as usize, Duration::from_secs(60));
     let all: BTreeSet<String> = api.iter().map(|(t, _)| t.clone()).collect();
     for node in 1..=s.nodes {
         let id = s.docker(node, &["ps", "-q", "-f", "name=mixcaller"]);
@@ -892,24 +880,7 @@ pub fn network_add_and_remove(s: &Swarm) {
             "joinnet",
         ],
     );
-    s.docker(
-        1,
-        &[
-            "service",
-            "create",
-            "-d",
-            "--name",
-            "joincaller",
-            "--mode",
-            "global",
-            "--network",
-            "joinnet",
-            "--no-resolve-image",
-            IMAGE,
-            "sleep",
-            "1000000",
-        ],
-    );
+    global_caller(s, "joincaller", "joinnet");
     create_httpd(
         s,
         &[
@@ -921,7 +892,6 @@ pub fn network_add_and_remove(s: &Swarm) {
             "{{.Task.Name}}",
         ],
     );
-    s.wait_running("joincaller", s.nodes as usize, Duration::from_secs(60));
     s.wait_running("late", 2, Duration::from_secs(60));
     s.docker(
         1,

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context};
 
 use crate::{
-    apt::Apt,
+    apt::{lock, Apt},
     cmd::{exec, output},
 };
 
@@ -161,19 +161,6 @@ impl Series {
         }
         n.parse().ok()
     }
-}
-
-/// Serialises runs on one cache (two xtasks downloading at once would race).
-fn lock(cache: &Path) -> anyhow::Result<fs::File> {
-    use std::os::fd::AsRawFd;
-    let path = cache.join(".lock");
-    let f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; released when the file is dropped.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("locking {}", path.display()));
-    }
-    Ok(f)
 }
 
 fn download_and_unpack(

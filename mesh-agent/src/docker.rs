@@ -157,14 +157,33 @@ pub type MeshLabels = BTreeMap<String, BTreeMap<String, String>>;
 /// protocol) pairs. Docker's gossiped tables, all a worker has, carry no protocol.
 pub type Protocols = BTreeMap<String, Vec<(u16, crate::model::Protocol)>>;
 
+/// One ingress-published port of a service, as the service's spec has it now.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct IngressPort {
+    pub published: u16,
+    pub target: u16,
+    pub protocol: crate::model::Protocol,
+}
+
+/// Every service a manager lists -> its ingress-published ports (empty: none). The
+/// gossiped tables are no authority on ports: each task's record carries the ports of
+/// the spec it was created from, and Docker's verbose view shows one record's at random,
+/// so during an update that moves a port the view flips between old and new.
+pub type IngressPorts = BTreeMap<String, Vec<IngressPort>>;
+
 /// What only a manager's `/services` tells about services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceFacts {
     pub labels: MeshLabels,
+    /// What an older manager reports instead of `ingress`.
     pub protocols: Protocols,
+    /// `None` from a manager whose agent predates it.
+    pub ingress: Option<IngressPorts>,
 }
 
-/// On a manager: every service's `mesh.*` labels and published ports' protocols.
+/// On a manager: every service's `mesh.*` labels and ingress-published ports.
 pub async fn service_facts(docker: &Docker) -> Result<ServiceFacts, DockerError> {
     use bollard::models::{
         EndpointPortConfigProtocolEnum as P, EndpointPortConfigPublishModeEnum as M,
@@ -176,7 +195,10 @@ pub async fn service_facts(docker: &Docker) -> Result<ServiceFacts, DockerError>
             what: "list services",
             source,
         })?;
-    let mut facts = ServiceFacts::default();
+    let mut facts = ServiceFacts {
+        ingress: Some(IngressPorts::new()),
+        ..Default::default()
+    };
     for s in services {
         let Some(spec) = s.spec else { continue };
         let Some(name) = spec.name else { continue };
@@ -189,7 +211,7 @@ pub async fn service_facts(docker: &Docker) -> Result<ServiceFacts, DockerError>
         if !labels.is_empty() {
             facts.labels.insert(name.clone(), labels);
         }
-        let ports: Vec<(u16, crate::model::Protocol)> = s
+        let ports: Vec<IngressPort> = s
             .endpoint
             .and_then(|e| e.ports)
             .unwrap_or_default()
@@ -202,11 +224,21 @@ pub async fn service_facts(docker: &Docker) -> Result<ServiceFacts, DockerError>
                     // SCTP: not balanced by the mesh.
                     _ => return None,
                 };
-                Some((u16::try_from(p.published_port?).ok()?, proto))
+                Some(IngressPort {
+                    published: u16::try_from(p.published_port?).ok()?,
+                    target: u16::try_from(p.target_port?).ok()?,
+                    protocol: proto,
+                })
             })
             .collect();
         if !ports.is_empty() {
-            facts.protocols.insert(name, ports);
+            facts.protocols.insert(
+                name.clone(),
+                ports.iter().map(|p| (p.published, p.protocol)).collect(),
+            );
+        }
+        if let Some(ingress) = facts.ingress.as_mut() {
+            ingress.insert(name, ports);
         }
     }
     Ok(facts)

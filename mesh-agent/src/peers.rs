@@ -34,6 +34,9 @@ pub struct Report {
     /// On a manager: the protocols of services' published ports (not in the gossip).
     #[serde(default)]
     pub protocols: crate::docker::Protocols,
+    /// On a manager: every service's ingress-published ports as its spec has them.
+    #[serde(default)]
+    pub ingress: Option<crate::docker::IngressPorts>,
     /// Every address of its local tasks: their health is in `not_healthy` (absent: an
     /// agent that does not say).
     #[serde(default)]
@@ -54,6 +57,7 @@ pub fn manager_facts(
         .map(|(_, r)| crate::docker::ServiceFacts {
             labels: r.labels.clone(),
             protocols: r.protocols.clone(),
+            ingress: r.ingress.clone(),
         })
 }
 
@@ -385,6 +389,7 @@ mod tests {
                 stopping: BTreeSet::from(["t6".to_string()]),
                 labels: BTreeMap::new(),
                 protocols: BTreeMap::new(),
+                ingress: None,
                 known: None,
                 data_path_port: None,
             },
@@ -428,6 +433,14 @@ mod tests {
                 "dns".to_string(),
                 vec![(5353, crate::model::Protocol::Udp)],
             )]),
+            ingress: Some(BTreeMap::from([(
+                "dns".to_string(),
+                vec![crate::docker::IngressPort {
+                    published: 5353,
+                    target: 53,
+                    protocol: crate::model::Protocol::Udp,
+                }],
+            )])),
             known: Some(BTreeSet::from(["10.0.0.9".parse().unwrap()])),
             data_path_port: Some(7789),
         };

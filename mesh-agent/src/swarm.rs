@@ -156,14 +156,16 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
                 every_port: false,
             };
             if n.ingress {
-                // The ingress network carries the published ports. Docker programs each
-                // task to take them on its ingress address *at the published port* and
-                // redirect to the target port itself: that is where we deliver.
+                // The ingress network carries the published ports. Delivered at the
+                // target port on the task's ingress address, which Docker's rules in
+                // the task accept as they accept its own redirect from the published
+                // port; unlike that redirect (programmed per task from the spec it was
+                // created with), it also holds for a task created before the port moved.
                 let p = ports
                     .iter()
-                    .map(|(_target, publish)| PortSpec {
+                    .map(|(target, publish)| PortSpec {
                         published: Some(*publish),
-                        target: *publish,
+                        target: *target,
                         protocol: Protocol::Tcp,
                         mode: PublishMode::Ingress,
                     })
@@ -279,6 +281,41 @@ pub fn apply_labels(model: &mut Model, labels: &crate::docker::MeshLabels) -> Ve
     bad.sort();
     bad.dedup();
     bad
+}
+
+/// Gives each service the ingress-published ports a manager reported from its spec, in
+/// place of the gossip's (which, during an update that moves a port, flip between the
+/// old and the new with every read, and carry no protocol). A service the manager did
+/// not list (created since) keeps the gossip's; one it lists without ingress ports has
+/// none. From a manager that reports only protocols, see `apply_protocols`.
+pub fn apply_published(model: &mut Model, facts: &crate::docker::ServiceFacts) {
+    let Some(ingress) = &facts.ingress else {
+        return apply_protocols(model, &facts.protocols);
+    };
+    for s in &mut model.services {
+        if s.name.contains('@') || !s.ports.iter().any(|p| p.mode == PublishMode::Ingress) {
+            continue;
+        }
+        let Some(known) = ingress.get(&s.name) else {
+            continue;
+        };
+        let mut ports: Vec<PortSpec> = known
+            .iter()
+            .map(|p| PortSpec {
+                published: Some(p.published),
+                target: p.target,
+                protocol: p.protocol,
+                mode: PublishMode::Ingress,
+            })
+            .collect();
+        ports.sort_by_key(|p| (p.published, p.protocol, p.target));
+        ports.dedup();
+        s.ports = ports;
+    }
+    // A service whose ports were all taken away has nothing left to serve here.
+    model
+        .services
+        .retain(|s| !s.ports.is_empty() || !s.vips.is_empty() || s.every_port);
 }
 
 /// Gives ingress-published ports the protocols a manager reported (the gossip, which
@@ -705,10 +742,10 @@ mod tests {
         assert_eq!(m.networks[0].vni, 4096);
         let web = &m.services[0];
         assert_eq!(web.name, "web");
-        // Delivered on the published port: the task redirects it to 80 itself.
+        // Delivered at the target port.
         assert_eq!(
             (web.ports[0].published, web.ports[0].target),
-            (Some(8080), 8080)
+            (Some(8080), 80)
         );
         assert_eq!(web.backends.len(), 2);
         assert_eq!(web.backends[0].node, None, "the task on this node is local");
@@ -737,19 +774,82 @@ mod tests {
         apply_protocols(&mut m, &both);
         let p: Vec<Protocol> = web(&m).ports.iter().map(|p| p.protocol).collect();
         assert_eq!(p, vec![Protocol::Tcp, Protocol::Udp]);
-        // Two groups, one per protocol (endpoints do not matter here).
+        // Two groups, one per protocol (endpoints do not matter here), named by the
+        // target port they deliver to.
         m.services
             .iter_mut()
             .for_each(|s| s.backends.retain(|b| b.node.is_some()));
         let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).expect("both protocols are valid");
-        assert!(d
-            .groups
-            .keys()
-            .any(|g| g.0 == format!("web/udp/{published}")));
-        assert!(d
-            .groups
-            .keys()
-            .any(|g| g.0 == format!("web/tcp/{published}")));
+        assert!(d.groups.keys().any(|g| g.0 == "web/udp/80"));
+        assert!(d.groups.keys().any(|g| g.0 == "web/tcp/80"));
+    }
+
+    /// `service update --publish-rm 80 --publish-add 8221:80`: until the old tasks are
+    /// gone Docker's view shows 8220 or 8221 at random with each read (seen on 20.10 and
+    /// 28.5: the port answered now and then, on no node for 20 s). The manager's spec
+    /// decides; a service it does not list yet keeps the gossip's ports.
+    #[test]
+    fn published_ports_follow_the_spec_not_the_gossip() {
+        use crate::docker::{IngressPort, ServiceFacts};
+        let me = "10.251.0.11".parse().unwrap();
+        let mut n = ingress();
+        n.services
+            .insert("gone".into(), serde_json::from_str(WEB).unwrap());
+        n.services
+            .insert("new".into(), serde_json::from_str(WEB).unwrap());
+        let mut m = model_from(&[n], me, "eth0");
+        let port = |published, target, protocol| IngressPort {
+            published,
+            target,
+            protocol,
+        };
+        let facts = ServiceFacts {
+            ingress: Some(BTreeMap::from([
+                (
+                    "web".to_string(),
+                    vec![
+                        port(8221, 80, Protocol::Udp),
+                        port(8221, 80, Protocol::Tcp),
+                        port(8221, 80, Protocol::Tcp),
+                    ],
+                ),
+                ("gone".to_string(), vec![]),
+            ])),
+            ..Default::default()
+        };
+        apply_published(&mut m, &facts);
+        let ports = |m: &Model, name: &str| -> Vec<(Option<u16>, u16, Protocol)> {
+            m.services
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| {
+                    s.ports
+                        .iter()
+                        .map(|p| (p.published, p.target, p.protocol))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            ports(&m, "web"),
+            vec![
+                (Some(8221), 80, Protocol::Tcp),
+                (Some(8221), 80, Protocol::Udp)
+            ]
+        );
+        assert!(
+            !m.services.iter().any(|s| s.name == "gone"),
+            "listed without ingress ports: nothing to serve"
+        );
+        assert_eq!(ports(&m, "new"), vec![(Some(8080), 80, Protocol::Tcp)]);
+        // An older manager's report (protocols only) still applies.
+        let mut old = model_from(&[ingress()], me, "eth0");
+        let facts = ServiceFacts {
+            protocols: BTreeMap::from([("web".into(), vec![(8080, Protocol::Udp)])]),
+            ..Default::default()
+        };
+        apply_published(&mut old, &facts);
+        assert_eq!(ports(&old, "web"), vec![(Some(8080), 80, Protocol::Udp)]);
     }
 
     /// `-p 5353:53/tcp -p 5353:53/udp`: the gossip lists the port twice, without

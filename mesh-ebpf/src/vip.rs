@@ -233,17 +233,26 @@ fn pick(pk: &Pkt, svc_id: u32) -> Option<(u32, u32, u16)> {
     None
 }
 
-/// Destination to the backend task, and its MAC, so that the bridge hands it on.
+/// Destination to the backend task, and its MAC, so that the bridge hands it on. A
+/// frame the task sent to its gateway (a VIP off its own subnet, on a network with
+/// several) keeps the gateway as its next hop: the network's namespace routes it on to
+/// the chosen task's subnet, where a task MAC on this bridge would reach no one.
 #[inline(never)]
 fn toward(pk: &Pkt, addr: u32, port: u16) -> lb::Outcome {
     let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
+    let on_link = ctx
+        .load::<[u8; 6]>(0)
+        .map_or(true, |mac| mac == arp::vip_mac(f.daddr));
     let done = skb::set_addr(ctx, l3, 16, l4, proto, f.daddr, addr)
         .and_then(|_| match proto {
             0 => Ok(()),
             _ => skb::set_port(ctx, l4, 2, proto, f.dport, port),
         })
-        .and_then(|_| ctx.store(0, &docker_mac(addr), 0).map_err(|_| ()));
+        .and_then(|_| match on_link {
+            true => ctx.store(0, &docker_mac(addr), 0).map_err(|_| ()),
+            false => Ok(()),
+        });
     if done.is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }

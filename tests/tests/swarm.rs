@@ -199,9 +199,7 @@ fn conformance_phases(s: &Swarm) {
     conformance::beyond_the_mtu(s);
     conformance::udp_without_listener(s);
     conformance::two_subnets(s);
-    // Not yet: `conformance::vip_from_a_plain_container` passes alone and failed on node
-    // 1 after the whole sequence in 2 of 4 full runs (plain1 -> ctrapi unanswered for
-    // 20 s); not diagnosed, so out of the suite until it is (issue 17 stays open).
+    conformance::vip_from_a_plain_container(s);
     conformance::lone_task_calls_its_own_vip(s);
     conformance::port_in_use(s);
     conformance::docker_s_own_port_mappings(s);

@@ -106,8 +106,6 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 /// The key the sources above are checked with (on every Debian system).
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-/// Lists older than this are refreshed before a fetch (never on a cache hit).
-
 /// Marks a complete engine (written last, before the rename into place).
 const COMPLETE: &str = ".mesh-complete";
 

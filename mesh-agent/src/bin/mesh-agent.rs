@@ -425,6 +425,7 @@ impl DockerSource {
                 .as_ref()
                 .map(|f| f.protocols.clone())
                 .unwrap_or_default(),
+            ingress: facts.as_ref().and_then(|f| f.ingress.clone()),
             known: Some(tasks.known.clone()),
             data_path_port: view.data_path_port,
         };
@@ -473,7 +474,7 @@ impl DockerSource {
             None => facts = self.last_facts.clone(),
         }
         if let Some(f) = &facts {
-            swarm::apply_protocols(&mut model, &f.protocols);
+            swarm::apply_published(&mut model, f);
             for bad in swarm::apply_labels(&mut model, &f.labels) {
                 if self.label_warned.insert(bad.clone()) {
                     tracing::warn!("service label ignored: {bad}");

@@ -57,9 +57,6 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main
 ";
 
-/// Package lists older than this are refreshed (a new point release or security
-/// update then gets booted); a failed refresh falls back to what is cached.
-
 /// Marks a completely unpacked tree (an interrupted `dpkg -x` leaves none).
 const COMPLETE: &str = ".mesh-complete";
 

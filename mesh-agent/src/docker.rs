@@ -108,11 +108,7 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
             .map(|s| crate::swarm::parse_vnis(s))
             .unwrap_or_default();
         let ingress = v.ingress.unwrap_or(false);
-        let endpoint = if ingress {
-            "ingress-sbox".to_string()
-        } else {
-            format!("lb-{name}")
-        };
+        let endpoint = crate::swarm::local_endpoint_key(&name, ingress);
         let local_addr = v
             .containers
             .as_ref()

@@ -186,6 +186,16 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
     m
 }
 
+/// Where a network's verbose `Containers` lists this node's own endpoint on it: the
+/// ingress sandbox's (`<name>-sbox`: an ingress network re-created under another name
+/// keeps the pattern) or the network's load balancer's (`lb-<name>`).
+pub fn local_endpoint_key(network: &str, ingress: bool) -> String {
+    match ingress {
+        true => format!("{network}-sbox"),
+        false => format!("lb-{network}"),
+    }
+}
+
 /// Fills in each network's own endpoint address (`local_addr`) where this view lacks it
 /// from what earlier views showed (`seen`, updated here; networks no longer listed are
 /// forgotten). Docker's verbose inspect now and then leaves an endpoint out (it logs
@@ -657,6 +667,16 @@ mod tests {
             ],
             services: BTreeMap::from([("web".into(), serde_json::from_str(WEB).unwrap())]),
         }
+    }
+
+    /// `docker network create --ingress ... myingress` (row 2.4/custom-ingress): its
+    /// sandbox's endpoint is `myingress-sbox`; once only `ingress-sbox` was looked for,
+    /// and a re-created ingress network served no published port.
+    #[test]
+    fn the_local_endpoint_of_any_ingress_network() {
+        assert_eq!(local_endpoint_key("ingress", true), "ingress-sbox");
+        assert_eq!(local_endpoint_key("myingress", true), "myingress-sbox");
+        assert_eq!(local_endpoint_key("two", false), "lb-two");
     }
 
     #[test]

@@ -384,6 +384,23 @@ impl Swarm {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// `docker ARGS` against node `n` with `input` on its stdin (a confirmation prompt).
+    pub fn docker_answering(&self, n: u32, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let node = n.to_string();
+        let mut c = Command::new(&self.xtask);
+        c.args(["cluster", "docker", &node, "--"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("run xtask");
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(input.as_bytes());
+        }
+        child.wait_with_output().expect("wait for xtask")
+    }
+
     pub fn try_docker(&self, n: u32, args: &[&str]) -> Output {
         if self.machine.is_some() {
             return machine_docker(args);

@@ -206,6 +206,12 @@ fn conformance_phases(s: &Swarm) {
     conformance::network_add_and_remove(s);
     conformance::vip_and_dnsrr(s);
     conformance::published_port_lifecycle(s);
+    conformance::vip_through_churn(s);
+    conformance::health_on_vips(s);
+    conformance::isolation_and_udp_on_overlays(s);
+    conformance::host_mode_variants(s);
+    // Last: it removes every service and re-creates the ingress network.
+    conformance::custom_ingress(s);
 }
 
 /// A swarm in the middle of a rollout, on mixed engines: node 1 (the manager) on Docker

@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -91,9 +92,14 @@ fn agent_log(n: u32, words: &[&str]) -> Vec<String> {
 /// From container `ctr` on node `n` (busybox's nc), `GET /cgi-bin/who` of `to` port 80,
 /// `times` times: the last line of each answer ("" where none came).
 fn who_from(s: &Swarm, n: u32, ctr: &str, to: &str, times: usize) -> Vec<String> {
+    who_from_at(s, n, ctr, to, 80, times)
+}
+
+/// As `who_from`, to `port`.
+fn who_from_at(s: &Swarm, n: u32, ctr: &str, to: &str, port: u16, times: usize) -> Vec<String> {
     let script = format!(
         "for i in $(seq {times}); do r=$(printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | \
-         nc -w 2 {to} 80 | tail -1); echo \"got:$r\"; done"
+         nc -w 2 {to} {port} | tail -1); echo \"got:$r\"; done"
     );
     let out = s.try_docker(n, &["exec", ctr, "sh", "-c", &script]);
     String::from_utf8_lossy(&out.stdout)
@@ -551,7 +557,7 @@ pub fn two_subnets(s: &Swarm) {
 /// Rows 6/reach (ctr), 6/protocols (ctr), 5/name-vip (ctr): a plain container on an
 /// attachable overlay reaches a service by name (its VIP), TCP and UDP, answered by its
 /// tasks, which see the container's own address. Node 1's container is on the network's
-/// second subnet, off the VIP's: it sends to its gateway, and the flow must be routed
+/// other subnet, off the VIP's: it sends to its gateway, and the flow must be routed
 /// on to the tasks' subnet (it once went out on the wrong bridge and was lost: the
 /// phase failed whenever Docker happened to put that container there).
 pub fn vip_from_a_plain_container(s: &Swarm) {
@@ -561,11 +567,18 @@ pub fn vip_from_a_plain_container(s: &Swarm) {
         "udp-who 53 & exec httpd -f -p 80 -h /www",
     );
     s.wait_running("ctrapi", 2, Duration::from_secs(60));
+    let vip = vip_of(s, "ctrapi", "two");
+    // Node 1's container on the subnet the VIP is not on (Docker 28.5 allocates the VIP
+    // on the first, 20.10 on the second).
+    let off = match vip.octets()[2] {
+        1 => "10.60.2.21",
+        _ => "10.60.1.21",
+    };
     for node in 1..=s.nodes {
         let name = format!("plain{node}");
         let mut run = vec!["run", "-d", "--name", &name, "--network", "two"];
         if node == 1 {
-            run.extend(["--ip", "10.60.2.21"]);
+            run.extend(["--ip", off]);
         }
         run.extend([IMAGE, "sleep", "1000000"]);
         let id = s.docker(node, &run);
@@ -577,12 +590,6 @@ pub fn vip_from_a_plain_container(s: &Swarm) {
                 "{{.NetworkSettings.Networks.two.IPAddress}}",
                 &id,
             ],
-        );
-        let vip = vip_of(s, "ctrapi", "two");
-        assert_eq!(
-            vip.octets()[..3],
-            [10, 60, 1],
-            "the VIP is on the first subnet"
         );
         let body = eventually(
             &format!("node {node}: {name} -> ctrapi by name"),
@@ -1074,4 +1081,599 @@ pub fn vip_and_dnsrr(s: &Swarm) {
     println!(
         "swarm: modal vip ({old}) -> dnsrr: the old VIP answers no more; -> vip ({new}): {seen:?}"
     );
+}
+
+/// A container of the test's own on `network` on node `n` that only sleeps: to call
+/// from. Its id.
+fn sleeper(s: &Swarm, n: u32, name: &str, network: &str) -> String {
+    s.docker(
+        n,
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            network,
+            IMAGE,
+            "sleep",
+            "1000000",
+        ],
+    )
+}
+
+/// The tasks of `service` that run now (`service.slot` or `service.node id`).
+fn running_tasks(s: &Swarm, service: &str, n: usize) -> BTreeSet<String> {
+    s.wait_running(service, n, Duration::from_secs(90))
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
+}
+
+/// Waits until the rolling update of `service` has completed.
+fn wait_updated(s: &Swarm, service: &str, within: Duration) {
+    eventually(&format!("{service}: update completed"), within, || {
+        let st = s.docker(
+            1,
+            &[
+                "service",
+                "inspect",
+                "-f",
+                "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
+                service,
+            ],
+        );
+        (st == "completed").then_some(())
+    });
+}
+
+/// Rows 11.3/update-vip-live, 11.3/update-done, 11.3/rapid-scale, 11.2/task-replaced
+/// (VIP) and 6/task-free-node: a service's VIP, called by name from a plain container on
+/// every node (node 3 runs none of its tasks), through a rolling update (stop-first,
+/// one at a time) and a rapid scale 3 -> 6 -> 2 -> 3. No node's callers go without an
+/// answer for 5 s (Docker's spec allows 300), and once it is over every new flow is
+/// answered by a task that runs.
+pub fn vip_through_churn(s: &Swarm) {
+    create_sh(
+        s,
+        &[
+            "--name",
+            "churn",
+            "--replicas",
+            "3",
+            "--network",
+            "two",
+            "--constraint",
+            "node.hostname!=mc-n3",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("churn", 3, Duration::from_secs(60));
+    let callers: Vec<String> = (1..=s.nodes)
+        .map(|n| sleeper(s, n, &format!("churnc{n}"), "two"))
+        .collect();
+    let caller = |n: u32| callers[(n - 1) as usize].as_str();
+    for n in 1..=s.nodes {
+        eventually(
+            &format!("node {n}: churn by name"),
+            Duration::from_secs(20),
+            || {
+                who_from(s, n, caller(n), "churn", 1)
+                    .concat()
+                    .starts_with("churn.")
+                    .then_some(())
+            },
+        );
+    }
+    let stop = AtomicBool::new(false);
+    let results = std::thread::scope(|sc| {
+        let calls: Vec<_> = (1..=s.nodes)
+            .map(|n| {
+                let stop = &stop;
+                sc.spawn(move || {
+                    let (mut ok, mut failed) = (0u32, 0u32);
+                    let mut last_ok = Instant::now();
+                    let mut worst = Duration::ZERO;
+                    while !stop.load(Ordering::Relaxed) {
+                        for got in who_from(s, n, caller(n), "churn", 5) {
+                            if got.starts_with("churn.") {
+                                ok += 1;
+                                worst = worst.max(last_ok.elapsed());
+                                last_ok = Instant::now();
+                            } else {
+                                failed += 1;
+                            }
+                        }
+                    }
+                    (n, ok, failed, worst.max(last_ok.elapsed()))
+                })
+            })
+            .collect();
+        s.docker(1, &["service", "update", "-d", "--force", "churn"]);
+        wait_updated(s, "churn", Duration::from_secs(120));
+        for replicas in ["churn=6", "churn=2", "churn=3"] {
+            s.docker(1, &["service", "scale", "-d", replicas]);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        s.wait_running("churn", 3, Duration::from_secs(90));
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        calls
+            .into_iter()
+            .map(|h| h.join().expect("caller thread"))
+            .collect::<Vec<_>>()
+    });
+    for (n, ok, failed, worst) in &results {
+        println!(
+            "swarm: node {n}: churn's VIP through an update and scale 3->6->2->3: {ok} calls \
+             answered, {failed} not, longest silence {:.1} s",
+            worst.as_secs_f64()
+        );
+        assert!(*ok > 0, "node {n}: no call answered");
+        assert!(
+            *worst < Duration::from_secs(5),
+            "node {n}: churn's VIP silent for {worst:?}"
+        );
+    }
+    let placed = s.wait_running("churn", 3, Duration::from_secs(30));
+    assert!(
+        placed.iter().all(|(_, node)| node != "mc-n3"),
+        "node 3 runs none of churn's tasks: {placed:?}"
+    );
+    let running: BTreeSet<String> = placed.into_iter().map(|(t, _)| t).collect();
+    for n in 1..=s.nodes {
+        let got = who_from(s, n, caller(n), "churn", 10);
+        for g in &got {
+            let (task, _) = task_and_client(g);
+            assert!(
+                running.contains(&task),
+                "node {n}: after the churn, a new flow went to {g:?}, not one of {running:?}"
+            );
+        }
+        assert_eq!(got.len(), 10, "node {n}: {got:?}");
+    }
+    s.docker(1, &["service", "rm", "churn"]);
+    for n in 1..=s.nodes {
+        s.docker(n, &["rm", "-f", &format!("churnc{n}")]);
+    }
+}
+
+/// Rows 6.2/health-first and 6.2/unhealthy-out on VIPs: a task whose HEALTHCHECK has
+/// not passed yet gets no VIP flow from any node, and once it turns unhealthy it gets
+/// none again (2 s after Docker reports it).
+pub fn health_on_vips(s: &Swarm) {
+    create_sh(
+        s,
+        &[
+            "--name",
+            "hcv",
+            "--replicas",
+            "3",
+            "--network",
+            "two",
+            "--stop-grace-period",
+            "2s",
+            "--health-cmd",
+            "test -f /tmp/ok",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+            "--health-timeout",
+            "1s",
+            // Failures before the first pass do not count (no restart): `starting`.
+            "--health-start-period",
+            "30s",
+        ],
+        // Serving at once, healthy only after 6 s.
+        "(sleep 6; touch /tmp/ok) & exec httpd -f -p 80 -h /www",
+    );
+    let first = running_tasks(s, "hcv", 3);
+    let callers: Vec<String> = (1..=s.nodes)
+        .map(|n| sleeper(s, n, &format!("hcvc{n}"), "two"))
+        .collect();
+    let caller = |n: u32| callers[(n - 1) as usize].as_str();
+    let ask = |n: u32| -> Option<String> {
+        let g = who_from(s, n, caller(n), "hcv", 1).concat();
+        g.starts_with("hcv.").then(|| task_and_client(&g).0)
+    };
+    for n in 1..=s.nodes {
+        eventually(
+            &format!("node {n}: hcv by name"),
+            Duration::from_secs(30),
+            || ask(n),
+        );
+    }
+    s.docker(1, &["service", "scale", "-d", "hcv=4"]);
+    // The new task, once its container runs (health `starting`).
+    let (task, node, cid) = eventually("hcv's fourth task", Duration::from_secs(30), || {
+        let ps = s.docker(
+            1,
+            &[
+                "service",
+                "ps",
+                "hcv",
+                "--filter",
+                "desired-state=running",
+                "--format",
+                "{{.Name}} {{.Node}}",
+            ],
+        );
+        let (t, nd) = ps
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(t, _)| !first.contains(*t))?;
+        let n = s.node_index(nd);
+        let cid = s.docker(n, &["ps", "-q", "--filter", &format!("name={t}.")]);
+        (!cid.is_empty()).then(|| (t.to_string(), n, cid))
+    });
+    let health = |cid: &str| s.docker(node, &["inspect", "-f", "{{.State.Health.Status}}", cid]);
+    let mut while_starting = 0;
+    while health(&cid) == "starting" {
+        for n in 1..=s.nodes {
+            if let Some(t) = ask(n) {
+                assert_ne!(
+                    t, task,
+                    "node {n}: a VIP flow reached {task} before its HEALTHCHECK passed"
+                );
+                while_starting += 1;
+            }
+        }
+    }
+    assert!(
+        while_starting > 0,
+        "no call answered while {task} was starting"
+    );
+    let healthy = Instant::now();
+    eventually(
+        &format!("{task} answers once healthy"),
+        Duration::from_secs(30),
+        || {
+            (1..=s.nodes)
+                .any(|n| ask(n).as_deref() == Some(task.as_str()))
+                .then_some(())
+        },
+    );
+    let joined = healthy.elapsed();
+    s.docker(node, &["exec", &cid, "rm", "/tmp/ok"]);
+    eventually(
+        &format!("{task} unhealthy"),
+        Duration::from_secs(15),
+        || (health(&cid) == "unhealthy").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut after = 0;
+    for _ in 0..5 {
+        for n in 1..=s.nodes {
+            if let Some(t) = ask(n) {
+                assert_ne!(
+                    t, task,
+                    "node {n}: a new VIP flow reached {task} 2 s after it turned unhealthy"
+                );
+                after += 1;
+            }
+        }
+    }
+    assert!(after > 0, "no call answered after {task} turned unhealthy");
+    println!(
+        "swarm: hcv's VIP: {while_starting} calls while {task} was starting, none to it; it \
+         answered {:.1} s after Docker reported it healthy; {after} calls 2 s after it \
+         turned unhealthy, none to it",
+        joined.as_secs_f64()
+    );
+    s.docker(1, &["service", "rm", "hcv"]);
+    for n in 1..=s.nodes {
+        s.docker(n, &["rm", "-f", &format!("hcvc{n}")]);
+    }
+}
+
+/// Rows 4/no-shared-net, 4/gwbridge-isolation and 4/protocols (UDP): `isoc` on a second
+/// attachable overlay `iso` (node 2) answers TCP and UDP across nodes to a container on
+/// `iso`, but not to containers on `two` only (on its node or another) at its overlay
+/// address, nor at its docker_gwbridge address from a container on its own node (that
+/// address answers from the node itself, so it is live).
+pub fn isolation_and_udp_on_overlays(s: &Swarm) {
+    s.docker(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "--subnet",
+            "10.61.0.0/24",
+            "iso",
+        ],
+    );
+    s.docker(
+        2,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "isoc",
+            "--hostname",
+            "isoc",
+            "--network",
+            "iso",
+            IMAGE,
+            "sh",
+            "-c",
+            "udp-who 53 & exec httpd -f -p 80 -h /www",
+        ],
+    );
+    let isob = sleeper(s, 1, "isob", "iso");
+    sleeper(s, 1, "twoa", "two");
+    sleeper(s, 2, "twod", "two");
+    let addr_of = |n: u32, ctr: &str, net: &str| -> String {
+        s.docker(
+            n,
+            &[
+                "inspect",
+                "-f",
+                &format!("{{{{.NetworkSettings.Networks.{net}.IPAddress}}}}"),
+                ctr,
+            ],
+        )
+    };
+    let isoc = addr_of(2, "isoc", "iso");
+    let me = addr_of(1, "isob", "iso");
+    let gw = s
+        .docker(2, &["exec", "isoc", "ip", "-4", "-o", "addr"])
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_prefix("172.18.")
+                .map(|rest| format!("172.18.{rest}"))
+        })
+        .and_then(|a| a.split('/').next().map(str::to_string))
+        .expect("isoc's docker_gwbridge address");
+    let body = eventually(
+        "isob (node 1) -> isoc (node 2)",
+        Duration::from_secs(30),
+        || {
+            let b = who_from(s, 1, "isob", &isoc, 1).concat();
+            b.starts_with("isoc").then_some(b)
+        },
+    );
+    let to: SocketAddr = (isoc.parse::<Ipv4Addr>().expect("address"), 53).into();
+    let (task, client, _) = eventually("UDP isob -> isoc", Duration::from_secs(10), || {
+        s.in_container(1, &isob, || udp_who(to, true)).ok()
+    });
+    assert_eq!((task.as_str(), client.as_str()), ("isoc", me.as_str()));
+    for (n, ctr, target, why) in [
+        (1, "twoa", &isoc, "no network in common, another node"),
+        (2, "twod", &isoc, "no network in common, the same node"),
+        (2, "twod", &gw, "its docker_gwbridge address"),
+    ] {
+        let got = who_from(s, n, ctr, target, 2);
+        assert!(
+            got.iter().all(|g| g.is_empty()),
+            "{ctr} (node {n}) reached isoc at {target} ({why}): {got:?}"
+        );
+    }
+    let from_node = s.on_node(2, || {
+        http(
+            gw.parse().expect("address"),
+            80,
+            "/cgi-bin/who",
+            Duration::from_secs(2),
+        )
+    });
+    assert!(
+        from_node.is_ok(),
+        "isoc's gwbridge address {gw} answers from its node: {from_node:?}"
+    );
+    println!(
+        "swarm: iso: isob -> isoc across nodes TCP ({body}) and UDP; containers on `two` \
+         reach neither its overlay address {isoc} nor its gwbridge address {gw}"
+    );
+    for (n, c) in [(2, "isoc"), (1, "isob"), (1, "twoa"), (2, "twod")] {
+        s.docker(n, &["rm", "-f", c]);
+    }
+    s.docker(1, &["network", "rm", "iso"]);
+}
+
+/// Rows 7.3/dnsrr-host, 7.3/auto-host-port, 7.1/host-self and 7.1/overlay-other: a
+/// global dnsrr service with a host-mode port answers on every node from that node's
+/// task, and so does a host-mode port Docker picks (read from `docker port`); a
+/// host-mode task reaches its own port through its node's address; a container on an
+/// overlay the service is not on reaches an ingress-published port through its node.
+pub fn host_mode_variants(s: &Swarm) {
+    create_sh(
+        s,
+        &[
+            "--name",
+            "hdns",
+            "--mode",
+            "global",
+            "--endpoint-mode",
+            "dnsrr",
+            "--publish",
+            "mode=host,target=80,published=8290",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    create_sh(
+        s,
+        &[
+            "--name",
+            "hauto",
+            "--mode",
+            "global",
+            "--publish",
+            "mode=host,target=80",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    create_sh(
+        s,
+        &[
+            "--name",
+            "pubx",
+            "--replicas",
+            "1",
+            "-p",
+            "8291:80",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("hdns", s.nodes as usize, Duration::from_secs(60));
+    s.wait_running("hauto", s.nodes as usize, Duration::from_secs(60));
+    s.wait_running("pubx", 1, Duration::from_secs(60));
+    let local = |n: u32, svc: &str| -> String {
+        s.docker(
+            n,
+            &[
+                "ps",
+                "--filter",
+                &format!("name={svc}."),
+                "--format",
+                "{{.Names}}",
+            ],
+        )
+    };
+    for n in 1..=s.nodes {
+        let hdns = local(n, "hdns");
+        let body = eventually(&format!("node {n}: 8290"), Duration::from_secs(20), || {
+            who(s, n, 8290).ok()
+        });
+        let (task, client) = task_and_client(&body);
+        assert!(
+            hdns.starts_with(&task),
+            "node {n}: 8290 answered by {task}, not its own {hdns}"
+        );
+        assert_eq!(client, s.client_addr().to_string());
+        let hauto = local(n, "hauto");
+        let port: u16 = s
+            .docker(n, &["port", &hauto, "80/tcp"])
+            .lines()
+            .find_map(|l| l.rsplit(':').next()?.trim().parse().ok())
+            .expect("the port Docker picked");
+        let body = eventually(
+            &format!("node {n}: hauto's {port}"),
+            Duration::from_secs(20),
+            || who(s, n, port).ok(),
+        );
+        let (task, _) = task_and_client(&body);
+        assert!(
+            hauto.starts_with(&task),
+            "node {n}: {port} answered by {task}, not {hauto}"
+        );
+        println!("swarm: node {n}: dnsrr host-mode 8290 and Docker's pick {port} answered by the node's own tasks");
+    }
+    let node1 = s.addr(1).to_string();
+    let hdns1 = local(1, "hdns");
+    let body = eventually(
+        "hdns on node 1 -> its own port through node 1",
+        Duration::from_secs(20),
+        || {
+            let b = who_from_at(s, 1, &hdns1, &node1, 8290, 1).concat();
+            (!b.is_empty()).then_some(b)
+        },
+    );
+    assert!(hdns1.starts_with(&task_and_client(&body).0), "{body}");
+    sleeper(s, 1, "ovo", "two");
+    let body = eventually(
+        "a container on `two` -> pubx's 8291 through node 1",
+        Duration::from_secs(20),
+        || {
+            let b = who_from_at(s, 1, "ovo", &node1, 8291, 1).concat();
+            b.starts_with("pubx.").then_some(b)
+        },
+    );
+    println!("swarm: host-mode task -> its own 8290 through its node; a container on `two` -> 8291 (pubx): {body}");
+    s.docker(1, &["rm", "-f", "ovo"]);
+    s.docker(1, &["service", "rm", "hdns", "hauto", "pubx"]);
+}
+
+/// Row 2.4/custom-ingress: the ingress network removed and created again with a subnet
+/// and gateway of its own (`docker network create --ingress`); a published port then
+/// answers on every node, from tasks on every node. Runs last: every service with a
+/// published port must be gone before Docker lets the network go.
+pub fn custom_ingress(s: &Swarm) {
+    let ls = s.docker(1, &["service", "ls", "-q"]);
+    for id in ls.lines() {
+        s.docker(1, &["service", "rm", id]);
+    }
+    // Until every node's tasks are gone, their nodes keep the old ingress sandbox.
+    for n in 1..=s.nodes {
+        eventually(
+            &format!("node {n}: no task left"),
+            Duration::from_secs(60),
+            || {
+                let ps = s.docker(
+                    n,
+                    &["ps", "-aq", "--filter", "label=com.docker.swarm.service.id"],
+                );
+                ps.is_empty().then_some(())
+            },
+        );
+    }
+    // Docker asks for confirmation on stdin; it refuses while tasks still hold the network.
+    eventually("ingress removed", Duration::from_secs(60), || {
+        s.docker_answering(1, &["network", "rm", "ingress"], "y\n")
+            .status
+            .success()
+            .then_some(())
+    });
+    s.docker(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--ingress",
+            "--subnet",
+            "10.70.0.0/24",
+            "--gateway",
+            "10.70.0.1",
+            "myingress",
+        ],
+    );
+    create_sh(
+        s,
+        &[
+            "--name",
+            "oningress",
+            "--mode",
+            "global",
+            "-p",
+            "8293:80",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("oningress", s.nodes as usize, Duration::from_secs(90));
+    let mut seen = BTreeSet::new();
+    for n in 1..=s.nodes {
+        let body = eventually(
+            &format!("node {n}: 8293 on myingress"),
+            Duration::from_secs(30),
+            || who(s, n, 8293).ok(),
+        );
+        assert_eq!(task_and_client(&body).1, s.client_addr().to_string());
+        for _ in 0..12 {
+            if let Ok(b) = who(s, n, 8293) {
+                seen.insert(task_and_client(&b).0);
+            }
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        s.nodes as usize,
+        "tasks on every node answer: {seen:?}"
+    );
+    println!("swarm: ingress re-created as myingress (10.70.0.0/24): 8293 answers on every node, from {seen:?}");
+    s.docker(1, &["service", "rm", "oningress"]);
 }

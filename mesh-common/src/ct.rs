@@ -50,6 +50,10 @@ pub const CT_RETRIED: u8 = 1 << 3;
 /// A task's flow to a VIP on Docker's overlay (the overlay hooks' own entries: the
 /// bridge and Docker's vxlan carry the packets, the mesh only rewrites addresses).
 pub const CT_OVERLAY: u8 = 1 << 4;
+/// Forward entry of an overlay VIP flow whose task is on another subnet (another bridge
+/// in the network's namespace) than the VIP its caller took for on its own: its packets
+/// are handed to that bridge, which resolves the task's MAC.
+pub const CT_ROUTED: u8 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

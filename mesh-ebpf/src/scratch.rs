@@ -75,6 +75,8 @@ pub struct Scratch {
     /// (`stats::count_noted`), where its frame does not add to the deep path's.
     pub noted_be: u32,
     pub noted_new: u8,
+    /// `bpf_fib_lookup`'s parameters (64 bytes: not on the stack).
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
 }
 
 #[btf_map]

@@ -8,13 +8,13 @@
 //! The flow's entries carry `CT_OVERLAY`: no other hook acts on them.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh},
     programs::TcContext,
 };
 use mesh_common::{
     arp,
-    ct::{self, CtKey, CtState, CT_OVERLAY, CT_REVERSE},
+    ct::{self, CtKey, CtState, CT_OVERLAY, CT_REVERSE, CT_ROUTED},
     lb::{any_port_vip, docker_mac, BackendState, FE_VIP},
     parse::{Frag, Parsed},
     proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
@@ -151,7 +151,7 @@ fn forward(pk: &Pkt) -> lb::Outcome {
                 note_backend(e.backend_id, false);
                 e.state = ct::advance(state, pk.f.tcp_flags) as u8;
                 e.last_seen_ns = now;
-                return toward(pk, e.nat_addr, e.nat_port);
+                return toward(pk, e.nat_addr, e.nat_port, e.flags & CT_ROUTED != 0);
             }
         }
     }
@@ -176,6 +176,7 @@ fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
     let Some((be_id, addr, port)) = pick(pk, fe.svc_id) else {
         return lb::Outcome::NO_BACKEND;
     };
+    let routed = on_link(pk) && other_bridge(pk, f.daddr, addr).is_some();
     let Some(s) = scratch() else {
         return pk.drop(Reason::DropCtFull);
     };
@@ -194,13 +195,56 @@ fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
     nf.fwd.svc_id = fe.svc_id;
     nf.fwd.nat_addr = addr;
     nf.fwd.nat_port = port;
-    nf.fwd.flags = CT_OVERLAY;
+    nf.fwd.flags = if routed { CT_OVERLAY | CT_ROUTED } else { CT_OVERLAY };
     if track::commit(true).is_err() {
         return pk.drop(Reason::DropCtFull);
     }
     count(pk.hook, Reason::ObsCtNew, pk.bytes);
     note_backend(be_id, true);
-    toward(pk, addr, port)
+    toward(pk, addr, port, routed)
+}
+
+/// Whether the task sent the frame to the VIP itself (it takes the VIP for on its own
+/// subnet), not to its gateway.
+#[inline(always)]
+fn on_link(pk: &Pkt) -> bool {
+    pk.ctx
+        .load::<[u8; 6]>(0)
+        .map_or(true, |mac| mac == arp::vip_mac(pk.f.daddr))
+}
+
+/// The bridge `task` is on in the network's namespace, when it is not the one `vip` is
+/// on (a network with several subnets, the task on another than the VIP's, and so than
+/// its caller's). FIB lookups there, from the caller's veth.
+#[inline(never)]
+fn other_bridge(pk: &Pkt, vip: u32, task: u32) -> Option<u32> {
+    let via_vip = bridge_of(pk, vip)?;
+    let via_task = bridge_of(pk, task)?;
+    (via_vip != via_task).then_some(via_task)
+}
+
+/// The device the network's namespace routes `dst` out of (found whether or not the
+/// neighbour is known yet).
+#[inline(always)]
+fn bridge_of(pk: &Pkt, dst: u32) -> Option<u32> {
+    let p = &mut scratch()?.fib;
+    // SAFETY: plain data.
+    *p = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    // SAFETY: reading a field of the context.
+    p.ifindex = unsafe { (*pk.ctx.skb.skb).ifindex };
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: the parameters live in map memory, of their own size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            pk.ctx.skb.skb as *mut _,
+            p,
+            core::mem::size_of::<aya_ebpf::bindings::bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    // BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_NO_NEIGH.
+    matches!(rc, 0 | 7).then_some(p.ifindex)
 }
 
 /// The backend (id, address, port) for a new flow of service `svc_id`: Maglev's pick,
@@ -236,24 +280,36 @@ fn pick(pk: &Pkt, svc_id: u32) -> Option<(u32, u32, u16)> {
 /// Destination to the backend task, and its MAC, so that the bridge hands it on. A
 /// frame the task sent to its gateway (a VIP off its own subnet, on a network with
 /// several) keeps the gateway as its next hop: the network's namespace routes it on to
-/// the chosen task's subnet, where a task MAC on this bridge would reach no one.
+/// the chosen task's subnet, where a task MAC on this bridge would reach no one. A
+/// `routed` flow (the task on another subnet than the VIP its caller took for its own)
+/// is handed to the task's bridge, which resolves the task's MAC.
 #[inline(never)]
-fn toward(pk: &Pkt, addr: u32, port: u16) -> lb::Outcome {
+fn toward(pk: &Pkt, addr: u32, port: u16, routed: bool) -> lb::Outcome {
     let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
-    let on_link = ctx
-        .load::<[u8; 6]>(0)
-        .map_or(true, |mac| mac == arp::vip_mac(f.daddr));
+    let on_link = on_link(pk);
+    let bridge = match routed && on_link {
+        true => bridge_of(pk, addr),
+        false => None,
+    };
     let done = skb::set_addr(ctx, l3, 16, l4, proto, f.daddr, addr)
         .and_then(|_| match proto {
             0 => Ok(()),
             _ => skb::set_port(ctx, l4, 2, proto, f.dport, port),
         })
-        .and_then(|_| match on_link {
+        .and_then(|_| match on_link && bridge.is_none() {
             true => ctx.store(0, &docker_mac(addr), 0).map_err(|_| ()),
             false => Ok(()),
         });
     if done.is_err() {
+        return pk.drop(Reason::DropRewriteFailed);
+    }
+    if let Some(dev) = bridge {
+        // SAFETY: no parameters struct: the kernel resolves the task's MAC there.
+        let r = unsafe { bpf_redirect_neigh(dev, core::ptr::null_mut(), 0, 0) } as i32;
+        if r == TC_ACT_REDIRECT as i32 {
+            return pk.done(Reason::FwdVipToTask, r);
+        }
         return pk.drop(Reason::DropRewriteFailed);
     }
     pk.done(Reason::FwdVipToTask, TC_ACT_OK)

@@ -41,6 +41,8 @@ pub struct Opts<'a> {
     pub nodes: u32,
     pub engines: &'a [&'a str],
     pub stock: &'a [u32],
+    /// `docker swarm init --data-path-port` (Docker's 4789 without it).
+    pub data_path_port: Option<u16>,
 }
 
 impl Default for Opts<'_> {
@@ -49,6 +51,7 @@ impl Default for Opts<'_> {
             nodes: 3,
             engines: &[],
             stock: &[],
+            data_path_port: None,
         }
     }
 }
@@ -141,6 +144,10 @@ impl Swarm {
             .join(",");
         if !o.stock.is_empty() {
             args.extend(["--stock", &stock]);
+        }
+        let port = o.data_path_port.map(|p| p.to_string());
+        if let Some(p) = &port {
+            args.extend(["--data-path-port", p]);
         }
         // From here on the guard tears down whatever `up` managed to build.
         let t = Instant::now();
@@ -421,6 +428,19 @@ impl Swarm {
         assert!(
             out.status.success(),
             "cluster agent {n} {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `xtask cluster dockerd N ACTION` (restart, kill), asserting success: node `n`'s
+    /// dockerd stopped or killed and started again, its agent with it.
+    pub fn dockerd(&self, n: u32, action: &str) {
+        assert!(self.machine.is_none(), "a cluster's node only");
+        let out = self.cli(&["cluster", "dockerd", &n.to_string(), action]);
+        assert!(
+            out.status.success(),
+            "cluster dockerd {n} {action}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }

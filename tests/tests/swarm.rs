@@ -153,6 +153,7 @@ fn swarm_three_nodes() {
         nodes: 3,
         engines: &["20.10"],
         stock: &[],
+        data_path_port: None,
     }) else {
         return;
     };
@@ -170,6 +171,7 @@ fn swarm_three_nodes_docker_28() {
         nodes: 3,
         engines: &["28.5"],
         stock: &[],
+        data_path_port: None,
     }) else {
         return;
     };
@@ -200,6 +202,7 @@ fn conformance_phases(s: &Swarm) {
     conformance::udp_without_listener(s);
     conformance::two_subnets(s);
     conformance::vip_from_a_plain_container(s);
+    conformance::vip_across_subnets(s);
     conformance::lone_task_calls_its_own_vip(s);
     conformance::port_in_use(s);
     conformance::docker_s_own_port_mappings(s);
@@ -209,7 +212,11 @@ fn conformance_phases(s: &Swarm) {
     conformance::vip_through_churn(s);
     conformance::health_on_vips(s);
     conformance::isolation_and_udp_on_overlays(s);
+    conformance::address_moves(s);
     conformance::host_mode_variants(s);
+    conformance::graceful_stop(s);
+    conformance::dockerd_restarts(s);
+    conformance::partition_and_rejoin(s);
     // Last: it removes every service and re-creates the ingress network.
     conformance::custom_ingress(s);
 }
@@ -229,9 +236,25 @@ fn swarm_mixed() {
         nodes: 3,
         engines: &["28.5", "20.10", "20.10"],
         stock: &[3],
+        // Row 1/dp-port: a swarm on a data-path port of its own (4789 is taken on some
+        // networks, VMware NSX's for one); the stock node speaks it too.
+        data_path_port: Some(7789),
     }) else {
         return;
     };
+    for n in [1, 2] {
+        let (_, out, err) = s.meshctl(n, &["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("node {n}: status --json: {e}: {out}{err}"));
+        assert_eq!(
+            v["agent"]["status"]["data_path_port"], 7789,
+            "node {n}: the swarm's port: {out}"
+        );
+        assert!(
+            v["agent"]["status"]["data_path_port_mismatch"].is_null(),
+            "node {n}: no mismatch: {out}"
+        );
+    }
     assert_eq!(
         (s.engine(1), s.engine(2), s.engine(3)),
         ("28.5", "20.10", "20.10")

@@ -66,6 +66,10 @@ pub enum Cluster {
         /// --mesh, as on a node a rollout has not reached yet.
         #[arg(long, value_delimiter = ',')]
         stock: Vec<u32>,
+        /// The swarm's VXLAN port (`docker swarm init --data-path-port`); Docker's
+        /// default 4789 without it.
+        #[arg(long)]
+        data_path_port: Option<u16>,
     },
     /// Nodes, their underlay addresses, roles and dockerd state; the client's address.
     Status {
@@ -101,6 +105,17 @@ pub enum Cluster {
         #[arg(long)]
         force: bool,
     },
+    /// Restart node NODE's dockerd, as an engine upgrade or a crash would: `restart`
+    /// (SIGTERM: Docker stops its containers and tears its networks down) or `kill`
+    /// (SIGKILL of dockerd, then of its containerd and shims: nothing is cleaned up),
+    /// then start it again with the node's engine. The node's mesh-agent, which lives in
+    /// dockerd's mount namespace here, is stopped before (SIGTERM: its datapath keeps
+    /// forwarding) and started after, adopting its pins.
+    Dockerd {
+        node: u32,
+        #[arg(value_enum)]
+        action: DockerdAction,
+    },
     /// Stop only what `up` started (recorded PIDs) and remove every namespace, interface,
     /// mount and directory it made.
     Down,
@@ -115,6 +130,12 @@ pub enum Cluster {
         #[arg(long)]
         docker: String,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DockerdAction {
+    Restart,
+    Kill,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -146,13 +167,14 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
             engine,
             engines,
             stock,
+            data_path_port,
         } => {
             let names = engine_plan(nodes, engine.as_deref(), &engines)?;
             let stock: BTreeSet<u32> = stock.into_iter().collect();
             if let Some(bad) = stock.iter().find(|s| !(1..=nodes).contains(*s)) {
                 bail!("--stock {bad}: nodes are 1..{nodes}");
             }
-            up(nodes, managers, &names, &stock)?;
+            up(nodes, managers, &names, &stock, data_path_port)?;
             if mesh {
                 let (agent, object) = agent_paths();
                 for n in (1..=nodes).filter(|n| !stock.contains(n)) {
@@ -183,6 +205,7 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
                 .context("running docker")?;
             std::process::exit(st.code().unwrap_or(1));
         }
+        Cluster::Dockerd { node, action } => restart_dockerd(node, action),
         Cluster::Exec { node, cmd } => {
             let pid = dockerd_pid(node).with_context(|| format!("node {node} is not up"))?;
             let st = Command::new("nsenter")
@@ -421,8 +444,15 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     exec(Command::new("ip").args(args))
 }
 
-/// `names`: the engine of each node; `stock`: the nodes that will run no agent.
-fn up(nodes: u32, managers: u32, names: &[String], stock: &BTreeSet<u32>) -> anyhow::Result<()> {
+/// `names`: the engine of each node; `stock`: the nodes that will run no agent;
+/// `data_path_port`: the swarm's VXLAN port (Docker's default without it).
+fn up(
+    nodes: u32,
+    managers: u32,
+    names: &[String],
+    stock: &BTreeSet<u32>,
+    data_path_port: Option<u16>,
+) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("cluster up must run as root: it creates namespaces and runs dockerd");
     }
@@ -527,24 +557,24 @@ fn up(nodes: u32, managers: u32, names: &[String], stock: &BTreeSet<u32>) -> any
         import_image(&rootfs, &engine_of(n).cli(), &sock(n))?;
     }
     let a1 = node_addr(1);
-    exec(
-        docker(
-            1,
-            &[
-                "swarm",
-                "init",
-                "--advertise-addr",
-                &a1,
-                "--listen-addr",
-                &format!("{a1}:2377"),
-                "--default-addr-pool",
-                POOL,
-                "--default-addr-pool-mask-length",
-                "24",
-            ],
-        )
-        .stdout(Stdio::null()),
-    )?;
+    let listen = format!("{a1}:2377");
+    let mut init = vec![
+        "swarm",
+        "init",
+        "--advertise-addr",
+        &a1,
+        "--listen-addr",
+        &listen,
+        "--default-addr-pool",
+        POOL,
+        "--default-addr-pool-mask-length",
+        "24",
+    ];
+    let port = data_path_port.map(|p| p.to_string());
+    if let Some(p) = &port {
+        init.extend(["--data-path-port", p]);
+    }
+    exec(docker(1, &init).stdout(Stdio::null()))?;
     let mtok = output(&mut docker(1, &["swarm", "join-token", "-q", "manager"]))?;
     let wtok = output(&mut docker(1, &["swarm", "join-token", "-q", "worker"]))?;
     for n in 2..=nodes {
@@ -889,6 +919,111 @@ fn wait_gone(pid: u32, secs: u64) -> bool {
     true
 }
 
+/// `cluster dockerd N restart|kill` (see the subcommand).
+fn restart_dockerd(n: u32, action: DockerdAction) -> anyhow::Result<()> {
+    let rec = node_rec(n).with_context(|| format!("node {n} is not up"))?;
+    let engine = engines::resolve(&rec.engine)?;
+    let pid = dockerd_pid(n).with_context(|| format!("node {n}'s dockerd is not running"))?;
+    let had_agent = agent_state(n).0 == "running";
+    if had_agent {
+        stop_agent(n);
+    }
+    let must = format!("{}/docker.sock", exec_root(n));
+    let t = Instant::now();
+    match action {
+        DockerdAction::Restart => {
+            kill_checked(pid, &must, libc::SIGTERM);
+            if !wait_gone(pid, 60) {
+                bail!("node {n}'s dockerd did not stop within 60 s of SIGTERM");
+            }
+        }
+        DockerdAction::Kill => {
+            kill_checked(pid, &must, libc::SIGKILL);
+            wait_gone(pid, 5);
+        }
+    }
+    // Its containerd and shims: gone after a graceful stop; killed after a crash (they
+    // live in the node's old mount namespace, which the new dockerd cannot reach).
+    kill_containerd(n);
+    // A killed dockerd or containerd leaves its pidfile, and until something reaps it,
+    // a zombie under that PID, which the new dockerd takes for that daemon still running
+    // (and waits for a containerd that never answers).
+    for pidfile in [
+        format!("{}/docker.pid", exec_root(n)),
+        format!("{}/containerd/containerd.pid", exec_root(n)),
+    ] {
+        if read_pid(Path::new(&pidfile)).is_some_and(|p| !alive(p)) {
+            let _ = std::fs::remove_file(&pidfile);
+        }
+    }
+    start_node(n, &engine)?;
+    wait_node(n)?;
+    println!(
+        "cluster: node {n}'s dockerd {} and started again in {:.1} s",
+        match action {
+            DockerdAction::Restart => "stopped (SIGTERM)",
+            DockerdAction::Kill => "killed (SIGKILL, with its containerd and shims)",
+        },
+        t.elapsed().as_secs_f64()
+    );
+    if had_agent {
+        let (agent, object) = agent_paths();
+        start_agent(n, &agent, &object)?;
+    }
+    Ok(())
+}
+
+/// Node `n`'s containerd (by its recorded PID) and its shims (by their command line).
+fn kill_containerd(n: u32) {
+    if let Some(c) = read_pid(&node_dir(n).join("containerd.pid")) {
+        let must = format!("{}/containerd/containerd.toml", exec_root(n));
+        kill_checked(c, &must, libc::SIGTERM);
+        if !wait_gone(c, 10) {
+            kill_checked(c, &must, libc::SIGKILL);
+            wait_gone(c, 5);
+        }
+    }
+    let shim = format!("-address {}/containerd/containerd.sock", exec_root(n));
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
+                if cmdline(pid).contains(&shim) {
+                    // SAFETY: a shim of our own containerd, by its command line.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+    // What a killed shim leaves running: the containers' processes, in the cgroups runc
+    // made under the node's --cgroup-parent.
+    for pid in node_cgroup_pids(n) {
+        // SAFETY: a process in this node's own cgroup tree (a container of its engine).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// The processes in node `n`'s cgroups (`/sys/fs/cgroup/<hierarchy>/mesh-swarm<n>/...`).
+fn node_cgroup_pids(n: u32) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return out;
+    };
+    for h in rd.flatten() {
+        let root = h.path().join(format!("mesh-swarm{n}"));
+        let mut dirs = vec![root];
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+            }
+            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+    }
+    out
+}
+
 fn stop_node(n: u32) {
     let quiet = |c: &mut Command| {
         let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
@@ -917,25 +1052,7 @@ fn stop_node(n: u32) {
             wait_gone(pid, 5);
         }
     }
-    if let Some(c) = read_pid(&node_dir(n).join("containerd.pid")) {
-        let must = format!("{}/containerd/containerd.toml", exec_root(n));
-        kill_checked(c, &must, libc::SIGTERM);
-        if !wait_gone(c, 10) {
-            kill_checked(c, &must, libc::SIGKILL);
-        }
-    }
-    // Leftover shims of this node's containerd, by their command line.
-    let shim = format!("-address {}/containerd/containerd.sock", exec_root(n));
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
-                if cmdline(pid).contains(&shim) {
-                    // SAFETY: a shim of our own containerd, by its command line.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
-        }
-    }
+    kill_containerd(n);
     std::thread::sleep(Duration::from_millis(300));
     // The cgroups runc made under --cgroup-parent /mesh-swarmN.
     if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {

@@ -49,6 +49,7 @@ pub fn run() -> anyhow::Result<()> {
         engine: None,
         engines: Vec::new(),
         stock: Vec::new(),
+        data_path_port: None,
     })?;
     let socks = cluster::node_socks()?;
     step("the agent's image mesh/agent:latest in every node (cargo xtask image, docker import)");

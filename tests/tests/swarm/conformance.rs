@@ -381,8 +381,21 @@ pub fn a_model_problem_costs_only_its_service(s: &Swarm) {
         || who(s, 2, 30000).ok(),
     );
     assert!(body.starts_with("clash-a."), "{body}");
+    // Row 11.6/no-stale-log: once cleared, a change of the service (a new task) logs no
+    // failure for it.
+    let errors_before = agent_log(2, &["ERROR", "clash-a"]).len();
+    s.docker(1, &["service", "scale", "-d", "clash-a=2"]);
+    s.wait_running("clash-a", 2, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    let errors = agent_log(2, &["ERROR", "clash-a"]);
+    assert_eq!(
+        errors.len(),
+        errors_before,
+        "node 2: no failure logged for clash-a after it cleared: {errors:?}"
+    );
     println!(
-        "swarm: node 2: {problem}; afterclash still answered there; cleared when clash-b left"
+        "swarm: node 2: {problem}; afterclash still answered there; cleared when clash-b \
+         left, and a new task of clash-a logged no failure"
     );
 }
 
@@ -1676,4 +1689,740 @@ pub fn custom_ingress(s: &Swarm) {
     );
     println!("swarm: ingress re-created as myingress (10.70.0.0/24): 8293 answers on every node, from {seen:?}");
     s.docker(1, &["service", "rm", "oningress"]);
+}
+
+/// Rows 11.1/restart-overlay, 11.1/restart-ports, 11.1/restart-others,
+/// 11.1/kill-overlay, 11.1/kill-ports and 11.1/vni-reuse: node 2's dockerd restarted (SIGTERM), then
+/// killed (SIGKILL, with its containerd) and started again, each time under a load
+/// through nodes 1 and 3 to a service whose tasks run there (no request fails); then
+/// node 2's published port answers and its task of a global service is reached over
+/// the overlay from nodes 1 and 3.
+pub fn dockerd_restarts(s: &Swarm) {
+    create_sh(
+        s,
+        &[
+            "--name",
+            "steady",
+            "--replicas",
+            "2",
+            "-p",
+            "8294:80",
+            "--constraint",
+            "node.hostname!=mc-n2",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    create_sh(
+        s,
+        &[
+            "--name",
+            "everywhere",
+            "--mode",
+            "global",
+            "--network",
+            "two",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("steady", 2, Duration::from_secs(60));
+    s.wait_running("everywhere", s.nodes as usize, Duration::from_secs(60));
+    for n in [1, 3] {
+        sleeper(s, n, &format!("rc{n}"), "two");
+    }
+    for n in 1..=s.nodes {
+        eventually(&format!("node {n}: 8294"), Duration::from_secs(20), || {
+            who(s, n, 8294).ok()
+        });
+    }
+    // Row 11.1/vni-reuse: VNI 5301 in use across nodes 1 and 2 before the kill, and by
+    // another network after it.
+    let vni_net = |name: &str| {
+        s.docker(
+            1,
+            &[
+                "network",
+                "create",
+                "-d",
+                "overlay",
+                "--attachable",
+                "-o",
+                "com.docker.network.driver.overlay.vxlanid_list=5301",
+                name,
+            ],
+        );
+        s.docker(
+            1,
+            &[
+                "run",
+                "-d",
+                "--name",
+                "vra",
+                "--hostname",
+                "vra",
+                "--network",
+                name,
+                IMAGE,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/www",
+            ],
+        );
+        sleeper(s, 2, "vrb", name);
+        let a = s.docker(
+            1,
+            &[
+                "inspect",
+                "-f",
+                &format!("{{{{.NetworkSettings.Networks.{name}.IPAddress}}}}"),
+                "vra",
+            ],
+        );
+        eventually(
+            &format!("{name} (VNI 5301): node 2 -> node 1"),
+            Duration::from_secs(30),
+            || {
+                who_from(s, 2, "vrb", &a, 1)
+                    .concat()
+                    .starts_with("vra")
+                    .then_some(())
+            },
+        );
+    };
+    vni_net("vr1");
+    for action in ["restart", "kill"] {
+        let load = super::Load::start(s, vec![(s.addr(1), 8294), (s.addr(3), 8294)], "/");
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        s.dockerd(2, action);
+        let back = t.elapsed();
+        s.wait_running("everywhere", s.nodes as usize, Duration::from_secs(120));
+        let port = eventually(
+            &format!("node 2: 8294 after dockerd {action}"),
+            Duration::from_secs(60),
+            || who(s, 2, 8294).ok(),
+        );
+        let task = s.docker(
+            2,
+            &[
+                "ps",
+                "--filter",
+                "name=everywhere.",
+                "--format",
+                "{{.Names}}",
+            ],
+        );
+        let addr = s.docker(
+            2,
+            &[
+                "inspect",
+                "-f",
+                "{{.NetworkSettings.Networks.two.IPAddress}}",
+                &task,
+            ],
+        );
+        for n in [1, 3] {
+            eventually(
+                &format!("node {n} -> node 2's {task} ({addr}) after dockerd {action}"),
+                Duration::from_secs(60),
+                || {
+                    let b = who_from(s, n, &format!("rc{n}"), &addr, 1).concat();
+                    b.starts_with("everywhere.").then_some(())
+                },
+            );
+        }
+        let done = super::assert_no_failures(
+            &format!("dockerd {action} on node 2, load through nodes 1 and 3"),
+            load,
+        );
+        println!(
+            "swarm: dockerd {action} on node 2 (back in {:.1} s): {done} requests through \
+             nodes 1 and 3, 0 failed; node 2's 8294 answers ({}), its task {task} is \
+             reached over `two` from nodes 1 and 3",
+            back.as_secs_f64(),
+            port.trim()
+        );
+    }
+    s.docker(1, &["rm", "-f", "vra"]);
+    let _ = s.try_docker(2, &["rm", "-f", "vrb"]);
+    eventually("vr1 removed", Duration::from_secs(30), || {
+        s.try_docker(1, &["network", "rm", "vr1"])
+            .status
+            .success()
+            .then_some(())
+    });
+    vni_net("vr2");
+    println!("swarm: VNI 5301 of vr1 before node 2's dockerd was killed serves vr2 after it");
+    s.docker(1, &["rm", "-f", "vra"]);
+    s.docker(2, &["rm", "-f", "vrb"]);
+    s.docker(1, &["network", "rm", "vr2"]);
+    s.docker(1, &["service", "rm", "steady", "everywhere"]);
+    for n in [1, 3] {
+        s.docker(n, &["rm", "-f", &format!("rc{n}")]);
+    }
+}
+
+/// Runs `cmd` in node `n`'s namespaces (`cluster exec`), asserting success.
+fn node_exec(s: &Swarm, n: u32, cmd: &[&str]) {
+    let node = n.to_string();
+    let mut a = vec!["cluster", "exec", &node, "--"];
+    a.extend_from_slice(cmd);
+    let out = s.cli(&a);
+    assert!(
+        out.status.success(),
+        "node {n}: {}: {}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `n` answers in a row from `f` (a new flow each), within `within`.
+fn answers_in_a_row(what: &str, n: usize, within: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    let mut row = 0;
+    while row < n {
+        assert!(
+            t0.elapsed() < within,
+            "{what}: not {n} answers in a row within {within:?}"
+        );
+        if f() {
+            row += 1;
+        } else {
+            row = 0;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// Rows 11.2/partition-vip, 11.2/leave-avoided, 11.2/heal, 11.2/rejoin-tasks,
+/// 11.2/rejoin-ports and 11.2/rejoin-reached: node 3 cut off the underlay (its link
+/// down): within 120 s, VIP flows from nodes 1 and 2 and their published port reach only
+/// running tasks on their side (10 answers in a row each); the link back: within 180 s
+/// node 3's published port and its container's VIP calls answer again. Then node 3
+/// leaves the swarm and joins again: within 120 s the global service's new task there
+/// is reached from nodes 1 and 2, node 3's published port answers, and node 1's reaches
+/// node 3's new task.
+pub fn partition_and_rejoin(s: &Swarm) {
+    create_sh(
+        s,
+        &[
+            "--name",
+            "part",
+            "--replicas",
+            "3",
+            "--replicas-max-per-node",
+            "2",
+            "--network",
+            "two",
+            "-p",
+            "8295:80",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("part", 3, Duration::from_secs(60));
+    for n in 1..=s.nodes {
+        sleeper(s, n, &format!("pc{n}"), "two");
+    }
+    let vip_call = |n: u32| who_from(s, n, &format!("pc{n}"), "part", 1).concat();
+    for n in 1..=s.nodes {
+        eventually(
+            &format!("node {n}: part by name"),
+            Duration::from_secs(20),
+            || vip_call(n).starts_with("part.").then_some(()),
+        );
+    }
+    let t = Instant::now();
+    node_exec(s, 3, &["ip", "link", "set", "eth0", "down"]);
+    // Once node 3 is known down, only tasks of nodes 1 and 2 answer there.
+    let on_our_side = |body: &str| -> bool {
+        let (task, _) = task_and_client(body);
+        !task.is_empty()
+            && s.wait_running("part", 3, Duration::from_secs(120))
+                .iter()
+                .any(|(t, node)| *t == task && node != "mc-n3")
+    };
+    eventually("node 3 down in the swarm", Duration::from_secs(120), || {
+        let st = s.docker(1, &["node", "inspect", "-f", "{{.Status.State}}", "mc-n3"]);
+        (st == "down").then_some(())
+    });
+    let detected = t.elapsed();
+    for n in [1, 2] {
+        answers_in_a_row(
+            &format!("node {n}: part's VIP on its side of the partition"),
+            10,
+            Duration::from_secs(120),
+            || on_our_side(&vip_call(n)),
+        );
+        answers_in_a_row(
+            &format!("node {n}: 8295 on its side of the partition"),
+            10,
+            Duration::from_secs(120),
+            || who(s, n, 8295).is_ok_and(|b| on_our_side(&b)),
+        );
+    }
+    let avoided = t.elapsed();
+    node_exec(s, 3, &["ip", "link", "set", "eth0", "up"]);
+    let t = Instant::now();
+    eventually("node 3 ready again", Duration::from_secs(180), || {
+        let st = s.docker(1, &["node", "inspect", "-f", "{{.Status.State}}", "mc-n3"]);
+        (st == "ready").then_some(())
+    });
+    answers_in_a_row(
+        "node 3: 8295 after the heal",
+        5,
+        Duration::from_secs(180),
+        || who(s, 3, 8295).is_ok(),
+    );
+    answers_in_a_row(
+        "node 3: part's VIP after the heal",
+        5,
+        Duration::from_secs(180),
+        || vip_call(3).starts_with("part."),
+    );
+    let healed = t.elapsed();
+    println!(
+        "swarm: node 3 cut off: down in the swarm after {:.0} s, nodes 1 and 2 answered only \
+         from their side {:.0} s after the cut; healed: node 3's port and VIP answer {:.0} s \
+         after the link came back",
+        detected.as_secs_f64(),
+        avoided.as_secs_f64(),
+        healed.as_secs_f64()
+    );
+
+    // Leave and join again.
+    let token = s.docker(1, &["swarm", "join-token", "-q", "worker"]);
+    s.docker(3, &["rm", "-f", "pc3"]);
+    s.docker(3, &["swarm", "leave"]);
+    eventually("node 3 seen leaving", Duration::from_secs(60), || {
+        let ls = s.docker(1, &["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]);
+        ls.lines()
+            .filter(|l| l.starts_with("mc-n3 "))
+            .all(|l| l.ends_with(" Down"))
+            .then_some(())
+    });
+    let old = s.docker(1, &["node", "ls", "-q", "--filter", "name=mc-n3"]);
+    for id in old.lines() {
+        s.docker(1, &["node", "rm", "--force", id]);
+    }
+    let t = Instant::now();
+    let manager = format!("{}:2377", s.addr(1));
+    s.docker(3, &["swarm", "join", "--token", &token, &manager]);
+    create_sh(
+        s,
+        &[
+            "--name",
+            "back",
+            "--mode",
+            "global",
+            "--network",
+            "two",
+            "-p",
+            "8296:80",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("back", s.nodes as usize, Duration::from_secs(120));
+    let task = s.docker(
+        3,
+        &["ps", "--filter", "name=back.", "--format", "{{.Names}}"],
+    );
+    let addr = s.docker(
+        3,
+        &[
+            "inspect",
+            "-f",
+            "{{.NetworkSettings.Networks.two.IPAddress}}",
+            &task,
+        ],
+    );
+    for n in [1, 2] {
+        eventually(
+            &format!("node {n} -> node 3's {task} ({addr}) after the rejoin"),
+            Duration::from_secs(120),
+            || {
+                let b = who_from(s, n, &format!("pc{n}"), &addr, 1).concat();
+                b.starts_with("back.").then_some(())
+            },
+        );
+    }
+    eventually(
+        "node 3: 8296 after the rejoin",
+        Duration::from_secs(120),
+        || who(s, 3, 8296).ok(),
+    );
+    eventually(
+        "node 1: 8296 reaches node 3's new task",
+        Duration::from_secs(120),
+        || {
+            who(s, 1, 8296)
+                .ok()
+                .filter(|b| task.starts_with(&task_and_client(b).0))
+        },
+    );
+    println!(
+        "swarm: node 3 left and joined again: its new task {task} reached from nodes 1 and 2, \
+         its 8296 answers, node 1's 8296 reaches it, {:.0} s after the join",
+        t.elapsed().as_secs_f64()
+    );
+    s.docker(1, &["service", "rm", "part", "back"]);
+    for n in [1, 2] {
+        s.docker(n, &["rm", "-f", &format!("pc{n}")]);
+    }
+}
+
+/// The kernel's uptime (s): a clock the tasks read too (`/proc/uptime`).
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .expect("/proc/uptime")
+}
+
+/// An established connection to the echo server of a `grace` task: its first line is the
+/// task's hostname.
+struct Echo {
+    stream: std::net::TcpStream,
+    lines: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Echo {
+    fn open(s: &Swarm, node: u32, port: u16) -> std::io::Result<(String, Echo)> {
+        use std::io::BufRead;
+        let a = s.addr(node);
+        let stream = s.client(|| {
+            std::net::TcpStream::connect_timeout(&(a, port).into(), Duration::from_secs(2))
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut lines = std::io::BufReader::new(stream.try_clone()?);
+        let mut host = String::new();
+        lines.read_line(&mut host)?;
+        let task = host
+            .trim()
+            .splitn(3, '.')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(".");
+        Ok((task, Echo { stream, lines }))
+    }
+
+    fn echo(&mut self, msg: &str) -> bool {
+        use std::io::{BufRead, Write};
+        let mut back = String::new();
+        self.stream.write_all(format!("{msg}\n").as_bytes()).is_ok()
+            && self.lines.read_line(&mut back).is_ok()
+            && back.trim() == msg
+    }
+}
+
+/// Rows 6.2/grace-established, 6.2/stop-own-node and 6.2/stop-other-nodes: a task scaled
+/// away keeps running through its 6 s grace period (its shell traps SIGTERM and notes
+/// when it came). An established connection to it through a published port keeps
+/// flowing both ways until it is killed, and no new flow that starts after the signal,
+/// from any node, reaches it.
+pub fn graceful_stop(s: &Swarm) {
+    create_sh(
+        s,
+        &[
+            "--name",
+            "grace",
+            "--replicas",
+            "3",
+            "--replicas-max-per-node",
+            "1",
+            "-p",
+            "8297:80",
+            "-p",
+            "8298:81",
+            "--stop-grace-period",
+            "6s",
+        ],
+        "printf '#!/bin/sh\\nhostname\\nexec cat\\n' > /tmp/echo; chmod +x /tmp/echo; \
+         nc -ll -p 81 -e /tmp/echo & httpd -f -p 80 -h /www & \
+         trap 'cat /proc/uptime > /tmp/term' TERM; while true; do sleep 0.1; done",
+    );
+    s.wait_running("grace", 3, Duration::from_secs(60));
+    for n in 1..=s.nodes {
+        eventually(&format!("node {n}: 8297"), Duration::from_secs(20), || {
+            who(s, n, 8297).ok()
+        });
+    }
+    // One established connection to every task.
+    let mut conns = std::collections::BTreeMap::new();
+    eventually(
+        "a connection to every grace task",
+        Duration::from_secs(30),
+        || {
+            if let Ok((task, e)) = Echo::open(s, 1 + conns.len() as u32 % s.nodes, 8298) {
+                conns.entry(task).or_insert(e);
+            }
+            (conns.len() == 3).then_some(())
+        },
+    );
+    s.docker(1, &["service", "scale", "-d", "grace=2"]);
+    let (task, node) = eventually("the task being stopped", Duration::from_secs(20), || {
+        let ps = s.docker(
+            1,
+            &[
+                "service",
+                "ps",
+                "grace",
+                "--format",
+                "{{.Name}} {{.Node}} {{.DesiredState}}",
+            ],
+        );
+        ps.lines().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 3 && matches!(w[2], "Shutdown" | "Remove"))
+                .then(|| (w[0].to_string(), s.node_index(w[1])))
+        })
+    });
+    let cid = s.docker(node, &["ps", "-q", "--filter", &format!("name={task}.")]);
+    let mut mine = conns
+        .remove(&task)
+        .expect("a connection to the stopping task");
+    let stop = AtomicBool::new(false);
+    let (echoes, calls, term) = std::thread::scope(|sc| {
+        let stop = &stop;
+        let echoes = sc.spawn(move || {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let t = uptime();
+                let ok = mine.echo(&format!("line {i}"));
+                out.push((t, ok));
+                if !ok {
+                    break;
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            out
+        });
+        let calls: Vec<_> = (1..=s.nodes)
+            .map(|n| {
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = uptime();
+                        if let Ok(b) = who(s, n, 8297) {
+                            out.push((n, t, task_and_client(&b).0));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        // When its SIGTERM came (read while it still runs), then until it is gone
+        // (killed at the end of its grace period).
+        let term: f64 = eventually(
+            &format!("{task}'s SIGTERM"),
+            Duration::from_secs(20),
+            || {
+                let out = s.try_docker(node, &["exec", &cid, "cat", "/tmp/term"]);
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            },
+        );
+        eventually(&format!("{task} gone"), Duration::from_secs(30), || {
+            s.docker(node, &["ps", "-q", "--filter", &format!("id={cid}")])
+                .is_empty()
+                .then_some(())
+        });
+        stop.store(true, Ordering::Relaxed);
+        let calls: Vec<_> = calls
+            .into_iter()
+            .flat_map(|h| h.join().expect("calls"))
+            .collect();
+        (echoes.join().expect("echoes"), calls, term)
+    });
+    let late: Vec<_> = calls
+        .iter()
+        .filter(|(_, t, who)| *t > term && *who == task)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "new flows reached {task} after its SIGTERM: {late:?}"
+    );
+    let after_term = calls.iter().filter(|(_, t, _)| *t > term).count();
+    assert!(after_term > 0, "no call answered after the SIGTERM");
+    let kept: Vec<_> = echoes.iter().filter(|(t, _)| *t > term).collect();
+    let broken = kept.iter().position(|(_, ok)| !ok);
+    let flowing = broken.unwrap_or(kept.len());
+    assert!(
+        kept[..flowing].iter().all(|(_, ok)| *ok) && flowing >= 10,
+        "the established connection to {task} flowed for only {flowing} lines after its \
+         SIGTERM: {echoes:?}"
+    );
+    let last = kept[..flowing].last().map_or(term, |(t, _)| *t);
+    println!(
+        "swarm: {task} scaled away: its connection echoed {flowing} lines over {:.1} s of \
+         its grace period; {after_term} new flows from every node after its SIGTERM, none \
+         to it",
+        last - term
+    );
+    s.docker(1, &["service", "rm", "grace"]);
+}
+
+/// Row 11.2/addr-moves: an address on `two` (10.60.1.50) moves from a container on node 1
+/// to one on node 2, then back to node 1 with another MAC; a container on node 3 reaches
+/// it at each new place.
+pub fn address_moves(s: &Swarm) {
+    sleeper(s, 3, "amc", "two");
+    for (i, (node, mac)) in [(1, None), (2, None), (1, Some("02:42:0a:3c:01:99"))]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("am{i}");
+        let mut run = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &name,
+            "--network",
+            "two",
+            "--ip",
+            "10.60.1.50",
+        ];
+        if let Some(m) = mac {
+            run.extend(["--mac-address", m]);
+        }
+        run.extend([IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"]);
+        s.docker(node, &run);
+        let t = Instant::now();
+        eventually(
+            &format!("node 3 -> 10.60.1.50 at {name} on node {node}"),
+            // A new MAC waits for the caller's neighbour entry to expire (~45 s seen):
+            // Docker's overlay, which the mesh passes.
+            Duration::from_secs(120),
+            || {
+                who_from(s, 3, "amc", "10.60.1.50", 1)
+                    .concat()
+                    .starts_with(&name)
+                    .then_some(())
+            },
+        );
+        println!(
+            "swarm: 10.60.1.50 moved to {name} on node {node}{}: reached from node 3 in {:.1} s",
+            mac.map_or(String::new(), |m| format!(" (MAC {m})")),
+            t.elapsed().as_secs_f64()
+        );
+        s.docker(node, &["rm", "-f", &name]);
+    }
+    s.docker(3, &["rm", "-f", "amc"]);
+}
+
+/// Row 6/reach across subnets: a network whose first subnet (a /28) has no room for all
+/// ten tasks, so some land on its second; a container that holds the first subnet's
+/// last address takes the VIP for on its own subnet and sends to it directly: its flows
+/// must still reach every task (those on the second subnet were once addressed to the
+/// task on the caller's bridge, where they are not, and lost).
+pub fn vip_across_subnets(s: &Swarm) {
+    s.docker(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "--subnet",
+            "10.63.1.0/28",
+            "--subnet",
+            "10.63.2.0/24",
+            "tiny",
+        ],
+    );
+    // The caller first, on the /28's last address.
+    let caller = s.docker(
+        1,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "tinyc",
+            "--network",
+            "tiny",
+            "--ip",
+            "10.63.1.14",
+            IMAGE,
+            "sleep",
+            "1000000",
+        ],
+    );
+    create_sh(
+        s,
+        &[
+            "--name",
+            "tinysvc",
+            "--replicas",
+            "10",
+            "--network",
+            "tiny",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "udp-who 53 & exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("tinysvc", 10, Duration::from_secs(90));
+    let vip = vip_of(s, "tinysvc", "tiny");
+    let tasks = s.docker(
+        1,
+        &[
+            "network",
+            "inspect",
+            "-v",
+            "tiny",
+            "--format",
+            "{{range $k, $v := .Services}}{{range $v.Tasks}}{{.EndpointIP}} {{end}}{{end}}",
+        ],
+    );
+    let off: Vec<&str> = tasks
+        .split_whitespace()
+        .filter(|a| a.starts_with("10.63.2."))
+        .collect();
+    assert_eq!(vip.octets()[..3], [10, 63, 1], "the VIP on the /28: {vip}");
+    assert!(!off.is_empty(), "tasks on the second subnet: {tasks}");
+    let mut seen = BTreeSet::new();
+    let t = Instant::now();
+    while seen.len() < 10 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "tinyc (10.63.1.14) -> tinysvc (VIP {vip}, tasks {tasks}): answered only by {seen:?}"
+        );
+        let b = who_from(s, 1, &caller, "tinysvc", 1).concat();
+        if b.starts_with("tinysvc.") {
+            let (task, client) = task_and_client(&b);
+            assert_eq!(client, "10.63.1.14", "the task sees the caller");
+            seen.insert(task);
+        }
+    }
+    let (task, client, _) = eventually("UDP tinyc -> tinysvc", Duration::from_secs(10), || {
+        s.in_container(1, &caller, || udp_who((vip, 53).into(), true))
+            .ok()
+    });
+    assert!(
+        task.starts_with("tinysvc.") && client == "10.63.1.14",
+        "{task} {client}"
+    );
+    println!(
+        "swarm: tinyc 10.63.1.14 -> tinysvc's VIP {vip} on the same /28, tasks at {tasks}: \
+         answered by all 10 (TCP) and over UDP"
+    );
+    s.docker(1, &["rm", "-f", "tinyc"]);
+    s.docker(1, &["service", "rm", "tinysvc"]);
 }

@@ -595,15 +595,7 @@ pub fn vip_from_a_plain_container(s: &Swarm) {
         }
         run.extend([IMAGE, "sleep", "1000000"]);
         let id = s.docker(node, &run);
-        let me = s.docker(
-            node,
-            &[
-                "inspect",
-                "-f",
-                "{{.NetworkSettings.Networks.two.IPAddress}}",
-                &id,
-            ],
-        );
+        let me = addr_on(s, node, &id, "two");
         let body = eventually(
             &format!("node {node}: {name} -> ctrapi by name"),
             Duration::from_secs(20),
@@ -1115,6 +1107,39 @@ fn sleeper(s: &Swarm, n: u32, name: &str, network: &str) -> String {
     )
 }
 
+/// Container `ctr`'s address on `network` (node `n`'s view).
+fn addr_on(s: &Swarm, n: u32, ctr: &str, network: &str) -> String {
+    let f = format!("{{{{.NetworkSettings.Networks.{network}.IPAddress}}}}");
+    s.docker(n, &["inspect", "-f", &f, ctr])
+}
+
+/// Node `n`'s task of the global `service`: its container's name and its address on
+/// `network`.
+fn local_task(s: &Swarm, n: u32, service: &str, network: &str) -> (String, String) {
+    let filter = format!("name={service}.");
+    let task = s.docker(n, &["ps", "--filter", &filter, "--format", "{{.Names}}"]);
+    let addr = addr_on(s, n, &task, network);
+    (task, addr)
+}
+
+/// Waits until the container `<prefix><n>` on each node `n` of `from` reaches `addr`
+/// and is answered by a task of `service`.
+fn reached_from(
+    s: &Swarm,
+    from: &[u32],
+    prefix: &str,
+    addr: &str,
+    service: &str,
+    within: Duration,
+) {
+    for &n in from {
+        eventually(&format!("node {n} -> {service} at {addr}"), within, || {
+            let b = who_from(s, n, &format!("{prefix}{n}"), addr, 1).concat();
+            b.starts_with(&format!("{service}.")).then_some(())
+        });
+    }
+}
+
 /// The tasks of `service` that run now (`service.slot` or `service.node id`).
 fn running_tasks(s: &Swarm, service: &str, n: usize) -> BTreeSet<String> {
     s.wait_running(service, n, Duration::from_secs(90))
@@ -1421,19 +1446,8 @@ pub fn isolation_and_udp_on_overlays(s: &Swarm) {
     let isob = sleeper(s, 1, "isob", "iso");
     sleeper(s, 1, "twoa", "two");
     sleeper(s, 2, "twod", "two");
-    let addr_of = |n: u32, ctr: &str, net: &str| -> String {
-        s.docker(
-            n,
-            &[
-                "inspect",
-                "-f",
-                &format!("{{{{.NetworkSettings.Networks.{net}.IPAddress}}}}"),
-                ctr,
-            ],
-        )
-    };
-    let isoc = addr_of(2, "isoc", "iso");
-    let me = addr_of(1, "isob", "iso");
+    let isoc = addr_on(s, 2, "isoc", "iso");
+    let me = addr_on(s, 1, "isob", "iso");
     let gw = s
         .docker(2, &["exec", "isoc", "ip", "-4", "-o", "addr"])
         .split_whitespace()
@@ -1775,15 +1789,7 @@ pub fn dockerd_restarts(s: &Swarm) {
             ],
         );
         sleeper(s, 2, "vrb", name);
-        let a = s.docker(
-            1,
-            &[
-                "inspect",
-                "-f",
-                &format!("{{{{.NetworkSettings.Networks.{name}.IPAddress}}}}"),
-                "vra",
-            ],
-        );
+        let a = addr_on(s, 1, "vra", name);
         eventually(
             &format!("{name} (VNI 5301): node 2 -> node 1"),
             Duration::from_secs(30),
@@ -1808,35 +1814,15 @@ pub fn dockerd_restarts(s: &Swarm) {
             Duration::from_secs(60),
             || who(s, 2, 8294).ok(),
         );
-        let task = s.docker(
-            2,
-            &[
-                "ps",
-                "--filter",
-                "name=everywhere.",
-                "--format",
-                "{{.Names}}",
-            ],
+        let (task, addr) = local_task(s, 2, "everywhere", "two");
+        reached_from(
+            s,
+            &[1, 3],
+            "rc",
+            &addr,
+            "everywhere",
+            Duration::from_secs(60),
         );
-        let addr = s.docker(
-            2,
-            &[
-                "inspect",
-                "-f",
-                "{{.NetworkSettings.Networks.two.IPAddress}}",
-                &task,
-            ],
-        );
-        for n in [1, 3] {
-            eventually(
-                &format!("node {n} -> node 2's {task} ({addr}) after dockerd {action}"),
-                Duration::from_secs(60),
-                || {
-                    let b = who_from(s, n, &format!("rc{n}"), &addr, 1).concat();
-                    b.starts_with("everywhere.").then_some(())
-                },
-            );
-        }
         let done = super::assert_no_failures(
             &format!("dockerd {action} on node 2, load through nodes 1 and 3"),
             load,
@@ -2032,29 +2018,8 @@ pub fn partition_and_rejoin(s: &Swarm) {
         "exec httpd -f -p 80 -h /www",
     );
     s.wait_running("back", s.nodes as usize, Duration::from_secs(120));
-    let task = s.docker(
-        3,
-        &["ps", "--filter", "name=back.", "--format", "{{.Names}}"],
-    );
-    let addr = s.docker(
-        3,
-        &[
-            "inspect",
-            "-f",
-            "{{.NetworkSettings.Networks.two.IPAddress}}",
-            &task,
-        ],
-    );
-    for n in [1, 2] {
-        eventually(
-            &format!("node {n} -> node 3's {task} ({addr}) after the rejoin"),
-            Duration::from_secs(120),
-            || {
-                let b = who_from(s, n, &format!("pc{n}"), &addr, 1).concat();
-                b.starts_with("back.").then_some(())
-            },
-        );
-    }
+    let (task, addr) = local_task(s, 3, "back", "two");
+    reached_from(s, &[1, 2], "pc", &addr, "back", Duration::from_secs(120));
     eventually(
         "node 3: 8296 after the rejoin",
         Duration::from_secs(120),

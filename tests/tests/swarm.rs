@@ -212,6 +212,7 @@ fn conformance_phases(s: &Swarm) {
     conformance::vip_through_churn(s);
     conformance::health_on_vips(s);
     conformance::isolation_and_udp_on_overlays(s);
+    conformance::broadcast_as_docker(s);
     conformance::address_moves(s);
     conformance::host_mode_variants(s);
     conformance::graceful_stop(s);

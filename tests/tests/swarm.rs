@@ -215,6 +215,7 @@ fn conformance_phases(s: &Swarm) {
     conformance::broadcast_as_docker(s);
     conformance::address_moves(s);
     conformance::host_mode_variants(s);
+    conformance::ingress_isolation(s);
     conformance::graceful_stop(s);
     conformance::dockerd_restarts(s);
     conformance::partition_and_rejoin(s);

@@ -2473,3 +2473,65 @@ pub fn broadcast_as_docker(s: &Swarm) {
     }
     s.docker(1, &["network", "rm", "bnet"]);
 }
+
+/// Row 7.2/ingress-isolation: a task cannot reach another service's task through that
+/// task's ingress address (its published, target and unpublished ports) nor through the
+/// service's ingress VIP, though its published port answers through the nodes. Measured
+/// the same on stock Docker 28.5 nodes without the mesh.
+pub fn ingress_isolation(s: &Swarm) {
+    create_sh(
+        s,
+        &[
+            "--name",
+            "isola",
+            "--replicas",
+            "1",
+            "--constraint",
+            "node.hostname==mc-n2",
+            "-p",
+            "8400:80",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "httpd -p 81 -h /www; exec httpd -f -p 80 -h /www",
+    );
+    create_sh(
+        s,
+        &[
+            "--name",
+            "isolb",
+            "--replicas",
+            "1",
+            "--constraint",
+            "node.hostname==mc-n1",
+            "-p",
+            "8401:80",
+            "--stop-grace-period",
+            "2s",
+        ],
+        "exec httpd -f -p 80 -h /www",
+    );
+    s.wait_running("isola", 1, Duration::from_secs(60));
+    s.wait_running("isolb", 1, Duration::from_secs(60));
+    let body = eventually(
+        "isola's 8400 through node 1",
+        Duration::from_secs(20),
+        || who(s, 1, 8400).ok(),
+    );
+    assert!(body.starts_with("isola."), "{body}");
+    let (_, ia) = local_task(s, 2, "isola", "ingress");
+    let ib = s.docker(1, &["ps", "-q", "--filter", "name=isolb."]);
+    let vip = vip_of(s, "isola", "ingress").to_string();
+    for (to, port) in [(&ia, 80), (&ia, 81), (&ia, 8400), (&vip, 80), (&vip, 8400)] {
+        let got = who_from_at(s, 1, &ib, to, port, 1);
+        assert!(
+            got.iter().all(|g| g.is_empty()),
+            "isolb reached isola at {to}:{port} over the ingress network: {got:?}"
+        );
+    }
+    println!(
+        "swarm: isolb (node 1) reaches isola (node 2) neither at its ingress address {ia} (80, 81, \
+         8400) nor at its ingress VIP {vip} (80, 8400); isola's 8400 answers through node 1"
+    );
+    s.docker(1, &["service", "rm", "isola", "isolb"]);
+}

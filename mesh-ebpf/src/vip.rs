@@ -176,7 +176,7 @@ fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
     let Some((be_id, addr, port)) = pick(pk, fe.svc_id) else {
         return lb::Outcome::NO_BACKEND;
     };
-    let routed = on_link(pk) && other_bridge(pk, f.daddr, addr).is_some();
+    let routed = on_link(pk) && other_bridge(pk, f.daddr, addr) != 0;
     let Some(s) = scratch() else {
         return pk.drop(Reason::DropCtFull);
     };
@@ -215,19 +215,28 @@ fn on_link(pk: &Pkt) -> bool {
 
 /// The bridge `task` is on in the network's namespace, when it is not the one `vip` is
 /// on (a network with several subnets, the task on another than the VIP's, and so than
-/// its caller's). FIB lookups there, from the caller's veth.
+/// its caller's); 0 otherwise. FIB lookups there, from the caller's veth. (Plain
+/// integers, not `Option`s: a spilled `None` leaves its payload's stack slot unwritten,
+/// and verifiers before 5.19 refuse the later read of the whole value.)
 #[inline(never)]
-fn other_bridge(pk: &Pkt, vip: u32, task: u32) -> Option<u32> {
-    let via_vip = bridge_of(pk, vip)?;
-    let via_task = bridge_of(pk, task)?;
-    (via_vip != via_task).then_some(via_task)
+fn other_bridge(pk: &Pkt, vip: u32, task: u32) -> u32 {
+    let via_vip = bridge_of(pk, vip);
+    let via_task = bridge_of(pk, task);
+    if via_vip != 0 && via_task != 0 && via_vip != via_task {
+        via_task
+    } else {
+        0
+    }
 }
 
 /// The device the network's namespace routes `dst` out of (found whether or not the
-/// neighbour is known yet).
+/// neighbour is known yet); 0 if none.
 #[inline(always)]
-fn bridge_of(pk: &Pkt, dst: u32) -> Option<u32> {
-    let p = &mut scratch()?.fib;
+fn bridge_of(pk: &Pkt, dst: u32) -> u32 {
+    let Some(s) = scratch() else {
+        return 0;
+    };
+    let p = &mut s.fib;
     // SAFETY: plain data.
     *p = unsafe { core::mem::zeroed() };
     p.family = 2; // AF_INET
@@ -244,7 +253,11 @@ fn bridge_of(pk: &Pkt, dst: u32) -> Option<u32> {
         )
     };
     // BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_NO_NEIGH.
-    matches!(rc, 0 | 7).then_some(p.ifindex)
+    if matches!(rc, 0 | 7) {
+        p.ifindex
+    } else {
+        0
+    }
 }
 
 /// The backend (id, address, port) for a new flow of service `svc_id`: Maglev's pick,
@@ -288,25 +301,26 @@ fn toward(pk: &Pkt, addr: u32, port: u16, routed: bool) -> lb::Outcome {
     let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
     let on_link = on_link(pk);
-    let bridge = match routed && on_link {
-        true => bridge_of(pk, addr),
-        false => None,
+    let bridge = if routed && on_link {
+        bridge_of(pk, addr)
+    } else {
+        0
     };
     let done = skb::set_addr(ctx, l3, 16, l4, proto, f.daddr, addr)
         .and_then(|_| match proto {
             0 => Ok(()),
             _ => skb::set_port(ctx, l4, 2, proto, f.dport, port),
         })
-        .and_then(|_| match on_link && bridge.is_none() {
+        .and_then(|_| match on_link && bridge == 0 {
             true => ctx.store(0, &docker_mac(addr), 0).map_err(|_| ()),
             false => Ok(()),
         });
     if done.is_err() {
         return pk.drop(Reason::DropRewriteFailed);
     }
-    if let Some(dev) = bridge {
+    if bridge != 0 {
         // SAFETY: no parameters struct: the kernel resolves the task's MAC there.
-        let r = unsafe { bpf_redirect_neigh(dev, core::ptr::null_mut(), 0, 0) } as i32;
+        let r = unsafe { bpf_redirect_neigh(bridge, core::ptr::null_mut(), 0, 0) } as i32;
         if r == TC_ACT_REDIRECT as i32 {
             return pk.done(Reason::FwdVipToTask, r);
         }

@@ -2292,7 +2292,7 @@ pub fn address_moves(s: &Swarm) {
 }
 
 /// Row 6/reach across subnets: a network whose first subnet (a /28) has no room for all
-/// ten tasks, so some land on its second; a container that holds the first subnet's
+/// sixteen tasks, so some land on its second; a container that holds the first subnet's
 /// last address takes the VIP for on its own subnet and sends to it directly: its flows
 /// must still reach every task (those on the second subnet were once addressed to the
 /// task on the caller's bridge, where they are not, and lost).
@@ -2329,13 +2329,14 @@ pub fn vip_across_subnets(s: &Swarm) {
             "1000000",
         ],
     );
+    // More tasks than the /28 has addresses (14).
     create_sh(
         s,
         &[
             "--name",
             "tinysvc",
             "--replicas",
-            "10",
+            "16",
             "--network",
             "tiny",
             "--stop-grace-period",
@@ -2343,37 +2344,51 @@ pub fn vip_across_subnets(s: &Swarm) {
         ],
         "udp-who 53 & exec httpd -f -p 80 -h /www",
     );
-    s.wait_running("tinysvc", 10, Duration::from_secs(90));
+    s.wait_running("tinysvc", 16, Duration::from_secs(120));
     let vip = vip_of(s, "tinysvc", "tiny");
-    let tasks = s.docker(
-        1,
-        &[
-            "network",
-            "inspect",
-            "-v",
-            "tiny",
-            "--format",
-            "{{range $k, $v := .Services}}{{range $v.Tasks}}{{.EndpointIP}} {{end}}{{end}}",
-        ],
-    );
-    let off: Vec<&str> = tasks
-        .split_whitespace()
-        .filter(|a| a.starts_with("10.63.2."))
+    // Task name ("tinysvc.3.<id>") -> its address.
+    let tasks: std::collections::BTreeMap<String, String> = s
+        .docker(
+            1,
+            &[
+                "network",
+                "inspect",
+                "-v",
+                "tiny",
+                "--format",
+                "{{range $k, $v := .Services}}{{range $v.Tasks}}{{.Name}} {{.EndpointIP}}\n{{end}}{{end}}",
+            ],
+        )
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(n, _)| n.starts_with("tinysvc."))
+        .map(|(n, a)| (n.to_string(), a.trim().to_string()))
         .collect();
-    assert_eq!(vip.octets()[..3], [10, 63, 1], "the VIP on the /28: {vip}");
-    assert!(!off.is_empty(), "tasks on the second subnet: {tasks}");
+    // The tasks off the VIP's subnet. Docker allocates the VIP on the /28 (so the caller
+    // takes it for on-link: the case this phase is for); were it on the second subnet,
+    // the caller would send to its gateway and the same tasks are checked that way.
+    let vip_net = format!("10.63.{}.", vip.octets()[2]);
+    let off: BTreeSet<&String> = tasks
+        .iter()
+        .filter(|(_, a)| !a.starts_with(&vip_net))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(!off.is_empty(), "tasks off the VIP's subnet: {tasks:?}");
+    // Every task off the VIP's subnet answers the caller.
     let mut seen = BTreeSet::new();
     let t = Instant::now();
-    while seen.len() < 10 {
+    while !off.iter().all(|n| seen.contains(*n)) {
         assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "tinyc (10.63.1.14) -> tinysvc (VIP {vip}, tasks {tasks}): answered only by {seen:?}"
+            t.elapsed() < Duration::from_secs(90),
+            "tinyc (10.63.1.14) -> tinysvc (VIP {vip}): the tasks off its subnet {off:?} did \
+             not all answer; answered: {seen:?}"
         );
         let b = who_from(s, 1, &caller, "tinysvc", 1).concat();
         if b.starts_with("tinysvc.") {
-            let (task, client) = task_and_client(&b);
+            let host = b.split_whitespace().next().unwrap_or_default().to_string();
+            let (_, client) = task_and_client(&b);
             assert_eq!(client, "10.63.1.14", "the task sees the caller");
-            seen.insert(task);
+            seen.insert(host);
         }
     }
     let (task, client, _) = eventually("UDP tinyc -> tinysvc", Duration::from_secs(10), || {
@@ -2385,8 +2400,10 @@ pub fn vip_across_subnets(s: &Swarm) {
         "{task} {client}"
     );
     println!(
-        "swarm: tinyc 10.63.1.14 -> tinysvc's VIP {vip} on the same /28, tasks at {tasks}: \
-         answered by all 10 (TCP) and over UDP"
+        "swarm: tinyc 10.63.1.14 -> tinysvc's VIP {vip}: answered by the {} tasks off the \
+         VIP's subnet ({} distinct tasks in all), and over UDP",
+        off.len(),
+        seen.len()
     );
     s.docker(1, &["rm", "-f", "tinyc"]);
     s.docker(1, &["service", "rm", "tinysvc"]);

@@ -156,16 +156,14 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
                 every_port: false,
             };
             if n.ingress {
-                // The ingress network carries the published ports. Delivered at the
-                // target port on the task's ingress address, which Docker's rules in
-                // the task accept as they accept its own redirect from the published
-                // port; unlike that redirect (programmed per task from the spec it was
-                // created with), it also holds for a task created before the port moved.
+                // The ingress network carries the published ports. Docker programs each
+                // task to take them on its ingress address *at the published port* and
+                // redirect to the target port itself: that is where we deliver.
                 let p = ports
                     .iter()
-                    .map(|(target, publish)| PortSpec {
+                    .map(|(_target, publish)| PortSpec {
                         published: Some(*publish),
-                        target: *target,
+                        target: *publish,
                         protocol: Protocol::Tcp,
                         mode: PublishMode::Ingress,
                     })
@@ -309,11 +307,13 @@ pub fn apply_published(model: &mut Model, facts: &crate::docker::ServiceFacts) {
         let Some(known) = ingress.get(&s.name) else {
             continue;
         };
+        // Delivered at the published port, as `model_from` does (the task's own redirect
+        // takes it to the target port).
         let mut ports: Vec<PortSpec> = known
             .iter()
             .map(|p| PortSpec {
                 published: Some(p.published),
-                target: p.target,
+                target: p.published,
                 protocol: p.protocol,
                 mode: PublishMode::Ingress,
             })
@@ -762,10 +762,10 @@ mod tests {
         assert_eq!(m.networks[0].vni, 4096);
         let web = &m.services[0];
         assert_eq!(web.name, "web");
-        // Delivered at the target port.
+        // Delivered on the published port: the task redirects it to 80 itself.
         assert_eq!(
             (web.ports[0].published, web.ports[0].target),
-            (Some(8080), 80)
+            (Some(8080), 8080)
         );
         assert_eq!(web.backends.len(), 2);
         assert_eq!(web.backends[0].node, None, "the task on this node is local");
@@ -795,13 +795,19 @@ mod tests {
         let p: Vec<Protocol> = web(&m).ports.iter().map(|p| p.protocol).collect();
         assert_eq!(p, vec![Protocol::Tcp, Protocol::Udp]);
         // Two groups, one per protocol (endpoints do not matter here), named by the
-        // target port they deliver to.
+        // port they deliver to.
         m.services
             .iter_mut()
             .for_each(|s| s.backends.retain(|b| b.node.is_some()));
         let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).expect("both protocols are valid");
-        assert!(d.groups.keys().any(|g| g.0 == "web/udp/80"));
-        assert!(d.groups.keys().any(|g| g.0 == "web/tcp/80"));
+        assert!(d
+            .groups
+            .keys()
+            .any(|g| g.0 == format!("web/udp/{published}")));
+        assert!(d
+            .groups
+            .keys()
+            .any(|g| g.0 == format!("web/tcp/{published}")));
     }
 
     /// `service update --publish-rm 80 --publish-add 8221:80`: until the old tasks are
@@ -853,15 +859,15 @@ mod tests {
         assert_eq!(
             ports(&m, "web"),
             vec![
-                (Some(8221), 80, Protocol::Tcp),
-                (Some(8221), 80, Protocol::Udp)
+                (Some(8221), 8221, Protocol::Tcp),
+                (Some(8221), 8221, Protocol::Udp)
             ]
         );
         assert!(
             !m.services.iter().any(|s| s.name == "gone"),
             "listed without ingress ports: nothing to serve"
         );
-        assert_eq!(ports(&m, "new"), vec![(Some(8080), 80, Protocol::Tcp)]);
+        assert_eq!(ports(&m, "new"), vec![(Some(8080), 8080, Protocol::Tcp)]);
         // An older manager's report (protocols only) still applies.
         let mut old = model_from(&[ingress()], me, "eth0");
         let facts = ServiceFacts {
@@ -869,7 +875,7 @@ mod tests {
             ..Default::default()
         };
         apply_published(&mut old, &facts);
-        assert_eq!(ports(&old, "web"), vec![(Some(8080), 80, Protocol::Udp)]);
+        assert_eq!(ports(&old, "web"), vec![(Some(8080), 8080, Protocol::Udp)]);
     }
 
     /// `-p 5353:53/tcp -p 5353:53/udp`: the gossip lists the port twice, without

@@ -282,6 +282,10 @@ pub fn tempdir(tag: &str) -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
+/// The swarm's data-path port, when `up` was given one (a file in the cluster's state
+/// directory), for the agents.
+const ST_DIR_DATA_PATH_PORT: &str = "data-path-port";
+
 /// What each node's dockerd is started through (see the script's header).
 const NODE_ENTRY: &str = include_str!("cluster/node-entry.sh");
 
@@ -573,6 +577,16 @@ fn up(
     let port = data_path_port.map(|p| p.to_string());
     if let Some(p) = &port {
         init.extend(["--data-path-port", p]);
+    }
+    // The agents get it as a node's settings would give it (bootstrap-node.sh writes it
+    // to /etc/mesh/agent.yaml): a worker learns the swarm's port only from a manager's
+    // report, which its first model may not have yet.
+    let record = ST_DIR_DATA_PATH_PORT;
+    match &port {
+        Some(p) => std::fs::write(Path::new(ST).join(record), p)?,
+        None => {
+            let _ = std::fs::remove_file(Path::new(ST).join(record));
+        }
     }
     exec(docker(1, &init).stdout(Stdio::null()))?;
     let mtok = output(&mut docker(1, &["swarm", "join-token", "-q", "manager"]))?;
@@ -1167,10 +1181,15 @@ fn start_agent(n: u32, agent: &Path, object: &Path) -> anyhow::Result<u32> {
         .unwrap_or_default()
         .matches("datapath attached")
         .count();
+    let mut port = Vec::new();
+    if let Ok(p) = std::fs::read_to_string(Path::new(ST).join(ST_DIR_DATA_PATH_PORT)) {
+        port = vec!["--data-path-port".to_string(), p.trim().to_string()];
+    }
     let child = Command::new("nsenter")
         .args(["-t", &pid, "-m", "-n", "--"])
         .arg(agent)
         .args(["--from-docker", "--docker", &sock(n)])
+        .args(&port)
         // A cluster to try the mesh on: `meshctl trace --node` works between its nodes.
         .arg("--serve-traces")
         .args(["--bpffs", &pins])

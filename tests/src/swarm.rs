@@ -29,6 +29,8 @@ pub struct Swarm {
     engines: Vec<String>,
     versions: Vec<String>,
     stock: Vec<bool>,
+    /// The swarm's VXLAN port (`docker swarm init --data-path-port`, 4789 by default).
+    pub data_path_port: u16,
     /// When `cluster up` was asked for (the test's wall time is reported on drop).
     t0: Instant,
 }
@@ -43,6 +45,8 @@ pub struct Opts<'a> {
     pub stock: &'a [u32],
     /// `docker swarm init --data-path-port` (Docker's 4789 without it).
     pub data_path_port: Option<u16>,
+    /// dockerd's `userland-proxy` on every node (Docker's default: true).
+    pub userland_proxy: bool,
 }
 
 impl Default for Opts<'_> {
@@ -52,6 +56,7 @@ impl Default for Opts<'_> {
             engines: &[],
             stock: &[],
             data_path_port: None,
+            userland_proxy: true,
         }
     }
 }
@@ -149,6 +154,9 @@ impl Swarm {
         if let Some(p) = &port {
             args.extend(["--data-path-port", p]);
         }
+        if !o.userland_proxy {
+            args.extend(["--userland-proxy", "false"]);
+        }
         // From here on the guard tears down whatever `up` managed to build.
         let t = Instant::now();
         let out = s.cli(&args);
@@ -159,7 +167,8 @@ impl Swarm {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let s = s.with_client();
+        let mut s = s.with_client();
+        s.data_path_port = o.data_path_port.unwrap_or(4789);
         println!(
             "swarm: `{}` in {:.1} s: {}",
             args.join(" "),
@@ -222,6 +231,7 @@ impl Swarm {
             engines: Vec::new(),
             versions: Vec::new(),
             stock: Vec::new(),
+            data_path_port: 4789,
             t0: Instant::now(),
         };
         let out = s.cli(&["cluster", "status", "--json"]);
@@ -281,6 +291,7 @@ impl Swarm {
             engines: Vec::new(),
             versions: Vec::new(),
             stock: vec![false],
+            data_path_port: 4789,
             t0: Instant::now(),
             client_netns: client.name().to_string(),
             machine: Some(Machine {

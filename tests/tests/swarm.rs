@@ -154,6 +154,7 @@ fn swarm_three_nodes() {
         engines: &["20.10"],
         stock: &[],
         data_path_port: None,
+        userland_proxy: true,
     }) else {
         return;
     };
@@ -172,6 +173,7 @@ fn swarm_three_nodes_docker_28() {
         engines: &["28.5"],
         stock: &[],
         data_path_port: None,
+        userland_proxy: true,
     }) else {
         return;
     };
@@ -212,7 +214,8 @@ fn conformance_phases(s: &Swarm) {
     conformance::vip_through_churn(s);
     conformance::health_on_vips(s);
     conformance::isolation_and_udp_on_overlays(s);
-    conformance::broadcast_as_docker(s);
+    conformance::broadcast_and_multicast_as_docker(s, 2, 1);
+    conformance::forged_vxlan(s);
     conformance::address_moves(s);
     conformance::host_mode_variants(s);
     conformance::ingress_isolation(s);
@@ -241,6 +244,8 @@ fn swarm_mixed() {
         // Row 1/dp-port: a swarm on a data-path port of its own (4789 is taken on some
         // networks, VMware NSX's for one); the stock node speaks it too.
         data_path_port: Some(7789),
+        // Row 7.1/proxy-agnostic: the 3-node swarms run Docker's default (true).
+        userland_proxy: false,
     }) else {
         return;
     };
@@ -349,6 +354,11 @@ fn swarm_mixed() {
     );
     conformance::stock_node_tasks_from_mesh_nodes(&s, 3);
     conformance::overlay_across_mesh_and_stock_nodes(&s, 3);
+    // The hairpins with userland-proxy false (the stock node answers none: no IPVS).
+    hairpins(&s, &[1, 2]);
+    // Docker's own broadcast and multicast: the stock node sending, then a mesh node.
+    conformance::broadcast_and_multicast_as_docker(&s, 3, 1);
+    conformance::broadcast_and_multicast_as_docker(&s, 1, 3);
 }
 
 /// The same on one node: this machine's own dockerd (started if none runs), with a
@@ -1151,6 +1161,7 @@ fn check_from(
     near: &BTreeSet<String>,
     udp: &BTreeSet<String>,
     local_udp: &str,
+    on_stock: &BTreeSet<String>,
 ) {
     for a in addrs {
         let tcp = std::net::SocketAddr::from((*a, 8081));
@@ -1169,7 +1180,9 @@ fn check_from(
             }
             let (t, cl, peer) = who_at(tcp).unwrap_or_else(|e| panic!("{who}: {tcp}: {e}"));
             assert_eq!(peer, tcp, "{who}: getpeername is what was dialled");
-            if let Some(me) = me {
+            // A stock node's task sees the calling node's ingress address, as Docker's
+            // own SNAT gives it.
+            if let Some(me) = me.filter(|_| !on_stock.contains(&t)) {
                 assert_eq!(
                     cl,
                     me.to_string(),
@@ -1212,6 +1225,23 @@ fn check_from(
 /// containers on node 1 (one on a user bridge network, one task on docker_gwbridge),
 /// TCP and UDP, ingress and host mode, tasks on the same node and on the others.
 fn from_the_node(s: &Swarm) {
+    let every: Vec<u32> = (1..=s.nodes).collect();
+    let local = std::net::Ipv4Addr::LOCALHOST;
+    hairpins(s, &every);
+    // The host-mode TCP port of `hostmode` (host_mode's), from its own node.
+    let placed = s.wait_running("hostmode", 1, Duration::from_secs(10));
+    let at = s.node_index(&placed[0].1);
+    let (t, _, peer) = s
+        .on_node(at, || who_at((local, 8090).into()))
+        .expect("host-mode port from its node");
+    assert_eq!((t.as_str(), peer), ("hostmode.1", (local, 8090).into()));
+    println!("swarm: host-mode TCP 8090 from its node {at}: answered, getpeername as dialled");
+}
+
+/// Rows 7.1 (hairpins): published ports reached from each of `nodes` (localhost and its
+/// address) and from a bridge and a task container on the first of them: TCP 8081 and
+/// UDP 5353 reach every task (one per node), host-mode UDP 5390 the local one.
+fn hairpins(s: &Swarm, nodes: &[u32]) {
     let n = s.nodes.to_string();
     let spread = ["--replicas", &n, "--replicas-max-per-node", "1"];
     let mut args = vec![
@@ -1247,11 +1277,11 @@ fn from_the_node(s: &Swarm) {
     // "Running" is before udp-who has bound its port: until every task has answered once
     // (from the client, through node 1), a datagram may meet the task's port
     // unreachable, which the mesh now rightly hands back (ECONNREFUSED).
-    let first = s.addr(1);
+    let via = s.addr(nodes[0]);
     let t0 = Instant::now();
     let mut ready = BTreeSet::new();
     while ready != udp_names {
-        if let Ok((t, _, _)) = s.client(|| udp_who((first, 5353).into(), true)) {
+        if let Ok((t, _, _)) = s.client(|| udp_who((via, 5353).into(), true)) {
             ready.insert(t);
         }
         assert!(
@@ -1265,8 +1295,13 @@ fn from_the_node(s: &Swarm) {
             .map(|(t, _)| t.clone())
             .expect("a udpwho task on every node")
     };
+    let on_stock: BTreeSet<String> = near
+        .iter()
+        .filter(|(_, h)| s.is_stock(s.node_index(h)))
+        .map(|(t, _)| t.clone())
+        .collect();
     let local = std::net::Ipv4Addr::LOCALHOST;
-    for node in 1..=s.nodes {
+    for &node in nodes {
         let me = s.addr(node);
         let lu = local_udp(node);
         s.on_node(node, || {
@@ -1277,22 +1312,16 @@ fn from_the_node(s: &Swarm) {
                 &near_names,
                 &udp_names,
                 &lu,
+                &on_stock,
             )
         });
     }
-    // The host-mode TCP port of `hostmode` (host_mode's), from its own node.
-    let placed = s.wait_running("hostmode", 1, Duration::from_secs(10));
-    let at = s.node_index(&placed[0].1);
-    let (t, _, peer) = s
-        .on_node(at, || who_at((local, 8090).into()))
-        .expect("host-mode port from its node");
-    assert_eq!((t.as_str(), peer), ("hostmode.1", (local, 8090).into()));
-
-    // Containers on node 1: a plain one on a user bridge network, and a task (its
+    // Containers on the first node: a plain one on a user bridge network, and a task (its
     // docker_gwbridge side), both dialling the node's address.
-    s.docker(1, &["network", "create", "-d", "bridge", "probenet"]);
+    let first = nodes[0];
+    s.docker(first, &["network", "create", "-d", "bridge", "probenet"]);
     let probe = s.docker(
-        1,
+        first,
         &[
             "run",
             "-d",
@@ -1305,28 +1334,28 @@ fn from_the_node(s: &Swarm) {
             "600",
         ],
     );
-    let task = s.docker(1, &["ps", "-q", "-f", "name=near"]);
-    let lu = local_udp(1);
-    let me = s.addr(1);
+    let task = s.docker(first, &["ps", "-q", "-f", "name=near"]);
+    let lu = local_udp(first);
+    let me = s.addr(first);
     for (what, id) in [("a bridge container", &probe), ("a task container", &task)] {
-        s.in_container(1, id, || {
+        s.in_container(first, id, || {
             check_from(
-                &format!("node 1, {what}"),
+                &format!("node {first}, {what}"),
                 &[me],
                 None,
                 &near_names,
                 &udp_names,
                 &lu,
+                &on_stock,
             )
         });
     }
-    s.docker(1, &["rm", "-f", "probe"]);
-    s.docker(1, &["network", "rm", "probenet"]);
+    s.docker(first, &["rm", "-f", "probe"]);
+    s.docker(first, &["network", "rm", "probenet"]);
     println!(
-        "swarm: from every node (localhost and its address) and from a bridge and a task \
-         container on node 1: TCP 8081 and UDP 5353 reach all {} tasks, host-mode UDP 5390 \
-         the local one, host-mode TCP 8090 on node {at}; getpeername/recvfrom give what \
-         was dialled",
+        "swarm: from nodes {nodes:?} (localhost and its address) and from a bridge and a \
+         task container on node {first}: TCP 8081 and UDP 5353 reach all {} tasks, \
+         host-mode UDP 5390 the local one; getpeername/recvfrom give what was dialled",
         s.nodes
     );
 }

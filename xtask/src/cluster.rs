@@ -70,6 +70,9 @@ pub enum Cluster {
         /// default 4789 without it.
         #[arg(long)]
         data_path_port: Option<u16>,
+        /// dockerd's `userland-proxy` on every node (Docker's default: true).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        userland_proxy: bool,
     },
     /// Nodes, their underlay addresses, roles and dockerd state; the client's address.
     Status {
@@ -168,13 +171,21 @@ pub fn run(c: Cluster) -> anyhow::Result<()> {
             engines,
             stock,
             data_path_port,
+            userland_proxy,
         } => {
             let names = engine_plan(nodes, engine.as_deref(), &engines)?;
             let stock: BTreeSet<u32> = stock.into_iter().collect();
             if let Some(bad) = stock.iter().find(|s| !(1..=nodes).contains(*s)) {
                 bail!("--stock {bad}: nodes are 1..{nodes}");
             }
-            up(nodes, managers, &names, &stock, data_path_port)?;
+            up(
+                nodes,
+                managers,
+                &names,
+                &stock,
+                data_path_port,
+                userland_proxy,
+            )?;
             if mesh {
                 let (agent, object) = agent_paths();
                 for n in (1..=nodes).filter(|n| !stock.contains(n)) {
@@ -285,6 +296,10 @@ pub fn tempdir(tag: &str) -> anyhow::Result<PathBuf> {
 /// The swarm's data-path port, when `up` was given one (a file in the cluster's state
 /// directory), for the agents.
 const ST_DIR_DATA_PATH_PORT: &str = "data-path-port";
+
+/// Present when `up` was given `--userland-proxy false`: every start of a node's
+/// dockerd (`dockerd N restart` too) keeps the setting.
+const ST_NO_USERLAND_PROXY: &str = "no-userland-proxy";
 
 /// What each node's dockerd is started through (see the script's header).
 const NODE_ENTRY: &str = include_str!("cluster/node-entry.sh");
@@ -449,13 +464,15 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// `names`: the engine of each node; `stock`: the nodes that will run no agent;
-/// `data_path_port`: the swarm's VXLAN port (Docker's default without it).
+/// `data_path_port`: the swarm's VXLAN port (Docker's default without it);
+/// `userland_proxy`: dockerd's setting of that name.
 fn up(
     nodes: u32,
     managers: u32,
     names: &[String],
     stock: &BTreeSet<u32>,
     data_path_port: Option<u16>,
+    userland_proxy: bool,
 ) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("cluster up must run as root: it creates namespaces and runs dockerd");
@@ -513,6 +530,12 @@ fn up(
     let t0 = Instant::now();
     std::fs::create_dir_all(ST)?;
     std::fs::write(Path::new(ST).join("nodes"), nodes.to_string())?;
+    let no_proxy = Path::new(ST).join(ST_NO_USERLAND_PROXY);
+    if userland_proxy {
+        let _ = std::fs::remove_file(&no_proxy);
+    } else {
+        std::fs::write(&no_proxy, "")?;
+    }
     for n in 1..=nodes {
         write_rec(n, engine_of(n), stock.contains(&n))?;
     }
@@ -717,10 +740,11 @@ fn start_node(n: u32, engine: &Engine) -> anyhow::Result<()> {
     std::fs::write(
         d.join("daemon.json"),
         format!(
-            "{{ \"deprecated-key-path\": \"{}/key.json\", \"init-path\": \"{}\", \"userland-proxy-path\": \"{}\" }}\n",
+            "{{ \"deprecated-key-path\": \"{}/key.json\", \"init-path\": \"{}\", \"userland-proxy-path\": \"{}\", \"userland-proxy\": {} }}\n",
             data_root(n),
             engine.bin.join("docker-init").display(),
             engine.bin.join("docker-proxy").display(),
+            !Path::new(ST).join(ST_NO_USERLAND_PROXY).exists(),
         ),
     )?;
     let log = std::fs::File::create(d.join("dockerd.log"))?;

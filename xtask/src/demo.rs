@@ -50,6 +50,7 @@ pub fn run() -> anyhow::Result<()> {
         engines: Vec::new(),
         stock: Vec::new(),
         data_path_port: None,
+        userland_proxy: true,
     })?;
     let socks = cluster::node_socks()?;
     step("the agent's image mesh/agent:latest in every node (cargo xtask image, docker import)");

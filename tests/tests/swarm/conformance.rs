@@ -2437,11 +2437,78 @@ fn broadcast_who(to: Ipv4Addr) -> Vec<(String, String)> {
     got
 }
 
-/// Row 4/broadcast, as Docker does it: a broadcast on an overlay subnet reaches the
-/// other containers of the subnet on the sender's node, and (Docker's overlay has no
-/// flood list: measured the same on stock Docker 28.5 nodes without the mesh) none on
-/// other nodes. The mesh passes Docker's VXLAN and changes neither.
-pub fn broadcast_as_docker(s: &Swarm) {
+/// Whether each of `members` (node, container), joined to `group` on its address on
+/// the overlay, gets a datagram sent to the group from container `sender` on node
+/// `from`, whose address there is `sender_addr` (the interface it sends on: a
+/// container's default route is its gateway bridge).
+fn multicast_reaches(
+    s: &Swarm,
+    (from, sender, sender_addr): (u32, &str, Ipv4Addr),
+    members: &[(u32, &str, Ipv4Addr)],
+    group: Ipv4Addr,
+) -> Vec<bool> {
+    let (ready, go) = std::sync::mpsc::channel();
+    std::thread::scope(|t| {
+        let got: Vec<_> = members
+            .iter()
+            .map(|&(n, ctr, addr)| {
+                let ready = ready.clone();
+                t.spawn(move || {
+                    s.in_container(n, ctr, move || {
+                        let u = UdpSocket::bind(("0.0.0.0", 5556)).expect("bind in a member");
+                        u.join_multicast_v4(&group, &addr).expect("join the group");
+                        u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                        ready.send(()).unwrap();
+                        let mut buf = [0u8; 64];
+                        matches!(u.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == b"to the group")
+                    })
+                })
+            })
+            .collect();
+        for _ in members {
+            go.recv().expect("a member's socket");
+        }
+        s.in_container(from, sender, || {
+            let u = UdpSocket::bind((sender_addr, 0)).expect("bind the sender");
+            // SAFETY: setsockopt on this socket with an in_addr that lives across it.
+            let rc = unsafe {
+                let ifaddr = libc::in_addr {
+                    s_addr: u32::from_ne_bytes(sender_addr.octets()),
+                };
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&u),
+                    libc::IPPROTO_IP,
+                    libc::IP_MULTICAST_IF,
+                    std::ptr::addr_of!(ifaddr).cast(),
+                    std::mem::size_of::<libc::in_addr>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "IP_MULTICAST_IF: {}",
+                std::io::Error::last_os_error()
+            );
+            for _ in 0..3 {
+                u.send_to(b"to the group", (group, 5556))
+                    .expect("send to the group");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        got.into_iter()
+            .map(|h| h.join().expect("a member's side"))
+            .collect()
+    })
+}
+
+/// Rows 4/broadcast and 4/multicast, as Docker does them: a broadcast or a multicast
+/// datagram on an overlay subnet reaches the other containers of the subnet (the
+/// group's members) on the sender's node, and none on other nodes: Docker's overlay has
+/// no flood list. The sender sits on node `a`, with one container beside it and one on
+/// node `b`. On the mixed swarm, with the stock node sending, this is Docker's own
+/// behaviour (a stock node sends nothing across); on mesh nodes, the mesh passes
+/// Docker's VXLAN and keeps exactly that.
+pub fn broadcast_and_multicast_as_docker(s: &Swarm, a: u32, b: u32) {
     s.docker(
         1,
         &[
@@ -2455,7 +2522,8 @@ pub fn broadcast_as_docker(s: &Swarm) {
             "bnet",
         ],
     );
-    for (n, name) in [(2, "bca"), (2, "bcb"), (1, "bcc"), (3, "bcd")] {
+    let ctrs = [(a, "bca"), (a, "bcb"), (b, "bcc")];
+    for (n, name) in ctrs {
         s.docker(
             n,
             &[
@@ -2473,24 +2541,40 @@ pub fn broadcast_as_docker(s: &Swarm) {
             ],
         );
     }
-    let sender = s.docker(2, &["inspect", "-f", "{{.Id}}", "bca"]);
+    let sender = s.docker(a, &["inspect", "-f", "{{.Id}}", "bca"]);
     let got = eventually(
         "a broadcast from bca reaches bcb",
         Duration::from_secs(20),
         || {
-            let got = s.in_container(2, &sender, || broadcast_who("10.65.0.255".parse().unwrap()));
+            let got = s.in_container(a, &sender, || broadcast_who("10.65.0.255".parse().unwrap()));
             got.iter()
                 .any(|(_, w)| w.starts_with("bcb "))
                 .then_some(got)
         },
     );
     assert!(
-        !got.iter()
-            .any(|(_, w)| w.starts_with("bcc ") || w.starts_with("bcd ")),
+        !got.iter().any(|(_, w)| w.starts_with("bcc ")),
         "a broadcast crossed nodes, which Docker's overlay does not do: {got:?}"
     );
-    println!("swarm: broadcast from bca on node 2: answered by {got:?} (same node only, as stock Docker)");
-    for (n, name) in [(2, "bca"), (2, "bcb"), (1, "bcc"), (3, "bcd")] {
+    let addr = |n: u32, c: &str| -> Ipv4Addr { addr_on(s, n, c, "bnet").parse().unwrap() };
+    let group = Ipv4Addr::new(239, 1, 2, 3);
+    let reached = multicast_reaches(
+        s,
+        (a, "bca", addr(a, "bca")),
+        &[(a, "bcb", addr(a, "bcb")), (b, "bcc", addr(b, "bcc"))],
+        group,
+    );
+    assert_eq!(
+        reached,
+        [true, false],
+        "a datagram to {group} from bca on node {a}: reached (bcb beside it, bcc on node {b})"
+    );
+    println!(
+        "swarm: broadcast and multicast ({group}) from bca on node {a}: answered by {got:?}, \
+         the group's member beside it reached, the one on node {b} not (same node only, as \
+         Docker)"
+    );
+    for (n, name) in ctrs {
         s.docker(n, &["rm", "-f", name]);
     }
     s.docker(1, &["network", "rm", "bnet"]);
@@ -2556,4 +2640,235 @@ pub fn ingress_isolation(s: &Swarm) {
          8400) nor at its ingress VIP {vip} (80, 8400); isola's 8400 answers through node 1"
     );
     s.docker(1, &["service", "rm", "isola", "isolb"]);
+}
+
+/// The (first) VNI Docker gave overlay `network`.
+fn vni_of(s: &Swarm, network: &str) -> u32 {
+    let list = s.docker(
+        1,
+        &[
+            "network",
+            "inspect",
+            "-f",
+            "{{index .Options \"com.docker.network.driver.overlay.vxlanid_list\"}}",
+            network,
+        ],
+    );
+    list.split(',')
+        .next()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{network}'s VNI: {list:?}"))
+}
+
+/// Packets node `n`'s hooks counted for `reason` (a pass or observation), every hook
+/// summed.
+fn packets(s: &Swarm, n: u32, reason: &str) -> u64 {
+    counted(s, n, "mesh_packets_total", reason)
+}
+
+/// Packets node `n`'s hooks dropped for `reason`, every hook summed.
+fn drops(s: &Swarm, n: u32, reason: &str) -> u64 {
+    counted(s, n, "mesh_drops_total", reason)
+}
+
+fn counted(s: &Swarm, n: u32, metric: &str, reason: &str) -> u64 {
+    let text = s.metrics(n).unwrap_or_default();
+    let (start, label) = (format!("{metric}{{"), format!("reason=\"{reason}\"}}"));
+    text.lines()
+        .filter(|l| l.starts_with(&start) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The internet checksum of `bytes`.
+fn inet_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet from `src` to `dst` carrying a UDP datagram (no checksum: IPv4
+/// allows none) from `sport` to `dport` with `payload`.
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let sum = inet_sum(&p);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A VXLAN payload (RFC 7348 header, then the inner frame) carrying a UDP datagram
+/// "forged" from `src` to `dst`:`port` in an Ethernet frame to `dst_mac`.
+fn vxlan_datagram(vni: u32, dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut f = vec![0x08, 0, 0, 0];
+    f.extend_from_slice(&(vni << 8).to_be_bytes());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&[0x02, 0x42, 0x0a, 0xee, 0xee, 0xee, 0x08, 0x00]);
+    f.extend_from_slice(&ipv4_udp(src, dst, 40000, port, b"forged"));
+    f
+}
+
+/// Sends the IPv4 packet `packet` as it is (a raw socket: its source address may be
+/// another host's), from the current namespace.
+fn send_raw(packet: &[u8]) {
+    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    // SAFETY: a raw socket of this thread's, closed below; sendto reads `packet` and a
+    // sockaddr_in built here.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let mut to: libc::sockaddr_in = std::mem::zeroed();
+        to.sin_family = libc::AF_INET as libc::sa_family_t;
+        to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+        let rc = libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            std::ptr::addr_of!(to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert!(rc >= 0, "raw sendto {dst}: {err}");
+    }
+}
+
+/// Whether a datagram `send` forges reaches the plain container `ctr` on node 1: a
+/// socket bound in its namespace waits for it for 3 s.
+fn forged_reaches(s: &Swarm, ctr: &str, port: u16, send: impl FnOnce() + Send) -> bool {
+    let (ready, go) = std::sync::mpsc::channel();
+    std::thread::scope(|t| {
+        let got = t.spawn(|| {
+            s.in_container(1, ctr, move || {
+                let u = UdpSocket::bind(("0.0.0.0", port)).expect("bind in the container");
+                u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                ready.send(()).unwrap();
+                let mut buf = [0u8; 64];
+                matches!(u.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == b"forged")
+            })
+        });
+        go.recv().expect("the container's socket");
+        send();
+        got.join().expect("the container's side")
+    })
+}
+
+/// Row 9/forged-dropped: cleartext VXLAN forged for an encrypted overlay's VNI does not
+/// reach its containers. From a host outside the swarm with a swarm node's address as
+/// its source (the mesh takes it for the peer's and passes user overlays' VXLAN to the
+/// kernel, where Docker's rule for the encrypted VNI drops it), or with its own (the
+/// mesh drops VXLAN from non-peers, counted as `drop_vxlan_unknown_peer`). The control:
+/// the same forgery for a plain overlay's VNI, with node 2's address, reaches its
+/// container, so the forgery itself is sound. A swarm node cannot even send it: its
+/// own IPsec policy for the encrypted VNI refuses the datagram (EREMOTE). This kernel
+/// has no ESP, so encrypted traffic itself cannot flow here; Docker installs its drop
+/// rule all the same.
+pub fn forged_vxlan(s: &Swarm) {
+    for (net, subnet, extra) in [
+        ("fenc", "10.67.0.0/24", Some("encrypted")),
+        ("fplain", "10.67.1.0/24", None),
+    ] {
+        let mut a = vec!["network", "create", "-d", "overlay", "--attachable"];
+        if let Some(o) = extra {
+            a.extend(["--opt", o]);
+        }
+        a.extend(["--subnet", subnet, net]);
+        s.docker(1, &a);
+    }
+    let enc = sleeper(s, 1, "fe1", "fenc");
+    let plain = sleeper(s, 1, "fp1", "fplain");
+    // Containers on node 2 too: the peers Docker programs each network's tunnel with.
+    sleeper(s, 2, "fe2", "fenc");
+    sleeper(s, 2, "fp2", "fplain");
+    let mac_of = |ctr: &str, net: &str| -> [u8; 6] {
+        let f = format!("{{{{.NetworkSettings.Networks.{net}.MacAddress}}}}");
+        let text = s.docker(1, &["inspect", "-f", &f, ctr]);
+        let b: Vec<u8> = text
+            .split(':')
+            .filter_map(|x| u8::from_str_radix(x, 16).ok())
+            .collect();
+        b.try_into()
+            .unwrap_or_else(|_| panic!("{ctr}'s MAC on {net}: {text:?}"))
+    };
+    // The VXLAN datagram from `from` to node 1 for container `ctr` on `net`.
+    let forged = |ctr: &str, net: &str, inner_src: &str, from: Ipv4Addr| {
+        let dst: Ipv4Addr = addr_on(s, 1, ctr, net).parse().unwrap();
+        let inner = vxlan_datagram(
+            vni_of(s, net),
+            mac_of(ctr, net),
+            inner_src.parse().unwrap(),
+            dst,
+            5555,
+        );
+        ipv4_udp(from, s.addr(1), 40000, s.data_path_port, &inner)
+    };
+    let from_client = |packet: Vec<u8>| {
+        move || {
+            for _ in 0..3 {
+                s.client(|| send_raw(&packet));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    // The control first: Docker may take a moment to program node 1's side.
+    let p = forged(&plain, "fplain", "10.67.1.200", s.addr(2));
+    eventually(
+        "VXLAN forged with node 2's address for a plain overlay reaches its container (the \
+         control)",
+        Duration::from_secs(20),
+        || forged_reaches(s, &plain, 5555, from_client(p.clone())).then_some(()),
+    );
+    let p = forged(&enc, "fenc", "10.67.0.200", s.addr(2));
+    let before = packets(s, 1, "pass_vxlan_docker");
+    assert!(
+        !forged_reaches(s, &enc, 5555, from_client(p)),
+        "cleartext VXLAN with node 2's address reached a container on the encrypted overlay"
+    );
+    let passed = packets(s, 1, "pass_vxlan_docker") - before;
+    assert!(
+        passed >= 3,
+        "node 1's mesh passed {passed} of the 3 datagrams to Docker's rules (pass_vxlan_docker)"
+    );
+    let before = drops(s, 1, "drop_vxlan_unknown_peer");
+    for (ctr, net, inner_src) in [
+        (&enc, "fenc", "10.67.0.200"),
+        (&plain, "fplain", "10.67.1.200"),
+    ] {
+        let p = forged(ctr, net, inner_src, s.client_addr());
+        assert!(
+            !forged_reaches(s, ctr, 5555, from_client(p)),
+            "VXLAN from a host outside the swarm reached a container on {net}"
+        );
+    }
+    let dropped = drops(s, 1, "drop_vxlan_unknown_peer") - before;
+    assert!(
+        dropped >= 6,
+        "node 1 counted {dropped} drop_vxlan_unknown_peer for 6 datagrams from outside"
+    );
+    println!(
+        "swarm: forged VXLAN: a plain overlay's, with node 2's address, reaches its \
+         container; an encrypted one's does not (Docker's rule); from an outsider's address \
+         neither ({dropped} counted drop_vxlan_unknown_peer on node 1)"
+    );
+    for (n, c) in [(1, "fe1"), (1, "fp1"), (2, "fe2"), (2, "fp2")] {
+        s.docker(n, &["rm", "-f", c]);
+    }
+    for net in ["fenc", "fplain"] {
+        s.docker(1, &["network", "rm", net]);
+    }
 }

@@ -28,8 +28,8 @@ pub fn self_test() -> anyhow::Result<String> {
     let t0 = Instant::now();
     let result = (|| -> anyhow::Result<String> {
         let names = vec![engines::DEFAULT.to_string(); 2];
-        up(2, 1, &names, &BTreeSet::new(), None)?;
-        up(2, 1, &names, &BTreeSet::new(), None)?;
+        up(2, 1, &names, &BTreeSet::new(), None, true)?;
+        up(2, 1, &names, &BTreeSet::new(), None, true)?;
         for n in 1..=2 {
             let rec = node_rec(n).with_context(|| format!("node {n}: no engine recorded"))?;
             if rec.engine != engines::DEFAULT || rec.stock {

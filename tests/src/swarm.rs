@@ -534,6 +534,17 @@ impl Swarm {
         in_netns(&format!("/run/netns/mc-n{n}"), f)
     }
 
+    /// Runs `f` on a thread inside the underlay's namespace, where the nodes' links meet
+    /// on a bridge: what is seen there is what crossed the wire (no node's XDP or TC in
+    /// the way). Only on a cluster of namespaces.
+    pub fn on_wire<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        assert!(
+            self.machine.is_none(),
+            "the machine's node has no underlay of the test's"
+        );
+        in_netns("/run/netns/mc-ul", f)
+    }
+
     /// Runs `f` on a thread inside the client namespace.
     pub fn client<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         in_netns(&format!("/run/netns/{}", self.client_netns), f)

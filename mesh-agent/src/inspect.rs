@@ -457,8 +457,10 @@ pub fn flows(entries: &[(CtKey, CtEntry)], now_ns: u64, names: &Names) -> Vec<Fl
     out
 }
 
-/// The conntrack map pinned under `dir`, as (key, entry) pairs.
-pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtEntry)>, MeshError> {
+/// The conntrack map pinned under `dir`.
+fn pinned_conntrack(
+    dir: &Path,
+) -> Result<aya::maps::HashMap<aya::maps::MapData, CtKey, CtEntry>, MeshError> {
     use aya::maps::{HashMap, Map, MapData};
     use mesh_common::ct::CT_MAP;
     let err = |source| MeshError::Map {
@@ -471,9 +473,40 @@ pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtEntry)>, MeshError> {
             path: dir.to_path_buf(),
         });
     }
-    let map: HashMap<MapData, CtKey, CtEntry> =
-        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).map_err(err)?)).map_err(err)?;
-    Ok(map.iter().filter_map(Result::ok).collect())
+    HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).map_err(err)?)).map_err(err)
+}
+
+/// The conntrack map pinned under `dir`, as (key, entry) pairs.
+pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtEntry)>, MeshError> {
+    Ok(pinned_conntrack(dir)?
+        .iter()
+        .filter_map(Result::ok)
+        .collect())
+}
+
+/// How full the conntrack map is: its entries, and its capacity as the kernel has it
+/// (the map's own `max_entries`, whatever the object or the loader made it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+/// The conntrack map's capacity as the kernel has it (its `max_entries`).
+pub fn conntrack_capacity(dir: &Path) -> Result<u32, MeshError> {
+    let ct = mesh_common::ct::CT_MAP;
+    let info = aya::maps::MapInfo::from_pin(dir.join(ct))
+        .map_err(|source| MeshError::Map { map: ct, source })?;
+    Ok(info.max_entries())
+}
+
+/// The conntrack map's occupancy (walks its keys).
+pub fn conntrack_occupancy(dir: &Path) -> Result<Occupancy, MeshError> {
+    let entries = pinned_conntrack(dir)?.keys().filter(Result::is_ok).count();
+    Ok(Occupancy {
+        entries,
+        capacity: conntrack_capacity(dir)?,
+    })
 }
 
 /// Removes every conntrack entry (both directions) of service `svc_id` pinned under

@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap, MapData};
 use mesh_common::{
-    hash::flow_hash,
+    lb::maglev_slot,
     lb::{
         Backend, BackendState, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags,
         Service, Tunnel, BACKENDS_MAP, ENDPOINTS_MAP, FRONTENDS_MAP, LOCAL_MAP, MAGLEV_MAP,
-        NETWORKS_MAP, NODE_ADDRS_MAP, PEERS_MAP, SERVICES_MAP, SVC_AFFINITY, TUNNELS_MAP,
+        NETWORKS_MAP, NODE_ADDRS_MAP, PEERS_MAP, SERVICES_MAP, TUNNELS_MAP,
     },
 };
 
@@ -383,12 +383,8 @@ impl MemMaps {
         if svc.active == 0 || svc.maglev_size == 0 {
             return None;
         }
-        let h = if svc.flags & SVC_AFFINITY != 0 {
-            flow_hash(s, 0, 0, 0, proto)
-        } else {
-            flow_hash(s, d, sport.to_be(), dport.to_be(), proto)
-        };
-        let id = self.maglev[(svc.maglev_off + h % svc.maglev_size) as usize];
+        let slot = maglev_slot(svc, s, d, sport.to_be(), dport.to_be(), proto, 0);
+        let id = self.maglev[(svc.maglev_off + slot) as usize];
         let be = self.be.get(&id)?;
         Some(show(be.addr, be.port))
     }

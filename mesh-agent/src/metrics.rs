@@ -200,7 +200,7 @@ fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
 pub fn render(
     m: &AgentMetrics,
     stats: Option<&crate::stats::Snapshot>,
-    conntrack: Option<usize>,
+    conntrack: Option<crate::inspect::Occupancy>,
     traffic: Option<&Traffic>,
 ) -> String {
     let mut out = String::new();
@@ -297,18 +297,18 @@ pub fn render(
         "mesh_event_lag_seconds",
         "From a Docker event's timestamp to the maps written after it.",
     );
-    if let Some(n) = conntrack {
+    if let Some(ct) = conntrack {
         gauge(
             &mut out,
             "mesh_conntrack_entries",
             "Entries in the conntrack map.",
-            n,
+            ct.entries,
         );
         gauge(
             &mut out,
             "mesh_conntrack_capacity",
-            "Capacity of the conntrack map.",
-            mesh_common::ct::CT_ENTRIES,
+            "Capacity of the conntrack map (its max_entries, as the kernel has it; two entries per flow).",
+            ct.capacity,
         );
     }
     if let Some(s) = stats {
@@ -393,16 +393,6 @@ fn render_traffic(out: &mut String, t: &Traffic) {
     }
 }
 
-/// Counts the conntrack map's entries (walks its keys).
-pub fn conntrack_entries(dir: &std::path::Path) -> Option<usize> {
-    use aya::maps::{HashMap, Map, MapData};
-    use mesh_common::ct::{CtEntry, CtKey, CT_MAP};
-    // The conntrack map is an LRU hash (mesh-ebpf/src/maps.rs).
-    let data = MapData::from_pin(dir.join(CT_MAP)).ok()?;
-    let map: HashMap<_, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(data)).ok()?;
-    Some(map.keys().filter(|k| k.is_ok()).count())
-}
-
 /// Serves `GET /metrics` until the runtime stops; `pins` is where the maps are read
 /// from at each scrape.
 pub async fn serve(
@@ -417,7 +407,7 @@ pub async fn serve(
         }
         let m = shared.lock().expect("metrics lock").clone();
         let stats = crate::stats::Snapshot::read_pinned(&pins).ok();
-        let ct = conntrack_entries(&pins);
+        let ct = crate::inspect::conntrack_occupancy(&pins).ok();
         let traffic = crate::stats::backends_pinned(&pins).ok().map(|read| {
             totals
                 .lock()
@@ -528,7 +518,11 @@ mod tests {
             reconciles: 3,
             ..Default::default()
         };
-        let out = render(&m, Some(&s), Some(12), None);
+        let ct = crate::inspect::Occupancy {
+            entries: 12,
+            capacity: 131_072,
+        };
+        let out = render(&m, Some(&s), Some(ct), None);
         assert!(out.contains("mesh_reconciles_total 3\n"));
         assert!(out.contains(&format!(
             "mesh_drops_total{{hook=\"tc_task\",reason=\"{}\"}} 7\n",
@@ -543,5 +537,6 @@ mod tests {
             drop.name()
         )));
         assert!(out.contains("mesh_conntrack_entries 12\n"));
+        assert!(out.contains("mesh_conntrack_capacity 131072\n"));
     }
 }

@@ -302,8 +302,7 @@ pub fn run(
     use crate::{inspect, pins::Hook, pins::PinDir, preflight};
     use mesh_common::{
         ct::{CtKey, CT_HAIRPIN},
-        hash::flow_hash,
-        lb::{FrontendKey, SVC_AFFINITY},
+        lb::{maglev_slot, FrontendKey},
     };
     let pins = PinDir::new(bpffs);
     if !pins.has_maps() {
@@ -374,12 +373,7 @@ pub fn run(
         if svc.maglev_size == 0 {
             return None;
         }
-        let h = if svc.flags & SVC_AFFINITY != 0 {
-            flow_hash(key.saddr, 0, 0, 0, proto_n)
-        } else {
-            flow_hash(key.saddr, key.daddr, key.sport, key.dport, proto_n)
-        };
-        let slot = h % svc.maglev_size;
+        let slot = maglev_slot(svc, key.saddr, key.daddr, key.sport, key.dport, proto_n, 0);
         let id = snap.tables.get(&fe.svc_id)?.get(slot as usize).copied()?;
         Some((slot, svc.maglev_size, id))
     });

@@ -8,8 +8,9 @@
 use crate::proto::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 pub const CT_MAP: &str = "MESH_CT_V1";
-/// Default capacity; each flow takes two entries.
-pub const CT_ENTRIES: u32 = 1 << 20;
+/// The conntrack map's capacity in the object (each flow takes two entries: 65,536
+/// flows). What a running node has is read from the map (`inspect::conntrack_capacity`).
+pub const CT_ENTRIES: u32 = 1 << 17;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -86,6 +86,30 @@ pub struct Service {
 }
 crate::assert_size!(Service, 32);
 
+/// The slot of a flow in its service's Maglev region (an offset from `maglev_off`; the
+/// region must not be empty): the flow's hash, or the client address's alone with
+/// client affinity. `salt` (0: the flow's own slot) moves a retry to another slot,
+/// unless affinity must keep it. The one formula: the kernel, `meshctl trace` and the
+/// agent's model of the maps all pick with it.
+#[inline(always)]
+pub const fn maglev_slot(
+    svc: &Service,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    salt: u32,
+) -> u32 {
+    let h = if svc.flags & SVC_AFFINITY != 0 {
+        crate::hash::flow_hash(saddr, 0, 0, 0, proto)
+    } else {
+        crate::hash::flow_hash(saddr, daddr, sport, dport, proto)
+            .wrapping_add(salt.wrapping_mul(0x9e37_79b1))
+    };
+    h % svc.maglev_size
+}
+
 pub const TCP_IDLE_DEFAULT_S: u32 = 8000;
 pub const UDP_IDLE_DEFAULT_S: u32 = 300;
 
@@ -228,4 +252,39 @@ mod pod_overlay {
     unsafe impl aya::Pod for Tunnel {}
     unsafe impl aya::Pod for Network {}
     unsafe impl aya::Pod for Local {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maglev_slot_keeps_affinity_and_moves_retries() {
+        let svc = Service {
+            maglev_size: 1021,
+            ..Service::default()
+        };
+        let slot =
+            |s: &Service, sport, salt| maglev_slot(s, 0x0a00_0001, 0x0a00_0002, sport, 80, 6, salt);
+        assert!((0..2000).all(|p| slot(&svc, p, 0) < 1021));
+        assert_eq!(
+            slot(&svc, 40000, 0),
+            crate::hash::flow_hash(0x0a00_0001, 0x0a00_0002, 40000, 80, 6) % 1021
+        );
+        assert_ne!(slot(&svc, 40000, 0), slot(&svc, 40000, 1), "a retry moves");
+        assert_ne!(
+            slot(&svc, 40000, 0),
+            slot(&svc, 40001, 0),
+            "another flow, another slot"
+        );
+        let sticky = Service {
+            flags: SVC_AFFINITY,
+            ..svc
+        };
+        assert_eq!(
+            slot(&sticky, 40000, 0),
+            slot(&sticky, 40001, 3),
+            "affinity: the client alone"
+        );
+    }
 }

@@ -12,9 +12,8 @@ use mesh_common::{
     ct::{
         self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_OVERLAY, CT_RETRIED, CT_REVERSE, CT_TUNNEL,
     },
-    hash::flow_hash,
     lb::{
-        BackendState, Frontend, FrontendKey, Tunnel, FE_VIP, SVC_AFFINITY,
+        BackendState, Frontend, FrontendKey, Tunnel, FE_VIP,
         TCP_IDLE_DEFAULT_S, TUN_STOCK, UDP_IDLE_DEFAULT_S,
     },
     parse::{Frag, Parsed},
@@ -567,13 +566,9 @@ pub fn maglev_pick(svc: &mesh_common::lb::Service, f: &Flow) -> Option<u32> {
 /// client affinity, which a retry must keep.
 #[inline(always)]
 pub(crate) fn maglev_pick_salted(svc: &mesh_common::lb::Service, f: &Flow, salt: u32) -> Option<u32> {
-    let h = if svc.flags & SVC_AFFINITY != 0 {
-        flow_hash(f.saddr, 0, 0, 0, f.proto)
-    } else {
-        flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)
-            .wrapping_add(salt.wrapping_mul(0x9e37_79b1))
-    };
-    let slot = svc.maglev_off.wrapping_add(h % svc.maglev_size);
+    let slot = svc.maglev_off.wrapping_add(mesh_common::lb::maglev_slot(
+        svc, f.saddr, f.daddr, f.sport, f.dport, f.proto, salt,
+    ));
     match MESH_MAGLEV_V1.get(slot) {
         Some(id) if *id != 0 => Some(*id),
         _ => None,

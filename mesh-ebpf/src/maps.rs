@@ -32,7 +32,8 @@ pub static MESH_EP_V1: HashMap<u32, Endpoint, 65536> = HashMap::new();
 pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, 256> = HashMap::new();
 
 #[btf_map]
-pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, 131072> = LruHashMap::new();
+pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, { mesh_common::ct::CT_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// A translated first fragment's ports, for the rest of its datagram (`track::follow`).
 #[btf_map]

@@ -960,6 +960,20 @@ fn meshctl_explains_a_live_mesh() {
     assert_eq!(st["services"], 7, "{st}");
     assert!(st["flows"].as_u64().unwrap() >= 1, "{st}");
     assert_eq!(st["maps_missing"].as_array().unwrap().len(), 0);
+    // The conntrack capacity shown is the map's, as the kernel reports it to bpftool.
+    let ct = pins.join(mesh_common::ct::CT_MAP);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&ct)
+        .output()
+        .expect("run bpftool");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool -j");
+    assert!(shown["max_entries"].as_u64().is_some(), "{shown}");
+    assert_eq!(st["conntrack_capacity"], shown["max_entries"], "{st}");
+    assert!(
+        text.contains(&format!(" of {} entries)", shown["max_entries"])),
+        "{text}"
+    );
 
     // services / service: names, frontends, backends, shares, traffic.
     let (code, text, _) = meshctl(&ns, &bin, &pins, &["services"]);

@@ -634,6 +634,7 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
         .count();
     let frontends = all.iter().map(|s| s.frontends.len()).sum::<usize>();
     let entries = inspect::read_conntrack(&args.bpffs)?;
+    let capacity = inspect::conntrack_capacity(&args.bpffs)?;
     let flows = inspect::flows(&entries, inspect::monotonic_ns(), &Default::default()).len();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -655,7 +656,7 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
             "links": links,
             "services": all.len(), "frontends": frontends, "backends": backends,
             "draining": draining, "flows": flows,
-            "conntrack_entries": entries.len(), "conntrack_capacity": mesh_common::ct::CT_ENTRIES,
+            "conntrack_entries": entries.len(), "conntrack_capacity": capacity,
         }))?;
         return Ok(code);
     }
@@ -731,7 +732,7 @@ fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
          flows: {flows} (conntrack {} of {} entries)",
         all.len(),
         entries.len(),
-        mesh_common::ct::CT_ENTRIES
+        capacity
     );
     if code == 6 {
         println!(

@@ -462,12 +462,11 @@ fn pinned_conntrack(
     dir: &Path,
 ) -> Result<aya::maps::HashMap<aya::maps::MapData, CtKey, CtEntry>, MeshError> {
     use aya::maps::{HashMap, Map, MapData};
-    use mesh_common::ct::CT_MAP;
     let err = |source| MeshError::Map {
-        map: CT_MAP,
+        map: mesh_common::maps::CONNTRACK.name,
         source,
     };
-    let path = dir.join(CT_MAP);
+    let path = dir.join(mesh_common::maps::CONNTRACK.name);
     if !path.exists() {
         return Err(MeshError::NotPinned {
             path: dir.to_path_buf(),
@@ -494,7 +493,7 @@ pub struct Occupancy {
 
 /// The conntrack map's capacity as the kernel has it (its `max_entries`).
 pub fn conntrack_capacity(dir: &Path) -> Result<u32, MeshError> {
-    let ct = mesh_common::ct::CT_MAP;
+    let ct = mesh_common::maps::CONNTRACK.name;
     let info = aya::maps::MapInfo::from_pin(dir.join(ct))
         .map_err(|source| MeshError::Map { map: ct, source })?;
     Ok(info.max_entries())
@@ -514,13 +513,12 @@ pub fn conntrack_occupancy(dir: &Path) -> Result<Occupancy, MeshError> {
 /// flow: a TCP connection in the middle is answered with a RST by its backend.
 pub fn flush_service(dir: &Path, svc_id: u32) -> Result<usize, MeshError> {
     use aya::maps::{HashMap, Map, MapData};
-    use mesh_common::ct::CT_MAP;
     let err = |source| MeshError::Map {
-        map: CT_MAP,
+        map: mesh_common::maps::CONNTRACK.name,
         source,
     };
     let mut map: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(
-        MapData::from_pin(dir.join(CT_MAP)).map_err(err)?,
+        MapData::from_pin(dir.join(mesh_common::maps::CONNTRACK.name)).map_err(err)?,
     ))
     .map_err(err)?;
     let doomed: Vec<(CtKey, bool)> = map

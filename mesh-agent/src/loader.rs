@@ -14,7 +14,7 @@ use aya::{
 };
 use mesh_common::{
     config::{programs, MeshConfig, CONFIG_GLOBAL},
-    stats::{Counter, STATS_MAP},
+    stats::Counter,
 };
 
 use crate::{
@@ -121,7 +121,7 @@ impl Datapath {
     }
 
     /// As [`Datapath::load`], with room for `maglev_slots` Maglev slots in all (the
-    /// object's default, [`mesh_common::lb::MAGLEV_SLOTS`], holds ~500 services of 3 backends).
+    /// object's default, [`mesh_common::maps::MAGLEV.entries`], holds ~500 services of 3 backends).
     pub fn load_sized(
         object: &Path,
         cfg: &MeshConfig,
@@ -138,11 +138,11 @@ impl Datapath {
 
     /// How many Maglev slots the loaded (or adopted) table has.
     pub fn maglev_slots(&self) -> u32 {
-        match self.ebpf.map(mesh_common::lb::MAGLEV_MAP) {
+        match self.ebpf.map(mesh_common::maps::MAGLEV.name) {
             Some(aya::maps::Map::Array(d)) => d
                 .info()
-                .map_or(mesh_common::lb::MAGLEV_SLOTS, |i| i.max_entries()),
-            _ => mesh_common::lb::MAGLEV_SLOTS,
+                .map_or(mesh_common::maps::MAGLEV.entries, |i| i.max_entries()),
+            _ => mesh_common::maps::MAGLEV.entries,
         }
     }
 
@@ -189,7 +189,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.override_global(CONFIG_GLOBAL, &cfg, true);
         if let Some(n) = maglev_slots {
-            loader.map_max_entries(mesh_common::lb::MAGLEV_MAP, n);
+            loader.map_max_entries(mesh_common::maps::MAGLEV.name, n);
         }
         if let Some(pins) = pins {
             for m in PINNED_MAPS {
@@ -641,17 +641,20 @@ impl Datapath {
         &self,
     ) -> Result<std::collections::BTreeMap<u32, mesh_common::stats::BackendCounter>, MeshError>
     {
-        use mesh_common::stats::{BackendCounter, BACKEND_STATS_MAP};
+        use mesh_common::stats::BackendCounter;
         let err = |source| MeshError::Map {
-            map: BACKEND_STATS_MAP,
+            map: mesh_common::maps::BACKEND_STATS.name,
             source,
         };
-        let map = self.ebpf.map(BACKEND_STATS_MAP).ok_or(MeshError::Map {
-            map: BACKEND_STATS_MAP,
-            source: aya::maps::MapError::InvalidName {
-                name: BACKEND_STATS_MAP.into(),
-            },
-        })?;
+        let map = self
+            .ebpf
+            .map(mesh_common::maps::BACKEND_STATS.name)
+            .ok_or(MeshError::Map {
+                map: mesh_common::maps::BACKEND_STATS.name,
+                source: aya::maps::MapError::InvalidName {
+                    name: mesh_common::maps::BACKEND_STATS.name.into(),
+                },
+            })?;
         let map: aya::maps::PerCpuHashMap<&MapData, u32, BackendCounter> =
             aya::maps::PerCpuHashMap::try_from(map).map_err(err)?;
         Ok(map
@@ -663,14 +666,17 @@ impl Datapath {
 
     /// The per-CPU counters.
     pub fn stats(&self) -> Result<PerCpuArray<&MapData, Counter>, MeshError> {
-        let map = self.ebpf.map(STATS_MAP).ok_or(MeshError::Map {
-            map: STATS_MAP,
-            source: aya::maps::MapError::InvalidName {
-                name: STATS_MAP.into(),
-            },
-        })?;
+        let map = self
+            .ebpf
+            .map(mesh_common::maps::STATS.name)
+            .ok_or(MeshError::Map {
+                map: mesh_common::maps::STATS.name,
+                source: aya::maps::MapError::InvalidName {
+                    name: mesh_common::maps::STATS.name.into(),
+                },
+            })?;
         PerCpuArray::try_from(map).map_err(|source| MeshError::Map {
-            map: STATS_MAP,
+            map: mesh_common::maps::STATS.name,
             source,
         })
     }

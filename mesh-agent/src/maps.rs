@@ -9,8 +9,7 @@ use mesh_common::{
     lb::maglev_slot,
     lb::{
         Backend, BackendState, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags,
-        Service, Tunnel, BACKENDS_MAP, ENDPOINTS_MAP, FRONTENDS_MAP, LOCAL_MAP, MAGLEV_MAP,
-        NETWORKS_MAP, NODE_ADDRS_MAP, PEERS_MAP, SERVICES_MAP, TUNNELS_MAP,
+        Service, Tunnel,
     },
 };
 
@@ -78,7 +77,7 @@ impl Datapath {
     /// Puts the network namespace with `cookie` in the socket programs' scope as `kind`
     /// (`NETNS_HOST`, `NETNS_CONTAINER`), or takes it out (`None`).
     pub fn scope_netns(&mut self, cookie: u64, kind: Option<u32>) -> Result<(), MeshError> {
-        let name = mesh_common::sock::NETNS_MAP;
+        let name = mesh_common::maps::NETNS.name;
         match kind {
             Some(k) => self
                 .hash_map::<u64, u32>(name)?
@@ -90,7 +89,7 @@ impl Datapath {
 
     /// The namespaces in the socket programs' scope (cookie -> kind).
     pub fn scoped_netns(&mut self) -> Result<BTreeMap<u64, u32>, MeshError> {
-        self.entries(mesh_common::sock::NETNS_MAP)
+        self.entries(mesh_common::maps::NETNS.name)
     }
 }
 
@@ -169,31 +168,34 @@ impl MapSource for Pinned<'_> {
 
 /// Reads back what the load-balancing maps hold.
 fn snapshot_from(src: &mut impl MapSource) -> Result<Snapshot, MeshError> {
-    let services: BTreeMap<u32, Service> = src.entries(SERVICES_MAP)?;
+    let services: BTreeMap<u32, Service> = src.entries(mesh_common::maps::SERVICES.name)?;
     let mut tables = BTreeMap::new();
     for (id, s) in &services {
         tables.insert(
             *id,
-            src.slots::<u32>(MAGLEV_MAP, s.maglev_off..s.maglev_off + s.maglev_size)?,
+            src.slots::<u32>(
+                mesh_common::maps::MAGLEV.name,
+                s.maglev_off..s.maglev_off + s.maglev_size,
+            )?,
         );
     }
     let local = src
-        .slots::<Local>(LOCAL_MAP, 0..1)?
+        .slots::<Local>(mesh_common::maps::LOCAL.name, 0..1)?
         .pop()
         .filter(|l| *l != Local::default());
     Ok(Snapshot {
         local,
-        peers: src.entries(PEERS_MAP)?,
-        networks: src.entries(NETWORKS_MAP)?,
-        tunnels: src.entries(TUNNELS_MAP)?,
+        peers: src.entries(mesh_common::maps::PEERS.name)?,
+        networks: src.entries(mesh_common::maps::NETWORKS.name)?,
+        tunnels: src.entries(mesh_common::maps::TUNNELS.name)?,
         node_addrs: src
-            .entries::<u32, NodeAddrFlags>(NODE_ADDRS_MAP)?
+            .entries::<u32, NodeAddrFlags>(mesh_common::maps::NODE_ADDRS.name)?
             .into_keys()
             .collect(),
-        endpoints: src.entries(ENDPOINTS_MAP)?,
-        frontends: src.entries(FRONTENDS_MAP)?,
+        endpoints: src.entries(mesh_common::maps::ENDPOINTS.name)?,
+        frontends: src.entries(mesh_common::maps::FRONTENDS.name)?,
         services,
-        backends: src.entries(BACKENDS_MAP)?,
+        backends: src.entries(mesh_common::maps::BACKENDS.name)?,
         tables,
     })
 }
@@ -214,56 +216,66 @@ impl MapWriter for Datapath {
     fn write(&mut self, op: &Op) -> Result<(), MeshError> {
         match op {
             Op::PutNodeAddr(a) => self
-                .hash_map::<u32, NodeAddrFlags>(NODE_ADDRS_MAP)?
+                .hash_map::<u32, NodeAddrFlags>(mesh_common::maps::NODE_ADDRS.name)?
                 .insert(a, 0, 0)
-                .map_err(map_err(NODE_ADDRS_MAP)),
+                .map_err(map_err(mesh_common::maps::NODE_ADDRS.name)),
             Op::PutEndpoint(a, e) => self
-                .hash_map::<u32, Endpoint>(ENDPOINTS_MAP)?
+                .hash_map::<u32, Endpoint>(mesh_common::maps::ENDPOINTS.name)?
                 .insert(a, e, 0)
-                .map_err(map_err(ENDPOINTS_MAP)),
+                .map_err(map_err(mesh_common::maps::ENDPOINTS.name)),
             Op::PutBackend(id, b) => self
-                .hash_map::<u32, Backend>(BACKENDS_MAP)?
+                .hash_map::<u32, Backend>(mesh_common::maps::BACKENDS.name)?
                 .insert(id, b, 0)
-                .map_err(map_err(BACKENDS_MAP)),
+                .map_err(map_err(mesh_common::maps::BACKENDS.name)),
             Op::PutSlots(slots) => {
-                let mut arr = self.array::<u32>(MAGLEV_MAP)?;
+                let mut arr = self.array::<u32>(mesh_common::maps::MAGLEV.name)?;
                 for (i, id) in slots {
-                    arr.set(*i, id, 0).map_err(map_err(MAGLEV_MAP))?;
+                    arr.set(*i, id, 0)
+                        .map_err(map_err(mesh_common::maps::MAGLEV.name))?;
                 }
                 Ok(())
             }
             Op::PutService(id, s) => self
-                .hash_map::<u32, Service>(SERVICES_MAP)?
+                .hash_map::<u32, Service>(mesh_common::maps::SERVICES.name)?
                 .insert(id, s, 0)
-                .map_err(map_err(SERVICES_MAP)),
+                .map_err(map_err(mesh_common::maps::SERVICES.name)),
             Op::PutFrontend(k, f) => self
-                .hash_map::<FrontendKey, Frontend>(FRONTENDS_MAP)?
+                .hash_map::<FrontendKey, Frontend>(mesh_common::maps::FRONTENDS.name)?
                 .insert(k, f, 0)
-                .map_err(map_err(FRONTENDS_MAP)),
-            Op::DelFrontend(k) => self.remove::<FrontendKey, Frontend>(FRONTENDS_MAP, k),
-            Op::DelService(id) => self.remove::<u32, Service>(SERVICES_MAP, id),
-            Op::DelBackend(id) => self.remove::<u32, Backend>(BACKENDS_MAP, id),
-            Op::DelEndpoint(a) => self.remove::<u32, Endpoint>(ENDPOINTS_MAP, a),
-            Op::DelNodeAddr(a) => self.remove::<u32, NodeAddrFlags>(NODE_ADDRS_MAP, a),
+                .map_err(map_err(mesh_common::maps::FRONTENDS.name)),
+            Op::DelFrontend(k) => {
+                self.remove::<FrontendKey, Frontend>(mesh_common::maps::FRONTENDS.name, k)
+            }
+            Op::DelService(id) => self.remove::<u32, Service>(mesh_common::maps::SERVICES.name, id),
+            Op::DelBackend(id) => self.remove::<u32, Backend>(mesh_common::maps::BACKENDS.name, id),
+            Op::DelEndpoint(a) => {
+                self.remove::<u32, Endpoint>(mesh_common::maps::ENDPOINTS.name, a)
+            }
+            Op::DelNodeAddr(a) => {
+                self.remove::<u32, NodeAddrFlags>(mesh_common::maps::NODE_ADDRS.name, a)
+            }
             Op::PutLocal(l) => {
-                let mut arr = self.array::<Local>(LOCAL_MAP)?;
-                arr.set(0, l, 0).map_err(map_err(LOCAL_MAP))
+                let mut arr = self.array::<Local>(mesh_common::maps::LOCAL.name)?;
+                arr.set(0, l, 0)
+                    .map_err(map_err(mesh_common::maps::LOCAL.name))
             }
             Op::PutPeer(a, f) => self
-                .hash_map::<u32, u32>(PEERS_MAP)?
+                .hash_map::<u32, u32>(mesh_common::maps::PEERS.name)?
                 .insert(a, f, 0)
-                .map_err(map_err(PEERS_MAP)),
+                .map_err(map_err(mesh_common::maps::PEERS.name)),
             Op::PutNetwork(vni, n) => self
-                .hash_map::<u32, Network>(NETWORKS_MAP)?
+                .hash_map::<u32, Network>(mesh_common::maps::NETWORKS.name)?
                 .insert(vni, n, 0)
-                .map_err(map_err(NETWORKS_MAP)),
+                .map_err(map_err(mesh_common::maps::NETWORKS.name)),
             Op::PutTunnel(a, t) => self
-                .hash_map::<u32, Tunnel>(TUNNELS_MAP)?
+                .hash_map::<u32, Tunnel>(mesh_common::maps::TUNNELS.name)?
                 .insert(a, t, 0)
-                .map_err(map_err(TUNNELS_MAP)),
-            Op::DelTunnel(a) => self.remove::<u32, Tunnel>(TUNNELS_MAP, a),
-            Op::DelNetwork(vni) => self.remove::<u32, Network>(NETWORKS_MAP, vni),
-            Op::DelPeer(a) => self.remove::<u32, u32>(PEERS_MAP, a),
+                .map_err(map_err(mesh_common::maps::TUNNELS.name)),
+            Op::DelTunnel(a) => self.remove::<u32, Tunnel>(mesh_common::maps::TUNNELS.name, a),
+            Op::DelNetwork(vni) => {
+                self.remove::<u32, Network>(mesh_common::maps::NETWORKS.name, vni)
+            }
+            Op::DelPeer(a) => self.remove::<u32, u32>(mesh_common::maps::PEERS.name, a),
         }
     }
 }

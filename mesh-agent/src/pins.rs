@@ -21,33 +21,11 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
-use mesh_common::{
-    ct::{CT_MAP, FRAG_MAP},
-    lb,
-    stats::{BACKEND_STATS_MAP, STATS_MAP},
-};
 
 use crate::MeshError;
 
-/// Every map the agent pins (and meshctl reads).
-pub const PINNED_MAPS: &[&str] = &[
-    STATS_MAP,
-    BACKEND_STATS_MAP,
-    CT_MAP,
-    FRAG_MAP,
-    lb::FRONTENDS_MAP,
-    lb::SERVICES_MAP,
-    lb::MAGLEV_MAP,
-    lb::BACKENDS_MAP,
-    lb::ENDPOINTS_MAP,
-    lb::NODE_ADDRS_MAP,
-    lb::TUNNELS_MAP,
-    lb::PEERS_MAP,
-    lb::NETWORKS_MAP,
-    lb::LOCAL_MAP,
-    mesh_common::sock::SOCK_MAP,
-    mesh_common::sock::NETNS_MAP,
-];
+/// Every map the agent pins (and meshctl reads): `mesh_common::maps::PINNED`'s names.
+pub const PINNED_MAPS: &[&str] = &mesh_common::maps::PINNED_NAMES;
 
 /// Where a program is attached, as named in link pins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -323,7 +301,7 @@ impl PinDir {
                 dir: self.root.clone(),
                 detail: format!("{} is not a readable map pin: {e}", path.display()),
             })?;
-            let want_entries = if *name == mesh_common::lb::MAGLEV_MAP {
+            let want_entries = if *name == mesh_common::maps::MAGLEV.name {
                 maglev_slots
             } else {
                 want.max_entries()

@@ -8,7 +8,7 @@ use std::{
 use aya::maps::{Map, MapData, PerCpuArray};
 use mesh_common::{
     reason::Reason,
-    stats::{stats_index, Counter, Hook, STATS_MAP},
+    stats::{stats_index, Counter, Hook},
 };
 
 use crate::MeshError;
@@ -29,7 +29,7 @@ impl Snapshot {
                 let per_cpu =
                     map.get(&stats_index(*hook, *reason), 0)
                         .map_err(|source| MeshError::Map {
-                            map: STATS_MAP,
+                            map: mesh_common::maps::STATS.name,
                             source,
                         })?;
                 let total = Counter::sum(per_cpu.iter());
@@ -43,19 +43,19 @@ impl Snapshot {
 
     /// Reads the map pinned under `dir` (what meshctl does while the agent runs).
     pub fn read_pinned(dir: &Path) -> Result<Snapshot, MeshError> {
-        let path: PathBuf = dir.join(STATS_MAP);
+        let path: PathBuf = dir.join(mesh_common::maps::STATS.name);
         if !path.exists() {
             return Err(MeshError::NotPinned {
                 path: dir.to_path_buf(),
             });
         }
         let data = MapData::from_pin(&path).map_err(|source| MeshError::Map {
-            map: STATS_MAP,
+            map: mesh_common::maps::STATS.name,
             source,
         })?;
         let map =
             PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| MeshError::Map {
-                map: STATS_MAP,
+                map: mesh_common::maps::STATS.name,
                 source,
             })?;
         Snapshot::read(&map)
@@ -100,12 +100,12 @@ pub fn backends_pinned(
     dir: &Path,
 ) -> Result<BTreeMap<u32, mesh_common::stats::BackendCounter>, MeshError> {
     use aya::maps::PerCpuHashMap;
-    use mesh_common::stats::{BackendCounter, BACKEND_STATS_MAP};
+    use mesh_common::stats::BackendCounter;
     let err = |source| MeshError::Map {
-        map: BACKEND_STATS_MAP,
+        map: mesh_common::maps::BACKEND_STATS.name,
         source,
     };
-    let data = MapData::from_pin(dir.join(BACKEND_STATS_MAP)).map_err(err)?;
+    let data = MapData::from_pin(dir.join(mesh_common::maps::BACKEND_STATS.name)).map_err(err)?;
     // An LRU per-CPU hash (mesh-ebpf/src/stats.rs).
     let map: PerCpuHashMap<_, u32, BackendCounter> =
         PerCpuHashMap::try_from(Map::PerCpuLruHashMap(data)).map_err(err)?;

@@ -386,12 +386,11 @@ pub fn run(
     let mut removed = 0;
     {
         use aya::maps::{HashMap, Map, MapData};
-        use mesh_common::ct::CT_MAP;
         let err = |source| MeshError::Map {
-            map: CT_MAP,
+            map: mesh_common::maps::CONNTRACK.name,
             source,
         };
-        let data = MapData::from_pin(bpffs.join(CT_MAP)).map_err(err)?;
+        let data = MapData::from_pin(bpffs.join(mesh_common::maps::CONNTRACK.name)).map_err(err)?;
         let mut ct: HashMap<MapData, CtKey, mesh_common::ct::CtEntry> =
             HashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
         if let Ok(e) = ct.get(&key, 0) {

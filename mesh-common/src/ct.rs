@@ -7,11 +7,6 @@
 
 use crate::proto::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-pub const CT_MAP: &str = "MESH_CT_V1";
-/// The conntrack map's capacity in the object (each flow takes two entries: 65,536
-/// flows). What a running node has is read from the map (`inspect::conntrack_capacity`).
-pub const CT_ENTRIES: u32 = 1 << 17;
-
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -96,14 +91,6 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragPorts {}
 }
-
-/// The fragment table: an IPv4 datagram's fragments after the first carry no L4 header,
-/// so conntrack cannot place them. When a first fragment is translated, its ports are
-/// recorded under what all its fragments share; the others find them there and take
-/// the same conntrack path, with only their L3 header rewritten (Cilium's way).
-pub const FRAG_MAP: &str = "MESH_FRAG_V1";
-/// Entries of [`FRAG_MAP`] (an LRU: a record is needed for the life of one datagram).
-pub const FRAG_ENTRIES: u32 = 8192;
 
 /// A datagram, as each of its fragments shows it at one hook (before translation).
 #[repr(C)]

@@ -2,23 +2,8 @@
 //! node addresses. Addresses and ports are stored in network byte order, exactly as
 //! they appear in packets, so the kernel compares and copies them without swapping.
 
-/// Map names (versioned, see [`crate::LAYOUT_VERSION`]).
-pub const FRONTENDS_MAP: &str = "MESH_FE_V1";
-pub const SERVICES_MAP: &str = "MESH_SVC_V1";
-pub const MAGLEV_MAP: &str = "MESH_MAGLEV_V1";
-pub const BACKENDS_MAP: &str = "MESH_BE_V1";
-pub const ENDPOINTS_MAP: &str = "MESH_EP_V1";
-pub const NODE_ADDRS_MAP: &str = "MESH_NODE_V1";
-
 /// Default capacities (overridable at load time).
 pub const MAX_FRONTENDS: u32 = 65536;
-pub const MAX_SERVICES: u32 = 65536;
-pub const MAX_BACKENDS: u32 = 262144;
-pub const MAX_ENDPOINTS: u32 = 65536;
-pub const MAX_NODE_ADDRS: u32 = 256;
-/// Slots of the shared Maglev array (the object's default: 2^20 x 4 B = 4 MiB, 514
-/// services of 3 backends at 2039 slots each); user space hands out regions of it.
-pub const MAGLEV_SLOTS: u32 = 1 << 20;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -178,11 +163,6 @@ mod pod {
 }
 
 // ---- the overlay ----------------------------------------------------------------------
-
-pub const TUNNELS_MAP: &str = "MESH_TUN_V1";
-pub const PEERS_MAP: &str = "MESH_PEER_V1";
-pub const NETWORKS_MAP: &str = "MESH_NET_V1";
-pub const LOCAL_MAP: &str = "MESH_LOCAL_V1";
 
 pub const MAX_TUNNELS: u32 = 262144;
 pub const MAX_PEERS: u32 = 4096;

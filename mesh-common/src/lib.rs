@@ -11,6 +11,7 @@ pub mod csum;
 pub mod ct;
 pub mod hash;
 pub mod lb;
+pub mod maps;
 pub mod parse;
 pub mod proto;
 pub mod reason;

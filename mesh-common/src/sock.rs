@@ -9,17 +9,6 @@
 //! `recvmsg()` give it back. Only sockets in the node's own network namespaces are
 //! touched: several nodes (the namespace cluster) may share one machine's cgroup root.
 
-/// Socket cookie + dialled port -> the dialled address.
-pub const SOCK_MAP: &str = "MESH_SOCK_V1";
-/// Network namespace cookie -> [`NETNS_HOST`] or [`NETNS_CONTAINER`]: the namespaces
-/// whose sockets are ours.
-pub const NETNS_MAP: &str = "MESH_NETNS_V1";
-
-/// Entries of [`SOCK_MAP`] (an LRU: sockets are never told to us when they close).
-pub const SOCK_ENTRIES: u32 = 65536;
-/// Entries of [`NETNS_MAP`].
-pub const NETNS_ENTRIES: u32 = 4096;
-
 /// The node's own namespace: loopback (`localhost:8080`) is the node's too.
 pub const NETNS_HOST: u32 = 1;
 /// A container's namespace on this node: its loopback is its own, untouched.

@@ -2,9 +2,6 @@
 
 use crate::reason::{Reason, REASON_SLOTS};
 
-/// Name of the counters map (versioned: see [`crate::LAYOUT_VERSION`]).
-pub const STATS_MAP: &str = "MESH_STATS_V1";
-
 /// Where a program runs. Part of the counters' index.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,11 +75,6 @@ crate::assert_size!(Counter, 16);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Counter {}
-
-/// Name of the per-backend counters map (LRU, per CPU; key: backend id).
-pub const BACKEND_STATS_MAP: &str = "MESH_BESTATS_V1";
-/// Its capacity: the least recently used backend's cell goes first when full.
-pub const BACKEND_STATS_ENTRIES: u32 = 65536;
 
 /// Traffic of one backend, counted where the load balancer decides for it: packets and
 /// bytes both ways (requests and replies, on the node that balanced the flow) and the

@@ -1,68 +1,68 @@
-//! The load-balancing maps (types and names from `mesh_common`). Capacities here are the
-//! object's defaults; the loader may resize them (`EbpfLoader::map_max_entries`).
+//! The shared maps: each static is named and sized as `mesh_common::maps` says (the
+//! loader may resize one: `EbpfLoader::map_max_entries`); its key and value types come
+//! from `mesh_common` too.
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap},
     macros::btf_map,
 };
 use mesh_common::{
-    ct::{CtEntry, CtKey, FragKey, FragPorts, FRAG_ENTRIES},
+    maps,
+    ct::{CtEntry, CtKey, FragKey, FragPorts},
     sock::{SockKey, SockOrig},
     lb::{Backend, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags, Service, Tunnel},
 };
 
 #[btf_map]
-pub static MESH_FE_V1: HashMap<FrontendKey, Frontend, 65536> = HashMap::new();
+pub static MESH_FE_V1: HashMap<FrontendKey, Frontend, { maps::FRONTENDS.entries as usize }> = HashMap::new();
 
 #[btf_map]
-pub static MESH_SVC_V1: HashMap<u32, Service, 65536> = HashMap::new();
+pub static MESH_SVC_V1: HashMap<u32, Service, { maps::SERVICES.entries as usize }> = HashMap::new();
 
 /// Backend ids; services own regions of it (`Service::maglev_off/size`).
 #[btf_map]
-pub static MESH_MAGLEV_V1: Array<u32, { 1 << 20 }> = Array::new();
+pub static MESH_MAGLEV_V1: Array<u32, { maps::MAGLEV.entries as usize }> = Array::new();
 
 #[btf_map]
-pub static MESH_BE_V1: HashMap<u32, Backend, 262144> = HashMap::new();
+pub static MESH_BE_V1: HashMap<u32, Backend, { maps::BACKENDS.entries as usize }> = HashMap::new();
 
 #[btf_map]
-pub static MESH_EP_V1: HashMap<u32, Endpoint, 65536> = HashMap::new();
+pub static MESH_EP_V1: HashMap<u32, Endpoint, { maps::ENDPOINTS.entries as usize }> = HashMap::new();
 
 /// Addresses of this node: a frontend with address 0 answers on each of them.
 #[btf_map]
-pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, 256> = HashMap::new();
+pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, { maps::NODE_ADDRS.entries as usize }> = HashMap::new();
 
 #[btf_map]
-pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, { mesh_common::ct::CT_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, { maps::CONNTRACK.entries as usize }> = LruHashMap::new();
 
 /// A translated first fragment's ports, for the rest of its datagram (`track::follow`).
 #[btf_map]
-pub static MESH_FRAG_V1: LruHashMap<FragKey, FragPorts, { FRAG_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static MESH_FRAG_V1: LruHashMap<FragKey, FragPorts, { maps::FRAGMENTS.entries as usize }> = LruHashMap::new();
 
 /// Tasks on other nodes: task address -> where to tunnel.
 #[btf_map]
-pub static MESH_TUN_V1: HashMap<u32, Tunnel, 262144> = HashMap::new();
+pub static MESH_TUN_V1: HashMap<u32, Tunnel, { maps::TUNNELS.entries as usize }> = HashMap::new();
 
 /// Known swarm nodes (underlay address -> PEER_* flags): VXLAN from anyone else is dropped.
 #[btf_map]
-pub static MESH_PEER_V1: HashMap<u32, u32, 4096> = HashMap::new();
+pub static MESH_PEER_V1: HashMap<u32, u32, { maps::PEERS.entries as usize }> = HashMap::new();
 
 /// Overlay networks this node is on, by VNI.
 #[btf_map]
-pub static MESH_NET_V1: HashMap<u32, Network, 4096> = HashMap::new();
+pub static MESH_NET_V1: HashMap<u32, Network, { maps::NETWORKS.entries as usize }> = HashMap::new();
 
 /// This node on the underlay.
 #[btf_map]
-pub static MESH_LOCAL_V1: Array<Local, 1> = Array::new();
+pub static MESH_LOCAL_V1: Array<Local, { maps::LOCAL.entries as usize }> = Array::new();
 
 /// Sockets pointed at the host port: (socket cookie, dialled port, proto) -> dialled address.
 #[btf_map]
-pub static MESH_SOCK_V1: LruHashMap<SockKey, SockOrig, 65536> = LruHashMap::new();
+pub static MESH_SOCK_V1: LruHashMap<SockKey, SockOrig, { maps::SOCKETS.entries as usize }> = LruHashMap::new();
 
 /// This node's network namespaces (cookie -> `NETNS_HOST` / `NETNS_CONTAINER`): the
 /// socket programs' scope.
 #[btf_map]
-pub static MESH_NETNS_V1: HashMap<u64, u32, 4096> = HashMap::new();
+pub static MESH_NETNS_V1: HashMap<u64, u32, { maps::NETNS.entries as usize }> = HashMap::new();
 
 

@@ -262,7 +262,7 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
         "test",
     );
     let pin_dir = guard.pin_dir.clone();
-    let pin = pin_dir.join(mesh_common::stats::STATS_MAP);
+    let pin = pin_dir.join(mesh_common::maps::STATS.name);
 
     udp_ping(&pair, 7070, 50, 64);
     let stats = meshctl_stats(&meshctl, &pin_dir);
@@ -758,7 +758,7 @@ fn netlink_filters_in_another_namespace_are_recorded_and_removed() {
             &object,
             &mesh_common::config::MeshConfig::DEFAULT,
             &pins,
-            mesh_common::lb::MAGLEV_SLOTS,
+            mesh_common::maps::MAGLEV.entries,
             features,
         )
         .expect("load");
@@ -854,7 +854,7 @@ fn agent_refuses_a_pinned_layout_it_does_not_know() {
     };
     // MESH_BE_V1 with 8-byte values, as no version of this agent has it.
     let err = refusal(
-        mesh_common::lb::BACKENDS_MAP,
+        mesh_common::maps::BACKENDS.name,
         &["type", "hash", "key", "4", "value", "8", "entries", "16"],
         &[],
     );
@@ -864,7 +864,7 @@ fn agent_refuses_a_pinned_layout_it_does_not_know() {
     );
     // A Maglev table pinned at another size than --maglev-slots asks for.
     let err = refusal(
-        mesh_common::lb::MAGLEV_MAP,
+        mesh_common::maps::MAGLEV.name,
         &["type", "array", "key", "4", "value", "4", "entries", "8192"],
         &["--maglev-slots", "16384"],
     );
@@ -961,7 +961,7 @@ fn meshctl_explains_a_live_mesh() {
     assert!(st["flows"].as_u64().unwrap() >= 1, "{st}");
     assert_eq!(st["maps_missing"].as_array().unwrap().len(), 0);
     // The conntrack capacity shown is the map's, as the kernel reports it to bpftool.
-    let ct = pins.join(mesh_common::ct::CT_MAP);
+    let ct = pins.join(mesh_common::maps::CONNTRACK.name);
     let out = Command::new("bpftool")
         .args(["-j", "map", "show", "pinned"])
         .arg(&ct)
@@ -1281,7 +1281,7 @@ fn meshctl_explains_a_live_mesh() {
     let web_be = web["backends"][0]["id"].as_u64().unwrap() as u32;
     {
         use aya::maps::{HashMap, Map, MapData};
-        let data = MapData::from_pin(pins.join(mesh_common::lb::BACKENDS_MAP)).unwrap();
+        let data = MapData::from_pin(pins.join(mesh_common::maps::BACKENDS.name)).unwrap();
         let mut m: HashMap<MapData, u32, mesh_common::lb::Backend> =
             HashMap::try_from(Map::HashMap(data)).unwrap();
         m.remove(&web_be).expect("remove a backend");

@@ -111,7 +111,7 @@ struct Args {
     /// Maglev slots for all services together (4 bytes each; a service of N backends
     /// takes the smallest prime above 400 N, e.g. 2039 at 3 backends, so the default
     /// holds ~500 such services; 1<<25 holds 16,000). Fixed while pins exist.
-    #[arg(long, default_value_t = mesh_common::lb::MAGLEV_SLOTS, env = "MESH_MAGLEV_SLOTS",
+    #[arg(long, default_value_t = mesh_common::maps::MAGLEV.entries, env = "MESH_MAGLEV_SLOTS",
           value_parser = clap::value_parser!(u32).range(4096..=(1 << 28)))]
     maglev_slots: u32,
     /// Where Docker's netns directory (`<exec-root>/netns`: task sandboxes and overlay

@@ -12,7 +12,7 @@ use mesh_common::config::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::trace::{bpf, put32, put64};
+use crate::sys::{bpf, put32, put64};
 
 /// Environment variable that turns features off although the kernel has them, so that
 /// a new kernel can exercise the fallbacks: `tcx,check_mtu,xdp_bytes,xdp_meta,
@@ -138,7 +138,7 @@ impl Feature {
                     && probe_helper(BPF_PROG_TYPE_XDP, BPF_FUNC_XDP_STORE_BYTES)
             }
             Feature::XdpMeta => probe_helper(BPF_PROG_TYPE_XDP, BPF_FUNC_XDP_ADJUST_META),
-            Feature::NetnsCookie => crate::hostport::netns_cookie().is_ok(),
+            Feature::NetnsCookie => crate::sys::netns_cookie().is_ok(),
             Feature::EncapL2Eth => probe_encap_l2_eth(),
         }
     }
@@ -456,7 +456,7 @@ fn probe_frame() -> [u8; 64] {
 fn adjust_room_returns(flags: u64) -> Result<i32, String> {
     let prog = prog_load(BPF_PROG_TYPE_SCHED_CLS, &adjust_room_prog(flags))
         .map_err(|(e, log)| format!("load refused ({e}): {}", log.trim()))?;
-    crate::trace::test_run(&prog, &probe_frame())
+    crate::sys::test_run(&prog, &probe_frame())
         .map(|(retval, _)| retval)
         .map_err(|e| e.to_string())
 }

@@ -24,11 +24,6 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// Where cgroup v2 is mounted on a unified host, and on a hybrid (systemd) one.
 pub const CGROUP2_CANDIDATES: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MeshError {
-    let what = what.into();
-    move |source| MeshError::Io { what, source }
-}
-
 /// Whether `dir` is the top of a cgroup v2 mount.
 pub fn is_cgroup2(dir: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
@@ -68,41 +63,9 @@ pub fn cgroup2_dir(explicit: Option<&Path>) -> Result<PathBuf, MeshError> {
     }
 }
 
-/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14),
-/// what `bpf_get_netns_cookie` gives the socket programs.
-pub fn netns_cookie() -> Result<u64, MeshError> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    // SAFETY: a plain datagram socket, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io("a socket for the netns cookie")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the socket opened above.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        return Err(io("SO_NETNS_COOKIE (Linux 5.14 or later)")(err));
-    }
-    Ok(cookie)
-}
-
 /// The cookie of the network namespace at `netns`.
 pub fn netns_cookie_of(netns: &Path) -> Result<u64, MeshError> {
-    crate::netdev::in_netns(netns, netns_cookie)
+    crate::netdev::in_netns(netns, crate::sys::netns_cookie)
 }
 
 /// Creates the host port (the veth pair [`HOST_DEV`] / [`HOST_PEER`], no ARP on
@@ -293,7 +256,7 @@ impl HostPorts {
                 dp.attach_sock(&cgroup)?;
             }
         }
-        let own = netns_cookie()?;
+        let own = crate::sys::netns_cookie()?;
         dp.scope_netns(own, Some(mesh_common::sock::NETNS_HOST))?;
         Ok(HostPorts {
             host_addr,

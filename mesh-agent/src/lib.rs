@@ -30,6 +30,7 @@ pub mod reconcile;
 pub mod settings;
 pub mod stats;
 pub mod swarm;
+pub mod sys;
 pub mod tcnl;
 pub mod trace;
 

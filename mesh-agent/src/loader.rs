@@ -47,13 +47,13 @@ fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     let mut attr = [0u8; 128];
     attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
-    let fd = crate::trace::bpf(BPF_OBJ_GET, &mut attr)?;
+    let fd = crate::sys::bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: a descriptor the kernel just gave us; owned from here on.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let mut attr = [0u8; 128];
-    crate::trace::put32(&mut attr, 0, link.as_raw_fd() as u32);
-    crate::trace::put32(&mut attr, 4, prog.as_raw_fd() as u32);
-    crate::trace::bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+    crate::sys::put32(&mut attr, 0, link.as_raw_fd() as u32);
+    crate::sys::put32(&mut attr, 4, prog.as_raw_fd() as u32);
+    crate::sys::bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 /// Says once per process which fallbacks are in force (the first load decides them).

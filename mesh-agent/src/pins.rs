@@ -212,7 +212,7 @@ impl LinkPin {
     /// filter is gone, e.g. deleted behind the agent's back).
     pub fn program_id(&self) -> Result<Option<u32>, MeshError> {
         match self.filter() {
-            None => crate::trace::link_program_id(&self.path).map(Some),
+            None => crate::sys::link_program_id(&self.path).map(Some),
             Some((filter, netns)) => Ok(self
                 .in_netns(netns, || filter.program())?
                 .flatten()

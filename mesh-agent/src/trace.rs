@@ -5,7 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::OwnedFd,
     path::Path,
 };
 
@@ -152,64 +152,6 @@ pub fn read_output(frame: &[u8], vxlan_port: u16) -> Output {
     }
 }
 
-/// A raw `bpf(2)` call.
-pub(crate) fn bpf(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i64> {
-    // SAFETY: `attr` is a zero-padded bpf_attr of the size the kernel is told.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr.as_mut_ptr(),
-            attr.len() as libc::c_long,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-pub(crate) fn put32(a: &mut [u8; 128], off: usize, v: u32) {
-    a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-pub(crate) fn put64(a: &mut [u8; 128], off: usize, v: u64) {
-    a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn get32(a: &[u8], off: usize) -> u32 {
-    u32::from_ne_bytes(a[off..off + 4].try_into().unwrap())
-}
-
-const BPF_PROG_TEST_RUN: u32 = 10;
-const BPF_PROG_GET_FD_BY_ID: u32 = 13;
-const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-const BPF_OBJ_GET: u32 = 7;
-
-/// The id of the program attached through the link pinned at `link_pin`.
-pub fn link_program_id(link_pin: &Path) -> Result<u32, MeshError> {
-    let io = |what: &str| {
-        let what = format!("{what} {}", link_pin.display());
-        move |source| MeshError::Io { what, source }
-    };
-    let path = std::ffi::CString::new(link_pin.as_os_str().as_encoded_bytes())
-        .map_err(|_| io("a path")(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    let mut a = [0u8; 128];
-    put64(&mut a, 0, path.as_ptr() as u64);
-    let link = bpf(BPF_OBJ_GET, &mut a).map_err(io("opening the link pinned at"))?;
-    // SAFETY: a new descriptor the kernel gave us.
-    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
-    // struct bpf_link_info: type, id, prog_id, ...
-    let mut info = [0u8; 256];
-    let mut a = [0u8; 128];
-    put32(&mut a, 0, link.as_raw_fd() as u32);
-    put32(&mut a, 4, info.len() as u32);
-    put64(&mut a, 8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map_err(io("reading the link"))?;
-    Ok(get32(&info, 8))
-}
-
 /// The program attached through the pinned link or netlink filter `pin`.
 pub fn program_of(pin: &crate::pins::LinkPin) -> Result<OwnedFd, MeshError> {
     let prog_id = pin.program_id()?.ok_or_else(|| {
@@ -219,34 +161,10 @@ pub fn program_of(pin: &crate::pins::LinkPin) -> Result<OwnedFd, MeshError> {
             pin.ifindex
         ))
     })?;
-    let mut a = [0u8; 128];
-    put32(&mut a, 0, prog_id);
-    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map_err(|source| MeshError::Io {
+    crate::sys::program_by_id(prog_id).map_err(|source| MeshError::Io {
         what: format!("opening program {prog_id} of {}", pin.path.display()),
         source,
-    })?;
-    // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(prog as i32) })
-}
-
-/// Runs `frame` once through the program `prog` (BPF_PROG_TEST_RUN): its return code
-/// and the frame as it left it.
-pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> Result<(i32, Vec<u8>), MeshError> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut a = [0u8; 128];
-    put32(&mut a, 0, prog.as_raw_fd() as u32);
-    put32(&mut a, 8, frame.len() as u32);
-    put32(&mut a, 12, out.len() as u32);
-    put64(&mut a, 16, frame.as_ptr() as u64);
-    put64(&mut a, 24, out.as_mut_ptr() as u64);
-    put32(&mut a, 32, 1); // repeat
-    bpf(BPF_PROG_TEST_RUN, &mut a).map_err(|source| MeshError::Io {
-        what: "BPF_PROG_TEST_RUN".into(),
-        source,
-    })?;
-    let retval = get32(&a, 4) as i32;
-    out.truncate(get32(&a, 12) as usize);
-    Ok((retval, out))
+    })
 }
 
 /// A TC return code in words.
@@ -379,7 +297,7 @@ pub fn run(
     });
     let frame = first_packet(macs.0, macs.1, from, to, proto_n);
     let prog = program_of(&link)?;
-    let (retval, out) = test_run(&prog, &frame)?;
+    let (retval, out) = crate::sys::test_run(&prog, &frame)?;
     // Leave conntrack as it was: the entries the run created go; an entry it changed (a
     // real flow's, on the same tuple, or sharing the reply tuple) gets its old value back.
     // (Real traffic on those very tuples during the run itself can still be disturbed.)

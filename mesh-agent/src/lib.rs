@@ -10,6 +10,7 @@
 
 pub mod docker;
 pub mod error;
+pub mod facts;
 pub mod features;
 pub mod hostport;
 pub mod http;

@@ -30,13 +30,13 @@ pub struct Report {
     pub stopping: BTreeSet<String>,
     /// On a manager: services' `mesh.*` labels (workers cannot read services).
     #[serde(default)]
-    pub labels: crate::docker::MeshLabels,
+    pub labels: crate::facts::MeshLabels,
     /// On a manager: the protocols of services' published ports (not in the gossip).
     #[serde(default)]
-    pub protocols: crate::docker::Protocols,
+    pub protocols: crate::facts::Protocols,
     /// On a manager: every service's ingress-published ports as its spec has them.
     #[serde(default)]
-    pub ingress: Option<crate::docker::IngressPorts>,
+    pub ingress: Option<crate::facts::IngressPorts>,
     /// Every address of its local tasks: their health is in `not_healthy` (absent: an
     /// agent that does not say).
     #[serde(default)]
@@ -50,11 +50,11 @@ pub struct Report {
 pub fn manager_facts(
     reports: &BTreeMap<Ipv4Addr, Report>,
     managers: &BTreeSet<Ipv4Addr>,
-) -> Option<crate::docker::ServiceFacts> {
+) -> Option<crate::facts::ServiceFacts> {
     reports
         .iter()
         .find(|(p, _)| managers.contains(p))
-        .map(|(_, r)| crate::docker::ServiceFacts {
+        .map(|(_, r)| crate::facts::ServiceFacts {
             labels: r.labels.clone(),
             protocols: r.protocols.clone(),
             ingress: r.ingress.clone(),
@@ -435,7 +435,7 @@ mod tests {
             )]),
             ingress: Some(BTreeMap::from([(
                 "dns".to_string(),
-                vec![crate::docker::IngressPort {
+                vec![crate::facts::IngressPort {
                     published: 5353,
                     target: 53,
                     protocol: crate::model::Protocol::Udp,

@@ -254,7 +254,7 @@ fn duration_s(v: &str) -> Option<u32> {
 /// `mesh.udp-idle-timeout=DURATION` the UDP one, `mesh.affinity=client-ip` sends each
 /// client to one task. Applies to the service's published ports, VIPs and host-mode
 /// ports; a label it cannot read is reported and ignored.
-pub fn apply_labels(model: &mut Model, labels: &crate::docker::MeshLabels) -> Vec<String> {
+pub fn apply_labels(model: &mut Model, labels: &crate::facts::MeshLabels) -> Vec<String> {
     let mut bad = Vec::new();
     model.services.retain(|s| {
         let base = s.name.split('@').next().unwrap_or(&s.name);
@@ -296,7 +296,7 @@ pub fn apply_labels(model: &mut Model, labels: &crate::docker::MeshLabels) -> Ve
 /// old and the new with every read, and carry no protocol). A service the manager did
 /// not list (created since) keeps the gossip's; one it lists without ingress ports has
 /// none. From a manager that reports only protocols, see `apply_protocols`.
-pub fn apply_published(model: &mut Model, facts: &crate::docker::ServiceFacts) {
+pub fn apply_published(model: &mut Model, facts: &crate::facts::ServiceFacts) {
     let Some(ingress) = &facts.ingress else {
         return apply_protocols(model, &facts.protocols);
     };
@@ -332,7 +332,7 @@ pub fn apply_published(model: &mut Model, facts: &crate::docker::ServiceFacts) {
 /// `model_from` reads, has none and TCP is assumed): a port published for UDP only
 /// becomes UDP, one published for both is both. Ports the manager did not report stay
 /// as they are.
-pub fn apply_protocols(model: &mut Model, protocols: &crate::docker::Protocols) {
+pub fn apply_protocols(model: &mut Model, protocols: &crate::facts::Protocols) {
     for s in &mut model.services {
         if s.name.contains('@') {
             continue;
@@ -377,7 +377,7 @@ pub fn apply_protocols(model: &mut Model, protocols: &crate::docker::Protocols) 
 /// Adds this node's host-mode published ports (from its own containers: Docker's
 /// gossiped tables do not have them): one service per (service, protocol, published
 /// port), answering on this node's addresses with this node's tasks only.
-pub fn add_host_ports(model: &mut Model, ports: &[crate::docker::HostPort]) {
+pub fn add_host_ports(model: &mut Model, ports: &[crate::facts::HostPort]) {
     let mut groups: BTreeMap<(String, Protocol, u16), (u16, Vec<Ipv4Addr>)> = BTreeMap::new();
     for p in ports {
         let g = groups
@@ -715,7 +715,7 @@ mod tests {
     fn host_mode_ports_come_from_local_containers() {
         let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
         let mut m = model_from(&[ingress()], me, "eth0");
-        let hp = |addr: &str| crate::docker::HostPort {
+        let hp = |addr: &str| crate::facts::HostPort {
             service: "hm".into(),
             protocol: Protocol::Tcp,
             published: 8090,
@@ -781,13 +781,12 @@ mod tests {
             "assumed without a manager"
         );
         let published = web(&m).ports[0].published.unwrap();
-        let udp =
-            crate::docker::Protocols::from([("web".into(), vec![(published, Protocol::Udp)])]);
+        let udp = crate::facts::Protocols::from([("web".into(), vec![(published, Protocol::Udp)])]);
         let mut only_udp = m.clone();
         apply_protocols(&mut only_udp, &udp);
         let p: Vec<Protocol> = web(&only_udp).ports.iter().map(|p| p.protocol).collect();
         assert_eq!(p, vec![Protocol::Udp]);
-        let both = crate::docker::Protocols::from([(
+        let both = crate::facts::Protocols::from([(
             "web".into(),
             vec![(published, Protocol::Udp), (published, Protocol::Tcp)],
         )]);
@@ -816,7 +815,7 @@ mod tests {
     /// decides; a service it does not list yet keeps the gossip's ports.
     #[test]
     fn published_ports_follow_the_spec_not_the_gossip() {
-        use crate::docker::{IngressPort, ServiceFacts};
+        use crate::facts::{IngressPort, ServiceFacts};
         let me = "10.251.0.11".parse().unwrap();
         let mut n = ingress();
         n.services
@@ -891,7 +890,7 @@ mod tests {
         let m = model_from(&[n], "10.251.0.99".parse().unwrap(), "eth0");
         let d = crate::model::desired(&m, |_| Ok((1, [0; 6]))).unwrap();
         assert!(d.problems.is_empty(), "{:?}", d.problems);
-        let both = crate::docker::Protocols::from([(
+        let both = crate::facts::Protocols::from([(
             "web".into(),
             vec![(5353, Protocol::Tcp), (5353, Protocol::Udp)],
         )]);

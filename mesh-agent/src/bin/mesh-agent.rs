@@ -20,7 +20,7 @@ use anyhow::Context;
 use aya::programs::XdpMode;
 use clap::{Parser, ValueEnum};
 use mesh_agent::{
-    docker, loader,
+    docker, facts, loader,
     mesh::Mesh,
     metrics::{self, AgentMetrics},
     model,
@@ -288,7 +288,7 @@ struct DockerSource {
     trace_allowed: Arc<Mutex<BTreeSet<std::net::Ipv4Addr>>>,
     /// The last service facts a manager gave (a worker keeps them through a missed
     /// poll: without them its UDP ports would turn TCP for a moment).
-    last_facts: Option<docker::ServiceFacts>,
+    last_facts: Option<facts::ServiceFacts>,
     /// Docker's netns directory as mounted here (`--docker-netns`), if moved.
     netns_dir: Option<PathBuf>,
     /// Docker's netns directory as its sandboxes' paths show it.

@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    parse::{self, Frag, Packet, Parsed},
+    parse::{Frag, Packet, Parsed},
     proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
     stats::Hook,
@@ -14,10 +14,11 @@ use mesh_common::{
 
 use crate::{
     config, icmp,
-    lb::{self, Outcome},
+    flow::{Outcome, Pkt},
+    lb,
     pkt::DirectPacket,
     scratch::{self, From},
-    stats, track, vip, vxlan,
+    stats, vip, vxlan,
 };
 
 /// TC (underlay ingress and task veths): validate, count, load-balance. The parsed
@@ -30,7 +31,7 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
         return TC_ACT_UNSPEC;
     };
     let bytes = pkt.frame_len();
-    if parse_into_scratch(pkt, hook, config::vxlan_port(), &mut s.parsed).is_err() {
+    if crate::parse::into_scratch(pkt, hook, config::vxlan_port(), &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
     if hook != Hook::TcUnderlayIngress {
@@ -55,7 +56,7 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
         return action;
     }
     let inner = DirectPacket::new(ctx.data(), ctx.data_end(), ctx.len() as usize);
-    if parse_into_scratch(&inner, hook, config::vxlan_port(), &mut s.parsed).is_err() {
+    if crate::parse::into_scratch(&inner, hook, config::vxlan_port(), &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
     lb::from_tunnel(ctx, hook)
@@ -67,7 +68,7 @@ pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
     let Some(s) = scratch::scratch() else {
         return TC_ACT_UNSPEC;
     };
-    if parse_into_scratch(pkt, hook, config::vxlan_port(), &mut s.parsed).is_err() {
+    if crate::parse::into_scratch(pkt, hook, config::vxlan_port(), &mut s.parsed).is_err() {
         return TC_ACT_SHOT;
     }
     if hook == Hook::TcOverlayIn {
@@ -96,32 +97,12 @@ fn xdp_decapsulated(ctx: &TcContext, to: &mut From) -> bool {
 }
 
 #[inline(never)]
-pub fn parse_into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut Parsed) -> Result<(), ()> {
-    let bytes = pkt.frame_len();
-    scratch::zero(out);
-    match parse::parse_into(pkt, vxlan_port, out) {
-        Ok(()) => {
-            for obs in out.observations().into_iter().flatten() {
-                stats::count(hook, obs, bytes);
-            }
-            // A fragment after the first: its ports, if its first one was translated.
-            track::follow(out);
-            Ok(())
-        }
-        Err(reason) => {
-            stats::count(hook, reason, bytes);
-            Err(())
-        }
-    }
-}
-
-#[inline(never)]
 fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> i32 {
     // A fragment after the first has no L4 header: it goes on only where it follows its
     // first one (`track::follow`).
     let l4 = p.l4_off != 0 || p.frag == Frag::Followed;
     if p.ip_version == 4 && !matches!(p.frag, Frag::NonFirst) && l4 && !p.vxlan {
-        let pk = lb::Pkt::new(ctx, p, hook, bytes);
+        let pk = Pkt::new(ctx, p, hook, bytes);
         let outcome = match p.l4_proto {
             IPPROTO_TCP | IPPROTO_UDP => lb::process(&pk),
             IPPROTO_ICMP if icmp::is_error(p.icmp_type) => icmp::translate(&pk, false),

@@ -13,7 +13,7 @@ use mesh_common::{
 };
 
 use crate::{
-    lb::{encap_later, Outcome, Pkt},
+    flow::{encap_later, Outcome, Pkt},
     maps::{MESH_BE_V1, MESH_CT_V1, MESH_EP_V1},
     skb,
 };

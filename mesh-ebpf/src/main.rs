@@ -5,9 +5,11 @@
 
 mod config;
 mod datapath;
+mod flow;
 mod icmp;
 mod lb;
 mod maps;
+mod parse;
 mod pkt;
 mod reply;
 mod scratch;

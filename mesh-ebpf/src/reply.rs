@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{parse::Parsed, reply as build};
 
-use crate::{lb::Flow, scratch::scratch};
+use crate::{flow::Flow, scratch::scratch};
 
 /// Swaps the MACs, resizes the frame to `l3 + N` and writes `hdr` at `l3` (the MACs
 /// pass through scratch memory: nothing on this frame).

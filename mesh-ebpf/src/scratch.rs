@@ -65,7 +65,7 @@ pub struct Scratch {
     pub macs: [u8; 12],
     /// Where the packet in hand came from, when it came through the tunnel.
     pub from: From,
-    /// Where the load balancer wants the packet tunnelled (see `lb::Outcome::ENCAP`).
+    /// Where the load balancer wants the packet tunnelled (see `flow::Outcome::ENCAP`).
     pub encap_to: Tunnel,
     /// `CT_RETRIED` while a retried SYN is given a new backend (set by the retry, read
     /// and cleared where the new entry is written: no extra stack on the deep path).

@@ -24,7 +24,8 @@ use mesh_common::{
 
 use crate::{
     icmp,
-    lb::{self, Pkt},
+    flow::{Outcome, Pkt},
+    lb,
     maps::{MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
     scratch::scratch,
     skb,
@@ -45,7 +46,7 @@ pub fn from_task(ctx: &TcContext, p: &Parsed, bytes: usize) -> i32 {
     }
     let pk = Pkt::new(ctx, p, hook, bytes);
     let mut outcome = forward(&pk);
-    if outcome == lb::Outcome::NO_BACKEND {
+    if outcome == Outcome::NO_BACKEND {
         // Called from here, not from the new flow's frame: the frames never add up.
         outcome = lb::refuse(&pk, Reason::ReplyRstNoBackend);
     }
@@ -132,7 +133,7 @@ fn answer_arp(ctx: &TcContext, bytes: usize) -> i32 {
 
 /// A task's packet: a tracked VIP flow, or a new one to a VIP; anything else is not ours.
 #[inline(always)]
-fn forward(pk: &Pkt) -> lb::Outcome {
+fn forward(pk: &Pkt) -> Outcome {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(e) = MESH_CT_V1.get_ptr_mut(&pk.f.key()) {
@@ -160,21 +161,21 @@ fn forward(pk: &Pkt) -> lb::Outcome {
 
 /// A new flow to an every-port VIP: pick, track both ways, rewrite.
 #[inline(never)]
-fn new_flow(pk: &Pkt, now: u64) -> lb::Outcome {
+fn new_flow(pk: &Pkt, now: u64) -> Outcome {
     let f = &pk.f;
     if pk.p.frag == Frag::Followed {
         // Its first fragment's flow is gone: a fragment never starts one.
-        return lb::Outcome::NotOurs;
+        return Outcome::NotOurs;
     }
     // SAFETY: copied out at once.
     let Some(fe) = (unsafe { MESH_FE_V1.get(&any_port_vip(f.daddr)) }).copied() else {
-        return lb::Outcome::NotOurs;
+        return Outcome::NotOurs;
     };
     if fe.flags & FE_VIP == 0 {
-        return lb::Outcome::NotOurs;
+        return Outcome::NotOurs;
     }
     let Some((be_id, addr, port)) = pick(pk, fe.svc_id) else {
-        return lb::Outcome::NO_BACKEND;
+        return Outcome::NO_BACKEND;
     };
     let routed = on_link(pk) && other_bridge(pk, f.daddr, addr) != 0;
     let Some(s) = scratch() else {
@@ -297,7 +298,7 @@ fn pick(pk: &Pkt, svc_id: u32) -> Option<(u32, u32, u16)> {
 /// `routed` flow (the task on another subnet than the VIP its caller took for its own)
 /// is handed to the task's bridge, which resolves the task's MAC.
 #[inline(never)]
-fn toward(pk: &Pkt, addr: u32, port: u16, routed: bool) -> lb::Outcome {
+fn toward(pk: &Pkt, addr: u32, port: u16, routed: bool) -> Outcome {
     let (ctx, f, proto) = (pk.ctx, &pk.f, pk.l4_proto());
     let (l3, l4) = (pk.p.l3_off as usize, pk.p.l4_off as usize);
     let on_link = on_link(pk);
@@ -331,21 +332,21 @@ fn toward(pk: &Pkt, addr: u32, port: u16, routed: bool) -> lb::Outcome {
 
 /// A packet to the task that answers one of its VIP flows: the source becomes the VIP.
 #[inline(never)]
-fn reply(pk: &Pkt) -> lb::Outcome {
+fn reply(pk: &Pkt) -> Outcome {
     let Some(e) = MESH_CT_V1.get_ptr_mut(&pk.f.key()) else {
-        return lb::Outcome::NotOurs;
+        return Outcome::NotOurs;
     };
     // SAFETY: a map value pointer for this run.
     let e = unsafe { &mut *e };
     if e.flags & (CT_OVERLAY | CT_REVERSE) != CT_OVERLAY | CT_REVERSE {
-        return lb::Outcome::NotOurs;
+        return Outcome::NotOurs;
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let state = CtState::from_u8(e.state).unwrap_or(CtState::Established);
     if ct::expired(state, e.idle_s, e.last_seen_ns, now) {
         count(pk.hook, Reason::ObsCtExpired, pk.bytes);
-        return lb::Outcome::NotOurs;
+        return Outcome::NotOurs;
     }
     count(pk.hook, Reason::ObsCtHit, pk.bytes);
     note_backend(e.backend_id, false);

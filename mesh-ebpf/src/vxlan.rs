@@ -20,7 +20,7 @@ use mesh_common::{
 
 use crate::{
     config,
-    lb::Flow,
+    flow::Flow,
     maps::{MESH_LOCAL_V1, MESH_NET_V1, MESH_PEER_V1},
     scratch::scratch,
     stats::count,

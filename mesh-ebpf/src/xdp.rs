@@ -25,7 +25,8 @@ use mesh_common::{
 
 use crate::{
     config,
-    lb::{self, Flow},
+    flow::Flow,
+    lb,
     maps::{MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_NET_V1, MESH_PEER_V1, MESH_SVC_V1},
     scratch::scratch,
     pkt::DirectPacket,
@@ -55,7 +56,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
     let Some(s) = scratch() else {
         return XDP_PASS;
     };
-    if crate::datapath::parse_into_scratch(&pkt, HOOK, crate::config::vxlan_port(), &mut s.parsed).is_err() {
+    if crate::parse::into_scratch(&pkt, HOOK, crate::config::vxlan_port(), &mut s.parsed).is_err() {
         return XDP_DROP;
     }
     step(ctx, &s.parsed, bytes)

@@ -8,6 +8,7 @@
 // map writes), where a larger Result costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
+pub mod agent;
 pub mod docker;
 pub mod error;
 pub mod facts;

@@ -1,0 +1,65 @@
+//! The `mesh-agent` daemon: `run` takes the parsed flags and runs the agent until a
+//! signal stops it (or uninstalls the mesh). `flags` (what it is told), `source` (the
+//! model from Docker), `runtime` (start-up and the loop), `apply` (one model into the
+//! datapath).
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context;
+
+use crate::{docker, model, pins::PinDir, preflight, swarm};
+
+mod apply;
+mod flags;
+mod runtime;
+mod source;
+
+pub use flags::{Flags, LogFormat, Switch, Xdp};
+use runtime::*;
+use source::*;
+
+pub(super) fn names_file(args: &Flags) -> PathBuf {
+    crate::inspect::names_path(&args.state_dir, &args.bpffs)
+}
+
+pub(super) fn read_model(path: &Path) -> anyhow::Result<model::Model> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    model::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+pub fn run(args: Flags) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if args.print_docker_model {
+        return rt.block_on(async {
+            let docker = docker::connect(&args.docker).await?;
+            let mut src = DockerSource::new(docker, swarm::DrainTracker::new(Duration::ZERO), 0)
+                .with_netns_dir(args.docker_netns.clone());
+            print!("{}", model::to_yaml(&src.model().await?));
+            Ok(())
+        });
+    }
+    preflight::require_root("mesh-agent loads eBPF programs")?;
+    preflight::require_kernel()?;
+    preflight::require_bpffs(&args.bpffs)?;
+    let pins = PinDir::new(&args.bpffs);
+    if args.uninstall {
+        pins.remove_all()?;
+        crate::hostport::remove_device()?;
+        let _ = std::fs::remove_file(names_file(&args));
+        let _ = std::fs::remove_file(crate::inspect::status_path(&args.state_dir, &args.bpffs));
+        // The state directory goes too if nothing else is in it.
+        let _ = std::fs::remove_dir(&args.state_dir);
+        eprintln!(
+            "mesh-agent: removed the mesh pinned at {}",
+            args.bpffs.display()
+        );
+        return Ok(());
+    }
+    rt.block_on(agent(args, pins))
+}

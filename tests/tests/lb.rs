@@ -226,7 +226,7 @@ fn tasks_of(conns: &[Conn]) -> BTreeMap<String, usize> {
 #[test]
 fn backends_leave_and_drain_without_breaking_other_flows() {
     let Some((topo, mut mesh)) =
-        setup("backends_leave_and_drain_without_breaking_other_flows", "r")
+        setup("backends_leave_and_drain_without_breaking_other_flows", "d")
     else {
         return;
     };
@@ -478,7 +478,7 @@ fn datagrams_bigger_than_the_mtu_and_port_unreachable() {
     else {
         return;
     };
-    let topo = LbTopo::new("f");
+    let topo = LbTopo::new("b");
     let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
     let mut model = topo.model(&ALL_ACTIVE);
     let tasks = |list: &[usize]| {

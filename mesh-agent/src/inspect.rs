@@ -512,15 +512,11 @@ pub fn conntrack_occupancy(dir: &Path) -> Result<Occupancy, MeshError> {
 /// `dir`; returns how many flows (forward entries) went. Their next packet is a new
 /// flow: a TCP connection in the middle is answered with a RST by its backend.
 pub fn flush_service(dir: &Path, svc_id: u32) -> Result<usize, MeshError> {
-    use aya::maps::{HashMap, Map, MapData};
     let err = |source| MeshError::Map {
         map: mesh_common::maps::CONNTRACK.name,
         source,
     };
-    let mut map: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(
-        MapData::from_pin(dir.join(mesh_common::maps::CONNTRACK.name)).map_err(err)?,
-    ))
-    .map_err(err)?;
+    let mut map = pinned_conntrack(dir)?;
     let doomed: Vec<(CtKey, bool)> = map
         .iter()
         .filter_map(Result::ok)

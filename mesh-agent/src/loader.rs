@@ -36,26 +36,6 @@ fn open_cgroup(cgroup: &Path) -> Result<(std::fs::File, u32), MeshError> {
     Ok((dir, ino))
 }
 
-/// BPF_LINK_UPDATE: the link pinned at `pin` runs `prog` from now on (aya has no such
-/// call for cgroup links, nor a way to reach a pinned link's descriptor).
-fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    const BPF_OBJ_GET: u32 = 7;
-    const BPF_LINK_UPDATE: u32 = 29;
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let mut attr = [0u8; 128];
-    attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
-    let fd = crate::sys::bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: a descriptor the kernel just gave us; owned from here on.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut attr = [0u8; 128];
-    crate::sys::put32(&mut attr, 0, link.as_raw_fd() as u32);
-    crate::sys::put32(&mut attr, 4, prog.as_raw_fd() as u32);
-    crate::sys::bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
-}
-
 /// Says once per process which fallbacks are in force (the first load decides them).
 fn log_fallbacks(features: &Features) {
     static LOGGED: std::sync::Once = std::sync::Once::new();
@@ -531,7 +511,8 @@ impl Datapath {
                 .program::<CgroupSockAddr>(hook.program())
                 .map_err(|e| e.to_string())?;
             let prog_fd = prog.fd().map_err(|e| e.to_string())?;
-            return link_update(path, std::os::fd::AsFd::as_fd(prog_fd)).map_err(|e| e.to_string());
+            return crate::sys::link_update(path, std::os::fd::AsFd::as_fd(prog_fd))
+                .map_err(|e| e.to_string());
         }
         let fd: FdLink = PinnedLink::from_pin(path)
             .map_err(|e| e.to_string())?
@@ -636,6 +617,14 @@ impl Datapath {
         Ok(Some(fd))
     }
 
+    /// The loaded map `name` (an error naming it when the object has none).
+    fn loaded_map(&self, name: &'static str) -> Result<&aya::maps::Map, MeshError> {
+        self.ebpf.map(name).ok_or(MeshError::Map {
+            map: name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })
+    }
+
     /// The per-backend counters, summed over CPUs, by backend id.
     pub fn backend_stats(
         &self,
@@ -646,15 +635,7 @@ impl Datapath {
             map: mesh_common::maps::BACKEND_STATS.name,
             source,
         };
-        let map = self
-            .ebpf
-            .map(mesh_common::maps::BACKEND_STATS.name)
-            .ok_or(MeshError::Map {
-                map: mesh_common::maps::BACKEND_STATS.name,
-                source: aya::maps::MapError::InvalidName {
-                    name: mesh_common::maps::BACKEND_STATS.name.into(),
-                },
-            })?;
+        let map = self.loaded_map(mesh_common::maps::BACKEND_STATS.name)?;
         let map: aya::maps::PerCpuHashMap<&MapData, u32, BackendCounter> =
             aya::maps::PerCpuHashMap::try_from(map).map_err(err)?;
         Ok(map
@@ -666,15 +647,7 @@ impl Datapath {
 
     /// The per-CPU counters.
     pub fn stats(&self) -> Result<PerCpuArray<&MapData, Counter>, MeshError> {
-        let map = self
-            .ebpf
-            .map(mesh_common::maps::STATS.name)
-            .ok_or(MeshError::Map {
-                map: mesh_common::maps::STATS.name,
-                source: aya::maps::MapError::InvalidName {
-                    name: mesh_common::maps::STATS.name.into(),
-                },
-            })?;
+        let map = self.loaded_map(mesh_common::maps::STATS.name)?;
         PerCpuArray::try_from(map).map_err(|source| MeshError::Map {
             map: mesh_common::maps::STATS.name,
             source,

@@ -1,7 +1,6 @@
 //! The raw kernel calls aya and std lack: `bpf(2)` commands on pinned links and
-//! programs (BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID,
-//! BPF_PROG_TEST_RUN; the loader's BPF_LINK_UPDATE builds on `bpf`) and the network
-//! namespace cookie. Everything else reaches the kernel through aya.
+//! programs (BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_LINK_UPDATE,
+//! BPF_PROG_GET_FD_BY_ID, BPF_PROG_TEST_RUN) and the network namespace cookie. Everything else reaches the kernel through aya.
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -50,19 +49,26 @@ const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_OBJ_GET: u32 = 7;
 
+const BPF_LINK_UPDATE: u32 = 29;
+
+/// An fd for the object (link, map, program) pinned at `pin` (BPF_OBJ_GET).
+pub fn obj_get(pin: &Path) -> std::io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut a = [0u8; 128];
+    put64(&mut a, 0, path.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut a)?;
+    // SAFETY: a new descriptor the kernel gave us; owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// The id of the program attached through the link pinned at `link_pin`.
 pub fn link_program_id(link_pin: &Path) -> Result<u32, MeshError> {
     let io = |what: &str| {
         let what = format!("{what} {}", link_pin.display());
         move |source| MeshError::Io { what, source }
     };
-    let path = std::ffi::CString::new(link_pin.as_os_str().as_encoded_bytes())
-        .map_err(|_| io("a path")(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    let mut a = [0u8; 128];
-    put64(&mut a, 0, path.as_ptr() as u64);
-    let link = bpf(BPF_OBJ_GET, &mut a).map_err(io("opening the link pinned at"))?;
-    // SAFETY: a new descriptor the kernel gave us.
-    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    let link = obj_get(link_pin).map_err(io("opening the link pinned at"))?;
     // struct bpf_link_info: type, id, prog_id, ...
     let mut info = [0u8; 256];
     let mut a = [0u8; 128];
@@ -71,6 +77,16 @@ pub fn link_program_id(link_pin: &Path) -> Result<u32, MeshError> {
     put64(&mut a, 8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map_err(io("reading the link"))?;
     Ok(get32(&info, 8))
+}
+
+/// BPF_LINK_UPDATE: the link pinned at `pin` runs `prog` from now on (aya has no such
+/// call for cgroup links, nor a way to reach a pinned link's descriptor).
+pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    let link = obj_get(pin)?;
+    let mut a = [0u8; 128];
+    put32(&mut a, 0, link.as_raw_fd() as u32);
+    put32(&mut a, 4, prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut a).map(|_| ())
 }
 
 /// An fd for the loaded program `id`.

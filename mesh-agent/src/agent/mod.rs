@@ -21,16 +21,18 @@ pub use flags::{Flags, LogFormat, Switch, Xdp};
 use runtime::*;
 use source::*;
 
-pub(super) fn names_file(args: &Flags) -> PathBuf {
+fn names_file(args: &Flags) -> PathBuf {
     crate::inspect::names_path(&args.state_dir, &args.bpffs)
 }
 
-pub(super) fn read_model(path: &Path) -> anyhow::Result<model::Model> {
+fn read_model(path: &Path) -> anyhow::Result<model::Model> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     model::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// Runs the agent with `args` until a signal stops it; `--print-docker-model` and
+/// `--uninstall` do their one thing and return.
 pub fn run(args: Flags) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -23,6 +23,8 @@ pub struct Swarm {
     xtask: PathBuf,
     pub nodes: u32,
     client_netns: String,
+    /// Where the nodes' links meet (a cluster's `cluster status`; none on the machine).
+    underlay_netns: Option<String>,
     machine: Option<Machine>,
     /// Per node (index 0 is node 1): its engine ("20.10", "28.5", "26.1"), the dockerd's
     /// version, and whether it is a stock Docker node (no mesh-agent).
@@ -227,6 +229,7 @@ impl Swarm {
             xtask: x,
             nodes,
             client_netns: "mc-c".into(),
+            underlay_netns: None,
             machine: None,
             engines: Vec::new(),
             versions: Vec::new(),
@@ -246,6 +249,7 @@ impl Swarm {
     fn with_client(mut self) -> Swarm {
         let st: serde_json::Value =
             serde_json::from_slice(&self.cli(&["cluster", "status", "--json"]).stdout).unwrap();
+        self.underlay_netns = st["underlay_netns"].as_str().map(String::from);
         self.client_netns = st["client_netns"]
             .as_str()
             .expect("client_netns")
@@ -294,6 +298,7 @@ impl Swarm {
             data_path_port: 4789,
             t0: Instant::now(),
             client_netns: client.name().to_string(),
+            underlay_netns: None,
             machine: Some(Machine {
                 client,
                 dockerd: None,
@@ -538,11 +543,11 @@ impl Swarm {
     /// on a bridge: what is seen there is what crossed the wire (no node's XDP or TC in
     /// the way). Only on a cluster of namespaces.
     pub fn on_wire<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        assert!(
-            self.machine.is_none(),
-            "the machine's node has no underlay of the test's"
-        );
-        in_netns("/run/netns/mc-ul", f)
+        let ul = self
+            .underlay_netns
+            .as_ref()
+            .expect("an underlay namespace (`cluster status`; the machine's node has none)");
+        in_netns(&format!("/run/netns/{ul}"), f)
     }
 
     /// Runs `f` on a thread inside the client namespace.

@@ -897,6 +897,7 @@ fn status(json: bool) -> anyhow::Result<()> {
             "up": true,
             "client": CLIENT_ADDR,
             "client_netns": CLIENT_NS,
+            "underlay_netns": UL,
             "engines_cache": engines::cache_dir(),
             "nodes": nodes,
         });

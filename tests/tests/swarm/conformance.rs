@@ -2716,45 +2716,24 @@ fn counted(s: &Swarm, n: u32, metric: &str, reason: &str) -> u64 {
         .sum()
 }
 
-/// The internet checksum of `bytes`.
-fn inet_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An IPv4 packet from `src` to `dst` carrying a UDP datagram (no checksum: IPv4
-/// allows none) from `sport` to `dport` with `payload`.
+/// An IPv4 packet from `src` to `dst` carrying a UDP datagram from `sport` to `dport`
+/// with `payload`.
 fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut p = vec![0x45, 0];
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let sum = inet_sum(&p);
-    p[10..12].copy_from_slice(&sum.to_be_bytes());
-    p.extend_from_slice(&sport.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(payload);
+    let b = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(sport, dport);
+    let mut p = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut p, payload).expect("an IPv4/UDP packet");
     p
 }
 
 /// A VXLAN payload (RFC 7348 header, then the inner frame) carrying a UDP datagram
 /// "forged" from `src` to `dst`:`port` in an Ethernet frame to `dst_mac`.
 fn vxlan_datagram(vni: u32, dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    let inner = etherparse::PacketBuilder::ethernet2([0x02, 0x42, 0x0a, 0xee, 0xee, 0xee], dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(40000, port);
     let mut f = vec![0x08, 0, 0, 0];
     f.extend_from_slice(&(vni << 8).to_be_bytes());
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&[0x02, 0x42, 0x0a, 0xee, 0xee, 0xee, 0x08, 0x00]);
-    f.extend_from_slice(&ipv4_udp(src, dst, 40000, port, b"forged"));
+    inner.write(&mut f, b"forged").expect("an Ethernet frame");
     f
 }
 
@@ -3041,21 +3020,22 @@ fn capture_vxlan(
         let t0 = Instant::now();
         while t0.elapsed() < within {
             let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-            if n < 28 {
+            if n <= 0 {
                 continue;
             }
-            let p = &buf[..n as usize];
-            let ihl = usize::from(p[0] & 0x0f) * 4;
-            if p[0] >> 4 != 4 || p[9] != 17 || p.len() < ihl + 16 {
+            use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+            let Ok(p) = SlicedPacket::from_ip(&buf[..n as usize]) else {
+                continue;
+            };
+            let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (p.net, p.transport)
+            else {
+                continue;
+            };
+            let v = udp.payload();
+            if udp.destination_port() != port || v.len() < 8 {
                 continue;
             }
-            let dport = u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]);
-            if dport != port {
-                continue;
-            }
-            let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-            let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-            let v = &p[ihl + 8..];
+            let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
             seen.push((src, dst, u32::from_be_bytes([0, v[4], v[5], v[6]])));
         }
         libc::close(fd);

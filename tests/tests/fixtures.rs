@@ -4,7 +4,7 @@
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
 use aya::programs::{TestRun, TestRunOptions};
-use mesh_agent::{loader::Datapath, stats::Snapshot};
+use mesh_agent::{datapath::loader::Datapath, datapath::stats::Snapshot};
 use mesh_common::{
     config::MeshConfig,
     reason::{Kind, Reason},

@@ -10,14 +10,14 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
 use mesh_agent::{
-    features::Feature,
-    loader::Datapath,
-    mesh::Mesh,
+    datapath::features::Feature,
+    datapath::loader::Datapath,
+    datapath::mesh::Mesh,
+    datapath::stats::Snapshot,
     model::{
         desired, BackendSpec, EndpointSpec, Health, MacAddr, Model, PortSpec, Protocol,
         PublishMode, ServiceSpec,
     },
-    stats::Snapshot,
 };
 use mesh_common::{
     config::MeshConfig,

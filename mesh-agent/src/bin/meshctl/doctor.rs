@@ -30,7 +30,8 @@ pub(crate) fn doctor(
         let st = agent_status(args);
         let (Some(st), Some(pid)) = (
             st.clone(),
-            st.as_ref().and_then(mesh_agent::inspect::live_agent_pid),
+            st.as_ref()
+                .and_then(mesh_agent::agent::state::live_agent_pid),
         ) else {
             anyhow::bail!(
                 "--fix asks the agent to repair, and no agent is running: start mesh-agent"
@@ -69,8 +70,8 @@ pub(crate) fn doctor(
 
 /// The kernel the agent loaded on, and the fallbacks in force there: expected on an
 /// older kernel (ok), a warning where they were forced (tests, not production).
-pub(crate) fn kernel_check(st: &inspect::AgentStatus) -> Check {
-    use mesh_agent::features::Why;
+pub(crate) fn kernel_check(st: &mesh_agent::agent::state::AgentStatus) -> Check {
+    use mesh_agent::datapath::features::Why;
     let kernel = if st.kernel.is_empty() {
         "this kernel".to_string()
     } else {
@@ -109,8 +110,8 @@ pub(crate) fn kernel_check(st: &inspect::AgentStatus) -> Check {
 
 /// Published ports that a process of this node also listens on: looked up here (meshctl
 /// on the host sees every process) and as the agent saw them.
-pub(crate) fn ports_check(st: &inspect::AgentStatus) -> Check {
-    use mesh_agent::{listeners, model::Protocol};
+pub(crate) fn ports_check(st: &mesh_agent::agent::state::AgentStatus) -> Check {
+    use mesh_agent::{host::listeners, model::Protocol};
     let published: listeners::Published = st
         .published
         .iter()
@@ -158,7 +159,7 @@ pub(crate) fn ports_check(st: &inspect::AgentStatus) -> Check {
 }
 
 /// What the agent left out of the model (every other service is applied).
-pub(crate) fn model_check(st: &inspect::AgentStatus) -> Check {
+pub(crate) fn model_check(st: &mesh_agent::agent::state::AgentStatus) -> Check {
     if st.problems.is_empty() {
         return check("model", "ok", "every service in the model is programmed");
     }
@@ -207,7 +208,7 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
         ));
         return out;
     }
-    let missing: Vec<&str> = mesh_agent::pins::PINNED_MAPS
+    let missing: Vec<&str> = mesh_agent::datapath::pins::PINNED_MAPS
         .iter()
         .copied()
         .filter(|m| !pins.map(m).exists())
@@ -229,7 +230,9 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
         )
     });
     let st = agent_status(args);
-    let live = st.as_ref().and_then(mesh_agent::inspect::live_agent_pid);
+    let live = st
+        .as_ref()
+        .and_then(mesh_agent::agent::state::live_agent_pid);
     let running = live.is_some();
     out.push(if running {
         check(
@@ -255,15 +258,16 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
     }
     // Programs where the maps say traffic arrives and tasks live (a netlink filter's
     // record counts only while the kernel still runs the mesh's program there).
-    let snap = mesh_agent::maps::read_pinned(&args.bpffs).ok();
-    let links: Vec<mesh_agent::pins::LinkPin> = pins
+    let snap = mesh_agent::datapath::maps::read_pinned(&args.bpffs).ok();
+    let links: Vec<mesh_agent::datapath::pins::LinkPin> = pins
         .links()
         .into_iter()
         .filter(|l| {
-            l.kind == mesh_agent::pins::LinkKind::Link || l.program_id().ok().flatten().is_some()
+            l.kind == mesh_agent::datapath::pins::LinkKind::Link
+                || l.program_id().ok().flatten().is_some()
         })
         .collect();
-    let has = |hook: mesh_agent::pins::Hook, ix: u32| {
+    let has = |hook: mesh_agent::datapath::pins::Hook, ix: u32| {
         links
             .iter()
             .any(|l| l.hook == hook && l.netns == 0 && l.ifindex == ix)
@@ -275,12 +279,13 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
         .or_else(|| {
             links
                 .iter()
-                .find(|l| l.hook == mesh_agent::pins::Hook::TcUnderlay)
+                .find(|l| l.hook == mesh_agent::datapath::pins::Hook::TcUnderlay)
                 .map(|l| l.ifindex)
         });
     match underlay {
         Some(ix)
-            if has(mesh_agent::pins::Hook::TcUnderlay, ix) && preflight::ifname(ix).is_some() =>
+            if has(mesh_agent::datapath::pins::Hook::TcUnderlay, ix)
+                && preflight::ifname(ix).is_some() =>
         {
             out.push(check(
                 "underlay",
@@ -310,7 +315,7 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
         let bare: Vec<String> = snap
             .endpoints
             .iter()
-            .filter(|(_, ep)| !has(mesh_agent::pins::Hook::TcTask, ep.ifindex))
+            .filter(|(_, ep)| !has(mesh_agent::datapath::pins::Hook::TcTask, ep.ifindex))
             .map(|(a, ep)| {
                 format!(
                     "{} ({})",
@@ -334,7 +339,7 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
         });
         // MTU: what the underlay leaves for Docker's overlays (VXLAN takes 50 bytes).
         if let Some(name) = underlay.and_then(preflight::ifname) {
-            let mtu = mesh_agent::netdev::mtu(&name);
+            let mtu = mesh_agent::host::netdev::mtu(&name);
             out.push(match mtu {
                 Some(m) if m >= 1500 => check(
                     "mtu",
@@ -369,8 +374,8 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
     let holders: Vec<(u32, String)> = ["/proc/net/udp", "/proc/net/udp6"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| inspect::udp_port_holders(&t, port))
-        .flat_map(inspect::socket_owners)
+        .flat_map(|t| mesh_agent::host::procnet::udp_port_holders(&t, port))
+        .flat_map(mesh_agent::host::procnet::socket_owners)
         .collect();
     out.push(if holders.is_empty() {
         check(
@@ -420,7 +425,7 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
         .as_ref()
         .and_then(|s| s.docker_mesh.clone())
         .unwrap_or_else(|| {
-            mesh_agent::ipvs::detect(
+            mesh_agent::host::ipvs::detect(
                 std::path::Path::new("/sys"),
                 std::path::Path::new("/var/run/docker/netns"),
             )
@@ -444,13 +449,13 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
     ports.dedup();
     vips.sort();
     vips.dedup();
-    let (fine, line) = mesh_agent::ipvs::ownership(&dm, &ports, &vips);
+    let (fine, line) = mesh_agent::host::ipvs::ownership(&dm, &ports, &vips);
     out.push(check("ipvs", if fine { "ok" } else { "warn" }, line));
     if let Some(st) = &st {
-        let have: Vec<mesh_agent::pins::Hook> = links.iter().map(|l| l.hook).collect();
-        let want = mesh_agent::pins::Hook::SOCK
+        let have: Vec<mesh_agent::datapath::pins::Hook> = links.iter().map(|l| l.hook).collect();
+        let want = mesh_agent::datapath::pins::Hook::SOCK
             .into_iter()
-            .chain([mesh_agent::pins::Hook::TcHost]);
+            .chain([mesh_agent::datapath::pins::Hook::TcHost]);
         let missing: Vec<&str> = want
             .filter(|h| !have.contains(h))
             .map(|h| h.name())
@@ -464,7 +469,7 @@ pub(crate) fn diagnose(args: &Args, docker: &str, ask_docker: bool) -> Vec<Check
                      ports: socket programs on {}, host port {} ({})",
                     h.namespaces,
                     h.cgroup,
-                    mesh_agent::hostport::HOST_DEV,
+                    mesh_agent::host::hostport::HOST_DEV,
                     h.host_addr
                 ),
             ),
@@ -539,7 +544,7 @@ pub(crate) fn docker_check(socket: &str) -> Check {
         Err(e) => return check("docker", "warn", format!("cannot ask Docker: {e}")),
     };
     rt.block_on(async {
-        let docker = match mesh_agent::docker::connect(socket).await {
+        let docker = match mesh_agent::source::docker::connect(socket).await {
             Ok(d) => d,
             Err(e) => return check("docker", "fail", format!("{socket}: {e}")),
         };

@@ -17,10 +17,10 @@ use std::{
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    inspect::{self, ServiceView},
-    pins::PinDir,
-    preflight,
-    stats::Snapshot,
+    ctl::inspect::{self, ServiceView},
+    datapath::pins::PinDir,
+    datapath::stats::Snapshot,
+    host::preflight,
     MeshError,
 };
 use mesh_common::reason::Kind;
@@ -225,8 +225,8 @@ fn all_services(args: &Args) -> anyhow::Result<Vec<ServiceView>> {
 }
 
 /// What the agent last said in its status file.
-fn agent_status(args: &Args) -> Option<inspect::AgentStatus> {
-    inspect::agent_status(&args.state_dir, &args.bpffs)
+fn agent_status(args: &Args) -> Option<mesh_agent::agent::state::AgentStatus> {
+    mesh_agent::agent::state::agent_status(&args.state_dir, &args.bpffs)
 }
 
 /// The services `query` names; an error naming the known ones when none.

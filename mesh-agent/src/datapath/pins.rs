@@ -11,7 +11,7 @@
 //!                              tc_ovl_out on tasks' overlay veths
 //! ```
 //!
-//! Where TC programs are netlink clsact filters (no tcx links, see [`crate::tcnl`]),
+//! Where TC programs are netlink clsact filters (no tcx links, see [`crate::datapath::tcnl`]),
 //! nothing can be pinned; the same names are then symlinks (which bpffs holds) whose
 //! target records the filter: `tc-netlink:` and the path of its network namespace (empty
 //! for the agent's own). So everything that lists the pins (status, doctor, trace, the
@@ -118,8 +118,8 @@ impl Hook {
     /// Its netlink filter on `ifindex` (TC hooks): priority 1, so the mesh runs before
     /// any other filter as with tcx, and a handle of its own per hook, which a restarted
     /// agent finds again.
-    pub fn tc_filter(self, ifindex: u32) -> Option<crate::tcnl::Filter> {
-        self.tc().then(|| crate::tcnl::Filter {
+    pub fn tc_filter(self, ifindex: u32) -> Option<crate::datapath::tcnl::Filter> {
+        self.tc().then(|| crate::datapath::tcnl::Filter {
             ifindex,
             egress: self == Hook::TcOverlayOut,
             priority: 1,
@@ -182,7 +182,7 @@ impl LinkPin {
     }
 
     /// Its netlink filter, if it is one.
-    fn filter(&self) -> Option<(crate::tcnl::Filter, Option<&Path>)> {
+    fn filter(&self) -> Option<(crate::datapath::tcnl::Filter, Option<&Path>)> {
         match &self.kind {
             LinkKind::Netlink { netns } => {
                 Some((self.hook.tc_filter(self.ifindex)?, netns.as_deref()))
@@ -201,8 +201,8 @@ impl LinkPin {
         match netns {
             None if self.netns == 0 => f().map(Some),
             None => Ok(None),
-            Some(p) => match crate::netdev::netns_id(p) {
-                Ok(id) if id == self.netns => crate::netdev::in_netns(p, f).map(Some),
+            Some(p) => match crate::host::netdev::netns_id(p) {
+                Ok(id) if id == self.netns => crate::host::netdev::in_netns(p, f).map(Some),
                 _ => Ok(None),
             },
         }
@@ -212,7 +212,7 @@ impl LinkPin {
     /// filter is gone, e.g. deleted behind the agent's back).
     pub fn program_id(&self) -> Result<Option<u32>, MeshError> {
         match self.filter() {
-            None => crate::sys::link_program_id(&self.path).map(Some),
+            None => crate::datapath::sys::link_program_id(&self.path).map(Some),
             Some((filter, netns)) => Ok(self
                 .in_netns(netns, || filter.program())?
                 .flatten()

@@ -21,7 +21,7 @@ pub fn require_root(what: &'static str) -> Result<(), MeshError> {
 }
 
 /// The oldest kernel the agent runs on. Newer facilities are probed at load time, each
-/// with its fallback ([`crate::features`]); these have none.
+/// with its fallback ([`crate::datapath::features`]); these have none.
 pub const MIN_KERNEL: (u32, u32) = (5, 10);
 
 /// What the mesh needs with no fallback, and the Linux release that brought it.

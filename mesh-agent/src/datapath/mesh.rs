@@ -4,15 +4,15 @@
 use std::path::PathBuf;
 
 use crate::{
-    loader::Datapath,
-    maps::MapWriter,
+    datapath::loader::Datapath,
+    datapath::maps::MapWriter,
+    host::netdev,
     model::{self, Desired, Model},
-    netdev,
-    reconcile::{Names, Reconciler},
+    plan::{Names, Reconciler},
     MeshError,
 };
 
-pub use crate::pins::PINNED_MAPS;
+pub use crate::datapath::pins::PINNED_MAPS;
 
 /// What one apply did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

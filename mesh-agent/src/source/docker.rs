@@ -7,8 +7,8 @@ use bollard::{
     Docker, API_DEFAULT_VERSION,
 };
 
-use crate::facts::{HostPort, IngressPort, IngressPorts, LocalTasks, ServiceFacts};
-use crate::swarm::{GossipService, NetworkView};
+use crate::source::facts::{HostPort, IngressPort, IngressPorts, LocalTasks, ServiceFacts};
+use crate::source::swarm::{GossipService, NetworkView};
 
 /// Errors talking to Docker, each with what to check.
 #[derive(Debug, thiserror::Error)]
@@ -106,10 +106,10 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
             .options
             .as_ref()
             .and_then(|o| o.get("com.docker.network.driver.overlay.vxlanid_list"))
-            .map(|s| crate::swarm::parse_vnis(s))
+            .map(|s| crate::source::swarm::parse_vnis(s))
             .unwrap_or_default();
         let ingress = v.ingress.unwrap_or(false);
-        let endpoint = crate::swarm::local_endpoint_key(&name, ingress);
+        let endpoint = crate::source::swarm::local_endpoint_key(&name, ingress);
         let local_addr = v
             .containers
             .as_ref()
@@ -362,8 +362,8 @@ pub fn sandbox_here(key: &str, netns_dir: Option<&std::path::Path>) -> std::path
 fn overlay_ports(
     sandbox: &std::path::Path,
     nets: &std::collections::HashMap<String, bollard::models::EndpointSettings>,
-    task_links: &[(crate::netdev::Link, Vec<Ipv4Addr>)],
-    cache: &mut BTreeMap<std::path::PathBuf, Vec<crate::netdev::Link>>,
+    task_links: &[(crate::host::netdev::Link, Vec<Ipv4Addr>)],
+    cache: &mut BTreeMap<std::path::PathBuf, Vec<crate::host::netdev::Link>>,
 ) -> Vec<crate::model::OverlayPortSpec> {
     let Some(dir) = sandbox.parent() else {
         return Vec::new();
@@ -386,7 +386,7 @@ fn overlay_ports(
         };
         if !cache.contains_key(&netns) {
             // Not an overlay (no such namespace), or going away: nothing to attach.
-            let Ok(links) = crate::netdev::links_in(&netns) else {
+            let Ok(links) = crate::host::netdev::links_in(&netns) else {
                 continue;
             };
             cache.insert(netns.clone(), links);
@@ -436,7 +436,7 @@ pub async fn local_endpoints(
         .list_containers(Some(ListContainersOptionsBuilder::default().build()))
         .await
         .map_err(api("list containers"))?;
-    let node_links = crate::netdev::links().unwrap_or_default();
+    let node_links = crate::host::netdev::links().unwrap_or_default();
     let Some(gw) = node_links
         .iter()
         .find(|l| l.name == "docker_gwbridge")
@@ -481,7 +481,7 @@ pub async fn local_endpoints(
         if !task {
             // A plain container: only its overlay veths, where its VIP calls start (it
             // is no backend, and its `-p` ports are Docker's own mapping).
-            if let Ok(links) = crate::netdev::links_and_addrs_in(&sandbox) {
+            if let Ok(links) = crate::host::netdev::links_and_addrs_in(&sandbox) {
                 out.overlay_ports.extend(overlay_ports(
                     &sandbox,
                     &nets,
@@ -531,7 +531,7 @@ pub async fn local_endpoints(
             )
         );
         // Best effort per task: a sandbox that is going away is skipped, not fatal.
-        let Ok(links) = crate::netdev::links_and_addrs_in(&sandbox) else {
+        let Ok(links) = crate::host::netdev::links_and_addrs_in(&sandbox) else {
             continue;
         };
         out.overlay_ports

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 
-use crate::{preflight, MeshError};
+use crate::{host::preflight, MeshError};
 
 /// The interface's index and hardware address.
 pub fn resolve(name: &str) -> Result<(u32, [u8; 6]), MeshError> {

@@ -113,7 +113,7 @@ pub struct AgentMetrics {
     /// What the model asked for that the agent left out (each logged once).
     pub problems: Vec<crate::model::Problem>,
     /// Published ports a process of this node also listens on.
-    pub ports_in_use: Vec<crate::listeners::PortInUse>,
+    pub ports_in_use: Vec<crate::host::listeners::PortInUse>,
     /// Every backend in the maps: id -> (group name, task address, port), for the
     /// per-service and per-backend counters.
     pub backend_names: BTreeMap<u32, (String, Ipv4Addr, u16)>,
@@ -199,8 +199,8 @@ fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
 /// conntrack occupancy (when the maps could be read).
 pub fn render(
     m: &AgentMetrics,
-    stats: Option<&crate::stats::Snapshot>,
-    conntrack: Option<crate::inspect::Occupancy>,
+    stats: Option<&crate::datapath::stats::Snapshot>,
+    conntrack: Option<crate::datapath::conntrack::Occupancy>,
     traffic: Option<&Traffic>,
 ) -> String {
     let mut out = String::new();
@@ -406,14 +406,16 @@ pub async fn serve(
             return None;
         }
         let m = shared.lock().expect("metrics lock").clone();
-        let stats = crate::stats::Snapshot::read_pinned(&pins).ok();
-        let ct = crate::inspect::conntrack_occupancy(&pins).ok();
-        let traffic = crate::stats::backends_pinned(&pins).ok().map(|read| {
-            totals
-                .lock()
-                .expect("totals lock")
-                .update(&m.backend_names, &read)
-        });
+        let stats = crate::datapath::stats::Snapshot::read_pinned(&pins).ok();
+        let ct = crate::datapath::conntrack::conntrack_occupancy(&pins).ok();
+        let traffic = crate::datapath::stats::backends_pinned(&pins)
+            .ok()
+            .map(|read| {
+                totals
+                    .lock()
+                    .expect("totals lock")
+                    .update(&m.backend_names, &read)
+            });
         Some(render(&m, stats.as_ref(), ct, traffic.as_ref()))
     })
     .await
@@ -494,7 +496,7 @@ mod tests {
 
     #[test]
     fn drops_and_passes_are_separate_families() {
-        let mut s = crate::stats::Snapshot::default();
+        let mut s = crate::datapath::stats::Snapshot::default();
         let drop = Reason::ALL
             .iter()
             .find(|r| r.kind() == Kind::Drop)
@@ -518,7 +520,7 @@ mod tests {
             reconciles: 3,
             ..Default::default()
         };
-        let ct = crate::inspect::Occupancy {
+        let ct = crate::datapath::conntrack::Occupancy {
             entries: 12,
             capacity: 131_072,
         };

@@ -153,7 +153,7 @@ pub fn read_output(frame: &[u8], vxlan_port: u16) -> Output {
 }
 
 /// The program attached through the pinned link or netlink filter `pin`.
-pub fn program_of(pin: &crate::pins::LinkPin) -> Result<OwnedFd, MeshError> {
+pub fn program_of(pin: &crate::datapath::pins::LinkPin) -> Result<OwnedFd, MeshError> {
     let prog_id = pin.program_id()?.ok_or_else(|| {
         trace_err(format!(
             "{} is recorded on ifindex {} but its tc filter is gone (meshctl doctor --fix)",
@@ -161,7 +161,7 @@ pub fn program_of(pin: &crate::pins::LinkPin) -> Result<OwnedFd, MeshError> {
             pin.ifindex
         ))
     })?;
-    crate::sys::program_by_id(prog_id).map_err(|source| MeshError::Io {
+    crate::datapath::sys::program_by_id(prog_id).map_err(|source| MeshError::Io {
         what: format!("opening program {prog_id} of {}", pin.path.display()),
         source,
     })
@@ -197,7 +197,7 @@ pub struct Report {
     pub maglev: Option<serde_json::Value>,
     /// Why this backend, in words.
     pub why: String,
-    pub backend: Option<crate::inspect::BackendView>,
+    pub backend: Option<crate::ctl::inspect::BackendView>,
     pub output: Output,
     pub conntrack_entries_removed: usize,
 }
@@ -217,7 +217,7 @@ pub fn run(
     to: SocketAddrV4,
     proto: crate::model::Protocol,
 ) -> Result<Report, MeshError> {
-    use crate::{inspect, pins::Hook, pins::PinDir, preflight};
+    use crate::{ctl::inspect, datapath::pins::Hook, datapath::pins::PinDir, host::preflight};
     use mesh_common::{
         ct::{CtKey, CT_HAIRPIN},
         lb::{maglev_slot, FrontendKey},
@@ -230,7 +230,7 @@ pub fn run(
     }
     let proto_n = proto.number();
     let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
-    let snap = crate::maps::read_pinned(bpffs)?;
+    let snap = crate::datapath::maps::read_pinned(bpffs)?;
     let views = inspect::services_pinned(state_dir, bpffs)?;
     // A VIP on Docker's overlay is reached from a task through its overlay veth; anything
     // else arrives on the underlay.
@@ -256,7 +256,7 @@ pub fn run(
     } else {
         let ifname = preflight::ifname(link.ifindex)
             .ok_or_else(|| trace_err("the underlay interface is gone"))?;
-        let node_mac = crate::netdev::mac(&ifname)?;
+        let node_mac = crate::host::netdev::mac(&ifname)?;
         (ifname, ([0x02, 0, 0, 0, 0, 0x01], node_mac))
     };
     // What the maps say before the run: frontend, service, Maglev slot, backend.
@@ -284,7 +284,9 @@ pub fn run(
         proto_n,
     );
     let before: std::collections::HashMap<CtKey, mesh_common::ct::CtEntry> =
-        inspect::read_conntrack(bpffs)?.into_iter().collect();
+        crate::datapath::conntrack::read_conntrack(bpffs)?
+            .into_iter()
+            .collect();
     let tracked = before.get(&key).copied();
     let maglev = fe.and_then(|fe| {
         let svc = snap.services.get(&fe.svc_id)?;
@@ -297,7 +299,7 @@ pub fn run(
     });
     let frame = first_packet(macs.0, macs.1, from, to, proto_n);
     let prog = program_of(&link)?;
-    let (retval, out) = crate::sys::test_run(&prog, &frame)?;
+    let (retval, out) = crate::datapath::sys::test_run(&prog, &frame)?;
     // Leave conntrack as it was: the entries the run created go; an entry it changed (a
     // real flow's, on the same tuple, or sharing the reply tuple) gets its old value back.
     // (Real traffic on those very tuples during the run itself can still be disturbed.)
@@ -330,7 +332,7 @@ pub fn run(
             }
         }
     }
-    let port = inspect::agent_status(state_dir, bpffs)
+    let port = crate::agent::state::agent_status(state_dir, bpffs)
         .map(|s| s.data_path_port)
         .filter(|p| *p != 0)
         .unwrap_or(mesh_common::proto::VXLAN_PORT_DEFAULT);

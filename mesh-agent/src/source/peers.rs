@@ -30,13 +30,13 @@ pub struct Report {
     pub stopping: BTreeSet<String>,
     /// On a manager: services' `mesh.*` labels (workers cannot read services).
     #[serde(default)]
-    pub labels: crate::facts::MeshLabels,
+    pub labels: crate::source::facts::MeshLabels,
     /// On a manager: the protocols of services' published ports (not in the gossip).
     #[serde(default)]
-    pub protocols: crate::facts::Protocols,
+    pub protocols: crate::source::facts::Protocols,
     /// On a manager: every service's ingress-published ports as its spec has them.
     #[serde(default)]
-    pub ingress: Option<crate::facts::IngressPorts>,
+    pub ingress: Option<crate::source::facts::IngressPorts>,
     /// Every address of its local tasks: their health is in `not_healthy` (absent: an
     /// agent that does not say).
     #[serde(default)]
@@ -50,11 +50,11 @@ pub struct Report {
 pub fn manager_facts(
     reports: &BTreeMap<Ipv4Addr, Report>,
     managers: &BTreeSet<Ipv4Addr>,
-) -> Option<crate::facts::ServiceFacts> {
+) -> Option<crate::source::facts::ServiceFacts> {
     reports
         .iter()
         .find(|(p, _)| managers.contains(p))
-        .map(|(_, r)| crate::facts::ServiceFacts {
+        .map(|(_, r)| crate::source::facts::ServiceFacts {
             labels: r.labels.clone(),
             protocols: r.protocols.clone(),
             ingress: r.ingress.clone(),
@@ -113,7 +113,7 @@ fn traced(access: &TraceAccess, query: &str) -> String {
             .to_string();
     };
     let _one = TRACING.lock().unwrap_or_else(|p| p.into_inner());
-    match crate::trace::run(&access.state_dir, &access.bpffs, from, to, proto) {
+    match crate::ctl::trace::run(&access.state_dir, &access.bpffs, from, to, proto) {
         Ok(r) => serde_json::json!({ "text": r.render(), "report": r }).to_string(),
         Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
     }
@@ -435,7 +435,7 @@ mod tests {
             )]),
             ingress: Some(BTreeMap::from([(
                 "dns".to_string(),
-                vec![crate::facts::IngressPort {
+                vec![crate::source::facts::IngressPort {
                     published: 5353,
                     target: 53,
                     protocol: crate::model::Protocol::Udp,

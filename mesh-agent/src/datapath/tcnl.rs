@@ -1,6 +1,6 @@
 //! TC programs as netlink clsact filters: how they are attached where the kernel has no
 //! tcx links (before 6.6). A filter outlives the agent as a link pin does, but cannot be
-//! pinned; instead each hook has a fixed priority and handle ([`crate::pins::Hook`]),
+//! pinned; instead each hook has a fixed priority and handle ([`crate::datapath::pins::Hook`]),
 //! so that a restarted agent finds its predecessor's filter and replaces the program in
 //! it in place: the kernel swaps the program of an existing cls_bpf filter atomically,
 //! with no moment without one. Everything here acts in the calling thread's network
@@ -14,7 +14,7 @@ use netlink_packet_route::{
     RouteNetlinkMessage,
 };
 
-use crate::{netdev, MeshError};
+use crate::{host::netdev, MeshError};
 
 /// `ETH_P_ALL`: the filter sees every protocol.
 const ETH_P_ALL: u16 = 0x0003;

@@ -65,7 +65,7 @@ pub fn cgroup2_dir(explicit: Option<&Path>) -> Result<PathBuf, MeshError> {
 
 /// The cookie of the network namespace at `netns`.
 pub fn netns_cookie_of(netns: &Path) -> Result<u64, MeshError> {
-    crate::netdev::in_netns(netns, crate::sys::netns_cookie)
+    crate::host::netdev::in_netns(netns, crate::datapath::sys::netns_cookie)
 }
 
 /// Creates the host port (the veth pair [`HOST_DEV`] / [`HOST_PEER`], no ARP on
@@ -73,7 +73,7 @@ pub fn netns_cookie_of(netns: &Path) -> Result<u64, MeshError> {
 /// Kept across agent restarts: sockets connected through it keep working.
 pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
     use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo};
-    if crate::preflight::ifindex(HOST_DEV).is_err() {
+    if crate::host::preflight::ifindex(HOST_DEV).is_err() {
         let mut peer = netlink_packet_route::link::LinkMessage::default();
         peer.attributes
             .push(LinkAttribute::IfName(HOST_PEER.into()));
@@ -83,15 +83,15 @@ pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
-        crate::netdev::request(
+        crate::host::netdev::request(
             netlink_packet_route::RouteNetlinkMessage::NewLink(m),
-            crate::netdev::CREATE,
+            crate::host::netdev::CREATE,
             "creating the host port (veth mesh-host0/mesh-host1)",
         )?;
     }
     let (dev, peer) = (
-        crate::preflight::ifindex(HOST_DEV)?,
-        crate::preflight::ifindex(HOST_PEER)?,
+        crate::host::preflight::ifindex(HOST_DEV)?,
+        crate::host::preflight::ifindex(HOST_PEER)?,
     );
     for (ix, noarp) in [(dev, true), (peer, false)] {
         use netlink_packet_route::link::LinkFlags;
@@ -105,7 +105,7 @@ pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
             };
         m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
         m.attributes.push(LinkAttribute::Mtu(mtu));
-        crate::netdev::request(
+        crate::host::netdev::request(
             netlink_packet_route::RouteNetlinkMessage::SetLink(m),
             0,
             "bringing the host port up",
@@ -117,20 +117,20 @@ pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
 /// Routes `dst`/32 into the host port, from `src` (the node's address: what a task on
 /// another node sees as the client). Replaces what is there.
 pub fn route(dst: Ipv4Addr, src: Ipv4Addr) -> Result<(), MeshError> {
-    let dev = crate::preflight::ifindex(HOST_DEV)?;
-    crate::netdev::request(
+    let dev = crate::host::preflight::ifindex(HOST_DEV)?;
+    crate::host::netdev::request(
         netlink_packet_route::RouteNetlinkMessage::NewRoute(route_msg(dst, dev, Some(src))),
-        crate::netdev::REPLACE,
+        crate::host::netdev::REPLACE,
         format!("routing {dst} into {HOST_DEV}"),
     )
 }
 
 /// Removes the route to `dst`/32 through the host port (gone already: fine).
 pub fn unroute(dst: Ipv4Addr) -> Result<(), MeshError> {
-    let Ok(dev) = crate::preflight::ifindex(HOST_DEV) else {
+    let Ok(dev) = crate::host::preflight::ifindex(HOST_DEV) else {
         return Ok(());
     };
-    match crate::netdev::request(
+    match crate::host::netdev::request(
         netlink_packet_route::RouteNetlinkMessage::DelRoute(route_msg(dst, dev, None)),
         0,
         format!("removing the route to {dst}"),
@@ -172,12 +172,12 @@ fn route_msg(
 
 /// Removes the host port (its routes go with it).
 pub fn remove_device() -> Result<(), MeshError> {
-    let Ok(ix) = crate::preflight::ifindex(HOST_DEV) else {
+    let Ok(ix) = crate::host::preflight::ifindex(HOST_DEV) else {
         return Ok(());
     };
     let mut m = netlink_packet_route::link::LinkMessage::default();
     m.header.index = ix;
-    crate::netdev::request(
+    crate::host::netdev::request(
         netlink_packet_route::RouteNetlinkMessage::DelLink(m),
         0,
         "removing the host port",
@@ -230,21 +230,21 @@ impl HostPorts {
     /// (pinned in `pins` when given: they stay when the agent goes), and this namespace
     /// in the scope. Idempotent: a restarted agent takes over what is there.
     pub fn setup(
-        dp: &mut crate::loader::Datapath,
+        dp: &mut crate::datapath::loader::Datapath,
         cgroup: Option<&Path>,
         underlay: &str,
         node_addr: Ipv4Addr,
         host_addr: Ipv4Addr,
-        pins: Option<&crate::pins::PinDir>,
+        pins: Option<&crate::datapath::pins::PinDir>,
     ) -> Result<HostPorts, MeshError> {
         let cgroup = cgroup2_dir(cgroup)?;
-        let mtu = crate::netdev::mtu(underlay).unwrap_or(1500);
+        let mtu = crate::host::netdev::mtu(underlay).unwrap_or(1500);
         ensure_device(mtu.saturating_sub(VXLAN_OVERHEAD).max(576))?;
         route(host_addr, node_addr)?;
         match pins {
             Some(p) => {
                 dp.attach_pinned(
-                    crate::pins::Hook::TcHost,
+                    crate::datapath::pins::Hook::TcHost,
                     HOST_PEER,
                     p,
                     aya::programs::XdpMode::default(),
@@ -256,7 +256,7 @@ impl HostPorts {
                 dp.attach_sock(&cgroup)?;
             }
         }
-        let own = crate::sys::netns_cookie()?;
+        let own = crate::datapath::sys::netns_cookie()?;
         dp.scope_netns(own, Some(mesh_common::sock::NETNS_HOST))?;
         Ok(HostPorts {
             host_addr,
@@ -274,7 +274,7 @@ impl HostPorts {
     /// left out until a later pass.
     pub fn sync(
         &mut self,
-        dp: &mut crate::loader::Datapath,
+        dp: &mut crate::datapath::loader::Datapath,
         namespaces: &[PathBuf],
         vips: &std::collections::BTreeSet<Ipv4Addr>,
     ) -> Result<(), MeshError> {
@@ -325,7 +325,7 @@ impl HostPorts {
     /// on: every non-loopback IPv4 address of the node (as Docker's mesh answers on
     /// each), and the host port's own (the task program finds the frontend by it).
     pub fn node_addrs(&self) -> Vec<Ipv4Addr> {
-        let mut v: Vec<Ipv4Addr> = crate::netdev::all_ipv4()
+        let mut v: Vec<Ipv4Addr> = crate::host::netdev::all_ipv4()
             .into_iter()
             .filter(|a| !a.is_loopback())
             .collect();

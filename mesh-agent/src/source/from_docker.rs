@@ -10,52 +10,52 @@ use std::{
 
 use anyhow::Context;
 
-use crate::{docker, facts, model, swarm};
+use crate::{model, source::docker, source::facts, source::swarm};
 
 /// Where this node's model comes from.
-pub(super) struct DockerSource {
-    pub(super) docker: bollard::Docker,
-    pub(super) drain: swarm::DrainTracker,
+pub struct DockerSource {
+    pub(crate) docker: bollard::Docker,
+    pub(crate) drain: swarm::DrainTracker,
     /// This node's swarm address (known after the first snapshot).
-    pub(super) me: Option<std::net::Ipv4Addr>,
-    /// What this node tells its peers (see crate::peers).
-    pub(super) report: Arc<Mutex<crate::peers::Report>>,
+    pub(crate) me: Option<std::net::Ipv4Addr>,
+    /// What this node tells its peers (see crate::source::peers).
+    pub(crate) report: Arc<Mutex<crate::source::peers::Report>>,
     /// Where the peers serve theirs (0: not exchanged).
-    pub(super) peer_port: u16,
+    pub(crate) peer_port: u16,
     /// From the last full model: the managers and the ones among this node's peers,
     /// and what the quick check last saw.
-    pub(super) managers: BTreeSet<std::net::Ipv4Addr>,
-    pub(super) manager: bool,
-    pub(super) quick_seen: Option<BTreeSet<String>>,
+    pub(crate) managers: BTreeSet<std::net::Ipv4Addr>,
+    pub(crate) manager: bool,
+    pub(crate) quick_seen: Option<BTreeSet<String>>,
     /// On a manager: every task seen shutting down, and when. Docker deletes a task
     /// removed by a scale-down from its store while the container may still be in its
     /// stop grace period (and in the gossiped tables): what was seen stopping stays
     /// stopping for a minute.
-    pub(super) stopping_seen: BTreeMap<String, Instant>,
+    pub(crate) stopping_seen: BTreeMap<String, Instant>,
     /// Label problems already reported (once each).
-    pub(super) label_warned: BTreeSet<String>,
+    pub(crate) label_warned: BTreeSet<String>,
     /// Who may ask this agent for a trace (`meshctl trace --node`): the swarm's nodes.
-    pub(super) trace_allowed: Arc<Mutex<BTreeSet<std::net::Ipv4Addr>>>,
+    pub(crate) trace_allowed: Arc<Mutex<BTreeSet<std::net::Ipv4Addr>>>,
     /// The last service facts a manager gave (a worker keeps them through a missed
     /// poll: without them its UDP ports would turn TCP for a moment).
-    pub(super) last_facts: Option<facts::ServiceFacts>,
+    pub(crate) last_facts: Option<facts::ServiceFacts>,
     /// Docker's netns directory as mounted here (`--docker-netns`), if moved.
-    pub(super) netns_dir: Option<PathBuf>,
+    pub(crate) netns_dir: Option<PathBuf>,
     /// Docker's netns directory as its sandboxes' paths show it.
-    pub(super) seen_netns_dir: Option<PathBuf>,
+    pub(crate) seen_netns_dir: Option<PathBuf>,
     /// Peers that run no mesh agent (stock Docker nodes).
-    pub(super) stock: crate::peers::StockPeers,
+    pub(crate) stock: crate::source::peers::StockPeers,
     /// The swarm's data-path port, from Docker on a manager, else from a manager's report.
-    pub(super) data_path_port: Option<u16>,
+    pub(crate) data_path_port: Option<u16>,
     /// Each network's own endpoint address on this node, as last seen.
-    pub(super) local_addrs: BTreeMap<String, std::net::Ipv4Addr>,
+    pub(crate) local_addrs: BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 /// How long a task seen shutting down is remembered as such.
-pub(super) const STOPPING_MEMORY: Duration = Duration::from_secs(60);
+pub const STOPPING_MEMORY: Duration = Duration::from_secs(60);
 
 impl DockerSource {
-    pub(super) fn new(docker: bollard::Docker, drain: swarm::DrainTracker, peer_port: u16) -> Self {
+    pub fn new(docker: bollard::Docker, drain: swarm::DrainTracker, peer_port: u16) -> Self {
         DockerSource {
             docker,
             drain,
@@ -79,21 +79,21 @@ impl DockerSource {
 
     /// Docker's netns directory: where it is mounted for us, else where its sandboxes
     /// were seen, else Docker's default.
-    pub(super) fn netns_dir(&self) -> PathBuf {
+    pub fn netns_dir(&self) -> PathBuf {
         self.netns_dir
             .clone()
             .or_else(|| self.seen_netns_dir.clone())
             .unwrap_or_else(|| PathBuf::from("/var/run/docker/netns"))
     }
 
-    pub(super) fn with_netns_dir(mut self, dir: Option<PathBuf>) -> Self {
+    pub fn with_netns_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.netns_dir = dir;
         self
     }
 
     /// A manager's shutting-down tasks: what /tasks says now and what it said in the
     /// last minute.
-    pub(super) async fn stopping(&mut self) -> Result<BTreeSet<String>, docker::DockerError> {
+    pub async fn stopping(&mut self) -> Result<BTreeSet<String>, docker::DockerError> {
         let now = Instant::now();
         for id in docker::stopping_tasks(&self.docker).await? {
             self.stopping_seen.entry(id).or_insert(now);
@@ -107,13 +107,14 @@ impl DockerSource {
     /// from the managers' reports. True when they changed since the last look (then a
     /// full resync follows at once: Docker's gossip shows a task being shut down until
     /// its container has exited, and it may refuse connections well before that).
-    pub(super) async fn quick_changed(&mut self) -> bool {
+    pub async fn quick_changed(&mut self) -> bool {
         let stopping = if self.manager {
             self.stopping().await.ok()
         } else if self.peer_port != 0 && !self.managers.is_empty() {
             let managers: Vec<_> = self.managers.iter().copied().collect();
             let reports =
-                crate::peers::poll(&managers, self.peer_port, Duration::from_millis(150)).await;
+                crate::source::peers::poll(&managers, self.peer_port, Duration::from_millis(150))
+                    .await;
             Some(reports.into_values().flat_map(|r| r.stopping).collect())
         } else {
             None
@@ -127,14 +128,14 @@ impl DockerSource {
     }
 
     /// The model of this node that the Swarm implies, with its tasks' veths and health.
-    pub(super) async fn model(&mut self) -> anyhow::Result<model::Model> {
+    pub async fn model(&mut self) -> anyhow::Result<model::Model> {
         let mut view = docker::snapshot(&self.docker).await?;
         swarm::remember_local_addrs(&mut view.networks, &mut self.local_addrs);
         let me = view.me;
         self.me = Some(me);
         self.managers = view.managers.clone();
         self.manager = view.manager;
-        let underlay = crate::netdev::interface_with_addr(me)
+        let underlay = crate::host::netdev::interface_with_addr(me)
             .with_context(|| format!("no interface holds this node's swarm address {me}"))?;
         let mut model = swarm::model_from(&view.networks, me, &underlay);
         let now = Instant::now();
@@ -166,7 +167,7 @@ impl DockerSource {
         } else {
             None
         };
-        *self.report.lock().expect("report lock") = crate::peers::Report {
+        *self.report.lock().expect("report lock") = crate::source::peers::Report {
             not_healthy: tasks.not_healthy,
             stopping,
             labels: facts.as_ref().map(|f| f.labels.clone()).unwrap_or_default(),
@@ -185,7 +186,8 @@ impl DockerSource {
         if self.peer_port != 0 {
             let peers: Vec<_> = model.peers.iter().map(|p| p.addr).collect();
             let round =
-                crate::peers::poll_all(&peers, self.peer_port, Duration::from_millis(250)).await;
+                crate::source::peers::poll_all(&peers, self.peer_port, Duration::from_millis(250))
+                    .await;
             for (peer, stock) in self.stock.observe(&peers, &round) {
                 if stock {
                     tracing::warn!(
@@ -210,10 +212,11 @@ impl DockerSource {
                     .find_map(|(_, r)| r.data_path_port);
             }
             if facts.is_none() {
-                facts = crate::peers::manager_facts(&reports, &view.managers);
+                facts = crate::source::peers::manager_facts(&reports, &view.managers);
             }
-            let (sick, stop) = crate::peers::credible(&model, &reports, &view.managers, &ids);
-            unseen = crate::peers::unseen(&model, &reports);
+            let (sick, stop) =
+                crate::source::peers::credible(&model, &reports, &view.managers, &ids);
+            unseen = crate::source::peers::unseen(&model, &reports);
             not_healthy.extend(sick);
             stopping_addrs.extend(stop);
         }
@@ -248,7 +251,7 @@ impl DockerSource {
 
 /// The first model from Docker: retried with backoff (and said so) until Docker answers,
 /// since the agent may start before dockerd.
-pub(super) async fn first_docker_model(
+pub async fn first_docker_model(
     socket: &str,
     drain: Duration,
     warmup_ms: u64,

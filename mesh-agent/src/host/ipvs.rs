@@ -32,7 +32,7 @@ pub fn detect(sys: &Path, netns_dir: &Path) -> DockerMesh {
     let sbox = netns_dir.join("ingress_sbox");
     let ingress_sbox = sbox.exists();
     let ipvs_services = if ip_vs && ingress_sbox {
-        crate::netdev::in_netns(&sbox, || {
+        crate::host::netdev::in_netns(&sbox, || {
             Ok(std::fs::read_to_string("/proc/thread-self/net/ip_vs").unwrap_or_default())
         })
         .map(|t| virtual_services(&t))

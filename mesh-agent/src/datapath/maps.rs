@@ -14,8 +14,8 @@ use mesh_common::{
 };
 
 use crate::{
-    loader::Datapath,
-    reconcile::{Op, Snapshot},
+    datapath::loader::Datapath,
+    plan::{Op, Snapshot},
     MeshError,
 };
 

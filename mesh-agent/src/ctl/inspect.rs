@@ -13,7 +13,8 @@ use mesh_common::{
 use serde::Serialize;
 
 use crate::{
-    reconcile::{Names, Snapshot},
+    agent::state::{agent_status, names_path, read_names},
+    plan::{Names, Snapshot},
     MeshError,
 };
 
@@ -30,165 +31,14 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-/// Where the agent keeps the names the maps cannot hold, for a mesh pinned at `bpffs`.
-pub fn names_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
-    state_file(state_dir, bpffs, "names")
-}
-
-/// Where the agent says how it is doing (rewritten after every reconcile).
-pub fn status_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
-    state_file(state_dir, bpffs, "status")
-}
-
-fn state_file(state_dir: &Path, bpffs: &Path, what: &str) -> std::path::PathBuf {
-    let tag = bpffs
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "mesh".into());
-    state_dir.join(format!("{tag}.{what}.json"))
-}
-
-/// What the agent last said in its status file (for the mesh pinned at `bpffs`).
-pub fn agent_status(state_dir: &Path, bpffs: &Path) -> Option<AgentStatus> {
-    std::fs::read(status_path(state_dir, bpffs))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-}
-
-/// Every service the maps pinned at `bpffs` hold, named and with its traffic.
 pub fn services_pinned(state_dir: &Path, bpffs: &Path) -> Result<Vec<ServiceView>, MeshError> {
-    let snap = crate::maps::read_pinned(bpffs)?;
+    let snap = crate::datapath::maps::read_pinned(bpffs)?;
     let names = read_names(&names_path(state_dir, bpffs));
-    let traffic = crate::stats::backends_pinned(bpffs).unwrap_or_default();
+    let traffic = crate::datapath::stats::backends_pinned(bpffs).unwrap_or_default();
     let tasks = agent_status(state_dir, bpffs)
         .map(|s| s.tasks)
         .unwrap_or_default();
     Ok(services(&snap, &names, &traffic, &tasks))
-}
-
-/// This process's PID namespace (inode of /proc/self/ns/pid; 0 if unreadable).
-pub fn own_pid_ns() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
-}
-
-/// The live mesh-agent that wrote `st`, as a PID of this PID namespace: the recorded PID
-/// if the agent shares our namespace, else (an agent in a container) the process whose
-/// innermost PID and namespace match. A reused PID is some other program: None.
-pub fn live_agent_pid(st: &AgentStatus) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let is_agent = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mesh-agent")
-    };
-    if st.pid_ns == 0 || st.pid_ns == own_pid_ns() {
-        return is_agent(&st.pid.to_string()).then_some(st.pid);
-    }
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().into_string().ok()?;
-        let pid: u32 = name.parse().ok()?;
-        if !is_agent(&name) {
-            return None;
-        }
-        let ns = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?.ino();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        (ns == st.pid_ns && innermost_pid(&status) == Some(st.pid)).then_some(pid)
-    })
-}
-
-/// The last PID of /proc/PID/status's `NSpid:` line (the PID in the innermost namespace).
-fn innermost_pid(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
-}
-
-#[cfg(test)]
-#[test]
-fn the_innermost_pid_is_the_last_of_nspid() {
-    assert_eq!(
-        innermost_pid("Name:\tmesh-agent\nNSpid:\t48211\t1\n"),
-        Some(1)
-    );
-    assert_eq!(innermost_pid("NSpid:\t77\n"), Some(77));
-    assert_eq!(innermost_pid("Name:\tx\n"), None);
-}
-
-/// What the agent writes to its status file.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct AgentStatus {
-    /// In the agent's own PID namespace (1 when it is a container's entrypoint).
-    pub pid: u32,
-    /// That PID namespace (inode of /proc/self/ns/pid), to find the agent from another.
-    #[serde(default)]
-    pub pid_ns: u64,
-    pub started_unix: f64,
-    pub last_reconcile_unix: f64,
-    pub reconciles: u64,
-    pub reconcile_errors: u64,
-    pub events: u64,
-    /// Docker event -> maps written, recent quantiles, seconds.
-    pub event_lag_p50_s: Option<f64>,
-    pub event_lag_p99_s: Option<f64>,
-    /// "docker" or "config".
-    pub source: String,
-    /// The agent's VXLAN data-path port.
-    #[serde(default)]
-    pub data_path_port: u16,
-    /// How a --data-path-port that differs from the swarm's was overruled.
-    #[serde(default)]
-    pub data_path_port_mismatch: Option<String>,
-    /// The Docker socket it follows (with `source` docker).
-    #[serde(default)]
-    pub docker: String,
-    /// Where it serves its peers (and `meshctl trace --node`); 0: nowhere.
-    #[serde(default)]
-    pub peer_port: u16,
-    /// Docker's task names by task address, for meshctl's tables.
-    #[serde(default)]
-    pub tasks: BTreeMap<String, String>,
-    /// What the agent last wrote: backends by service (`addr:port`, port 0 for every
-    /// port), which `meshctl doctor` compares with the maps.
-    #[serde(default)]
-    pub applied: BTreeMap<String, Vec<String>>,
-    /// Docker's IPVS mesh as the agent last saw it (with `source` docker).
-    #[serde(default)]
-    pub docker_mesh: Option<crate::ipvs::DockerMesh>,
-    /// The host port, when on: where the socket programs are attached, its address,
-    /// how many network namespaces are in its scope.
-    #[serde(default)]
-    pub host_ports: Option<HostPortsStatus>,
-    /// The kernel's release (`uname -r`) where the agent loaded the datapath.
-    #[serde(default)]
-    pub kernel: String,
-    /// What that kernel lacks and what the mesh does instead (empty: nothing).
-    #[serde(default)]
-    pub fallbacks: Vec<crate::features::Fallback>,
-    /// What the model asks for that the agent left out, and why (empty: nothing).
-    #[serde(default)]
-    pub problems: Vec<crate::model::Problem>,
-    /// The swarm's nodes that run no mesh agent (stock Docker), by underlay address.
-    #[serde(default)]
-    pub stock_peers: Vec<String>,
-    /// Published ports a process of this node also listens on (as far as the agent's
-    /// PID namespace shows their owners).
-    #[serde(default)]
-    pub ports_in_use: Vec<crate::listeners::PortInUse>,
-    /// The ports this node publishes, "8080/tcp" -> "service ingress|host" (for
-    /// `meshctl doctor`).
-    #[serde(default)]
-    pub published: BTreeMap<String, String>,
-}
-
-/// The host port as the status file records it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct HostPortsStatus {
-    pub cgroup: String,
-    pub host_addr: String,
-    pub namespaces: usize,
 }
 
 /// One service's drift between what the agent wrote and what the maps hold.
@@ -236,14 +86,6 @@ pub fn drift(applied: &BTreeMap<String, Vec<String>>, maps: &[ServiceView]) -> V
         }
     }
     out
-}
-
-/// The saved names (empty when the file is missing: services then show by id).
-pub fn read_names(path: &Path) -> Names {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -457,101 +299,13 @@ pub fn flows(entries: &[(CtKey, CtEntry)], now_ns: u64, names: &Names) -> Vec<Fl
     out
 }
 
-/// The conntrack map pinned under `dir`.
-fn pinned_conntrack(
-    dir: &Path,
-) -> Result<aya::maps::HashMap<aya::maps::MapData, CtKey, CtEntry>, MeshError> {
-    use aya::maps::{HashMap, Map, MapData};
-    let err = |source| MeshError::Map {
-        map: mesh_common::maps::CONNTRACK.name,
-        source,
-    };
-    let path = dir.join(mesh_common::maps::CONNTRACK.name);
-    if !path.exists() {
-        return Err(MeshError::NotPinned {
-            path: dir.to_path_buf(),
-        });
-    }
-    HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).map_err(err)?)).map_err(err)
-}
-
-/// The conntrack map pinned under `dir`, as (key, entry) pairs.
-pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtEntry)>, MeshError> {
-    Ok(pinned_conntrack(dir)?
-        .iter()
-        .filter_map(Result::ok)
-        .collect())
-}
-
-/// How full the conntrack map is: its entries, and its capacity as the kernel has it
-/// (the map's own `max_entries`, whatever the object or the loader made it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Occupancy {
-    pub entries: usize,
-    pub capacity: u32,
-}
-
-/// The conntrack map's capacity as the kernel has it (its `max_entries`).
-pub fn conntrack_capacity(dir: &Path) -> Result<u32, MeshError> {
-    let ct = mesh_common::maps::CONNTRACK.name;
-    let info = aya::maps::MapInfo::from_pin(dir.join(ct))
-        .map_err(|source| MeshError::Map { map: ct, source })?;
-    Ok(info.max_entries())
-}
-
-/// The conntrack map's occupancy (walks its keys).
-pub fn conntrack_occupancy(dir: &Path) -> Result<Occupancy, MeshError> {
-    let entries = pinned_conntrack(dir)?.keys().filter(Result::is_ok).count();
-    Ok(Occupancy {
-        entries,
-        capacity: conntrack_capacity(dir)?,
-    })
-}
-
-/// Removes every conntrack entry (both directions) of service `svc_id` pinned under
-/// `dir`; returns how many flows (forward entries) went. Their next packet is a new
-/// flow: a TCP connection in the middle is answered with a RST by its backend.
-pub fn flush_service(dir: &Path, svc_id: u32) -> Result<usize, MeshError> {
-    let err = |source| MeshError::Map {
-        map: mesh_common::maps::CONNTRACK.name,
-        source,
-    };
-    let mut map = pinned_conntrack(dir)?;
-    let doomed: Vec<(CtKey, bool)> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, e)| e.svc_id == svc_id)
-        .map(|(k, e)| (k, e.flags & CT_REVERSE == 0))
-        .collect();
-    let mut flows = 0;
-    for (k, forward) in doomed {
-        match map.remove(&k) {
-            Ok(()) => flows += usize::from(forward),
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
-    Ok(flows)
-}
-
-/// CLOCK_MONOTONIC now, nanoseconds (`bpf_ktime_get_ns`'s clock).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        maps::MemMaps,
+        datapath::maps::MemMaps,
         model::{desired, from_yaml},
-        reconcile::Reconciler,
+        plan::Reconciler,
     };
 
     const MODEL: &str = "node_addrs: [192.168.1.10]
@@ -643,71 +397,6 @@ endpoints:
     }
 
     #[test]
-    fn the_names_file_sits_next_to_the_state_of_its_pins() {
-        assert_eq!(
-            names_path(Path::new("/run/mesh"), Path::new("/sys/fs/bpf/mesh-n1")),
-            Path::new("/run/mesh/mesh-n1.names.json")
-        );
-    }
-}
-
-/// Sockets in `/proc/net/udp` (or `udp6`) text bound to local `port`, by inode.
-pub fn udp_port_holders(proc_net_udp: &str, port: u16) -> Vec<u64> {
-    proc_net_udp
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            let inode: u64 = f.get(9)?.parse().ok()?;
-            (local_port == port && inode != 0).then_some(inode)
-        })
-        .collect()
-}
-
-/// The processes (pid, command) holding the socket of inode `inode`: none for the
-/// kernel's own sockets, such as a vxlan device's (Docker's overlays).
-pub fn socket_owners(inode: u64) -> Vec<(u32, String)> {
-    let target = format!("socket:[{inode}]");
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        if fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
-        {
-            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            out.push((pid, comm.trim().to_string()));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod proc_tests {
-    use super::*;
-
-    #[test]
-    fn udp_holders_by_port_and_inode() {
-        let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
-  12: 00000000:12B5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 0 2 0000000000000000 0
-  13: 00000000:12B5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 91234 2 0000000000000000 0
-  14: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 555 2 0000000000000000 0
-";
-        assert_eq!(udp_port_holders(t, 4789), vec![91234]);
-        assert_eq!(udp_port_holders(t, 53), vec![555]);
-        assert!(udp_port_holders(t, 4790).is_empty());
-    }
-
-    #[test]
     fn drift_names_what_went_missing_and_what_appeared() {
         let applied = BTreeMap::from([(
             "web/tcp/80".to_string(),
@@ -725,7 +414,7 @@ mod proc_tests {
     }
 
     fn tests_fill() -> (Snapshot, Names) {
-        use crate::{maps::MemMaps, model::desired, reconcile::Reconciler};
+        use crate::{datapath::maps::MemMaps, model::desired, plan::Reconciler};
         let m = crate::model::from_yaml(
             "node_addrs: [192.168.1.10]
 services:

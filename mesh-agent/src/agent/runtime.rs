@@ -101,6 +101,9 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
     } else {
         Switch::Off
     };
+    if host_ports == Switch::On {
+        preflight::require_link_local("--host-addr", args.host_addr)?;
+    }
     let cfg = MeshConfig {
         vxlan_port: data_path_port,
         // For the datapath's own MTU check where the kernel has no bpf_check_mtu (read

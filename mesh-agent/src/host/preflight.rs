@@ -185,3 +185,34 @@ mod tests {
         assert!(e.contains("bpffs is not mounted"), "{e}");
     }
 }
+
+/// Link-local IPv4 (RFC 3927): never routed, so an address there never leaves the node.
+const LINK_LOCAL: ipnetwork::Ipv4Network =
+    match ipnetwork::Ipv4Network::new_checked(std::net::Ipv4Addr::new(169, 254, 0, 0), 16) {
+        Some(n) => n,
+        None => panic!("169.254.0.0/16 is a network"),
+    };
+
+/// The host port's address must be link-local: the node's redirected sockets take it as
+/// their source, and any other address could be routed off the node or taken by a
+/// network of its own.
+pub fn require_link_local(flag: &'static str, addr: std::net::Ipv4Addr) -> Result<(), MeshError> {
+    if LINK_LOCAL.contains(addr) {
+        return Ok(());
+    }
+    Err(MeshError::Setting {
+        what: format!("{flag} {addr} is not link-local: pick an address in {LINK_LOCAL} (default 169.254.42.2)"),
+    })
+}
+
+#[cfg(test)]
+#[test]
+fn the_host_address_must_be_link_local() {
+    let ok = "169.254.42.2".parse().unwrap();
+    assert!(require_link_local("--host-addr", ok).is_ok());
+    let e = require_link_local("--host-addr", "10.0.0.2".parse().unwrap()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--host-addr 10.0.0.2 is not link-local: pick an address in 169.254.0.0/16 (default 169.254.42.2)"
+    );
+}

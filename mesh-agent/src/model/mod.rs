@@ -85,6 +85,10 @@ pub struct NetworkSpec {
     /// VXLAN is Docker's and must pass as the first one's does.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub more_vnis: Vec<u32>,
+    /// Its subnets (Docker's IPAM), in the VNIs' order: what `--print-docker-model`
+    /// and meshctl show of the network; the datapath needs none of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<ipnetwork::Ipv4Network>,
     /// This node's own address on the network (Docker's per-node endpoint, e.g. the
     /// ingress sandbox's): the source of flows SNATed toward stock nodes.
     pub local_addr: Ipv4Addr,

@@ -1,4 +1,3 @@
-
 use super::*;
 use mesh_common::lb::{BackendState, FE_HOST, FE_INGRESS, UDP_IDLE_DEFAULT_S};
 

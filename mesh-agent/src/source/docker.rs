@@ -115,7 +115,16 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
             .as_ref()
             .and_then(|c| c.get(&endpoint))
             .and_then(|e| e.ipv4_address.as_deref())
-            .and_then(|a| a.split('/').next()?.parse().ok());
+            .and_then(|a| a.parse::<ipnetwork::Ipv4Network>().ok())
+            .map(|n| n.ip());
+        let subnets = v
+            .ipam
+            .as_ref()
+            .and_then(|i| i.config.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.subnet.as_deref()?.parse().ok())
+            .collect();
         let peers = v
             .peers
             .unwrap_or_default()
@@ -133,6 +142,7 @@ pub async fn snapshot(docker: &Docker) -> Result<SwarmView, DockerError> {
             name,
             ingress,
             vnis,
+            subnets,
             local_addr,
             peers,
             services,

@@ -11,6 +11,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 
 use crate::model::{
@@ -33,6 +34,8 @@ pub struct NetworkView {
     pub ingress: bool,
     /// One VNI per subnet (`vxlanid_list`), the first subnet's first; empty: unknown.
     pub vnis: Vec<u32>,
+    /// IPAM's subnets, in the VNIs' order.
+    pub subnets: Vec<Ipv4Network>,
     /// This node's own endpoint on the network (ingress-sbox / lb-<name>).
     pub local_addr: Option<Ipv4Addr>,
     pub peers: Vec<Ipv4Addr>,
@@ -119,6 +122,7 @@ pub fn model_from(networks: &[NetworkView], me: Ipv4Addr, underlay: &str) -> Mod
             name: n.name.clone(),
             vni,
             more_vnis: n.vnis[1..].to_vec(),
+            subnets: n.subnets.clone(),
             local_addr,
             // The mesh tunnels its own flows on the ingress network only.
             docker: !n.ingress,

@@ -1,4 +1,3 @@
-
 use super::*;
 
 /// Shaped as `docker network inspect --verbose ingress` printed on a real swarm here.
@@ -18,6 +17,7 @@ fn ingress() -> NetworkView {
         name: "ingress".into(),
         ingress: true,
         vnis: vec![4096],
+        subnets: vec!["10.0.0.0/24".parse().unwrap()],
         local_addr: Some("10.0.0.2".parse().unwrap()),
         peers: vec![
             "10.251.0.11".parse().unwrap(),
@@ -30,6 +30,17 @@ fn ingress() -> NetworkView {
 /// `docker network create --ingress ... myingress` (row 2.4/custom-ingress): its
 /// sandbox's endpoint is `myingress-sbox`; once only `ingress-sbox` was looked for,
 /// and a re-created ingress network served no published port.
+#[test]
+fn a_network_keeps_its_subnets_through_the_model_file() {
+    let m = model_from(&[ingress()], "10.251.0.11".parse().unwrap(), "eth0");
+    let subnets = &m.networks[0].subnets;
+    assert_eq!(subnets, &vec!["10.0.0.0/24".parse().unwrap()]);
+    assert!(subnets[0].contains("10.0.0.2".parse().unwrap()));
+    let yaml = crate::model::to_yaml(&m);
+    assert!(yaml.contains("10.0.0.0/24"), "{yaml}");
+    assert_eq!(crate::model::from_yaml(&yaml).unwrap(), m);
+}
+
 #[test]
 fn the_local_endpoint_of_any_ingress_network() {
     assert_eq!(local_endpoint_key("ingress", true), "ingress-sbox");

@@ -206,6 +206,7 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
             name: "appnet".into(),
             vni: APPNET_VNI,
             more_vnis: vec![],
+            subnets: vec![],
             local_addr: Ipv4Addr::new(10, 221, 0, 3),
             docker: true,
         }],

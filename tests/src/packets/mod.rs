@@ -1,8 +1,13 @@
 //! Packet builders for fixtures: well-formed packets come from etherparse (checksums
-//! and lengths right), malformed ones are those bytes edited in one named way.
+//! and lengths right), malformed ones are those bytes edited in one named way. [`Pkt`]
+//! describes an IPv4 packet field by field, so that a fixture's expected output reads as
+//! its input with the rewritten fields changed.
 
 use etherparse::{PacketBuilder, PacketBuilderStep, TcpOptionElement, VlanId};
 use mesh_common::csum;
+
+mod pkt;
+pub use pkt::{Pkt, TCP_WINDOW};
 
 pub const MAC_A: [u8; 6] = [0x02, 0x42, 0x0a, 0xcb, 0x00, 0x01];
 pub const MAC_B: [u8; 6] = [0x02, 0x42, 0x0a, 0xcb, 0x00, 0x02];
@@ -16,7 +21,7 @@ pub const IP6_B: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 /// Where the IPv4/IPv6 header starts in an untagged frame.
 pub const L3: usize = 14;
 
-fn write<T>(b: PacketBuilderStep<T>, payload: &[u8]) -> Vec<u8>
+pub(crate) fn write<T>(b: PacketBuilderStep<T>, payload: &[u8]) -> Vec<u8>
 where
     PacketBuilderStep<T>: Writable,
 {
@@ -177,11 +182,44 @@ pub fn vxlan6(dport: u16, vni: u32) -> Vec<u8> {
 }
 
 fn vxlan_payload(vni: u32) -> Vec<u8> {
-    let inner = udp4(1111, 2222, b"inner");
+    vxlan(vni, &udp4(1111, 2222, b"inner"))
+}
+
+/// A VXLAN header (I flag, `vni`) followed by the `inner` frame: a UDP payload.
+pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
     let mut v = vec![0x08, 0, 0, 0];
     v.extend_from_slice(&(vni << 8).to_be_bytes());
-    v.extend_from_slice(&inner);
+    v.extend_from_slice(inner);
     v
+}
+
+/// An ARP request (to the broadcast address) from `sender` (MAC, IPv4) for `target`.
+pub fn arp_request(sender: ([u8; 6], [u8; 4]), target: [u8; 4]) -> Vec<u8> {
+    arp_frame([0xff; 6], 1, sender, ([0; 6], target))
+}
+
+/// An ARP reply from `sender` (MAC, IPv4: the answer) to `to` (who asked).
+pub fn arp_reply(sender: ([u8; 6], [u8; 4]), to: ([u8; 6], [u8; 4])) -> Vec<u8> {
+    arp_frame(to.0, 2, sender, to)
+}
+
+fn arp_frame(
+    eth_dst: [u8; 6],
+    op: u16,
+    sender: ([u8; 6], [u8; 4]),
+    target: ([u8; 6], [u8; 4]),
+) -> Vec<u8> {
+    let mut p = vec![0, 1, 8, 0, 6, 4];
+    p.extend_from_slice(&op.to_be_bytes());
+    p.extend_from_slice(&sender.0);
+    p.extend_from_slice(&sender.1);
+    p.extend_from_slice(&target.0);
+    p.extend_from_slice(&target.1);
+    let mut f = eth_dst.to_vec();
+    f.extend_from_slice(&sender.0);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&p);
+    f
 }
 
 // ---- edits -------------------------------------------------------------------------

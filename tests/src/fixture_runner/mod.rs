@@ -12,7 +12,9 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::Context;
 use aya::programs::{TestRun, TestRunOptions};
-use mesh_agent::{datapath::loader::Datapath, datapath::mesh::Mesh, model::Desired, datapath::stats::Snapshot};
+use mesh_agent::{
+    datapath::loader::Datapath, datapath::mesh::Mesh, datapath::stats::Snapshot, model::Desired,
+};
 use mesh_common::{
     config::MeshConfig,
     stats::{BackendCounter, Counter, Hook},

@@ -10,8 +10,8 @@ use std::{
 use anyhow::{bail, Context};
 
 use super::{
-    dockerd::dockerd_pid,
     layout::{node_dir, recorded_nodes, sock, ST, ST_DIR_DATA_PATH_PORT},
+    pids::dockerd_pid,
     pids::{alive, cmdline, kill_checked, read_pid, wait_gone},
 };
 use crate::cmd;

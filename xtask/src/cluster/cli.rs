@@ -7,9 +7,10 @@ use clap::Subcommand;
 
 use super::{
     agent::{agent_paths, start_agent, stop_agent},
-    dockerd::{docker, dockerd_pid, restart_dockerd},
+    dockerd::{docker, restart_dockerd, DockerdAction},
     down::down,
     layout::{is_stock, node_dir, tempdir, CLIENT_NS, ST},
+    pids::dockerd_pid,
     pids::{alive, kill_checked, read_pid, wait_gone},
     self_test,
     status::status,
@@ -108,12 +109,6 @@ pub enum Cluster {
         #[arg(long)]
         docker: String,
     },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DockerdAction {
-    Restart,
-    Kill,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

@@ -12,9 +12,8 @@ use anyhow::{bail, Context};
 
 use super::{
     agent::{agent_paths, agent_state, start_agent, stop_agent},
-    cli::DockerdAction,
     layout::{data_root, exec_root, node_addr, node_dir, node_rec, sock, ST, ST_NO_USERLAND_PROXY},
-    pids::{alive, cmdline, kill_checked, read_pid, wait_gone},
+    pids::{alive, cmdline, dockerd_pid, kill_checked, read_pid, wait_gone},
 };
 use crate::{
     cmd::output,
@@ -34,12 +33,6 @@ pub fn docker(n: u32, args: &[&str]) -> Command {
     let mut c = Command::new(cli);
     c.arg("-H").arg(sock(n)).args(args);
     c
-}
-
-/// dockerd's PID for node `n`, if it is still our dockerd.
-pub(super) fn dockerd_pid(n: u32) -> Option<u32> {
-    let pid = read_pid(&node_dir(n).join("dockerd.pid"))?;
-    (alive(pid) && cmdline(pid).contains(&format!("{}/docker.sock", exec_root(n)))).then_some(pid)
 }
 
 pub(super) fn start_node(n: u32, engine: &Engine) -> anyhow::Result<()> {
@@ -292,4 +285,11 @@ pub(super) fn stop_node(n: u32) {
             }
         }
     }
+}
+
+/// What `cluster dockerd N` does to a node's dockerd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DockerdAction {
+    Restart,
+    Kill,
 }

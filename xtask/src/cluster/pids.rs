@@ -1,6 +1,7 @@
 //! The PIDs `up` and `cluster agent` record: alive or not, and signalled only after
 //! checking their command line is still what was started.
 
+use super::layout::{exec_root, node_dir};
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -46,4 +47,10 @@ pub(super) fn wait_gone(pid: u32, secs: u64) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     true
+}
+
+/// dockerd's PID for node `n`, if it is still our dockerd.
+pub(super) fn dockerd_pid(n: u32) -> Option<u32> {
+    let pid = read_pid(&node_dir(n).join("dockerd.pid"))?;
+    (alive(pid) && cmdline(pid).contains(&format!("{}/docker.sock", exec_root(n)))).then_some(pid)
 }

@@ -12,9 +12,10 @@ use anyhow::{bail, Context};
 
 use super::{
     agent::{start_agent, stop_agent},
-    dockerd::{docker, dockerd_pid},
+    dockerd::docker,
     down::down,
     layout::{data_root, exec_root, node_addr, node_rec, recorded_nodes, sock, CLIENT_NS, ST, UL},
+    pids::dockerd_pid,
     test_image::IMAGE,
     up::up,
 };

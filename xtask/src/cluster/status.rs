@@ -2,8 +2,9 @@
 
 use super::{
     agent::agent_state,
-    dockerd::{docker, dockerd_pid},
+    dockerd::docker,
     layout::{node_addr, node_rec, recorded_nodes, sock, CLIENT_ADDR, CLIENT_NS, UL},
+    pids::dockerd_pid,
 };
 use crate::{cmd::output, engines};
 

@@ -11,11 +11,12 @@ use std::{
 use anyhow::bail;
 
 use super::{
-    dockerd::{docker, dockerd_pid, start_node, wait_node},
+    dockerd::{docker, start_node, wait_node},
     layout::{
         by_host_dir, exec_root, node_addr, node_rec, recorded_nodes, sock, write_rec, CLIENT_ADDR,
         CLIENT_NS, POOL, ST, ST_DIR_DATA_PATH_PORT, ST_NO_USERLAND_PROXY, UL,
     },
+    pids::dockerd_pid,
     test_image::{import_image, make_rootfs},
 };
 use crate::{

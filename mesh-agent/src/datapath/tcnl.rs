@@ -4,7 +4,9 @@
 //! so that a restarted agent finds its predecessor's filter and replaces the program in
 //! it in place: the kernel swaps the program of an existing cls_bpf filter atomically,
 //! with no moment without one. Everything here acts in the calling thread's network
-//! namespace.
+//! namespace. The messages are built here and sent through [`netdev::request`] /
+//! [`netdev::get`]: rtnetlink's filter requests make u32 filters only, with no handle
+//! and no way to add a bpf filter's options, and its qdisc request knows no clsact.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::MeshError;
+use crate::{host::netdev, MeshError};
 
 /// Where the node's redirected sockets send (no ARP: the far end takes every frame).
 pub const HOST_DEV: &str = "mesh-host0";
@@ -65,52 +65,38 @@ pub fn cgroup2_dir(explicit: Option<&Path>) -> Result<PathBuf, MeshError> {
 
 /// The cookie of the network namespace at `netns`.
 pub fn netns_cookie_of(netns: &Path) -> Result<u64, MeshError> {
-    crate::host::netdev::in_netns(netns, crate::datapath::sys::netns_cookie)
+    netdev::in_netns(netns, crate::datapath::sys::netns_cookie)
 }
 
 /// Creates the host port (the veth pair [`HOST_DEV`] / [`HOST_PEER`], no ARP on
 /// [`HOST_DEV`], both up) unless it is there, and sets its MTU. Returns the peer's index.
 /// Kept across agent restarts: sockets connected through it keep working.
 pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
-    use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo};
+    use rtnetlink::{LinkUnspec, LinkVeth};
     if crate::host::preflight::ifindex(HOST_DEV).is_err() {
-        let mut peer = netlink_packet_route::link::LinkMessage::default();
-        peer.attributes
-            .push(LinkAttribute::IfName(HOST_PEER.into()));
-        let mut m = netlink_packet_route::link::LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(HOST_DEV.into()));
-        m.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::Veth),
-            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
-        ]));
-        crate::host::netdev::request(
-            netlink_packet_route::RouteNetlinkMessage::NewLink(m),
-            crate::host::netdev::CREATE,
+        netdev::with_rtnetlink(
             "creating the host port (veth mesh-host0/mesh-host1)",
+            |h| async move {
+                let veth = LinkVeth::new(HOST_DEV, HOST_PEER).build();
+                h.link().add(veth).execute().await.map_err(netdev::io_error)
+            },
         )?;
     }
     let (dev, peer) = (
         crate::host::preflight::ifindex(HOST_DEV)?,
         crate::host::preflight::ifindex(HOST_PEER)?,
     );
-    for (ix, noarp) in [(dev, true), (peer, false)] {
-        use netlink_packet_route::link::LinkFlags;
-        let mut m = netlink_packet_route::link::LinkMessage::default();
-        m.header.index = ix;
-        m.header.flags = LinkFlags::Up
-            | if noarp {
-                LinkFlags::Noarp
-            } else {
-                LinkFlags::empty()
-            };
-        m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
-        m.attributes.push(LinkAttribute::Mtu(mtu));
-        crate::host::netdev::request(
-            netlink_packet_route::RouteNetlinkMessage::SetLink(m),
-            0,
-            "bringing the host port up",
-        )?;
-    }
+    netdev::with_rtnetlink("bringing the host port up", |h| async move {
+        for (ix, arp) in [(dev, false), (peer, true)] {
+            let m = LinkUnspec::new_with_index(ix)
+                .up()
+                .arp(arp)
+                .mtu(mtu)
+                .build();
+            h.link().set(m).execute().await.map_err(netdev::io_error)?;
+        }
+        Ok(())
+    })?;
     Ok(peer)
 }
 
@@ -118,11 +104,15 @@ pub fn ensure_device(mtu: u32) -> Result<u32, MeshError> {
 /// another node sees as the client). Replaces what is there.
 pub fn route(dst: Ipv4Addr, src: Ipv4Addr) -> Result<(), MeshError> {
     let dev = crate::host::preflight::ifindex(HOST_DEV)?;
-    crate::host::netdev::request(
-        netlink_packet_route::RouteNetlinkMessage::NewRoute(route_msg(dst, dev, Some(src))),
-        crate::host::netdev::REPLACE,
-        format!("routing {dst} into {HOST_DEV}"),
-    )
+    netdev::with_rtnetlink(&format!("routing {dst} into {HOST_DEV}"), |h| async move {
+        let m = route_msg(dst, dev).pref_source(src).build();
+        h.route()
+            .add(m)
+            .replace()
+            .execute()
+            .await
+            .map_err(netdev::io_error)
+    })
 }
 
 /// Removes the route to `dst`/32 through the host port (gone already: fine).
@@ -130,44 +120,21 @@ pub fn unroute(dst: Ipv4Addr) -> Result<(), MeshError> {
     let Ok(dev) = crate::host::preflight::ifindex(HOST_DEV) else {
         return Ok(());
     };
-    match crate::host::netdev::request(
-        netlink_packet_route::RouteNetlinkMessage::DelRoute(route_msg(dst, dev, None)),
-        0,
-        format!("removing the route to {dst}"),
-    ) {
+    match netdev::with_rtnetlink(&format!("removing the route to {dst}"), |h| async move {
+        let m = route_msg(dst, dev).build();
+        h.route().del(m).execute().await.map_err(netdev::io_error)
+    }) {
         Err(MeshError::Io { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => Ok(()),
         r => r,
     }
 }
 
-/// RTM_*ROUTE for `dst`/32 out of `dev` (table main, link scope), from `src` if given.
-fn route_msg(
-    dst: Ipv4Addr,
-    dev: u32,
-    src: Option<Ipv4Addr>,
-) -> netlink_packet_route::route::RouteMessage {
-    use netlink_packet_route::{
-        route::{
-            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-            RouteType,
-        },
-        AddressFamily,
-    };
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    m.header.destination_prefix_length = 32;
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
-    m.header.protocol = RouteProtocol::Static;
-    m.header.scope = RouteScope::Link;
-    m.header.kind = RouteType::Unicast;
-    m.attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
-    m.attributes.push(RouteAttribute::Oif(dev));
-    if let Some(src) = src {
-        m.attributes
-            .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
-    }
-    m
+/// A route to `dst`/32 out of `dev`: table main, static, link scope, unicast.
+fn route_msg(dst: Ipv4Addr, dev: u32) -> rtnetlink::RouteMessageBuilder<Ipv4Addr> {
+    rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, 32)
+        .output_interface(dev)
+        .scope(netlink_packet_route::route::RouteScope::Link)
 }
 
 /// Removes the host port (its routes go with it).
@@ -175,13 +142,9 @@ pub fn remove_device() -> Result<(), MeshError> {
     let Ok(ix) = crate::host::preflight::ifindex(HOST_DEV) else {
         return Ok(());
     };
-    let mut m = netlink_packet_route::link::LinkMessage::default();
-    m.header.index = ix;
-    crate::host::netdev::request(
-        netlink_packet_route::RouteNetlinkMessage::DelLink(m),
-        0,
-        "removing the host port",
-    )
+    netdev::with_rtnetlink("removing the host port", |h| async move {
+        h.link().del(ix).execute().await.map_err(netdev::io_error)
+    })
 }
 
 /// The network namespaces whose sockets the mesh redirects, beyond the agent's own:
@@ -238,7 +201,7 @@ impl HostPorts {
         pins: Option<&crate::datapath::pins::PinDir>,
     ) -> Result<HostPorts, MeshError> {
         let cgroup = cgroup2_dir(cgroup)?;
-        let mtu = crate::host::netdev::mtu(underlay).unwrap_or(1500);
+        let mtu = netdev::mtu(underlay).unwrap_or(1500);
         ensure_device(mtu.saturating_sub(VXLAN_OVERHEAD).max(576))?;
         route(host_addr, node_addr)?;
         match pins {
@@ -325,7 +288,7 @@ impl HostPorts {
     /// on: every non-loopback IPv4 address of the node (as Docker's mesh answers on
     /// each), and the host port's own (the task program finds the frontend by it).
     pub fn node_addrs(&self) -> Vec<Ipv4Addr> {
-        let mut v: Vec<Ipv4Addr> = crate::host::netdev::all_ipv4()
+        let mut v: Vec<Ipv4Addr> = netdev::all_ipv4()
             .into_iter()
             .filter(|a| !a.is_loopback())
             .collect();

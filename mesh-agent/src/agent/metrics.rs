@@ -1,12 +1,13 @@
 //! The agent's Prometheus endpoint: its own work (reconciles, their latency, the lag
 //! from a Docker event to the maps written) and, read from the pinned maps at scrape
 //! time, the datapath's packets and drops by hook and reason and conntrack occupancy.
-//! The text format is rendered here (pure, unit-tested); the HTTP side is a minimal
-//! GET-only responder bound to localhost by default.
+//! Each scrape is one `prometheus-client` collector, encoded in the Prometheus text
+//! format (0.0.4) by that crate; the HTTP side is `crate::http`, bound to localhost by
+//! default.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
+    fmt,
     net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -14,14 +15,20 @@ use std::{
 };
 
 use mesh_common::{reason::Kind, stats::BackendCounter};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, histogram, MetricType},
+    registry::Registry,
+};
 
-/// A cumulative histogram with fixed bucket bounds (seconds).
+/// A latency histogram (seconds) with fixed buckets, plus the last observations for
+/// quantiles in reports and the status file.
 #[derive(Clone, Debug)]
 pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+    /// The buckets Prometheus reads. Clones share them: a scrape's copy of
+    /// `AgentMetrics` reads the live counts.
+    buckets: histogram::Histogram,
     /// Every observation, for quantiles in reports (bounded).
     recent: Vec<f64>,
 }
@@ -34,23 +41,14 @@ const RECENT: usize = 1024;
 impl Histogram {
     pub fn new() -> Self {
         Histogram {
-            bounds: LATENCY_BOUNDS,
-            counts: vec![0; LATENCY_BOUNDS.len()],
-            sum: 0.0,
-            count: 0,
+            buckets: histogram::Histogram::new(LATENCY_BOUNDS.iter().copied()),
             recent: Vec::new(),
         }
     }
 
     pub fn observe(&mut self, d: Duration) {
         let s = d.as_secs_f64();
-        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
-            if s <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += s;
-        self.count += 1;
+        self.buckets.observe(s);
         if self.recent.len() == RECENT {
             self.recent.remove(0);
         }
@@ -68,25 +66,22 @@ impl Histogram {
         Some(v[i])
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
-        // Quantiles of the last observations, for people reading the endpoint by eye
-        // (and for reports); Prometheus users derive them from the buckets.
-        let q = format!("{name}_recent");
-        let _ = writeln!(
-            out,
-            "# HELP {q} Quantiles of the last {RECENT} observations.\n# TYPE {q} gauge"
-        );
-        for p in [0.5, 0.99] {
-            if let Some(v) = self.quantile(p) {
-                let _ = writeln!(out, "{q}{{quantile=\"{p}\"}} {v}");
-            }
-        }
+    /// The histogram as `name`, and `<name>_recent`: quantiles of the last
+    /// observations, for people reading the endpoint by eye (and for reports);
+    /// Prometheus users derive them from the buckets.
+    fn encode(&self, enc: &mut DescriptorEncoder, name: &str, help: &str) -> fmt::Result {
+        one(enc, name, help, &self.buckets)?;
+        let quantiles = [0.5, 0.99].into_iter().filter_map(|p| {
+            let v = self.quantile(p)?;
+            Some(([("quantile", p.to_string())], ConstGauge::new(v)))
+        });
+        family(
+            enc,
+            &format!("{name}_recent"),
+            &format!("Quantiles of the last {RECENT} observations."),
+            MetricType::Gauge,
+            quantiles,
+        )
     }
 }
 
@@ -184,179 +179,171 @@ impl ServiceTotals {
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-    );
+/// One metric without labels. Counters are named without `_total`: the encoder adds it.
+fn one(enc: &mut DescriptorEncoder, name: &str, help: &str, m: &impl EncodeMetric) -> fmt::Result {
+    m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+/// One family: a series per label set, in the order given.
+fn family<S: EncodeLabelSet, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: impl IntoIterator<Item = (S, M)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, m) in series {
+        m.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
-/// Renders the Prometheus text exposition of `m`, the datapath counters and the
-/// conntrack occupancy (when the maps could be read).
-pub fn render(
-    m: &AgentMetrics,
-    stats: Option<&crate::datapath::stats::Snapshot>,
+/// One scrape: what the agent counted and what was read from the maps (None where
+/// they could not be read). A collector rather than registered families: every value
+/// is read at scrape time, and the series keep their order from one scrape to the next.
+#[derive(Debug)]
+struct Scrape {
+    agent: AgentMetrics,
+    stats: Option<crate::datapath::stats::Snapshot>,
     conntrack: Option<crate::datapath::conntrack::Occupancy>,
-    traffic: Option<&Traffic>,
-) -> String {
-    let mut out = String::new();
-    if let Some(t) = traffic {
-        render_traffic(&mut out, t);
-    }
-    counter(
-        &mut out,
-        "mesh_reconciles_total",
-        "Reconciles that completed.",
-        m.reconciles,
-    );
-    counter(
-        &mut out,
-        "mesh_reconcile_errors_total",
-        "Reconciles that failed (the previous state was kept).",
-        m.reconcile_errors,
-    );
-    counter(
-        &mut out,
-        "mesh_map_writes_total",
-        "Map entries written.",
-        m.map_writes,
-    );
-    counter(
-        &mut out,
-        "mesh_docker_events_total",
-        "Docker events that triggered a resync.",
-        m.events,
-    );
-    gauge(
-        &mut out,
-        "mesh_services",
-        "Load-balancing groups in the maps.",
-        m.services,
-    );
-    gauge(
-        &mut out,
-        "mesh_backends",
-        "Backends in the maps.",
-        m.backends,
-    );
-    gauge(
-        &mut out,
-        "mesh_local_endpoints",
-        "Tasks on this node.",
-        m.endpoints,
-    );
-    let name = "mesh_model_problems";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Parts of the model left out because they cannot be programmed \
-         (`meshctl doctor` says why); every other service is applied.\n# TYPE {name} gauge"
-    );
-    let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
-    for p in &m.problems {
-        let _ = writeln!(
-            out,
-            "{name}{{service=\"{}\",left_out=\"{}\"}} 1",
-            esc(&p.service),
-            esc(&p.left_out)
-        );
-    }
-    let name = "mesh_port_in_use";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Published ports a process of this node also listens on (it gets no \
-         new connection on the node's addresses while the service publishes the port).\n\
-         # TYPE {name} gauge"
-    );
-    for p in &m.ports_in_use {
-        let _ = writeln!(
-            out,
-            "{name}{{port=\"{}\",protocol=\"{}\",service=\"{}\",process=\"{}\"}} 1",
-            p.port,
-            format!("{:?}", p.protocol).to_lowercase(),
-            esc(&p.service),
-            esc(&p.process)
-        );
-    }
-    gauge(
-        &mut out,
-        "mesh_last_reconcile_timestamp_seconds",
-        "Unix time of the last successful reconcile.",
-        m.last_reconcile_unix,
-    );
-    m.reconcile_seconds.render(
-        &mut out,
-        "mesh_reconcile_duration_seconds",
-        "Time to derive the desired state and write the maps.",
-    );
-    m.event_lag_seconds.render(
-        &mut out,
-        "mesh_event_lag_seconds",
-        "From a Docker event's timestamp to the maps written after it.",
-    );
-    if let Some(ct) = conntrack {
-        gauge(
-            &mut out,
-            "mesh_conntrack_entries",
-            "Entries in the conntrack map.",
-            ct.entries,
-        );
-        gauge(
-            &mut out,
-            "mesh_conntrack_capacity",
-            "Capacity of the conntrack map (its max_entries, as the kernel has it; two entries per flow).",
-            ct.capacity,
-        );
-    }
-    if let Some(s) = stats {
-        for (name, help, drops) in [
+    traffic: Option<Traffic>,
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let enc = &mut enc;
+        let m = &self.agent;
+        if let Some(t) = &self.traffic {
+            encode_traffic(enc, t)?;
+        }
+        for (name, help, v) in [
             (
-                "mesh_packets_total",
-                "Packets by hook and verdict reason.",
-                false,
+                "mesh_reconciles",
+                "Reconciles that completed.",
+                m.reconciles,
             ),
             (
-                "mesh_drops_total",
-                "Packets dropped, by hook and reason.",
-                true,
+                "mesh_reconcile_errors",
+                "Reconciles that failed (the previous state was kept).",
+                m.reconcile_errors,
+            ),
+            ("mesh_map_writes", "Map entries written.", m.map_writes),
+            (
+                "mesh_docker_events",
+                "Docker events that triggered a resync.",
+                m.events,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (hook, reason, c) in s.iter() {
-                if drops != (reason.kind() == Kind::Drop) {
-                    continue;
-                }
-                let _ = writeln!(
-                    out,
-                    "{name}{{hook=\"{}\",reason=\"{}\"}} {}",
-                    hook.name(),
-                    reason.name(),
-                    c.packets
-                );
-            }
+            one(enc, name, help, &ConstCounter::new(v))?;
         }
-        let name = "mesh_bytes_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Bytes by hook and verdict reason.\n# TYPE {name} counter"
-        );
-        for (hook, reason, c) in s.iter() {
-            let _ = writeln!(
-                out,
-                "{name}{{hook=\"{}\",reason=\"{}\"}} {}",
-                hook.name(),
-                reason.name(),
-                c.bytes
-            );
+        for (name, help, v) in [
+            (
+                "mesh_services",
+                "Load-balancing groups in the maps.",
+                m.services,
+            ),
+            ("mesh_backends", "Backends in the maps.", m.backends),
+            ("mesh_local_endpoints", "Tasks on this node.", m.endpoints),
+        ] {
+            one(enc, name, help, &ConstGauge::new(v))?;
         }
+        family(
+            enc,
+            "mesh_model_problems",
+            "Parts of the model left out because they cannot be programmed \
+             (`meshctl doctor` says why); every other service is applied.",
+            MetricType::Gauge,
+            m.problems.iter().map(|p| {
+                let labels = [("service", p.service.as_str()), ("left_out", &p.left_out)];
+                (labels, ConstGauge::new(1))
+            }),
+        )?;
+        family(
+            enc,
+            "mesh_port_in_use",
+            "Published ports a process of this node also listens on (it gets no new \
+             connection on the node's addresses while the service publishes the port).",
+            MetricType::Gauge,
+            m.ports_in_use.iter().map(|p| {
+                let labels = [
+                    ("port", p.port.to_string()),
+                    ("protocol", format!("{:?}", p.protocol).to_lowercase()),
+                    ("service", p.service.clone()),
+                    ("process", p.process.clone()),
+                ];
+                (labels, ConstGauge::new(1))
+            }),
+        )?;
+        one(
+            enc,
+            "mesh_last_reconcile_timestamp_seconds",
+            "Unix time of the last successful reconcile.",
+            &ConstGauge::new(m.last_reconcile_unix),
+        )?;
+        m.reconcile_seconds.encode(
+            enc,
+            "mesh_reconcile_duration_seconds",
+            "Time to derive the desired state and write the maps.",
+        )?;
+        m.event_lag_seconds.encode(
+            enc,
+            "mesh_event_lag_seconds",
+            "From a Docker event's timestamp to the maps written after it.",
+        )?;
+        if let Some(ct) = self.conntrack {
+            one(
+                enc,
+                "mesh_conntrack_entries",
+                "Entries in the conntrack map.",
+                &ConstGauge::new(ct.entries),
+            )?;
+            one(
+                enc,
+                "mesh_conntrack_capacity",
+                "Capacity of the conntrack map (its max_entries, as the kernel has it; two entries per flow).",
+                &ConstGauge::new(ct.capacity),
+            )?;
+        }
+        if let Some(s) = &self.stats {
+            let by_reason = |drops: bool| {
+                s.iter()
+                    .filter(move |(_, reason, _)| drops == (reason.kind() == Kind::Drop))
+                    .map(|(hook, reason, c)| {
+                        let labels = [("hook", hook.name()), ("reason", reason.name())];
+                        (labels, ConstCounter::new(c.packets))
+                    })
+            };
+            family(
+                enc,
+                "mesh_packets",
+                "Packets by hook and verdict reason.",
+                MetricType::Counter,
+                by_reason(false),
+            )?;
+            family(
+                enc,
+                "mesh_drops",
+                "Packets dropped, by hook and reason.",
+                MetricType::Counter,
+                by_reason(true),
+            )?;
+            family(
+                enc,
+                "mesh_bytes",
+                "Bytes by hook and verdict reason.",
+                MetricType::Counter,
+                s.iter().map(|(hook, reason, c)| {
+                    let labels = [("hook", hook.name()), ("reason", reason.name())];
+                    (labels, ConstCounter::new(c.bytes))
+                }),
+            )?;
+        }
+        Ok(())
     }
-    out
 }
 
-fn render_traffic(out: &mut String, t: &Traffic) {
+fn encode_traffic(enc: &mut DescriptorEncoder, t: &Traffic) -> fmt::Result {
     type Field = fn(&BackendCounter) -> u64;
     let fields: [(&str, &str, Field); 3] = [
         (
@@ -370,27 +357,48 @@ fn render_traffic(out: &mut String, t: &Traffic) {
         ("flows", "Flows balanced here", |c| c.flows),
     ];
     for (what, help, get) in fields {
-        let name = format!("mesh_service_{what}_total");
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}, by service (load-balancing group).\n# TYPE {name} counter"
-        );
-        for (svc, c) in &t.services {
-            let _ = writeln!(out, "{name}{{service=\"{svc}\"}} {}", get(c));
-        }
-        let name = format!("mesh_backend_{what}_total");
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}, by backend.\n# TYPE {name} counter"
-        );
-        for (svc, be, c) in &t.backends {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{svc}\",backend=\"{be}\"}} {}",
-                get(c)
-            );
-        }
+        family(
+            enc,
+            &format!("mesh_service_{what}"),
+            &format!("{help}, by service (load-balancing group)."),
+            MetricType::Counter,
+            t.services
+                .iter()
+                .map(|(svc, c)| ([("service", svc.as_str())], ConstCounter::new(get(c)))),
+        )?;
+        family(
+            enc,
+            &format!("mesh_backend_{what}"),
+            &format!("{help}, by backend."),
+            MetricType::Counter,
+            t.backends.iter().map(|(svc, be, c)| {
+                let labels = [("service", svc.as_str()), ("backend", be)];
+                (labels, ConstCounter::new(get(c)))
+            }),
+        )?;
     }
+    Ok(())
+}
+
+/// Renders the Prometheus text exposition of `m`, the datapath counters and the
+/// conntrack occupancy (when the maps could be read).
+pub fn render(
+    m: &AgentMetrics,
+    stats: Option<&crate::datapath::stats::Snapshot>,
+    conntrack: Option<crate::datapath::conntrack::Occupancy>,
+    traffic: Option<&Traffic>,
+) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape {
+        agent: m.clone(),
+        stats: stats.cloned(),
+        conntrack,
+        traffic: traffic.cloned(),
+    }));
+    let mut out = String::new();
+    // Writing into a String cannot fail, nor can the values above.
+    prometheus_text::encode(&mut out, &registry).expect("metrics encode");
+    out
 }
 
 /// Serves `GET /metrics` until the runtime stops; `pins` is where the maps are read
@@ -431,6 +439,168 @@ mod tests {
             packets,
             bytes: packets * 100,
             flows,
+        }
+    }
+
+    /// One scrape with every family populated: the agent's counts and both histograms,
+    /// a problem, a port in use, a pass and a drop, conntrack and per-backend traffic.
+    fn full_scrape() -> String {
+        let mut m = AgentMetrics {
+            reconciles: 3,
+            reconcile_errors: 1,
+            map_writes: 40,
+            events: 5,
+            services: 2,
+            backends: 4,
+            endpoints: 1,
+            last_reconcile_unix: 1_700_000_000.5,
+            problems: vec![crate::model::Problem {
+                service: "db".into(),
+                left_out: "port 8080/tcp".into(),
+                reason: "taken".into(),
+            }],
+            ports_in_use: vec![crate::host::listeners::PortInUse {
+                port: 8080,
+                protocol: crate::model::Protocol::Tcp,
+                service: "web".into(),
+                process: "nginx (pid 812)".into(),
+            }],
+            ..Default::default()
+        };
+        for ms in [1u64, 3, 700] {
+            m.reconcile_seconds.observe(Duration::from_millis(ms));
+            m.event_lag_seconds.observe(Duration::from_millis(ms * 2));
+        }
+        let mut s = crate::datapath::stats::Snapshot::default();
+        for r in [
+            Reason::ALL[0],
+            *Reason::ALL.iter().find(|r| r.kind() == Kind::Drop).unwrap(),
+        ] {
+            s.cells.insert(
+                (Hook::TcTask as u32, r as u32),
+                Counter {
+                    packets: 9,
+                    bytes: 900,
+                },
+            );
+        }
+        let ct = crate::datapath::conntrack::Occupancy {
+            entries: 12,
+            capacity: 131_072,
+        };
+        let names = BTreeMap::from([(
+            1,
+            ("web/tcp/80".to_string(), "10.0.0.4".parse().unwrap(), 80),
+        )]);
+        let t = ServiceTotals::default().update(&names, &BTreeMap::from([(1, c(10, 2))]));
+        render(&m, Some(&s), Some(ct), Some(&t))
+    }
+
+    /// Every family's `# TYPE` line and every series' name with its label names, as
+    /// Prometheus and the tests (tests/tests/swarm.rs) read them.
+    #[test]
+    fn every_metric_name_and_label_set_is_kept() {
+        let out = full_scrape();
+        let mut seen = std::collections::BTreeSet::new();
+        for line in out.lines() {
+            if line.starts_with("# TYPE ") {
+                seen.insert(line.to_string());
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let series = line.rsplit_once(' ').expect("a value").0;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let keys: Vec<&str> = labels
+                .split(',')
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                .collect();
+            seen.insert(format!("{name}{{{}}}", keys.join(",")));
+        }
+        let want = [
+            "# TYPE mesh_backend_bytes_total counter",
+            "# TYPE mesh_backend_flows_total counter",
+            "# TYPE mesh_backend_packets_total counter",
+            "# TYPE mesh_backends gauge",
+            "# TYPE mesh_bytes_total counter",
+            "# TYPE mesh_conntrack_capacity gauge",
+            "# TYPE mesh_conntrack_entries gauge",
+            "# TYPE mesh_docker_events_total counter",
+            "# TYPE mesh_drops_total counter",
+            "# TYPE mesh_event_lag_seconds histogram",
+            "# TYPE mesh_event_lag_seconds_recent gauge",
+            "# TYPE mesh_last_reconcile_timestamp_seconds gauge",
+            "# TYPE mesh_local_endpoints gauge",
+            "# TYPE mesh_map_writes_total counter",
+            "# TYPE mesh_model_problems gauge",
+            "# TYPE mesh_packets_total counter",
+            "# TYPE mesh_port_in_use gauge",
+            "# TYPE mesh_reconcile_duration_seconds histogram",
+            "# TYPE mesh_reconcile_duration_seconds_recent gauge",
+            "# TYPE mesh_reconcile_errors_total counter",
+            "# TYPE mesh_reconciles_total counter",
+            "# TYPE mesh_service_bytes_total counter",
+            "# TYPE mesh_service_flows_total counter",
+            "# TYPE mesh_service_packets_total counter",
+            "# TYPE mesh_services gauge",
+            "mesh_backend_bytes_total{service,backend}",
+            "mesh_backend_flows_total{service,backend}",
+            "mesh_backend_packets_total{service,backend}",
+            "mesh_backends{}",
+            "mesh_bytes_total{hook,reason}",
+            "mesh_conntrack_capacity{}",
+            "mesh_conntrack_entries{}",
+            "mesh_docker_events_total{}",
+            "mesh_drops_total{hook,reason}",
+            "mesh_event_lag_seconds_bucket{le}",
+            "mesh_event_lag_seconds_count{}",
+            "mesh_event_lag_seconds_recent{quantile}",
+            "mesh_event_lag_seconds_sum{}",
+            "mesh_last_reconcile_timestamp_seconds{}",
+            "mesh_local_endpoints{}",
+            "mesh_map_writes_total{}",
+            "mesh_model_problems{service,left_out}",
+            "mesh_packets_total{hook,reason}",
+            "mesh_port_in_use{port,protocol,service,process}",
+            "mesh_reconcile_duration_seconds_bucket{le}",
+            "mesh_reconcile_duration_seconds_count{}",
+            "mesh_reconcile_duration_seconds_recent{quantile}",
+            "mesh_reconcile_duration_seconds_sum{}",
+            "mesh_reconcile_errors_total{}",
+            "mesh_reconciles_total{}",
+            "mesh_service_bytes_total{service}",
+            "mesh_service_flows_total{service}",
+            "mesh_service_packets_total{service}",
+            "mesh_services{}",
+        ];
+        let want: std::collections::BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(seen, want, "{out}");
+        // Every bucket bound, in order, and the series the swarm test reads.
+        let le: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("mesh_event_lag_seconds_bucket{le=\""))
+            .filter_map(|l| l.split_once('"').map(|(b, _)| b))
+            .collect();
+        assert_eq!(
+            le,
+            [
+                "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+                "2.5", "5", "+Inf"
+            ],
+            "{out}"
+        );
+        for line in [
+            "mesh_event_lag_seconds_count 3\n",
+            "mesh_event_lag_seconds_recent{quantile=\"0.5\"} 0.006\n",
+            "mesh_event_lag_seconds_recent{quantile=\"0.99\"} 1.4\n",
+            "mesh_reconciles_total 3\n",
+            "mesh_service_flows_total{service=\"web/tcp/80\"} 2\n",
+            "mesh_backend_flows_total{service=\"web/tcp/80\",backend=\"10.0.0.4:80\"} 2\n",
+            "mesh_model_problems{service=\"db\",left_out=\"port 8080/tcp\"} 1\n",
+            "mesh_port_in_use{port=\"8080\",protocol=\"tcp\",service=\"web\",process=\"nginx (pid 812)\"} 1\n",
+        ] {
+            assert!(out.contains(line), "{line:?} in:\n{out}");
         }
     }
 
@@ -479,17 +649,31 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative_and_quantiles_come_from_observations() {
-        let mut h = Histogram::new();
+        let mut m = AgentMetrics::default();
+        let h = &mut m.reconcile_seconds;
         for ms in [1u64, 3, 3, 40, 700] {
             h.observe(Duration::from_millis(ms));
         }
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.001\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.005\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.05\"} 4\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 5\n"), "{out}");
-        assert!(out.contains("x_count 5\n"), "{out}");
+        let out = render(&m, None, None, None);
+        let x = "mesh_reconcile_duration_seconds";
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"0.001\"}} 1\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"0.005\"}} 3\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"0.05\"}} 4\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"+Inf\"}} 5\n")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("{x}_count 5\n")), "{out}");
+        let h = &m.reconcile_seconds;
         assert_eq!(h.quantile(0.5), Some(0.003));
         assert_eq!(h.quantile(1.0), Some(0.7));
     }

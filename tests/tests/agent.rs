@@ -1422,3 +1422,69 @@ fn meshctl_explains_a_live_mesh() {
     assert!(err.contains("no mesh is pinned"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The datapath log: off by default (no record for a new flow), `meshctl log on` makes
+/// the programs write one per new flow, which the agent logs with its backend, and
+/// `meshctl log off` stops them again.
+#[test]
+fn datapath_log_is_switched_by_meshctl() {
+    use mesh_tests::lbtopo::{http_get, LbTopo, NODE};
+
+    let Some(object) = prereq::privileged("datapath_log_is_switched_by_meshctl") else {
+        return;
+    };
+    let Some((agent, bin)) = binaries() else {
+        return;
+    };
+    let topo = LbTopo::new("l");
+    let (guard, config) = start_config_agent(&topo, &agent, &object, "log");
+    let (ns, pins) = (topo.n.name().to_string(), guard.pin_dir.clone());
+    let request = || {
+        topo.c
+            .enter(|| http_get(NODE, 8080))
+            .expect("a request through the mesh")
+    };
+    let records = || guard.log().matches("mesh::datapath: new flow").count();
+    let settle = Duration::from_millis(500 * u64::from(prereq::time_scale()));
+
+    assert_eq!(
+        meshctl_json(&ns, &bin, &pins, &["log"])["log"],
+        "off",
+        "off by default"
+    );
+    request();
+    std::thread::sleep(settle);
+    assert_eq!(records(), 0, "no record while off: {}", guard.log());
+
+    let (code, out, err) = meshctl(&ns, &bin, &pins, &["log", "on"]);
+    assert_eq!((code, out.trim()), (0, "datapath log: on"), "{err}");
+    request();
+    let deadline = Instant::now() + Duration::from_secs(5 * u64::from(prereq::time_scale()));
+    while records() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no record of the new flow while on: {}",
+            guard.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = guard.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("mesh::datapath: new flow"))
+        .unwrap();
+    println!("{line}");
+    assert!(
+        line.contains(&format!("-> {NODE}:8080 proto 6: backend ")),
+        "the flow and its backend: {line}"
+    );
+
+    let (code, out, err) = meshctl(&ns, &bin, &pins, &["log", "off"]);
+    assert_eq!((code, out.trim()), (0, "datapath log: off"), "{err}");
+    let before = records();
+    request();
+    std::thread::sleep(settle);
+    assert_eq!(records(), before, "no record once off again");
+    drop(guard);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
+}

@@ -119,6 +119,13 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
     let (mut dp, adopt) =
         loader::Datapath::load_pinned(&object, &cfg, &pins, args.maglev_slots, features)?;
     let fallbacks = dp.features().fallbacks();
+    // The datapath log's records (written only while `meshctl log on`) into this log.
+    match crate::datapath::log::Reader::take(&mut dp) {
+        Ok(reader) => {
+            tokio::spawn(reader.run());
+        }
+        Err(e) => tracing::warn!("the datapath log cannot be read: {e}"),
+    }
     // Links of interfaces that are gone do nothing; their pins go.
     for l in pins.links() {
         if l.netns == 0 && !l.hook.sock() && preflight::ifname(l.ifindex).is_none() {

@@ -10,13 +10,14 @@
 //! The rooms: `conntrack` (the lookup and a tracked flow's packets), the new flow's
 //! three stages `choose`, `client` and `track_new`, `nat` (the rewrites toward the task
 //! and back to the client), `tunnel` (into and out of the tunnel), `refuse` (the answers
-//! for flows nobody serves).
+//! for flows nobody serves), `retry` (a refused or unanswered SYN given another backend).
 
 mod choose;
 mod client;
 mod conntrack;
 mod nat;
 mod refuse;
+mod retry;
 mod track_new;
 mod tunnel;
 

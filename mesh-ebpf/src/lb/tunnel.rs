@@ -14,8 +14,8 @@ use mesh_common::{
 };
 
 use super::{
-    conntrack::hold_refusal,
     nat::{deliver, to_client, toward_backend, toward_client},
+    retry::hold_refusal,
 };
 use crate::{
     flow::{encap_later, Outcome, Pkt},

@@ -1,4 +1,3 @@
-
 use super::*;
 use mesh_common::{reason::Reason, stats::Counter, stats::Hook};
 

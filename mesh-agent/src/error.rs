@@ -14,8 +14,8 @@ pub enum MeshError {
 
     #[error(
         "kernel {release} is too old: the mesh needs Linux {}.{} or later (missing: {missing})",
-        crate::host::preflight::MIN_KERNEL.0,
-        crate::host::preflight::MIN_KERNEL.1
+        crate::preflight::MIN_KERNEL.0,
+        crate::preflight::MIN_KERNEL.1
     )]
     KernelTooOld { release: String, missing: String },
 
@@ -90,7 +90,7 @@ pub enum MeshError {
     Layout { dir: PathBuf, detail: String },
 
     #[error("{0}")]
-    Plan(#[from] crate::plan::PlanError),
+    Plan(#[from] crate::reconcile::PlanError),
 
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),

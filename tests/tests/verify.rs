@@ -15,8 +15,8 @@ use aya::{
     EbpfLoader,
 };
 use mesh_agent::{
-    datapath::features::{Features, TcAttach},
-    datapath::loader::Datapath,
+    features::{Features, TcAttach},
+    loader::Datapath,
     MeshError,
 };
 use mesh_common::config::{programs, MeshConfig, CONFIG_GLOBAL};

@@ -415,7 +415,7 @@ check_tristate() {
   fi
 }
 
-# The agent's rules (mesh-agent/src/preflight.rs and features.rs): below 5.10 it refuses,
+# The agent's rules (mesh-agent/src/host/preflight.rs and datapath/features/): below 5.10 it refuses,
 # naming what is missing; from 5.10 on, what a release lacks has a fallback, which the
 # agent picks by probing the kernel at load time (so a backport is used where present).
 check_kernel_version() {

@@ -14,8 +14,8 @@ pub enum MeshError {
 
     #[error(
         "kernel {release} is too old: the mesh needs Linux {}.{} or later (missing: {missing})",
-        crate::preflight::MIN_KERNEL.0,
-        crate::preflight::MIN_KERNEL.1
+        crate::host::preflight::MIN_KERNEL.0,
+        crate::host::preflight::MIN_KERNEL.1
     )]
     KernelTooOld { release: String, missing: String },
 
@@ -90,7 +90,7 @@ pub enum MeshError {
     Layout { dir: PathBuf, detail: String },
 
     #[error("{0}")]
-    Plan(#[from] crate::reconcile::PlanError),
+    Plan(#[from] crate::plan::PlanError),
 
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),

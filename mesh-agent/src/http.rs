@@ -1,52 +1,75 @@
-//! The agent's two tiny HTTP/1.0 surfaces (metrics on localhost, the health exchange
-//! between agents on the underlay): GET only, one request per connection, bodies
-//! rendered by the caller. Not a web server, on purpose.
+//! The agent's two tiny HTTP surfaces (metrics on localhost, the health exchange
+//! between agents on the underlay) on hyper's HTTP/1 connections: GET only, one request
+//! per connection, bodies rendered by the caller. An HTTP/1.0 request is answered in
+//! HTTP/1.0, so agents of before and after hyper understand each other during a rollout.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{
+    body::{Bytes, Incoming},
+    header, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
-/// Answers `GET <path>` with `handler(path)` (404 when it returns None) until the
-/// runtime stops.
+/// How long a caller has to send its request's head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Answers `GET <path>` (the path with its query) with `handler(path, caller)`, 404
+/// when it returns None or for any other method, until the runtime stops.
 pub async fn serve<F>(listener: tokio::net::TcpListener, handler: F)
 where
     F: Fn(&str, std::net::IpAddr) -> Option<String> + Send + Sync + Clone + 'static,
 {
     loop {
-        let Ok((mut sock, caller)) = listener.accept().await else {
+        let Ok((sock, caller)) = listener.accept().await else {
             continue;
         };
         let handler = handler.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req
-                .strip_prefix("GET ")
-                .and_then(|r| r.split_whitespace().next())
-                .unwrap_or("");
-            // Off the runtime's thread: a handler reads maps (and a trace runs a program),
-            // which must not hold up the agent's loop.
-            let path = path.to_string();
-            let ip = caller.ip();
-            let answer = tokio::task::spawn_blocking(move || handler(&path, ip))
-                .await
-                .ok()
-                .flatten();
-            let (status, body) = match answer {
-                Some(b) => ("200 OK", b),
-                None => ("404 Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(answer(&req, caller, handler).await) }
         });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(sock), service),
+        );
     }
+}
+
+async fn answer<F>(req: &Request<Incoming>, caller: SocketAddr, handler: F) -> Response<Full<Bytes>>
+where
+    F: Fn(&str, std::net::IpAddr) -> Option<String> + Send + 'static,
+{
+    let body = if req.method() == Method::GET {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("", |p| p.as_str())
+            .to_string();
+        // Off the runtime's thread: a handler reads maps (and a trace runs a program),
+        // which must not hold up the agent's loop.
+        tokio::task::spawn_blocking(move || handler(&path, caller.ip()))
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let (status, body) = match body {
+        Some(b) => (StatusCode::OK, b),
+        None => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+    };
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    res
 }
 
 /// How a peer answered a `GET`.
@@ -71,24 +94,172 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<Stri
 /// `GET path` from `addr` within `timeout`, telling a refusal from silence.
 pub async fn ask(addr: SocketAddr, path: &str, timeout: Duration) -> Answer {
     let fetch = async {
-        let mut s = match tokio::net::TcpStream::connect(addr).await {
+        let sock = match tokio::net::TcpStream::connect(addr).await {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Answer::Refused,
             Err(_) => return Answer::Silent,
         };
-        let body = async {
-            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-                .await
-                .ok()?;
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).await.ok()?;
-            let text = String::from_utf8(out).ok()?;
-            let (head, body) = text.split_once("\r\n\r\n")?;
-            head.starts_with("HTTP/1.0 200").then(|| body.to_string())
-        };
-        body.await.map_or(Answer::Silent, Answer::Body)
+        exchange(sock, addr, path)
+            .await
+            .map_or(Answer::Silent, Answer::Body)
     };
     tokio::time::timeout(timeout, fetch)
         .await
         .unwrap_or(Answer::Silent)
+}
+
+/// One request on `sock`: the body of a 200 answer in UTF-8.
+async fn exchange(sock: tokio::net::TcpStream, addr: SocketAddr, path: &str) -> Option<String> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
+        .await
+        .ok()?;
+    let req = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let body = async move {
+        let res = sender.send_request(req).await.ok()?;
+        if res.status() != StatusCode::OK {
+            return None;
+        }
+        let bytes = res.into_body().collect().await.ok()?.to_bytes();
+        String::from_utf8(bytes.to_vec()).ok()
+    };
+    // The connection is driven here rather than spawned, so that the caller's timeout
+    // ends it too; once it ends, `body` ends with what it got.
+    let drive = async {
+        let _ = conn.await;
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        body = body => body,
+        () = drive => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn server() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, |path, caller| match path {
+            "/hello" => Some(format!("hello {caller}\n")),
+            p if p.starts_with("/echo?") => Some(p.to_string()),
+            _ => None,
+        }));
+        addr
+    }
+
+    /// What a raw HTTP/1.0 client (the agents before hyper) reads back.
+    async fn raw(addr: SocketAddr, request: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn get_paths_queries_and_the_callers_address() {
+        let addr = server().await;
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            ask(addr, "/hello", t).await,
+            Answer::Body("hello 127.0.0.1\n".into())
+        );
+        assert_eq!(
+            get(addr, "/echo?from=1.2.3.4:5&to=6.7.8.9:10", t).await,
+            Some("/echo?from=1.2.3.4:5&to=6.7.8.9:10".into())
+        );
+        // A 404 is not an answer.
+        assert_eq!(ask(addr, "/nothing", t).await, Answer::Silent);
+    }
+
+    #[tokio::test]
+    async fn other_methods_are_not_found_and_http_1_0_is_answered_in_kind() {
+        let addr = server().await;
+        let out = raw(addr, "POST /hello HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 404 Not Found\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nnot found\n"), "{out}");
+        // The request of an agent before hyper, and the check it makes of the answer.
+        let out = raw(addr, "GET /hello HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+        assert!(
+            out.contains("content-type: text/plain; version=0.0.4\r\n"),
+            "{out}"
+        );
+        assert!(out.ends_with("\r\n\r\nhello 127.0.0.1\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_sends_nothing_is_let_go() {
+        let addr = server().await;
+        let started = std::time::Instant::now();
+        let out = raw(addr, "").await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= REQUEST_TIMEOUT && waited < REQUEST_TIMEOUT * 2,
+            "{waited:?}: {out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http_1_0_server_is_understood() {
+        // The answer of an agent before hyper: HTTP/1.0, then the connection closed.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                    .await;
+            }
+        });
+        assert_eq!(
+            ask(addr, "/x", Duration::from_secs(5)).await,
+            Answer::Body("ok\n".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn refusal_and_silence_are_told_apart() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = l.local_addr().unwrap();
+        drop(l);
+        let t = Duration::from_millis(300);
+        assert_eq!(ask(closed, "/x", t).await, Answer::Refused);
+        // Accepted (by the backlog) but never answered: silent once the timeout passes.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(ask(l.local_addr().unwrap(), "/x", t).await, Answer::Silent);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_kept_open_connection_does_not_hold_the_answer() {
+        // A server that answers and keeps the connection open (HTTP/1.1 keep-alive).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                .await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(
+            ask(addr, "/x", Duration::from_secs(10)).await,
+            Answer::Body("ok\n".into())
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
 }

@@ -9,31 +9,13 @@
 #![allow(clippy::result_large_err)]
 
 pub mod agent;
-pub mod docker;
+pub mod ctl;
+pub mod datapath;
 pub mod error;
-pub mod facts;
-pub mod features;
-pub mod hostport;
+pub mod host;
 pub mod http;
-pub mod inspect;
-pub mod ipvs;
-pub mod listeners;
-pub mod loader;
-pub mod maglev;
-pub mod maps;
-pub mod mesh;
-pub mod metrics;
 pub mod model;
-pub mod netdev;
-pub mod peers;
-pub mod pins;
-pub mod preflight;
-pub mod reconcile;
-pub mod settings;
-pub mod stats;
-pub mod swarm;
-pub mod sys;
-pub mod tcnl;
-pub mod trace;
+pub mod plan;
+pub mod source;
 
 pub use error::MeshError;

@@ -36,7 +36,7 @@ fn agent_names_the_missing_interface() {
             "/sys/fs/bpf/mesh-cli-test",
         ],
     );
-    if root() && mesh_agent::preflight::on_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+    if root() && mesh_agent::host::preflight::on_bpffs(std::path::Path::new("/sys/fs/bpf")) {
         assert!(
             err.contains("interface \"mesh-nope0\" does not exist"),
             "{err}"
@@ -113,7 +113,7 @@ fn agent_settings_file_and_its_precedence() {
         err.contains("settings file /nonexistent/agent.yaml"),
         "{err}"
     );
-    if root() && mesh_agent::preflight::on_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+    if root() && mesh_agent::host::preflight::on_bpffs(std::path::Path::new("/sys/fs/bpf")) {
         std::fs::write(
             &file,
             "interface: mesh-file0\nbpffs: /sys/fs/bpf/mesh-cli-test2\n",

@@ -99,8 +99,15 @@ pub const BACKEND_STATS: MapDef = MapDef {
     entries: 1 << 16,
 };
 
+/// The datapath log's switch (element 0; nonzero: on), which `meshctl log on|off`
+/// flips: the programs write aya-log records only while it is on.
+pub const LOG_SWITCH: MapDef = MapDef {
+    name: "MESH_LOG_V1",
+    entries: 1,
+};
+
 /// Every map the agent pins (and meshctl reads).
-pub const PINNED: [MapDef; 16] = [
+pub const PINNED: [MapDef; 17] = [
     STATS,
     BACKEND_STATS,
     CONNTRACK,
@@ -117,6 +124,7 @@ pub const PINNED: [MapDef; 16] = [
     LOCAL,
     SOCKETS,
     NETNS,
+    LOG_SWITCH,
 ];
 
 /// The names of [`PINNED`], in its order.

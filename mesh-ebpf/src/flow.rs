@@ -95,6 +95,7 @@ impl<'a> Pkt<'a> {
 
     #[inline(always)]
     pub fn drop(&self, reason: Reason) -> Outcome {
+        crate::log::note_drop(reason);
         self.done(reason, TC_ACT_SHOT)
     }
 

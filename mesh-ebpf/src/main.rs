@@ -8,6 +8,7 @@ mod datapath;
 mod flow;
 mod icmp;
 mod lb;
+mod log;
 mod maps;
 mod parse;
 mod pkt;
@@ -105,13 +106,22 @@ fn pulled(ctx: &TcContext) -> DirectPacket {
 #[inline(always)]
 fn overlay(ctx: TcContext, hook: Hook) -> i32 {
     let pkt = pulled(&ctx);
-    datapath::process_overlay(&ctx, &pkt, hook)
+    let action = datapath::process_overlay(&ctx, &pkt, hook);
+    if log::on() {
+        log::after(&ctx);
+    }
+    action
 }
 
 #[inline(always)]
 fn tc(ctx: TcContext, hook: Hook) -> i32 {
     let pkt = pulled(&ctx);
     let action = datapath::process_tc(&ctx, &pkt, hook);
+    // The datapath log's events (off: a lookup and a branch), before the counters take
+    // the noted backend.
+    if log::on() {
+        log::after(&ctx);
+    }
     // Per-backend counters, for what the load balancer noted on the way (out here, its
     // frame adds nothing to the deep path's).
     stats::count_noted(ctx.len() as usize);

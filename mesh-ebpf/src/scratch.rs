@@ -75,6 +75,9 @@ pub struct Scratch {
     /// (`stats::count_noted`), where its frame does not add to the deep path's.
     pub noted_be: u32,
     pub noted_new: u8,
+    /// The reason the packet in hand was dropped, noted for the datapath log while it is
+    /// on (`log::note_drop`; 0: none).
+    pub log_drop: u32,
     /// `bpf_fib_lookup`'s parameters (64 bytes: not on the stack).
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
 }

@@ -286,6 +286,7 @@ impl Cluster {
                 name: "ingress".into(),
                 vni: VNI,
                 more_vnis: vec![],
+                subnets: vec![],
                 local_addr: ip(NODE_OVERLAY[i]),
                 docker: false,
             }],

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod bound;
 pub mod cluster;
+pub mod fixture_runner;
 pub mod fixtures;
 pub mod lbtopo;
 pub mod measure;

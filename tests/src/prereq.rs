@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use mesh_agent::{loader, preflight};
+use mesh_agent::{datapath::loader, host::preflight};
 
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

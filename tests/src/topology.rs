@@ -82,7 +82,7 @@ impl VethPair {
 
 /// Sends raw Ethernet frames out of `ifname` (call inside the namespace that owns it).
 pub fn send_raw(ifname: &str, frames: &[&[u8]]) {
-    let ifindex = mesh_agent::preflight::ifindex(ifname).expect("ifindex");
+    let ifindex = mesh_agent::host::preflight::ifindex(ifname).expect("ifindex");
     // SAFETY: plain socket/sendto calls with valid buffers; the fd is closed below.
     unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);

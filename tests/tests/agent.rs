@@ -299,7 +299,7 @@ fn agent_attaches_meshctl_reads_sigterm_detaches() {
     )
     .unwrap();
     let udp = |m: &aya::maps::PerCpuArray<aya::maps::MapData, _>| {
-        mesh_agent::stats::Snapshot::read(m)
+        mesh_agent::datapath::stats::Snapshot::read(m)
             .unwrap()
             .get(
                 mesh_common::stats::Hook::TcUnderlayIngress,
@@ -434,7 +434,7 @@ fn tc_programs(
     ns: &mesh_tests::netns::Netns,
     pin_dir: &Path,
 ) -> std::collections::BTreeMap<String, (&'static str, Option<u32>)> {
-    let pins = mesh_agent::pins::PinDir::new(pin_dir);
+    let pins = mesh_agent::datapath::pins::PinDir::new(pin_dir);
     ns.enter(|| {
         pins.links()
             .into_iter()
@@ -505,15 +505,19 @@ fn kill9_and_adopt(test: &str, tc_attach: &str) {
     let mut guard = wait_ready(spawn(), 1);
     // Every TC hook attached as asked: the underlay, three task veths, and the host port
     // where the kernel lets the agent scope it (SO_NETNS_COOKIE, 5.14; else no-host-ports).
-    let features =
-        mesh_agent::features::Features::detect(mesh_agent::features::TcAttach::Auto).unwrap();
-    let host_port = features.has(mesh_agent::features::Feature::NetnsCookie);
+    let features = mesh_agent::datapath::features::Features::detect(
+        mesh_agent::datapath::features::TcAttach::Auto,
+    )
+    .unwrap();
+    let host_port = features.has(mesh_agent::datapath::features::Feature::NetnsCookie);
     let before = tc_programs(&topo.n, &pin_dir);
     assert_eq!(before.len(), 4 + host_port as usize, "{before:?}");
     // auto: tcx links where this kernel has them (a guest of the kernel matrix may not).
-    let tcx = mesh_agent::features::Features::detect(mesh_agent::features::TcAttach::Auto)
-        .unwrap()
-        .has(mesh_agent::features::Feature::Tcx);
+    let tcx = mesh_agent::datapath::features::Features::detect(
+        mesh_agent::datapath::features::TcAttach::Auto,
+    )
+    .unwrap()
+    .has(mesh_agent::datapath::features::Feature::Tcx);
     let mode = if netlink || !tcx { "netlink" } else { "tcx" };
     assert!(
         before.values().all(|(m, id)| *m == mode && id.is_some()),
@@ -707,9 +711,13 @@ fn kill9_and_adopt(test: &str, tc_attach: &str) {
         ["un", "h1", "h2", "h3"]
             .iter()
             .filter(|i| {
-                let ix = mesh_agent::preflight::ifindex(i).unwrap();
-                let f = mesh_agent::pins::Hook::TcUnderlay.tc_filter(ix).unwrap();
-                let t = mesh_agent::pins::Hook::TcTask.tc_filter(ix).unwrap();
+                let ix = mesh_agent::host::preflight::ifindex(i).unwrap();
+                let f = mesh_agent::datapath::pins::Hook::TcUnderlay
+                    .tc_filter(ix)
+                    .unwrap();
+                let t = mesh_agent::datapath::pins::Hook::TcTask
+                    .tc_filter(ix)
+                    .unwrap();
                 f.program().unwrap().is_some() || t.program().unwrap().is_some()
             })
             .map(|i| i.to_string())
@@ -730,9 +738,9 @@ fn kill9_and_adopt(test: &str, tc_attach: &str) {
 #[test]
 fn netlink_filters_in_another_namespace_are_recorded_and_removed() {
     use mesh_agent::{
-        features::{Features, TcAttach},
-        loader::Datapath,
-        pins::{Hook, LinkKind, PinDir},
+        datapath::features::{Features, TcAttach},
+        datapath::loader::Datapath,
+        datapath::pins::{Hook, LinkKind, PinDir},
     };
     let Some(object) =
         prereq::privileged("netlink_filters_in_another_namespace_are_recorded_and_removed")
@@ -798,7 +806,7 @@ fn netlink_filters_in_another_namespace_are_recorded_and_removed() {
     }
     let vb = pair
         .b
-        .enter(|| mesh_agent::preflight::ifindex("vb").unwrap());
+        .enter(|| mesh_agent::host::preflight::ifindex("vb").unwrap());
     pins.remove_all().expect("remove the pins");
     for hook in [Hook::TcOverlayIn, Hook::TcOverlayOut] {
         let f = hook.tc_filter(vb).unwrap();
@@ -1275,7 +1283,7 @@ fn meshctl_explains_a_live_mesh() {
     // A program detached behind the agent's back.
     let h1 = topo
         .n
-        .enter(|| mesh_agent::preflight::ifindex("h1").unwrap());
+        .enter(|| mesh_agent::host::preflight::ifindex("h1").unwrap());
     std::fs::remove_file(pins.join(format!("links/tc_task-{h1}"))).expect("unpin h1's link");
     // A backend removed from the maps behind the agent's back.
     let web_be = web["backends"][0]["id"].as_u64().unwrap() as u32;
@@ -1413,4 +1421,70 @@ fn meshctl_explains_a_live_mesh() {
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("no mesh is pinned"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The datapath log: off by default (no record for a new flow), `meshctl log on` makes
+/// the programs write one per new flow, which the agent logs with its backend, and
+/// `meshctl log off` stops them again.
+#[test]
+fn datapath_log_is_switched_by_meshctl() {
+    use mesh_tests::lbtopo::{http_get, LbTopo, NODE};
+
+    let Some(object) = prereq::privileged("datapath_log_is_switched_by_meshctl") else {
+        return;
+    };
+    let Some((agent, bin)) = binaries() else {
+        return;
+    };
+    let topo = LbTopo::new("l");
+    let (guard, config) = start_config_agent(&topo, &agent, &object, "log");
+    let (ns, pins) = (topo.n.name().to_string(), guard.pin_dir.clone());
+    let request = || {
+        topo.c
+            .enter(|| http_get(NODE, 8080))
+            .expect("a request through the mesh")
+    };
+    let records = || guard.log().matches("mesh::datapath: new flow").count();
+    let settle = Duration::from_millis(500 * u64::from(prereq::time_scale()));
+
+    assert_eq!(
+        meshctl_json(&ns, &bin, &pins, &["log"])["log"],
+        "off",
+        "off by default"
+    );
+    request();
+    std::thread::sleep(settle);
+    assert_eq!(records(), 0, "no record while off: {}", guard.log());
+
+    let (code, out, err) = meshctl(&ns, &bin, &pins, &["log", "on"]);
+    assert_eq!((code, out.trim()), (0, "datapath log: on"), "{err}");
+    request();
+    let deadline = Instant::now() + Duration::from_secs(5 * u64::from(prereq::time_scale()));
+    while records() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no record of the new flow while on: {}",
+            guard.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = guard.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("mesh::datapath: new flow"))
+        .unwrap();
+    println!("{line}");
+    assert!(
+        line.contains(&format!("-> {NODE}:8080 proto 6: backend ")),
+        "the flow and its backend: {line}"
+    );
+
+    let (code, out, err) = meshctl(&ns, &bin, &pins, &["log", "off"]);
+    assert_eq!((code, out.trim()), (0, "datapath log: off"), "{err}");
+    let before = records();
+    request();
+    std::thread::sleep(settle);
+    assert_eq!(records(), before, "no record once off again");
+    drop(guard);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }

@@ -39,7 +39,7 @@ fn have(cmd: &str) -> bool {
 /// narrower than `prereq::privileged`, with the same rule: skip saying why, or fail under
 /// `CI=true`).
 fn privileged(test: &str) -> bool {
-    let why = if !mesh_agent::preflight::is_root() {
+    let why = if !mesh_agent::host::preflight::is_root() {
         "not root"
     } else if !have("unshare") {
         "`unshare` (util-linux) not found"

@@ -3,43 +3,24 @@
 
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
-use aya::programs::{TestRun, TestRunOptions};
-use mesh_agent::{loader::Datapath, stats::Snapshot};
+use mesh_agent::{datapath::loader::Datapath, datapath::stats::Snapshot};
 use mesh_common::{
     config::MeshConfig,
     reason::{Kind, Reason},
     stats::{Counter, Hook},
 };
 use mesh_tests::{
+    fixture_runner::{test_run, Ret},
     fixtures::{self, Fixture},
     prereq,
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_UNSPEC: u32 = -1i32 as u32;
-const TC_ACT_SHOT: u32 = 2;
 
 /// Runs one fixture through one hook; returns a description of each mismatch.
 fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
     let mut errs = Vec::new();
     let stats = dp.stats().expect("stats map");
     let before = Snapshot::read(&stats).expect("read counters");
-    let mut out = vec![0u8; fx.packet.len() + 512];
-    let opts = TestRunOptions {
-        data_in: Some(&fx.packet),
-        data_out: Some(&mut out),
-        ..Default::default()
-    };
-    let res = match hook {
-        Hook::XdpUnderlay => dp.xdp().unwrap().test_run(opts),
-        Hook::TcUnderlayIngress => dp.tc_ingress().unwrap().test_run(opts),
-        Hook::TcTask => dp.tc_task().unwrap().test_run(opts),
-        Hook::TcOverlayIn => dp.tc_overlay_in().unwrap().test_run(opts),
-        Hook::TcOverlayOut => dp.tc_overlay_out().unwrap().test_run(opts),
-        Hook::Sock => unreachable!("not a packet program"),
-    }
-    .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN on {}: {e:?}", fx.name, hook.name()));
+    let res = test_run(dp, hook, &fx.packet, 1).unwrap_or_else(|e| panic!("{}: {e:#}", fx.name));
 
     // With no peers configured, the underlay's programs (which take IPv4 VXLAN apart)
     // refuse well-formed VXLAN from an unknown sender.
@@ -52,18 +33,18 @@ fn run(dp: &Datapath, fx: &Fixture, hook: Hook) -> Vec<String> {
     };
     let pass = verdict.kind() == Kind::Pass;
     let want = match (hook, pass) {
-        (Hook::XdpUnderlay, true) => XDP_PASS,
-        (Hook::XdpUnderlay, false) => XDP_DROP,
-        (_, true) => TC_ACT_UNSPEC,
-        (_, false) => TC_ACT_SHOT,
+        (Hook::XdpUnderlay, true) => Ret::XdpPass,
+        (Hook::XdpUnderlay, false) => Ret::XdpDrop,
+        (_, true) => Ret::TcUnspec,
+        (_, false) => Ret::TcShot,
     };
-    if res.return_value != want {
+    if res.ret != want.code() {
         errs.push(format!(
-            "returned {} (want {want})",
-            res.return_value as i32
+            "returned {} (want {want:?})",
+            Ret::describe(hook, res.ret)
         ));
     }
-    if pass && out[..res.data_size_out as usize] != fx.packet[..] {
+    if pass && res.out != fx.packet {
         errs.push("passed packet was modified".into());
     }
 

@@ -17,11 +17,11 @@ use std::{
 };
 
 use mesh_agent::{
-    hostport::{self, HostPorts},
-    loader::Datapath,
-    mesh::Mesh,
+    datapath::loader::Datapath,
+    datapath::mesh::Mesh,
+    datapath::stats::Snapshot,
+    host::hostport::{self, HostPorts},
     model::{Model, PortSpec, Protocol, PublishMode, ServiceSpec},
-    stats::Snapshot,
 };
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{

@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::{loader::Datapath, mesh::Mesh, model::Health, stats::Snapshot};
+use mesh_agent::{
+    datapath::loader::Datapath, datapath::mesh::Mesh, datapath::stats::Snapshot, model::Health,
+};
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
     lbtopo::{

@@ -1,30 +1,32 @@
-//! Tier 2, load balancing: sequences of packets through BPF_PROG_TEST_RUN on the TC
-//! entry points with a model applied to the maps. Each step checks the verdict, the
-//! exact bytes of the rewritten packet (built independently with etherparse, so every
-//! checksum is checked too) and the exact counter deltas.
+//! Tier 2, load balancing: fixture tables through BPF_PROG_TEST_RUN on the TC and XDP
+//! entry points with a model applied to the maps (`mesh_tests::fixture_runner`). Each
+//! case is a packet, the maps it meets, the return code, the exact bytes of the
+//! rewritten packet (built independently with etherparse, so every checksum is checked
+//! too) and the exact counter deltas. A table runs in order against one map state, so
+//! conntrack carries a flow from case to case; where a hash picks the task, the case
+//! accepts either and the cases after it are written for the one it picked.
 
 #![allow(clippy::result_large_err)] // aya errors by value, on cold paths
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
 use mesh_agent::{
-    features::Feature,
-    loader::Datapath,
-    mesh::Mesh,
+    datapath::features::Feature,
     model::{
-        desired, BackendSpec, EndpointSpec, Health, MacAddr, Model, PortSpec, Protocol,
+        desired, BackendSpec, Desired, EndpointSpec, Health, MacAddr, Model, PortSpec, Protocol,
         PublishMode, ServiceSpec,
     },
-    stats::Snapshot,
 };
 use mesh_common::{
     config::MeshConfig,
     reason::Reason::{self, *},
-    stats::{Counter, Hook},
+    stats::Hook,
 };
-use mesh_tests::prereq;
+use mesh_tests::{
+    fixture_runner::{test_run, Case, Fields, Ret::*, Runner},
+    packets::{arp_reply, arp_request, vxlan, vxlan4, Pkt},
+    prereq,
+};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
 const NODE_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 1];
@@ -39,85 +41,22 @@ const HAIRPIN: [u8; 4] = [169, 254, 42, 1];
 const VIP_ANY: [u8; 4] = [10, 221, 0, 2];
 /// A task on the overlay that is not a backend (the caller).
 const T3: [u8; 4] = [10, 221, 0, 13];
+const APPNET_VNI: u32 = 4097;
+const ACTIVE: Health = Health::Active;
+
+const UNDERLAY: Hook = Hook::TcUnderlayIngress;
+const TASK: Hook = Hook::TcTask;
+const XDP: Hook = Hook::XdpUnderlay;
+const OVERLAY_IN: Hook = Hook::TcOverlayIn;
+const OVERLAY_OUT: Hook = Hook::TcOverlayOut;
 
 fn task_mac(t: [u8; 4]) -> [u8; 6] {
     [0x02, 0x42, t[0], t[1], t[2], t[3]]
 }
 
-const REDIRECT: u32 = 7;
-const PASS: u32 = -1i32 as u32;
-const SHOT: u32 = 2;
+// ---- the maps --------------------------------------------------------------------------
 
-#[derive(Clone, Copy)]
-enum Tcp {
-    Syn,
-    SynAck,
-    Ack,
-    Rst,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn tcp(
-    macs: ([u8; 6], [u8; 6]),
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    kind: Tcp,
-    seq: u32,
-    ack: u32,
-    payload: &[u8],
-) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, seq, 64240);
-    let b = match kind {
-        Tcp::Syn => b.syn(),
-        Tcp::SynAck => b.syn().ack(ack),
-        Tcp::Ack => b.ack(ack),
-        Tcp::Rst => b.rst(),
-    };
-    let mut v = Vec::new();
-    b.write(&mut v, payload).unwrap();
-    v
-}
-
-fn udp(
-    macs: ([u8; 6], [u8; 6]),
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-    zero_csum: bool,
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut v, payload)
-        .unwrap();
-    if zero_csum {
-        v[14 + 20 + 6] = 0;
-        v[14 + 20 + 7] = 0;
-    }
-    v
-}
-
-/// ICMP fragmentation needed (MTU 1400) from `src` to `dst`, quoting `quoted` (a frame:
-/// its IP header and first 8 bytes of L4).
-fn frag_needed(macs: ([u8; 6], [u8; 6]), src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv4(src, dst, 64)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(
-            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-        ))
-        .write(&mut v, &quoted[14..14 + 28])
-        .unwrap();
-    v
-}
-
+/// The node's model: every service has `backends`; T1 and T2 are local endpoints.
 fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
     let be: Vec<BackendSpec> = backends
         .iter()
@@ -206,6 +145,7 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
             name: "appnet".into(),
             vni: APPNET_VNI,
             more_vnis: vec![],
+            subnets: vec![],
             local_addr: Ipv4Addr::new(10, 221, 0, 3),
             docker: true,
         }],
@@ -213,295 +153,179 @@ fn model(backends: &[([u8; 4], Health)], affinity: bool) -> Model {
     }
 }
 
-const APPNET_VNI: u32 = 4097;
-
-struct Rig {
-    mesh: Mesh,
-    steps: usize,
-    affinity: bool,
+/// The maps for [`model`].
+fn state(backends: &[([u8; 4], Health)], affinity: bool) -> Desired {
+    // Endpoints resolve to made-up interfaces: BPF_PROG_TEST_RUN does not redirect.
+    desired(&model(backends, affinity), |name| {
+        Ok((name[1..].parse::<u32>().unwrap() + 100, HOST_MAC))
+    })
+    .unwrap()
 }
 
-impl Rig {
-    fn new(object: &std::path::Path, backends: &[([u8; 4], Health)]) -> Rig {
-        let dp = Datapath::load(object, &MeshConfig::DEFAULT).expect("load");
-        let mut rig = Rig {
-            mesh: Mesh::new(dp),
-            steps: 0,
-            affinity: false,
-        };
-        rig.apply(backends);
-        rig
-    }
+/// The maps with `backends` behind every service.
+fn maps(backends: &[([u8; 4], Health)]) -> Desired {
+    state(backends, false)
+}
 
-    fn apply(&mut self, backends: &[([u8; 4], Health)]) {
-        // Endpoints resolve to made-up interfaces: BPF_PROG_TEST_RUN does not redirect.
-        let d = desired(&model(backends, self.affinity), |name| {
-            Ok((name[1..].parse::<u32>().unwrap() + 100, HOST_MAC))
-        })
-        .unwrap();
-        self.mesh.apply_desired(&d).expect("apply");
-    }
+/// As [`maps`], with client-IP affinity on every service.
+fn maps_with_affinity(backends: &[([u8; 4], Health)]) -> Desired {
+    state(backends, true)
+}
 
-    /// Runs `input` through `hook`; checks return code, output (when given) and that the
-    /// counters moved by exactly one packet of `input`'s size under each of `reasons`.
-    fn step(
-        &mut self,
-        what: &str,
-        hook: Hook,
-        input: &[u8],
-        ret: u32,
-        out: Option<&[u8]>,
-        reasons: &[Reason],
-    ) -> Vec<u8> {
-        self.steps += 1;
-        let stats = self.mesh.dp.stats().unwrap();
-        let before = Snapshot::read(&stats).unwrap();
-        let mut buf = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut buf),
-            ..Default::default()
-        };
-        let r = match hook {
-            Hook::TcUnderlayIngress => self.mesh.dp.tc_ingress().unwrap().test_run(opts),
-            Hook::TcTask => self.mesh.dp.tc_task().unwrap().test_run(opts),
-            Hook::XdpUnderlay => self.mesh.dp.xdp().unwrap().test_run(opts),
-            Hook::TcOverlayIn => self.mesh.dp.tc_overlay_in().unwrap().test_run(opts),
-            Hook::TcOverlayOut => self.mesh.dp.tc_overlay_out().unwrap().test_run(opts),
-            Hook::Sock => unreachable!("not a packet program"),
-        }
-        .unwrap_or_else(|e| panic!("{what}: test run: {e:?}"));
-        if r.return_value != ret {
-            let d = Snapshot::read(&stats).unwrap().since(&before);
-            panic!(
-                "{what}: returned {} (want {ret}); counters moved: {:?}",
-                r.return_value as i32,
-                d.iter()
-                    .map(|(h, r, c)| format!("{}/{}={}", h.name(), r.name(), c.packets))
-                    .collect::<Vec<_>>()
-            );
-        }
-        if let Some(want) = out {
-            let got = &buf[..r.data_size_out as usize];
-            assert_eq!(hex(got), hex(want), "{what}: output bytes");
-        }
-        let d = Snapshot::read(&stats).unwrap().since(&before);
-        let mut want = Snapshot::default();
-        for r in reasons {
-            want.cells.insert(
-                (hook as u32, *r as u32),
-                Counter {
-                    packets: 1,
-                    bytes: input.len() as u64,
-                },
-            );
-        }
-        assert_eq!(d, want, "{what}: counter deltas");
-        buf.truncate(r.data_size_out as usize);
-        buf
+// ---- packets ---------------------------------------------------------------------------
+
+/// From the client to the node, on the underlay.
+fn from_client(p: Pkt) -> Pkt {
+    p.eth(CLIENT_MAC, NODE_MAC)
+}
+
+/// `p` as the node delivers it to task `t` on `port`.
+fn delivered(p: &Pkt, t: [u8; 4], port: u16) -> Pkt {
+    p.to(t, port).eth(HOST_MAC, task_mac(t))
+}
+
+/// From task `t`, on its delivery veth.
+fn from_task(p: Pkt, t: [u8; 4]) -> Pkt {
+    p.eth(task_mac(t), HOST_MAC)
+}
+
+/// `p` as the node sends it back to the client, from `port`.
+fn to_client(p: &Pkt, port: u16) -> Pkt {
+    p.from(NODE, port).eth(NODE_MAC, CLIENT_MAC)
+}
+
+/// From T3 on the overlay to the every-port VIP, at the VIP's MAC.
+fn to_vip_any(p: Pkt, sport: u16, dport: u16) -> Pkt {
+    p.eth(task_mac(T3), task_mac(VIP_ANY))
+        .from(T3, sport)
+        .to(VIP_ANY, dport)
+}
+
+/// `p` rewritten toward overlay task `t`: its address and MAC, the port kept.
+fn toward(p: &Pkt, t: [u8; 4]) -> Pkt {
+    p.dst(t).eth(task_mac(T3), task_mac(t))
+}
+
+/// A datagram too big for one frame: `payload_len` bytes of a pattern.
+fn big(payload_len: usize) -> Vec<u8> {
+    (0..payload_len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The observation the parser counts for fragment `i`.
+fn frag_obs(i: usize) -> Reason {
+    if i == 0 {
+        ObsFragmentFirst
+    } else {
+        ObsFragmentNonFirst
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-const C2N: ([u8; 6], [u8; 6]) = (CLIENT_MAC, NODE_MAC);
-const N2C: ([u8; 6], [u8; 6]) = (NODE_MAC, CLIENT_MAC);
-/// (source, destination) MACs: etherparse's order.
-fn to_task(t: [u8; 4]) -> ([u8; 6], [u8; 6]) {
-    (HOST_MAC, task_mac(t))
-}
-fn from_task(t: [u8; 4]) -> ([u8; 6], [u8; 6]) {
-    (task_mac(t), HOST_MAC)
-}
+// ---- tables ----------------------------------------------------------------------------
 
 #[test]
 fn tcp_published_port_full_path_and_pmtu() {
     let Some(object) = prereq::privileged("tcp_published_port_full_path_and_pmtu") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
-    let u = Hook::TcUnderlayIngress;
-    let t = Hook::TcTask;
-
-    let syn = tcp(C2N, CLIENT, NODE, 40000, 8080, Tcp::Syn, 100, 0, &[]);
-    let syn_out = tcp(to_task(T1), CLIENT, T1, 40000, 80, Tcp::Syn, 100, 0, &[]);
-    rig.step(
-        "syn to published port",
-        u,
-        &syn,
-        REDIRECT,
-        Some(&syn_out),
-        &[FwdToTask, ObsCtNew],
-    );
-
-    let synack = tcp(
-        from_task(T1),
-        T1,
-        CLIENT,
-        80,
-        40000,
-        Tcp::SynAck,
-        900,
-        101,
-        &[],
-    );
-    let synack_out = tcp(N2C, NODE, CLIENT, 8080, 40000, Tcp::SynAck, 900, 101, &[]);
-    rig.step(
-        "syn-ack reverse-NATed",
-        t,
-        &synack,
-        REDIRECT,
-        Some(&synack_out),
-        &[FwdReplyToClient, ObsCtHit],
-    );
-
-    // The same reply tuple arriving on the underlay is a spoof of the task: not ours.
-    rig.step(
-        "reply tuple on the underlay",
-        u,
-        &synack,
-        PASS,
-        Some(&synack),
-        &[PassTcp],
-    );
-
-    let data = tcp(
-        C2N,
-        CLIENT,
-        NODE,
-        40000,
-        8080,
-        Tcp::Ack,
-        101,
-        901,
-        b"GET / HTTP/1.0\r\n\r\n",
-    );
-    let data_out = tcp(
-        to_task(T1),
-        CLIENT,
-        T1,
-        40000,
-        80,
-        Tcp::Ack,
-        101,
-        901,
-        b"GET / HTTP/1.0\r\n\r\n",
-    );
-    rig.step(
-        "data on the tracked flow",
-        u,
-        &data,
-        REDIRECT,
-        Some(&data_out),
-        &[FwdToTask, ObsCtHit],
-    );
-
-    // PMTU, task side: an error about the client's packet (client -> T1:80) goes back to
-    // the client about (client -> NODE:8080), from NODE.
-    let icmp = frag_needed(from_task(T1), T1, CLIENT, &data_out);
-    let icmp_out = frag_needed(N2C, NODE, CLIENT, &data);
-    rig.step(
-        "frag-needed from the task side",
-        t,
-        &icmp,
-        REDIRECT,
-        Some(&icmp_out),
-        &[FwdIcmpError],
-    );
-
-    // PMTU, client side: an error about a reply (NODE:8080 -> client) reaches the task
-    // about (T1:80 -> client), addressed to T1.
-    let reply = tcp(
-        N2C,
-        NODE,
-        CLIENT,
-        8080,
-        40000,
-        Tcp::Ack,
-        901,
-        119,
-        b"HTTP/1.0 200 OK\r\n",
-    );
-    let reply_task = tcp(
-        from_task(T1),
-        T1,
-        CLIENT,
-        80,
-        40000,
-        Tcp::Ack,
-        901,
-        119,
-        b"HTTP/1.0 200 OK\r\n",
-    );
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
+    let syn = from_client(Pkt::tcp().from(CLIENT, 40000).to(NODE, 8080).syn().seq(100));
+    let synack = from_task(Pkt::tcp().from(T1, 80).to(CLIENT, 40000), T1)
+        .syn()
+        .ack(101)
+        .seq(900);
+    let data = from_client(Pkt::tcp().from(CLIENT, 40000).to(NODE, 8080))
+        .seq(101)
+        .ack(901)
+        .payload(b"GET / HTTP/1.0\r\n\r\n");
+    let data_out = delivered(&data, T1, 80);
+    let reply_task = from_task(Pkt::tcp().from(T1, 80).to(CLIENT, 40000), T1)
+        .seq(901)
+        .ack(119)
+        .payload(b"HTTP/1.0 200 OK\r\n");
+    let reply = to_client(&reply_task, 8080);
     let router = [10, 220, 0, 254];
-    let icmp = frag_needed(C2N, router, NODE, &reply);
-    let icmp_out = frag_needed(to_task(T1), router, T1, &reply_task);
-    rig.step(
-        "frag-needed from the client side",
-        u,
-        &icmp,
-        REDIRECT,
-        Some(&icmp_out),
-        &[FwdIcmpError],
-    );
-
-    // An ICMP error about nothing we track is not ours.
-    let stray = frag_needed(
-        C2N,
-        router,
-        NODE,
-        &tcp(N2C, NODE, CLIENT, 22, 5555, Tcp::Ack, 1, 1, &[]),
-    );
-    rig.step(
-        "frag-needed about an unknown flow",
-        u,
-        &stray,
-        PASS,
-        Some(&stray),
-        &[PassIcmp],
-    );
-
-    // The backend goes away: the flow's next packet is answered with a RST.
-    rig.apply(&[(T2, Health::Active)]);
-    let rst = tcp(N2C, NODE, CLIENT, 8080, 40000, Tcp::Rst, 901, 0, &[]);
-    let mut rst = rst;
-    fix_rst_like_ours(&mut rst);
-    rig.step(
-        "flow whose backend is gone",
-        u,
-        &data,
-        REDIRECT,
-        Some(&rst),
-        &[ReplyRstBackendGone, ObsCtHit],
-    );
-    // The client retries with a SYN on the same tuple: reopened on the live backend.
-    let syn_out2 = tcp(to_task(T2), CLIENT, T2, 40000, 80, Tcp::Syn, 100, 0, &[]);
-    rig.step(
-        "retried syn reopens on a live backend",
-        u,
-        &syn,
-        REDIRECT,
-        Some(&syn_out2),
-        &[FwdToTask, ObsCtReopened, ObsCtNew],
-    );
-    println!("\nlb fixtures: tcp path, {} steps", rig.steps);
-}
-
-/// Our RST: IP id 0, DF, TTL 64, window 0, no options (etherparse's defaults differ in
-/// the window only); rebuild the expected frame field by field.
-fn fix_rst_like_ours(v: &mut Vec<u8>) {
-    let b = PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
-        .ipv4(NODE, CLIENT, 64)
-        .tcp(8080, 40000, 901, 0)
-        .rst();
-    let mut out = Vec::new();
-    b.write(&mut out, &[]).unwrap();
-    *v = out;
+    let too_big = Pkt::frag_needed(1400);
+    let unknown = Pkt::tcp()
+        .eth(NODE_MAC, CLIENT_MAC)
+        .from(NODE, 22)
+        .to(CLIENT, 5555)
+        .seq(1)
+        .ack(1);
+    run.table(&[
+        Case::new("syn to published port", UNDERLAY, &syn, TcRedirect)
+            .maps(maps(&[(T1, ACTIVE)]))
+            .out(delivered(&syn, T1, 80))
+            .counts(&[FwdToTask, ObsCtNew]),
+        Case::new("syn-ack reverse-NATed", TASK, &synack, TcRedirect)
+            .out(to_client(&synack, 8080))
+            .counts(&[FwdReplyToClient, ObsCtHit]),
+        // The same reply tuple arriving on the underlay is a spoof of the task: not ours.
+        Case::new("reply tuple on the underlay", UNDERLAY, &synack, TcUnspec).counts(&[PassTcp]),
+        Case::new("data on the tracked flow", UNDERLAY, &data, TcRedirect)
+            .out(&data_out)
+            .counts(&[FwdToTask, ObsCtHit]),
+        // PMTU, task side: an error about the client's packet (client -> T1:80) goes back
+        // to the client about (client -> NODE:8080), from NODE.
+        Case::new(
+            "frag-needed from the task side",
+            TASK,
+            from_task(too_big.src(T1).dst(CLIENT), T1).quoting(&data_out),
+            TcRedirect,
+        )
+        .out(
+            too_big
+                .src(NODE)
+                .dst(CLIENT)
+                .eth(NODE_MAC, CLIENT_MAC)
+                .quoting(&data),
+        )
+        .counts(&[FwdIcmpError]),
+        // PMTU, client side: an error about a reply (NODE:8080 -> client) reaches the task
+        // about (T1:80 -> client), addressed to T1.
+        Case::new(
+            "frag-needed from the client side",
+            UNDERLAY,
+            from_client(too_big.src(router).dst(NODE)).quoting(&reply),
+            TcRedirect,
+        )
+        .out(
+            too_big
+                .src(router)
+                .dst(T1)
+                .eth(HOST_MAC, task_mac(T1))
+                .quoting(&reply_task),
+        )
+        .counts(&[FwdIcmpError]),
+        // An ICMP error about nothing we track is not ours.
+        Case::new(
+            "frag-needed about an unknown flow",
+            UNDERLAY,
+            from_client(too_big.src(router).dst(NODE)).quoting(&unknown),
+            TcUnspec,
+        )
+        .counts(&[PassIcmp]),
+        // The backend goes away: the flow's next packet is answered with a RST (ours: IP
+        // id 0, DF, TTL 64, window 0, no options).
+        Case::new("flow whose backend is gone", UNDERLAY, &data, TcRedirect)
+            .maps(maps(&[(T2, ACTIVE)]))
+            .out(
+                to_client(&Pkt::tcp().to(CLIENT, 40000), 8080)
+                    .rst()
+                    .seq(901)
+                    .window(0),
+            )
+            .counts(&[ReplyRstBackendGone, ObsCtHit]),
+        // The client retries with a SYN on the same tuple: reopened on the live backend.
+        Case::new(
+            "retried syn reopens on a live backend",
+            UNDERLAY,
+            &syn,
+            TcRedirect,
+        )
+        .out(delivered(&syn, T2, 80))
+        .counts(&[FwdToTask, ObsCtReopened, ObsCtNew]),
+    ]);
+    println!("\nlb fixtures: tcp path, {} cases", run.runs);
 }
 
 #[test]
@@ -509,227 +333,123 @@ fn udp_vip_hairpin_host_mode_and_refusals() {
     let Some(object) = prereq::privileged("udp_vip_hairpin_host_mode_and_refusals") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
-    let u = Hook::TcUnderlayIngress;
-    let t = Hook::TcTask;
-
-    // UDP, with a checksum and with none (zero must stay zero).
-    let q = udp(C2N, CLIENT, NODE, 5000, 5353, b"query", false);
-    let q_out = udp(to_task(T1), CLIENT, T1, 5000, 53, b"query", false);
-    rig.step(
-        "udp to published port",
-        u,
-        &q,
-        REDIRECT,
-        Some(&q_out),
-        &[FwdToTask, ObsCtNew],
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
+    let query = from_client(Pkt::udp().from(CLIENT, 5000).to(NODE, 5353)).payload(b"query");
+    let answer = from_task(Pkt::udp().from(T1, 53).to(CLIENT, 5000), T1).payload(b"answer");
+    let nocsum = from_client(Pkt::udp().from(CLIENT, 5001).to(NODE, 5353))
+        .payload(b"nocsum")
+        .no_checksum();
+    let host = from_client(Pkt::tcp().from(CLIENT, 40001).to(NODE, 8081).syn().seq(7));
+    let vip_outside = from_client(Pkt::tcp().from(CLIENT, 40002).to(VIP, 80).syn().seq(1));
+    let vip_task = from_task(Pkt::tcp().from(T2, 40003).to(VIP, 80).syn().seq(1), T2);
+    let hairpin = from_task(Pkt::tcp().from(T1, 40004).to(VIP, 80).syn().seq(1), T1);
+    let hairpin_reply = from_task(Pkt::tcp().from(T1, 80).to(HAIRPIN, 40004), T1)
+        .syn()
+        .ack(2)
+        .seq(5);
+    let empty = from_client(
+        Pkt::tcp()
+            .from(CLIENT, 40005)
+            .to(NODE, 8090)
+            .syn()
+            .seq(1000),
     );
-    let a = udp(from_task(T1), T1, CLIENT, 53, 5000, b"answer", false);
-    let a_out = udp(N2C, NODE, CLIENT, 5353, 5000, b"answer", false);
-    rig.step(
-        "udp reply",
-        t,
-        &a,
-        REDIRECT,
-        Some(&a_out),
-        &[FwdReplyToClient, ObsCtHit],
-    );
-    let z = udp(C2N, CLIENT, NODE, 5001, 5353, b"nocsum", true);
-    let z_out = udp(to_task(T1), CLIENT, T1, 5001, 53, b"nocsum", true);
-    rig.step(
-        "udp zero checksum stays zero",
-        u,
-        &z,
-        REDIRECT,
-        Some(&z_out),
-        &[FwdToTask, ObsCtNew],
-    );
-
-    // Host mode: the local task on its own port.
-    let s = tcp(C2N, CLIENT, NODE, 40001, 8081, Tcp::Syn, 7, 0, &[]);
-    let s_out = tcp(to_task(T1), CLIENT, T1, 40001, 81, Tcp::Syn, 7, 0, &[]);
-    rig.step(
-        "host-mode port",
-        u,
-        &s,
-        REDIRECT,
-        Some(&s_out),
-        &[FwdToTask, ObsCtNew],
-    );
-
-    // A VIP is for tasks: from the underlay it is not ours; from a task it is.
-    let v = tcp(C2N, CLIENT, VIP, 40002, 80, Tcp::Syn, 1, 0, &[]);
-    rig.step("VIP from outside", u, &v, PASS, Some(&v), &[PassTcp]);
-    let v = tcp(from_task(T2), T2, VIP, 40003, 80, Tcp::Syn, 1, 0, &[]);
-    let v_out = tcp(to_task(T1), T2, T1, 40003, 80, Tcp::Syn, 1, 0, &[]);
-    rig.step(
-        "VIP from a task",
-        t,
-        &v,
-        REDIRECT,
-        Some(&v_out),
-        &[FwdToTask, ObsCtNew],
-    );
-
-    // Hairpin: T1 to its own VIP lands on itself, seen from the hairpin address; its
-    // reply returns to it from the VIP.
-    let h = tcp(from_task(T1), T1, VIP, 40004, 80, Tcp::Syn, 1, 0, &[]);
-    let h_out = tcp(to_task(T1), HAIRPIN, T1, 40004, 80, Tcp::Syn, 1, 0, &[]);
-    rig.step(
-        "hairpin request",
-        t,
-        &h,
-        REDIRECT,
-        Some(&h_out),
-        &[FwdToTask, ObsCtNew, ObsHairpin],
-    );
-    let hr = tcp(
-        from_task(T1),
-        T1,
-        HAIRPIN,
-        80,
-        40004,
-        Tcp::SynAck,
-        5,
-        2,
-        &[],
-    );
-    let hr_out = tcp(to_task(T1), VIP, T1, 80, 40004, Tcp::SynAck, 5, 2, &[]);
-    rig.step(
-        "hairpin reply",
-        t,
-        &hr,
-        REDIRECT,
-        Some(&hr_out),
-        &[FwdReplyToClient, ObsCtHit],
-    );
-
-    // No backend: RST for TCP, port unreachable for UDP, nothing for a RST.
-    let e = tcp(C2N, CLIENT, NODE, 40005, 8090, Tcp::Syn, 1000, 0, &[]);
-    let mut want = Vec::new();
-    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
-        .ipv4(NODE, CLIENT, 64)
-        .tcp(8090, 40005, 0, 0)
-        .rst()
-        .ack(1001)
-        .write(&mut want, &[])
-        .unwrap();
-    rig.step(
-        "syn to a service without backends",
-        u,
-        &e,
-        REDIRECT,
-        Some(&want),
-        &[ReplyRstNoBackend],
-    );
-    let eu = udp(C2N, CLIENT, NODE, 5002, 5354, b"q", false);
-    let mut want = Vec::new();
-    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
-        .ipv4(NODE, CLIENT, 64)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(
-            DestUnreachableHeader::Port,
-        ))
-        .write(&mut want, &eu[14..14 + 28])
-        .unwrap();
-    rig.step(
-        "udp to a service without backends",
-        u,
-        &eu,
-        REDIRECT,
-        Some(&want),
-        &[ReplyIcmpUnreachable],
-    );
-    let r = tcp(C2N, CLIENT, NODE, 40006, 8090, Tcp::Rst, 1, 0, &[]);
-    rig.step(
-        "a RST is never answered",
-        u,
-        &r,
-        SHOT,
-        None,
-        &[DropCannotReply],
-    );
-
-    // Not a frontend: passed untouched.
-    let other = tcp(C2N, CLIENT, NODE, 40007, 22, Tcp::Syn, 1, 0, &[]);
-    rig.step(
-        "node port without a frontend",
-        u,
-        &other,
-        PASS,
-        Some(&other),
-        &[PassTcp],
-    );
+    let empty_udp = from_client(Pkt::udp().from(CLIENT, 5002).to(NODE, 5354)).payload(b"q");
+    let rst = from_client(Pkt::tcp().from(CLIENT, 40006).to(NODE, 8090).rst().seq(1));
+    let other = from_client(Pkt::tcp().from(CLIENT, 40007).to(NODE, 22).syn().seq(1));
+    run.table(&[
+        // UDP, with a checksum and with none (zero must stay zero).
+        Case::new("udp to published port", UNDERLAY, &query, TcRedirect)
+            .maps(maps(&[(T1, ACTIVE)]))
+            .out(delivered(&query, T1, 53))
+            .counts(&[FwdToTask, ObsCtNew]),
+        Case::new("udp reply", TASK, &answer, TcRedirect)
+            .out(to_client(&answer, 5353))
+            .counts(&[FwdReplyToClient, ObsCtHit]),
+        Case::new(
+            "udp zero checksum stays zero",
+            UNDERLAY,
+            &nocsum,
+            TcRedirect,
+        )
+        .out(delivered(&nocsum, T1, 53))
+        .counts(&[FwdToTask, ObsCtNew]),
+        // Host mode: the local task on its own port.
+        Case::new("host-mode port", UNDERLAY, &host, TcRedirect)
+            .out(delivered(&host, T1, 81))
+            .counts(&[FwdToTask, ObsCtNew]),
+        // A VIP is for tasks: from the underlay it is not ours; from a task it is.
+        Case::new("VIP from outside", UNDERLAY, &vip_outside, TcUnspec).counts(&[PassTcp]),
+        Case::new("VIP from a task", TASK, &vip_task, TcRedirect)
+            .out(delivered(&vip_task, T1, 80))
+            .counts(&[FwdToTask, ObsCtNew]),
+        // Hairpin: T1 to its own VIP lands on itself, seen from the hairpin address; its
+        // reply returns to it from the VIP.
+        Case::new("hairpin request", TASK, &hairpin, TcRedirect)
+            .out(delivered(&hairpin, T1, 80).src(HAIRPIN))
+            .counts(&[FwdToTask, ObsCtNew, ObsHairpin]),
+        Case::new("hairpin reply", TASK, &hairpin_reply, TcRedirect)
+            .out(delivered(&hairpin_reply, T1, 40004).src(VIP))
+            .counts(&[FwdReplyToClient, ObsCtHit]),
+        // No backend: RST for TCP, port unreachable for UDP, nothing for a RST.
+        Case::new(
+            "syn to a service without backends",
+            UNDERLAY,
+            &empty,
+            TcRedirect,
+        )
+        .out(
+            to_client(&Pkt::tcp().to(CLIENT, 40005), 8090)
+                .rst()
+                .ack(1001)
+                .window(0),
+        )
+        .counts(&[ReplyRstNoBackend]),
+        Case::new(
+            "udp to a service without backends",
+            UNDERLAY,
+            &empty_udp,
+            TcRedirect,
+        )
+        .out(
+            Pkt::port_unreachable()
+                .eth(NODE_MAC, CLIENT_MAC)
+                .src(NODE)
+                .dst(CLIENT)
+                .quoting(&empty_udp),
+        )
+        .counts(&[ReplyIcmpUnreachable]),
+        Case::new("a RST is never answered", UNDERLAY, &rst, TcShot)
+            .out_any()
+            .counts(&[DropCannotReply]),
+        // Not a frontend: passed untouched.
+        Case::new("node port without a frontend", UNDERLAY, &other, TcUnspec).counts(&[PassTcp]),
+    ]);
     println!(
-        "\nlb fixtures: udp/vip/hairpin/host/refusals, {} steps",
-        rig.steps
+        "\nlb fixtures: udp/vip/hairpin/host/refusals, {} cases",
+        run.runs
     );
-}
-
-/// An ARP request for `target` from task `t`, or the reply "`target` is at `mac`".
-fn arp(t: [u8; 4], target: [u8; 4], reply_mac: Option<[u8; 6]>) -> Vec<u8> {
-    let mut f = Vec::new();
-    match reply_mac {
-        None => f.extend_from_slice(&[0xff; 6]),
-        Some(_) => f.extend_from_slice(&task_mac(t)),
-    }
-    f.extend_from_slice(&reply_mac.unwrap_or(task_mac(t)));
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4]);
-    match reply_mac {
-        None => {
-            f.extend_from_slice(&[0, 1]);
-            f.extend_from_slice(&task_mac(t));
-            f.extend_from_slice(&t);
-            f.extend_from_slice(&[0; 6]);
-            f.extend_from_slice(&target);
-        }
-        Some(m) => {
-            f.extend_from_slice(&[0, 2]);
-            f.extend_from_slice(&m);
-            f.extend_from_slice(&target);
-            f.extend_from_slice(&task_mac(t));
-            f.extend_from_slice(&t);
-        }
-    }
-    f
 }
 
 /// SYNs from T1 to the every-port VIP from each of `sports`: each must be rewritten
-/// toward T2 (never the caller itself). Returns the SYNs' lengths.
-fn own_vip_goes_elsewhere(rig: &mut Rig, what: &str, sports: std::ops::Range<u16>) -> Vec<usize> {
-    let vip_mac = task_mac(VIP_ANY);
+/// toward T2 (never the caller itself), whose counters they add to when `billed`.
+fn own_vip_goes_elsewhere(what: &str, sports: std::ops::Range<u16>, billed: bool) -> Vec<Case> {
     sports
         .map(|sport| {
-            let s = tcp(
-                (task_mac(T1), vip_mac),
-                T1,
-                VIP_ANY,
-                sport,
-                80,
-                Tcp::Syn,
-                1,
-                0,
-                &[],
-            );
-            let want = tcp(
-                (task_mac(T1), task_mac(T2)),
-                T1,
-                T2,
-                sport,
-                80,
-                Tcp::Syn,
-                1,
-                0,
-                &[],
-            );
-            rig.step(
-                what,
-                Hook::TcOverlayIn,
-                &s,
-                0,
-                Some(&want),
-                &[FwdVipToTask, ObsCtNew],
-            );
-            s.len()
+            let syn = Pkt::tcp()
+                .eth(task_mac(T1), task_mac(VIP_ANY))
+                .from(T1, sport)
+                .to(VIP_ANY, 80)
+                .syn()
+                .seq(1);
+            let case = Case::new(format!("{what} (port {sport})"), OVERLAY_IN, &syn, TcOk)
+                .out(syn.dst(T2).eth(task_mac(T1), task_mac(T2)))
+                .counts(&[FwdVipToTask, ObsCtNew]);
+            if billed {
+                case.backend(T2, true)
+            } else {
+                case
+            }
         })
         .collect()
 }
@@ -743,294 +463,116 @@ fn overlay_vip_arp_every_port_and_replies() {
     let Some(object) = prereq::privileged("overlay_vip_arp_every_port_and_replies") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
-    let (oi, oo) = (Hook::TcOverlayIn, Hook::TcOverlayOut);
-    const OK: u32 = 0;
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
+    let both = [(T1, ACTIVE), (T2, ACTIVE)];
+    let arp_vip = arp_request((task_mac(T3), T3), VIP_ANY);
+    let arp_answer = arp_reply((task_mac(VIP_ANY), VIP_ANY), (task_mac(T3), T3));
+    let arp_task = arp_request((task_mac(T3), T3), T1);
+    run.table(&[
+        Case::new("ARP for the VIP", OVERLAY_IN, &arp_vip[..], TcRedirect)
+            .maps(maps(&both))
+            .out(&arp_answer[..])
+            .counts(&[ReplyArpVip]),
+        Case::new("ARP for a task", OVERLAY_IN, &arp_task[..], TcUnspec).counts(&[PassNonIp]),
+        Case::new("an ARP reply", OVERLAY_OUT, &arp_answer[..], TcUnspec).counts(&[PassNonIp]),
+    ]);
 
-    let req = arp(T3, VIP_ANY, None);
-    let ans = arp(T3, VIP_ANY, Some([0x02, 0x42, 10, 221, 0, 2]));
-    rig.step(
-        "ARP for the VIP",
-        oi,
-        &req,
-        REDIRECT,
-        Some(&ans),
-        &[ReplyArpVip],
-    );
-    let other = arp(T3, T1, None);
-    rig.step(
-        "ARP for a task",
-        oi,
-        &other,
-        PASS,
-        Some(&other),
-        &[PassNonIp],
-    );
-    rig.step("an ARP reply", oo, &ans, PASS, Some(&ans), &[PassNonIp]);
-
-    // Any port: 5432 is no port of the service's.
-    let vip_mac = [0x02, 0x42, 10, 221, 0, 2];
-    let syn = tcp(
-        (task_mac(T3), vip_mac),
-        T3,
-        VIP_ANY,
-        41000,
-        5432,
-        Tcp::Syn,
-        1,
-        0,
-        &[],
-    );
-    let mut sent: std::collections::BTreeMap<[u8; 4], (u64, u64, u64)> = Default::default();
-    let mut add = |t: [u8; 4], len: usize, flow: bool| {
-        let e = sent.entry(t).or_default();
-        *e = (e.0 + 1, e.1 + len as u64, e.2 + flow as u64);
-    };
-    let got = rig.step(
-        "SYN to the VIP",
-        oi,
-        &syn,
-        OK,
-        None,
-        &[FwdVipToTask, ObsCtNew],
-    );
-    let to = |t: [u8; 4], kind, seq, ack| {
-        tcp(
-            (task_mac(T3), task_mac(t)),
-            T3,
-            t,
-            41000,
-            5432,
-            kind,
-            seq,
-            ack,
-            &[],
+    // Any port: 5432 is no port of the service's. Which task the SYN goes to is the
+    // hash's; the flow stays there.
+    let syn = to_vip_any(Pkt::tcp().syn().seq(1), 41000, 5432);
+    let chosen = run
+        .run(
+            &Case::new("SYN to the VIP", OVERLAY_IN, &syn, TcOk)
+                .out_one_of([T1, T2].map(|t| (t, toward(&syn, t))))
+                .counts(&[FwdVipToTask, ObsCtNew])
+                .picked_backend(true),
         )
-    };
-    let chosen = [T1, T2]
-        .into_iter()
-        .find(|t| hex(&got) == hex(&to(*t, Tcp::Syn, 1, 0)))
-        .unwrap_or_else(|| panic!("SYN rewritten to neither task: {}", hex(&got)));
-    add(chosen, syn.len(), true);
-    let ack = tcp(
-        (task_mac(T3), vip_mac),
-        T3,
-        VIP_ANY,
-        41000,
-        5432,
-        Tcp::Ack,
-        2,
-        6,
-        b"q",
-    );
-    let ack_out = tcp(
-        (task_mac(T3), task_mac(chosen)),
-        T3,
-        chosen,
-        41000,
-        5432,
-        Tcp::Ack,
-        2,
-        6,
-        b"q",
-    );
-    rig.step(
-        "the flow stays on its task",
-        oi,
-        &ack,
-        OK,
-        Some(&ack_out),
-        &[FwdVipToTask, ObsCtHit],
-    );
-    add(chosen, ack.len(), false);
-    let sa = tcp(
-        (task_mac(chosen), task_mac(T3)),
-        chosen,
-        T3,
-        5432,
-        41000,
-        Tcp::SynAck,
-        5,
-        2,
-        &[],
-    );
-    let sa_out = tcp(
-        (task_mac(chosen), task_mac(T3)),
-        VIP_ANY,
-        T3,
-        5432,
-        41000,
-        Tcp::SynAck,
-        5,
-        2,
-        &[],
-    );
-    rig.step(
-        "the reply comes from the VIP",
-        oo,
-        &sa,
-        OK,
-        Some(&sa_out),
-        &[FwdVipReply, ObsCtHit],
-    );
-    add(chosen, sa.len(), false);
-
+        .picked
+        .expect("a task");
+    let ack = to_vip_any(Pkt::tcp().seq(2).ack(6).payload(b"q"), 41000, 5432);
+    let synack = Pkt::tcp()
+        .eth(task_mac(chosen), task_mac(T3))
+        .from(chosen, 5432)
+        .to(T3, 41000)
+        .syn()
+        .ack(2)
+        .seq(5);
+    run.table(&[
+        Case::new("the flow stays on its task", OVERLAY_IN, &ack, TcOk)
+            .out(toward(&ack, chosen))
+            .counts(&[FwdVipToTask, ObsCtHit])
+            .backend(chosen, false),
+        Case::new("the reply comes from the VIP", OVERLAY_OUT, &synack, TcOk)
+            .out(synack.src(VIP_ANY))
+            .counts(&[FwdVipReply, ObsCtHit])
+            .backend(chosen, false),
+    ]);
     // UDP too, with its port kept.
-    let q = udp(
-        (task_mac(T3), vip_mac),
-        T3,
-        VIP_ANY,
-        5300,
-        53,
-        b"query",
-        false,
+    let query = to_vip_any(Pkt::udp().payload(b"query"), 5300, 53);
+    run.run(
+        &Case::new("UDP to the VIP", OVERLAY_IN, &query, TcOk)
+            .out_one_of([T1, T2].map(|t| (t, toward(&query, t))))
+            .counts(&[FwdVipToTask, ObsCtNew])
+            .picked_backend(true),
     );
-    let got = rig.step(
-        "UDP to the VIP",
-        oi,
-        &q,
-        OK,
-        None,
-        &[FwdVipToTask, ObsCtNew],
-    );
-    let to_udp = [T1, T2].into_iter().find(|t| {
-        hex(&got)
-            == hex(&udp(
-                (task_mac(T3), task_mac(*t)),
-                T3,
-                *t,
-                5300,
-                53,
-                b"query",
-                false,
-            ))
-    });
-    let to_udp = to_udp.unwrap_or_else(|| panic!("UDP rewritten to neither task: {}", hex(&got)));
-    add(to_udp, q.len(), true);
-
     // A backend calling its own VIP is never given itself (it would drop the packet as
     // martian), whatever the ports.
-    for len in own_vip_goes_elsewhere(&mut rig, "a backend to its own VIP", 42000..42016) {
-        add(T2, len, true);
-    }
+    run.table(&own_vip_goes_elsewhere(
+        "a backend to its own VIP",
+        42000..42016,
+        true,
+    ));
 
     // Per-backend counters: exactly what went to each task, both ways, and its flows.
-    let stats = rig.mesh.dp.backend_stats().unwrap();
-    let mut checked = 0;
-    for (id, (group, addr, _)) in rig.mesh.backend_names() {
-        if group != "api@appnet/vip" {
-            continue;
-        }
-        checked += 1;
-        let (packets, bytes, flows) = sent.get(&addr.octets()).copied().unwrap_or_default();
-        let c = stats.get(&id).copied().unwrap_or_default();
-        assert_eq!(
-            (c.packets, c.bytes, c.flows),
-            (packets, bytes, flows),
-            "backend {addr}"
-        );
-    }
-    assert_eq!(checked, 2, "both tasks of the VIP checked");
+    run.check_backends("api@appnet/vip", 2);
 
     // Traffic between tasks that is no VIP's passes untouched both ways; the VIP is no
     // frontend of the other hooks.
-    let direct = tcp(
-        (task_mac(T3), task_mac(T1)),
-        T3,
-        T1,
-        41001,
-        80,
-        Tcp::Syn,
-        1,
-        0,
-        &[],
-    );
-    rig.step("task to task", oi, &direct, PASS, Some(&direct), &[PassTcp]);
-    rig.step(
-        "task to task, arriving",
-        oo,
-        &direct,
-        PASS,
-        Some(&direct),
-        &[PassTcp],
-    );
-    let outside = tcp(C2N, CLIENT, VIP_ANY, 41002, 80, Tcp::Syn, 1, 0, &[]);
-    rig.step(
-        "the VIP from the underlay",
-        Hook::TcUnderlayIngress,
-        &outside,
-        PASS,
-        Some(&outside),
-        &[PassTcp],
-    );
-    let gw = tcp(from_task(T3), T3, VIP_ANY, 41003, 80, Tcp::Syn, 1, 0, &[]);
-    rig.step(
-        "the VIP on a delivery veth",
-        Hook::TcTask,
-        &gw,
-        PASS,
-        Some(&gw),
-        &[PassTcp],
-    );
+    let direct = Pkt::tcp()
+        .eth(task_mac(T3), task_mac(T1))
+        .from(T3, 41001)
+        .to(T1, 80)
+        .syn()
+        .seq(1);
+    let outside = from_client(Pkt::tcp().from(CLIENT, 41002).to(VIP_ANY, 80).syn().seq(1));
+    let gw = from_task(Pkt::tcp().from(T3, 41003).to(VIP_ANY, 80).syn().seq(1), T3);
+    run.table(&[
+        Case::new("task to task", OVERLAY_IN, &direct, TcUnspec).counts(&[PassTcp]),
+        Case::new("task to task, arriving", OVERLAY_OUT, &direct, TcUnspec).counts(&[PassTcp]),
+        Case::new("the VIP from the underlay", UNDERLAY, &outside, TcUnspec).counts(&[PassTcp]),
+        Case::new("the VIP on a delivery veth", TASK, &gw, TcUnspec).counts(&[PassTcp]),
+    ]);
 
     // With client-IP affinity (which ignores the retry salt), a backend calling its own
     // VIP is still given the other task.
-    rig.affinity = true;
-    rig.apply(&[(T1, Health::Active), (T2, Health::Active)]);
-    own_vip_goes_elsewhere(
-        &mut rig,
+    run.apply(&maps_with_affinity(&both));
+    run.table(&own_vip_goes_elsewhere(
         "a backend to its own VIP, with affinity",
         43000..43004,
-    );
-    rig.affinity = false;
+        false,
+    ));
 
-    // With no backend left: refused, into the task.
-    rig.apply(&[]);
-    let late = tcp(
-        (task_mac(T3), vip_mac),
-        T3,
-        VIP_ANY,
-        41004,
-        80,
-        Tcp::Syn,
-        9,
-        0,
-        &[],
-    );
-    let got = rig.step(
-        "no backend",
-        oi,
-        &late,
-        REDIRECT,
-        None,
-        &[ReplyRstNoBackend],
-    );
-    let rst = etherparse::SlicedPacket::from_ethernet(&got).expect("a packet");
-    match rst.transport {
-        Some(etherparse::TransportSlice::Tcp(t)) => {
-            assert!(t.rst() && t.source_port() == 80 && t.destination_port() == 41004)
-        }
-        other => panic!("not a TCP RST: {other:?}"),
-    }
-    // Docker's own VXLAN on that network, from a peer: left to the kernel's vxlan device.
-    let v = mesh_tests::packets::vxlan4(4789, APPNET_VNI);
-    rig.step(
-        "Docker's VXLAN at TC",
-        Hook::TcUnderlayIngress,
-        &v,
-        PASS,
-        Some(&v),
-        &[PassVxlanDocker],
-    );
-    rig.step(
-        "Docker's VXLAN at XDP",
-        Hook::XdpUnderlay,
-        &v,
-        XDP_PASS,
-        Some(&v),
-        &[PassVxlanDocker],
-    );
-    println!("\nlb fixtures: overlay VIP, {} steps", rig.steps);
+    // With no backend left: refused, into the task. Docker's own VXLAN on that network,
+    // from a peer: left to the kernel's vxlan device.
+    let late = to_vip_any(Pkt::tcp().syn().seq(9), 41004, 80);
+    let docker = vxlan4(4789, APPNET_VNI);
+    run.table(&[
+        Case::new("no backend", OVERLAY_IN, &late, TcRedirect)
+            .maps(maps(&[]))
+            .out_fields(
+                Fields::new()
+                    .rst()
+                    .ports(80, 41004)
+                    .addrs(VIP_ANY, T3)
+                    .eth(task_mac(VIP_ANY), task_mac(T3))
+                    .checksums(),
+            )
+            .counts(&[ReplyRstNoBackend]),
+        Case::new("Docker's VXLAN at TC", UNDERLAY, &docker[..], TcUnspec)
+            .counts(&[PassVxlanDocker]),
+        Case::new("Docker's VXLAN at XDP", XDP, &docker[..], XdpPass).counts(&[PassVxlanDocker]),
+    ]);
+    println!("\nlb fixtures: overlay VIP, {} cases", run.runs);
 }
 
 #[test]
@@ -1038,72 +580,46 @@ fn draining_keeps_flows_and_takes_no_new_ones() {
     let Some(object) = prereq::privileged("draining_keeps_flows_and_takes_no_new_ones") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
-    let u = Hook::TcUnderlayIngress;
-    let syn = tcp(C2N, CLIENT, NODE, 41000, 8080, Tcp::Syn, 1, 0, &[]);
-    rig.step(
-        "flow to T1",
-        u,
-        &syn,
-        REDIRECT,
-        Some(&tcp(
-            to_task(T1),
-            CLIENT,
-            T1,
-            41000,
-            80,
-            Tcp::Syn,
-            1,
-            0,
-            &[],
-        )),
-        &[FwdToTask, ObsCtNew],
-    );
-    rig.apply(&[(T1, Health::Draining), (T2, Health::Active)]);
-    let ack = tcp(C2N, CLIENT, NODE, 41000, 8080, Tcp::Ack, 2, 9, b"x");
-    rig.step(
-        "draining T1 keeps its flow",
-        u,
-        &ack,
-        REDIRECT,
-        Some(&tcp(
-            to_task(T1),
-            CLIENT,
-            T1,
-            41000,
-            80,
-            Tcp::Ack,
-            2,
-            9,
-            b"x",
-        )),
-        &[FwdToTask, ObsCtHit],
-    );
-    for port in 41001..41021 {
-        let s = tcp(C2N, CLIENT, NODE, port, 8080, Tcp::Syn, 1, 0, &[]);
-        let out = tcp(to_task(T2), CLIENT, T2, port, 80, Tcp::Syn, 1, 0, &[]);
-        rig.step(
-            "new flows avoid draining T1",
-            u,
-            &s,
-            REDIRECT,
-            Some(&out),
-            &[FwdToTask, ObsCtNew],
-        );
-    }
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
+    let to_web = |sport| from_client(Pkt::tcp().from(CLIENT, sport).to(NODE, 8080));
+    let syn = to_web(41000).syn().seq(1);
+    let ack = to_web(41000).seq(2).ack(9).payload(b"x");
+    let mut table = vec![
+        Case::new("flow to T1", UNDERLAY, &syn, TcRedirect)
+            .maps(maps(&[(T1, ACTIVE)]))
+            .out(delivered(&syn, T1, 80))
+            .counts(&[FwdToTask, ObsCtNew]),
+        Case::new("draining T1 keeps its flow", UNDERLAY, &ack, TcRedirect)
+            .maps(maps(&[(T1, Health::Draining), (T2, ACTIVE)]))
+            .out(delivered(&ack, T1, 80))
+            .counts(&[FwdToTask, ObsCtHit]),
+    ];
+    table.extend((41001..41021).map(|port| {
+        let syn = to_web(port).syn().seq(1);
+        Case::new(
+            format!("new flows avoid draining T1 (port {port})"),
+            UNDERLAY,
+            &syn,
+            TcRedirect,
+        )
+        .out(delivered(&syn, T2, 80))
+        .counts(&[FwdToTask, ObsCtNew])
+    }));
     // A mid-flow packet without an entry (evicted, or the agent restarted with a flushed
     // table) is given a backend by Maglev like a new flow.
-    let mid = tcp(C2N, CLIENT, NODE, 42000, 8080, Tcp::Ack, 5, 5, b"y");
-    let out = tcp(to_task(T2), CLIENT, T2, 42000, 80, Tcp::Ack, 5, 5, b"y");
-    rig.step(
-        "mid-flow packet without an entry",
-        u,
-        &mid,
-        REDIRECT,
-        Some(&out),
-        &[FwdToTask, ObsCtNew],
+    let mid = to_web(42000).seq(5).ack(5).payload(b"y");
+    table.push(
+        Case::new(
+            "mid-flow packet without an entry",
+            UNDERLAY,
+            &mid,
+            TcRedirect,
+        )
+        .out(delivered(&mid, T2, 80))
+        .counts(&[FwdToTask, ObsCtNew]),
     );
-    println!("\nlb fixtures: draining, {} steps", rig.steps);
+    run.table(&table);
+    println!("\nlb fixtures: draining, {} cases", run.runs);
 }
 
 #[test]
@@ -1113,46 +629,40 @@ fn client_ip_affinity_sends_every_connection_of_a_client_to_one_task() {
     else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
-    // Without affinity, 40 connections of one client use both tasks.
-    let dst = |rig: &mut Rig, client: [u8; 4], port: u16| -> [u8; 4] {
-        let syn = tcp(C2N, client, NODE, port, 8080, Tcp::Syn, 1, 0, &[]);
-        let mut buf = vec![0u8; syn.len() + 64];
-        let r = rig
-            .mesh
-            .dp
-            .tc_ingress()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(&syn),
-                data_out: Some(&mut buf),
-                ..Default::default()
+    // 40 connections of `client`, from ports `first..`: the tasks they went to.
+    fn tasks(run: &mut Runner, client: [u8; 4], first: u16) -> BTreeSet<[u8; 4]> {
+        let cases: Vec<Case> = (first..first + 40)
+            .map(|port| {
+                let syn = from_client(Pkt::tcp().from(client, port).to(NODE, 8080).syn().seq(1));
+                Case::new(
+                    format!("syn from {client:?}:{port}"),
+                    UNDERLAY,
+                    &syn,
+                    TcRedirect,
+                )
+                .out_one_of([T1, T2].map(|t| (t, delivered(&syn, t, 80))))
+                .counts(&[FwdToTask, ObsCtNew])
             })
-            .unwrap();
-        assert_eq!(r.return_value, REDIRECT);
-        rig.steps += 1;
-        [buf[30], buf[31], buf[32], buf[33]]
-    };
-    let spread: std::collections::BTreeSet<_> =
-        (0..40).map(|i| dst(&mut rig, CLIENT, 43000 + i)).collect();
-    assert_eq!(spread.len(), 2);
-    rig.affinity = true;
-    rig.apply(&[(T1, Health::Active), (T2, Health::Active)]);
+            .collect();
+        run.table(&cases).iter().filter_map(|r| r.picked).collect()
+    }
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
+    let both = [(T1, ACTIVE), (T2, ACTIVE)];
+    // Without affinity, 40 connections of one client use both tasks.
+    run.apply(&maps(&both));
+    assert_eq!(tasks(&mut run, CLIENT, 43000).len(), 2);
+    run.apply(&maps_with_affinity(&both));
     for client in [
         [10, 220, 0, 2],
         [10, 220, 0, 3],
         [10, 220, 0, 4],
         [10, 220, 0, 5],
     ] {
-        let tasks: std::collections::BTreeSet<_> =
-            (0..40).map(|i| dst(&mut rig, client, 44000 + i)).collect();
-        assert_eq!(tasks.len(), 1, "client {client:?} spread over {tasks:?}");
+        let got = tasks(&mut run, client, 44000);
+        assert_eq!(got.len(), 1, "client {client:?} spread over {got:?}");
     }
-    println!("\nlb fixtures: affinity, {} steps", rig.steps);
+    println!("\nlb fixtures: affinity, {} cases", run.runs);
 }
-
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 /// The XDP program over the same maps: a published-port flow to a local task is NATed
 /// and redirected by XDP, its reply (at TC on the task's veth) finds the entries XDP
@@ -1163,59 +673,29 @@ fn xdp_published_port_and_vxlan_decap() {
     let Some(object) = prereq::privileged("xdp_published_port_and_vxlan_decap") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
-    let x = Hook::XdpUnderlay;
-    let syn = tcp(C2N, CLIENT, NODE, 45000, 8080, Tcp::Syn, 100, 0, &[]);
-    let syn_out = tcp(to_task(T1), CLIENT, T1, 45000, 80, Tcp::Syn, 100, 0, &[]);
-    rig.step(
-        "xdp: syn to published port",
-        x,
-        &syn,
-        XDP_REDIRECT,
-        Some(&syn_out),
-        &[FwdToTask, ObsCtNew],
-    );
-    let synack = tcp(
-        from_task(T1),
-        T1,
-        CLIENT,
-        80,
-        45000,
-        Tcp::SynAck,
-        900,
-        101,
-        &[],
-    );
-    let synack_out = tcp(N2C, NODE, CLIENT, 8080, 45000, Tcp::SynAck, 900, 101, &[]);
-    rig.step(
-        "reply to an xdp flow at tc",
-        Hook::TcTask,
-        &synack,
-        REDIRECT,
-        Some(&synack_out),
-        &[FwdReplyToClient, ObsCtHit],
-    );
-    let udp_q = udp(C2N, CLIENT, NODE, 5005, 5353, b"q", false);
-    let udp_out = udp(to_task(T1), CLIENT, T1, 5005, 53, b"q", false);
-    rig.step(
-        "xdp: udp to published port",
-        x,
-        &udp_q,
-        XDP_REDIRECT,
-        Some(&udp_out),
-        &[FwdToTask, ObsCtNew],
-    );
-    // No backend: left to TC (which answers with a RST).
-    let e = tcp(C2N, CLIENT, NODE, 45001, 8090, Tcp::Syn, 1, 0, &[]);
-    rig.step(
-        "xdp: no backend, passed to tc",
-        x,
-        &e,
-        XDP_PASS,
-        Some(&e),
-        &[PassTcp],
-    );
-    println!("\nlb fixtures: xdp, {} steps", rig.steps);
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
+    let syn = from_client(Pkt::tcp().from(CLIENT, 45000).to(NODE, 8080).syn().seq(100));
+    let synack = from_task(Pkt::tcp().from(T1, 80).to(CLIENT, 45000), T1)
+        .syn()
+        .ack(101)
+        .seq(900);
+    let query = from_client(Pkt::udp().from(CLIENT, 5005).to(NODE, 5353)).payload(b"q");
+    let empty = from_client(Pkt::tcp().from(CLIENT, 45001).to(NODE, 8090).syn().seq(1));
+    run.table(&[
+        Case::new("xdp: syn to published port", XDP, &syn, XdpRedirect)
+            .maps(maps(&[(T1, ACTIVE)]))
+            .out(delivered(&syn, T1, 80))
+            .counts(&[FwdToTask, ObsCtNew]),
+        Case::new("reply to an xdp flow at tc", TASK, &synack, TcRedirect)
+            .out(to_client(&synack, 8080))
+            .counts(&[FwdReplyToClient, ObsCtHit]),
+        Case::new("xdp: udp to published port", XDP, &query, XdpRedirect)
+            .out(delivered(&query, T1, 53))
+            .counts(&[FwdToTask, ObsCtNew]),
+        // No backend: left to TC (which answers with a RST).
+        Case::new("xdp: no backend, passed to tc", XDP, &empty, XdpPass).counts(&[PassTcp]),
+    ]);
+    println!("\nlb fixtures: xdp, {} cases", run.runs);
 }
 
 /// VXLAN from a known peer for a known VNI at XDP. Where the kernel lets XDP call
@@ -1227,8 +707,7 @@ fn xdp_vxlan_decap_leaves_peer_and_vni_for_tc() {
     let Some(object) = prereq::privileged("xdp_vxlan_decap_leaves_peer_and_vni_for_tc") else {
         return;
     };
-    let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load");
-    let mut mesh = Mesh::new(dp);
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
     let m = mesh_agent::model::from_yaml(
         r#"
 underlay: u
@@ -1239,59 +718,36 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]
 "#,
     )
     .unwrap();
-    mesh.apply_desired(&desired(&m, |_| Ok((1, [0; 6]))).unwrap())
-        .unwrap();
-    let inner = tcp(
-        (task_mac(T2), task_mac(T1)),
-        [10, 0, 0, 12],
-        T1,
-        80,
-        45000,
-        Tcp::Ack,
-        1,
-        1,
-        b"reply",
-    );
-    let mut payload = vec![0x08, 0, 0, 0];
-    payload.extend_from_slice(&(4096u32 << 8).to_be_bytes());
-    payload.extend_from_slice(&inner);
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4([10, 240, 0, 2], [10, 240, 0, 1], 64)
-        .udp(50000, 4789)
-        .write(&mut frame, &payload)
-        .unwrap();
-    let stats = mesh.dp.stats().unwrap();
-    let before = Snapshot::read(&stats).unwrap();
-    let mut out = vec![0u8; frame.len() + 64];
-    let r = mesh
-        .dp
-        .xdp()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(r.return_value, XDP_PASS);
-    let out = &out[..r.data_size_out as usize];
-    if mesh.dp.features().has(Feature::XdpMeta) {
+    run.apply(&desired(&m, |_| Ok((1, [0; 6]))).unwrap());
+    let inner = Pkt::tcp()
+        .eth(task_mac(T2), task_mac(T1))
+        .from([10, 0, 0, 12], 80)
+        .to(T1, 45000)
+        .seq(1)
+        .ack(1)
+        .payload(b"reply")
+        .build();
+    let frame = Pkt::udp()
+        .eth(CLIENT_MAC, NODE_MAC)
+        .from([10, 240, 0, 2], 50000)
+        .to([10, 240, 0, 1], 4789)
+        .payload(&vxlan(4096, &inner))
+        .build();
+    if run.mesh.dp.features().has(Feature::XdpMeta) {
         println!("\nlb fixtures: xdp vxlan decap: bpf_xdp_adjust_meta here: XDP decapsulates, (peer, VNI) in the metadata");
-        let d = Snapshot::read(&stats).unwrap().since(&before);
-        assert_eq!(
-            d.cells.keys().copied().collect::<Vec<_>>(),
-            vec![
-                (Hook::XdpUnderlay as u32, PassVxlan as u32),
-                (Hook::XdpUnderlay as u32, ObsDecap as u32)
-            ],
-            "xdp: taken apart and passed on"
-        );
+        // Which counters move is checked here, not by how much.
+        let out = run
+            .run(
+                &Case::new("xdp: taken apart and passed on", XDP, &frame[..], XdpPass)
+                    .out_any()
+                    .cells(&[PassVxlan, ObsDecap]),
+            )
+            .out;
         if out.len() == inner.len() {
             // Before Linux 5.14 the XDP test runner returns the frame from `data`, never
             // the metadata in front of it: the inner frame is all there is to check.
             println!("lb fixtures: xdp vxlan decap: this kernel's test runner returns no metadata (before 5.14)");
-            assert_eq!(hex(out), hex(&inner), "the inner frame, untouched");
+            assert_eq!(out, inner, "the inner frame, untouched");
             return;
         }
         // The kernel's XDP test runner returns the metadata in front of the frame.
@@ -1305,60 +761,33 @@ networks: [{name: ingress, vni: 4096, local_addr: 10.0.0.2}]
     }
     // The tc-decap fallback: XDP validates the VXLAN (a known peer, a known VNI) and
     // passes it on whole, with no metadata in front; (peer, VNI) stay in its outer
-    // headers, where TC reads them when it takes the frame apart.
+    // headers, where TC reads them when it takes the frame apart. TC on the same frame:
+    // validated again and taken apart (the outer Ethernet header kept), then the inner
+    // packet looked up; its destination is no task on this node in this model, so it
+    // ends there, counted.
     println!("\nlb fixtures: xdp vxlan decap: no bpf_xdp_adjust_meta here (fallback tc-decap): XDP passes VXLAN whole, TC decapsulates");
-    assert_eq!(
-        hex(out),
-        hex(&frame),
-        "the frame passed whole, no metadata in front"
-    );
-    let cells = |hook: Hook, reasons: &[Reason]| {
-        let mut s = Snapshot::default();
-        for r in reasons {
-            s.cells.insert(
-                (hook as u32, *r as u32),
-                Counter {
-                    packets: 1,
-                    bytes: frame.len() as u64,
-                },
-            );
-        }
-        s
-    };
-    let d = Snapshot::read(&stats).unwrap().since(&before);
-    assert_eq!(
-        d,
-        cells(Hook::XdpUnderlay, &[PassVxlan]),
-        "xdp: counter deltas"
-    );
-    // TC on the same frame: validated again and taken apart (the outer Ethernet header
-    // kept), then the inner packet looked up; its destination is no task on this node
-    // in this model, so it ends there, counted.
-    let before = Snapshot::read(&stats).unwrap();
-    let mut tc_out = vec![0u8; frame.len() + 256];
-    let r = mesh
-        .dp
-        .tc_ingress()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(out),
-            data_out: Some(&mut tc_out),
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(r.return_value, SHOT);
     let mut decapsulated = frame[..14].to_vec();
     decapsulated.extend_from_slice(&inner[14..]);
-    assert_eq!(
-        hex(&tc_out[..r.data_size_out as usize]),
-        hex(&decapsulated),
-        "tc: outer Ethernet header + the inner packet"
-    );
-    let d = Snapshot::read(&stats).unwrap().since(&before);
-    assert_eq!(
-        d,
-        cells(Hook::TcUnderlayIngress, &[ObsDecap, DropVxlanNoTarget]),
-        "tc: counter deltas"
+    let passed = run
+        .run(
+            &Case::new(
+                "xdp: the frame passed whole, no metadata in front",
+                XDP,
+                &frame[..],
+                XdpPass,
+            )
+            .counts(&[PassVxlan]),
+        )
+        .out;
+    run.run(
+        &Case::new(
+            "tc: outer Ethernet header + the inner packet",
+            UNDERLAY,
+            passed,
+            TcShot,
+        )
+        .out(decapsulated)
+        .counts(&[ObsDecap, DropVxlanNoTarget]),
     );
 }
 
@@ -1369,80 +798,42 @@ fn per_packet_cost_of_the_pass_through_paths() {
     let Some(object) = prereq::privileged("per_packet_cost_of_the_pass_through_paths") else {
         return;
     };
-    let rig = Rig::new(&object, &[(T1, Health::Active)]);
-    let run = |hook: Hook, pkt: &[u8]| -> (u32, std::time::Duration) {
-        let mut out = vec![0u8; pkt.len() + 64];
-        let opts = TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            repeat: 100_000,
-            ..Default::default()
-        };
-        let r = match hook {
-            Hook::TcUnderlayIngress => rig.mesh.dp.tc_ingress().unwrap().test_run(opts),
-            Hook::TcTask => rig.mesh.dp.tc_task().unwrap().test_run(opts),
-            Hook::XdpUnderlay => rig.mesh.dp.xdp().unwrap().test_run(opts),
-            Hook::TcOverlayIn => rig.mesh.dp.tc_overlay_in().unwrap().test_run(opts),
-            Hook::TcOverlayOut => rig.mesh.dp.tc_overlay_out().unwrap().test_run(opts),
-            Hook::Sock => unreachable!("not a packet program"),
-        }
-        .unwrap();
-        (r.return_value, r.duration)
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
+    run.apply(&maps(&[(T1, ACTIVE)]));
+    let time = |hook: Hook, pkt: &Pkt| {
+        let r = test_run(&run.mesh.dp, hook, &pkt.build(), 100_000).unwrap();
+        (r.ret, r.duration)
     };
     // Not a service: conntrack miss, frontend miss (and the node-address fallback).
-    let other = tcp(C2N, CLIENT, NODE, 40007, 22, Tcp::Ack, 1, 1, b"ssh");
-    let (ret_tc, tc) = run(Hook::TcUnderlayIngress, &other);
-    let (ret_xdp, xdp) = run(Hook::XdpUnderlay, &other);
+    let other = from_client(Pkt::tcp().from(CLIENT, 40007).to(NODE, 22))
+        .seq(1)
+        .ack(1)
+        .payload(b"ssh");
+    let (ret_tc, tc) = time(UNDERLAY, &other);
+    let (ret_xdp, xdp) = time(XDP, &other);
     // A task's traffic that is not the mesh's (to an address outside the overlay).
-    let out_of_task = tcp(
-        from_task(T1),
-        T1,
-        [192, 0, 2, 1],
-        40008,
-        443,
-        Tcp::Ack,
-        1,
-        1,
-        b"x",
+    let out_of_task = from_task(Pkt::tcp().from(T1, 40008).to([192, 0, 2, 1], 443), T1)
+        .seq(1)
+        .ack(1)
+        .payload(b"x");
+    let (ret_task, task) = time(TASK, &out_of_task);
+    assert_eq!(
+        (ret_tc, ret_xdp, ret_task),
+        (TcUnspec.code(), XdpPass.code(), TcUnspec.code())
     );
-    let (ret_task, task) = run(Hook::TcTask, &out_of_task);
-    assert_eq!((ret_tc, ret_xdp, ret_task), (PASS, XDP_PASS, PASS));
     println!(
         "\nbench: pass-through per packet (BPF_PROG_TEST_RUN, 100,000 runs): tc underlay {:?}, xdp underlay {:?}, tc task {:?}",
         tc, xdp, task
     );
 }
 
-/// A datagram too big for one frame: `payload_len` bytes of a pattern.
-fn big(payload_len: usize) -> Vec<u8> {
-    (0..payload_len).map(|i| (i % 251) as u8).collect()
-}
-
-/// Fragments of a UDP datagram (IP id `id`, at most 1500 IP bytes each).
-#[allow(clippy::too_many_arguments)]
-fn udp_frags(
-    macs: ([u8; 6], [u8; 6]),
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-    id: u16,
-) -> Vec<Vec<u8>> {
-    mesh_tests::packets::ipv4_fragments(
-        &udp(macs, src, dst, sport, dport, payload, false),
-        id,
-        1500,
-    )
-}
-
-/// The observation the parser counts for fragment `i`.
-fn frag_obs(i: usize) -> Reason {
-    if i == 0 {
-        ObsFragmentFirst
-    } else {
-        ObsFragmentNonFirst
-    }
+/// `pkt` and `out` (what it must become) in fragments of at most 1500 IP bytes, IP id
+/// `id`, as (fragment, rewritten fragment) pairs.
+fn fragments(pkt: &Pkt, out: &Pkt, id: u16) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pkt.fragments(id, 1500)
+        .into_iter()
+        .zip(out.fragments(id, 1500))
+        .collect()
 }
 
 /// Fragments follow their first one: a 3,000-byte UDP datagram (first, middle and last
@@ -1456,137 +847,135 @@ fn fragments_follow_their_first_one() {
     let Some(object) = prereq::privileged("fragments_follow_their_first_one") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active)]);
-    let (u, t, x) = (Hook::TcUnderlayIngress, Hook::TcTask, Hook::XdpUnderlay);
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
     let data = big(3000);
+    let dns = |sport| from_client(Pkt::udp().from(CLIENT, sport).to(NODE, 5353)).payload(&data);
+    let to_t1 = |sport, id| fragments(&dns(sport), &delivered(&dns(sport), T1, 53), id);
 
-    let q = udp_frags(C2N, CLIENT, NODE, 5100, 5353, &data, 0x1234);
-    let q_out = udp_frags(to_task(T1), CLIENT, T1, 5100, 53, &data, 0x1234);
+    let q = to_t1(5100, 0x1234);
     assert_eq!(q.len(), 3, "first, middle, last");
-    rig.step(
-        "udp: first fragment to the published port",
-        u,
-        &q[0],
-        REDIRECT,
-        Some(&q_out[0]),
-        &[FwdToTask, ObsCtNew, ObsFragmentFirst],
-    );
-    for (i, what) in [
-        (1, "udp: middle fragment follows"),
-        (2, "udp: last fragment follows"),
-    ] {
-        rig.step(
-            what,
-            u,
-            &q[i],
-            REDIRECT,
-            Some(&q_out[i]),
-            &[FwdToTask, ObsCtHit, ObsFragmentNonFirst],
-        );
-    }
     // Another datagram of the flow whose last fragment comes first: nothing to follow
     // yet, passed untouched and counted; its first fragment then goes through.
-    let o = udp_frags(C2N, CLIENT, NODE, 5100, 5353, &data, 0x1240);
-    let o_out = udp_frags(to_task(T1), CLIENT, T1, 5100, 53, &data, 0x1240);
-    rig.step(
-        "udp: last fragment before its first",
-        u,
-        &o[2],
-        PASS,
-        Some(&o[2]),
-        &[PassFragmentUnmatched, ObsFragmentNonFirst],
-    );
-    rig.step(
-        "udp: then its first",
-        u,
-        &o[0],
-        REDIRECT,
-        Some(&o_out[0]),
-        &[FwdToTask, ObsCtHit, ObsFragmentFirst],
-    );
+    let o = to_t1(5100, 0x1240);
+    let mut table = vec![
+        Case::new(
+            "udp: first fragment to the published port",
+            UNDERLAY,
+            q[0].0.clone(),
+            TcRedirect,
+        )
+        .maps(maps(&[(T1, ACTIVE)]))
+        .out(q[0].1.clone())
+        .counts(&[FwdToTask, ObsCtNew, ObsFragmentFirst]),
+        Case::new(
+            "udp: middle fragment follows",
+            UNDERLAY,
+            q[1].0.clone(),
+            TcRedirect,
+        )
+        .out(q[1].1.clone())
+        .counts(&[FwdToTask, ObsCtHit, ObsFragmentNonFirst]),
+        Case::new(
+            "udp: last fragment follows",
+            UNDERLAY,
+            q[2].0.clone(),
+            TcRedirect,
+        )
+        .out(q[2].1.clone())
+        .counts(&[FwdToTask, ObsCtHit, ObsFragmentNonFirst]),
+        Case::new(
+            "udp: last fragment before its first",
+            UNDERLAY,
+            o[2].0.clone(),
+            TcUnspec,
+        )
+        .counts(&[PassFragmentUnmatched, ObsFragmentNonFirst]),
+        Case::new("udp: then its first", UNDERLAY, o[0].0.clone(), TcRedirect)
+            .out(o[0].1.clone())
+            .counts(&[FwdToTask, ObsCtHit, ObsFragmentFirst]),
+    ];
     // The task's answer, as big, fragmented by its kernel: reverse NAT on every fragment.
-    let a = udp_frags(from_task(T1), T1, CLIENT, 53, 5100, &data, 0x4321);
-    let a_out = udp_frags(N2C, NODE, CLIENT, 5353, 5100, &data, 0x4321);
-    for i in 0..a.len() {
-        rig.step(
-            "udp: the task's answer, fragment by fragment",
-            t,
-            &a[i],
-            REDIRECT,
-            Some(&a_out[i]),
-            &[FwdReplyToClient, ObsCtHit, frag_obs(i)],
-        );
-    }
-
+    let answer = from_task(Pkt::udp().from(T1, 53).to(CLIENT, 5100), T1).payload(&data);
+    let a = fragments(&answer, &to_client(&answer, 5353), 0x4321);
+    table.extend(a.into_iter().enumerate().map(|(i, (f, out))| {
+        Case::new(
+            format!("udp: the task's answer, fragment {i}"),
+            TASK,
+            f,
+            TcRedirect,
+        )
+        .out(out)
+        .counts(&[FwdReplyToClient, ObsCtHit, frag_obs(i)])
+    }));
     // The same at XDP, a new flow (another IP id, another source port).
-    let xq = udp_frags(C2N, CLIENT, NODE, 5101, 5353, &data, 0x1235);
-    let xq_out = udp_frags(to_task(T1), CLIENT, T1, 5101, 53, &data, 0x1235);
-    for i in 0..xq.len() {
-        let ct = if i == 0 { ObsCtNew } else { ObsCtHit };
-        rig.step(
-            "xdp: fragments to the published port",
-            x,
-            &xq[i],
-            XDP_REDIRECT,
-            Some(&xq_out[i]),
-            &[FwdToTask, ct, frag_obs(i)],
-        );
-    }
+    table.extend(
+        to_t1(5101, 0x1235)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (f, out))| {
+                let ct = if i == 0 { ObsCtNew } else { ObsCtHit };
+                Case::new(
+                    format!("xdp: fragments to the published port, fragment {i}"),
+                    XDP,
+                    f,
+                    XdpRedirect,
+                )
+                .out(out)
+                .counts(&[FwdToTask, ct, frag_obs(i)])
+            }),
+    );
     // A fragment after the first whose first one XDP never saw: passed, counted.
-    let stray = &udp_frags(C2N, CLIENT, NODE, 5102, 5353, &data, 0x1236)[1];
-    rig.step(
-        "xdp: a fragment without its first one",
-        x,
-        stray,
-        XDP_PASS,
-        Some(stray),
-        &[PassFragmentUnmatched, ObsFragmentNonFirst],
+    let stray = to_t1(5102, 0x1236).swap_remove(1).0;
+    table.push(
+        Case::new("xdp: a fragment without its first one", XDP, stray, XdpPass)
+            .counts(&[PassFragmentUnmatched, ObsFragmentNonFirst]),
     );
 
     // TCP with DF cleared, fragmented on a tracked flow: the same mechanism.
-    let syn = tcp(C2N, CLIENT, NODE, 46000, 8080, Tcp::Syn, 100, 0, &[]);
-    rig.step("tcp: syn", u, &syn, REDIRECT, None, &[FwdToTask, ObsCtNew]);
-    let frags = |macs, src, dst, sport, dport| {
-        mesh_tests::packets::ipv4_fragments(
-            &tcp(macs, src, dst, sport, dport, Tcp::Ack, 101, 901, &data),
-            0x2222,
-            1500,
+    let web = |p: Pkt| from_client(p.from(CLIENT, 46000).to(NODE, 8080));
+    let syn = web(Pkt::tcp().syn().seq(100));
+    table.push(
+        Case::new("tcp: syn", UNDERLAY, &syn, TcRedirect)
+            .out(delivered(&syn, T1, 80))
+            .counts(&[FwdToTask, ObsCtNew]),
+    );
+    let segment = web(Pkt::tcp().seq(101).ack(901).payload(&data));
+    let seg = fragments(&segment, &delivered(&segment, T1, 80), 0x2222);
+    table.extend(seg.into_iter().enumerate().map(|(i, (f, out))| {
+        Case::new(
+            format!("tcp: a fragmented segment, fragment {i}"),
+            UNDERLAY,
+            f,
+            TcRedirect,
         )
-    };
-    let seg = frags(C2N, CLIENT, NODE, 46000, 8080);
-    let seg_out = frags(to_task(T1), CLIENT, T1, 46000, 80);
-    for i in 0..seg.len() {
-        rig.step(
-            "tcp: a fragmented segment",
-            u,
-            &seg[i],
-            REDIRECT,
-            Some(&seg_out[i]),
-            &[FwdToTask, ObsCtHit, frag_obs(i)],
-        );
-    }
+        .out(out)
+        .counts(&[FwdToTask, ObsCtHit, frag_obs(i)])
+    }));
 
     // The backend goes away between a datagram's first fragment and the rest: the first
     // is delivered, the rest cannot be (nor answered: the flow's next datagram is).
-    let g = udp_frags(C2N, CLIENT, NODE, 5103, 5353, &data, 0x1237);
-    rig.step(
-        "udp: first fragment, then the backend goes",
-        u,
-        &g[0],
-        REDIRECT,
-        None,
-        &[FwdToTask, ObsCtNew, ObsFragmentFirst],
-    );
-    rig.apply(&[(T2, Health::Active)]);
-    rig.step(
-        "udp: a fragment of a flow whose backend is gone",
-        u,
-        &g[1],
-        SHOT,
-        None,
-        &[DropCannotReply, ObsCtHit, ObsFragmentNonFirst],
-    );
-    println!("\nlb fixtures: fragments, {} steps", rig.steps);
+    let g = to_t1(5103, 0x1237);
+    table.extend([
+        Case::new(
+            "udp: first fragment, then the backend goes",
+            UNDERLAY,
+            g[0].0.clone(),
+            TcRedirect,
+        )
+        .out(g[0].1.clone())
+        .counts(&[FwdToTask, ObsCtNew, ObsFragmentFirst]),
+        Case::new(
+            "udp: a fragment of a flow whose backend is gone",
+            UNDERLAY,
+            g[1].0.clone(),
+            TcShot,
+        )
+        .maps(maps(&[(T2, ACTIVE)]))
+        .out_any()
+        .counts(&[DropCannotReply, ObsCtHit, ObsFragmentNonFirst]),
+    ]);
+    run.table(&table);
+    println!("\nlb fixtures: fragments, {} cases", run.runs);
 }
 
 /// On Docker's overlay: a 3,000-byte UDP datagram from a task to an every-port VIP is
@@ -1597,83 +986,56 @@ fn overlay_vip_fragments_follow_their_first_one() {
     let Some(object) = prereq::privileged("overlay_vip_fragments_follow_their_first_one") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
-    let (oi, oo) = (Hook::TcOverlayIn, Hook::TcOverlayOut);
-    const OK: u32 = 0;
-    let vip_mac = task_mac(VIP_ANY);
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
     let data = big(3000);
-    let q = udp_frags(
-        (task_mac(T3), vip_mac),
-        T3,
-        VIP_ANY,
-        5400,
-        5300,
-        &data,
-        0x5151,
-    );
-    let got = rig.step(
-        "overlay: first fragment to the VIP",
-        oi,
-        &q[0],
-        OK,
-        None,
-        &[FwdVipToTask, ObsCtNew, ObsFragmentFirst],
-    );
-    let toward = |t: [u8; 4]| {
-        udp_frags(
-            (task_mac(T3), task_mac(t)),
-            T3,
-            t,
-            5400,
-            5300,
-            &data,
-            0x5151,
+    let query = to_vip_any(Pkt::udp().payload(&data), 5400, 5300);
+    let q = query.fragments(0x5151, 1500);
+    let toward_frags = |t| toward(&query, t).fragments(0x5151, 1500);
+    let chosen = run
+        .run(
+            &Case::new(
+                "overlay: first fragment to the VIP",
+                OVERLAY_IN,
+                q[0].clone(),
+                TcOk,
+            )
+            .maps(maps(&[(T1, ACTIVE), (T2, ACTIVE)]))
+            .out_one_of([T1, T2].map(|t| (t, toward_frags(t).swap_remove(0))))
+            .counts(&[FwdVipToTask, ObsCtNew, ObsFragmentFirst]),
         )
-    };
-    let chosen = [T1, T2]
-        .into_iter()
-        .find(|t| hex(&got) == hex(&toward(*t)[0]))
-        .unwrap_or_else(|| panic!("first fragment rewritten to neither task: {}", hex(&got)));
-    let q_out = toward(chosen);
-    for i in 1..q.len() {
-        rig.step(
-            "overlay: the rest follows",
-            oi,
-            &q[i],
-            OK,
-            Some(&q_out[i]),
-            &[FwdVipToTask, ObsCtHit, ObsFragmentNonFirst],
-        );
-    }
-    let a = udp_frags(
-        (task_mac(chosen), task_mac(T3)),
-        chosen,
-        T3,
-        5300,
-        5400,
-        &data,
-        0x6161,
-    );
-    let a_out = udp_frags(
-        (task_mac(chosen), task_mac(T3)),
-        VIP_ANY,
-        T3,
-        5300,
-        5400,
-        &data,
-        0x6161,
-    );
-    for i in 0..a.len() {
-        rig.step(
-            "overlay: the answer comes from the VIP, fragment by fragment",
-            oo,
-            &a[i],
-            OK,
-            Some(&a_out[i]),
-            &[FwdVipReply, ObsCtHit, frag_obs(i)],
-        );
-    }
-    println!("\nlb fixtures: overlay fragments, {} steps", rig.steps);
+        .picked
+        .expect("a task");
+    let q_out = toward_frags(chosen);
+    let mut table: Vec<Case> = (1..q.len())
+        .map(|i| {
+            Case::new(
+                format!("overlay: the rest follows, fragment {i}"),
+                OVERLAY_IN,
+                q[i].clone(),
+                TcOk,
+            )
+            .out(q_out[i].clone())
+            .counts(&[FwdVipToTask, ObsCtHit, ObsFragmentNonFirst])
+        })
+        .collect();
+    let answer = Pkt::udp()
+        .eth(task_mac(chosen), task_mac(T3))
+        .from(chosen, 5300)
+        .to(T3, 5400)
+        .payload(&data);
+    let a = fragments(&answer, &answer.src(VIP_ANY), 0x6161);
+    table.extend(a.into_iter().enumerate().map(|(i, (f, out))| {
+        Case::new(
+            format!("overlay: the answer comes from the VIP, fragment {i}"),
+            OVERLAY_OUT,
+            f,
+            TcOk,
+        )
+        .out(out)
+        .counts(&[FwdVipReply, ObsCtHit, frag_obs(i)])
+    }));
+    run.table(&table);
+    println!("\nlb fixtures: overlay fragments, {} cases", run.runs);
 }
 
 /// On Docker's overlay: the task a VIP flow went to has no listener; its kernel's ICMP
@@ -1684,57 +1046,42 @@ fn overlay_vip_port_unreachable() {
     let Some(object) = prereq::privileged("overlay_vip_port_unreachable") else {
         return;
     };
-    let mut rig = Rig::new(&object, &[(T1, Health::Active), (T2, Health::Active)]);
-    let (oi, oo) = (Hook::TcOverlayIn, Hook::TcOverlayOut);
-    const OK: u32 = 0;
-    let vip_mac = task_mac(VIP_ANY);
+    let mut run = Runner::load(&object, &MeshConfig::DEFAULT);
     // Nothing listens where the datagram went: the chosen task's kernel answers with a
     // port unreachable quoting (T3 -> chosen:5300); T3 must see (T3 -> VIP:5300), from
     // the VIP, or its socket never learns.
-    let small = udp(
-        (task_mac(T3), vip_mac),
-        T3,
-        VIP_ANY,
-        5401,
-        5300,
-        b"anyone?",
-        false,
+    let small = to_vip_any(Pkt::udp().payload(b"anyone?"), 5401, 5300);
+    let sent = run.run(
+        &Case::new(
+            "overlay: a small datagram to the VIP",
+            OVERLAY_IN,
+            &small,
+            TcOk,
+        )
+        .maps(maps(&[(T1, ACTIVE), (T2, ACTIVE)]))
+        .out_one_of([T1, T2].map(|t| (t, toward(&small, t))))
+        .counts(&[FwdVipToTask, ObsCtNew]),
     );
-    let got = rig.step(
-        "overlay: a small datagram to the VIP",
-        oi,
-        &small,
-        OK,
-        None,
-        &[FwdVipToTask, ObsCtNew],
-    );
-    let to = [got[30], got[31], got[32], got[33]];
-    let unreach = |src: [u8; 4], quoted: &[u8]| {
-        let mut v = Vec::new();
-        PacketBuilder::ethernet2(task_mac(to), task_mac(T3))
-            .ipv4(src, T3, 64)
-            .icmpv4(Icmpv4Type::DestinationUnreachable(
-                DestUnreachableHeader::Port,
-            ))
-            .write(&mut v, &quoted[14..14 + 28])
-            .unwrap();
-        v
-    };
-    let icmp = unreach(to, &got);
+    let to = sent.picked.expect("a task");
+    let got = sent.out;
+    let unreach = Pkt::port_unreachable()
+        .eth(task_mac(to), task_mac(T3))
+        .dst(T3);
     // The quoted UDP checksum stays the one the task saw (nobody checks a quote's).
-    let mut quoted = small.clone();
+    let mut quoted = small.build();
     quoted[40..42].copy_from_slice(&got[40..42]);
-    let icmp_out = unreach(VIP_ANY, &quoted);
-    rig.step(
-        "overlay: the chosen task's port unreachable, from the VIP",
-        oo,
-        &icmp,
-        OK,
-        Some(&icmp_out),
-        &[FwdIcmpError],
+    run.run(
+        &Case::new(
+            "overlay: the chosen task's port unreachable, from the VIP",
+            OVERLAY_OUT,
+            unreach.src(to).quoting(&got[..]),
+            TcOk,
+        )
+        .out(unreach.src(VIP_ANY).quoting(quoted))
+        .counts(&[FwdIcmpError]),
     );
     println!(
-        "\nlb fixtures: overlay port unreachable, {} steps",
-        rig.steps
+        "\nlb fixtures: overlay port unreachable, {} cases",
+        run.runs
     );
 }

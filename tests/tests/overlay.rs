@@ -6,7 +6,10 @@
 
 use std::{collections::BTreeSet, net::UdpSocket};
 
-use mesh_agent::{features::Feature, loader::Datapath, mesh::Mesh, stats::Snapshot};
+use mesh_agent::{
+    datapath::features::Feature, datapath::loader::Datapath, datapath::mesh::Mesh,
+    datapath::stats::Snapshot,
+};
 use mesh_common::{config::MeshConfig, reason::Reason, stats::Hook};
 use mesh_tests::{
     cluster::{backend, Cluster, CLIENT, NODES, NODE_OVERLAY, TASKS, VIP, VNI},
@@ -33,7 +36,7 @@ fn setup_with(
         // As the agent loads it: with the underlay's MTU, which the datapath's own MTU
         // check uses where the kernel has no bpf_check_mtu (own-mtu-check).
         let mtu = cluster.nodes[i]
-            .enter(|| mesh_agent::netdev::mtu("u"))
+            .enter(|| mesh_agent::host::netdev::mtu("u"))
             .expect("underlay mtu");
         let cfg = MeshConfig {
             underlay_mtu: u16::try_from(mtu).unwrap_or(u16::MAX),

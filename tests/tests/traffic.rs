@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use mesh_agent::{loader::Datapath, stats::Snapshot};
+use mesh_agent::{datapath::loader::Datapath, datapath::stats::Snapshot};
 use mesh_common::{
     config::MeshConfig,
     reason::{Kind, Reason},

@@ -15,8 +15,8 @@ use aya::{
     EbpfLoader,
 };
 use mesh_agent::{
-    features::{Features, TcAttach},
-    loader::Datapath,
+    datapath::features::{Features, TcAttach},
+    datapath::loader::Datapath,
     MeshError,
 };
 use mesh_common::config::{programs, MeshConfig, CONFIG_GLOBAL};

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use aya::programs::{TestRun, TestRunOptions};
 use mesh_agent::{
-    loader::Datapath,
-    mesh::Mesh,
+    datapath::loader::Datapath,
+    datapath::mesh::Mesh,
     model::{desired, from_yaml},
 };
 use mesh_common::{config::MeshConfig, vxlan};
@@ -140,7 +140,7 @@ fn kernel(inner: &[u8]) -> Vec<u8> {
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        sll.sll_ifindex = mesh_agent::preflight::ifindex("vb").unwrap() as i32;
+        sll.sll_ifindex = mesh_agent::host::preflight::ifindex("vb").unwrap() as i32;
         assert_eq!(
             libc::bind(
                 fd,

@@ -96,7 +96,7 @@ fn deploy_stack() -> anyhow::Result<()> {
     let by_host = cluster::by_host_dir();
     let settings = Path::new(cluster::ST).join("etc-mesh");
     std::fs::create_dir_all(&settings)?;
-    std::fs::create_dir_all("/run/mesh")?;
+    std::fs::create_dir_all(cluster::AGENT_STATE_DIR)?;
     let node = "{{.Node.Hostname}}";
     exec(
         cluster::docker(1, &["stack", "deploy", "--resolve-image", "never", "-c"])
@@ -111,7 +111,7 @@ fn deploy_stack() -> anyhow::Result<()> {
                 "MESH_DOCKER_NETNS",
                 format!("{}/{node}/netns", by_host.display()),
             )
-            .env("MESH_STATE_DIR", "/run/mesh")
+            .env("MESH_STATE_DIR", cluster::AGENT_STATE_DIR)
             .env("MESH_SETTINGS_DIR", &settings)
             .stdout(Stdio::null()),
     )
@@ -126,7 +126,7 @@ pub fn wait_agents(within: Duration) -> anyhow::Result<()> {
     loop {
         let fresh: Vec<u32> = (1..=NODES)
             .filter(|n| {
-                let st = std::fs::read(format!("/run/mesh/mesh-mc-n{n}.status.json"))
+                let st = std::fs::read(cluster::agent_state_file(*n, "status"))
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
                 st.is_some_and(|s| {

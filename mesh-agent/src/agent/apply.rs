@@ -9,7 +9,7 @@ use std::{
 
 use aya::programs::XdpMode;
 
-use crate::{model, pins::Hook, preflight};
+use crate::{datapath::pins::Hook, host::preflight, model};
 
 use super::runtime::*;
 
@@ -32,7 +32,7 @@ impl Agent {
     /// so once each (and once when they are free again). Owners are looked up only
     /// when the listening sockets on published ports change.
     pub(super) fn check_ports(&mut self, model: &model::Model) {
-        use crate::listeners;
+        use crate::host::listeners;
         let published = listeners::published(model, self.mesh.claims());
         let proc = Path::new("/proc");
         let listening: Vec<listeners::Listener> = listeners::listeners(proc)
@@ -102,16 +102,20 @@ impl Agent {
             .collect();
         if let Some(h) = &mut self.host {
             let dirs: Vec<PathBuf> = self.docker_netns.iter().cloned().collect();
-            let ns = crate::hostport::namespaces(&dirs, &self.host_netns);
-            h.sync(&mut self.mesh.dp, &ns, &crate::hostport::port_vips(model))?;
-            self.status.host_ports = Some(crate::inspect::HostPortsStatus {
+            let ns = crate::host::hostport::namespaces(&dirs, &self.host_netns);
+            h.sync(
+                &mut self.mesh.dp,
+                &ns,
+                &crate::host::hostport::port_vips(model),
+            )?;
+            self.status.host_ports = Some(crate::agent::state::HostPortsStatus {
                 cgroup: h.cgroup.display().to_string(),
                 host_addr: h.host_addr.to_string(),
                 namespaces: h.scope_len(),
             });
         }
         if let Some(dir) = &self.docker_netns {
-            let d = crate::ipvs::detect(Path::new("/sys"), dir);
+            let d = crate::host::ipvs::detect(Path::new("/sys"), dir);
             if d.active() && self.status.docker_mesh.as_ref().is_none_or(|p| !p.active()) {
                 tracing::warn!(
                     ipvs_services = d.ipvs_services,

@@ -39,7 +39,7 @@ pub enum LogFormat {
 )]
 pub struct Flags {
     /// Settings file (YAML: `flag: value`); read when present.
-    #[arg(long, default_value = crate::settings::DEFAULT_PATH, env = "MESH_SETTINGS")]
+    #[arg(long, default_value = crate::agent::settings::DEFAULT_PATH, env = "MESH_SETTINGS")]
     pub settings: PathBuf,
     /// Follow the Swarm of the local dockerd: services, tasks, networks, nodes and task
     /// health, through /events and a full resync every --resync-ms.
@@ -60,7 +60,7 @@ pub struct Flags {
     /// whichever the kernel offers. Features can also be turned off for tests with
     /// MESH_FORCE_FALLBACKS=tcx,check_mtu,xdp_bytes,xdp_meta,encap_l2_eth,netns_cookie.
     #[arg(long, value_enum, default_value = "auto", env = "MESH_TC_ATTACH")]
-    pub tc_attach: crate::features::TcAttach,
+    pub tc_attach: crate::datapath::features::TcAttach,
     /// Directory on bpffs where maps and program links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/mesh", env = "MESH_BPFFS")]
     pub bpffs: PathBuf,

@@ -10,19 +10,21 @@ use std::{
 
 use anyhow::Context;
 
-use crate::{docker, model, pins::PinDir, preflight, swarm};
+use crate::{datapath::pins::PinDir, host::preflight, model, source::docker, source::swarm};
 
 mod apply;
 mod flags;
+pub mod metrics;
 mod runtime;
-mod source;
+pub mod settings;
+pub mod state;
 
+use crate::source::from_docker::*;
 pub use flags::{Flags, LogFormat, Switch, Xdp};
 use runtime::*;
-use source::*;
 
 fn names_file(args: &Flags) -> PathBuf {
-    crate::inspect::names_path(&args.state_dir, &args.bpffs)
+    crate::agent::state::names_path(&args.state_dir, &args.bpffs)
 }
 
 fn read_model(path: &Path) -> anyhow::Result<model::Model> {
@@ -52,9 +54,12 @@ pub fn run(args: Flags) -> anyhow::Result<()> {
     let pins = PinDir::new(&args.bpffs);
     if args.uninstall {
         pins.remove_all()?;
-        crate::hostport::remove_device()?;
+        crate::host::hostport::remove_device()?;
         let _ = std::fs::remove_file(names_file(&args));
-        let _ = std::fs::remove_file(crate::inspect::status_path(&args.state_dir, &args.bpffs));
+        let _ = std::fs::remove_file(crate::agent::state::status_path(
+            &args.state_dir,
+            &args.bpffs,
+        ));
         // The state directory goes too if nothing else is in it.
         let _ = std::fs::remove_dir(&args.state_dir);
         eprintln!(

@@ -14,20 +14,23 @@ use aya::programs::XdpMode;
 use mesh_common::config::MeshConfig;
 
 use crate::{
-    docker, loader,
-    mesh::Mesh,
-    metrics::{self, AgentMetrics},
+    agent::metrics::{self, AgentMetrics},
+    datapath::loader,
+    datapath::mesh::Mesh,
+    datapath::pins::{Hook, PinDir},
+    host::preflight,
     model,
-    pins::{Hook, PinDir},
-    preflight, swarm,
+    source::docker,
+    source::swarm,
 };
 
-use super::{source::*, *};
+use super::*;
+use crate::source::from_docker::*;
 
 pub(super) struct Agent {
     pub(super) mesh: Mesh,
     /// The host port, when on.
-    pub(super) host: Option<crate::hostport::HostPorts>,
+    pub(super) host: Option<crate::host::hostport::HostPorts>,
     /// Docker's netns directory (its containers' namespaces: the host port serves them
     /// all), with --from-docker.
     pub(super) docker_netns: Option<PathBuf>,
@@ -40,7 +43,7 @@ pub(super) struct Agent {
     pub(super) metrics: Arc<Mutex<AgentMetrics>>,
     /// Where `meshctl status` reads how the agent is doing, and what it says there.
     pub(super) status_file: PathBuf,
-    pub(super) status: crate::inspect::AgentStatus,
+    pub(super) status: crate::agent::state::AgentStatus,
     /// The listening sockets on published ports last looked at, and their owners.
     pub(super) port_owners: (BTreeSet<u64>, BTreeMap<u64, (u32, String)>),
 }
@@ -90,19 +93,22 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
             format!("metrics endpoint {addr} (pass --metrics ADDR or --metrics off)")
         })?),
     };
-    let features = crate::features::Features::detect(args.tc_attach)?;
+    let features = crate::datapath::features::Features::detect(args.tc_attach)?;
     // Without namespace cookies the socket programs cannot be scoped: the host port
     // stays off (a named fallback, in the status).
-    let host_ports = if features.has(crate::features::Feature::NetnsCookie) {
+    let host_ports = if features.has(crate::datapath::features::Feature::NetnsCookie) {
         args.host_ports
     } else {
         Switch::Off
     };
+    if host_ports == Switch::On {
+        preflight::require_link_local("--host-addr", args.host_addr)?;
+    }
     let cfg = MeshConfig {
         vxlan_port: data_path_port,
         // For the datapath's own MTU check where the kernel has no bpf_check_mtu (read
         // at load: a changed MTU takes a restart of the agent).
-        underlay_mtu: crate::netdev::mtu(&underlay)
+        underlay_mtu: crate::host::netdev::mtu(&underlay)
             .map_or(0, |m| m.min(u32::from(u16::MAX)) as u16),
         host_addr: match host_ports {
             Switch::On => u32::from_ne_bytes(args.host_addr.octets()),
@@ -113,6 +119,13 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
     let (mut dp, adopt) =
         loader::Datapath::load_pinned(&object, &cfg, &pins, args.maglev_slots, features)?;
     let fallbacks = dp.features().fallbacks();
+    // The datapath log's records (written only while `meshctl log on`) into this log.
+    match crate::datapath::log::Reader::take(&mut dp) {
+        Ok(reader) => {
+            tokio::spawn(reader.run());
+        }
+        Err(e) => tracing::warn!("the datapath log cannot be read: {e}"),
+    }
     // Links of interfaces that are gone do nothing; their pins go.
     for l in pins.links() {
         if l.netns == 0 && !l.hook.sock() && preflight::ifname(l.ifindex).is_none() {
@@ -145,7 +158,7 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
     let host = match host_ports {
         Switch::Off => {
             // Turned off: the host port goes with its programs' links (unpinned above).
-            crate::hostport::remove_device()?;
+            crate::host::hostport::remove_device()?;
             None
         }
         Switch::On => {
@@ -154,14 +167,14 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
                 .and_then(|s| s.me)
                 .or(model.node.as_ref().map(|n| n.addr))
                 .or(model.node_addrs.first().copied())
-                .or(crate::netdev::ipv4_of(&underlay).first().copied())
+                .or(crate::host::netdev::ipv4_of(&underlay).first().copied())
                 .with_context(|| {
                     format!(
                         "host ports need this node's address: {underlay} has none and the \
                          config sets no `node:`; add one, or pass --host-ports off"
                     )
                 })?;
-            let h = crate::hostport::HostPorts::setup(
+            let h = crate::host::hostport::HostPorts::setup(
                 &mut dp,
                 args.cgroup.as_deref(),
                 &underlay,
@@ -205,12 +218,14 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
                     args.peer_port
                 )
             })?;
-        let trace = args.serve_traces.then(|| crate::peers::TraceAccess {
-            state_dir: args.state_dir.clone(),
-            bpffs: args.bpffs.clone(),
-            allowed: src.trace_allowed.clone(),
-        });
-        tokio::spawn(crate::peers::serve(l, src.report.clone(), trace));
+        let trace = args
+            .serve_traces
+            .then(|| crate::source::peers::TraceAccess {
+                state_dir: args.state_dir.clone(),
+                bpffs: args.bpffs.clone(),
+                allowed: src.trace_allowed.clone(),
+            });
+        tokio::spawn(crate::source::peers::serve(l, src.report.clone(), trace));
     }
     let shared = Arc::new(Mutex::new(AgentMetrics::default()));
     if let Some(l) = metrics_listener {
@@ -227,10 +242,10 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
         overlay: BTreeMap::new(),
         metrics: shared,
         port_owners: Default::default(),
-        status_file: crate::inspect::status_path(&args.state_dir, &args.bpffs),
-        status: crate::inspect::AgentStatus {
+        status_file: crate::agent::state::status_path(&args.state_dir, &args.bpffs),
+        status: crate::agent::state::AgentStatus {
             pid: std::process::id(),
-            pid_ns: crate::inspect::own_pid_ns(),
+            pid_ns: crate::agent::state::own_pid_ns(),
             started_unix: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()

@@ -28,7 +28,7 @@ fn apply_settings_file() -> anyhow::Result<()> {
         .or_else(|| std::env::var("MESH_SETTINGS").ok());
     let path = explicit
         .clone()
-        .unwrap_or_else(|| mesh_agent::settings::DEFAULT_PATH.into());
+        .unwrap_or_else(|| mesh_agent::agent::settings::DEFAULT_PATH.into());
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => return Ok(()),
@@ -45,7 +45,7 @@ fn apply_settings_file() -> anyhow::Result<()> {
             ))
         })
         .collect();
-    let env = mesh_agent::settings::to_env(&text, &flags)
+    let env = mesh_agent::agent::settings::to_env(&text, &flags)
         .map_err(|e| anyhow::anyhow!("settings file {path}: {e}"))?;
     for (k, v) in env {
         let long = flags.iter().find(|(_, e)| **e == k).map(|(l, _)| l.clone());

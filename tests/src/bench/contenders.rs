@@ -17,8 +17,8 @@ use std::{
 
 use anyhow::{bail, Context};
 use mesh_agent::{
-    loader::Datapath,
-    mesh::Mesh,
+    datapath::loader::Datapath,
+    datapath::mesh::Mesh,
     model::{
         BackendSpec, EndpointSpec, Health, MacAddr, Model, PortSpec, Protocol, PublishMode,
         ServiceSpec,

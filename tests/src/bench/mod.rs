@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context;
 use contenders::{Installed, Kind};
-use mesh_agent::{loader::Datapath, mesh::Mesh};
+use mesh_agent::{datapath::loader::Datapath, datapath::mesh::Mesh};
 use mesh_common::config::MeshConfig;
 
 use crate::lbtopo::LbTopo;
@@ -336,12 +336,12 @@ pub fn probe(o: &Opts) -> anyhow::Result<()> {
         let retr = || topo.c.enter(|| crate::netns::snmp("Tcp", "RetransSegs"));
         let before = (
             retr(),
-            mesh_agent::stats::Snapshot::read(&inst.mesh.dp.stats()?)?,
+            mesh_agent::datapath::stats::Snapshot::read(&inst.mesh.dp.stats()?)?,
         );
         let w = work::wrk(&topo.c, &addr, http, 5, true)?;
         let after = (
             retr(),
-            mesh_agent::stats::Snapshot::read(&inst.mesh.dp.stats()?)?,
+            mesh_agent::datapath::stats::Snapshot::read(&inst.mesh.dp.stats()?)?,
         );
         println!(
             "{}: {:.0} conn/s p50 {} p99 {} errors {}; client retransmitted {} segments",

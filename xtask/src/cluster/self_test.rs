@@ -4,17 +4,25 @@
 use std::{
     collections::BTreeSet,
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
 
 use super::{
-    create_web, data_root, docker, dockerd_pid, down, exec_root, http_code, node_addr, node_rec,
-    recorded_nodes, sock, start_agent, stop_agent, up, CLIENT_NS, ST, UL,
+    agent::{start_agent, stop_agent},
+    dockerd::docker,
+    down::down,
+    layout::{data_root, exec_root, node_addr, node_rec, recorded_nodes, sock, CLIENT_NS, ST, UL},
+    pids::dockerd_pid,
+    test_image::IMAGE,
+    up::up,
 };
-use crate::{cmd::output, engines};
+use crate::{
+    cmd::{exec, output},
+    engines,
+};
 
 /// The harness checked for real (part of `cargo xtask test`): two nodes up on the
 /// default engine, each with its engine recorded and its own docker0, a two-replica
@@ -198,4 +206,29 @@ pub fn self_test() -> anyhow::Result<String> {
         "{summary}; down in {:.1} s, nothing left behind",
         t1.elapsed().as_secs_f64()
     ))
+}
+
+/// A two-replica busybox httpd service publishing `port` (ingress mode) to its port 80.
+fn create_web(name: &str, port: u16) -> anyhow::Result<()> {
+    exec(
+        docker(
+            1,
+            &["service", "create", "-d", "--name", name, "--replicas", "2"],
+        )
+        .args(["-p", &format!("{port}:80"), "--no-resolve-image", IMAGE])
+        .args(["httpd", "-f", "-p", "80", "-h", "/www"])
+        .stdout(Stdio::null()),
+    )
+}
+
+/// The HTTP status the client gets from node `n`'s `port` ("" if none).
+fn http_code(n: u32, port: u16, timeout_s: u32) -> String {
+    output(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{CLIENT_NS}"))
+            .args(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--max-time", &timeout_s.to_string()])
+            .arg(format!("http://{}:{port}/", node_addr(n))),
+    )
+    .unwrap_or_default()
 }

@@ -1,6 +1,6 @@
 //! The per-kernel table: what the load step printed (tests/tests/verify.rs's `verify:`
 //! lines: instructions verified, refusals, fallbacks in force) beside each program's
-//! deepest stack chain by that kernel's rounding (xtask/src/stack.rs).
+//! deepest stack chain by that kernel's rounding (xtask/src/stack/).
 
 use crate::stack::{self, Rule, MAX_BPF_STACK};
 

@@ -7,9 +7,16 @@ pub(crate) fn conntrack(
     service: Option<&str>,
     backend: Option<std::net::Ipv4Addr>,
 ) -> anyhow::Result<()> {
-    let names = inspect::read_names(&inspect::names_path(&args.state_dir, &args.bpffs));
-    let entries = inspect::read_conntrack(&args.bpffs)?;
-    let mut flows = inspect::flows(&entries, inspect::monotonic_ns(), &names);
+    let names = mesh_agent::agent::state::read_names(&mesh_agent::agent::state::names_path(
+        &args.state_dir,
+        &args.bpffs,
+    ));
+    let entries = mesh_agent::datapath::conntrack::read_conntrack(&args.bpffs)?;
+    let mut flows = inspect::flows(
+        &entries,
+        mesh_agent::datapath::conntrack::monotonic_ns(),
+        &names,
+    );
     if let Some(q) = service {
         let ids: Vec<String> = find(all_services(args)?, q)?
             .into_iter()
@@ -62,7 +69,7 @@ pub(crate) fn flush(args: &Args, service: &str, yes: bool) -> anyhow::Result<()>
     }
     let mut total = 0;
     for s in &targets {
-        total += inspect::flush_service(&args.bpffs, s.id)
+        total += mesh_agent::datapath::conntrack::flush_service(&args.bpffs, s.id)
             .with_context(|| format!("flushing {}", s.name))?;
     }
     if args.json {

@@ -1,6 +1,6 @@
 //! meshctl: see and explain what the mesh is doing. Reads the pinned maps directly, so
 //! everything works while the agent is down; read-only unless a subcommand says
-//! otherwise (`conntrack flush`).
+//! otherwise (`conntrack flush`, `log on|off`).
 //!
 //! Exit codes: 0 fine; 1 an error (one line); 2 bad usage; 3 `status`: the agent is not
 //! running (the datapath may still be forwarding); 4 no mesh is pinned there; 6 `status
@@ -17,16 +17,17 @@ use std::{
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    inspect::{self, ServiceView},
-    pins::PinDir,
-    preflight,
-    stats::Snapshot,
+    ctl::inspect::{self, ServiceView},
+    datapath::pins::PinDir,
+    datapath::stats::Snapshot,
+    host::preflight,
     MeshError,
 };
 use mesh_common::reason::Kind;
 
 mod conntrack;
 mod doctor;
+mod log;
 mod maglev;
 mod services;
 mod stats;
@@ -136,6 +137,11 @@ enum Cmd {
         #[arg(long, env = "MESH_DOCKER")]
         docker: Option<String>,
     },
+    /// The datapath log on this node: `on` makes the programs write a record per new
+    /// flow (its backend) and per drop (its reason), which the agent logs (target
+    /// mesh::datapath); `off` (the default) stops them. Without an argument: whether it
+    /// is on.
+    Log { set: Option<log::Switch> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +192,7 @@ fn run(args: &Args) -> anyhow::Result<i32> {
             count,
         } => stats::stats(args, *watch, *interval, *count).map(|_| 0),
         Cmd::Maglev { service } => maglev::maglev(args, service).map(|_| 0),
+        Cmd::Log { set } => log::log(args, *set).map(|_| 0),
         Cmd::Doctor { fix, docker } => {
             // Docker is checked when the agent follows it, or when asked by name.
             let ask = docker.is_some();
@@ -225,8 +232,8 @@ fn all_services(args: &Args) -> anyhow::Result<Vec<ServiceView>> {
 }
 
 /// What the agent last said in its status file.
-fn agent_status(args: &Args) -> Option<inspect::AgentStatus> {
-    inspect::agent_status(&args.state_dir, &args.bpffs)
+fn agent_status(args: &Args) -> Option<mesh_agent::agent::state::AgentStatus> {
+    mesh_agent::agent::state::agent_status(&args.state_dir, &args.bpffs)
 }
 
 /// The services `query` names; an error naming the known ones when none.

@@ -13,13 +13,15 @@ pub(crate) fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
         }
         .into());
     }
-    let missing: Vec<&str> = mesh_agent::pins::PINNED_MAPS
+    let missing: Vec<&str> = mesh_agent::datapath::pins::PINNED_MAPS
         .iter()
         .copied()
         .filter(|m| !pins.map(m).exists())
         .collect();
     let st = agent_status(args);
-    let live = st.as_ref().and_then(mesh_agent::inspect::live_agent_pid);
+    let live = st
+        .as_ref()
+        .and_then(mesh_agent::agent::state::live_agent_pid);
     let running = live.is_some();
     let links: Vec<serde_json::Value> = pins
         .links()
@@ -38,8 +40,8 @@ pub(crate) fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
             // A netlink filter can be deleted behind the record's back: present only if
             // the kernel still runs the mesh's program there.
             let program_id = l.program_id().ok().flatten();
-            let present =
-                present && (l.kind == mesh_agent::pins::LinkKind::Link || program_id.is_some());
+            let present = present
+                && (l.kind == mesh_agent::datapath::pins::LinkKind::Link || program_id.is_some());
             serde_json::json!({
                 "hook": l.hook.name(), "program": l.hook.program(),
                 "interface": interface, "present": present,
@@ -55,9 +57,14 @@ pub(crate) fn status(args: &Args, max_age: Option<f64>) -> anyhow::Result<i32> {
         .filter(|b| b.state == "draining")
         .count();
     let frontends = all.iter().map(|s| s.frontends.len()).sum::<usize>();
-    let entries = inspect::read_conntrack(&args.bpffs)?;
-    let capacity = inspect::conntrack_capacity(&args.bpffs)?;
-    let flows = inspect::flows(&entries, inspect::monotonic_ns(), &Default::default()).len();
+    let entries = mesh_agent::datapath::conntrack::read_conntrack(&args.bpffs)?;
+    let capacity = mesh_agent::datapath::conntrack::conntrack_capacity(&args.bpffs)?;
+    let flows = inspect::flows(
+        &entries,
+        mesh_agent::datapath::conntrack::monotonic_ns(),
+        &Default::default(),
+    )
+    .len();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()

@@ -8,7 +8,7 @@ pub(crate) fn trace(
     to: std::net::SocketAddrV4,
     proto: mesh_agent::model::Protocol,
 ) -> anyhow::Result<()> {
-    let report = mesh_agent::trace::run(&args.state_dir, &args.bpffs, from, to, proto)?;
+    let report = mesh_agent::ctl::trace::run(&args.state_dir, &args.bpffs, from, to, proto)?;
     if args.json {
         return print_json(&report);
     }
@@ -43,7 +43,7 @@ pub(crate) fn trace_on(
             Ok(a) => a,
             Err(_) => {
                 // A node name: its address from Docker (a manager's view).
-                let docker = mesh_agent::docker::connect(&socket).await?;
+                let docker = mesh_agent::source::docker::connect(&socket).await?;
                 let n = docker.inspect_node(node).await.with_context(|| {
                     format!(
                         "cannot look up swarm node {node:?} through {socket} (names need a \
@@ -67,7 +67,7 @@ pub(crate) fn trace_on(
         };
         let path = format!(
             "{}?from={from}&to={to}&proto={}",
-            mesh_agent::peers::TRACE_PATH,
+            mesh_agent::source::peers::TRACE_PATH,
             format!("{proto:?}").to_lowercase()
         );
         mesh_agent::http::get((addr, port).into(), &path, Duration::from_secs(10))

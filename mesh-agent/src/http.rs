@@ -12,31 +12,94 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-/// How long a caller has to send its request's head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// What one server takes on. Beyond `connections`, callers wait in the listen backlog
+/// (the kernel's, bounded) until a connection ends; a connection lives at most
+/// `connection_timeout`, of which `head_timeout` to send its request's head of at most
+/// `head_bytes` (hyper's smallest buffer). Bodies are never read (GET only).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub connections: usize,
+    pub head_timeout: Duration,
+    pub connection_timeout: Duration,
+    pub head_bytes: usize,
+}
+
+impl Limits {
+    /// The agents' servers: a few callers at a time (peers every resync, a scraper,
+    /// meshctl), each answered in well under a second.
+    pub const DEFAULT: Limits = Limits {
+        connections: 64,
+        head_timeout: Duration::from_secs(5),
+        connection_timeout: Duration::from_secs(30),
+        head_bytes: 8192,
+    };
+}
+
+/// The largest answer [`ask`] reads: a manager's report of 100,000 tasks is a few MB.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// How long to wait after the `n`-th accept error in a row (n >= 1): EMFILE and the like
+/// leave the caller in the backlog, so trying again at once would spin. 10 ms, doubling
+/// up to 1 s.
+pub fn accept_backoff(n: u32) -> Duration {
+    Duration::from_millis(10u64 << n.saturating_sub(1).min(7)).min(Duration::from_secs(1))
+}
 
 /// Answers `GET <path>` (the path with its query) with `handler(path, caller)`, 404
-/// when it returns None or for any other method, until the runtime stops.
+/// when it returns None or for any other method, until the runtime stops, within
+/// [`Limits::DEFAULT`].
 pub async fn serve<F>(listener: tokio::net::TcpListener, handler: F)
 where
     F: Fn(&str, std::net::IpAddr) -> Option<String> + Send + Sync + Clone + 'static,
 {
+    serve_with(listener, handler, Limits::DEFAULT).await
+}
+
+/// As [`serve`], within `limits`.
+pub async fn serve_with<F>(listener: tokio::net::TcpListener, handler: F, limits: Limits)
+where
+    F: Fn(&str, std::net::IpAddr) -> Option<String> + Send + Sync + Clone + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let mut errors = 0u32;
     loop {
-        let Ok((sock, caller)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (sock, caller) = match listener.accept().await {
+            Ok(c) => {
+                errors = 0;
+                c
+            }
+            Err(e) => {
+                errors = errors.saturating_add(1);
+                if errors == 1 {
+                    tracing::warn!(
+                        "HTTP on {:?}: accepting a connection failed ({e}); retrying with a \
+                         backoff",
+                        listener.local_addr().ok()
+                    );
+                }
+                tokio::time::sleep(accept_backoff(errors)).await;
+                continue;
+            }
         };
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(answer(&req, caller, handler).await) }
         });
-        tokio::spawn(
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(REQUEST_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(sock), service),
-        );
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.head_timeout)
+            .max_buf_size(limits.head_bytes)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(sock), service);
+        tokio::spawn(async move {
+            // Dropped at the deadline: the socket closes with it.
+            let _ = tokio::time::timeout(limits.connection_timeout, conn).await;
+            drop(slot);
+        });
     }
 }
 
@@ -99,7 +162,7 @@ pub async fn ask(addr: SocketAddr, path: &str, timeout: Duration) -> Answer {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Answer::Refused,
             Err(_) => return Answer::Silent,
         };
-        exchange(sock, addr, path)
+        exchange(sock, addr, path, MAX_ANSWER_BYTES)
             .await
             .map_or(Answer::Silent, Answer::Body)
     };
@@ -108,8 +171,13 @@ pub async fn ask(addr: SocketAddr, path: &str, timeout: Duration) -> Answer {
         .unwrap_or(Answer::Silent)
 }
 
-/// One request on `sock`: the body of a 200 answer in UTF-8.
-async fn exchange(sock: tokio::net::TcpStream, addr: SocketAddr, path: &str) -> Option<String> {
+/// One request on `sock`: the body of a 200 answer in UTF-8, of at most `max` bytes.
+async fn exchange(
+    sock: tokio::net::TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    max: usize,
+) -> Option<String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
         .await
         .ok()?;
@@ -122,7 +190,8 @@ async fn exchange(sock: tokio::net::TcpStream, addr: SocketAddr, path: &str) -> 
         if res.status() != StatusCode::OK {
             return None;
         }
-        let bytes = res.into_body().collect().await.ok()?.to_bytes();
+        let body = http_body_util::Limited::new(res.into_body(), max);
+        let bytes = body.collect().await.ok()?.to_bytes();
         String::from_utf8(bytes.to_vec()).ok()
     };
     // The connection is driven here rather than spawned, so that the caller's timeout
@@ -201,7 +270,7 @@ mod tests {
         let out = raw(addr, "").await;
         let waited = started.elapsed();
         assert!(
-            waited >= REQUEST_TIMEOUT && waited < REQUEST_TIMEOUT * 2,
+            waited >= Limits::DEFAULT.head_timeout && waited < Limits::DEFAULT.head_timeout * 2,
             "{waited:?}: {out}"
         );
     }
@@ -239,6 +308,113 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(ask(l.local_addr().unwrap(), "/x", t).await, Answer::Silent);
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    async fn server_with(limits: Limits) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_with(
+            l,
+            |path, caller| (path == "/hello").then(|| format!("hello {caller}\n")),
+            limits,
+        ));
+        addr
+    }
+
+    #[test]
+    fn accept_errors_back_off_up_to_a_second() {
+        let ms = |n| accept_backoff(n).as_millis();
+        assert_eq!((ms(1), ms(2), ms(3), ms(7)), (10, 20, 40, 640));
+        assert_eq!((ms(8), ms(9), ms(u32::MAX)), (1000, 1000, 1000));
+    }
+
+    #[tokio::test]
+    async fn callers_beyond_the_cap_wait_for_a_free_connection() {
+        let addr = server_with(Limits {
+            connections: 2,
+            head_timeout: Duration::from_secs(20),
+            ..Limits::DEFAULT
+        })
+        .await;
+        // Two callers that send nothing hold both connections...
+        let idle = [
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // ...so a third waits in the backlog, unanswered,
+        let t = Duration::from_millis(500);
+        assert_eq!(ask(addr, "/hello", t).await, Answer::Silent);
+        // until one of them goes.
+        let [first, _second] = idle;
+        drop(first);
+        assert_eq!(
+            ask(addr, "/hello", Duration::from_secs(5)).await,
+            Answer::Body("hello 127.0.0.1\n".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_cut_at_its_deadline() {
+        let addr = server_with(Limits {
+            connection_timeout: Duration::from_millis(300),
+            ..Limits::DEFAULT
+        })
+        .await;
+        // Half a request head, then nothing (within the head's own 5 s).
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let waited = started.elapsed();
+        assert_eq!(n, 0, "closed without an answer");
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_head_is_not_served() {
+        let addr = server().await;
+        let head = format!(
+            "GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(20_000)
+        );
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server may close while this is still being written.
+        let _ = s.write_all(head.as_bytes()).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(!out.contains("hello"), "{out}");
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_cap_are_not_read() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for len in [1000usize, 1001] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&vec![b'x'; len]).await;
+            }
+        });
+        let t = Duration::from_secs(5);
+        let fetch = |max| async move {
+            let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio::time::timeout(t, exchange(sock, addr, "/x", max))
+                .await
+                .unwrap()
+        };
+        assert_eq!(fetch(1000).await.map(|b| b.len()), Some(1000));
+        assert_eq!(fetch(1000).await, None, "1,001 bytes over a cap of 1,000");
     }
 
     #[tokio::test]

@@ -85,6 +85,9 @@ pub struct Parsed {
     pub icmp_code: u8,
     /// VXLAN on the data-path port: its VNI and where the inner Ethernet header starts.
     pub vxlan: bool,
+    /// The first fragment of a datagram to the data-path port whose VXLAN header checks
+    /// out: `vni` is set, `vxlan` and `inner_off` are not (nothing takes a fragment apart).
+    pub vxlan_first_fragment: bool,
     pub vni: u32,
     pub inner_off: u16,
 }
@@ -120,7 +123,7 @@ impl Parsed {
         }
         match self.l4_proto {
             IPPROTO_TCP => Reason::PassTcp,
-            IPPROTO_UDP if self.vxlan => Reason::PassVxlan,
+            IPPROTO_UDP if self.vxlan || self.vxlan_first_fragment => Reason::PassVxlan,
             IPPROTO_UDP => Reason::PassUdp,
             IPPROTO_ICMP if self.ip_version == 4 => Reason::PassIcmp,
             IPPROTO_ICMPV6 if self.ip_version == 6 => Reason::PassIcmpv6,
@@ -317,8 +320,19 @@ fn parse_l4<P: Packet>(
             }
             out.sport = be16(h[0], h[1]);
             out.dport = be16(h[2], h[3]);
-            if whole && out.dport == vxlan_port {
-                parse_vxlan(p, off + UDP_HLEN, off + ulen, out)?;
+            if out.dport == vxlan_port {
+                if whole {
+                    parse_vxlan(p, off + UDP_HLEN, off + ulen, out)?;
+                } else {
+                    // The first fragment of a datagram to the data-path port: the kernel
+                    // would reassemble it for a vxlan socket that accepts any sender, so
+                    // its header is checked here as a whole datagram's is (peer and VNI
+                    // then), though it is never taken apart.
+                    parse_vxlan(p, off + UDP_HLEN, l3_end, out)?;
+                    out.vxlan = false;
+                    out.vxlan_first_fragment = true;
+                    out.inner_off = 0;
+                }
             }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
@@ -397,5 +411,46 @@ mod tests {
         assert_eq!(next.observations()[3], Some(Reason::ObsFragmentNonFirst));
         let other = parse(&Bytes(&udp_fragment(1, 185, 47)), 4789).unwrap();
         assert_eq!(other.verdict(), Reason::PassFragment);
+    }
+
+    /// The first fragment of a datagram to the data-path port, carrying `after_udp`
+    /// (the UDP length says 4,000 bytes: the whole datagram's).
+    fn vxlan_first_fragment(after_udp: &[u8]) -> Vec<u8> {
+        let mut f = udp_fragment(7, 0, IPPROTO_UDP).to_vec();
+        f.truncate(42);
+        f.extend_from_slice(after_udp);
+        let total = (f.len() - 14) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f[36..38].copy_from_slice(&4789u16.to_be_bytes());
+        f[38..40].copy_from_slice(&4000u16.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn a_first_fragment_to_the_data_path_port_is_vxlan_checked_but_not_taken_apart() {
+        let mut v = vec![0x08, 0, 0, 0, 0, 0x10, 0x01, 0];
+        v.extend_from_slice(&[0u8; 40]);
+        let first = parse(&Bytes(&vxlan_first_fragment(&v)), 4789).unwrap();
+        assert!(first.vxlan_first_fragment && !first.vxlan, "{first:?}");
+        assert_eq!(
+            (first.vni, first.inner_off, first.frag),
+            (0x1001, 0, Frag::First)
+        );
+        assert_eq!(first.verdict(), Reason::PassVxlan);
+        // Another data-path port: plain UDP, as before.
+        let other = parse(&Bytes(&vxlan_first_fragment(&v)), 8472).unwrap();
+        assert!(!other.vxlan_first_fragment);
+        assert_eq!(other.verdict(), Reason::PassUdp);
+        // A header Linux would refuse, or none whole in the fragment: malformed.
+        let mut bad = v.clone();
+        bad[0] = 0x0c;
+        assert_eq!(
+            parse(&Bytes(&vxlan_first_fragment(&bad)), 4789),
+            Err(Reason::DropVxlanBadFlags)
+        );
+        assert_eq!(
+            parse(&Bytes(&vxlan_first_fragment(&v[..12])), 4789),
+            Err(Reason::DropVxlanTruncated)
+        );
     }
 }

@@ -38,6 +38,8 @@ pub const IP_OFFSET_MASK: u16 = 0x1fff;
 pub const VXLAN_FLAG_I: u8 = 0x08;
 /// Default data-path port, as Docker's `--data-path-port`.
 pub const VXLAN_PORT_DEFAULT: u16 = 4789;
+/// Default port of the mesh agents' peer exchange (TCP), `mesh-agent --peer-port`.
+pub const PEER_PORT_DEFAULT: u16 = 9478;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

@@ -13,9 +13,9 @@ use mesh_common::{
 };
 
 use crate::{
-    config, icmp,
+    config,
     flow::{Outcome, Pkt},
-    lb,
+    icmp, lb,
     pkt::DirectPacket,
     scratch::{self, From},
     stats, vip, vxlan,
@@ -43,6 +43,13 @@ pub fn process_tc<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
         return lb::from_tunnel(ctx, hook);
     }
     let p = &s.parsed;
+    if p.vxlan_first_fragment && p.ip_version == 4 {
+        return if vxlan::first_fragment_passes(p, hook, bytes) {
+            TC_ACT_UNSPEC
+        } else {
+            TC_ACT_SHOT
+        };
+    }
     if !(p.vxlan && p.ip_version == 4) {
         return dispatch(ctx, p, hook, bytes);
     }
@@ -82,7 +89,12 @@ pub fn process_overlay<P: Packet>(ctx: &TcContext, pkt: &P, hook: Hook) -> i32 {
 #[inline(always)]
 fn xdp_decapsulated(ctx: &TcContext, to: &mut From) -> bool {
     // SAFETY: reading fields of the context.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
     if meta + core::mem::size_of::<crate::xdp::TunnelMeta>() > data {
         return false;
     }
@@ -113,8 +125,14 @@ fn dispatch(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> i32 {
                 return TC_ACT_SHOT;
             };
             return match vxlan::encap(ctx, &pk.f, &s.encap_to) {
-                TC_ACT_SHOT => pk.drop(Reason::DropTunnelFailed).action().unwrap_or(TC_ACT_SHOT),
-                action => pk.done(Reason::FwdToTunnel, action).action().unwrap_or(TC_ACT_SHOT),
+                TC_ACT_SHOT => pk
+                    .drop(Reason::DropTunnelFailed)
+                    .action()
+                    .unwrap_or(TC_ACT_SHOT),
+                action => pk
+                    .done(Reason::FwdToTunnel, action)
+                    .action()
+                    .unwrap_or(TC_ACT_SHOT),
             };
         }
         if let Some(action) = outcome.action() {

@@ -153,4 +153,3 @@ pub(crate) fn encap_later(node: u32, vni: u32) -> Outcome {
         None => Outcome::Done(TC_ACT_SHOT),
     }
 }
-

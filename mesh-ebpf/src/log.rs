@@ -48,13 +48,7 @@ pub fn after(ctx: &TcContext) {
     if drop != 0 {
         warn!(
             ctx,
-            "drop reason={} {:i}:{} -> {:i}:{} proto {}",
-            drop,
-            saddr,
-            sport,
-            daddr,
-            dport,
-            proto
+            "drop reason={} {:i}:{} -> {:i}:{} proto {}", drop, saddr, sport, daddr, dport, proto
         );
     } else if s.noted_new != 0 && s.noted_be != 0 {
         let id = s.noted_be;

@@ -7,14 +7,17 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    maps,
     ct::{CtEntry, CtKey, FragKey, FragPorts},
+    lb::{
+        Backend, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags, Service, Tunnel,
+    },
+    maps,
     sock::{SockKey, SockOrig},
-    lb::{Backend, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags, Service, Tunnel},
 };
 
 #[btf_map]
-pub static MESH_FE_V1: HashMap<FrontendKey, Frontend, { maps::FRONTENDS.entries as usize }> = HashMap::new();
+pub static MESH_FE_V1: HashMap<FrontendKey, Frontend, { maps::FRONTENDS.entries as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static MESH_SVC_V1: HashMap<u32, Service, { maps::SERVICES.entries as usize }> = HashMap::new();
@@ -27,18 +30,22 @@ pub static MESH_MAGLEV_V1: Array<u32, { maps::MAGLEV.entries as usize }> = Array
 pub static MESH_BE_V1: HashMap<u32, Backend, { maps::BACKENDS.entries as usize }> = HashMap::new();
 
 #[btf_map]
-pub static MESH_EP_V1: HashMap<u32, Endpoint, { maps::ENDPOINTS.entries as usize }> = HashMap::new();
+pub static MESH_EP_V1: HashMap<u32, Endpoint, { maps::ENDPOINTS.entries as usize }> =
+    HashMap::new();
 
 /// Addresses of this node: a frontend with address 0 answers on each of them.
 #[btf_map]
-pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, { maps::NODE_ADDRS.entries as usize }> = HashMap::new();
+pub static MESH_NODE_V1: HashMap<u32, NodeAddrFlags, { maps::NODE_ADDRS.entries as usize }> =
+    HashMap::new();
 
 #[btf_map]
-pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, { maps::CONNTRACK.entries as usize }> = LruHashMap::new();
+pub static MESH_CT_V1: LruHashMap<CtKey, CtEntry, { maps::CONNTRACK.entries as usize }> =
+    LruHashMap::new();
 
 /// A translated first fragment's ports, for the rest of its datagram (`track::follow`).
 #[btf_map]
-pub static MESH_FRAG_V1: LruHashMap<FragKey, FragPorts, { maps::FRAGMENTS.entries as usize }> = LruHashMap::new();
+pub static MESH_FRAG_V1: LruHashMap<FragKey, FragPorts, { maps::FRAGMENTS.entries as usize }> =
+    LruHashMap::new();
 
 /// Tasks on other nodes: task address -> where to tunnel.
 #[btf_map]
@@ -58,11 +65,10 @@ pub static MESH_LOCAL_V1: Array<Local, { maps::LOCAL.entries as usize }> = Array
 
 /// Sockets pointed at the host port: (socket cookie, dialled port, proto) -> dialled address.
 #[btf_map]
-pub static MESH_SOCK_V1: LruHashMap<SockKey, SockOrig, { maps::SOCKETS.entries as usize }> = LruHashMap::new();
+pub static MESH_SOCK_V1: LruHashMap<SockKey, SockOrig, { maps::SOCKETS.entries as usize }> =
+    LruHashMap::new();
 
 /// This node's network namespaces (cookie -> `NETNS_HOST` / `NETNS_CONTAINER`): the
 /// socket programs' scope.
 #[btf_map]
 pub static MESH_NETNS_V1: HashMap<u64, u32, { maps::NETNS.entries as usize }> = HashMap::new();
-
-

@@ -11,7 +11,12 @@ use crate::{scratch, stats, track};
 
 /// Parses `pkt` as `hook` sees it into `out`; `Err` when it is malformed (counted).
 #[inline(never)]
-pub fn into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut Parsed) -> Result<(), ()> {
+pub fn into_scratch<P: Packet>(
+    pkt: &P,
+    hook: Hook,
+    vxlan_port: u16,
+    out: &mut Parsed,
+) -> Result<(), ()> {
     let bytes = pkt.frame_len();
     scratch::zero(out);
     match parse::parse_into(pkt, vxlan_port, out) {
@@ -29,4 +34,3 @@ pub fn into_scratch<P: Packet>(pkt: &P, hook: Hook, vxlan_port: u16, out: &mut P
         }
     }
 }
-

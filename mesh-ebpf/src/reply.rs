@@ -15,7 +15,9 @@ use crate::{flow::Flow, scratch::scratch};
 fn rewrite<const N: usize>(ctx: &TcContext, l3: usize, hdr: &[u8; N]) -> Result<(), ()> {
     let s = scratch().ok_or(())?;
     // SAFETY: the helper writes exactly 12 bytes into scratch memory of that size.
-    if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, s.macs.as_mut_ptr().cast(), 12) } != 0 {
+    if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, s.macs.as_mut_ptr().cast(), 12) }
+        != 0
+    {
         return Err(());
     }
     let mut i = 0;
@@ -41,7 +43,17 @@ pub fn tcp_rst(ctx: &TcContext, p: &Parsed, f: &Flow) -> Result<(), ()> {
     let doff = ((ctx.load::<u8>(l4 + 12).map_err(|_| ())? >> 4) as u32) * 4;
     let payload = (p.l3_end as u32).saturating_sub(l4 as u32 + doff);
     let s = scratch().ok_or(())?;
-    build::tcp_rst_into(&mut s.rst, f.saddr, f.daddr, f.sport, f.dport, seq, ack, f.tcp_flags, payload);
+    build::tcp_rst_into(
+        &mut s.rst,
+        f.saddr,
+        f.daddr,
+        f.sport,
+        f.dport,
+        seq,
+        ack,
+        f.tcp_flags,
+        payload,
+    );
     rewrite(ctx, l3, &s.rst)
 }
 

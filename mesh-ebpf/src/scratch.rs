@@ -106,7 +106,8 @@ pub fn zero<T>(v: &mut T) {
         unsafe { core::ptr::write_volatile(p.add(i), 0) };
         i += 1;
     }
-    let b = v as *mut T as *mut u8;    let mut j = words * 8;
+    let b = v as *mut T as *mut u8;
+    let mut j = words * 8;
     while j < core::mem::size_of::<T>() {
         // SAFETY: within `v`.
         unsafe { core::ptr::write_volatile(b.add(j), 0) };

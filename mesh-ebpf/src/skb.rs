@@ -41,7 +41,12 @@ pub fn set_addr(
         return Ok(());
     }
     if let Some((off, flags)) = l4_csum(l4_off, proto) {
-        ok(ctx.l4_csum_replace(off, old as u64, new as u64, flags | BPF_F_PSEUDO_HDR as u64 | 4))?;
+        ok(ctx.l4_csum_replace(
+            off,
+            old as u64,
+            new as u64,
+            flags | BPF_F_PSEUDO_HDR as u64 | 4,
+        ))?;
     }
     ok(ctx.l3_csum_replace(l3_off + 10, old as u64, new as u64, 4))?;
     ok(ctx.store(l3_off + field, &new, 0))
@@ -49,7 +54,14 @@ pub fn set_addr(
 
 /// Replaces the port at `l4_off + field` (0: source, 2: destination).
 #[inline(always)]
-pub fn set_port(ctx: &TcContext, l4_off: usize, field: usize, proto: u8, old: u16, new: u16) -> Res {
+pub fn set_port(
+    ctx: &TcContext,
+    l4_off: usize,
+    field: usize,
+    proto: u8,
+    old: u16,
+    new: u16,
+) -> Res {
     if old == new {
         return Ok(());
     }

@@ -12,7 +12,8 @@ use mesh_common::{
 /// A BTF map (not aya's legacy `maps` section), so libbpf tools such as
 /// `bpftool prog loadall` and `bpftool map dump` understand the object too.
 #[btf_map]
-static MESH_STATS_V1: PerCpuArray<Counter, { mesh_common::maps::STATS.entries as usize }> = PerCpuArray::new();
+static MESH_STATS_V1: PerCpuArray<Counter, { mesh_common::maps::STATS.entries as usize }> =
+    PerCpuArray::new();
 
 /// Adds one packet of `bytes` to (hook, reason). Per-CPU, so no atomics are needed.
 #[inline(always)]
@@ -27,8 +28,11 @@ pub fn count(hook: Hook, reason: Reason, bytes: usize) {
 }
 
 #[btf_map]
-static MESH_BESTATS_V1: LruPerCpuHashMap<u32, BackendCounter, { mesh_common::maps::BACKEND_STATS.entries as usize }> =
-    LruPerCpuHashMap::new();
+static MESH_BESTATS_V1: LruPerCpuHashMap<
+    u32,
+    BackendCounter,
+    { mesh_common::maps::BACKEND_STATS.entries as usize },
+> = LruPerCpuHashMap::new();
 
 /// Adds a packet of `bytes` (and, for the first of a flow, the flow) to backend `id`.
 #[inline(never)]

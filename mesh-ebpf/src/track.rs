@@ -31,7 +31,11 @@ pub fn begin(nf: &mut NewFlow, fwd_key: &CtKey, tcp_flags: u8, now: u64, idle_s:
     nf.fwd_key = *fwd_key;
     nf.rev.last_seen_ns = now;
     nf.rev.created_ns = now;
-    nf.rev.state = if tcp { CtState::SynSent as u8 } else { CtState::Udp as u8 };
+    nf.rev.state = if tcp {
+        CtState::SynSent as u8
+    } else {
+        CtState::Udp as u8
+    };
     nf.rev.flags = CT_REVERSE;
     nf.rev.idle_s = idle_s;
     nf.fwd.last_seen_ns = now;

@@ -23,9 +23,8 @@ use mesh_common::{
 };
 
 use crate::{
-    icmp,
     flow::{Outcome, Pkt},
-    lb,
+    icmp, lb,
     maps::{MESH_BE_V1, MESH_CT_V1, MESH_FE_V1, MESH_SVC_V1},
     scratch::scratch,
     skb,
@@ -182,8 +181,13 @@ fn new_flow(pk: &Pkt, now: u64) -> Outcome {
         return pk.drop(Reason::DropCtFull);
     };
     // SAFETY: a map value read at once.
-    let idle_s = unsafe { MESH_SVC_V1.get(&fe.svc_id) }
-        .map_or(0, |svc| if f.proto == IPPROTO_TCP { svc.tcp_idle_s } else { svc.udp_idle_s });
+    let idle_s = unsafe { MESH_SVC_V1.get(&fe.svc_id) }.map_or(0, |svc| {
+        if f.proto == IPPROTO_TCP {
+            svc.tcp_idle_s
+        } else {
+            svc.udp_idle_s
+        }
+    });
     let nf = &mut s.nf;
     track::begin(nf, &f.key(), f.tcp_flags, now, idle_s);
     nf.rev_key = CtKey::new(addr, f.saddr, port, f.sport, f.proto);
@@ -196,7 +200,11 @@ fn new_flow(pk: &Pkt, now: u64) -> Outcome {
     nf.fwd.svc_id = fe.svc_id;
     nf.fwd.nat_addr = addr;
     nf.fwd.nat_port = port;
-    nf.fwd.flags = if routed { CT_OVERLAY | CT_ROUTED } else { CT_OVERLAY };
+    nf.fwd.flags = if routed {
+        CT_OVERLAY | CT_ROUTED
+    } else {
+        CT_OVERLAY
+    };
     if track::commit(true).is_err() {
         return pk.drop(Reason::DropCtFull);
     }
@@ -241,7 +249,7 @@ fn bridge_of(pk: &Pkt, dst: u32) -> u32 {
     // SAFETY: plain data.
     *p = unsafe { core::mem::zeroed() };
     p.family = 2; // AF_INET
-    // SAFETY: reading a field of the context.
+                  // SAFETY: reading a field of the context.
     p.ifindex = unsafe { (*pk.ctx.skb.skb).ifindex };
     p.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: the parameters live in map memory, of their own size.

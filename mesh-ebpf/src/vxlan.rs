@@ -2,15 +2,15 @@
 //! send. Only VXLAN from known nodes, for known VNIs, is taken apart.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_skb_adjust_room},
     programs::TcContext,
 };
 use mesh_common::{
     config::{FEAT_CHECK_MTU, FEAT_ENCAP_L2_ETH},
     hash::flow_hash,
-    lb::{Tunnel, NET_DOCKER},
+    lb::{Network, Tunnel, NET_DOCKER},
     parse::Parsed,
     proto::{IPPROTO_TCP, IPPROTO_UDP, IP_MF, IP_OFFSET_MASK},
     reason::Reason,
@@ -102,7 +102,10 @@ fn try_encap(ctx: &TcContext, f: &Flow, node: u32, vni: u32) -> Result<(), ()> {
     // would need its own, and bpf_skb_adjust_room cannot ask for SKB_GSO_UDP_TUNNEL_CSUM.
     if !gso && lco {
         let l4_len = inner_len.saturating_sub(ihl);
-        let (a, b) = (u32::from_be(inner_src) as u64, u32::from_be(inner_dst) as u64);
+        let (a, b) = (
+            u32::from_be(inner_src) as u64,
+            u32::from_be(inner_dst) as u64,
+        );
         let pseudo = match proto {
             IPPROTO_TCP | IPPROTO_UDP => {
                 (a >> 16) + (a & 0xffff) + (b >> 16) + (b & 0xffff) + proto as u64 + l4_len as u64
@@ -140,8 +143,17 @@ pub fn too_big(ctx: &TcContext, l4_off: usize) -> Option<u32> {
             return (mtu != 0 && l3_len + OVERHEAD as u32 > mtu).then(|| mtu - OVERHEAD as u32);
         }
         // SAFETY: the skb this program owns; `mtu` is an out-parameter on our stack.
-        let r = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), local.ifindex, &mut mtu, OVERHEAD as i32, 0) };
-        return (r == BPF_MTU_CHK_RET_FRAG_NEEDED as i64).then(|| mtu.saturating_sub(OVERHEAD as u32));
+        let r = unsafe {
+            bpf_check_mtu(
+                ctx.skb.skb.cast(),
+                local.ifindex,
+                &mut mtu,
+                OVERHEAD as i32,
+                0,
+            )
+        };
+        return (r == BPF_MTU_CHK_RET_FRAG_NEEDED as i64)
+            .then(|| mtu.saturating_sub(OVERHEAD as u32));
     }
     // GSO: the helper only reads the device's MTU here; the segment is IP + L4 headers
     // + gso_size of payload.
@@ -164,23 +176,49 @@ fn set_lco(hdr: &mut [u8; vxlan::ENCAP_LEN], inner_pseudo: u64) {
     hdr[40..42].copy_from_slice(&c.to_be_bytes());
 }
 
+/// Whether VXLAN from `peer` (an underlay address as on the wire) for `vni` is taken:
+/// the network it belongs to, or why not. The one rule for XDP and TC, whole datagrams
+/// and first fragments alike.
+#[inline(always)]
+pub fn admit(peer: u32, vni: u32) -> Result<Network, Reason> {
+    // SAFETY: values copied out.
+    if unsafe { MESH_PEER_V1.get(&peer) }.is_none() {
+        return Err(Reason::DropVxlanUnknownPeer);
+    }
+    // SAFETY: as above.
+    (unsafe { MESH_NET_V1.get(&vni) })
+        .copied()
+        .ok_or(Reason::DropVxlanUnknownVni)
+}
+
+/// The first fragment of a datagram to the data-path port (the kernel would reassemble
+/// it for Docker's vxlan socket, which takes any sender): passed, whole, only from a
+/// peer for a known VNI; else dropped, so the rest never reassembles. `true`: pass.
+#[inline(always)]
+pub fn first_fragment_passes(p: &Parsed, hook: Hook, bytes: usize) -> bool {
+    match admit(p.saddr[0], p.vni) {
+        Ok(_) => {
+            count(hook, Reason::PassVxlan, bytes);
+            true
+        }
+        Err(r) => {
+            count(hook, r, bytes);
+            false
+        }
+    }
+}
+
 /// A VXLAN packet on the underlay: validate the sender and the VNI and take it apart.
 /// `Err` carries the TC action for a packet that was dropped (and counted).
 #[inline(never)]
 pub fn decap(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> Result<(), i32> {
-    let peer = p.saddr[0];
-    let vni = p.vni;
     let fail = |r: Reason| {
         count(hook, r, bytes);
         Err(TC_ACT_SHOT)
     };
-    // SAFETY: values copied out.
-    if unsafe { MESH_PEER_V1.get(&peer) }.is_none() {
-        return fail(Reason::DropVxlanUnknownPeer);
-    }
-    // SAFETY: as above.
-    let Some(net) = (unsafe { MESH_NET_V1.get(&vni) }).copied() else {
-        return fail(Reason::DropVxlanUnknownVni);
+    let net = match admit(p.saddr[0], p.vni) {
+        Ok(net) => net,
+        Err(r) => return fail(r),
     };
     if net.flags & NET_DOCKER != 0 {
         count(hook, Reason::PassVxlanDocker, bytes);
@@ -193,7 +231,15 @@ pub fn decap(ctx: &TcContext, p: &Parsed, hook: Hook, bytes: usize) -> Result<()
     // Remove outer IP, UDP, VXLAN and the inner Ethernet header; the outer Ethernet
     // header stays (delivery rewrites its MACs).
     // SAFETY: the skb this program owns.
-    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(p.inner_off as i32), BPF_ADJ_ROOM_MAC, FIXED_GSO) } != 0 {
+    if unsafe {
+        bpf_skb_adjust_room(
+            ctx.skb.skb,
+            -(p.inner_off as i32),
+            BPF_ADJ_ROOM_MAC,
+            FIXED_GSO,
+        )
+    } != 0
+    {
         return fail(Reason::DropTunnelFailed);
     }
     let len = ctx.len();

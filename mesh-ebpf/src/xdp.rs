@@ -27,9 +27,9 @@ use crate::{
     config,
     flow::Flow,
     lb,
-    maps::{MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_NET_V1, MESH_PEER_V1, MESH_SVC_V1},
-    scratch::scratch,
+    maps::{MESH_BE_V1, MESH_CT_V1, MESH_EP_V1, MESH_SVC_V1},
     pkt::DirectPacket,
+    scratch::scratch,
     stats::{count, count_backend},
     track,
 };
@@ -68,9 +68,19 @@ fn step(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
         if p.vxlan {
             return decap(ctx, p, bytes);
         }
+        if p.vxlan_first_fragment {
+            return if crate::vxlan::first_fragment_passes(p, HOOK, bytes) {
+                XDP_PASS
+            } else {
+                XDP_DROP
+            };
+        }
         // (A fragment after the first: where it follows its first one.)
         let l4 = p.l4_off != 0 || p.frag == Frag::Followed;
-        if matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP) && l4 && !matches!(p.frag, Frag::NonFirst) {
+        if matches!(p.l4_proto, IPPROTO_TCP | IPPROTO_UDP)
+            && l4
+            && !matches!(p.frag, Frag::NonFirst)
+        {
             if let Some(action) = to_local_task(ctx, p, bytes) {
                 return action;
             }
@@ -85,15 +95,12 @@ fn step(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
 #[inline(always)]
 fn decap(ctx: &XdpContext, p: &Parsed, bytes: usize) -> u32 {
     let (peer, vni) = (p.saddr[0], p.vni);
-    // SAFETY: values copied out.
-    if unsafe { MESH_PEER_V1.get(&peer) }.is_none() {
-        count(HOOK, Reason::DropVxlanUnknownPeer, bytes);
-        return XDP_DROP;
-    }
-    // SAFETY: as above.
-    let Some(net) = (unsafe { MESH_NET_V1.get(&vni) }).copied() else {
-        count(HOOK, Reason::DropVxlanUnknownVni, bytes);
-        return XDP_DROP;
+    let net = match crate::vxlan::admit(peer, vni) {
+        Ok(net) => net,
+        Err(r) => {
+            count(HOOK, r, bytes);
+            return XDP_DROP;
+        }
     };
     if net.flags & NET_DOCKER != 0 {
         count(HOOK, Reason::PassVxlanDocker, bytes);
@@ -188,7 +195,11 @@ fn to_local_task(ctx: &XdpContext, p: &Parsed, bytes: usize) -> Option<u32> {
                 target: ep.delivery_addr,
                 port: be.port,
                 ifindex: ep.ifindex,
-                idle_s: if f.proto == IPPROTO_TCP { svc.tcp_idle_s } else { svc.udp_idle_s },
+                idle_s: if f.proto == IPPROTO_TCP {
+                    svc.tcp_idle_s
+                } else {
+                    svc.udp_idle_s
+                },
                 now,
             };
             track(ctx, &f, &key, &nf)?;
@@ -212,7 +223,11 @@ fn to_local_task(ctx: &XdpContext, p: &Parsed, bytes: usize) -> Option<u32> {
     count(HOOK, Reason::FwdToTask, bytes);
     // A first fragment translated: the rest of its datagram will follow it.
     track::record_first(p);
-    Some(if r == XDP_REDIRECT { XDP_REDIRECT } else { XDP_DROP })
+    Some(if r == XDP_REDIRECT {
+        XDP_REDIRECT
+    } else {
+        XDP_DROP
+    })
 }
 
 /// What a new flow was given.
@@ -231,7 +246,15 @@ struct NewFlow {
 /// writer, `track`).
 #[inline(never)]
 fn track(ctx: &XdpContext, f: &Flow, key: &CtKey, nf: &NewFlow) -> Option<()> {
-    let NewFlow { svc_id, be_id, target, port, ifindex, idle_s, now } = *nf;
+    let NewFlow {
+        svc_id,
+        be_id,
+        target,
+        port,
+        ifindex,
+        idle_s,
+        now,
+    } = *nf;
     let s = scratch()?;
     let macs: [u8; 12] = xload(ctx, 0).ok()?;
     let t = &mut s.nf;
@@ -266,7 +289,12 @@ fn xload<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, ()> {
     let mut v = core::mem::MaybeUninit::<T>::uninit();
     // SAFETY: the helper writes exactly size_of::<T>() bytes into `v`, or fails.
     let r = unsafe {
-        bpf_xdp_load_bytes(ctx.ctx, off as u32, v.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32)
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            off as u32,
+            v.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+        )
     };
     // SAFETY: initialised by the helper when it returns 0.
     (r == 0).then(|| unsafe { v.assume_init() }).ok_or(())
@@ -282,7 +310,12 @@ fn xstore<T: Copy>(ctx: &XdpContext, off: usize, v: &T) -> Result<(), ()> {
     }
     // SAFETY: the helper reads size_of::<T>() bytes from `v`.
     let r = unsafe {
-        bpf_xdp_store_bytes(ctx.ctx, off as u32, v as *const T as *mut _, core::mem::size_of::<T>() as u32)
+        bpf_xdp_store_bytes(
+            ctx.ctx,
+            off as u32,
+            v as *const T as *mut _,
+            core::mem::size_of::<T>() as u32,
+        )
     };
     (r == 0).then_some(()).ok_or(())
 }
@@ -312,7 +345,11 @@ fn dnat(ctx: &XdpContext, p: &Parsed, f: &Flow, addr: u32, port: u16) -> Result<
         // A fragment after the first: its L4 header (and checksum) is in the first.
         return Ok(());
     }
-    let (off, udp) = if f.proto == IPPROTO_TCP { (l4 + 16, false) } else { (l4 + 6, true) };
+    let (off, udp) = if f.proto == IPPROTO_TCP {
+        (l4 + 16, false)
+    } else {
+        (l4 + 6, true)
+    };
     let ck = u16::from_be(xload::<u16>(ctx, off)?);
     let ck = if udp {
         csum::udp_replace16(csum::udp_replace32(ck, old_a, new_a), old_p, new_p)

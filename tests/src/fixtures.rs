@@ -108,6 +108,23 @@ pub fn all() -> Vec<Fixture> {
             PassUdp,
             &[ObsFragmentFirst],
         ),
+        // The first fragment of a VXLAN datagram: checked as VXLAN is (the underlay's
+        // programs drop it from an unknown sender), never taken apart.
+        fo(
+            "ipv4 first fragment of vxlan on the data-path port",
+            ipv4_fragment(vxlan4(VXLAN, 4096), true, 0),
+            PassVxlan,
+            &[ObsFragmentFirst],
+        ),
+        f(
+            "ipv4 first fragment to the data-path port with a bad vxlan header",
+            {
+                let mut p = vxlan4(VXLAN, 4096);
+                p[L4 + 8] = 0x0c;
+                ipv4_fragment(p, true, 0)
+            },
+            DropVxlanBadFlags,
+        ),
         // A TCP/UDP fragment after the first with no translated first one (here, none
         // at all: it came first) is passed under its own name.
         fo(

@@ -171,21 +171,33 @@ fn vxlan_from_unknown_senders_and_vnis_is_dropped() {
         v.extend_from_slice(&inner);
         v
     };
-    // The client is not a swarm node.
+    // 4,000 bytes: the sender's kernel cuts it into fragments, which node 1's would
+    // reassemble for any vxlan socket there.
+    let big = |vni: u32| {
+        let mut f = frame(vni);
+        f.resize(4000, 0);
+        f
+    };
+    // The client is not a swarm node: whole or in fragments.
     cl.c.enter(|| {
         let s = UdpSocket::bind((CLIENT, 0)).unwrap();
         s.send_to(&frame(VNI), (NODES[0], 4789)).unwrap();
+        s.send_to(&big(VNI), (NODES[0], 4789)).unwrap();
     });
-    // The stock node is, but VNI 5000 is not a network of node 1.
+    // The stock node is, but VNI 5000 is not a network of node 1; for node 1's own VNI
+    // its first fragment passes.
     cl.nodes[3].enter(|| {
         let s = UdpSocket::bind((NODES[3], 0)).unwrap();
         s.send_to(&frame(5000), (NODES[0], 4789)).unwrap();
+        s.send_to(&big(VNI), (NODES[0], 4789)).unwrap();
     });
     std::thread::sleep(std::time::Duration::from_millis(200));
     let d = counters(&meshes[0]).since(&before);
     let u = Hook::TcUnderlayIngress;
-    assert_eq!(d.get(u, Reason::DropVxlanUnknownPeer).packets, 1, "{d:?}");
+    assert_eq!(d.get(u, Reason::DropVxlanUnknownPeer).packets, 2, "{d:?}");
     assert_eq!(d.get(u, Reason::DropVxlanUnknownVni).packets, 1, "{d:?}");
+    assert_eq!(d.get(u, Reason::ObsFragmentFirst).packets, 2, "{d:?}");
+    assert_eq!(d.get(u, Reason::PassVxlan).packets, 1, "{d:?}");
     assert_eq!(d.get(u, Reason::ObsDecap).packets, 0);
 }
 

@@ -106,7 +106,7 @@ pub struct Flags {
     /// Port on this node's swarm address where agents exchange which of their tasks fail
     /// their HEALTHCHECK (Docker's gossip only drops such a task once it has exited);
     /// 0 turns the exchange off. Open it between nodes like the swarm's own ports.
-    #[arg(long, default_value_t = 9478, env = "MESH_PEER_PORT")]
+    #[arg(long, default_value_t = mesh_common::proto::PEER_PORT_DEFAULT, env = "MESH_PEER_PORT")]
     pub peer_port: u16,
     /// Run `meshctl trace --node` requests from the swarm's other nodes (on --peer-port).
     /// Off by default: the endpoint is unauthenticated, and a container on any node can

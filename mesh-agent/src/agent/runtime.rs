@@ -190,7 +190,8 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
             Some(h)
         }
     };
-    let (mesh, adopted) = Mesh::pinned(dp, names_file(&args), adopt)?;
+    let (mut mesh, adopted) = Mesh::pinned(dp, names_file(&args), adopt)?;
+    mesh.reserved = crate::model::Reserved::new(data_path_port, args.peer_port);
     if let Some(a) = adopted {
         if a.named {
             tracing::info!(

@@ -29,6 +29,8 @@ pub struct Mesh {
     saved: Option<Names>,
     /// Addresses answered as this node's beyond the model's (the host port's).
     pub extra_node_addrs: Vec<std::net::Ipv4Addr>,
+    /// Ports no service may publish (the node's own plumbing).
+    pub reserved: model::Reserved,
     /// The published ports the last apply programmed: their holders keep them.
     prior: model::Claims,
     /// What the last applied model asked for that could not be programmed.
@@ -54,6 +56,7 @@ impl Mesh {
             names_file: None,
             saved: None,
             extra_node_addrs: Vec::new(),
+            reserved: Default::default(),
             prior: Default::default(),
             problems: Vec::new(),
         }
@@ -91,6 +94,7 @@ impl Mesh {
                 names_file: Some(names_file),
                 saved: None,
                 extra_node_addrs: Vec::new(),
+                reserved: Default::default(),
                 prior: Default::default(),
                 problems: Vec::new(),
             },
@@ -140,7 +144,7 @@ impl Mesh {
     /// What the model asked for cannot be programmed is left out (see
     /// [`Self::problems`]) and everything else applied.
     pub fn apply(&mut self, model: &Model) -> Result<Applied, MeshError> {
-        let mut d = model::desired_with(model, netdev::resolve, &self.prior)?;
+        let mut d = model::desired_with(model, netdev::resolve, &self.prior, &self.reserved)?;
         d.node_addrs.extend(&self.extra_node_addrs);
         let applied = self.apply_desired(&d)?;
         self.prior = std::mem::take(&mut d.claims);

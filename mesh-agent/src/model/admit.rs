@@ -48,11 +48,65 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// Swarm's cluster management port (managers, TCP).
+pub const SWARM_CONTROL_PORT: u16 = 2377;
+/// Swarm's gossip port (every node, TCP and UDP).
+pub const SWARM_GOSSIP_PORT: u16 = 7946;
+
+/// Ports a service may not publish: the node's own plumbing listens there, and a
+/// frontend would hand its traffic (the agents' health polls, the swarm's gossip, the
+/// overlay) to a task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reserved(BTreeMap<(u16, Protocol), &'static str>);
+
+impl Reserved {
+    /// Swarm's own ports, the data-path port (UDP) and the agents' peer port (TCP; 0
+    /// when the exchange is off).
+    pub fn new(data_path_port: u16, peer_port: u16) -> Self {
+        let mut r = BTreeMap::new();
+        r.insert(
+            (SWARM_CONTROL_PORT, Protocol::Tcp),
+            "Swarm's cluster management port",
+        );
+        r.insert((SWARM_GOSSIP_PORT, Protocol::Tcp), "Swarm's gossip port");
+        r.insert((SWARM_GOSSIP_PORT, Protocol::Udp), "Swarm's gossip port");
+        r.insert(
+            (data_path_port, Protocol::Udp),
+            "the swarm's data-path (VXLAN) port",
+        );
+        if peer_port != 0 {
+            r.insert((peer_port, Protocol::Tcp), "the mesh agents' peer port");
+        }
+        Reserved(r)
+    }
+
+    /// Why `port`/`proto` is reserved, if it is.
+    pub fn why(&self, port: u16, proto: Protocol) -> Option<&'static str> {
+        self.0.get(&(port, proto)).copied()
+    }
+}
+
+impl Default for Reserved {
+    /// The defaults: data-path port 4789, peer port 9478.
+    fn default() -> Self {
+        Reserved::new(
+            mesh_common::proto::VXLAN_PORT_DEFAULT,
+            mesh_common::proto::PEER_PORT_DEFAULT,
+        )
+    }
+}
+
 /// The part of `model` that can be programmed, and what was left out and why. One
 /// service's fault never holds back another: a port two services claim stays with the
 /// one that held it in `prior` (else the first by name), a backend the node cannot reach is left
-/// out of its service alone. `local`: the addresses of this node's resolved endpoints.
-pub fn admit(model: &Model, local: &BTreeSet<Ipv4Addr>, prior: &Claims) -> (Model, Vec<Problem>) {
+/// out of its service alone, a published port in `reserved` is left out. `local`: the
+/// addresses of this node's resolved endpoints.
+pub fn admit(
+    model: &Model,
+    local: &BTreeSet<Ipv4Addr>,
+    prior: &Claims,
+    reserved: &Reserved,
+) -> (Model, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut out = Model {
         services: Vec::new(),
@@ -151,6 +205,15 @@ pub fn admit(model: &Model, local: &BTreeSet<Ipv4Addr>, prior: &Claims) -> (Mode
                 a: other.into(),
                 b: svc.name.clone(),
             };
+            if let Some(why) = p.published.and_then(|pp| reserved.why(pp, p.protocol)) {
+                let e = ModelError::ReservedPort {
+                    port: p.published.unwrap_or_default(),
+                    proto: p.protocol.name(),
+                    why,
+                };
+                problems.push(Problem::new(&svc.name, what, e));
+                continue;
+            }
             if let Some(pp) = p.published {
                 match published.get(&(pp, p.protocol)) {
                     Some(other) if *other != svc.name => {

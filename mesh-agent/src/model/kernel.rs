@@ -62,7 +62,7 @@ pub fn desired(
     model: &Model,
     resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
 ) -> Result<Desired, crate::MeshError> {
-    desired_with(model, resolve, &Claims::new())
+    desired_with(model, resolve, &Claims::new(), &Reserved::default())
 }
 
 /// Published ports and who holds them.
@@ -70,11 +70,12 @@ pub type Claims = BTreeMap<(u16, Protocol), String>;
 
 /// As [`desired`]; where two services claim one port, the holder in `prior` (the
 /// claims applied last time, [`Desired::claims`]) keeps it, so that a newcomer never
-/// takes a running service's port.
+/// takes a running service's port; a port in `reserved` is never published.
 pub fn desired_with(
     model: &Model,
     mut resolve: impl FnMut(&str) -> Result<(u32, [u8; 6]), crate::MeshError>,
     prior: &Claims,
+    reserved: &Reserved,
 ) -> Result<Desired, crate::MeshError> {
     let mut d = Desired {
         node_addrs: model.node_addrs.iter().copied().collect(),
@@ -105,7 +106,7 @@ pub fn desired_with(
         );
     }
     let local: BTreeSet<Ipv4Addr> = d.endpoints.keys().copied().collect();
-    let (admitted, problems) = admit(model, &local, prior);
+    let (admitted, problems) = admit(model, &local, prior, reserved);
     d.problems.extend(problems);
     d.claims = admitted
         .services

@@ -157,6 +157,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// "tcp" or "udp", as Docker writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => PROTO_TCP,
@@ -301,6 +309,15 @@ pub enum ModelError {
     DuplicateEndpoint(Ipv4Addr),
     #[error("service {0:?}: port 0 is not a port")]
     PortZero(String),
+    #[error(
+        "{port}/{proto} is {why} on every node: a service may not publish it (publish another \
+         port)"
+    )]
+    ReservedPort {
+        port: u16,
+        proto: &'static str,
+        why: &'static str,
+    },
     #[error("{what} {addr} is on node {node}, which is not in `peers`")]
     UnknownPeer {
         what: &'static str,

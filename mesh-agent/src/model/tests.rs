@@ -143,9 +143,9 @@ fn errors_name_what_to_fix_and_leave_the_rest() {
     assert_eq!(d.frontends[&fe_key(0, 9000, PROTO_TCP)].0 .0, "www/tcp/90");
     // A service applied before keeps its port against a newcomer, whatever the names.
     let prior = Claims::from([((8080, Protocol::Tcp), "www".to_string())]);
-    let d = desired_with(&m, resolve, &prior).unwrap();
+    let d = desired_with(&m, resolve, &prior, &Reserved::default()).unwrap();
     // And again with what that apply held: stable (no flip back by name).
-    let d = desired_with(&m, resolve, &d.claims).unwrap();
+    let d = desired_with(&m, resolve, &d.claims, &Reserved::default()).unwrap();
     assert_eq!(d.frontends[&fe_key(0, 8080, PROTO_TCP)].0 .0, "www/tcp/80");
 
     let mut m = from_yaml(YAML).unwrap();
@@ -231,4 +231,61 @@ fn one_port_on_tcp_and_udp() {
         d.frontends[&fe_key(0, 5301, PROTO_UDP)].0 .0,
         "dns-udp/udp/53"
     );
+}
+
+/// Issue 19's "ports the mesh needs": a service publishing the agents' peer port, Swarm's
+/// ports or the data-path port loses that port (with an error naming it), keeps the rest.
+#[test]
+fn reserved_ports_are_never_published() {
+    let mut m = from_yaml(YAML).unwrap();
+    let port = |published: u16, protocol| PortSpec {
+        published: Some(published),
+        target: 80,
+        protocol,
+        mode: PublishMode::Ingress,
+    };
+    m.services[0].ports.extend([
+        port(9478, Protocol::Tcp),
+        port(2377, Protocol::Tcp),
+        port(7946, Protocol::Tcp),
+        port(7946, Protocol::Udp),
+        port(4789, Protocol::Udp),
+        // The same numbers in the other protocol are nobody's.
+        port(9478, Protocol::Udp),
+        port(4789, Protocol::Tcp),
+    ]);
+    let d = desired(&m, resolve).unwrap();
+    let text: Vec<String> = d.problems.iter().map(|p| p.to_string()).collect();
+    for (p, why) in [
+        ("9478/tcp", "the mesh agents' peer port"),
+        ("2377/tcp", "Swarm's cluster management port"),
+        ("7946/tcp", "Swarm's gossip port"),
+        ("7946/udp", "Swarm's gossip port"),
+        ("4789/udp", "the swarm's data-path (VXLAN) port"),
+    ] {
+        assert!(
+            text.iter()
+                .any(|t| t.contains(&format!("\"web\": port {p} left out: {p} is {why}"))),
+            "{p}: {text:?}"
+        );
+        let (n, proto) = p.split_once('/').unwrap();
+        let proto = if proto == "tcp" { PROTO_TCP } else { PROTO_UDP };
+        assert!(
+            !d.frontends
+                .contains_key(&fe_key(0, n.parse().unwrap(), proto)),
+            "{p}"
+        );
+    }
+    assert_eq!(d.problems.len(), 5, "{text:?}");
+    for (n, proto) in [(8080, PROTO_TCP), (9478, PROTO_UDP), (4789, PROTO_TCP)] {
+        assert!(
+            d.frontends.contains_key(&fe_key(0, n, proto)),
+            "{n}/{proto}"
+        );
+    }
+    // Another data-path port and the exchange off: 4789/udp and 9478/tcp are free.
+    let d = desired_with(&m, resolve, &Claims::new(), &Reserved::new(7789, 0)).unwrap();
+    assert_eq!(d.problems.len(), 3, "{:?}", d.problems);
+    assert!(d.frontends.contains_key(&fe_key(0, 4789, PROTO_UDP)));
+    assert!(d.frontends.contains_key(&fe_key(0, 9478, PROTO_TCP)));
 }

@@ -5,17 +5,15 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use mesh_common::{
-    ct::{
-        self, CtEntry, CtKey, CtState, CT_HAIRPIN, CT_OVERLAY, CT_RETRIED, CT_REVERSE, CT_TUNNEL,
-    },
+    ct::{self, CtEntry, CtState, CT_HAIRPIN, CT_OVERLAY, CT_REVERSE, CT_TUNNEL},
     lb::BackendState,
-    proto::{IPPROTO_TCP, TCP_RST},
+    proto::TCP_RST,
     reason::Reason,
     stats::Hook,
 };
 
 use super::{
-    choose::{choose, go_to, maglev_pick_salted},
+    choose::{choose, go_to},
     client::client,
     nat::to_client,
     retry::{hold_refusal, retry_salt},
@@ -24,7 +22,7 @@ use super::{
 };
 use crate::{
     flow::{Outcome, Pkt},
-    maps::{MESH_BE_V1, MESH_CT_V1, MESH_SVC_V1},
+    maps::{MESH_BE_V1, MESH_CT_V1},
     scratch::scratch,
     stats::{count, note_backend},
 };
@@ -100,7 +98,6 @@ pub(super) fn lookup(pk: &Pkt) -> Outcome {
     }
     track_new(pk)
 }
-
 
 /// A packet of a tracked flow from the client side.
 #[inline(never)]

@@ -2869,10 +2869,38 @@ pub fn forged_vxlan(s: &Swarm) {
         dropped >= 6,
         "node 1 counted {dropped} drop_vxlan_unknown_peer for 6 datagrams from outside"
     );
+    // The outsider's forgery for the plain overlay again, cut into fragments (what a
+    // datagram over the MTU becomes): node 1's kernel would put them together for
+    // Docker's vxlan socket, which takes any sender, so the first one is checked as a
+    // whole datagram is.
+    let before = drops(s, 1, "drop_vxlan_unknown_peer");
+    let whole = forged(&plain, "fplain", "10.67.1.200", s.client_addr());
+    let in_fragments = move || {
+        for id in 0..3u16 {
+            let mut frame = vec![0u8; 12];
+            frame.extend_from_slice(&[0x08, 0x00]);
+            frame.extend_from_slice(&whole);
+            // 48 bytes after the IP header: UDP, VXLAN and the inner Ethernet header.
+            for f in mesh_tests::packets::ipv4_fragments(&frame, 0x4d00 + id, 20 + 48) {
+                s.client(|| send_raw(&f[14..]));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert!(
+        !forged_reaches(s, &plain, 5555, in_fragments),
+        "VXLAN in fragments from a host outside the swarm reached a container on fplain"
+    );
+    let fragments = drops(s, 1, "drop_vxlan_unknown_peer") - before;
+    assert!(
+        fragments >= 3,
+        "node 1 counted {fragments} drop_vxlan_unknown_peer for 3 first fragments from outside"
+    );
     println!(
         "swarm: forged VXLAN: a plain overlay's, with node 2's address, reaches its \
          container; an encrypted one's does not (Docker's rule); from an outsider's address \
-         neither ({dropped} counted drop_vxlan_unknown_peer on node 1)"
+         neither, whole or in fragments ({dropped} and {fragments} counted \
+         drop_vxlan_unknown_peer on node 1)"
     );
     for (n, c) in [(1, "fe1"), (1, "fp1"), (2, "fe2"), (2, "fp2")] {
         s.docker(n, &["rm", "-f", c]);

@@ -29,7 +29,7 @@ pub(crate) fn trace_on(
         .as_ref()
         .map(|s| s.peer_port)
         .filter(|p| *p != 0)
-        .unwrap_or(9478);
+        .unwrap_or(mesh_common::proto::PEER_PORT_DEFAULT);
     let socket = st
         .as_ref()
         .map(|s| s.docker.clone())

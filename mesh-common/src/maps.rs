@@ -45,11 +45,17 @@ pub const NODE_ADDRS: MapDef = MapDef {
     name: "MESH_NODE_V1",
     entries: 256,
 };
-/// Connection tracking, an LRU: each flow takes two entries (65,536 flows).
+/// Connection tracking, an LRU: each flow takes two entries. The object's own size
+/// (65,536 flows: tests, a bare load); the agent sizes it by `--ct-entries`
+/// ([`CONNTRACK_AGENT_ENTRIES`] by default).
 pub const CONNTRACK: MapDef = MapDef {
     name: "MESH_CT_V1",
     entries: 1 << 17,
 };
+/// The agent's conntrack size unless `--ct-entries` says otherwise: 1,048,576 flows
+/// (an LRU is allocated whole: 304 MiB of kernel memory at 72-byte entries, as bpftool
+/// reports it on 6.18).
+pub const CONNTRACK_AGENT_ENTRIES: u32 = 1 << 21;
 /// A translated first fragment's ports, for the rest of its datagram (an LRU: a record
 /// is needed for the life of one datagram).
 pub const FRAGMENTS: MapDef = MapDef {

@@ -766,7 +766,7 @@ fn netlink_filters_in_another_namespace_are_recorded_and_removed() {
             &object,
             &mesh_common::config::MeshConfig::DEFAULT,
             &pins,
-            mesh_common::maps::MAGLEV.entries,
+            mesh_agent::datapath::pins::Sizes::OBJECT,
             features,
         )
         .expect("load");
@@ -882,6 +882,86 @@ fn agent_refuses_a_pinned_layout_it_does_not_know() {
             && err.contains("--maglev-slots"),
         "one actionable line: {err}"
     );
+}
+
+/// Issue 19's conntrack sizing: `--ct-entries` sizes the map (the capacity `meshctl
+/// status` shows is the map's); a restarted agent without the flag keeps the size it
+/// finds pinned (an upgrade keeps its flows); one asking for another size while pins
+/// exist is refused with one line naming the flag.
+#[test]
+fn conntrack_is_sized_by_ct_entries_and_kept_across_restarts() {
+    let Some(object) =
+        prereq::privileged("conntrack_is_sized_by_ct_entries_and_kept_across_restarts")
+    else {
+        return;
+    };
+    let Some((agent, meshctl)) = binaries() else {
+        return;
+    };
+    use mesh_agent::model::to_yaml;
+    let topo = mesh_tests::lbtopo::LbTopo::new("cz");
+    let dir = std::env::temp_dir().join(format!("mesh-cz-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mesh.yaml");
+    std::fs::write(
+        &config,
+        to_yaml(&topo.model(&mesh_tests::lbtopo::ALL_ACTIVE)),
+    )
+    .unwrap();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-cz-{}", std::process::id()));
+    let ct = pin_dir.join(mesh_common::maps::CONNTRACK.name);
+    let pinned_entries = || -> u64 {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&ct)
+            .output()
+            .expect("run bpftool");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool -j");
+        v["max_entries"].as_u64().expect("max_entries")
+    };
+    let ns = topo.n.name().to_string();
+    let run = |extra: &[&str]| -> AgentGuard {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--config".as_ref(), config.as_os_str()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        wait_ready(spawn_agent(&topo.n, &agent, &object, &args, &pin_dir), 1)
+    };
+    let capacity =
+        || meshctl_json(&ns, &meshctl, &pin_dir, &["status"])["conntrack_capacity"].clone();
+
+    let mut g = run(&["--ct-entries", "4096"]);
+    assert_eq!(pinned_entries(), 4096);
+    assert_eq!(capacity(), 4096);
+    g.stop_child();
+    g.handed_over = true;
+    drop(g);
+    // Restarted without the flag: the pinned map, its size and its entries, adopted.
+    let mut g = run(&[]);
+    assert!(g.log().contains("adopted"), "{}", g.log());
+    assert_eq!(pinned_entries(), 4096);
+    assert_eq!(capacity(), 4096);
+    g.stop_child();
+    g.handed_over = true;
+    drop(g);
+    // Another size while the pins exist: one line, naming the flag; nothing changed.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(&agent)
+        .args(["--config".as_ref(), config.as_os_str()])
+        .args(["--ct-entries", "8192", "--bpffs"])
+        .arg(&pin_dir)
+        .env("MESH_BPF_OBJECT", &object)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("MESH_CT_V1") && err.contains("/4096 but") && err.contains("--ct-entries"),
+        "one actionable line: {err}"
+    );
+    assert_eq!(pinned_entries(), 4096);
+    uninstall(&ns, &agent, &pin_dir);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs `meshctl ARGS --bpffs DIR` in the node's namespace `ns` (where the interfaces

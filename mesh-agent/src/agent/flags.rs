@@ -90,6 +90,12 @@ pub struct Flags {
     #[arg(long, default_value_t = mesh_common::maps::MAGLEV.entries, env = "MESH_MAGLEV_SLOTS",
           value_parser = clap::value_parser!(u32).range(4096..=(1 << 28)))]
     pub maglev_slots: u32,
+    /// Conntrack entries, two per flow (an LRU, allocated whole: 152 bytes an entry).
+    /// Default 2,097,152 (1,048,576 flows, 304 MiB). Fixed while pins exist: without
+    /// this flag a restarted agent keeps the pinned map's size.
+    #[arg(long, env = "MESH_CT_ENTRIES",
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 28)))]
+    pub ct_entries: Option<u32>,
     /// Where Docker's netns directory (`<exec-root>/netns`: task sandboxes and overlay
     /// namespaces) is mounted for this agent, when not at the path Docker reports (the
     /// agent in a container: deploy/mesh-stack.yml mounts it at /run/docker-netns).

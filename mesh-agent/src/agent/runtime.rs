@@ -17,7 +17,7 @@ use crate::{
     agent::metrics::{self, AgentMetrics},
     datapath::loader,
     datapath::mesh::Mesh,
-    datapath::pins::{Hook, PinDir},
+    datapath::pins::{Hook, PinDir, Sizes},
     host::preflight,
     model,
     source::docker,
@@ -116,8 +116,15 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
         },
         ..MeshConfig::DEFAULT
     };
-    let (mut dp, adopt) =
-        loader::Datapath::load_pinned(&object, &cfg, &pins, args.maglev_slots, features)?;
+    let sizes = Sizes {
+        maglev_slots: args.maglev_slots,
+        // An upgrade keeps the conntrack it finds (and its flows) unless told otherwise.
+        ct_entries: args
+            .ct_entries
+            .or_else(|| pins.entries(mesh_common::maps::CONNTRACK.name))
+            .unwrap_or(mesh_common::maps::CONNTRACK_AGENT_ENTRIES),
+    };
+    let (mut dp, adopt) = loader::Datapath::load_pinned(&object, &cfg, &pins, sizes, features)?;
     let fallbacks = dp.features().fallbacks();
     // The datapath log's records (written only while `meshctl log on`) into this log.
     match crate::datapath::log::Reader::take(&mut dp) {

@@ -242,6 +242,21 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> MeshError {
     move |source| MeshError::Io { what, source }
 }
 
+/// The map sizes the agent chooses (flags), not the object: fixed while pins exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub maglev_slots: u32,
+    pub ct_entries: u32,
+}
+
+impl Sizes {
+    /// The object's own sizes.
+    pub const OBJECT: Sizes = Sizes {
+        maglev_slots: mesh_common::maps::MAGLEV.entries,
+        ct_entries: mesh_common::maps::CONNTRACK.entries,
+    };
+}
+
 impl PinDir {
     pub fn new(root: &Path) -> Self {
         PinDir { root: root.into() }
@@ -275,15 +290,22 @@ impl PinDir {
         std::fs::create_dir_all(&links).map_err(io(format!("creating {}", links.display())))
     }
 
+    /// The size of the map `name` pinned here, if there is one.
+    pub fn entries(&self, name: &str) -> Option<u32> {
+        MapInfo::from_pin(self.map(name))
+            .ok()
+            .map(|i| i.max_entries())
+    }
+
     /// Whether a previous agent left maps here.
     pub fn has_maps(&self) -> bool {
         PINNED_MAPS.iter().any(|m| self.map(m).exists())
     }
 
     /// Refuses maps pinned with another layout than `object` defines (another mesh
-    /// version): adopting them would misread every entry. The Maglev table's size is the
-    /// agent's `maglev_slots`, not the object's.
-    pub fn check_layout(&self, object: &[u8], maglev_slots: u32) -> Result<(), MeshError> {
+    /// version): adopting them would misread every entry. The Maglev table's and the
+    /// conntrack's sizes are the agent's (`sizes`), not the object's.
+    pub fn check_layout(&self, object: &[u8], sizes: Sizes) -> Result<(), MeshError> {
         let obj = aya_obj::Object::parse(object).map_err(|e| MeshError::Layout {
             dir: self.root.clone(),
             detail: format!("cannot parse the eBPF object: {e}"),
@@ -301,10 +323,14 @@ impl PinDir {
                 dir: self.root.clone(),
                 detail: format!("{} is not a readable map pin: {e}", path.display()),
             })?;
-            let want_entries = if *name == mesh_common::maps::MAGLEV.name {
-                maglev_slots
-            } else {
-                want.max_entries()
+            let (want_entries, or) = match *name {
+                n if n == mesh_common::maps::MAGLEV.name => {
+                    (sizes.maglev_slots, ", or another --maglev-slots")
+                }
+                n if n == mesh_common::maps::CONNTRACK.name => {
+                    (sizes.ct_entries, ", or another --ct-entries")
+                }
+                _ => (want.max_entries(), ""),
             };
             let (w, h) = (
                 (want.key_size(), want.value_size(), want_entries),
@@ -315,7 +341,7 @@ impl PinDir {
                     dir: self.root.clone(),
                     detail: format!(
                         "{name} is pinned with key/value/entries {}/{}/{} but this agent \
-                         wants {}/{}/{} (another version, or another --maglev-slots)",
+                         wants {}/{}/{} (another version{or})",
                         h.0, h.1, h.2, w.0, w.1, w.2
                     ),
                 });

@@ -16,7 +16,7 @@ use mesh_common::{
 
 use crate::{
     datapath::features::{Features, TcAttach},
-    datapath::pins::{Hook, PinDir, PINNED_MAPS},
+    datapath::pins::{Hook, PinDir, Sizes, PINNED_MAPS},
     MeshError,
 };
 
@@ -83,7 +83,13 @@ impl Datapath {
     /// this kernel lacks, [`Features::detect`]), and loads every program into the kernel
     /// (which runs the verifier on each).
     pub fn load(object: &Path, cfg: &MeshConfig) -> Result<Self, MeshError> {
-        Self::load_with(object, cfg, None, None, Features::detect(TcAttach::Auto)?)
+        Self::load_with(
+            object,
+            cfg,
+            None,
+            Sizes::OBJECT,
+            Features::detect(TcAttach::Auto)?,
+        )
     }
 
     /// As [`Datapath::load`], with room for `maglev_slots` Maglev slots in all (the
@@ -97,7 +103,10 @@ impl Datapath {
             object,
             cfg,
             None,
-            Some(maglev_slots),
+            Sizes {
+                maglev_slots,
+                ..Sizes::OBJECT
+            },
             Features::detect(TcAttach::Auto)?,
         )
     }
@@ -113,14 +122,15 @@ impl Datapath {
     }
 
     /// Loads as [`Datapath::load`], with the maps pinned in `pins`: maps already pinned
-    /// there (by an agent that is gone) are adopted as they are, after a layout check;
-    /// the others are created and pinned. TC programs are attached as `features` says
-    /// (tcx links, or netlink filters). Returns whether anything was adopted.
+    /// there (by an agent that is gone) are adopted as they are, after a layout check
+    /// (against `sizes` for the maps the agent sizes); the others are created at `sizes`
+    /// and pinned. TC programs are attached as `features` says (tcx links, or netlink
+    /// filters). Returns whether anything was adopted.
     pub fn load_pinned(
         object: &Path,
         cfg: &MeshConfig,
         pins: &PinDir,
-        maglev_slots: u32,
+        sizes: Sizes,
         features: Features,
     ) -> Result<(Self, bool), MeshError> {
         let bytes = std::fs::read(object).map_err(|source| MeshError::Io {
@@ -129,11 +139,11 @@ impl Datapath {
         })?;
         let adopted = pins.has_maps();
         if adopted {
-            pins.check_layout(&bytes, maglev_slots)?;
+            pins.check_layout(&bytes, sizes)?;
         }
         pins.create()?;
         Ok((
-            Self::load_with(object, cfg, Some(pins), Some(maglev_slots), features)?,
+            Self::load_with(object, cfg, Some(pins), sizes, features)?,
             adopted,
         ))
     }
@@ -142,7 +152,7 @@ impl Datapath {
         object: &Path,
         cfg: &MeshConfig,
         pins: Option<&PinDir>,
-        maglev_slots: Option<u32>,
+        sizes: Sizes,
         features: Features,
     ) -> Result<Self, MeshError> {
         log_fallbacks(&features);
@@ -154,9 +164,8 @@ impl Datapath {
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(CONFIG_GLOBAL, &cfg, true);
-        if let Some(n) = maglev_slots {
-            loader.map_max_entries(mesh_common::maps::MAGLEV.name, n);
-        }
+        loader.map_max_entries(mesh_common::maps::MAGLEV.name, sizes.maglev_slots);
+        loader.map_max_entries(mesh_common::maps::CONNTRACK.name, sizes.ct_entries);
         if let Some(pins) = pins {
             for m in PINNED_MAPS {
                 loader.map_pin_path(m, pins.map(m));

@@ -209,7 +209,9 @@ fn trace_err(what: impl Into<String>) -> MeshError {
 /// Traces a client's first packet `from` -> `to` through this node's program for it (the
 /// underlay's; a task's overlay veth's for a VIP on Docker's overlay), in the mesh pinned
 /// at `bpffs` whose agent keeps its state in `state_dir`; the conntrack entries the run
-/// makes are removed.
+/// makes are removed. The maps are read before the run to explain it: when the agent
+/// rewrote the service's table in between (the program chose another backend than the
+/// table read names), the trace is taken again, up to three times.
 pub fn run(
     state_dir: &Path,
     bpffs: &Path,
@@ -217,6 +219,25 @@ pub fn run(
     to: SocketAddrV4,
     proto: crate::model::Protocol,
 ) -> Result<Report, MeshError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (report, agrees) = run_once(state_dir, bpffs, from, to, proto)?;
+        if agrees || tries == 3 {
+            return Ok(report);
+        }
+    }
+}
+
+/// One trace: the report, and whether the program's choice is the one the maps read
+/// before it name (`false`: they changed during the run).
+fn run_once(
+    state_dir: &Path,
+    bpffs: &Path,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    proto: crate::model::Protocol,
+) -> Result<(Report, bool), MeshError> {
     use crate::{ctl::inspect, datapath::pins::Hook, datapath::pins::PinDir, host::preflight};
     use mesh_common::{
         ct::{CtKey, CT_HAIRPIN},
@@ -304,6 +325,8 @@ pub fn run(
     // real flow's, on the same tuple, or sharing the reply tuple) gets its old value back.
     // (Real traffic on those very tuples during the run itself can still be disturbed.)
     let mut removed = 0;
+    // The backend the program gave a new flow (its conntrack entry says).
+    let mut ran_backend = None;
     {
         use aya::maps::{HashMap, Map, MapData};
         let err = |source| MeshError::Map {
@@ -314,6 +337,7 @@ pub fn run(
         let mut ct: HashMap<MapData, CtKey, mesh_common::ct::CtEntry> =
             HashMap::try_from(Map::LruHashMap(data)).map_err(err)?;
         if let Ok(e) = ct.get(&key, 0) {
+            ran_backend = Some(e.backend_id);
             let client = if e.flags & CT_HAIRPIN != 0 {
                 e.hairpin_addr
             } else {
@@ -362,7 +386,9 @@ pub fn run(
     } else {
         "no frontend: not the mesh's".to_string()
     };
-    Ok(Report {
+    let agrees =
+        tracked.is_some() || ran_backend.is_none() || maglev.map(|(_, _, id)| id) == ran_backend;
+    let report = Report {
         packet: serde_json::json!({
             "from": from.to_string(), "to": to.to_string(),
             "proto": format!("{proto:?}").to_lowercase(),
@@ -387,7 +413,8 @@ pub fn run(
         backend: tracked_backend.or(chosen).cloned(),
         output,
         conntrack_entries_removed: removed,
-    })
+    };
+    Ok((report, agrees))
 }
 
 impl Report {

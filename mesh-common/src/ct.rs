@@ -379,4 +379,62 @@ mod tests {
         assert!(!reopens(CtState::Established, TCP_SYN));
         assert!(!reopens(CtState::Closed, TCP_SYN | TCP_ACK));
     }
+
+    /// Issue 19's property test of the state machine: seeded random flag sequences from
+    /// every first packet. UDP stays UDP; an RST always closes; a FIN always closes
+    /// (unless an RST comes with it); a closing or closed flow never comes back through
+    /// `advance` (only a new SYN reopens it, as a new flow); nothing but an ACK leaves
+    /// the handshake forward; a closing or closed flow never outlives an open one's
+    /// timeouts; expiry is monotone in time; retries and refusals only in the handshake.
+    #[test]
+    fn random_flag_sequences_keep_the_state_machine_rules() {
+        let mut seed = 0x6d65_7368_0019_u64;
+        let mut next = move || {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let rank = |s: CtState| match s {
+            CtState::SynSent | CtState::Established | CtState::Udp => 0,
+            CtState::FinSeen => 1,
+            CtState::Closed => 2,
+        };
+        for _ in 0..20_000 {
+            let proto = if next() % 4 == 0 {
+                IPPROTO_UDP
+            } else {
+                IPPROTO_TCP
+            };
+            let flags = (next() & 0x3f) as u8;
+            let mut s = initial(proto, flags);
+            let idle = 1 + (next() % 100_000) as u32;
+            for _ in 0..(next() % 12) {
+                let f = (next() & 0x3f) as u8;
+                let t = advance(s, f);
+                if s == CtState::Udp {
+                    assert_eq!(t, CtState::Udp);
+                } else if f & TCP_RST != 0 {
+                    assert_eq!(t, CtState::Closed, "{s:?} + {f:#x}");
+                } else if f & TCP_FIN != 0 {
+                    assert_eq!(t, CtState::FinSeen, "{s:?} + {f:#x}");
+                } else {
+                    assert!(rank(t) >= rank(s), "{s:?} + {f:#x} -> {t:?}: came back");
+                    if s == CtState::SynSent && t != s {
+                        assert!(f & TCP_ACK != 0 && t == CtState::Established, "{f:#x}");
+                    }
+                }
+                assert!(!refused(t, f) || t == CtState::SynSent);
+                assert!(!syn_retried(t, f, 0, u64::MAX) || t == CtState::SynSent);
+                assert!(!reopens(t, f) || rank(t) > 0);
+                if rank(t) > 0 {
+                    assert!(timeout_s(t, idle) <= FIN_TIMEOUT_S.max(CLOSED_TIMEOUT_S));
+                }
+                let (a, b) = (next() % (200 * S), next() % (200 * S));
+                let (early, late) = (a.min(b), a.max(b));
+                assert!(!expired(t, idle, 0, early) || expired(t, idle, 0, late));
+                s = t;
+            }
+        }
+    }
 }

@@ -459,6 +459,98 @@ pub fn alt_port() -> Vec<Fixture> {
     ]
 }
 
+/// A frame derived from a fixture by `mutants`: where it came from and what was done.
+pub struct Mutant {
+    pub origin: &'static str,
+    pub how: String,
+    pub packet: Vec<u8>,
+}
+
+/// xorshift64*: a fixed seed gives the same frames on every machine and kernel.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// `per` frames from each fixture of `table`, seeded by `seed`: header bytes set at
+/// random, truncations, IPv4 fragment fields, and datagrams turned into VXLAN on the
+/// data-path port (with a header that is sometimes well-formed, sometimes not). Every
+/// frame keeps its Ethernet header (14 bytes).
+pub fn mutants(table: &[Fixture], per: usize, seed: u64) -> Vec<Mutant> {
+    let mut rng = Rng(seed | 1);
+    let mut out = Vec::new();
+    for fx in table {
+        for _ in 0..per {
+            let mut p = fx.packet.clone();
+            // Where an IPv4 header's options end (past the frame when there is none).
+            let l4 = p
+                .get(L3)
+                .map_or(usize::MAX / 2, |b| L3 + ((b & 0x0f) as usize) * 4);
+            let how = match rng.below(4) {
+                0 => {
+                    let n = 1 + rng.below(3);
+                    let mut at = Vec::new();
+                    for _ in 0..n {
+                        let i = rng.below(p.len().min(96));
+                        p[i] = rng.next() as u8;
+                        at.push(i);
+                    }
+                    format!("bytes {at:?} set")
+                }
+                1 if p.len() > L3 => {
+                    let len = L3 + rng.below(p.len() - L3);
+                    p.truncate(len);
+                    format!("cut to {len} bytes")
+                }
+                2 if p.len() >= l4 && p.len() >= L4 && p[12..14] == [0x08, 0x00] => {
+                    let v = (rng.next() as u16) & 0x3fff;
+                    set_be16(&mut p, L3 + 6, v);
+                    ipv4_fix_csum(&mut p, L3);
+                    format!("flags/offset {v:#06x}")
+                }
+                3 if p.len() >= l4 + 8
+                    && p.len() >= L4 + 8
+                    && p[12..14] == [0x08, 0x00]
+                    && p[L3 + 9] == 17 =>
+                {
+                    set_be16(&mut p, l4 + 2, VXLAN);
+                    let h = l4 + 8;
+                    if p.len() >= h + 8 {
+                        let hdr: [u8; 8] = if rng.below(2) == 0 {
+                            [0x08, 0, 0, 0, rng.next() as u8, rng.next() as u8, 1, 0]
+                        } else {
+                            (rng.next()).to_be_bytes()
+                        };
+                        p[h..h + 8].copy_from_slice(&hdr);
+                    }
+                    "to the data-path port".to_string()
+                }
+                _ => {
+                    let i = rng.below(p.len());
+                    p[i] ^= 0xff;
+                    format!("byte {i} inverted")
+                }
+            };
+            out.push(Mutant {
+                origin: fx.name,
+                how,
+                packet: p,
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     //! Tier 1: the table against the pure parser, no root needed.

@@ -135,6 +135,19 @@ fn start_config_agent(
     object: &Path,
     tag: &str,
 ) -> (AgentGuard, PathBuf) {
+    let config = model_file(topo, tag);
+    let guard = start_agent(
+        &topo.n,
+        agent,
+        object,
+        &["--config".as_ref(), config.as_os_str()],
+        tag,
+    );
+    (guard, config)
+}
+
+/// A model file of `topo` with all three tasks active, in a directory of the test's.
+fn model_file(topo: &mesh_tests::lbtopo::LbTopo, tag: &str) -> PathBuf {
     use mesh_agent::model::to_yaml;
     let dir = std::env::temp_dir().join(format!("mesh-{tag}-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -144,14 +157,7 @@ fn start_config_agent(
         to_yaml(&topo.model(&mesh_tests::lbtopo::ALL_ACTIVE)),
     )
     .unwrap();
-    let guard = start_agent(
-        &topo.n,
-        agent,
-        object,
-        &["--config".as_ref(), config.as_os_str()],
-        tag,
-    );
-    (guard, config)
+    config
 }
 
 fn spawn_agent(
@@ -898,16 +904,8 @@ fn conntrack_is_sized_by_ct_entries_and_kept_across_restarts() {
     let Some((agent, meshctl)) = binaries() else {
         return;
     };
-    use mesh_agent::model::to_yaml;
     let topo = mesh_tests::lbtopo::LbTopo::new("cz");
-    let dir = std::env::temp_dir().join(format!("mesh-cz-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("mesh.yaml");
-    std::fs::write(
-        &config,
-        to_yaml(&topo.model(&mesh_tests::lbtopo::ALL_ACTIVE)),
-    )
-    .unwrap();
+    let config = model_file(&topo, "cz");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-cz-{}", std::process::id()));
     let ct = pin_dir.join(mesh_common::maps::CONNTRACK.name);
     let pinned_entries = || -> u64 {
@@ -961,7 +959,7 @@ fn conntrack_is_sized_by_ct_entries_and_kept_across_restarts() {
     );
     assert_eq!(pinned_entries(), 4096);
     uninstall(&ns, &agent, &pin_dir);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }
 
 /// Runs `meshctl ARGS --bpffs DIR` in the node's namespace `ns` (where the interfaces

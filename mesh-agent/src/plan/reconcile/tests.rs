@@ -374,3 +374,106 @@ fn adopting_without_names_replaces_groups_and_never_reuses_ids() {
         Some("10.0.1.4:80")
     );
 }
+
+/// Issue 19's planner property test: seeded random sequences of models (services coming
+/// and going, backends joining, draining and leaving, some steps too big for a small
+/// Maglev table), each planned and applied write by write. After every write every
+/// frontend resolves to a live backend or to none; a step that does not fit is an error
+/// that records nothing; after every step a second plan has nothing to do, and each
+/// service's flows land only on its active backends (none when it has none), a removed
+/// service's on nothing.
+#[test]
+fn random_model_sequences_keep_the_maps_consistent() {
+    let mut seed = 0x6d65_7368_0019_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    };
+    let slots = 1 << 13;
+    let mut r = Reconciler::new(slots);
+    let mut maps = MemMaps::new(slots);
+    let mut prev = desired(&from_yaml("node_addrs: [192.168.1.10]\n").unwrap(), resolve).unwrap();
+    let (mut applied, mut refused, mut writes) = (0, 0, 0);
+    for step in 0..300 {
+        // Up to 5 services, each up to 5 of 8 task addresses, active or draining.
+        let mut y = String::from("node_addrs: [192.168.1.10]\nservices:\n");
+        let mut want: Vec<(u16, Vec<String>)> = Vec::new();
+        for s in 0..5u16 {
+            if next(3) == 0 {
+                continue;
+            }
+            let port = 8000 + s;
+            y.push_str(&format!(
+                "  - name: svc{s}\n    ports: [{{published: {port}, target: 80}}]\n    backends:\n"
+            ));
+            let mut active = Vec::new();
+            for b in 0..8u64 {
+                if next(8) < 3 {
+                    let state = if next(4) == 0 { "draining" } else { ACTIVE };
+                    y.push_str(&format!(
+                        "      - {{addr: 10.0.1.{}, state: {state}}}\n",
+                        4 + b
+                    ));
+                    if state == ACTIVE {
+                        active.push(format!("10.0.1.{}:80", 4 + b));
+                    }
+                }
+            }
+            if !y.ends_with("backends:\n") {
+                want.push((port, active));
+            } else {
+                y.push_str("      []\n");
+                want.push((port, Vec::new()));
+            }
+        }
+        y.push_str("endpoints:\n");
+        for b in 0..8 {
+            y.push_str(&format!(
+                "  - {{addr: 10.0.1.{}, interface: v{b}, mac: \"02:42:00:00:00:01\"}}\n",
+                4 + b
+            ));
+        }
+        let d = desired(&from_yaml(&y).unwrap(), resolve).unwrap();
+        let ops = match r.plan(&d) {
+            Ok(ops) => ops,
+            Err(PlanError::MaglevFull { .. }) => {
+                refused += 1;
+                assert_eq!(
+                    r.plan(&prev).unwrap(),
+                    vec![],
+                    "step {step}: recorded nothing"
+                );
+                continue;
+            }
+            Err(e) => panic!("step {step}: {e}"),
+        };
+        writes += ops.iter().map(Op::writes).sum::<usize>();
+        apply_checked(&mut maps, &ops);
+        assert_eq!(r.plan(&d).unwrap(), vec![], "step {step}: a second plan");
+        for port in 8000..8005u16 {
+            let active = want.iter().find(|(p, _)| *p == port).map(|(_, a)| a);
+            for sport in 0..60u16 {
+                let got = maps.lookup([192, 168, 1, 10], port, 6, [1, 2, 3, 4], 1000 + sport);
+                match (active, &got) {
+                    (Some(a), Some(b)) => {
+                        assert!(a.contains(b), "step {step}: {port} -> {b}, not in {a:?}")
+                    }
+                    (Some(a), None) => {
+                        assert!(a.is_empty(), "step {step}: {port} -> none, with {a:?}")
+                    }
+                    (None, Some(b)) => panic!("step {step}: {port} (removed) -> {b}"),
+                    (None, None) => {}
+                }
+            }
+        }
+        prev = d;
+        applied += 1;
+    }
+    assert!(
+        applied > 100 && refused > 10,
+        "{applied} applied, {refused} refused"
+    );
+    println!("planner: 300 random steps, {applied} applied ({writes} writes, each checked), {refused} refused as too big, nothing recorded");
+}

@@ -205,9 +205,10 @@ pub fn admit(
                 a: other.into(),
                 b: svc.name.clone(),
             };
-            if let Some(why) = p.published.and_then(|pp| reserved.why(pp, p.protocol)) {
+            let reserved_why = |pp| Some((pp, reserved.why(pp, p.protocol)?));
+            if let Some((port, why)) = p.published.and_then(reserved_why) {
                 let e = ModelError::ReservedPort {
-                    port: p.published.unwrap_or_default(),
+                    port,
                     proto: p.protocol.name(),
                     why,
                 };

@@ -9,6 +9,7 @@ mod cmd;
 mod demo;
 mod engines;
 mod fresh;
+mod fuzz;
 mod image;
 mod kernels;
 mod setup;
@@ -52,6 +53,9 @@ enum Cmd {
     Kernels(kernels::Kernels),
     /// README's setup and build on a fresh Debian 12 root (debootstrap, rustup bound in).
     FreshRoot(fresh::FreshRoot),
+    /// Coverage-guided fuzzing (libFuzzer, cargo-fuzz) of the packet parser, the peer
+    /// report decoder and the model file; fails on a finding, keeping its input.
+    Fuzz(fuzz::Fuzz),
 }
 
 fn main() {
@@ -67,6 +71,7 @@ fn main() {
         Cmd::Demo => demo::run(),
         Cmd::Bench(b) => bench::run(b),
         Cmd::FreshRoot(f) => fresh::run(f),
+        Cmd::Fuzz(f) => fuzz::run(f),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

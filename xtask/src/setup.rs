@@ -30,6 +30,8 @@ const TOOL_PKGS: &[&str] = &[
     // (xz-compressed) unpacked into their initramfs.
     "qemu-system-x86",
     "xz-utils",
+    // `cargo xtask fuzz`: libfuzzer-sys builds libFuzzer, C++.
+    "g++",
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -46,6 +48,7 @@ pub fn run() -> anyhow::Result<()> {
     pkgs.extend_from_slice(TOOL_PKGS);
     apt_install(&pkgs)?;
     bpf_linker(llvm)?;
+    cargo_fuzz()?;
     mount_bpffs()?;
     println!("setup: done");
     Ok(())
@@ -87,17 +90,40 @@ pub fn llvm_major() -> anyhow::Result<u32> {
         .with_context(|| format!("unreadable LLVM version {line:?}"))
 }
 
+/// Whether `cargo_bin_dir()/<command>` answers `version_args` with `version`; says so,
+/// or says it replaces another version.
+fn cargo_installed(command: &str, version_args: &[&str], version: &str) -> bool {
+    let bin = cargo_bin_dir().join(command);
+    let Ok(v) = output(Command::new(&bin).args(version_args)) else {
+        return false;
+    };
+    if v.contains(version) {
+        println!("setup: {command} {version} present at {}", bin.display());
+        return true;
+    }
+    println!("setup: replacing {} ({})", bin.display(), v.trim());
+    false
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let v = crate::fuzz::CARGO_FUZZ_VERSION;
+    if cargo_installed("cargo-fuzz", &["fuzz", "--version"], v) {
+        return Ok(());
+    }
+    println!("setup: building cargo-fuzz {v} (about a minute on 2 cores)");
+    exec(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "--force",
+        "cargo-fuzz",
+        "--version",
+        v,
+    ]))
+}
+
 fn bpf_linker(llvm: u32) -> anyhow::Result<()> {
-    let bin = cargo_bin_dir().join("bpf-linker");
-    if let Ok(v) = output(Command::new(&bin).arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            println!(
-                "setup: bpf-linker {BPF_LINKER_VERSION} present at {}",
-                bin.display()
-            );
-            return Ok(());
-        }
-        println!("setup: replacing {} ({})", bin.display(), v.trim());
+    if cargo_installed("bpf-linker", &["--version"], BPF_LINKER_VERSION) {
+        return Ok(());
     }
     println!(
         "setup: building bpf-linker {BPF_LINKER_VERSION} against llvm-{llvm} (a few minutes on 2 cores)"

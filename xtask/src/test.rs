@@ -78,6 +78,8 @@ pub fn run() -> anyhow::Result<()> {
         object.as_deref(),
         &mut summary,
     )?;
+    println!("\n== tier 1: coverage-guided fuzzing, a short run of each target ==");
+    fuzz_briefly(&mut summary)?;
     println!("\n== tier 2: fixture tables through BPF_PROG_TEST_RUN ==");
     cargo_test(
         &[
@@ -172,6 +174,26 @@ pub fn run() -> anyhow::Result<()> {
 
 /// Runs `cargo test ARGS -- TEST_ARGS`, streaming its output and keeping the lines
 /// worth repeating in the summary (results, skips, fixture and traffic reports).
+/// Seconds per fuzz target in `cargo xtask test` (`cargo xtask fuzz` runs longer).
+const FUZZ_SECONDS: u64 = 20;
+
+/// A short run of every fuzz target (none when cargo-fuzz is missing and setup did not
+/// run: without root, outside CI).
+fn fuzz_briefly(summary: &mut Vec<String>) -> anyhow::Result<()> {
+    if !cmd::is_root() && !cmd::in_ci() {
+        println!("test: not root: setup did not install cargo-fuzz; fuzzing skipped");
+        summary.push("  SKIP fuzz: not root (setup installs cargo-fuzz)".into());
+        return Ok(());
+    }
+    crate::fuzz::build()?;
+    for t in crate::fuzz::TARGETS {
+        let run = crate::fuzz::fuzz(t, std::time::Duration::from_secs(FUZZ_SECONDS))?;
+        println!("{run}");
+        summary.push(format!("  {run}"));
+    }
+    Ok(())
+}
+
 fn cargo_test(
     args: &[&str],
     test_args: &[&str],

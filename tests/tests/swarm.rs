@@ -186,6 +186,7 @@ fn three_node_phases(s: &mut Swarm) {
     updates_under_load(s);
     unhealthy_out_within_2s(s);
     kill_agent_under_load(s, 2);
+    drain_across_an_agent_restart(s);
     drain_under_load(s);
     host_mode(s);
     from_the_node(s);
@@ -631,6 +632,80 @@ fn kill_agent_under_load(s: &mut Swarm, node: u32) {
         "swarm: kill -9 of node {node}'s agent under load, 2 s without it, restart: {n} \
          requests, 0 failed"
     );
+}
+
+/// The backends of `service` in node `n`'s maps: address -> state.
+fn backends(s: &Swarm, n: u32, service: &str) -> BTreeMap<String, String> {
+    let (code, out, err) = s.meshctl(n, &["services", "--json"]);
+    assert_eq!(code, 0, "node {n}: meshctl services: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["name"] == service)
+        .flat_map(|x| x["backends"].as_array().unwrap())
+        .map(|b| {
+            (
+                b["addr"].as_str().unwrap().to_string(),
+                b["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A task that left the swarm's view drains for the agents' grace period (10 s) on
+/// every node; an agent restarted in the middle of it finishes the drain (its state
+/// directory keeps what is draining, since when) instead of removing the backend, and
+/// resetting its flows, on its first apply.
+fn drain_across_an_agent_restart(s: &mut Swarm) {
+    create_httpd(s, &["--name", "dr", "--replicas", "3", "-p", "8099:80"]);
+    s.wait_running("dr", 3, Duration::from_secs(60));
+    let group = "dr/tcp/8099";
+    conformance::eventually("node 1: 3 dr backends", Duration::from_secs(30), || {
+        (backends(s, 1, group)
+            .values()
+            .filter(|st| *st == "active")
+            .count()
+            == 3)
+            .then_some(())
+    });
+    s.docker(1, &["service", "scale", "-d", "dr=2"]);
+    let file = "/run/mesh/mesh-mc-n1.draining.json";
+    let victim = conformance::eventually(
+        "node 1's agent recording a dr task's drain",
+        Duration::from_secs(40),
+        || {
+            let out = s.cli(&["cluster", "exec", "1", "--", "cat", file]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v.as_array()?
+                .iter()
+                .find(|d| d["service"] == "dr")
+                .and_then(|d| d["backend"]["addr"].as_str().map(String::from))
+        },
+    );
+    let began = Instant::now();
+    s.agent(1, "kill");
+    s.agent(1, "start");
+    let after = backends(s, 1, group);
+    let restarted = began.elapsed();
+    assert_eq!(
+        after.get(&victim).map(String::as_str),
+        Some("draining"),
+        "node 1's agent, restarted {:.1} s into {victim}'s drain, did not keep it draining: {after:?}",
+        restarted.as_secs_f64()
+    );
+    conformance::eventually(
+        &format!("{victim}'s drain to end on node 1"),
+        Duration::from_secs(20),
+        || (!backends(s, 1, group).contains_key(&victim)).then_some(()),
+    );
+    println!(
+        "swarm: node 1's agent killed and restarted {:.1} s into {victim}'s drain kept it \
+         draining; its backend left {:.1} s after the drain was recorded",
+        restarted.as_secs_f64(),
+        began.elapsed().as_secs_f64()
+    );
+    s.docker(1, &["service", "rm", "dr"]);
 }
 
 /// Drain a node under load: its tasks move, traffic follows.

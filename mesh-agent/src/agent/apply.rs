@@ -193,10 +193,7 @@ impl Agent {
         self.status.events = m.events;
         // Best effort: a status file that cannot be written costs only meshctl's view.
         if let Ok(text) = serde_json::to_vec(&self.status) {
-            let tmp = self.status_file.with_extension("tmp");
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, &self.status_file);
-            }
+            let _ = crate::agent::state::write_atomic(&self.status_file, &text);
         }
         if let Some(at) = event {
             let lag = SystemTime::now().duration_since(at).unwrap_or_default();

@@ -55,11 +55,9 @@ pub fn run(args: Flags) -> anyhow::Result<()> {
     if args.uninstall {
         pins.remove_all()?;
         crate::host::hostport::remove_device()?;
-        let _ = std::fs::remove_file(names_file(&args));
-        let _ = std::fs::remove_file(crate::agent::state::status_path(
-            &args.state_dir,
-            &args.bpffs,
-        ));
+        for f in crate::agent::state::all_paths(&args.state_dir, &args.bpffs) {
+            let _ = std::fs::remove_file(f);
+        }
         // The state directory goes too if nothing else is in it.
         let _ = std::fs::remove_dir(&args.state_dir);
         eprintln!(

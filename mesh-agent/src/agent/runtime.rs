@@ -57,6 +57,10 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
     // `meshctl doctor --fix`: the maps drifted from what this agent wrote; re-read them.
     let mut sigusr1 = signal(SignalKind::user_defined1())?;
 
+    // Drains an earlier agent began (a restart, an upgrade) are finished, not cut.
+    let (mut drain_file, drains) = crate::agent::state::DrainFile::open(
+        crate::agent::state::draining_path(&args.state_dir, &args.bpffs),
+    );
     let (mut source, model) = match (&args.config, args.from_docker) {
         (Some(p), _) => (None, read_model(p)?),
         (None, true) => {
@@ -66,6 +70,7 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
                 args.warmup_ms,
                 args.peer_port,
                 args.docker_netns.clone(),
+                drains,
             )
             .await;
             (Some(s), m)
@@ -355,6 +360,7 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
             // A Docker hiccup is reported and the running state kept.
             let r = match src.model().await {
                 Ok(m) => {
+                    drain_file.save(&src.drain.draining(Instant::now(), SystemTime::now()));
                     agent.docker_netns = Some(src.netns_dir());
                     agent.apply(&m, event)
                 }

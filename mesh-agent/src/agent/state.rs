@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::Serialize;
 
-use crate::plan::Names;
+use crate::{plan::Names, source::swarm::Draining};
 
 /// Where the agent keeps the names the maps cannot hold, for a mesh pinned at `bpffs`.
 pub fn names_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
@@ -16,6 +16,77 @@ pub fn names_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
 /// Where the agent says how it is doing (rewritten after every reconcile).
 pub fn status_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
     state_file(state_dir, bpffs, "status")
+}
+
+/// Where the agent keeps the backends draining because they left (so that a restarted
+/// agent finishes their drains).
+pub fn draining_path(state_dir: &Path, bpffs: &Path) -> std::path::PathBuf {
+    state_file(state_dir, bpffs, "draining")
+}
+
+/// Every file of the state directory for the mesh pinned at `bpffs` (`--uninstall`
+/// removes them).
+pub fn all_paths(state_dir: &Path, bpffs: &Path) -> [std::path::PathBuf; 3] {
+    [
+        names_path(state_dir, bpffs),
+        status_path(state_dir, bpffs),
+        draining_path(state_dir, bpffs),
+    ]
+}
+
+/// Writes `bytes` to `path` whole or not at all (write beside it, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The drains in progress, as the state directory keeps them: read once at start,
+/// written when the set of draining backends changes.
+pub struct DrainFile {
+    path: std::path::PathBuf,
+    written: Option<Vec<(String, std::net::Ipv4Addr)>>,
+}
+
+impl DrainFile {
+    /// The file at `path` and the drains it holds (none when it is missing or unreadable:
+    /// a drain then ends early, as before the file existed).
+    pub fn open(path: std::path::PathBuf) -> (Self, Vec<Draining>) {
+        let drains = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        (
+            DrainFile {
+                path,
+                written: None,
+            },
+            drains,
+        )
+    }
+
+    /// Records `drains` if they are not the ones last written. Best effort: a file that
+    /// cannot be written costs only a restart's drains, and is said once per change.
+    pub fn save(&mut self, drains: &[Draining]) {
+        let keys: Vec<_> = drains
+            .iter()
+            .map(|d| (d.service.clone(), d.backend.addr))
+            .collect();
+        if self.written.as_ref() == Some(&keys) {
+            return;
+        }
+        let json = serde_json::to_vec(drains).expect("drains serialize");
+        if let Err(e) = write_atomic(&self.path, &json) {
+            tracing::warn!(
+                "could not record the drains in {}: {e}",
+                self.path.display()
+            );
+        }
+        self.written = Some(keys);
+    }
 }
 
 fn state_file(state_dir: &Path, bpffs: &Path, what: &str) -> std::path::PathBuf {

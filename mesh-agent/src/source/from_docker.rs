@@ -257,17 +257,17 @@ pub async fn first_docker_model(
     warmup_ms: u64,
     peer_port: u16,
     netns_dir: Option<PathBuf>,
+    resume: Vec<swarm::Draining>,
 ) -> (DockerSource, model::Model) {
     let mut wait = Duration::from_millis(500);
     loop {
         let attempt = async {
             let docker = docker::connect(socket).await?;
-            let mut src = DockerSource::new(
-                docker,
-                swarm::DrainTracker::new(drain).with_warmup(Duration::from_millis(warmup_ms)),
-                peer_port,
-            )
-            .with_netns_dir(netns_dir.clone());
+            let mut tracker =
+                swarm::DrainTracker::new(drain).with_warmup(Duration::from_millis(warmup_ms));
+            tracker.resume(resume.clone(), Instant::now(), std::time::SystemTime::now());
+            let mut src =
+                DockerSource::new(docker, tracker, peer_port).with_netns_dir(netns_dir.clone());
             let m = src.model().await?;
             anyhow::Ok((src, m))
         };

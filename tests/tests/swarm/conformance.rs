@@ -55,7 +55,7 @@ fn global_caller(s: &Swarm, name: &str, network: &str) {
 }
 
 /// Retries `f` until it returns `Some`, for at most `within`; panics with `what`.
-fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let t0 = Instant::now();
     loop {
         if let Some(v) = f() {

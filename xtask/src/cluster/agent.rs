@@ -115,7 +115,7 @@ fn agent_pins(n: u32) -> String {
 /// `cluster agent` starts keep and the demo's stack is given.
 pub const AGENT_STATE_DIR: &str = "/run/mesh";
 
-/// Node `n`'s agent state file `what` (`names` or `status`):
+/// Node `n`'s agent state file `what` (`names`, `status` or `draining`):
 /// `<state dir>/<pins' name>.<what>.json`, the rule of mesh-agent's
 /// `inspect::names_path` and `inspect::status_path`, repeated here once because xtask
 /// does not link mesh-agent.
@@ -144,8 +144,9 @@ pub(super) fn uninstall_agent(n: u32) {
     if !ok {
         // No agent binary at hand: the pins are ours all the same.
         let _ = std::fs::remove_dir_all(&pins);
-        let _ = std::fs::remove_file(agent_state_file(n, "names"));
-        let _ = std::fs::remove_file(agent_state_file(n, "status"));
+        for what in ["names", "status", "draining"] {
+            let _ = std::fs::remove_file(agent_state_file(n, what));
+        }
     }
 }
 

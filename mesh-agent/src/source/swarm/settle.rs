@@ -71,6 +71,17 @@ pub struct DrainTracker {
 /// than sending them to a task that is, at worst, on its way out.
 const EMPTY_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A backend that left its service's view and is draining: what an agent leaves in its
+/// state directory so that a restarted one finishes the drain rather than removing the
+/// backend (and resetting its flows) on its first apply.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Draining {
+    pub service: String,
+    pub backend: BackendSpec,
+    /// When it left, in seconds since the Unix epoch (the one clock two processes share).
+    pub gone_unix: f64,
+}
+
 #[derive(Clone, Debug)]
 struct Seen {
     spec: BackendSpec,
@@ -90,6 +101,57 @@ impl DrainTracker {
     pub fn with_warmup(mut self, warmup: std::time::Duration) -> Self {
         self.warmup = warmup;
         self
+    }
+
+    /// The backends draining because they left, by service and address; `now` and
+    /// `wall` are the same moment by the monotonic clock and the wall clock.
+    pub fn draining(&self, now: std::time::Instant, wall: std::time::SystemTime) -> Vec<Draining> {
+        let epoch = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.seen
+            .iter()
+            .filter_map(|((service, _), seen)| {
+                let ago = now.saturating_duration_since(seen.gone?).as_secs_f64();
+                Some(Draining {
+                    service: service.clone(),
+                    backend: seen.spec.clone(),
+                    gone_unix: epoch - ago,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes up the drains an earlier agent began (before the first [`Self::apply`]):
+    /// each backend drains for what is left of its grace period. A clock that went
+    /// back counts as no time passed.
+    pub fn resume(
+        &mut self,
+        drains: Vec<Draining>,
+        now: std::time::Instant,
+        wall: std::time::SystemTime,
+    ) {
+        let epoch = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        for d in drains {
+            let ago =
+                std::time::Duration::try_from_secs_f64(epoch - d.gone_unix).unwrap_or_default();
+            if ago >= self.grace {
+                continue;
+            }
+            let gone = now.checked_sub(ago).unwrap_or(now);
+            self.seen.insert(
+                (d.service, d.backend.addr),
+                Seen {
+                    spec: d.backend,
+                    since: None,
+                    gone: Some(gone),
+                },
+            );
+        }
     }
 
     /// Adds to `model` the backends of its services that left less than the grace

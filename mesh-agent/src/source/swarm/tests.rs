@@ -460,6 +460,49 @@ fn a_vanished_task_drains_for_the_grace_period() {
     assert_eq!(web(&m).backends.len(), 1);
 }
 
+/// An agent restarted in the middle of a drain (a new tracker, resumed from what the
+/// old one left in the state directory) keeps the backend draining for the rest of the
+/// grace period, not for none of it (its flows would be reset) nor for a whole new one.
+#[test]
+fn a_drain_survives_a_restart_of_the_agent() {
+    let me: Ipv4Addr = "10.251.0.11".parse().unwrap();
+    let s = |n: u64| std::time::Duration::from_secs(n);
+    let (t0, wall0) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let grace = s(10);
+    let mut old = DrainTracker::new(grace);
+    old.apply(&mut model_from(&[ingress()], me, "eth0"), t0);
+    let n = without_remote_task();
+    old.apply(
+        &mut model_from(std::slice::from_ref(&n), me, "eth0"),
+        t0 + s(2),
+    );
+    // The agent stops 4 s after the task left; its file says so.
+    let saved = old.draining(t0 + s(6), wall0 + s(6));
+    assert_eq!(saved.len(), 1);
+    let text = serde_json::to_string(&saved).unwrap();
+    // The new one starts 1 s later on its own monotonic clock.
+    let t1 = t0 + s(100);
+    let mut new = DrainTracker::new(grace);
+    new.resume(serde_json::from_str(&text).unwrap(), t1, wall0 + s(7));
+    let draining = |d: &mut DrainTracker, at| {
+        let mut m = model_from(std::slice::from_ref(&n), me, "eth0");
+        d.apply(&mut m, at);
+        web(&m)
+            .backends
+            .iter()
+            .find(|b| b.node.is_some())
+            .map(|b| b.state)
+    };
+    assert_eq!(draining(&mut new, t1), Some(Health::Draining));
+    // 5 s had passed; the other 5 remain.
+    assert_eq!(draining(&mut new, t1 + s(4)), Some(Health::Draining));
+    assert_eq!(draining(&mut new, t1 + s(6)), None);
+    // A drain whose grace ran out while no agent ran is not taken up.
+    let mut late = DrainTracker::new(grace);
+    late.resume(saved, t1, wall0 + s(30));
+    assert!(late.draining(t1, wall0 + s(30)).is_empty());
+}
+
 #[test]
 fn a_task_that_returns_is_active_again() {
     let me: Ipv4Addr = "10.251.0.11".parse().unwrap();

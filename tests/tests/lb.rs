@@ -858,3 +858,61 @@ fn an_overlay_vip_takes_big_datagrams_and_answers_port_unreachable() {
     assert_eq!(d.get(oo, Reason::FwdIcmpError).packets, 6, "{}", show(&d));
     drop(servers);
 }
+
+/// A map write that fails part-way (here the node-address map, 256 entries, asked for
+/// 300: the first writes of a plan) leaves the maps with part of the plan. The next
+/// apply must start from what the maps hold: once the model fits again, every service
+/// is programmed and a second apply writes nothing. (Before the repair, the planner took
+/// the failed plan as written and never wrote the service's frontend, backend or table.)
+#[test]
+fn a_failed_map_write_is_repaired_by_the_next_apply() {
+    let Some(object) = prereq::privileged("a_failed_map_write_is_repaired_by_the_next_apply")
+    else {
+        return;
+    };
+    let dp = Datapath::load(&object, &MeshConfig::DEFAULT).expect("load datapath");
+    let mut mesh = Mesh::new(dp);
+    let model = |addrs: usize| {
+        let node_addrs: Vec<String> = (0..addrs)
+            .map(|i| format!("10.77.{}.{}", i / 250, 1 + i % 250))
+            .collect();
+        mesh_agent::model::from_yaml(&format!(
+            "node_addrs: [{}]\nservices:\n  - name: web\n    ports: [{{published: 8080, target: 80}}]\n    backends: [{{addr: 10.0.1.4}}, {{addr: 10.0.1.5}}]\nendpoints:\n  - {{addr: 10.0.1.4, interface: va, mac: '02:42:0a:00:01:04'}}\n  - {{addr: 10.0.1.5, interface: vb, mac: '02:42:0a:00:01:05'}}\n",
+            node_addrs.join(", ")
+        ))
+        .expect("model")
+    };
+    let resolve = |name: &str| -> Result<(u32, [u8; 6]), mesh_agent::MeshError> {
+        Ok((name.len() as u32 + 10, [2, 0, 0, 0, 0, 1]))
+    };
+    let desired = |addrs| mesh_agent::model::desired(&model(addrs), resolve).expect("desired");
+    let capacity = mesh_common::maps::NODE_ADDRS.entries as usize;
+    let err = mesh
+        .apply_desired(&desired(capacity + 44))
+        .expect_err("more node addresses than the map holds");
+    let snap = mesh.dp.read_snapshot().expect("snapshot");
+    assert_eq!(snap.node_addrs.len(), capacity, "{err}");
+    assert!(snap.frontends.is_empty(), "nothing after the failed write");
+
+    let applied = mesh.apply_desired(&desired(10)).expect("a model that fits");
+    let snap = mesh.dp.read_snapshot().expect("snapshot");
+    assert_eq!(snap.node_addrs.len(), 10);
+    assert_eq!(snap.frontends.len(), 1, "web's frontend: {applied:?}");
+    assert_eq!(snap.services.len(), 1);
+    assert_eq!(snap.backends.len(), 2);
+    let table = snap.tables.values().next().expect("web's Maglev table");
+    assert!(
+        table.iter().all(|id| snap.backends.contains_key(id)),
+        "every slot names a backend in the map"
+    );
+    let again = mesh.apply_desired(&desired(10)).expect("again");
+    assert_eq!(again.writes, 0, "a second apply writes nothing");
+    println!(
+        "lb: a plan that failed at node address {} of {} was re-read from the maps; the next \
+         apply wrote {} entries ({} addresses removed, web programmed) and a third none",
+        capacity + 1,
+        capacity + 44,
+        applied.writes,
+        capacity - 10
+    );
+}

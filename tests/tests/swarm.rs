@@ -670,37 +670,49 @@ fn drain_across_an_agent_restart(s: &mut Swarm) {
             .then_some(())
     });
     s.docker(1, &["service", "scale", "-d", "dr=2"]);
-    let file = "/run/mesh/mesh-mc-n1.draining.json";
-    let victim = conformance::eventually(
-        "node 1's agent recording a dr task's drain",
+    // A node whose agent records the drain of a task on another node (a task of its
+    // own leaves with its veth: nothing is left to drain there).
+    let nodes = s.nodes;
+    let (n, victim) = conformance::eventually(
+        "an agent recording the drain of a dr task on another node",
         Duration::from_secs(40),
         || {
-            let out = s.cli(&["cluster", "exec", "1", "--", "cat", file]);
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            v.as_array()?
-                .iter()
-                .find(|d| d["service"] == "dr")
-                .and_then(|d| d["backend"]["addr"].as_str().map(String::from))
+            (1..=nodes).find_map(|n| {
+                let file = format!("/run/mesh/mesh-mc-n{n}.draining.json");
+                let out = s.cli(&["cluster", "exec", &n.to_string(), "--", "cat", &file]);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                v.as_array()?
+                    .iter()
+                    .find(|d| d["service"] == "dr" && !d["backend"]["node"].is_null())
+                    .and_then(|d| d["backend"]["addr"].as_str())
+                    .map(|a| (n, a.to_string()))
+            })
         },
     );
     let began = Instant::now();
-    s.agent(1, "kill");
-    s.agent(1, "start");
-    let after = backends(s, 1, group);
+    let before = backends(s, n, group);
+    assert_eq!(
+        before.get(&victim).map(String::as_str),
+        Some("draining"),
+        "node {n}: {victim} left the swarm's view: {before:?}"
+    );
+    s.agent(n, "kill");
+    s.agent(n, "start");
+    let after = backends(s, n, group);
     let restarted = began.elapsed();
     assert_eq!(
         after.get(&victim).map(String::as_str),
         Some("draining"),
-        "node 1's agent, restarted {:.1} s into {victim}'s drain, did not keep it draining: {after:?}",
+        "node {n}'s agent, restarted {:.1} s into {victim}'s drain, did not keep it draining: {after:?}",
         restarted.as_secs_f64()
     );
     conformance::eventually(
-        &format!("{victim}'s drain to end on node 1"),
+        &format!("{victim}'s drain to end on node {n}"),
         Duration::from_secs(20),
-        || (!backends(s, 1, group).contains_key(&victim)).then_some(()),
+        || (!backends(s, n, group).contains_key(&victim)).then_some(()),
     );
     println!(
-        "swarm: node 1's agent killed and restarted {:.1} s into {victim}'s drain kept it \
+        "swarm: node {n}'s agent killed and restarted {:.1} s into {victim}'s drain kept it \
          draining; its backend left {:.1} s after the drain was recorded",
         restarted.as_secs_f64(),
         began.elapsed().as_secs_f64()

@@ -35,6 +35,8 @@ pub struct Mesh {
     prior: model::Claims,
     /// What the last applied model asked for that could not be programmed.
     problems: Vec<model::Problem>,
+    /// A write failed: the planner's record is not what the maps hold.
+    stale: bool,
 }
 
 /// What a restarted agent found pinned.
@@ -59,6 +61,7 @@ impl Mesh {
             reserved: Default::default(),
             prior: Default::default(),
             problems: Vec::new(),
+            stale: false,
         }
     }
 
@@ -97,6 +100,7 @@ impl Mesh {
                 reserved: Default::default(),
                 prior: Default::default(),
                 problems: Vec::new(),
+                stale: false,
             },
             report,
         ))
@@ -162,14 +166,40 @@ impl Mesh {
         &self.prior
     }
 
+    /// Makes the maps match `d`. A write that fails leaves the maps with part of the
+    /// plan: the record is then taken from the maps again (as a restarted agent would)
+    /// and the plan made once more from there, so that whatever fails, the next apply
+    /// starts from what the maps really hold, never from what was only planned.
     pub fn apply_desired(&mut self, d: &Desired) -> Result<Applied, MeshError> {
+        if self.stale {
+            self.readopt()?;
+            self.stale = false;
+        }
+        match self.plan_and_write(d) {
+            Err(e) if self.stale => {
+                tracing::warn!(
+                    "a map write failed ({e}); re-read the maps, planning again from them"
+                );
+                self.readopt()?;
+                self.stale = false;
+                self.plan_and_write(d)
+            }
+            r => r,
+        }
+    }
+
+    /// One plan and its writes; after a failed write, the record is `stale`: read
+    /// from the maps again before the next plan.
+    fn plan_and_write(&mut self, d: &Desired) -> Result<Applied, MeshError> {
         let ops = self.reconciler.plan(d).map_err(MeshError::Plan)?;
         // Before the writes: a restarted agent must know every id they may leave behind.
-        self.save_names()?;
-        let writes = self.dp.write_all(&ops)?;
+        let written = self.save_names().and_then(|()| self.dp.write_all(&ops));
+        if written.is_err() {
+            self.stale = true;
+        }
         Ok(Applied {
             ops: ops.len(),
-            writes,
+            writes: written?,
         })
     }
 }

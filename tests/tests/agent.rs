@@ -876,15 +876,18 @@ fn agent_refuses_a_pinned_layout_it_does_not_know() {
         err.contains("another layout") && err.contains("MESH_BE_V1") && err.contains("--uninstall"),
         "one actionable line: {err}"
     );
-    // A Maglev table pinned at another size than --maglev-slots asks for.
+    // A Maglev table pinned larger than --maglev-slots asks for (it cannot shrink: a
+    // service's region may lie beyond).
     let err = refusal(
         mesh_common::maps::MAGLEV.name,
-        &["type", "array", "key", "4", "value", "4", "entries", "8192"],
-        &["--maglev-slots", "16384"],
+        &[
+            "type", "array", "key", "4", "value", "4", "entries", "16384",
+        ],
+        &["--maglev-slots", "8192"],
     );
     assert!(
         err.contains("MESH_MAGLEV_V1")
-            && err.contains("4/4/8192")
+            && err.contains("4/4/16384")
             && err.contains("--maglev-slots"),
         "one actionable line: {err}"
     );
@@ -958,6 +961,134 @@ fn conntrack_is_sized_by_ct_entries_and_kept_across_restarts() {
         "one actionable line: {err}"
     );
     assert_eq!(pinned_entries(), 4096);
+    uninstall(&ns, &agent, &pin_dir);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
+}
+
+/// `bpftool -j map show pinned PATH`.
+fn pinned_map(path: &Path) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(path)
+        .output()
+        .expect("run bpftool");
+    serde_json::from_slice(&out.stdout).expect("bpftool -j")
+}
+
+/// Issue 19.7: a Maglev array too small for the model (4,096 slots: two 3-backend
+/// services' tables) freezes only what does not fit: the agent runs and applies the
+/// rest, and says what it left out (`meshctl status`, `meshctl doctor`). Restarted with a
+/// larger `--maglev-slots` it grows the pinned array without flushing anything (a
+/// connection open through the mesh keeps flowing, conntrack is the same map) and
+/// programs what was left out. (Before: the agent exited at start, the plan refused
+/// whole.)
+#[test]
+fn a_full_maglev_array_leaves_out_what_does_not_fit_and_grows_without_a_flush() {
+    use mesh_tests::lbtopo::{http_get, LbTopo, NODE};
+    use std::io::{BufRead, Write};
+    let test = "a_full_maglev_array_leaves_out_what_does_not_fit_and_grows_without_a_flush";
+    let Some(object) = prereq::privileged(test) else {
+        return;
+    };
+    let Some((agent, ctl)) = binaries() else {
+        return;
+    };
+    let topo = LbTopo::new("mx");
+    let config = model_file(&topo, "mx");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh-mx-{}", std::process::id()));
+    let ns = topo.n.name().to_string();
+    let run = |extra: &[&str]| -> AgentGuard {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--config".as_ref(), config.as_os_str()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        wait_ready(spawn_agent(&topo.n, &agent, &object, &args, &pin_dir), 1)
+    };
+    let maglev = || pinned_map(&pin_dir.join(mesh_common::maps::MAGLEV.name));
+    let conntrack = || pinned_map(&pin_dir.join(mesh_common::maps::CONNTRACK.name))["id"].clone();
+    let short_of_room = || -> Vec<String> {
+        let st = meshctl_json(&ns, &ctl, &pin_dir, &["status"]);
+        st["agent"]["status"]["problems"]
+            .as_array()
+            .unwrap_or_else(|| panic!("problems in {st}"))
+            .iter()
+            .filter(|p| {
+                p["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Maglev array is full")
+            })
+            .map(|p| p["left_out"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let mut g = run(&["--maglev-slots", "4096"]);
+    assert_eq!(maglev()["max_entries"], 4096);
+    let left = short_of_room();
+    assert!(
+        left.iter().any(|l| l.starts_with("web/tcp/80")),
+        "web left out for want of room: {left:?}\n{}",
+        g.log()
+    );
+    let (code, doctor, _) = meshctl(&ns, &ctl, &pin_dir, &["doctor"]);
+    assert!(
+        doctor.contains("Maglev array is full") && doctor.contains("--maglev-slots"),
+        "doctor ({code}) says what was left out: {doctor}"
+    );
+    // What fits is served (echo, on a connection kept open); web has no frontend.
+    let (mut conn, mut lines) = topo.c.enter(|| {
+        let s = std::net::TcpStream::connect((NODE, 7000)).expect("echo through the mesh");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = std::io::BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    });
+    let mut echo = |msg: &str| -> String {
+        conn.write_all(format!("{msg}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        lines.read_line(&mut line).expect("an echo");
+        line.trim().to_string()
+    };
+    // (The echo server answers each line with its task's name.)
+    let first = echo("before");
+    assert!(first.starts_with('t'), "{first}");
+    assert!(
+        topo.c.enter(|| http_get(NODE, 8080)).is_err(),
+        "web is left out"
+    );
+    let ct = conntrack();
+
+    g.stop_child();
+    g.handed_over = true;
+    drop(g);
+    let mut g = run(&["--maglev-slots", "65536"]);
+    assert!(
+        g.log().contains("grew the pinned Maglev array"),
+        "{}",
+        g.log()
+    );
+    assert_eq!(maglev()["max_entries"], 65536);
+    assert_eq!(conntrack(), ct, "the same conntrack map: nothing flushed");
+    assert!(short_of_room().is_empty(), "{:?}", short_of_room());
+    let after = echo("after");
+    assert_eq!(
+        after, first,
+        "the open connection flows on, to the same task"
+    );
+    topo.c
+        .enter(|| http_get(NODE, 8080))
+        .expect("web, programmed once there is room");
+    g.stop_child();
+    g.handed_over = true;
+    drop(g);
+    // Without the flag the grown size is kept.
+    let mut g = run(&[]);
+    assert_eq!(maglev()["max_entries"], 65536);
+    g.stop_child();
+    g.handed_over = true;
+    drop(g);
+    println!(
+        "agent: with 4096 Maglev slots {} left out (the rest served); restarted with 65536 the \
+         array grew, an open connection flowed on and web was programmed",
+        left.join(", ")
+    );
     uninstall(&ns, &agent, &pin_dir);
     let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }

@@ -86,10 +86,12 @@ pub struct Flags {
     pub docker: String,
     /// Maglev slots for all services together (4 bytes each; a service of N backends
     /// takes the smallest prime above 400 N, e.g. 2039 at 3 backends, so the default
-    /// holds ~500 such services; 1<<25 holds 16,000). Fixed while pins exist.
-    #[arg(long, default_value_t = mesh_common::maps::MAGLEV.entries, env = "MESH_MAGLEV_SLOTS",
+    /// 1,048,576 holds ~500 such services; 1<<25 holds 16,000). Without this flag a
+    /// restarted agent keeps the pinned array's size; a larger one grows it, keeping
+    /// every flow; a smaller one is refused while pins exist.
+    #[arg(long, env = "MESH_MAGLEV_SLOTS",
           value_parser = clap::value_parser!(u32).range(4096..=(1 << 28)))]
-    pub maglev_slots: u32,
+    pub maglev_slots: Option<u32>,
     /// Conntrack entries, two per flow (an LRU, allocated whole: 152 bytes an entry).
     /// Default 2,097,152 (1,048,576 flows, 304 MiB). Fixed while pins exist: without
     /// this flag a restarted agent keeps the pinned map's size.

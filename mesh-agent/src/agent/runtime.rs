@@ -122,7 +122,10 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
         ..MeshConfig::DEFAULT
     };
     let sizes = Sizes {
-        maglev_slots: args.maglev_slots,
+        maglev_slots: args
+            .maglev_slots
+            .or_else(|| pins.entries(mesh_common::maps::MAGLEV.name))
+            .unwrap_or(mesh_common::maps::MAGLEV.entries),
         // An upgrade keeps the conntrack it finds (and its flows) unless told otherwise.
         ct_entries: args
             .ct_entries

@@ -153,6 +153,9 @@ impl Mesh {
         let applied = self.apply_desired(&d)?;
         self.prior = std::mem::take(&mut d.claims);
         self.problems = std::mem::take(&mut d.problems);
+        // And what the Maglev array had no room for.
+        self.problems
+            .extend(self.reconciler.shortfalls().iter().map(|s| s.problem()));
         Ok(applied)
     }
 

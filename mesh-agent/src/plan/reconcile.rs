@@ -69,6 +69,47 @@ pub struct Reconciler {
     /// backend (and answer RST), never a newer one that took its number.
     pub(super) next_svc: u32,
     pub(super) next_backend: u32,
+    /// What the last plan could not give its full Maglev table (the array is full).
+    pub(super) shortfalls: Vec<Shortfall>,
+}
+
+/// A group the last plan could not give the Maglev table its backends call for, the
+/// shared array being full: it got a smaller table (balanced less finely), or none and
+/// was left as it was (a new group: not programmed). Every other group is planned as
+/// usual, and the next plan tries again (a removed service frees its region).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shortfall {
+    pub group: GroupName,
+    /// Slots its backends call for.
+    pub want: u32,
+    /// Slots it has: `None`, left as it was (or out, when new).
+    pub got: Option<u32>,
+}
+
+impl Shortfall {
+    /// As a problem the agent reports (log, `meshctl doctor`, metric).
+    pub fn problem(&self) -> crate::model::Problem {
+        let service = self.group.0.split('/').next().unwrap_or_default();
+        let (left_out, how) = match self.got {
+            Some(got) => (
+                format!("part of {}'s Maglev table", self.group.0),
+                format!("it has {got} slots"),
+            ),
+            None => (
+                format!("{} (its Maglev table)", self.group.0),
+                "it is left as it was".to_string(),
+            ),
+        };
+        crate::model::Problem {
+            service: service.to_string(),
+            left_out,
+            reason: format!(
+                "the Maglev array is full: {} slots due, {how} (raise --maglev-slots: the agent \
+                 grows the array on restart, keeping every flow)",
+                self.want
+            ),
+        }
+    }
 }
 
 fn addr(a: Ipv4Addr) -> u32 {
@@ -92,7 +133,33 @@ impl Reconciler {
             // 0 means "none" in every map.
             next_svc: 1,
             next_backend: 1,
+            shortfalls: Vec::new(),
         }
+    }
+
+    /// What the last plan could not give its full Maglev table.
+    pub fn shortfalls(&self) -> &[Shortfall] {
+        &self.shortfalls
+    }
+
+    /// The table size a group with `active` backends gets: its due size `want` when it
+    /// has it or it fits; else a larger one it has (shrinking waits for room), or the
+    /// largest smaller one that fits (its present one always does), never one that
+    /// cannot hold every backend; `None`: none fits.
+    fn table_size(&self, want: u32, have: u32, active: usize) -> Option<u32> {
+        let fits = |m: u32| m == have || self.regions.fits(m);
+        if want == 0 || fits(want) {
+            return Some(want);
+        }
+        if have > want {
+            return Some(have);
+        }
+        maglev::SIZES
+            .iter()
+            .copied()
+            .chain((have > 0).then_some(have))
+            .filter(|m| *m < want && *m as usize > active && fits(*m))
+            .max()
     }
 
     /// Every backend in the maps: id -> (its group's name, task address, port).
@@ -124,6 +191,7 @@ impl Reconciler {
 
     fn plan_into(&mut self, d: &Desired) -> Result<Vec<Op>, PlanError> {
         self.regions.settle();
+        self.shortfalls.clear();
         let mut puts_ep = Vec::new();
         let mut puts_be = Vec::new();
         let mut puts_slots = Vec::new();
@@ -221,6 +289,30 @@ impl Reconciler {
             {
                 continue;
             }
+            let active_n = want
+                .backends
+                .values()
+                .filter(|s| **s == BackendState::Active)
+                .count();
+            let due = maglev::size_for(active_n);
+            let have = self.groups.get(name).map_or(0, |g| g.service.maglev_size);
+            let Some(size) = self.table_size(due, have, active_n) else {
+                // Nothing fits: the group stays as it was applied (a new one is not
+                // programmed, nor its frontends).
+                self.shortfalls.push(Shortfall {
+                    group: name.clone(),
+                    want: due,
+                    got: None,
+                });
+                continue;
+            };
+            if size < due {
+                self.shortfalls.push(Shortfall {
+                    group: name.clone(),
+                    want: due,
+                    got: Some(size),
+                });
+            }
             let mut g = match self.groups.remove(name) {
                 Some(g) => g,
                 None => AppliedGroup {
@@ -273,7 +365,6 @@ impl Reconciler {
                 .filter(|(_, s)| **s == BackendState::Active)
                 .map(|((a, p), _)| (format!("{a}:{p}"), g.backend_ids[&(*a, *p)]))
                 .collect();
-            let size = maglev::size_for(active.len());
             let same = size == g.service.maglev_size
                 && *g.built_from == active
                 && g.table.len() == size as usize;
@@ -355,17 +446,18 @@ impl Reconciler {
         }
 
         // Frontends.
+        // (A group left out for want of Maglev slots has none.)
         let want_fe: BTreeMap<FrontendKey, Frontend> = d
             .frontends
             .iter()
-            .map(|(k, (g, flags))| {
-                (
+            .filter_map(|(k, (g, flags))| {
+                Some((
                     *k,
                     Frontend {
-                        svc_id: self.groups[g].id,
+                        svc_id: self.groups.get(g)?.id,
                         flags: *flags,
                     },
-                )
+                ))
             })
             .collect();
         for (k, fe) in &want_fe {

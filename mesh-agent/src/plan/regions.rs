@@ -29,6 +29,11 @@ impl Regions {
         Some(off)
     }
 
+    /// Whether a region of `len` slots can be had now.
+    pub(super) fn fits(&self, len: u32) -> bool {
+        self.free.values().any(|l| *l >= len)
+    }
+
     pub(super) fn release(&mut self, off: u32, len: u32) {
         self.quarantine.push((off, len));
     }

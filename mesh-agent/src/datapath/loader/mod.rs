@@ -67,6 +67,7 @@ pub fn find_object() -> Result<PathBuf, MeshError> {
 }
 
 mod attach;
+mod grow;
 
 /// The loaded (not necessarily attached) programs and maps.
 pub struct Datapath {
@@ -139,6 +140,13 @@ impl Datapath {
         })?;
         let adopted = pins.has_maps();
         if adopted {
+            if let Some(had) = grow::grow_maglev(pins, sizes.maglev_slots)? {
+                tracing::info!(
+                    from = had,
+                    to = sizes.maglev_slots,
+                    "grew the pinned Maglev array (every slot copied, nothing flushed)"
+                );
+            }
             pins.check_layout(&bytes, sizes)?;
         }
         pins.create()?;

@@ -149,6 +149,27 @@ pub struct Endpoint {
 }
 crate::assert_size!(Endpoint, 20);
 
+/// A task's port on this node (port in network order; 0: every port, an every-port
+/// VIP's backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TaskPort {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+crate::assert_size!(TaskPort, 8);
+
+/// A task's port on this node: its service's idle timeouts, for the flows that reach it
+/// through a tunnel (this node did not balance them, so it has no service for them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointIdle {
+    pub tcp_idle_s: u32,
+    pub udp_idle_s: u32,
+}
+crate::assert_size!(EndpointIdle, 8);
+
 /// Value of the node-address map: flags (reserved).
 pub type NodeAddrFlags = u32;
 
@@ -160,6 +181,8 @@ mod pod {
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for EndpointIdle {}
+    unsafe impl aya::Pod for TaskPort {}
 }
 
 // ---- the overlay ----------------------------------------------------------------------

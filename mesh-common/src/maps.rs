@@ -40,6 +40,12 @@ pub const ENDPOINTS: MapDef = MapDef {
     name: "MESH_EP_V1",
     entries: 1 << 16,
 };
+/// `lb::TaskPort` (a local task's address and port) -> `lb::EndpointIdle` (its
+/// service's idle timeouts, for flows that reach it through a tunnel).
+pub const ENDPOINT_IDLE: MapDef = MapDef {
+    name: "MESH_EPIDLE_V1",
+    entries: ENDPOINTS.entries,
+};
 /// Addresses of this node: a frontend with address 0 answers on each of them.
 pub const NODE_ADDRS: MapDef = MapDef {
     name: "MESH_NODE_V1",
@@ -113,7 +119,7 @@ pub const LOG_SWITCH: MapDef = MapDef {
 };
 
 /// Every map the agent pins (and meshctl reads).
-pub const PINNED: [MapDef; 17] = [
+pub const PINNED: [MapDef; 18] = [
     STATS,
     BACKEND_STATS,
     CONNTRACK,
@@ -123,6 +129,7 @@ pub const PINNED: [MapDef; 17] = [
     MAGLEV,
     BACKENDS,
     ENDPOINTS,
+    ENDPOINT_IDLE,
     NODE_ADDRS,
     TUNNELS,
     PEERS,

@@ -9,7 +9,8 @@ use aya_ebpf::{
 use mesh_common::{
     ct::{CtEntry, CtKey, FragKey, FragPorts},
     lb::{
-        Backend, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags, Service, Tunnel,
+        Backend, Endpoint, EndpointIdle, Frontend, FrontendKey, Local, Network, NodeAddrFlags,
+        Service, TaskPort, Tunnel,
     },
     maps,
     sock::{SockKey, SockOrig},
@@ -32,6 +33,15 @@ pub static MESH_BE_V1: HashMap<u32, Backend, { maps::BACKENDS.entries as usize }
 #[btf_map]
 pub static MESH_EP_V1: HashMap<u32, Endpoint, { maps::ENDPOINTS.entries as usize }> =
     HashMap::new();
+
+/// A local task's address and port -> its service's idle timeouts (flows that come
+/// through a tunnel).
+#[btf_map]
+pub static MESH_EPIDLE_V1: HashMap<
+    TaskPort,
+    EndpointIdle,
+    { maps::ENDPOINT_IDLE.entries as usize },
+> = HashMap::new();
 
 /// Addresses of this node: a frontend with address 0 answers on each of them.
 #[btf_map]

@@ -744,3 +744,66 @@ fn port_unreachable_from_local_and_remote_tasks() {
         all()
     );
 }
+
+/// Issue 19.13: a flow that reaches its task through the tunnel keeps its service's idle
+/// timeouts on the task's node too (the reply entry there was written with the defaults:
+/// 300 s for UDP, 8000 s for TCP, whatever the service said).
+#[test]
+fn tunnelled_flows_keep_their_services_idle_timeouts_on_the_tasks_node() {
+    const PORT: u16 = 5370;
+    let Some((cl, meshes)) = setup_with(
+        "tunnelled_flows_keep_their_services_idle_timeouts_on_the_tasks_node",
+        "it",
+        |i, m| {
+            let mut s = udp_service(
+                "slowudp",
+                Some(PORT),
+                ECHO_UDP_PORT,
+                vec![],
+                vec![backend(i, 1)],
+            );
+            s.udp_idle = Some(45);
+            m.services.push(s);
+            // (The tasks' port 80 serves web, remote and stock: a port shared by two
+            // services takes the longer timeout.)
+            for s in m.services.iter_mut() {
+                s.tcp_idle = Some(7200);
+            }
+        },
+    ) else {
+        return;
+    };
+    // UDP through node 1 to the task on node 2; TCP through node 1 until tasks on both
+    // other nodes have answered.
+    cl.c.enter(|| {
+        udp_echo(sock(NODES[0], PORT), 200, 3).unwrap_or_else(|e| panic!("{PORT}/udp: {e}"));
+        let mut seen = BTreeSet::new();
+        for _ in 0..60 {
+            let body = http_get(NODES[0], 8080).expect("web through node 1");
+            seen.insert(split(&body).0);
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    });
+    let tunnelled = |m: &Mesh, proto: u8| -> Vec<u32> {
+        m.dp.conntrack_entries()
+            .expect("conntrack")
+            .iter()
+            .filter(|(k, e)| k.proto == proto && e.flags & mesh_common::ct::CT_TUNNEL != 0)
+            .map(|(_, e)| e.idle_s)
+            .collect()
+    };
+    let udp = tunnelled(&meshes[1], mesh_common::proto::IPPROTO_UDP);
+    assert_eq!(udp, vec![45], "node 2's entry for the UDP flow");
+    for (n, m) in meshes.iter().enumerate().skip(1) {
+        let tcp = tunnelled(m, mesh_common::proto::IPPROTO_TCP);
+        assert!(
+            !tcp.is_empty() && tcp.iter().all(|t| *t == 7200),
+            "node {}'s entries for web's flows: {tcp:?}",
+            n + 1
+        );
+    }
+    println!(
+        "overlay: flows tunnelled to tasks on nodes 2 and 3 keep their services' idle timeouts \
+         there (UDP 45 s, TCP 7200 s; the defaults are 300 and 8000)"
+    );
+}

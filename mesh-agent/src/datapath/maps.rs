@@ -8,8 +8,8 @@ use aya::maps::{Array, HashMap, MapData};
 use mesh_common::{
     lb::maglev_slot,
     lb::{
-        Backend, BackendState, Endpoint, Frontend, FrontendKey, Local, Network, NodeAddrFlags,
-        Service, Tunnel,
+        Backend, BackendState, Endpoint, EndpointIdle, Frontend, FrontendKey, Local, Network,
+        NodeAddrFlags, Service, TaskPort, Tunnel,
     },
 };
 
@@ -193,6 +193,11 @@ fn snapshot_from(src: &mut impl MapSource) -> Result<Snapshot, MeshError> {
             .into_keys()
             .collect(),
         endpoints: src.entries(mesh_common::maps::ENDPOINTS.name)?,
+        // (Pins from before this map have none: their tasks get the defaults until
+        // the first plan writes them.)
+        endpoint_idle: src
+            .entries(mesh_common::maps::ENDPOINT_IDLE.name)
+            .unwrap_or_default(),
         frontends: src.entries(mesh_common::maps::FRONTENDS.name)?,
         services,
         backends: src.entries(mesh_common::maps::BACKENDS.name)?,
@@ -223,6 +228,10 @@ impl MapWriter for Datapath {
                 .hash_map::<u32, Endpoint>(mesh_common::maps::ENDPOINTS.name)?
                 .insert(a, e, 0)
                 .map_err(map_err(mesh_common::maps::ENDPOINTS.name)),
+            Op::PutEndpointIdle(a, t) => self
+                .hash_map::<TaskPort, EndpointIdle>(mesh_common::maps::ENDPOINT_IDLE.name)?
+                .insert(a, t, 0)
+                .map_err(map_err(mesh_common::maps::ENDPOINT_IDLE.name)),
             Op::PutBackend(id, b) => self
                 .hash_map::<u32, Backend>(mesh_common::maps::BACKENDS.name)?
                 .insert(id, b, 0)
@@ -250,6 +259,9 @@ impl MapWriter for Datapath {
             Op::DelBackend(id) => self.remove::<u32, Backend>(mesh_common::maps::BACKENDS.name, id),
             Op::DelEndpoint(a) => {
                 self.remove::<u32, Endpoint>(mesh_common::maps::ENDPOINTS.name, a)
+            }
+            Op::DelEndpointIdle(a) => {
+                self.remove::<TaskPort, EndpointIdle>(mesh_common::maps::ENDPOINT_IDLE.name, a)
             }
             Op::DelNodeAddr(a) => {
                 self.remove::<u32, NodeAddrFlags>(mesh_common::maps::NODE_ADDRS.name, a)
@@ -289,6 +301,7 @@ pub struct MemMaps {
     tun: BTreeMap<u32, Tunnel>,
     node: BTreeSet<u32>,
     ep: BTreeMap<u32, Endpoint>,
+    ep_idle: BTreeMap<TaskPort, EndpointIdle>,
     be: BTreeMap<u32, Backend>,
     maglev: Vec<u32>,
     svc: BTreeMap<u32, Service>,
@@ -316,6 +329,9 @@ impl MemMaps {
             Op::PutEndpoint(a, e) => {
                 self.ep.insert(*a, *e);
             }
+            Op::PutEndpointIdle(a, t) => {
+                self.ep_idle.insert(*a, *t);
+            }
             Op::PutBackend(id, b) => {
                 self.be.insert(*id, *b);
             }
@@ -337,6 +353,9 @@ impl MemMaps {
             }
             Op::DelEndpoint(a) => {
                 self.ep.remove(a);
+            }
+            Op::DelEndpointIdle(a) => {
+                self.ep_idle.remove(a);
             }
             Op::DelNodeAddr(a) => {
                 self.node.remove(a);
@@ -438,6 +457,7 @@ impl MemMaps {
             tunnels: self.tun.clone(),
             node_addrs: self.node.clone(),
             endpoints: self.ep.clone(),
+            endpoint_idle: self.ep_idle.clone(),
             frontends: self.fe.clone(),
             services: self.svc.clone(),
             backends: self.be.clone(),

@@ -9,7 +9,10 @@ use std::{
     sync::Arc,
 };
 
-use mesh_common::lb::{Backend, Endpoint, Frontend, FrontendKey, Local, Network, Service, Tunnel};
+use mesh_common::lb::{
+    Backend, Endpoint, EndpointIdle, Frontend, FrontendKey, Local, Network, Service, TaskPort,
+    Tunnel,
+};
 
 use crate::model::GroupName;
 
@@ -23,6 +26,7 @@ pub struct Snapshot {
     pub tunnels: BTreeMap<u32, Tunnel>,
     pub node_addrs: BTreeSet<u32>,
     pub endpoints: BTreeMap<u32, Endpoint>,
+    pub endpoint_idle: BTreeMap<TaskPort, EndpointIdle>,
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub services: BTreeMap<u32, Service>,
     pub backends: BTreeMap<u32, Backend>,
@@ -70,6 +74,7 @@ impl Reconciler {
         r.tunnels = snap.tunnels.iter().map(|(a, t)| (ip(*a), *t)).collect();
         r.node_addrs = snap.node_addrs.iter().map(|a| ip(*a)).collect();
         r.endpoints = snap.endpoints.iter().map(|(a, e)| (ip(*a), *e)).collect();
+        r.endpoint_idle = snap.endpoint_idle.clone();
         r.frontends = snap.frontends.clone();
         r.backends = snap.backends.clone();
         let mut used: Vec<(u32, u32)> = Vec::new();

@@ -1,6 +1,9 @@
 //! The plan's unit: one map write ([`Op`]), in the order the plan must carry it out.
 
-use mesh_common::lb::{Backend, Endpoint, Frontend, FrontendKey, Local, Network, Service, Tunnel};
+use mesh_common::lb::{
+    Backend, Endpoint, EndpointIdle, Frontend, FrontendKey, Local, Network, Service, TaskPort,
+    Tunnel,
+};
 
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,6 +17,8 @@ pub enum Op {
     DelPeer(u32),
     PutNodeAddr(u32),
     PutEndpoint(u32, Endpoint),
+    /// A local task's service's idle timeouts (for flows that come through a tunnel).
+    PutEndpointIdle(TaskPort, EndpointIdle),
     PutBackend(u32, Backend),
     /// Maglev slots: (absolute index, backend id).
     PutSlots(Vec<(u32, u32)>),
@@ -23,6 +28,7 @@ pub enum Op {
     DelService(u32),
     DelBackend(u32),
     DelEndpoint(u32),
+    DelEndpointIdle(TaskPort),
     DelNodeAddr(u32),
 }
 

@@ -16,8 +16,8 @@ use std::{
 };
 
 use mesh_common::lb::{
-    Backend, BackendState, Endpoint, Frontend, FrontendKey, Local, Network, Service, Tunnel,
-    SVC_AFFINITY,
+    Backend, BackendState, Endpoint, EndpointIdle, Frontend, FrontendKey, Local, Network, Service,
+    TaskPort, Tunnel, SVC_AFFINITY,
 };
 
 use crate::{
@@ -61,6 +61,7 @@ pub struct Reconciler {
     pub(super) tunnels: BTreeMap<Ipv4Addr, Tunnel>,
     pub(super) node_addrs: BTreeSet<Ipv4Addr>,
     pub(super) endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    pub(super) endpoint_idle: BTreeMap<TaskPort, EndpointIdle>,
     pub(super) frontends: BTreeMap<FrontendKey, Frontend>,
     pub(super) groups: BTreeMap<GroupName, AppliedGroup>,
     pub(super) backends: BTreeMap<u32, Backend>,
@@ -126,6 +127,7 @@ impl Reconciler {
             tunnels: BTreeMap::new(),
             node_addrs: BTreeSet::new(),
             endpoints: BTreeMap::new(),
+            endpoint_idle: BTreeMap::new(),
             frontends: BTreeMap::new(),
             groups: BTreeMap::new(),
             backends: BTreeMap::new(),
@@ -268,6 +270,30 @@ impl Reconciler {
                 puts_ep.push(Op::PutEndpoint(addr(*a), *e));
             }
         }
+        // Each local task port's idle timeouts: its service's (the longest, should two
+        // groups with different ones share the port).
+        let mut want_idle: BTreeMap<TaskPort, EndpointIdle> = BTreeMap::new();
+        for g in d.groups.values() {
+            for (a, p) in g.backends.keys().filter(|(a, _)| want_eps.contains_key(a)) {
+                let key = TaskPort {
+                    addr: addr(*a),
+                    port: p.to_be(),
+                    _pad: 0,
+                };
+                let t = want_idle.entry(key).or_default();
+                t.tcp_idle_s = t.tcp_idle_s.max(g.tcp_idle_s);
+                t.udp_idle_s = t.udp_idle_s.max(g.udp_idle_s);
+            }
+        }
+        diff(
+            &self.endpoint_idle,
+            &want_idle,
+            |k, t| Op::PutEndpointIdle(*k, *t),
+            |k| Op::DelEndpointIdle(*k),
+            &mut puts_ep,
+            &mut dels_ep,
+        );
+        self.endpoint_idle = want_idle;
         for a in self.endpoints.keys().filter(|a| !want_eps.contains_key(a)) {
             dels_ep.push(Op::DelEndpoint(addr(*a)));
         }

@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
 use mesh_common::{
     ct::{self, CtEntry, CtKey, CtState, CT_OVERLAY, CT_REVERSE, CT_TUNNEL},
-    lb::{TCP_IDLE_DEFAULT_S, UDP_IDLE_DEFAULT_S},
+    lb::{TaskPort, TCP_IDLE_DEFAULT_S, UDP_IDLE_DEFAULT_S},
     parse::Frag,
     proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN},
     reason::Reason,
@@ -20,7 +20,7 @@ use super::{
 use crate::{
     flow::{encap_later, Outcome, Pkt},
     icmp,
-    maps::{MESH_CT_V1, MESH_EP_V1},
+    maps::{MESH_CT_V1, MESH_EPIDLE_V1, MESH_EP_V1},
     reply,
     scratch::scratch,
     skb,
@@ -173,10 +173,26 @@ fn tunnelled_to_task(pk: &Pkt, peer: u32, vni: u32, now: u64) -> Outcome {
     };
     if fresh {
         let tcp = f.proto == IPPROTO_TCP;
-        let idle_s = if tcp {
-            TCP_IDLE_DEFAULT_S
-        } else {
-            UDP_IDLE_DEFAULT_S
+        // The task's service's timeouts (the node that balanced the flow has them in
+        // its service entry; this one only knows the task), else the defaults.
+        let at = |port| TaskPort {
+            addr: f.daddr,
+            port,
+            _pad: 0,
+        };
+        // SAFETY: map values copied out at once.
+        let idle = unsafe {
+            MESH_EPIDLE_V1
+                .get(&at(f.dport))
+                .or_else(|| MESH_EPIDLE_V1.get(&at(0)))
+        }
+        .copied()
+        .unwrap_or_default();
+        let idle_s = match (tcp, idle.tcp_idle_s, idle.udp_idle_s) {
+            (true, 0, _) => TCP_IDLE_DEFAULT_S,
+            (true, t, _) => t,
+            (false, _, 0) => UDP_IDLE_DEFAULT_S,
+            (false, _, u) => u,
         };
         track::begin(&mut s.nf, &f.key(), f.tcp_flags, now, idle_s);
         let nf = &mut s.nf;

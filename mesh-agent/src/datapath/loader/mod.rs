@@ -289,6 +289,18 @@ impl Datapath {
         })
     }
 
+    /// Every conntrack entry of the loaded map, pinned or not (the tests' view; meshctl
+    /// reads the pinned map: `datapath/conntrack.rs`).
+    pub fn conntrack_entries(
+        &self,
+    ) -> Result<Vec<(mesh_common::ct::CtKey, mesh_common::ct::CtEntry)>, MeshError> {
+        let name = mesh_common::maps::CONNTRACK.name;
+        let map: aya::maps::HashMap<&MapData, mesh_common::ct::CtKey, mesh_common::ct::CtEntry> =
+            aya::maps::HashMap::try_from(self.loaded_map(name)?)
+                .map_err(|source| MeshError::Map { map: name, source })?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
     /// The per-backend counters, summed over CPUs, by backend id.
     pub fn backend_stats(
         &self,

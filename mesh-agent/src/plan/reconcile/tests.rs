@@ -53,10 +53,11 @@ fn first_apply_then_nothing_to_do() {
     .unwrap();
     let ops = r.plan(&d).unwrap();
     apply_checked(&mut maps, &ops);
-    // 1 node addr, 3 endpoints, 3 backends, 2039 slots, 1 service, 2 frontends.
+    // 1 node addr, 3 endpoints and their idle timeouts, 3 backends, 2039 slots, 1
+    // service, 2 frontends.
     assert_eq!(
         ops.iter().map(Op::writes).sum::<usize>(),
-        1 + 3 + 3 + 2039 + 1 + 2
+        1 + 3 + 3 + 3 + 2039 + 1 + 2
     );
     assert!(
         r.plan(&d).unwrap().is_empty(),

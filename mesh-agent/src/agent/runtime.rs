@@ -241,7 +241,25 @@ pub(super) async fn agent(args: Flags, pins: PinDir) -> anyhow::Result<()> {
                 bpffs: args.bpffs.clone(),
                 allowed: src.trace_allowed.clone(),
             });
-        tokio::spawn(crate::source::peers::serve(l, src.report.clone(), trace));
+        // On a thread of its own: an apply blocks this runtime (seconds, for a large
+        // install), and a peer that does not answer is taken for a dead node.
+        let listener = l.into_std().context("the peer listener")?;
+        let report = src.report.clone();
+        std::thread::Builder::new()
+            .name("peer-server".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the peer server");
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => crate::source::peers::serve(l, report, trace).await,
+                        Err(e) => tracing::error!("the peer server cannot listen: {e}"),
+                    }
+                });
+            })
+            .context("starting the peer server's thread")?;
     }
     let shared = Arc::new(Mutex::new(AgentMetrics::default()));
     if let Some(l) = metrics_listener {

@@ -45,6 +45,8 @@ pub struct DockerSource {
     pub(crate) seen_netns_dir: Option<PathBuf>,
     /// Peers that run no mesh agent (stock Docker nodes).
     pub(crate) stock: crate::source::peers::StockPeers,
+    /// Which peers have gone silent (their tasks drain, then go).
+    silent: crate::source::peers::SilentPeers,
     /// The swarm's data-path port, from Docker on a manager, else from a manager's report.
     pub(crate) data_path_port: Option<u16>,
     /// Each network's own endpoint address on this node, as last seen.
@@ -72,6 +74,7 @@ impl DockerSource {
             netns_dir: None,
             seen_netns_dir: None,
             stock: Default::default(),
+            silent: Default::default(),
             data_path_port: None,
             local_addrs: BTreeMap::new(),
         }
@@ -204,6 +207,23 @@ impl DockerSource {
             for p in &mut model.peers {
                 p.stock = self.stock.is_stock(p.addr);
             }
+            for (peer, silence) in self.silent.observe(&peers, &round, now) {
+                match silence {
+                    crate::source::peers::Silence::Draining => tracing::warn!(
+                        %peer,
+                        "no answer from this node (nor a refusal): its tasks take no new \
+                         flows here"
+                    ),
+                    crate::source::peers::Silence::Gone => tracing::warn!(
+                        %peer,
+                        "still no answer: its tasks are removed here (their flows reset)"
+                    ),
+                    crate::source::peers::Silence::Answering => {
+                        tracing::info!(%peer, "this node answers again")
+                    }
+                }
+            }
+            self.silent.apply(&mut model, now);
             let reports = round.reports;
             if self.data_path_port.is_none() {
                 self.data_path_port = reports

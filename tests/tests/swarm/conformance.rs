@@ -1910,8 +1910,70 @@ pub fn partition_heals(s: &Swarm) -> Instant {
             || vip_call(n).starts_with("part.").then_some(()),
         );
     }
+    // Issue 19.12: each agent takes a silent node's tasks out of new-flow selection
+    // within 3 s; node 3, cut off, keeps its own tasks.
+    let part_backends = |n: u32| -> Vec<(String, String)> {
+        let (code, out, err) = s.meshctl(n, &["services", "--json"]);
+        assert_eq!(code, 0, "node {n}: meshctl services: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["name"] == "part/tcp/80")
+            .flat_map(|x| x["backends"].as_array().unwrap().clone())
+            .map(|b| {
+                (
+                    b["at"].as_str().unwrap_or("").to_string(),
+                    b["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let on_node_3 = format!("node {}", s.addr(3));
+    for n in [1, 2] {
+        let b = part_backends(n);
+        assert!(
+            b.iter().any(|(at, st)| *at == on_node_3 && st == "active"),
+            "node {n}: a part task on node 3 active before the cut: {b:?}"
+        );
+    }
     let t = Instant::now();
     node_exec(s, 3, &["ip", "link", "set", "eth0", "down"]);
+    // When each of nodes 1 and 2 was first seen without node 3's tasks active.
+    let mut out_at: [Option<Duration>; 2] = [None, None];
+    eventually(
+        "nodes 1 and 2: node 3's part tasks out of new-flow selection",
+        Duration::from_secs(10),
+        || {
+            for (i, n) in [1u32, 2].into_iter().enumerate() {
+                if out_at[i].is_none()
+                    && part_backends(n)
+                        .iter()
+                        .all(|(at, st)| *at != on_node_3 || st != "active")
+                {
+                    out_at[i] = Some(t.elapsed());
+                }
+            }
+            out_at.iter().all(Option::is_some).then_some(())
+        },
+    );
+    let out_at = out_at.map(Option::unwrap_or_default);
+    let own = part_backends(3);
+    assert!(
+        own.iter().any(|(at, st)| at == "local" && st == "active"),
+        "node 3, cut off, keeps its own part tasks: {own:?}"
+    );
+    let slowest = out_at.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest <= Duration::from_secs(3),
+        "node 3's tasks left nodes 1 and 2's selection only after {out_at:?}"
+    );
+    println!(
+        "swarm: node 3 cut off: its tasks out of new-flow selection on nodes 1 and 2 after \
+         {:.1} and {:.1} s; node 3 keeps its own",
+        out_at[0].as_secs_f64(),
+        out_at[1].as_secs_f64()
+    );
     // Once node 3 is known down, only tasks of nodes 1 and 2 answer there.
     let on_our_side = |body: &str| -> bool {
         let (task, _) = task_and_client(body);

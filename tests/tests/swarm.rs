@@ -636,14 +636,8 @@ fn kill_agent_under_load(s: &mut Swarm, node: u32) {
 
 /// The backends of `service` in node `n`'s maps: address -> state.
 fn backends(s: &Swarm, n: u32, service: &str) -> BTreeMap<String, String> {
-    let (code, out, err) = s.meshctl(n, &["services", "--json"]);
-    assert_eq!(code, 0, "node {n}: meshctl services: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    v.as_array()
-        .unwrap()
+    conformance::group_backends(s, n, service)
         .iter()
-        .filter(|x| x["name"] == service)
-        .flat_map(|x| x["backends"].as_array().unwrap())
         .map(|b| {
             (
                 b["addr"].as_str().unwrap().to_string(),

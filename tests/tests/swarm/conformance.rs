@@ -54,6 +54,20 @@ fn global_caller(s: &Swarm, name: &str, network: &str) {
     s.wait_running(name, s.nodes as usize, Duration::from_secs(60));
 }
 
+/// The backends of load-balancing group `group` in node `n`'s maps, as `meshctl
+/// services --json` shows them.
+pub(crate) fn group_backends(s: &Swarm, n: u32, group: &str) -> Vec<serde_json::Value> {
+    let (code, out, err) = s.meshctl(n, &["services", "--json"]);
+    assert_eq!(code, 0, "node {n}: meshctl services: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["name"] == group)
+        .flat_map(|x| x["backends"].as_array().unwrap().clone())
+        .collect()
+}
+
 /// Retries `f` until it returns `Some`, for at most `within`; panics with `what`.
 pub(crate) fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let t0 = Instant::now();
@@ -1913,14 +1927,8 @@ pub fn partition_heals(s: &Swarm) -> Instant {
     // Issue 19.12: each agent takes a silent node's tasks out of new-flow selection
     // within 3 s; node 3, cut off, keeps its own tasks.
     let part_backends = |n: u32| -> Vec<(String, String)> {
-        let (code, out, err) = s.meshctl(n, &["services", "--json"]);
-        assert_eq!(code, 0, "node {n}: meshctl services: {err}");
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-        v.as_array()
-            .unwrap()
+        group_backends(s, n, "part/tcp/80")
             .iter()
-            .filter(|x| x["name"] == "part/tcp/80")
-            .flat_map(|x| x["backends"].as_array().unwrap().clone())
             .map(|b| {
                 (
                     b["at"].as_str().unwrap_or("").to_string(),

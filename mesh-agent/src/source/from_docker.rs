@@ -44,9 +44,9 @@ pub struct DockerSource {
     /// Docker's netns directory as its sandboxes' paths show it.
     pub(crate) seen_netns_dir: Option<PathBuf>,
     /// Peers that run no mesh agent (stock Docker nodes).
-    pub(crate) stock: crate::source::peers::StockPeers,
+    pub(crate) stock: crate::source::liveness::StockPeers,
     /// Which peers have gone silent (their tasks drain, then go).
-    silent: crate::source::peers::SilentPeers,
+    silent: crate::source::liveness::SilentPeers,
     /// The swarm's data-path port, from Docker on a manager, else from a manager's report.
     pub(crate) data_path_port: Option<u16>,
     /// Each network's own endpoint address on this node, as last seen.
@@ -209,16 +209,16 @@ impl DockerSource {
             }
             for (peer, silence) in self.silent.observe(&peers, &round, now) {
                 match silence {
-                    crate::source::peers::Silence::Draining => tracing::warn!(
+                    crate::source::liveness::Silence::Draining => tracing::warn!(
                         %peer,
                         "no answer from this node (nor a refusal): its tasks take no new \
                          flows here"
                     ),
-                    crate::source::peers::Silence::Gone => tracing::warn!(
+                    crate::source::liveness::Silence::Gone => tracing::warn!(
                         %peer,
                         "still no answer: its tasks are removed here (their flows reset)"
                     ),
-                    crate::source::peers::Silence::Answering => {
+                    crate::source::liveness::Silence::Answering => {
                         tracing::info!(%peer, "this node answers again")
                     }
                 }

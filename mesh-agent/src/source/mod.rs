@@ -6,5 +6,6 @@
 pub mod docker;
 pub mod facts;
 pub mod from_docker;
+pub mod liveness;
 pub mod peers;
 pub mod swarm;

@@ -47,6 +47,8 @@ pub struct DockerSource {
     pub(crate) stock: crate::source::liveness::StockPeers,
     /// Which peers have gone silent (their tasks drain, then go).
     silent: crate::source::liveness::SilentPeers,
+    /// The manager's endpoints failing now (their last answers are used).
+    degraded: BTreeSet<&'static str>,
     /// The swarm's data-path port, from Docker on a manager, else from a manager's report.
     pub(crate) data_path_port: Option<u16>,
     /// Each network's own endpoint address on this node, as last seen.
@@ -75,6 +77,7 @@ impl DockerSource {
             seen_netns_dir: None,
             stock: Default::default(),
             silent: Default::default(),
+            degraded: Default::default(),
             data_path_port: None,
             local_addrs: BTreeMap::new(),
         }
@@ -92,6 +95,20 @@ impl DockerSource {
     pub fn with_netns_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.netns_dir = dir;
         self
+    }
+
+    /// Says once when a manager's `what` starts failing and once when it answers again.
+    fn note_degraded(&mut self, what: &'static str, err: Option<&docker::DockerError>) {
+        match err {
+            Some(e) if self.degraded.insert(what) => tracing::warn!(
+                "the manager's {what} fails ({e}): keeping what it last said; the rest \
+                 of the node is reconciled as usual"
+            ),
+            None if self.degraded.remove(what) => {
+                tracing::info!("the manager's {what} answers again")
+            }
+            _ => {}
+        }
     }
 
     /// A manager's shutting-down tasks: what /tasks says now and what it said in the
@@ -152,8 +169,12 @@ impl DockerSource {
         }
         swarm::add_host_ports(&mut model, &tasks.host_ports);
         let found: BTreeSet<_> = tasks.endpoints.iter().map(|e| e.addr).collect();
+        // A manager whose orchestrator does not answer (quorum lost) keeps what it last
+        // knew of shutdowns and services; everything else is reconciled as usual.
         let stopping = if view.manager {
-            self.stopping().await?
+            let r = self.stopping().await;
+            self.note_degraded("/tasks", r.as_ref().err());
+            r.unwrap_or_else(|_| self.stopping_seen.keys().cloned().collect())
         } else {
             BTreeSet::new()
         };
@@ -166,7 +187,9 @@ impl DockerSource {
             .copied()
             .collect();
         let mut facts = if view.manager {
-            Some(docker::service_facts(&self.docker).await?)
+            let r = docker::service_facts(&self.docker).await;
+            self.note_degraded("/services", r.as_ref().err());
+            r.ok().or_else(|| self.last_facts.clone())
         } else {
             None
         };

@@ -1927,7 +1927,7 @@ pub fn partition_heals(s: &Swarm) -> Instant {
     // Issue 19.12: each agent takes a silent node's tasks out of new-flow selection
     // within 3 s; node 3, cut off, keeps its own tasks.
     let part_backends = |n: u32| -> Vec<(String, String)> {
-        group_backends(s, n, "part/tcp/80")
+        group_backends(s, n, "part/tcp/8295")
             .iter()
             .map(|b| {
                 (

@@ -1971,9 +1971,11 @@ pub fn partition_heals(s: &Swarm) -> Instant {
         own.iter().any(|(at, st)| at == "local" && st == "active"),
         "node 3, cut off, keeps its own part tasks: {own:?}"
     );
+    // The goal is 3 s; this observer adds up to ~0.5 s of its own (meshctl on two nodes
+    // in turn, every 250 ms).
     let slowest = out_at.iter().max().copied().unwrap_or_default();
     assert!(
-        slowest <= Duration::from_secs(3),
+        slowest <= Duration::from_millis(3500),
         "node 3's tasks left nodes 1 and 2's selection only after {out_at:?}"
     );
     println!(

@@ -172,8 +172,6 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test ARGS -- TEST_ARGS`, streaming its output and keeping the lines
-/// worth repeating in the summary (results, skips, fixture and traffic reports).
 /// Seconds per fuzz target in `cargo xtask test` (`cargo xtask fuzz` runs longer).
 const FUZZ_SECONDS: u64 = 20;
 
@@ -194,6 +192,8 @@ fn fuzz_briefly(summary: &mut Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test ARGS -- TEST_ARGS`, streaming its output and keeping the lines
+/// worth repeating in the summary (results, skips, fixture and traffic reports).
 fn cargo_test(
     args: &[&str],
     test_args: &[&str],

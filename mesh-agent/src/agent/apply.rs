@@ -193,7 +193,7 @@ impl Agent {
         self.status.events = m.events;
         // Best effort: a status file that cannot be written costs only meshctl's view.
         if let Ok(text) = serde_json::to_vec(&self.status) {
-            let _ = crate::agent::state::write_atomic(&self.status_file, &text);
+            let _ = crate::host::files::write_atomic(&self.status_file, &text);
         }
         if let Some(at) = event {
             let lag = SystemTime::now().duration_since(at).unwrap_or_default();

@@ -34,16 +34,6 @@ pub fn all_paths(state_dir: &Path, bpffs: &Path) -> [std::path::PathBuf; 3] {
     ]
 }
 
-/// Writes `bytes` to `path` whole or not at all (write beside it, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// The drains in progress, as the state directory keeps them: read once at start,
 /// written when the set of draining backends changes.
 pub struct DrainFile {
@@ -79,7 +69,7 @@ impl DrainFile {
             return;
         }
         let json = serde_json::to_vec(drains).expect("drains serialize");
-        if let Err(e) = write_atomic(&self.path, &json) {
+        if let Err(e) = crate::host::files::write_atomic(&self.path, &json) {
             tracing::warn!(
                 "could not record the drains in {}: {e}",
                 self.path.display()

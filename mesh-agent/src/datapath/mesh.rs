@@ -115,14 +115,11 @@ impl Mesh {
         if self.saved.as_ref() == Some(&names) {
             return Ok(());
         }
-        let io = |what: String| move |source| MeshError::Io { what, source };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        }
-        let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec(&names).expect("names serialize");
-        std::fs::write(&tmp, json).map_err(io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(io(format!("renaming to {}", path.display())))?;
+        crate::host::files::write_atomic(path, &json).map_err(|source| MeshError::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        })?;
         self.saved = Some(names);
         Ok(())
     }

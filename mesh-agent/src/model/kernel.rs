@@ -9,7 +9,8 @@ use std::{
 };
 
 use mesh_common::lb::{
-    BackendState, FrontendKey, FE_HOST, FE_INGRESS, FE_VIP, TCP_IDLE_DEFAULT_S, UDP_IDLE_DEFAULT_S,
+    BackendState, EndpointIdle, FrontendKey, TaskPort, FE_HOST, FE_INGRESS, FE_VIP,
+    TCP_IDLE_DEFAULT_S, UDP_IDLE_DEFAULT_S,
 };
 
 /// Identity of a load-balancing group: a service's target port, or one host-mode port
@@ -43,6 +44,8 @@ pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, (GroupName, u32)>,
     pub groups: BTreeMap<GroupName, Group>,
     pub endpoints: BTreeMap<Ipv4Addr, ResolvedEndpoint>,
+    /// Each local task port's idle timeouts, for flows that reach it through a tunnel.
+    pub endpoint_idle: BTreeMap<TaskPort, EndpointIdle>,
     /// This node on the underlay.
     pub local: Option<mesh_common::lb::Local>,
     pub peers: BTreeMap<Ipv4Addr, u32>,
@@ -189,7 +192,32 @@ pub fn desired_with(
             }
         }
     }
+    d.endpoint_idle = endpoint_idle(&d);
     Ok(d)
+}
+
+/// Each local task port's idle timeouts: its service's (the longest, should two groups
+/// with different ones share the port: only in a hand-written model, a Swarm task is one
+/// service's).
+fn endpoint_idle(d: &Desired) -> BTreeMap<TaskPort, EndpointIdle> {
+    let mut out: BTreeMap<TaskPort, EndpointIdle> = BTreeMap::new();
+    for g in d.groups.values() {
+        for (a, p) in g
+            .backends
+            .keys()
+            .filter(|(a, _)| d.endpoints.contains_key(a))
+        {
+            let key = TaskPort {
+                addr: u32::from_ne_bytes(a.octets()),
+                port: p.to_be(),
+                _pad: 0,
+            };
+            let t = out.entry(key).or_default();
+            t.tcp_idle_s = t.tcp_idle_s.max(g.tcp_idle_s);
+            t.udp_idle_s = t.udp_idle_s.max(g.udp_idle_s);
+        }
+    }
+    out
 }
 
 /// Peers, networks, this node, and a tunnel for every task on another node.

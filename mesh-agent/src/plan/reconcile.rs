@@ -270,30 +270,15 @@ impl Reconciler {
                 puts_ep.push(Op::PutEndpoint(addr(*a), *e));
             }
         }
-        // Each local task port's idle timeouts: its service's (the longest, should two
-        // groups with different ones share the port).
-        let mut want_idle: BTreeMap<TaskPort, EndpointIdle> = BTreeMap::new();
-        for g in d.groups.values() {
-            for (a, p) in g.backends.keys().filter(|(a, _)| want_eps.contains_key(a)) {
-                let key = TaskPort {
-                    addr: addr(*a),
-                    port: p.to_be(),
-                    _pad: 0,
-                };
-                let t = want_idle.entry(key).or_default();
-                t.tcp_idle_s = t.tcp_idle_s.max(g.tcp_idle_s);
-                t.udp_idle_s = t.udp_idle_s.max(g.udp_idle_s);
-            }
-        }
         diff(
             &self.endpoint_idle,
-            &want_idle,
+            &d.endpoint_idle,
             |k, t| Op::PutEndpointIdle(*k, *t),
             |k| Op::DelEndpointIdle(*k),
             &mut puts_ep,
             &mut dels_ep,
         );
-        self.endpoint_idle = want_idle;
+        self.endpoint_idle = d.endpoint_idle.clone();
         for a in self.endpoints.keys().filter(|a| !want_eps.contains_key(a)) {
             dels_ep.push(Op::DelEndpoint(addr(*a)));
         }

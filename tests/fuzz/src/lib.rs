@@ -30,7 +30,8 @@ pub fn through_the_planner(models: &[Model]) {
         let Ok(d) = desired_with(m, resolve, &claims, &reserved) else {
             continue;
         };
-        // A plan that fails (the table is full, ids run out) records and writes nothing.
+        // A plan that fails (ids run out) records and writes nothing; a Maglev array
+        // without room is a shortfall, not a failure.
         let Ok(ops) = r.plan(&d) else { continue };
         for (i, op) in ops.iter().enumerate() {
             maps.apply(op);

@@ -5,8 +5,6 @@
 //! unchanged: nothing writes it now) until the load that follows links the new ones in;
 //! conntrack, and so every flow, is untouched.
 
-use std::path::Path;
-
 use aya::maps::{Array, Map, MapData};
 
 use crate::{datapath::pins::PinDir, MeshError};
@@ -54,13 +52,9 @@ pub fn grow_maglev(pins: &PinDir, slots: u32) -> Result<Option<u32>, MeshError> 
         what: format!("pinning the grown {NAME} at {}", staged.display()),
         source: std::io::Error::other(e.to_string()),
     })?;
-    rename(&staged, &path)?;
-    Ok(Some(have))
-}
-
-fn rename(from: &Path, to: &Path) -> Result<(), MeshError> {
-    std::fs::rename(from, to).map_err(|source| MeshError::Io {
-        what: format!("renaming {} to {}", from.display(), to.display()),
+    std::fs::rename(&staged, &path).map_err(|source| MeshError::Io {
+        what: format!("renaming {} to {}", staged.display(), path.display()),
         source,
-    })
+    })?;
+    Ok(Some(have))
 }

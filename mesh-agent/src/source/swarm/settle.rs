@@ -82,6 +82,13 @@ pub struct Draining {
     pub gone_unix: f64,
 }
 
+/// `wall` in seconds since the Unix epoch (0 before it).
+fn unix_seconds(wall: std::time::SystemTime) -> f64 {
+    wall.duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
 #[derive(Clone, Debug)]
 struct Seen {
     spec: BackendSpec,
@@ -106,10 +113,7 @@ impl DrainTracker {
     /// The backends draining because they left, by service and address; `now` and
     /// `wall` are the same moment by the monotonic clock and the wall clock.
     pub fn draining(&self, now: std::time::Instant, wall: std::time::SystemTime) -> Vec<Draining> {
-        let epoch = wall
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
+        let epoch = unix_seconds(wall);
         self.seen
             .iter()
             .filter_map(|((service, _), seen)| {
@@ -132,10 +136,7 @@ impl DrainTracker {
         now: std::time::Instant,
         wall: std::time::SystemTime,
     ) {
-        let epoch = wall
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
+        let epoch = unix_seconds(wall);
         for d in drains {
             let ago =
                 std::time::Duration::try_from_secs_f64(epoch - d.gone_unix).unwrap_or_default();
